@@ -1,0 +1,238 @@
+"""The LLM client: the official openai SDK against any OpenAI-compatible endpoint.
+
+One :class:`OpenAIProvider` per worker process (created in the worker's
+``on_startup``); the SDK's own retries are off (``max_retries=0``) so that retries
+happen here only, with backoff, jitter and the server's ``retry-after``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import openai
+
+from core.errors import (
+    LLMError,
+    LLMRateLimitedError,
+    LLMRequestError,
+    LLMTransientError,
+    LLMUnavailableError,
+)
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ChatMessage = dict[str, Any]
+OnText = Callable[[str], Awaitable[None]]
+
+
+@dataclass
+class Completion:
+    """The result of one model call."""
+
+    text: str
+    model: str
+    tokens_in: int = 0
+    tokens_out: int = 0
+    finish_reason: str | None = None
+    first_token_s: float | None = None
+    latency_s: float = 0.0
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class LLMProvider(Protocol):
+    """What workers need from a model: one streamed chat completion."""
+
+    async def complete(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        model: str,
+        on_text: OnText | None = None,
+        **params: Any,
+    ) -> Completion: ...
+
+    async def close(self) -> None: ...
+
+
+def _retry_after_s(headers: Any) -> float | None:
+    if headers is None:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000
+        except ValueError:
+            pass  # fall through to the seconds header
+    s = headers.get("retry-after")
+    if s:
+        try:
+            return float(s)
+        except ValueError:
+            return None
+    return None
+
+
+def wrap_openai_error(e: Exception) -> LLMError:
+    """Map an openai SDK exception onto Sluice's error tree."""
+    if isinstance(e, openai.RateLimitError):
+        return LLMRateLimitedError(
+            f"provider rate limit (429): {e.message}", _retry_after_s(e.response.headers)
+        )
+    if isinstance(e, openai.APIStatusError):
+        if e.status_code >= 500 or e.status_code in (408, 409):
+            return LLMTransientError(f"provider error {e.status_code}: {e.message}")
+        return LLMRequestError(f"provider refused the request ({e.status_code}): {e.message}")
+    if isinstance(e, openai.APITimeoutError | openai.APIConnectionError):
+        return LLMTransientError(f"cannot reach the provider: {type(e).__name__}")
+    return LLMTransientError(f"provider call failed: {type(e).__name__}: {e}")
+
+
+class OpenAIProvider:
+    """Streams chat completions through one ``AsyncOpenAI`` client."""
+
+    def __init__(self, settings: Settings, *, base_url: str | None = None) -> None:
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "sim"
+        self._settings = settings
+        self.client = openai.AsyncOpenAI(
+            api_key=key,
+            base_url=base_url or settings.openai_base_url,
+            max_retries=0,
+            timeout=openai.Timeout(
+                settings.llm_timeout_s, connect=settings.llm_connect_timeout_s
+            ),
+        )
+
+    async def close(self) -> None:
+        """Close the HTTP connections."""
+        await self.client.close()
+
+    async def complete(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        model: str,
+        on_text: OnText | None = None,
+        **params: Any,
+    ) -> Completion:
+        """One streamed call; ``on_text`` gets the whole text so far after each delta.
+
+        Raises:
+            LLMError: a wrapped SDK error; :class:`LLMTransientError` when a retry may help.
+        """
+        started = time.monotonic()
+        params = {k: v for k, v in params.items() if v is not None}
+        try:
+            return await asyncio.wait_for(
+                self._stream(messages, model, on_text, started, params),
+                timeout=self._settings.llm_timeout_s,
+            )
+        except TimeoutError as e:
+            raise LLMTransientError(
+                f"no complete answer within {self._settings.llm_timeout_s:.0f} s"
+            ) from e
+        except openai.OpenAIError as e:
+            raise wrap_openai_error(e) from e
+
+    async def _stream(
+        self,
+        messages: Sequence[ChatMessage],
+        model: str,
+        on_text: OnText | None,
+        started: float,
+        params: dict[str, Any],
+    ) -> Completion:
+        raw = await self.client.chat.completions.with_raw_response.create(
+            model=model,
+            messages=list(messages),  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+            **params,
+        )
+        headers = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit")}
+        stream = await raw.parse()
+        out = Completion(text="", model=model, headers=headers)
+        parts: list[str] = []
+        tool_calls: dict[int, dict[str, Any]] = {}
+        async with stream:
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    out.tokens_in = chunk.usage.prompt_tokens
+                    out.tokens_out = chunk.usage.completion_tokens
+                for choice in chunk.choices:
+                    if choice.finish_reason:
+                        out.finish_reason = choice.finish_reason
+                    delta = choice.delta
+                    for tc in delta.tool_calls or []:
+                        slot = tool_calls.setdefault(
+                            tc.index, {"id": "", "name": "", "arguments": ""}
+                        )
+                        if tc.id:
+                            slot["id"] = tc.id
+                        if tc.function and tc.function.name:
+                            slot["name"] += tc.function.name
+                        if tc.function and tc.function.arguments:
+                            slot["arguments"] += tc.function.arguments
+                    if delta.content:
+                        if out.first_token_s is None:
+                            out.first_token_s = time.monotonic() - started
+                        parts.append(delta.content)
+                        if on_text is not None:
+                            await on_text("".join(parts))
+        out.text = "".join(parts)
+        out.tool_calls = [tool_calls[i] for i in sorted(tool_calls)]
+        out.latency_s = time.monotonic() - started
+        if out.finish_reason is None:
+            raise LLMTransientError("the provider's stream ended before the answer was complete")
+        return out
+
+
+async def complete_with_retries(
+    provider: LLMProvider,
+    messages: Sequence[ChatMessage],
+    *,
+    model: str,
+    retries: int,
+    on_text: OnText | None = None,
+    base_delay_s: float = 0.5,
+    max_delay_s: float = 20.0,
+    **params: Any,
+) -> Completion:
+    """Call the model, retrying transient failures with capped, jittered backoff.
+
+    The one retry layer for LLM calls. A retry is only made while nothing was
+    streamed yet, so a user never sees an answer start twice. 429s wait for the
+    server's ``retry-after`` when it gives one.
+
+    Raises:
+        LLMUnavailableError: every attempt failed, or a stream broke after text was shown.
+        LLMRequestError: the provider refused the request; retrying cannot help.
+    """
+    streamed = False
+
+    async def tracking(text: str) -> None:
+        nonlocal streamed
+        streamed = True
+        if on_text is not None:
+            await on_text(text)
+
+    attempt = 0
+    while True:
+        try:
+            return await provider.complete(messages, model=model, on_text=tracking, **params)
+        except LLMTransientError as e:
+            if streamed or attempt >= retries:
+                raise LLMUnavailableError(f"gave up after {attempt + 1} attempt(s): {e}") from e
+            delay = min(max_delay_s, base_delay_s * 2**attempt) * (0.5 + random.random())
+            if isinstance(e, LLMRateLimitedError) and e.retry_after_s is not None:
+                delay = max(delay, e.retry_after_s + random.random() * 0.25)
+            attempt += 1
+            logger.warning("llm attempt %d failed (%s); retrying in %.2fs", attempt, e, delay)
+            await asyncio.sleep(delay)

@@ -1,0 +1,92 @@
+"""The platform-neutral message, reply and history types.
+
+Adapters in ``bots/`` turn platform payloads into :class:`IncomingMessage`; workers
+turn a :class:`Reply` back into platform calls through a responder. Nothing here
+knows about Slack or Discord.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Platform(StrEnum):
+    """Where a message came from."""
+
+    WEB = "web"
+    SLACK = "slack"
+    DISCORD = "discord"
+
+
+class IncomingMessage(BaseModel):
+    """One accepted user message, as enqueued for a worker.
+
+    ``tenant`` is the workspace (Slack team), guild (Discord) or ``web``; it scopes
+    caches, limits and history. ``thread`` is ``None`` when the conversation is the
+    whole channel (a DM, the web chat). ``meta`` carries what the platform's responder
+    needs to reply (for example a Slack ``response_url`` or a Discord interaction id);
+    it is never logged and never stored in history.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    platform: str
+    tenant: str
+    channel: str
+    thread: str | None = None
+    user: str
+    message_id: str
+    text: str
+    ts: float = Field(default_factory=time.time)
+    user_name: str | None = None
+    is_dm: bool = False
+    lane: str = "default"
+    meta: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def conversation_id(self) -> str:
+        """One conversation: replies within it are ordered and share context."""
+        return f"{self.platform}:{self.tenant}:{self.channel}:{self.thread or '-'}"
+
+    @property
+    def job_id(self) -> str:
+        """The arq job id: one job per accepted message, so a second enqueue is a no-op."""
+        return f"reply:{self.platform}:{self.tenant}:{self.message_id}"
+
+
+ReplyKind = Literal["answer", "notice", "error"]
+
+
+class Reply(BaseModel):
+    """What a worker sends back: an answer, a short notice, or a short apology."""
+
+    model_config = ConfigDict(frozen=True)
+
+    text: str
+    kind: ReplyKind = "answer"
+    cached: bool = False
+
+
+Role = Literal["user", "assistant", "system", "tool"]
+
+
+class Turn(BaseModel):
+    """One stored message of a conversation (a user message or an answer)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    role: Role
+    text: str
+    message_id: str
+    ts: float = Field(default_factory=time.time)
+    user: str | None = None
+    model: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_ms: int = 0
+    lane: str = "default"
+    cached: bool = False

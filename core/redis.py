@@ -1,0 +1,51 @@
+"""Redis connections and the names of Sluice's keys (in one place, like arq's constants)."""
+
+from __future__ import annotations
+
+from arq.connections import ArqRedis, RedisSettings, create_pool
+
+from core.errors import ConfigError
+from core.settings import Settings
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    """arq's connection settings from ``REDIS_URL``."""
+    if not settings.redis_url:
+        raise ConfigError(
+            "REDIS_URL is not set: point it at your Redis (e.g. redis://localhost:6379/0), "
+            "or use `sluice dev`, which starts an embedded one."
+        )
+    rs = RedisSettings.from_dsn(settings.redis_url)
+    # Fail fast on a dead Redis rather than arq's default of 5 retries x 1 s.
+    rs.conn_timeout = 2
+    rs.conn_retries = 2
+    rs.conn_retry_delay = 1
+    return rs
+
+
+async def connect(settings: Settings) -> ArqRedis:
+    """An arq Redis pool (a ``redis.asyncio.Redis`` that can also enqueue jobs)."""
+    return await create_pool(redis_settings(settings))
+
+
+class Keys:
+    """Every Redis key Sluice writes, under one prefix (``SLUICE_KEY_PREFIX``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def history(self, conversation_id: str) -> str:
+        """The hot window of one conversation (a list of JSON turns)."""
+        return f"{self.prefix}:hist:{conversation_id}"
+
+    def web_outbox(self, session: str) -> str:
+        """Events streamed to one web chat session (a Redis stream)."""
+        return f"{self.prefix}:web:out:{session}"
+
+    def dedupe(self, platform: str, key: str) -> str:
+        """A dedupe marker for one delivered event."""
+        return f"{self.prefix}:dedupe:{platform}:{key}"
+
+    def delivered(self, job_id: str) -> str:
+        """What a job already delivered to the platform (so a retry never posts twice)."""
+        return f"{self.prefix}:delivered:{job_id}"

@@ -1,0 +1,147 @@
+"""One settings class, read from the environment and ``.env``.
+
+The names in DESIGN.md are fixed (``REDIS_URL``, ``DATABASE_URL``, ``OPENAI_API_KEY``,
+``SLACK_BOT_TOKEN`` …); every other knob is ``SLUICE_<NAME>``. Code takes a
+:class:`Settings` object as an argument; only entry points call :func:`get_settings`.
+Durations end in ``_s``; secrets are :class:`pydantic.SecretStr` so they never print.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _fixed(name: str) -> AliasChoices:
+    return AliasChoices(name, name.lower())
+
+
+class Settings(BaseSettings):
+    """Every setting Sluice reads. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SLUICE_",
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    # Fixed names (DESIGN.md).
+    redis_url: str | None = Field(
+        None, validation_alias=_fixed("REDIS_URL"), description="Redis/Valkey URL."
+    )
+    database_url: str = Field(
+        "sqlite:///./sluice.db",
+        validation_alias=_fixed("DATABASE_URL"),
+        description="SQL database for history and installations (SQLite or Postgres).",
+    )
+    openai_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=_fixed("OPENAI_API_KEY"),
+        description="Key for the OpenAI-compatible endpoint; unset in dev means the simulator.",
+    )
+    openai_base_url: str | None = Field(
+        None,
+        validation_alias=_fixed("OPENAI_BASE_URL"),
+        description="Base URL of any OpenAI-compatible endpoint.",
+    )
+    model: str = Field(
+        "gpt-4o-mini", validation_alias=_fixed("SLUICE_MODEL"), description="Default model."
+    )
+    app: str | None = Field(
+        None,
+        validation_alias=_fixed("SLUICE_APP"),
+        description="Import path `module:attribute` of your bot definition.",
+    )
+    slack_bot_token: SecretStr | None = Field(
+        None, validation_alias=_fixed("SLACK_BOT_TOKEN"), description="Single-workspace bot token."
+    )
+    slack_signing_secret: SecretStr | None = Field(
+        None,
+        validation_alias=_fixed("SLACK_SIGNING_SECRET"),
+        description="Verifies Slack's HTTP requests.",
+    )
+    slack_app_token: SecretStr | None = Field(
+        None,
+        validation_alias=_fixed("SLACK_APP_TOKEN"),
+        description="App-level token; when set, `sluice slack` uses Socket Mode.",
+    )
+    slack_client_id: str | None = Field(
+        None, validation_alias=_fixed("SLACK_CLIENT_ID"), description="OAuth client id."
+    )
+    slack_client_secret: SecretStr | None = Field(
+        None, validation_alias=_fixed("SLACK_CLIENT_SECRET"), description="OAuth client secret."
+    )
+    slack_api_url: str = Field(
+        "https://slack.com/api/",
+        validation_alias=_fixed("SLACK_API_URL"),
+        description="Slack Web API base URL.",
+    )
+    discord_token: SecretStr | None = Field(
+        None, validation_alias=_fixed("DISCORD_TOKEN"), description="Discord bot token."
+    )
+    discord_api_url: str = Field(
+        "https://discord.com/api/v10",
+        validation_alias=_fixed("DISCORD_API_URL"),
+        description="Discord REST base URL (a REST proxy; workers use it too).",
+    )
+
+    # SLUICE_* knobs.
+    key_prefix: str = Field("sluice", description="Prefix of every Redis key Sluice writes.")
+    web_host: str = Field("127.0.0.1", description="Web chat bind address.")
+    web_port: int = Field(8080, ge=0, le=65535, description="Web chat port.")
+    max_input_chars: int = Field(
+        8000, ge=1, description="Longest user text sent to the model; longer text is truncated "
+        "for the model (with a note in the reply) and stored whole."
+    )
+    max_body_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest request body an adapter accepts (413 above)."
+    )
+    history_max_turns: int = Field(
+        50, ge=2, description="Turns kept per conversation in the Redis hot window."
+    )
+    history_ttl_s: int = Field(
+        7 * 86400, ge=60, description="Idle time after which a hot window expires from Redis."
+    )
+    context_turns: int = Field(
+        20, ge=0, description="Earlier turns sent to the model with each message."
+    )
+    llm_timeout_s: float = Field(60.0, gt=0, description="Total time allowed for one LLM call.")
+    llm_connect_timeout_s: float = Field(5.0, gt=0, description="LLM connect timeout.")
+    llm_first_token_timeout_s: float = Field(
+        30.0, gt=0, description="Time allowed until the first streamed token."
+    )
+    llm_retries: int = Field(
+        3, ge=0, description="Retries of a failed LLM call (transient errors and 429s only)."
+    )
+    llm_max_tokens: int = Field(1024, ge=1, description="Default max_tokens per answer.")
+    worker_max_jobs: int = Field(
+        100, ge=1, description="Concurrent jobs per worker process (jobs mostly wait on I/O)."
+    )
+    worker_poll_delay_s: float = Field(
+        0.05, gt=0, description="How often an idle worker polls the queue."
+    )
+    job_timeout_s: int = Field(180, ge=5, description="A reply job is abandoned after this.")
+    job_max_tries: int = Field(
+        3, ge=1, description="Attempts per reply job (a dead worker's job is re-run)."
+    )
+    stream_min_interval_s: float = Field(
+        0.25, ge=0, description="Least time between two streamed updates of one reply (web)."
+    )
+    dedupe_ttl_s: int = Field(86400, ge=3600, description="Lifetime of dedupe markers.")
+    log_level: str = Field("INFO", description="Log level.")
+    log_json: bool = Field(False, description="Write logs as JSON lines.")
+
+    @property
+    def queue_name(self) -> str:
+        """The arq queue Sluice's reply jobs go to."""
+        return f"{self.key_prefix}:queue"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once. Tests build :class:`Settings` directly."""
+    return Settings()

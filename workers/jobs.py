@@ -1,0 +1,159 @@
+"""The worker's jobs. ``reply`` answers one accepted message."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from core.bot import Bot
+from core.errors import HistoryError, LLMError, LLMRequestError
+from core.history import HotHistory
+from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
+from core.messages import IncomingMessage, Reply, Turn
+from core.responder import Responder, ResponderFactory, load_responder_factory
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+APOLOGY = (
+    "Sorry, I couldn't answer that just now: the language model did not respond. "
+    "Please try again in a minute."
+)
+EMPTY_NOTICE = "I received an empty message. Type a question and I'll answer it."
+
+
+def truncation_note(length: int, limit: int) -> str:
+    """The visible note that a long message was cut for the model."""
+    return f"_(Your message was {length:,} characters long; I read the first {limit:,}.)_\n\n"
+
+
+async def get_responder_factory(ctx: dict[str, Any], platform: str) -> ResponderFactory:
+    """The platform's responder factory, created on first use and kept in ``ctx``."""
+    factories: dict[str, ResponderFactory] = ctx["responders"]
+    if platform not in factories:
+        async with ctx["responders_lock"]:
+            if platform not in factories:
+                factory = load_responder_factory(platform, ctx["settings"], ctx["redis"])
+                await factory.start()
+                factories[platform] = factory
+    return factories[platform]
+
+
+def build_context(
+    bot: Bot, history: list[Turn], text: str
+) -> list[ChatMessage]:
+    """The messages sent to the model: persona, earlier turns, the new message."""
+    messages: list[ChatMessage] = [{"role": "system", "content": bot.system_prompt}]
+    for turn in history:
+        if turn.role in ("user", "assistant"):
+            messages.append({"role": turn.role, "content": turn.text})
+    messages.append({"role": "user", "content": text})
+    return messages
+
+
+async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Answer one message: context from history, the model, the reply, history again.
+
+    Every accepted message ends in exactly one visible reply: the answer, a short
+    notice, or a short apology.
+    """
+    settings: Settings = ctx["settings"]
+    msg = IncomingMessage.model_validate(payload)
+    job_id: str = ctx.get("job_id", msg.job_id)
+    factory = await get_responder_factory(ctx, msg.platform)
+    responder = factory.responder(msg, job_id)
+    logger.info(
+        "job start platform=%s tenant=%s message=%s job=%s lane=%s try=%s",
+        msg.platform, msg.tenant, msg.message_id, job_id, msg.lane, ctx.get("job_try"),
+    )
+    started = time.monotonic()
+    await responder.begin()
+    reply_, completion = await _answer(ctx, msg, responder)
+    await responder.finish(reply_)
+    await _remember(ctx, msg, reply_, completion, started)
+    logger.info(
+        "job done platform=%s tenant=%s message=%s job=%s kind=%s in %.2fs",
+        msg.platform, msg.tenant, msg.message_id, job_id, reply_.kind,
+        time.monotonic() - started,
+    )
+    return reply_.kind
+
+
+async def _answer(
+    ctx: dict[str, Any], msg: IncomingMessage, responder: Responder
+) -> tuple[Reply, Completion | None]:
+    settings: Settings = ctx["settings"]
+    bot: Bot = ctx["bot"]
+    text = msg.text.strip()
+    if not text:
+        return Reply(text=EMPTY_NOTICE, kind="notice"), None
+    note = ""
+    if len(text) > settings.max_input_chars:
+        note = truncation_note(len(text), settings.max_input_chars)
+        text = text[: settings.max_input_chars]
+    history: HotHistory = ctx["history"]
+    n = bot.context_turns if bot.context_turns is not None else settings.context_turns
+    try:
+        earlier = await history.recent(msg.conversation_id, n)
+    except HistoryError:
+        logger.exception("history unavailable for %s; answering without it", msg.message_id)
+        earlier = []
+
+    async def on_text(so_far: str) -> None:
+        await responder.stream(note + so_far)
+
+    provider: LLMProvider = ctx["llm"]
+    try:
+        completion = await complete_with_retries(
+            provider,
+            build_context(bot, earlier, text),
+            model=bot.model or settings.model,
+            retries=settings.llm_retries,
+            on_text=on_text,
+            max_tokens=bot.max_tokens or settings.llm_max_tokens,
+            temperature=bot.temperature,
+            **bot.params,
+        )
+    except LLMRequestError as e:
+        logger.error("llm refused message=%s: %s", msg.message_id, e)
+        return Reply(text=APOLOGY, kind="error"), None
+    except LLMError as e:
+        logger.warning("llm unavailable message=%s: %s", msg.message_id, e)
+        return Reply(text=APOLOGY, kind="error"), None
+    return Reply(text=note + completion.text), completion
+
+
+async def _remember(
+    ctx: dict[str, Any],
+    msg: IncomingMessage,
+    reply_: Reply,
+    completion: Completion | None,
+    started: float,
+) -> None:
+    history: HotHistory = ctx["history"]
+    turns = [
+        Turn(role="user", text=msg.text, message_id=msg.message_id, ts=msg.ts,
+             user=msg.user, lane=msg.lane),
+    ]
+    if reply_.kind == "answer":
+        turns.append(
+            Turn(
+                role="assistant",
+                text=reply_.text,
+                message_id=f"{msg.message_id}:answer",
+                model=completion.model if completion else None,
+                tokens_in=completion.tokens_in if completion else 0,
+                tokens_out=completion.tokens_out if completion else 0,
+                latency_ms=int((time.monotonic() - started) * 1000),
+                lane=msg.lane,
+                cached=reply_.cached,
+            )
+        )
+    try:
+        # History must be written even if the job is being cancelled at this point.
+        await asyncio.shield(history.append(msg.conversation_id, turns))
+    except HistoryError:
+        logger.exception("could not store turns of message=%s", msg.message_id)
+

@@ -1,0 +1,97 @@
+"""arq worker settings: the ``reply`` job, shared clients in ``ctx``.
+
+``sluice worker`` builds a worker from :func:`worker_settings`;
+``workers.worker.WorkerSettings`` is the same thing for arq's own CLI.
+
+Tuning, and why:
+
+- ``max_jobs`` (``SLUICE_WORKER_MAX_JOBS``, default 100): a reply job spends nearly all
+  its time waiting on the model and the platform, so one process can hold many at
+  once; the shared LLM budget, not this number, limits calls to the provider.
+- ``poll_delay`` (``SLUICE_WORKER_POLL_DELAY_S``, default 0.05 s): arq polls the
+  queue when idle; 50 ms keeps queue wait far below the model's own latency at the
+  cost of ~20 cheap Redis calls a second per idle worker.
+- ``max_tries`` and ``job_timeout``: a job whose worker died is picked up again when
+  its in-progress marker expires; responders are idempotent per job id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from arq.worker import Worker, func
+
+from core.bot import load_bot
+from core.history import HotHistory
+from core.llm import OpenAIProvider
+from core.redis import Keys, redis_settings
+from core.responder import ResponderFactory
+from core.settings import Settings
+from workers import jobs
+from workers.serializer import deserialize, serialize
+
+logger = logging.getLogger(__name__)
+
+
+def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
+    """An ``on_startup`` that creates the clients every job shares."""
+
+    async def on_startup(ctx: dict[str, Any]) -> None:
+        ctx["settings"] = settings
+        ctx["bot"] = load_bot(settings.app)
+        ctx["keys"] = Keys(settings.key_prefix)
+        ctx["history"] = HotHistory(
+            ctx["redis"], ctx["keys"],
+            max_turns=settings.history_max_turns, ttl_s=settings.history_ttl_s,
+        )
+        ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
+        ctx["responders"] = {}
+        ctx["responders_lock"] = asyncio.Lock()
+        logger.info("worker ready: bot=%s model=%s", ctx["bot"].name,
+                    ctx["bot"].model or settings.model)
+
+    return on_startup
+
+
+async def on_shutdown(ctx: dict[str, Any]) -> None:
+    """Close what :func:`make_startup` opened."""
+    factories: dict[str, ResponderFactory] = ctx.get("responders", {})
+    for factory in factories.values():
+        await factory.close()
+    if "llm" in ctx:
+        await ctx["llm"].close()
+
+
+def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> dict[str, Any]:
+    """Keyword arguments for :class:`arq.worker.Worker`."""
+    return {
+        "functions": [
+            func(jobs.reply, name="reply", timeout=settings.job_timeout_s,
+                 max_tries=settings.job_max_tries),
+        ],
+        "queue_name": settings.queue_name,
+        "redis_settings": redis_settings(settings),
+        "on_startup": make_startup(settings, llm_base_url),
+        "on_shutdown": on_shutdown,
+        "max_jobs": settings.worker_max_jobs,
+        "poll_delay": settings.worker_poll_delay_s,
+        "job_timeout": settings.job_timeout_s,
+        "max_tries": settings.job_max_tries,
+        # A short, fixed result lifetime: results are not read, but while one exists
+        # arq refuses a second job with the same id.
+        "keep_result": 3600,
+        "health_check_interval": 10,
+        "handle_signals": True,
+        "job_serializer": serialize,
+        "job_deserializer": deserialize,
+    }
+
+
+def create_worker(settings: Settings, **overrides: Any) -> Worker:
+    """An arq worker for ``settings`` (``overrides`` replace any keyword argument)."""
+    kwargs = worker_settings(settings)
+    kwargs.update(overrides)
+    return Worker(**kwargs)
+
