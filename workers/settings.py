@@ -30,7 +30,7 @@ from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
 from core.settings import Settings
 from workers import jobs
-from workers.serializer import deserialize, serialize
+from core.serializer import deserialize, serialize
 
 logger = logging.getLogger(__name__)
 
