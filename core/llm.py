@@ -157,7 +157,7 @@ class OpenAIProvider:
             **params,
         )
         headers = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit")}
-        stream = await raw.parse()
+        stream = raw.parse()
         out = Completion(text="", model=model, headers=headers)
         parts: list[str] = []
         tool_calls: dict[int, dict[str, Any]] = {}

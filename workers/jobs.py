@@ -70,7 +70,14 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     )
     started = time.monotonic()
     await responder.begin()
-    reply_, completion = await _answer(ctx, msg, responder)
+    try:
+        reply_, completion = await _answer(ctx, msg, responder)
+    except Exception:
+        # A bug or an unforeseen failure still ends in a visible reply, never silence;
+        # the traceback goes to the log, not to the user.
+        logger.exception("job failed platform=%s message=%s job=%s; sending an apology",
+                         msg.platform, msg.message_id, job_id)
+        reply_, completion = Reply(text=APOLOGY, kind="error"), None
     await responder.finish(reply_)
     await _remember(ctx, msg, reply_, completion, started)
     logger.info(
