@@ -22,7 +22,9 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--port", type=int, default=None, help="Web chat port (default SLUICE_WEB_PORT, 8080).")
+@click.option(
+    "--port", type=int, default=None, help="Web chat port (default SLUICE_WEB_PORT, 8080)."
+)
 @click.option("--no-browser-hint", is_flag=True, hidden=True)
 def dev(port: int | None, no_browser_hint: bool) -> None:
     """Everything in one process: web chat, a worker, the simulator if no API key.
@@ -74,18 +76,38 @@ def web(host: str | None, port: int | None) -> None:
 @main.command("llm-sim")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free one).")
-@click.option("--first-token-ms", type=float, default=50, show_default=True,
-              help="Latency to the first token.")
-@click.option("--token-ms", type=float, default=10, show_default=True,
-              help="Latency between tokens.")
+@click.option(
+    "--first-token-ms",
+    type=float,
+    default=50,
+    show_default=True,
+    help="Latency to the first token.",
+)
+@click.option(
+    "--token-ms", type=float, default=10, show_default=True, help="Latency between tokens."
+)
 @click.option("--tokens", type=int, default=20, show_default=True, help="Tokens per answer.")
 @click.option("--rpm", type=int, default=None, help="Provider limit: requests per minute.")
 @click.option("--tpm", type=int, default=None, help="Provider limit: tokens per minute.")
-@click.option("--error-rate", type=float, default=0.0, show_default=True,
-              help="Fraction of requests answered with HTTP 500.")
+@click.option(
+    "--error-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of requests answered with HTTP 500.",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the error draw.")
-def llm_sim(host: str, port: int, first_token_ms: float, token_ms: float, tokens: int,
-            rpm: int | None, tpm: int | None, error_rate: float, seed: int) -> None:
+def llm_sim(
+    host: str,
+    port: int,
+    first_token_ms: float,
+    token_ms: float,
+    tokens: int,
+    rpm: int | None,
+    tpm: int | None,
+    error_rate: float,
+    seed: int,
+) -> None:
     """An OpenAI-compatible Chat Completions simulator with real 429s."""
     from sluice.llmsim import SimConfig
     from sluice.llmsim import main as sim_main

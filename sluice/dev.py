@@ -45,7 +45,10 @@ def choose_redis(settings: Settings) -> Any:
     server = ValkeyServer(data_dir=data_dir, persist=True, appendonly="yes")
     server.start()
     try:
-        yield server.connection_url, f"an embedded Valkey at {server.connection_url} (data in {data_dir})"
+        yield (
+            server.connection_url,
+            f"an embedded Valkey at {server.connection_url} (data in {data_dir})",
+        )
     finally:
         server.stop()
 
@@ -106,9 +109,14 @@ async def run_dev(settings: Settings, *, port: int | None = None) -> None:
 
             sim_runner, sim_port = await start_sim(SimConfig(), "127.0.0.1", 0)
             updates["openai_base_url"] = f"http://127.0.0.1:{sim_port}/v1"
-            llm_desc = f"the built-in LLM simulator at http://127.0.0.1:{sim_port}/v1 (OPENAI_API_KEY is unset)"
+            llm_desc = (
+                f"the built-in LLM simulator at http://127.0.0.1:{sim_port}/v1 "
+                "(OPENAI_API_KEY is unset)"
+            )
         else:
-            llm_desc = f"{settings.openai_base_url or 'https://api.openai.com/v1'} model {settings.model}"
+            llm_desc = (
+                f"{settings.openai_base_url or 'https://api.openai.com/v1'} model {settings.model}"
+            )
         settings = settings.model_copy(update=updates)
         redis = await connect_queue(settings)
         worker = create_worker(settings, handle_signals=False)
@@ -116,10 +124,13 @@ async def run_dev(settings: Settings, *, port: int | None = None) -> None:
         web_port = port if port is not None else settings.web_port
         try:
             async with serve(create_web_app(settings, redis), settings.web_host, web_port) as bound:
-                print(f"Sluice dev\n  redis:    {redis_desc}\n  database: {settings.database_url}"
-                      f"\n  llm:      {llm_desc}\n  bot:      {settings.app or 'the built-in assistant'}"
-                      f"\n\n  Open http://{settings.web_host}:{bound}  (Ctrl+C to stop)\n",
-                      flush=True)
+                bot_desc = settings.app or "the built-in assistant"
+                print(
+                    f"Sluice dev\n  redis:    {redis_desc}\n  database: {settings.database_url}"
+                    f"\n  llm:      {llm_desc}\n  bot:      {bot_desc}"
+                    f"\n\n  Open http://{settings.web_host}:{bound}  (Ctrl+C to stop)\n",
+                    flush=True,
+                )
                 await _wait_for_signal()
         finally:
             await worker.close()

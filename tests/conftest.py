@@ -32,7 +32,8 @@ def _scrub_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """No developer's .env or environment leaks into a test."""
     for key in list(os.environ):
         if key.startswith(("SLUICE_", "OPENAI_", "SLACK_", "DISCORD_")) or key in (
-            "REDIS_URL", "DATABASE_URL",
+            "REDIS_URL",
+            "DATABASE_URL",
         ):
             monkeypatch.delenv(key)
     monkeypatch.chdir(tmp_path)
@@ -61,7 +62,9 @@ class Sim:
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(
-            self.url + path, data=data, method=method,
+            self.url + path,
+            data=data,
+            method=method,
             headers={"Content-Type": "application/json"},
         )
         with urllib.request.urlopen(req, timeout=10) as resp:

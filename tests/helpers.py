@@ -78,7 +78,10 @@ class Proc:
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", "sluice", *args],
-            env=env, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 

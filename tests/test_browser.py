@@ -29,10 +29,18 @@ def _driver(tmp_path: Path):  # type: ignore[no-untyped-def]
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'chrome'}"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'chrome'}",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
@@ -67,8 +75,9 @@ def _chat(base: str, tmp_path: Path) -> tuple[str, list[str], str]:
         driver.quit()
 
 
-async def test_chromium_sends_a_message_and_sees_the_reply(settings, llm_sim, worker_process,
-                                                           tmp_path):
+async def test_chromium_sends_a_message_and_sees_the_reply(
+    settings, llm_sim, worker_process, tmp_path
+):
     llm_sim.configure(tokens=30, token_latency_s=0.03)
     worker_process({"SLUICE_STREAM_MIN_INTERVAL_S": "0.05"})
     async with web_adapter(settings) as (base, _):

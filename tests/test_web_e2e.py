@@ -50,7 +50,10 @@ async def test_two_tabs_are_two_users_with_separate_conversations(
 ):
     worker_process()
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as a, ChatSession(http, base, _session()) as b:
+        async with (
+            ChatSession(http, base, _session()) as a,
+            ChatSession(http, base, _session()) as b,
+        ):
             ma, mb = await asyncio.gather(a.send("alpha question"), b.send("beta question"))
             ra, rb = await asyncio.gather(a.reply(ma), b.reply(mb))
             assert ra["text"].startswith("Echo: alpha question")

@@ -29,8 +29,9 @@ async def _queued(redis, settings) -> int:
 )
 async def test_bad_input_gets_a_clear_400_and_no_job(settings, body, status, needle):
     async with web_adapter(settings) as (base, redis), aiohttp.ClientSession() as http:
-        async with http.post(f"{base}/api/messages", data=body,
-                             headers={"Content-Type": "application/json"}) as resp:
+        async with http.post(
+            f"{base}/api/messages", data=body, headers={"Content-Type": "application/json"}
+        ) as resp:
             assert resp.status == status
             assert needle in (await resp.json())["error"]
         assert await _queued(redis, settings) == 0
@@ -49,8 +50,7 @@ async def test_body_over_the_limit_gets_413(settings):
 async def test_odd_unicode_is_accepted_and_enqueued(settings):
     text = "zero\u200bwidth \u202eRTL\u202c emoji 🧪 and ctrl \x07 chars"
     async with web_adapter(settings) as (base, redis), aiohttp.ClientSession() as http:
-        async with http.post(f"{base}/api/messages",
-                             json={"session": "s1", "text": text}) as resp:
+        async with http.post(f"{base}/api/messages", json={"session": "s1", "text": text}) as resp:
             assert resp.status == 202
         assert await _queued(redis, settings) == 1
 

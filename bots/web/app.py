@@ -45,7 +45,9 @@ async def _read_json(request: web.Request) -> dict[str, Any] | web.Response:
     try:
         body = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        return _error(413, f"Body too large: the limit is {request.app[SETTINGS].max_body_bytes:,} bytes.")
+        return _error(
+            413, f"Body too large: the limit is {request.app[SETTINGS].max_body_bytes:,} bytes."
+        )
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -91,8 +93,9 @@ async def send_message(request: web.Request) -> web.Response:
     redis = request.app[REDIS]
     keys = Keys(settings.key_prefix)
     try:
-        await publish(redis, keys, session,
-                      {"type": "user", "message_id": msg.message_id, "text": text})
+        await publish(
+            redis, keys, session, {"type": "user", "message_id": msg.message_id, "text": text}
+        )
         await enqueue_reply(redis, settings, msg)
     except (QueueError, RedisError, OSError) as e:
         logger.error("web enqueue failed message=%s: %s", msg.message_id, e)
