@@ -433,6 +433,7 @@ async def test_hang_mode_never_answers(sim: Sim) -> None:
         await sim.client.chat.completions.create(model="m", messages=user("hi"), timeout=0.3)
     stats = await sim.get_json("/_sim/stats")
     assert stats["completions"] == 0
+    assert stats["errors"] == 0
 
 
 async def test_error_rate_is_deterministic_with_seed(sim: Sim) -> None:
@@ -584,3 +585,38 @@ async def test_config_endpoint_rejects_unknown_or_invalid_fields(sim: Sim) -> No
     new = await sim.set_config(tokens=7, rpm=None)
     assert new["tokens"] == 7
     assert sim.config.tokens == 7
+
+
+async def test_shutdown_releases_hanging_and_streaming_requests_quickly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    config = fast_config(mode="hang")
+    runner, port = await start_sim(config)
+    url = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+
+        async def call(stream: bool) -> int:
+            body = {"messages": user("hi"), "stream": stream}
+            try:
+                async with http.post(url + "/v1/chat/completions", json=body) as resp:
+                    await resp.read()
+                    return resp.status
+            except aiohttp.ClientError:
+                return -1
+
+        hanging = asyncio.create_task(call(False))
+        await asyncio.sleep(0.1)
+        config.mode = "normal"
+        config.token_latency_s = 5.0
+        streaming = asyncio.create_task(call(True))
+        await asyncio.sleep(0.1)
+        async with http.get(url + "/_sim/stats") as resp:
+            assert (await resp.json())["active"] == 2
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await runner.cleanup()
+        assert loop.time() - started < 0.5
+        results = await asyncio.gather(hanging, streaming)
+    assert results[0] != 200
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
