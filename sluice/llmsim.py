@@ -312,6 +312,7 @@ class _SimState:
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     limiter: _Limiter = field(init=False)
     responses: int = 0
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.limiter = _Limiter(self.config)
@@ -733,6 +734,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     stats.active += 1
     stats.max_active = max(stats.max_active, stats.active)
     headers = {"x-request-id": state.next_id("req_")}
+    task = asyncio.current_task()
+    if task is not None:
+        state.tasks.add(task)
     try:
         return await _handle_chat(request, state, headers)
     except _ApiError as exc:
@@ -745,6 +749,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         # ``stats`` may have been replaced by a reset meanwhile: decrement the live one.
         state.stats.active = max(0, state.stats.active - 1)
+        if task is not None:
+            state.tasks.discard(task)
 
 
 async def _handle_chat(
@@ -761,8 +767,9 @@ async def _handle_chat(
             "Rate limit reached for requests (simulated provider overload).", "requests", 1.0
         )
     if config.mode == "hang":
+        # Never answers; only returns once the client left or the server shuts down.
         await _wait_closed(request, state)
-        raise _ApiError(503, "The simulator is shutting down.", "server_error")
+        return _ApiError(503, "The simulator is shutting down.", "server_error").response(headers)
     now = time.monotonic()
     state.limiter.acquire(_token_estimate(body, config), now)
     headers.update(state.limiter.headers(now))
@@ -884,7 +891,11 @@ async def _add_request_id(request: web.Request, response: web.StreamResponse) ->
 
 
 async def _on_shutdown(app: web.Application) -> None:
-    app[STATE_KEY].closing.set()
+    """Release hanging and slow requests at once instead of waiting for them."""
+    state = app[STATE_KEY]
+    state.closing.set()
+    for task in list(state.tasks):
+        task.cancel()
 
 
 # --------------------------------------------------------------------------- public API
@@ -933,8 +944,8 @@ def main(port: int, config: SimConfig, host: str = "127.0.0.1") -> None:
     """Run the simulator until interrupted (the ``sluice llm-sim`` command)."""
 
     def banner(*lines: Any) -> None:
-        for line in lines:
-            logger.info("%s", str(line).strip())
+        for line in " ".join(str(line) for line in lines).splitlines():
+            logger.info("%s", line.strip())
 
     web.run_app(
         create_app(config),
