@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import openai
 
+from core import metrics
 from core.errors import (
     LLMError,
     LLMRateLimitedError,
@@ -225,9 +226,14 @@ async def complete_with_retries(
 
     attempt = 0
     while True:
+        t0 = time.monotonic()
         try:
-            return await provider.complete(messages, model=model, on_text=tracking, **params)
-        except LLMTransientError as e:
+            out = await provider.complete(messages, model=model, on_text=tracking, **params)
+        except LLMError as e:
+            outcome = "rate_limited" if isinstance(e, LLMRateLimitedError) else "error"
+            metrics.record_llm_call(outcome, time.monotonic() - t0)
+            if not isinstance(e, LLMTransientError):
+                raise
             if streamed or attempt >= retries:
                 raise LLMUnavailableError(f"gave up after {attempt + 1} attempt(s): {e}") from e
             delay = min(max_delay_s, base_delay_s * 2**attempt) * (0.5 + random.random())
@@ -236,3 +242,12 @@ async def complete_with_retries(
             attempt += 1
             logger.warning("llm attempt %d failed (%s); retrying in %.2fs", attempt, e, delay)
             await asyncio.sleep(delay)
+            continue
+        metrics.record_llm_call(
+            "ok",
+            time.monotonic() - t0,
+            first_token_s=out.first_token_s,
+            tokens_in=out.tokens_in,
+            tokens_out=out.tokens_out,
+        )
+        return out

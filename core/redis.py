@@ -49,3 +49,9 @@ class Keys:
     def delivered(self, job_id: str) -> str:
         """What a job already delivered to the platform (so a retry never posts twice)."""
         return f"{self.prefix}:delivered:{job_id}"
+
+    # --- Operations (metrics, status) ---
+
+    def heartbeats(self) -> str:
+        """Live processes: a sorted set of ``role:host:pid`` scored by the last beat."""
+        return f"{self.prefix}:heartbeats"

@@ -137,6 +137,25 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
 
+    # --- Operations (metrics, health, status) ---
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a worker's /metrics and /healthz server (unset: no server; "
+        "adapters serve /metrics on their own port).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Bind address of the worker metrics server (0.0.0.0 in containers).",
+    )
+    health_check_interval_s: int = Field(
+        5,
+        ge=1,
+        description="How often workers write arq's health check and every process its "
+        "heartbeat; `sluice status` counts a process live for 3 intervals.",
+    )
+
     @property
     def queue_name(self) -> str:
         """The arq queue Sluice's reply jobs go to."""

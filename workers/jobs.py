@@ -7,8 +7,9 @@ import logging
 import time
 from typing import Any
 
+from core import metrics
 from core.bot import Bot
-from core.errors import HistoryError, LLMError, LLMRequestError
+from core.errors import DeliveryError, HistoryError, LLMError, LLMRequestError
 from core.history import HotHistory
 from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
 from core.messages import IncomingMessage, Reply, Turn
@@ -71,9 +72,15 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         ctx.get("job_try"),
     )
     started = time.monotonic()
-    await responder.begin()
+    timing = metrics.JobTiming(msg.platform, msg.lane, ctx.get("enqueue_time"))
     try:
-        reply_, completion = await _answer(ctx, msg, responder)
+        async with timing.delivering():
+            await responder.begin()
+    except DeliveryError:
+        metrics.DELIVERY_ERRORS.labels(msg.platform).inc()
+        raise
+    try:
+        reply_, completion = await _answer(ctx, msg, responder, timing)
     except Exception:
         # A bug or an unforeseen failure still ends in a visible reply, never silence;
         # the traceback goes to the log, not to the user.
@@ -84,8 +91,14 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
             job_id,
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
-    await responder.finish(reply_)
+    try:
+        async with timing.delivering():
+            await responder.finish(reply_)
+    except DeliveryError:
+        metrics.DELIVERY_ERRORS.labels(msg.platform).inc()
+        raise
     await _remember(ctx, msg, reply_, completion, started)
+    timing.done(reply_.kind)
     logger.info(
         "job done platform=%s tenant=%s message=%s job=%s kind=%s in %.2fs",
         msg.platform,
@@ -99,7 +112,7 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
 
 
 async def _answer(
-    ctx: dict[str, Any], msg: IncomingMessage, responder: Responder
+    ctx: dict[str, Any], msg: IncomingMessage, responder: Responder, timing: metrics.JobTiming
 ) -> tuple[Reply, Completion | None]:
     settings: Settings = ctx["settings"]
     bot: Bot = ctx["bot"]
@@ -119,20 +132,22 @@ async def _answer(
         earlier = []
 
     async def on_text(so_far: str) -> None:
-        await responder.stream(note + so_far)
+        async with timing.delivering():
+            await responder.stream(note + so_far)
 
     provider: LLMProvider = ctx["llm"]
     try:
-        completion = await complete_with_retries(
-            provider,
-            build_context(bot, earlier, text),
-            model=bot.model or settings.model,
-            retries=settings.llm_retries,
-            on_text=on_text,
-            max_tokens=bot.max_tokens or settings.llm_max_tokens,
-            temperature=bot.temperature,
-            **bot.params,
-        )
+        async with timing.calling_llm():
+            completion = await complete_with_retries(
+                provider,
+                build_context(bot, earlier, text),
+                model=bot.model or settings.model,
+                retries=settings.llm_retries,
+                on_text=on_text,
+                max_tokens=bot.max_tokens or settings.llm_max_tokens,
+                temperature=bot.temperature,
+                **bot.params,
+            )
     except LLMRequestError as e:
         logger.error("llm refused message=%s: %s", msg.message_id, e)
         return Reply(text=APOLOGY, kind="error"), None

@@ -18,12 +18,15 @@ Tuning, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
 from arq.worker import Worker, func
 
+from core import metrics
 from core.bot import load_bot
+from core.heartbeat import heartbeating
 from core.history import HotHistory
 from core.llm import OpenAIProvider
 from core.redis import Keys, redis_settings
@@ -51,6 +54,7 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
+        await start_ops(ctx, settings)
         logger.info(
             "worker ready: bot=%s model=%s", ctx["bot"].name, ctx["bot"].model or settings.model
         )
@@ -65,6 +69,39 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await factory.close()
     if "llm" in ctx:
         await ctx["llm"].close()
+    await stop_ops(ctx)
+
+
+async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
+    """Heartbeat, queue gauges and (with ``SLUICE_METRICS_PORT``) the metrics server."""
+    redis = ctx["redis"]
+    keys: Keys = ctx["keys"]
+    stack = contextlib.AsyncExitStack()
+    ctx["ops_stack"] = stack
+    await stack.enter_async_context(
+        heartbeating(redis, keys, "worker", settings.health_check_interval_s)
+    )
+    refresher = metrics.queue_refresher(redis, settings.queue_name)
+    metrics.add_refresher(refresher)
+    stack.callback(metrics.remove_refresher, refresher)
+    if settings.metrics_port is not None:
+
+        async def health() -> dict[str, Any]:
+            await redis.ping()
+            return {"ok": True, "role": "worker"}
+
+        runner, port = await metrics.start_metrics_server(
+            settings.metrics_port, host=settings.metrics_host, health=health
+        )
+        stack.push_async_callback(runner.cleanup)
+        ctx["metrics_port"] = port
+
+
+async def stop_ops(ctx: dict[str, Any]) -> None:
+    """Undo :func:`start_ops`."""
+    stack: contextlib.AsyncExitStack | None = ctx.get("ops_stack")
+    if stack is not None:
+        await stack.aclose()
 
 
 def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> dict[str, Any]:
@@ -89,7 +126,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
         # A short, fixed result lifetime: results are not read, but while one exists
         # arq refuses a second job with the same id.
         "keep_result": 3600,
-        "health_check_interval": 10,
+        "health_check_interval": settings.health_check_interval_s,
         "handle_signals": True,
         "job_serializer": serialize,
         "job_deserializer": deserialize,

@@ -22,7 +22,9 @@ from redis.exceptions import RedisError
 
 from bots.web.responder import publish
 from core.errors import QueueError
+from core.heartbeat import add_heartbeat
 from core.messages import IncomingMessage
+from core.metrics import ACK_SECONDS, metrics_routes
 from core.queue import enqueue_reply
 from core.redis import Keys
 from core.settings import Settings
@@ -63,6 +65,7 @@ async def _read_json(request: web.Request) -> dict[str, Any] | web.Response:
 
 async def send_message(request: web.Request) -> web.Response:
     """Accept a message from a page: validate, enqueue, answer 202 with its id."""
+    started = time.monotonic()
     settings = request.app[SETTINGS]
     data = await _read_json(request)
     if isinstance(data, web.Response):
@@ -100,6 +103,7 @@ async def send_message(request: web.Request) -> web.Response:
     except (QueueError, RedisError, OSError) as e:
         logger.error("web enqueue failed message=%s: %s", msg.message_id, e)
         return _error(503, "The queue is unavailable right now; please try again shortly.")
+    ACK_SECONDS.labels("web").observe(time.monotonic() - started)
     return web.json_response({"message_id": msg.message_id, "job_id": msg.job_id}, status=202)
 
 
@@ -189,4 +193,8 @@ def create_web_app(settings: Settings, redis: ArqRedis) -> web.Application:
     app.router.add_post("/api/messages", send_message)
     app.router.add_get("/api/events", events)
     app.router.add_get("/healthz", healthz)
+    metrics_routes(app)
+    add_heartbeat(
+        app, redis, Keys(settings.key_prefix), "adapter:web", settings.health_check_interval_s
+    )
     return app
