@@ -9,6 +9,8 @@ import click
 
 from core.errors import ConfigError
 from core.settings import get_settings
+from sluice.bench.cli import bench
+from sluice.opscli import capacity, status
 
 
 def _fail(e: Exception) -> None:
@@ -122,3 +124,8 @@ def llm_sim(
         seed=seed,
     )
     sim_main(port, cfg, host=host)
+
+
+main.add_command(bench)
+main.add_command(status)
+main.add_command(capacity)

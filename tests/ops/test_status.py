@@ -1,0 +1,98 @@
+"""``sluice status`` reads the queue, workers and adapters from Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import uuid
+
+from core.messages import IncomingMessage
+from core.queue import connect_queue, enqueue_reply
+from tests.helpers import ROOT, base_env, settings_env
+
+
+def _status(settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sluice", "status", *args],
+        env={**base_env(), **settings_env(settings), "COLUMNS": "160"},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _json(settings) -> dict[str, list[list[str]]]:
+    done = _status(settings, "--json")
+    assert done.returncode == 0, done.stderr
+    result: dict[str, list[list[str]]] = json.loads(done.stdout)
+    return result
+
+
+async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_they_drain(
+    settings, redis, worker_process
+):
+    queue = await connect_queue(settings)
+    try:
+        for i in range(5):
+            msg = IncomingMessage(
+                platform="web",
+                tenant="web",
+                channel=f"c{i}",
+                user=f"u{i}",
+                message_id=uuid.uuid4().hex,
+                text=f"question {i}",
+            )
+            assert await enqueue_reply(queue, settings, msg)
+    finally:
+        await queue.aclose()
+    await asyncio.sleep(1.1)
+
+    before = await asyncio.to_thread(_json, settings)
+    lane = dict(before["Queue"])["lane default"]
+    assert lane.startswith("5 waiting, 0 running")
+    assert float(lane.rsplit("oldest waiting ", 1)[1].split()[0]) >= 1.0
+    assert dict(before["Workers"])["live workers"] == "0"
+    assert before["LLM budget"][0][1].startswith("n/a")
+
+    worker_process()
+    for _ in range(300):
+        if not await redis.zcard(settings.queue_name):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the worker did not drain the queue in 30 s")
+
+    after = await asyncio.to_thread(_json, settings)
+    assert dict(after["Queue"])["lane default"].startswith("0 waiting, 0 running")
+    assert dict(after["Workers"])["live workers"] == "1"
+
+    screen = await asyncio.to_thread(_status, settings)
+    assert screen.returncode == 0, screen.stderr
+    for section in ("Queue", "Workers", "Adapters", "LLM budget", "Cache", "History"):
+        assert section in screen.stdout
+
+
+async def test_status_lists_a_running_web_adapter(settings):
+    from tests.webchat import web_adapter
+
+    async with web_adapter(settings):
+        await asyncio.sleep(0.3)
+        result = await asyncio.to_thread(_json, settings)
+    web = dict(result["Adapters"])["web"]
+    assert web.startswith("1 seen")
+
+
+def test_status_without_redis_url_names_the_setting(settings):
+    done = subprocess.run(
+        [sys.executable, "-m", "sluice", "status"],
+        env={**base_env()},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "REDIS_URL" in done.stderr
