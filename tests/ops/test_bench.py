@@ -63,6 +63,7 @@ x_sum 10
     assert quantile([1.0, 2.0, 3.0], 0.5) == 2.0
 
 
+@pytest.mark.slow
 def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     env = {**base_env(), "REDIS_URL": redis_url, "COLUMNS": "160"}
