@@ -193,14 +193,20 @@ def per_worker_rate_from_bench(path: Path) -> float:
 
 def render_plan(plan: Plan) -> Any:
     """A week grid of worker counts and the autoscaler signal (rich renderables)."""
+    from rich import box
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    grid = Table(title="Workers to run, per hour of the week (UTC)", show_lines=False)
-    grid.add_column("day")
+    grid = Table(
+        title="Workers to run, per hour of the week (UTC)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0, 0, 1),
+        pad_edge=False,
+    )
+    grid.add_column("day", min_width=3)
     for h in range(24):
-        grid.add_column(f"{h:02d}", justify="right")
+        grid.add_column(f"{h:02d}", justify="right", min_width=2)
     for d, day in enumerate(DAYS):
         grid.add_row(day, *(str(plan.workers[d * 24 + h]) for h in range(24)))
     busiest = max(range(HOURS_PER_WEEK), key=lambda h: plan.messages[h])
@@ -210,6 +216,6 @@ def render_plan(plan: Plan) -> Any:
         f"busiest hour: {DAYS[busiest // 24]} {busiest % 24:02d}:00 with "
         f"{plan.messages[busiest]:,.0f} messages -> {plan.needed[busiest]} workers.\n"
         f"autoscaler signal: scale out when sluice_queue_depth > "
-        f"{plan.depth_per_worker:.0f} x workers (replies would wait > {plan.target_wait_s:g} s)."
+        f"{plan.depth_per_worker:.1f} x workers (replies would wait > {plan.target_wait_s:g} s)."
     )
     return Group(grid, notes)
