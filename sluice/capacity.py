@@ -201,7 +201,7 @@ def render_plan(plan: Plan) -> Any:
     grid = Table(
         title="Workers to run, per hour of the week (UTC)",
         box=box.SIMPLE_HEAD,
-        padding=(0, 0, 0, 1),
+        padding=(0, 0),
         pad_edge=False,
     )
     grid.add_column("day", min_width=3)
