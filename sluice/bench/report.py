@@ -118,6 +118,8 @@ def summarize(
         "overhead_s": histogram_quantiles(
             samples, "sluice_job_overhead_seconds", platform=platform
         ),
+        "queue_wait_s": histogram_quantiles(samples, "sluice_queue_wait_seconds"),
+        "delivery_s": histogram_quantiles(samples, "sluice_delivery_seconds", platform=platform),
         "db_transactions": int(metric_total(samples, "sluice_db_transactions_total")),
         "peak_memory_mb": memory_mb,
         "workers": workers,
@@ -176,7 +178,15 @@ ROWS: list[tuple[str, Any]] = [
     ("first token p50/p95/p99", lambda s: _q(s["ttft_s"])),
     ("full reply p50/p95/p99", lambda s: _q(s["full_reply_s"])),
     ("framework overhead p50/p95/p99", lambda s: _q(s["overhead_s"])),
+    ("  of which queue wait", lambda s: _q(s["queue_wait_s"])),
+    ("  of which delivery", lambda s: _q(s["delivery_s"])),
     ("database transactions", lambda s: f"{s['db_transactions']:,}"),
+    (
+        "Redis commands per message",
+        lambda s: (
+            f"{s['redis_commands_per_message']:.1f}" if "redis_commands_per_message" in s else "-"
+        ),
+    ),
     ("answered per second", lambda s: f"{s['answered_per_s']:.1f}"),
     ("peak memory", lambda s: _mem(s["peak_memory_mb"])),
 ]

@@ -100,6 +100,16 @@ async def _scrape(urls: list[str]) -> list[report.Sample]:
     return report.parse_metrics(texts)
 
 
+async def redis_calls(redis_url: str) -> int:
+    """Commands the Redis server has run since it started (``INFO commandstats``)."""
+    redis: Redis = Redis.from_url(redis_url)
+    try:
+        stats = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    return sum(int(v.get("calls", 0)) for v in stats.values() if isinstance(v, dict))
+
+
 async def _drop_prefix(redis_url: str, prefix: str) -> None:
     redis: Redis = Redis.from_url(redis_url)
     try:
@@ -192,8 +202,10 @@ async def run_sluice(
 
         deadline = max(p.at_s for p in schedule) + sc.drain_timeout_s
         users = SluiceUsers(base, schedule, run_id, deadline)
+        calls_before = await redis_calls(redis_url)
         async with _progress(console, "sluice", users, len(schedule)):
             obs = await users.run()
+        calls = await redis_calls(redis_url) - calls_before
         samples = await _scrape(metric_urls)
         sim_stats = await _get(f"{sim_url}/_sim/stats")
         mem = run.memory()
@@ -203,7 +215,7 @@ async def run_sluice(
             memory[f"worker (max of {len(worker_mem)})"] = max(worker_mem)
         if redis_pid is not None:
             memory["redis"] = peak_rss_mb(redis_pid)
-        return report.summarize(
+        summary = report.summarize(
             obs,
             samples=samples,
             platform="web",
@@ -211,6 +223,11 @@ async def run_sluice(
             memory_mb=memory,
             workers=workers,
         )
+        # Every client of this Redis counts, including the idle polling of workers and
+        # SSE streams: exact on the embedded Valkey, an upper bound on a shared Redis.
+        summary["redis_commands"] = calls
+        summary["redis_commands_per_message"] = calls / max(1, summary["sent"])
+        return summary
     finally:
         run.stop()
         with contextlib.suppress(OSError):
