@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import sys
 from dataclasses import replace
@@ -64,6 +63,11 @@ from sluice.bench.scenarios import SCENARIOS
     help="Directory for <scenario>.json, <scenario>.html and logs.",
 )
 @click.option("--seed", type=int, default=None, help="Seed of the schedule.")
+@click.option(
+    "--postgres",
+    default=None,
+    help="--scenario flush: also measure this Postgres (else SQLite only).",
+)
 def bench(
     scenario: str,
     scale: float,
@@ -82,6 +86,7 @@ def bench(
     designs: tuple[str, ...],
     out: Path,
     seed: int | None,
+    postgres: str | None,
 ) -> None:
     """Load-test the whole pipeline against the simulator, beside the naive design.
 
@@ -98,17 +103,14 @@ def bench(
     from sluice.bench.run import run_bench, run_flush
 
     console = Console()
-    command = (
-        "sluice " + shlex.join(["bench", *sys.argv[2:]]) if len(sys.argv) > 1 else "sluice bench"
-    )
+    argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []
+    command = "sluice " + shlex.join(["bench", *argv])
     settings = get_settings()
     if scenario == "flush":
         with redis_server(settings.redis_url) as (redis_url, _pid, desc):
             console.print(f"redis: {desc}")
             try:
-                result = asyncio.run(
-                    run_flush(redis_url, os.environ.get("SLUICE_BENCH_POSTGRES"), 10_000)
-                )
+                result = asyncio.run(run_flush(redis_url, postgres, 10_000))
             except RuntimeError as e:
                 raise click.ClickException(str(e)) from e
         out.mkdir(parents=True, exist_ok=True)

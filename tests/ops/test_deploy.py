@@ -57,6 +57,7 @@ def test_redis_keeps_an_append_only_file_synced_every_second() -> None:
     assert command is not None
     joined = " ".join(command)
     assert "--appendonly yes" in joined and "--appendfsync everysec" in joined
+    assert "--maxmemory-policy noeviction" in joined
 
 
 def test_workers_scale_and_slack_replicas_sit_behind_nginx() -> None:
