@@ -49,6 +49,13 @@ from sluice.bench.scenarios import SCENARIOS
 )
 @click.option("--workers", type=int, default=2, show_default=True, help="Sluice worker processes.")
 @click.option(
+    "--set",
+    "sluice_env",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="A setting for Sluice's processes, e.g. SLUICE_WORKER_POLL_DELAY_S=0.2 (repeatable).",
+)
+@click.option(
     "--design",
     "designs",
     type=click.Choice(["sluice", "naive"]),
@@ -87,6 +94,7 @@ def bench(
     out: Path,
     seed: int | None,
     postgres: str | None,
+    sluice_env: tuple[str, ...],
 ) -> None:
     """Load-test the whole pipeline against the simulator, beside the naive design.
 
@@ -137,6 +145,12 @@ def bench(
         sc = replace(sc, rpm=rpm or None)
     if sc.heavy_users > sc.users:
         sc = replace(sc, heavy_users=sc.users)
+    extra_env: dict[str, str] = {}
+    for item in sluice_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
+        extra_env[name] = value
     raise_fd_limit()
     with redis_server(settings.redis_url) as (redis_url, redis_pid, desc):
         console.print(
@@ -151,6 +165,7 @@ def bench(
                 redis_url=redis_url,
                 redis_pid=redis_pid,
                 out_dir=out,
+                sluice_env=extra_env,
                 command=command,
                 console=console,
             )

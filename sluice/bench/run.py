@@ -168,6 +168,7 @@ async def run_sluice(
     redis_pid: int | None,
     log_dir: Path,
     console: Console,
+    sluice_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline: web adapter, arq queue on Redis, worker processes, simulator."""
     run_id = uuid.uuid4().hex[:8]
@@ -183,6 +184,7 @@ async def run_sluice(
             "OPENAI_BASE_URL": f"{sim_url}/v1",
             "SLUICE_KEY_PREFIX": prefix,
             "SLUICE_LOG_LEVEL": "WARNING",
+            **(sluice_env or {}),
         }
         metric_urls = []
         starting = []
@@ -282,6 +284,7 @@ async def run_bench(
     out_dir: Path,
     command: str,
     console: Console,
+    sluice_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Both designs, one after the other, under the same schedule; the report dict."""
     schedule = plan(sc)
@@ -298,6 +301,7 @@ async def run_bench(
                 redis_pid=redis_pid,
                 log_dir=log_dir,
                 console=console,
+                sluice_env=sluice_env,
             )
         else:
             results[design] = await run_naive(sc, schedule, log_dir=log_dir, console=console)
@@ -305,7 +309,8 @@ async def run_bench(
         "scenario": sc.as_dict(),
         "command": command,
         "started_at": started,
-        "machine": {"cpus": os.cpu_count()},
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "sluice_settings": sluice_env or {},
         "bench_process_peak_mb": own_peak_rss_mb(),
         "designs": results,
         "consistent": {name: report.consistent(s) for name, s in results.items()},
