@@ -130,6 +130,12 @@ class Settings(BaseSettings):
     job_max_tries: int = Field(
         3, ge=1, description="Attempts per reply job (a dead worker's job is re-run)."
     )
+    shutdown_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM a worker lets running jobs finish this long, "
+        "then hands the rest back to the queue.",
+    )
     stream_min_interval_s: float = Field(
         0.1, ge=0, description="Least time between two streamed updates of one web chat reply."
     )
