@@ -33,7 +33,9 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
 import re
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
@@ -364,7 +366,8 @@ def load_bot(path: str | None) -> Bot:
     """Load the bot named by an import path ``module:attribute``.
 
     The attribute may be a :class:`Bot` or a function without arguments returning
-    one. ``None`` or an empty path gives :data:`DEFAULT_BOT`.
+    one. ``None`` or an empty path gives :data:`DEFAULT_BOT`. The module is imported
+    with the current folder on ``sys.path``.
 
     Raises:
         BotDefinitionError: the path is malformed, the module or attribute is
@@ -379,6 +382,11 @@ def load_bot(path: str | None) -> Bot:
             f"SLUICE_APP={path!r} is not an import path: write it as 'module:attribute', "
             "for example SLUICE_APP=mybot:bot."
         )
+    # Like uvicorn: the bot's module is found relative to the current folder, also when
+    # Sluice runs as a console script (whose own folder is first on sys.path).
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
