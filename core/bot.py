@@ -344,7 +344,9 @@ class Bot:
         except CommandUsageError as e:
             if not explicit:
                 return None  # "help me with…": not a command; the model answers
-            return Reply(text=f"{str(e).capitalize()}. Usage: `{cmd.usage}`", kind="notice")
+            problem = str(e)
+            problem = problem[:1].upper() + problem[1:]
+            return Reply(text=f"{problem}. Usage: `{cmd.usage}`", kind="notice")
         ctx.command = name
         try:
             result = await cmd.run(ctx, args)

@@ -349,7 +349,7 @@ async def run_tool_call(
         return json.dumps({"error": f"{name}: {e}"}), False
     except TimeoutError:
         logger.warning("tool %s timed out after %.1fs message=%s", name, limit, ctx.message_id)
-        return json.dumps({"error": f"{name} did not finish within {limit:g} s"}), False
+        return json.dumps({"error": f"{name} did not finish within {limit:.3g} s"}), False
     except Exception as e:  # the bot author's code: any failure is reported, not raised
         logger.exception("tool %s raised message=%s", name, ctx.message_id)
         return json.dumps({"error": f"{name} failed: {type(e).__name__}: {e}"[:500]}), False
