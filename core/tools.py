@@ -105,6 +105,7 @@ def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
     params: dict[str, str] = {}
     section: str | None = None
     current: str | None = None
+    arg_indent: int | None = None
     for line in lines:
         stripped = line.strip()
         sphinx = re.match(r"^:param\s+(?:[^:]*\s)?(\w+):\s*(.*)$", stripped)
@@ -114,14 +115,16 @@ def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
             section = "sphinx"
             continue
         if re.match(r"^(Args|Arguments|Parameters|Params):\s*$", stripped):
-            section, current = "args", None
+            section, current, arg_indent = "args", None, None
             continue
         if re.match(r"^[A-Z][A-Za-z ]*:\s*$", stripped) and not line.startswith(" "):
             section, current = "other", None
             continue
         if section == "args":
+            indent = len(line) - len(line.lstrip())
             m = re.match(r"^(\w+)(?:\s*\([^)]*\))?:\s*(.*)$", stripped)
-            if m and line.startswith(("    ", "\t")) and not line.startswith(("        ", "\t\t")):
+            if m and (arg_indent is None or indent <= arg_indent):
+                arg_indent = indent
                 current = m.group(1)
                 params[current] = m.group(2).strip()
             elif current and stripped:
