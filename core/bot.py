@@ -113,6 +113,7 @@ class Bot:
     _after: list[Hook] = field(default_factory=list, init=False, repr=False)
     _prompt_fns: list[PromptFunc] = field(default_factory=list, init=False, repr=False)
     _lane_fns: list[LaneFunc] = field(default_factory=list, init=False, repr=False)
+    _help: Command | None = field(default=None, init=False, repr=False)
     # --- end Framework ---
     params: dict[str, Any] = field(default_factory=dict)
 
@@ -265,7 +266,9 @@ class Bot:
         """The commands by name, ``help`` included (built in unless you define one)."""
         cmds = dict(self._commands)
         if "help" not in cmds:
-            cmds["help"] = make_command(self._builtin_help, "help", "List the commands.")
+            if self._help is None:
+                self._help = make_command(self._builtin_help, "help", "List the commands.")
+            cmds["help"] = self._help
         return cmds
 
     async def _builtin_help(self) -> str:

@@ -33,6 +33,7 @@ import inspect
 import json
 import logging
 import re
+import time
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -344,6 +345,7 @@ async def run_tool_call(
         known = ", ".join(sorted(tools)) or "none"
         return json.dumps({"error": f"there is no tool named {name!r} (tools: {known})"}), False
     limit = min(timeout_s, tool.timeout_s) if tool.timeout_s else timeout_s
+    started = time.monotonic()
     try:
         async with asyncio.timeout(limit):
             value = await tool.invoke(ctx, str(call.get("arguments") or "{}"))
@@ -357,6 +359,12 @@ async def run_tool_call(
         logger.exception("tool %s raised message=%s", name, ctx.message_id)
         return json.dumps({"error": f"{name} failed: {type(e).__name__}: {e}"[:500]}), False
     text = format_result(value)
+    logger.info(
+        "tool %s ok in %.0fms message=%s",
+        name,
+        (time.monotonic() - started) * 1000,
+        ctx.message_id,
+    )
     if len(text) > max_chars:
         text = text[:max_chars] + f"\n[truncated: the result had {len(text):,} characters]"
     return text, True

@@ -38,3 +38,45 @@ def test_guide_covers_every_decorator_and_bot_field():
     for f in dataclasses.fields(Bot):
         if f.init:
             assert f"`{f.name}`" in guide, f"docs/guide.md does not describe Bot field {f.name!r}"
+
+
+def _python_block_after(doc: str, marker: str) -> str:
+    """The first ```python block after ``marker`` in a doc."""
+    start = doc.index(marker)
+    block = doc.index("```python\n", start) + len("```python\n")
+    return doc[block : doc.index("```", block)]
+
+
+async def test_quickstart_bot_loads_and_answers_as_the_page_says(tmp_path):
+    from core.bot import MessageContext, load_bot
+
+    doc = (ROOT / "docs" / "quickstart.md").read_text("utf-8")
+    (tmp_path / "quickstart_bot.py").write_text(_python_block_after(doc, "Create `mybot.py`"))
+    bot = load_bot("quickstart_bot:bot")
+    ctx = MessageContext(platform="web", tenant="web", channel="c", user="u", message_id="m")
+    for text in ("/oncall", "oncall"):
+        ctx.text = text
+        reply = await bot.intercept(ctx)
+        assert reply is not None and reply.text == "Ada is on call until Friday."
+    schema = bot.tools["service_status"].openai_schema()["function"]
+    assert schema["parameters"]["required"] == ["service"]
+
+
+def test_sluice_commands_lists_the_bot_commands(monkeypatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from core.settings import get_settings
+    from sluice.cli import main
+
+    monkeypatch.setenv("SLUICE_APP", "examples.support_bot.bot:bot")
+    get_settings.cache_clear()
+    try:
+        text = CliRunner().invoke(main, ["commands"])
+        as_json = CliRunner().invoke(main, ["commands", "--json"])
+    finally:
+        get_settings.cache_clear()
+    assert text.exit_code == 0, text.output
+    assert "/ticket <summary>\n    Open a support ticket." in text.output
+    assert [c["name"] for c in json.loads(as_json.output)] == ["ticket", "status", "help"]
