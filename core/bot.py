@@ -70,6 +70,10 @@ PromptFunc = Callable[[MessageContext], "str | Awaitable[str | None] | None"]
 LaneFunc = Callable[[MessageContext], "str | None"]
 _PROMPT_KEY_RE = re.compile(r"^(dm|(platform|tenant|channel):.+)$")
 F = TypeVar("F", bound=Callable[..., Any])
+C = TypeVar("C", bound=CommandFunc)
+T = TypeVar("T", bound=ToolFunc)
+B = TypeVar("B", bound=BeforeHook)
+A = TypeVar("A", bound=AfterHook)
 
 
 @dataclass
@@ -146,9 +150,7 @@ class Bot:
 
     # --- registration -------------------------------------------------------------
 
-    def command(
-        self, name: str | None = None, *, help: str | None = None
-    ) -> Callable[[CommandFunc], CommandFunc]:
+    def command(self, name: str | None = None, *, help: str | None = None) -> Callable[[C], C]:
         """Register a command: ``@bot.command("weather", help="Forecast for a city.")``.
 
         The function is ``async``, its arguments typed; a ``MessageContext`` argument
@@ -159,7 +161,7 @@ class Bot:
             BotDefinitionError: two commands with one name, or a malformed function.
         """
 
-        def register(fn: CommandFunc) -> CommandFunc:
+        def register(fn: C) -> C:
             cmd_name = name or getattr(fn, "__name__", "").replace("_", "-")
             if cmd_name in self._commands:
                 other = getattr(self._commands[cmd_name].fn, "__name__", "?")
@@ -174,7 +176,7 @@ class Bot:
         return register
 
     @overload
-    def tool(self, fn: ToolFunc, /) -> ToolFunc: ...
+    def tool(self, fn: T, /) -> T: ...
 
     @overload
     def tool(
@@ -185,7 +187,7 @@ class Bot:
         name: str | None = None,
         description: str | None = None,
         timeout_s: float | None = None,
-    ) -> Callable[[ToolFunc], ToolFunc]: ...
+    ) -> Callable[[T], T]: ...
 
     def tool(
         self,
@@ -195,7 +197,7 @@ class Bot:
         name: str | None = None,
         description: str | None = None,
         timeout_s: float | None = None,
-    ) -> ToolFunc | Callable[[ToolFunc], ToolFunc]:
+    ) -> Any:
         """Offer a typed async function to the model: ``@bot.tool`` or ``@bot.tool(name=...)``.
 
         The schema comes from the type hints, the descriptions from the docstring (see
@@ -217,12 +219,12 @@ class Bot:
 
         return register(fn) if fn is not None else register
 
-    def before(self, fn: BeforeHook) -> BeforeHook:
+    def before(self, fn: B) -> B:
         """Register a hook run before the answer (see :mod:`core.hooks`)."""
         self._before.append(make_hook(fn, "before"))
         return fn
 
-    def after(self, fn: AfterHook) -> AfterHook:
+    def after(self, fn: A) -> A:
         """Register a hook run on each answer before it is sent (see :mod:`core.hooks`)."""
         self._after.append(make_hook(fn, "after"))
         return fn
