@@ -13,7 +13,7 @@ from tests.helpers import ROOT
 def test_configuration_reference_is_current():
     committed = (ROOT / "docs" / "configuration.md").read_text("utf-8")
     assert committed == render(), (
-        "docs/configuration.md is out of date: run "
+        "docs/configuration.md is out of date: run `make docs` or "
         "`python -m sluice.docgen > docs/configuration.md` and commit it."
     )
 
