@@ -42,14 +42,12 @@ class ToolLoopResult:
 
 @dataclass
 class Exchange:
-    """What a reply job keeps for history besides the answer.
+    """What a reply job keeps for history besides the user's message and the answer.
 
     Attributes:
-        user_text: The user's text as stored, when a before-hook rewrote it.
         turns: Tool-call turns made while answering, in order.
     """
 
-    user_text: str | None = None
     turns: list[Turn] = field(default_factory=list)
 
 

@@ -329,12 +329,25 @@ class Bot:
     async def intercept(self, ctx: MessageContext, command: str | None = None) -> Reply | None:
         """Before-hooks, then commands: a ``Reply`` when the model is not needed.
 
-        ``command`` is the name an adapter passed (``meta["command"]``); then
-        ``ctx.text`` holds only its arguments. May rewrite ``ctx.text``.
+        The worker calls the two halves separately (:meth:`run_before_hooks` first, so
+        that only rewritten text is ever recorded); this runs both, for tests and
+        other callers.
         """
-        early = await run_before(self._before, ctx)
+        early = await self.run_before_hooks(ctx)
         if early is not None:
             return early
+        return await self.run_command(ctx, command)
+
+    async def run_before_hooks(self, ctx: MessageContext) -> Reply | None:
+        """The before-hooks on ``ctx.text`` (which they may rewrite); a ``Reply`` stops."""
+        return await run_before(self._before, ctx)
+
+    async def run_command(self, ctx: MessageContext, command: str | None = None) -> Reply | None:
+        """Run the command ``ctx.text`` invokes, if any, and the after-hooks on its answer.
+
+        ``command`` is the name an adapter passed (``meta["command"]``); then
+        ``ctx.text`` holds only its arguments. ``None`` means: not a command.
+        """
         commands = self.commands
         if command and command.lower() in commands:
             found: tuple[str, str, bool] | None = (command.lower(), ctx.text, True)

@@ -76,10 +76,14 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         ctx.get("job_try"),
     )
     started = time.monotonic()
+    msg, mctx, early = await _before_hooks(ctx, msg)
     await responder.begin()
-    mctx, exchange = MessageContext.from_message(msg), Exchange()
+    exchange = Exchange()
     try:
-        reply_, completion = await _answer(ctx, msg, responder, mctx, exchange)
+        if early is not None:
+            reply_, completion = early, None
+        else:
+            reply_, completion = await _answer(ctx, msg, responder, mctx, exchange)
     except Exception:
         # A bug or an unforeseen failure still ends in a visible reply, never silence;
         # the traceback goes to the log, not to the user.
@@ -91,10 +95,7 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
     await responder.finish(reply_)
-    stored = (
-        msg if exchange.user_text is None else msg.model_copy(update={"text": exchange.user_text})
-    )
-    await _remember(ctx, stored, reply_, completion, started, exchange.turns)
+    await _remember(ctx, msg, reply_, completion, started, exchange.turns)
     logger.info(
         "job done platform=%s tenant=%s message=%s job=%s kind=%s in %.2fs",
         msg.platform,
@@ -105,6 +106,23 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         time.monotonic() - started,
     )
     return reply_.kind
+
+
+async def _before_hooks(
+    ctx: dict[str, Any], msg: IncomingMessage
+) -> tuple[IncomingMessage, MessageContext, Reply | None]:
+    """Run the bot's before-hooks first of all: text they rewrite (e.g. masked personal
+    data) replaces the message's, so only the rewritten text is ever recorded, sent to
+    the model or stored. A ``Reply`` from a hook answers the message instead."""
+    mctx = MessageContext.from_message(msg)
+    text = mctx.text = msg.text.strip()
+    if not text:
+        return msg, mctx, None
+    bot: Bot = ctx["bot"]
+    early = await bot.run_before_hooks(mctx)
+    if mctx.text != text:
+        msg = msg.model_copy(update={"text": mctx.text})
+    return msg, mctx, early
 
 
 async def _answer(
@@ -119,13 +137,10 @@ async def _answer(
     text = msg.text.strip()
     if not text:
         return Reply(text=EMPTY_NOTICE, kind="notice"), None
-    # The bot's before-hooks and commands may answer without the model.
-    mctx.text = text
-    early = await bot.intercept(mctx, msg.meta.get("command"))
-    if mctx.text != text:
-        exchange.user_text = text = mctx.text
-    if early is not None:
-        return early, None
+    # A command is answered without the model.
+    command_reply = await bot.run_command(mctx, msg.meta.get("command"))
+    if command_reply is not None:
+        return command_reply, None
     note = ""
     if len(text) > settings.max_input_chars:
         note = truncation_note(len(text), settings.max_input_chars)
