@@ -196,3 +196,19 @@ async def test_after_hook_that_raises_replaces_the_answer_with_an_apology(
         done = await c.ask("hello")
     assert done["kind"] == "error" and done["text"] == HOOK_APOLOGY
     worker.wait_for_output("hook explode_after (after) failed")
+
+
+async def test_several_tool_calls_in_one_step_all_get_their_results(
+    settings, llm_sim, worker_process
+):
+    worker_process(TOOLS)
+    async with chat(settings) as c:
+        done = await c.ask("Both [[tool:whoami]] and [[tool:explode]]")
+    assert done["kind"] == "answer"
+    _, second = llm_sim.requests()
+    assistant = second["messages"][-3]
+    results = second["messages"][-2:]
+    ids = [call["id"] for call in assistant["tool_calls"]]
+    assert [r["tool_call_id"] for r in results] == ids
+    assert results[0]["content"].startswith("user=")
+    assert json.loads(results[1]["content"]) == {"error": "explode failed: RuntimeError: boom"}
