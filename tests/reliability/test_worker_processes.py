@@ -20,10 +20,8 @@ def _session() -> str:
     return f"r{uuid.uuid4().hex[:12]}"
 
 
-async def _first_delta(tab: ChatSession, mid: str, timeout_s: float = 15) -> None:
-    async with asyncio.timeout(timeout_s):
-        while not any(e["type"] == "delta" for e in tab.events_for(mid)):
-            await asyncio.sleep(0.02)
+async def _first_delta(tab: ChatSession, mid: str) -> None:
+    await tab.wait_for(mid, "delta", timeout_s=15)
 
 
 @pytest.mark.slow
