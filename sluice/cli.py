@@ -9,6 +9,7 @@ import click
 
 from core.errors import ConfigError
 from core.settings import get_settings
+from sluice.commands import commands_command
 
 
 def _fail(e: Exception) -> None:
@@ -121,3 +122,6 @@ def llm_sim(
         seed=seed,
     )
     sim_main(port, cfg, host=host)
+
+
+main.add_command(commands_command)
