@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Parallel test processes (pytest-xdist); 0 runs everything in one process.
+TEST_WORKERS ?= 4
 
-.PHONY: run test test-fast lint format bench install clean
+.PHONY: run test test-fast lint format bench docs install clean
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +22,11 @@ run: $(STAMP)
 
 ## The whole test suite (real Redis, SQLite, Postgres, headless Chromium)
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 ## Everything but the slow tests
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -34,6 +36,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+## Regenerate docs/configuration.md from the Settings class (a test checks it is current)
+docs: $(STAMP)
+	$(BIN)/python -m sluice.docgen > docs/configuration.md
 
 bench: $(STAMP)
 	$(BIN)/sluice bench $(BENCH_ARGS)

@@ -10,6 +10,7 @@ import click
 from core.errors import ConfigError
 from core.settings import get_settings
 from sluice.bench.cli import bench
+from sluice.commands import commands_command
 from sluice.opscli import capacity, status
 
 
@@ -49,15 +50,14 @@ def dev(port: int | None, no_browser_hint: bool) -> None:
 def worker(burst: bool) -> None:
     """An arq worker answering reply jobs. Run as many as you like, on any hosts."""
     from core.logs import setup_logging
-    from workers.settings import create_worker
+    from workers.run import run_worker
 
     settings = get_settings()
     setup_logging(settings, process="worker")
     try:
-        w = create_worker(settings, burst=burst)
+        asyncio.run(run_worker(settings, burst=burst))
     except ConfigError as e:
         _fail(e)
-    w.run()
 
 
 @main.command()
@@ -129,3 +129,4 @@ def llm_sim(
 main.add_command(bench)
 main.add_command(status)
 main.add_command(capacity)
+main.add_command(commands_command)
