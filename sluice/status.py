@@ -79,14 +79,38 @@ async def adapters_probe(settings: Settings, redis: Redis) -> list[Row]:
     ]
 
 
+async def history_probe(settings: Settings, redis: Redis) -> list[Row]:
+    """The write-behind backlog and the last flush (``core.history.backlog_status``)."""
+    import core.history
+
+    backlog_status = getattr(core.history, "backlog_status", None)
+    if backlog_status is None:
+        return [("", f"{NOT_AVAILABLE} (history is not written to SQL in this version)")]
+    st = await backlog_status(
+        redis, Keys(settings.key_prefix), getattr(settings, "history_backlog_max", 0)
+    )
+    last = (
+        f"{time.time() - st.last_flush_ts:.0f} s ago" if st.last_flush_ts is not None else "never"
+    )
+    rows: list[Row] = [
+        ("backlog", f"{st.length:,} messages not yet in SQL, oldest {st.oldest_age_s:.0f} s"),
+        ("last flush", last),
+    ]
+    if st.failures or st.last_error:
+        rows.append(("flush failures", f"{st.failures} (last: {st.last_error or '-'})"))
+    if st.overflow_conversations:
+        rows.append(("over the bound", f"{st.overflow_conversations} conversations"))
+    return rows
+
+
 # Section -> probe, by import path for state other modules own.
 PROBES: dict[str, str | Probe] = {
     "Queue": queue_probe,
     "Workers": workers_probe,
     "Adapters": adapters_probe,
-    "LLM budget": "core.ratelimit:status_probe",
+    "LLM budget": "core.budget:status_probe",
     "Cache": "core.cache:status_probe",
-    "History": "core.history:status_probe",
+    "History": history_probe,
 }
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from arq.worker import Worker, func
 
+from core import history as history_module
 from core import metrics
 from core.bot import load_bot
 from core.heartbeat import heartbeating
@@ -81,9 +82,12 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
     await stack.enter_async_context(
         heartbeating(redis, keys, "worker", settings.health_check_interval_s)
     )
-    refresher = metrics.queue_refresher(redis, settings.queue_name)
-    metrics.add_refresher(refresher)
-    stack.callback(metrics.remove_refresher, refresher)
+    for refresher in (
+        metrics.queue_refresher(redis, settings.queue_name),
+        _history_refresher(redis, keys, settings),
+    ):
+        metrics.add_refresher(refresher)
+        stack.callback(metrics.remove_refresher, refresher)
     if settings.metrics_port is not None:
 
         async def health() -> dict[str, Any]:
@@ -95,6 +99,20 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
         )
         stack.push_async_callback(runner.cleanup)
         ctx["metrics_port"] = port
+
+
+def _history_refresher(redis: Any, keys: Keys, settings: Settings) -> metrics.Refresher:
+    """Backlog and flush lag gauges from the write-behind history, where it exists."""
+
+    async def refresh() -> None:
+        backlog_status = getattr(history_module, "backlog_status", None)
+        if backlog_status is None:
+            return
+        st = await backlog_status(redis, keys, getattr(settings, "history_backlog_max", 0))
+        metrics.HISTORY_BACKLOG.set(st.length)
+        metrics.HISTORY_FLUSH_LAG.set(st.oldest_age_s)
+
+    return refresh
 
 
 async def stop_ops(ctx: dict[str, Any]) -> None:
