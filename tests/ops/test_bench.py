@@ -105,3 +105,20 @@ def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_pa
     assert page.count("<svg") == 2 and "http" not in page.split("<body>")[1].replace(
         "http://www.w3.org/2000/svg", ""
     )
+
+
+def test_flush_scenario_says_clearly_when_the_flush_benchmark_is_missing(redis_url, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("workers.flush_bench") is not None:
+        pytest.skip("the flush benchmark is installed; `--scenario flush` runs it")
+    done = subprocess.run(
+        [sys.executable, "-m", "sluice", "bench", "--scenario", "flush", "--out", str(tmp_path)],
+        env={**base_env(), "REDIS_URL": redis_url},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "workers.flush_bench:bench_flush" in done.stderr and "Traceback" not in done.stderr
