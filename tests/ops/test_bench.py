@@ -69,7 +69,7 @@ def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_pa
     env = {**base_env(), "REDIS_URL": redis_url, "COLUMNS": "160"}
     args = [
         "bench", "--scenario", "launch-day", "--scale", "0.02", "--duration", "5",
-        "--drain-timeout", "30", "--workers", "1", "--out", str(out),
+        "--drain-timeout", "45", "--workers", "1", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "sluice", *args],
@@ -77,7 +77,7 @@ def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_pa
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=110,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "framework overhead" in done.stdout
