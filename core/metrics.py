@@ -51,12 +51,16 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+
+from core.serializer import deserialize
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -211,58 +215,90 @@ def metrics_routes(app: web.Application) -> None:
 # --------------------------------------------------------------------------- queue gauges
 
 
-def lane_queues(queue_name: str) -> dict[str, str]:
-    """The arq queue (a sorted set) of each lane.
+@dataclass
+class LaneStats:
+    """Jobs of one lane in the queue(s)."""
 
-    One queue for every lane today; traffic control (issue 5) may give lanes their
-    own queues by replacing :data:`LANE_QUEUES`.
-    """
-    return LANE_QUEUES(queue_name)
+    waiting: int = 0
+    running: int = 0
+    oldest_wait_s: float = 0.0
+
+    @property
+    def depth(self) -> int:
+        """Queued or running."""
+        return self.waiting + self.running
 
 
-def _one_queue(queue_name: str) -> dict[str, str]:
-    return {"default": queue_name}
+def queue_names(settings: Settings) -> list[str]:
+    """The arq queues reply jobs go to: one, or one per lane (``SLUICE_LANE_QUEUES=per-lane``)."""
+    names = [settings.queue_name]
+    if getattr(settings, "lane_queues", None) == "per-lane":
+        from core import queue as queue_module
+
+        lane_queue_name = getattr(queue_module, "lane_queue_name", None)
+        if lane_queue_name is not None:
+            names += [lane_queue_name(settings, lane) for lane in LANES]
+    return list(dict.fromkeys(names))
 
 
-LANE_QUEUES: Callable[[str], dict[str, str]] = _one_queue
-
+LANES = ("high", "default", "low")
+ARQ_JOB_PREFIX = "arq:job:"
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
-_SCAN_LIMIT = 1000
+_SAMPLE = 1000
 
 
-async def queue_snapshot(redis: Redis, queue: str) -> tuple[int, int, float]:
-    """``(depth, running, oldest_wait_s)`` of one arq queue.
+async def lane_snapshot(redis: Redis, queues: list[str]) -> dict[str, LaneStats]:
+    """Waiting and running jobs and the oldest wait, per lane, from the jobs themselves.
 
-    Depth counts jobs queued or running (arq keeps a job in its queue until it
-    ends); running and the oldest wait look at the oldest 1,000 jobs only.
+    A job's lane and enqueue time come from its payload, so this is right whatever
+    score a lane's jobs are queued with. arq keeps a job in its queue until it ends,
+    so running jobs are told apart by arq's in-progress key. The oldest 1,000 jobs
+    of each queue are read; beyond that, jobs count as waiting in the lane ``?``.
     """
-    depth = int(await redis.zcard(queue))
-    if depth == 0:
-        return 0, 0, 0.0
-    oldest: list[tuple[Any, float]] = await redis.zrange(queue, 0, _SCAN_LIMIT - 1, withscores=True)
-    async with redis.pipeline(transaction=False) as pipe:
-        for member, _score in oldest:
-            job_id = member.decode() if isinstance(member, bytes) else str(member)
-            pipe.exists(ARQ_IN_PROGRESS_PREFIX + job_id)
-        flags = await pipe.execute()
+    out: dict[str, LaneStats] = {"default": LaneStats()}
     now_ms = time.time() * 1000
-    running = sum(1 for f in flags if f)
-    waits = [
-        (now_ms - score) / 1000
-        for (_m, score), busy in zip(oldest, flags, strict=True)
-        if not busy and score <= now_ms
-    ]
-    return depth, running, max(waits, default=0.0)
+    for queue in queues:
+        depth = int(await redis.zcard(queue))
+        if depth == 0:
+            continue
+        members: list[Any] = await redis.zrange(queue, 0, _SAMPLE - 1)
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        async with redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(ARQ_IN_PROGRESS_PREFIX + job_id)
+                pipe.get(ARQ_JOB_PREFIX + job_id)
+            found = await pipe.execute()
+        for i in range(len(ids)):
+            running, raw = found[2 * i], found[2 * i + 1]
+            lane, enqueued_ms = "default", now_ms
+            if raw:
+                try:
+                    job = deserialize(raw)
+                    payload = job["a"][0] if job.get("a") else {}
+                    lane = str(payload.get("lane", "default"))
+                    enqueued_ms = float(job.get("et", now_ms))
+                except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                    lane = "?"
+            stats = out.setdefault(lane, LaneStats())
+            if running:
+                stats.running += 1
+            else:
+                stats.waiting += 1
+                stats.oldest_wait_s = max(stats.oldest_wait_s, (now_ms - enqueued_ms) / 1000)
+        if depth > len(ids):
+            out.setdefault("?", LaneStats()).waiting += depth - len(ids)
+    return out
 
 
-def queue_refresher(redis: Redis, queue_name: str) -> Refresher:
+def queue_refresher(redis: Redis, settings: Settings) -> Refresher:
     """A refresher that sets the queue gauges of every lane from Redis."""
 
     async def refresh() -> None:
-        for lane, queue in lane_queues(queue_name).items():
-            depth, _running, oldest_s = await queue_snapshot(redis, queue)
-            QUEUE_DEPTH.labels(lane).set(depth)
-            QUEUE_OLDEST_WAIT.labels(lane).set(oldest_s)
+        lanes = await lane_snapshot(redis, queue_names(settings))
+        for lane in set(lanes) | {"default"}:
+            stats = lanes.get(lane, LaneStats())
+            QUEUE_DEPTH.labels(lane).set(stats.depth)
+            QUEUE_OLDEST_WAIT.labels(lane).set(stats.oldest_wait_s)
 
     return refresh
 

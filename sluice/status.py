@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from rich.table import Table
 
 from core.heartbeat import live
-from core.metrics import lane_queues, queue_snapshot
+from core.metrics import lane_snapshot, queue_names
 from core.redis import Keys
 from core.settings import Settings
 
@@ -29,18 +29,15 @@ NOT_AVAILABLE = "n/a"
 
 
 async def queue_probe(settings: Settings, redis: Redis) -> list[Row]:
-    """Depth (queued + running) and oldest wait of every lane's queue."""
-    rows: list[Row] = []
-    for lane, queue in lane_queues(settings.queue_name).items():
-        depth, running, oldest_s = await queue_snapshot(redis, queue)
-        waiting = depth - running
-        rows.append(
-            (
-                f"lane {lane}",
-                f"{waiting} waiting, {running} running, oldest waiting {oldest_s:.1f} s",
-            )
+    """Waiting and running jobs and the oldest wait, per lane."""
+    lanes = await lane_snapshot(redis, queue_names(settings))
+    return [
+        (
+            f"lane {lane}",
+            f"{st.waiting} waiting, {st.running} running, oldest waiting {st.oldest_wait_s:.1f} s",
         )
-    return rows
+        for lane, st in sorted(lanes.items())
+    ]
 
 
 def _alive_for(settings: Settings) -> float:

@@ -83,7 +83,7 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
         heartbeating(redis, keys, "worker", settings.health_check_interval_s)
     )
     for refresher in (
-        metrics.queue_refresher(redis, settings.queue_name),
+        metrics.queue_refresher(redis, settings),
         _history_refresher(redis, keys, settings),
     ):
         metrics.add_refresher(refresher)

@@ -36,8 +36,9 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
 ):
     queue = await connect_queue(settings)
     try:
-        for i in range(5):
+        for i in range(7):
             msg = IncomingMessage(
+                lane="low" if i >= 5 else "default",
                 platform="web",
                 tenant="web",
                 channel=f"c{i}",
@@ -53,6 +54,7 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
     before = await asyncio.to_thread(_json, settings)
     lane = dict(before["Queue"])["lane default"]
     assert lane.startswith("5 waiting, 0 running")
+    assert dict(before["Queue"])["lane low"].startswith("2 waiting, 0 running")
     assert float(lane.rsplit("oldest waiting ", 1)[1].split()[0]) >= 1.0
     assert dict(before["Workers"])["live workers"] == "0"
     assert before["LLM budget"][0][1].startswith("n/a")
@@ -67,6 +69,7 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
 
     after = await asyncio.to_thread(_json, settings)
     assert dict(after["Queue"])["lane default"].startswith("0 waiting, 0 running")
+    assert "lane low" not in dict(after["Queue"])
     assert dict(after["Workers"])["live workers"] == "1"
 
     screen = await asyncio.to_thread(_status, settings)
