@@ -17,7 +17,8 @@ sluice_queue_oldest_wait_seconds   gauge      lane            refreshed at scrap
 sluice_queue_wait_seconds          histogram  lane            reply job, when it starts
 sluice_job_seconds                 histogram  platform, kind  reply job, when it ends
 sluice_job_overhead_seconds        histogram  platform        reply job: queue wait + time
-                                                              outside the model call
+                                                              outside model calls (tool
+                                                              runs and delivery included)
 sluice_delivery_seconds            histogram  platform        time in responder calls
 sluice_delivery_errors_total       counter    platform        reply job / responders
 sluice_replies_total               counter    platform, kind  reply job (answer|notice|error)
@@ -30,8 +31,8 @@ sluice_llm_budget_waits_total      counter    -               traffic control (i
 sluice_cache_hits_total            counter    -               core.cache (issue 5)
 sluice_cache_misses_total          counter    -               core.cache (issue 5)
 sluice_rate_limit_notices_total    counter    scope           core.ratelimit (issue 5)
-sluice_history_backlog             gauge      -               history flush (issue 6)
-sluice_history_flush_lag_seconds   gauge      -               history flush (issue 6)
+sluice_history_backlog             gauge      -               workers, at scrape time, from
+sluice_history_flush_lag_seconds   gauge      -               core.history.backlog_status
 sluice_history_flush_seconds       histogram  -               history flush (issue 6)
 sluice_history_flushed_rows_total  counter    -               history flush (issue 6)
 sluice_db_transactions_total       counter    -               anything that commits to SQL
