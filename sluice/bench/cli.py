@@ -107,7 +107,7 @@ def bench(
 
     from core.settings import get_settings
     from sluice.bench import report
-    from sluice.bench.procs import raise_fd_limit, redis_server
+    from sluice.bench.procs import Proc, raise_fd_limit, redis_server
     from sluice.bench.run import run_bench, run_flush
 
     console = Console()
@@ -157,19 +157,26 @@ def bench(
             f"[bold]sluice bench {sc.name}[/]: {sc.total_messages:,} messages from "
             f"{sc.users:,} users over {sc.duration_s:.0f} s; redis: {desc}; workers: {workers}"
         )
-        result = asyncio.run(
-            run_bench(
-                sc,
-                workers=workers,
-                designs=designs or ("sluice", "naive"),
-                redis_url=redis_url,
-                redis_pid=redis_pid,
-                out_dir=out,
-                sluice_env=extra_env,
-                command=command,
-                console=console,
+        started: list[Proc] = []
+        try:
+            result = asyncio.run(
+                run_bench(
+                    sc,
+                    workers=workers,
+                    designs=designs or ("sluice", "naive"),
+                    redis_url=redis_url,
+                    redis_pid=redis_pid,
+                    out_dir=out,
+                    command=command,
+                    console=console,
+                    sluice_env=extra_env,
+                    started=started,
+                )
             )
-        )
+        finally:
+            # Normally stopped already; after Ctrl+C, whatever is left.
+            for proc in reversed(started):
+                proc.stop()
     console.print(report.table(result))
     json_path, html_path = report.write(result, out)
     console.print(f"wrote {json_path} and {html_path}")

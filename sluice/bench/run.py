@@ -14,6 +14,7 @@ from typing import Any
 
 import aiohttp
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -42,15 +43,19 @@ def base_env() -> dict[str, str]:
 class Run:
     """The processes of one design, stopped together."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, started: list[Proc] | None = None) -> None:
         self.log_dir = log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
         self.procs: list[Proc] = []
+        # Every process also goes to the caller's list, which stops whatever is left
+        # even when an interrupt cuts this run's own clean-up short.
+        self._started = started if started is not None else []
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
         """Start one process."""
         proc = Proc(name, args, env, self.log_dir)
         self.procs.append(proc)
+        self._started.append(proc)
         return proc
 
     def memory(self) -> dict[str, float | None]:
@@ -169,11 +174,12 @@ async def run_sluice(
     log_dir: Path,
     console: Console,
     sluice_env: dict[str, str] | None = None,
+    started: list[Proc] | None = None,
 ) -> dict[str, Any]:
     """The whole pipeline: web adapter, arq queue on Redis, worker processes, simulator."""
     run_id = uuid.uuid4().hex[:8]
     prefix = f"bench{run_id}"
-    run = Run(log_dir / "sluice")
+    run = Run(log_dir / "sluice", started)
     try:
         sim_url, _ = await _sim(run, sc)
         env = {
@@ -232,15 +238,20 @@ async def run_sluice(
         return summary
     finally:
         run.stop()
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(RedisError, OSError):
             await _drop_prefix(redis_url, prefix)
 
 
 async def run_naive(
-    sc: Scenario, schedule: list[Planned], *, log_dir: Path, console: Console
+    sc: Scenario,
+    schedule: list[Planned],
+    *,
+    log_dir: Path,
+    console: Console,
+    started: list[Proc] | None = None,
 ) -> dict[str, Any]:
     """The naive server: LLM in the handler, one commit per message, no cache, no limits."""
-    run = Run(log_dir / "naive")
+    run = Run(log_dir / "naive", started)
     try:
         sim_url, _ = await _sim(run, sc)
         port = free_port()
@@ -285,10 +296,11 @@ async def run_bench(
     command: str,
     console: Console,
     sluice_env: dict[str, str] | None = None,
+    started: list[Proc] | None = None,
 ) -> dict[str, Any]:
     """Both designs, one after the other, under the same schedule; the report dict."""
     schedule = plan(sc)
-    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     results: dict[str, Any] = {}
     log_dir = out_dir / "logs"
     for design in designs:
@@ -302,13 +314,16 @@ async def run_bench(
                 log_dir=log_dir,
                 console=console,
                 sluice_env=sluice_env,
+                started=started,
             )
         else:
-            results[design] = await run_naive(sc, schedule, log_dir=log_dir, console=console)
+            results[design] = await run_naive(
+                sc, schedule, log_dir=log_dir, console=console, started=started
+            )
     return {
         "scenario": sc.as_dict(),
         "command": command,
-        "started_at": started,
+        "started_at": started_at,
         "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
         "sluice_settings": sluice_env or {},
         "bench_process_peak_mb": own_peak_rss_mb(),
