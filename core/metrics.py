@@ -208,9 +208,25 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def metrics_routes(app: web.Application) -> None:
-    """Mount ``GET /metrics`` on an adapter's aiohttp app."""
+def metrics_routes(
+    app: web.Application, *, redis: Redis | None = None, settings: Settings | None = None
+) -> None:
+    """Mount ``GET /metrics`` on an adapter's aiohttp app.
+
+    With ``redis`` and ``settings`` the queue gauges are refreshed at each scrape too,
+    so the queue depth is known while no worker runs (an autoscaler starting from zero).
+    """
     app.router.add_get("/metrics", metrics_handler)
+    if redis is None or settings is None:
+        return
+    refresher = queue_refresher(redis, settings)
+
+    async def refreshing(app: web.Application) -> AsyncIterator[None]:
+        add_refresher(refresher)
+        yield
+        remove_refresher(refresher)
+
+    app.cleanup_ctx.append(refreshing)
 
 
 # --------------------------------------------------------------------------- queue gauges

@@ -207,7 +207,7 @@ def create_web_app(settings: Settings, redis: ArqRedis) -> web.Application:
     app.router.add_post("/api/messages", send_message)
     app.router.add_get("/api/events", events)
     app.router.add_get("/healthz", healthz)
-    metrics_routes(app)
+    metrics_routes(app, redis=redis, settings=settings)
     add_heartbeat(
         app, redis, Keys(settings.key_prefix), "adapter:web", settings.health_check_interval_s
     )

@@ -112,3 +112,16 @@ async def test_healthz_answers_503_when_redis_is_gone() -> None:
         await client.aclose()
         if server.is_running():
             server.stop()
+
+
+async def test_adapter_metrics_show_the_backlog_while_no_worker_runs(settings):
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as tab:
+            for i in range(3):
+                await tab.send(f"nobody answers this yet {i}")
+        await asyncio.sleep(0.3)
+        status, text = await _get(http, f"{base}/metrics")
+    assert status == 200
+    samples = parse_metrics([text])
+    assert metric_total(samples, "sluice_queue_depth", lane="default") == 3
+    assert metric_total(samples, "sluice_queue_oldest_wait_seconds", lane="default") >= 0.3
