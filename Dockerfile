@@ -28,8 +28,11 @@ RUN pip install --no-cache-dir . \
 USER 10001:10001
 
 # Bind to all interfaces inside the container; the host decides what is published.
+# Workers serve /metrics and /healthz on 9100 (adapters answer on their own port and
+# set SLUICE_HEALTH_URL to it).
 ENV SLUICE_WEB_HOST=0.0.0.0 \
     SLUICE_METRICS_HOST=0.0.0.0 \
+    SLUICE_METRICS_PORT=9100 \
     SLUICE_HEALTH_URL=http://127.0.0.1:9100/healthz
 EXPOSE 8080 3000 9100
 
