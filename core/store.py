@@ -16,7 +16,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypedDict
 
@@ -342,13 +342,19 @@ def dedupe(records: Iterable[Record]) -> list[Record]:
     return out
 
 
-async def insert_batch(engine: AsyncEngine, records: Sequence[Record]) -> int:
+async def insert_batch(
+    engine: AsyncEngine,
+    records: Sequence[Record],
+    *,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
+) -> int:
     """Insert ``records`` in ONE transaction, skipping those already stored.
 
     Postgres gets a single ``INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO
     NOTHING`` (17 array parameters, whatever the batch size); SQLite an
     ``executemany`` of ``INSERT ... ON CONFLICT DO NOTHING`` in one transaction.
-    Returns the number of rows actually inserted.
+    Returns the number of rows actually inserted. ``before_commit`` is awaited inside
+    the transaction, after the insert (the crash tests pause there).
     """
     rows = [_to_row(r) for r in dedupe(records)]
     if not rows:
@@ -358,13 +364,18 @@ async def insert_batch(engine: AsyncEngine, records: Sequence[Record]) -> int:
         async with engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection
-            status: str = await driver.execute(_PG_INSERT, *arrays)
+            async with driver.transaction():
+                status: str = await driver.execute(_PG_INSERT, *arrays)
+                if before_commit is not None:
+                    await before_commit()
         return int(status.rsplit(" ", 1)[-1])
     stmt = sqlite_insert(MessageRow.__table__).on_conflict_do_nothing(  # type: ignore[arg-type]
         index_elements=["platform", "tenant", "message_id"]
     )
     async with engine.begin() as conn:
         result = await conn.execute(stmt, rows)
+        if before_commit is not None:
+            await before_commit()
     return int(result.rowcount or 0)
 
 
