@@ -53,9 +53,10 @@ def worker(burst: bool) -> None:
     setup_logging(settings, process="worker")
     try:
         w = create_worker(settings, burst=burst)
+        w.run()
     except ConfigError as e:
+        # e.g. an older database schema: the message names `sluice db upgrade`.
         _fail(e)
-    w.run()
 
 
 @main.command()

@@ -71,6 +71,7 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         ctx.get("job_try"),
     )
     started = time.monotonic()
+    await _record_incoming(ctx, msg)
     await responder.begin()
     try:
         reply_, completion = await _answer(ctx, msg, responder)
@@ -142,6 +143,26 @@ async def _answer(
     return Reply(text=note + completion.text), completion
 
 
+def _user_turn(msg: IncomingMessage) -> Turn:
+    return Turn(
+        role="user",
+        text=msg.text,
+        message_id=msg.message_id,
+        ts=msg.ts,
+        user=msg.user,
+        lane=msg.lane,
+    )
+
+
+async def _record_incoming(ctx: dict[str, Any], msg: IncomingMessage) -> None:
+    """Record the accepted message for SQL now, before anything can fail."""
+    history: HotHistory = ctx["history"]
+    try:
+        await history.record(msg, [_user_turn(msg)])
+    except HistoryError:
+        logger.exception("could not record message=%s", msg.message_id)
+
+
 async def _remember(
     ctx: dict[str, Any],
     msg: IncomingMessage,
@@ -150,22 +171,14 @@ async def _remember(
     started: float,
 ) -> None:
     history: HotHistory = ctx["history"]
-    turns = [
-        Turn(
-            role="user",
-            text=msg.text,
-            message_id=msg.message_id,
-            ts=msg.ts,
-            user=msg.user,
-            lane=msg.lane,
-        ),
-    ]
+    turns = [_user_turn(msg)]
     if reply_.kind == "answer":
         turns.append(
             Turn(
                 role="assistant",
                 text=reply_.text,
                 message_id=f"{msg.message_id}:answer",
+                user=msg.user,
                 model=completion.model if completion else None,
                 tokens_in=completion.tokens_in if completion else 0,
                 tokens_out=completion.tokens_out if completion else 0,
@@ -176,6 +189,10 @@ async def _remember(
         )
     try:
         # History must be written even if the job is being cancelled at this point.
-        await asyncio.shield(history.append(msg.conversation_id, turns))
+        # The user's message went to the backlog when the job started; only the
+        # answer is recorded now (both join the hot window together, after the answer).
+        await asyncio.shield(
+            history.append(msg.conversation_id, turns, origin=msg, backlog=turns[1:])
+        )
     except HistoryError:
         logger.exception("could not store turns of message=%s", msg.message_id)

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
+from arq.cron import cron
 from arq.worker import Worker, func
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.bot import load_bot
 from core.history import HotHistory
@@ -30,7 +34,9 @@ from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
 from core.serializer import deserialize, serialize
 from core.settings import Settings
-from workers import jobs
+from core.store import ensure_schema, make_engine
+from workers import flush, jobs
+from workers.flush import Flusher
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +48,28 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         ctx["settings"] = settings
         ctx["bot"] = load_bot(settings.app)
         ctx["keys"] = Keys(settings.key_prefix)
+        ctx["db"] = make_engine(settings)
+        await _check_schema(settings, ctx["db"])
+        redis = ctx["redis"]
+
+        async def flush_soon() -> None:
+            # One early flush per second at most, whatever the number of workers.
+            await redis.enqueue_job(
+                "flush_history", _job_id=f"flush_history:soon:{int(time.time())}"
+            )
+
         ctx["history"] = HotHistory(
             ctx["redis"],
             ctx["keys"],
             max_turns=settings.history_max_turns,
             ttl_s=settings.history_ttl_s,
+            backlog_max=settings.history_backlog_max,
+            compress_min_bytes=settings.history_compress_min_bytes,
+            engine=ctx["db"] if settings.history_sql_fallback else None,
+            flush_threshold=settings.history_flush_threshold,
+            on_threshold=flush_soon,
         )
+        ctx["flusher"] = Flusher(ctx["redis"], settings, ctx["db"])
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
@@ -65,6 +87,31 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await factory.close()
     if "llm" in ctx:
         await ctx["llm"].close()
+    if "db" in ctx:
+        await ctx["db"].dispose()
+
+
+async def _check_schema(settings: Settings, engine: AsyncEngine) -> None:
+    """Create the schema on an empty database; stop on an older one (ConfigError).
+
+    A database that cannot be reached does not stop the worker: chat goes on and
+    the flush job checks again when it runs.
+    """
+    try:
+        await ensure_schema(settings, engine)
+    except (SQLAlchemyError, OSError) as e:
+        logger.warning("database unreachable at startup (%s); history stays in Redis "
+                       "until it is back", e)
+
+
+def _cron_times(interval_s: int) -> dict[str, Any]:
+    """arq ``cron`` arguments for "every ``interval_s`` seconds" (rounded to fit an hour)."""
+    if interval_s < 60:
+        step = max(d for d in range(1, interval_s + 1) if 60 % d == 0)
+        return {"second": set(range(0, 60, step))}
+    minutes = max(1, min(60, interval_s // 60))
+    step = max(d for d in range(1, minutes + 1) if 60 % d == 0)
+    return {"minute": set(range(0, 60, step)), "second": 0}
 
 
 def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> dict[str, Any]:
@@ -77,6 +124,24 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 timeout=settings.job_timeout_s,
                 max_tries=settings.job_max_tries,
             ),
+            func(
+                flush.flush_history,
+                name="flush_history",
+                timeout=settings.history_flush_max_s + 30,
+                max_tries=1,
+            ),
+        ],
+        "cron_jobs": [
+            cron(
+                flush.flush_history,
+                name="cron:flush_history",
+                timeout=settings.history_flush_max_s + 30,
+                max_tries=1,
+                run_at_startup=True,
+                **_cron_times(settings.history_flush_interval_s),
+            ),
+            cron(flush.apply_retention, name="cron:apply_retention", minute=17, second=0,
+                 timeout=3600, max_tries=1),
         ],
         "queue_name": settings.queue_name,
         "redis_settings": redis_settings(settings),
