@@ -123,3 +123,11 @@ def llm_sim(
         seed=seed,
     )
     sim_main(port, cfg, host=host)
+
+
+# History data management (workers/cli_history.py).
+from workers.cli_history import db, history, usage  # noqa: E402
+
+main.add_command(history)
+main.add_command(db)
+main.add_command(usage)
