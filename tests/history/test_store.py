@@ -1,0 +1,109 @@
+"""The SQL side: schema creation and upgrades, odd text round trips, retention."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from redis.asyncio import Redis
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from core.errors import ConfigError
+from core.settings import Settings
+from core.store import (
+    conversation_tail,
+    count_rows,
+    delete_older_than,
+    ensure_schema,
+    make_engine,
+    schema_status,
+)
+from tests.history.helpers import exchange, make_history, message
+from workers.flush import Flusher
+
+ODD_TEXTS = {
+    "nul": "before\x00after\x00\x00end",
+    "emoji": "🚀👩🏽‍💻🇫🇷 family: 👨‍👩‍👧‍👦",
+    "rtl": "\u202eRTL override\u202c and \u200fمرحبا بالعالم\u200e שלום",
+    "big": ("Ünïcödé lorem ipsum 🙂 " * 5000)[:100_000] + "\x00tail",
+    "json-looking": '"quoted \\u0000 not a nul"',
+    "zero-width": "a\u200bb\u200dc\ufeffd",
+}
+
+
+async def test_odd_text_is_stored_and_read_back_exactly(
+    hsettings: Settings, rds: Redis, engine: AsyncEngine
+) -> None:
+    history = make_history(rds, hsettings, engine=engine)
+    msgs = {name: message(i, text=text, channel="odd") for i, (name, text) in
+            enumerate(ODD_TEXTS.items())}
+    for m in msgs.values():
+        await history.append(m.conversation_id, exchange(m, answer=m.text + "!"), origin=m)
+    conv = next(iter(msgs.values())).conversation_id
+    # From Redis (the big ones compressed there) ...
+    hot = await history.hot(conv, 100)
+    assert [t.text for t in hot if t.role == "user"] == list(ODD_TEXTS.values())
+    # ... and from SQL after the flush.
+    result = await Flusher(rds, hsettings, engine).run(max_s=30)
+    assert result.error is None and result.inserted == 2 * len(ODD_TEXTS)
+    stored = await conversation_tail(engine, conv, 100)
+    assert [r["text"] for r in stored if r["role"] == "user"] == list(ODD_TEXTS.values())
+    assert [r["text"] for r in stored if r["role"] == "assistant"] == [
+        t + "!" for t in ODD_TEXTS.values()
+    ]
+    await rds.delete(history._keys.history(conv))
+    assert [t.text for t in await history.recent(conv, 100)] == [
+        x for t in ODD_TEXTS.values() for x in (t, t + "!")
+    ]
+
+
+async def test_empty_database_gets_the_schema_and_an_older_one_names_the_upgrade_command(
+    hsettings: Settings,
+) -> None:
+    engine = make_engine(hsettings)
+    try:
+        await ensure_schema(hsettings, engine)
+        rev, head, has_messages = await schema_status(engine)
+        assert rev == head and has_messages
+        # Pretend the database was made by an older Sluice.
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+        with pytest.raises(ConfigError, match="sluice db upgrade"):
+            await ensure_schema(hsettings, engine)
+    finally:
+        await engine.dispose()
+
+
+async def test_retention_deletes_only_messages_older_than_the_limit(
+    hsettings: Settings, rds: Redis, engine: AsyncEngine
+) -> None:
+    history = make_history(rds, hsettings)
+    now = time.time()
+    for i, age_days in enumerate([40, 31, 29, 1]):
+        m = message(i).model_copy(update={"ts": now - age_days * 86400})
+        await history.append(m.conversation_id, exchange(m), origin=m)
+    await Flusher(rds, hsettings, engine).run(max_s=10)
+    assert await delete_older_than(engine, 30) == 4
+    assert await count_rows(engine) == (4, 4)
+    assert [r["message_id"] for r in await conversation_tail(engine, "slack:T1:C1:-", 10)] == [
+        "m2", "m2:answer", "m3", "m3:answer",
+    ]
+
+
+async def test_db_upgrade_creates_the_schema_and_a_worker_refuses_an_older_one(
+    sqlite_settings: Settings,
+) -> None:
+    from tests.history.test_data_management import sluice
+
+    code, out, err = await sluice(sqlite_settings, "db", "upgrade")
+    assert code == 0, err
+    assert "revision 0001" in out
+    engine = make_engine(sqlite_settings)
+    try:
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+    finally:
+        await engine.dispose()
+    code, out, err = await sluice(sqlite_settings, "worker", "--burst")
+    assert code == 2
+    assert "sluice db upgrade" in err
