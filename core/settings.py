@@ -169,7 +169,7 @@ class Settings(BaseSettings):
         "from there; logged at ERROR)."
     )
     history_compress_min_bytes: int = Field(
-        1024, ge=0, description="Message bodies at least this long are zstd-compressed in "
+        256, ge=0, description="Message bodies at least this long are zstd-compressed in "
         "Redis (0 compresses everything)."
     )
     history_sql_fallback: bool = Field(
