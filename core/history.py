@@ -37,14 +37,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.errors import HistoryError
 from core.messages import IncomingMessage, Turn
 from core.redis import Keys
-from core.store import Record, conversation_tail
+from core.store import RECORD_FIELDS, Record, conversation_tail
 
 logger = logging.getLogger(__name__)
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _RAW = b"a"
 _ZSTD = b"A"
-RECORD_FIELDS: tuple[str, ...] = tuple(Record.__annotations__)
 _compressor = zstandard.ZstdCompressor(level=3)
 _decompressor = zstandard.ZstdDecompressor()
 
@@ -95,16 +94,24 @@ def pack_record(rec: Record, compress_min_bytes: int) -> bytes:
     return _RAW + raw
 
 
-def unpack_record(blob: bytes) -> Record:
-    """Parse what :func:`pack_record` wrote."""
+def unpack_values(blob: bytes) -> list[Any]:
+    """The values (in :data:`RECORD_FIELDS` order) of a :func:`pack_record` entry."""
     if blob[:1] == _ZSTD:
         blob = _RAW + _decompressor.decompress(blob[1:])
     if blob[:1] != _RAW:
         raise HistoryError(f"unknown backlog entry format {blob[:1]!r}")
-    values = msgpack.unpackb(blob[1:], raw=False)
+    try:
+        values = msgpack.unpackb(blob[1:], raw=False)
+    except (ValueError, msgpack.UnpackException) as e:
+        raise HistoryError(f"malformed backlog entry: {e}") from e
     if not isinstance(values, list) or len(values) != len(RECORD_FIELDS):
         raise HistoryError("malformed backlog entry")
-    rec: Record = dict(zip(RECORD_FIELDS, values, strict=True))  # type: ignore[assignment]
+    return values
+
+
+def unpack_record(blob: bytes) -> Record:
+    """Parse what :func:`pack_record` wrote."""
+    rec: Record = dict(zip(RECORD_FIELDS, unpack_values(blob), strict=True))  # type: ignore[assignment]
     return rec
 
 

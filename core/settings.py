@@ -153,6 +153,10 @@ class Settings(BaseSettings):
     history_flush_batch: int = Field(
         2000, ge=1, le=50_000, description="Messages per SQL transaction in a flush."
     )
+    history_flush_concurrency: int = Field(
+        4, ge=1, le=16, description="Batches written at once, each in its own transaction "
+        "(Postgres only; SQLite has a single writer)."
+    )
     history_flush_max_s: float = Field(
         30.0, gt=0, description="Longest time one flush run keeps going before it yields."
     )

@@ -20,12 +20,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from pathlib import Path
 from typing import Any, TypedDict
 
+import asyncpg
 from sqlalchemy import Index, UniqueConstraint, case, delete, event, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
 from core.errors import ConfigError, HistoryError
@@ -101,6 +102,13 @@ class Record(TypedDict):
     latency_ms: int
     lane: str
     cached: bool
+
+
+RECORD_FIELDS: tuple[str, ...] = (
+    "message_id", "platform", "tenant", "channel", "thread", "conversation_id", "user",
+    "role", "text", "ts", "model", "tokens_in", "tokens_out", "latency_ms", "lane", "cached",
+)
+"""The order of a record's values in the backlog and in :func:`insert_values`."""
 
 
 def record_key(rec: Record | dict[str, Any]) -> tuple[str, str, str]:
@@ -330,6 +338,29 @@ _PG_INSERT = (
 )
 
 
+RecordValues = Sequence[Any]
+"""A record as a sequence of values in :data:`RECORD_FIELDS` order (the backlog's form)."""
+
+_TEXT_AT = RECORD_FIELDS.index("text")
+_KEY_AT = (RECORD_FIELDS.index("platform"), RECORD_FIELDS.index("tenant"),
+           RECORD_FIELDS.index("message_id"))
+_SQLITE_INSERT = (
+    "INSERT INTO messages ({cols}) VALUES ({qs}) "
+    "ON CONFLICT (platform, tenant, message_id) DO NOTHING"
+).format(cols=", ".join(f'"{c}"' for c in COLUMNS), qs=", ".join("?" for _ in COLUMNS))
+
+
+def record_values(rec: Record) -> list[Any]:
+    """A :class:`Record` as values in :data:`RECORD_FIELDS` order, normalised."""
+    values: list[Any] = [rec.get(f) for f in RECORD_FIELDS]  # type: ignore[misc]
+    for f in ("tokens_in", "tokens_out", "latency_ms"):
+        values[RECORD_FIELDS.index(f)] = int(rec.get(f) or 0)  # type: ignore[misc]
+    values[RECORD_FIELDS.index("cached")] = bool(rec.get("cached"))
+    values[RECORD_FIELDS.index("lane")] = rec.get("lane") or "default"
+    values[RECORD_FIELDS.index("ts")] = float(rec["ts"])
+    return values
+
+
 def dedupe(records: Iterable[Record]) -> list[Record]:
     """Records with repeated identities dropped (the first one kept)."""
     seen: set[tuple[str, str, str]] = set()
@@ -342,6 +373,27 @@ def dedupe(records: Iterable[Record]) -> list[Record]:
     return out
 
 
+def _columns(rows: Sequence[RecordValues]) -> list[list[Any]]:
+    """Rows (deduplicated) turned into one list per column of :data:`COLUMNS`."""
+    seen: set[tuple[Any, ...]] = set()
+    unique = []
+    for row in rows:
+        key = (row[_KEY_AT[0]], row[_KEY_AT[1]], row[_KEY_AT[2]])
+        if key not in seen:
+            seen.add(key)
+            unique.append(row)
+    cols = [list(c) for c in zip(*unique, strict=True)]
+    if not cols:
+        return []
+    texts = cols[_TEXT_AT]
+    encodings: list[str | None] = [None] * len(texts)
+    for i, text in enumerate(texts):
+        if "\x00" in text:  # rare: Postgres TEXT cannot hold NUL
+            texts[i], encodings[i] = encode_text(text)
+    cols.insert(_TEXT_AT + 1, encodings)
+    return cols
+
+
 async def insert_batch(
     engine: AsyncEngine,
     records: Sequence[Record],
@@ -350,30 +402,45 @@ async def insert_batch(
 ) -> int:
     """Insert ``records`` in ONE transaction, skipping those already stored.
 
+    See :func:`insert_values`; returns the number of rows actually inserted.
+    """
+    return await insert_values(
+        engine, [record_values(r) for r in records], before_commit=before_commit
+    )
+
+
+async def insert_values(
+    engine: AsyncEngine,
+    rows: Sequence[RecordValues],
+    *,
+    before_commit: Callable[[], Awaitable[None]] | None = None,
+) -> int:
+    """Insert rows (values in :data:`RECORD_FIELDS` order) in ONE transaction.
+
     Postgres gets a single ``INSERT ... SELECT FROM unnest(arrays) ON CONFLICT DO
     NOTHING`` (17 array parameters, whatever the batch size); SQLite an
     ``executemany`` of ``INSERT ... ON CONFLICT DO NOTHING`` in one transaction.
     Returns the number of rows actually inserted. ``before_commit`` is awaited inside
     the transaction, after the insert (the crash tests pause there).
     """
-    rows = [_to_row(r) for r in dedupe(records)]
-    if not rows:
+    cols = _columns(rows)
+    if not cols:
         return 0
     if is_postgres(engine):
-        arrays = [[row[c] for row in rows] for c in COLUMNS]
         async with engine.connect() as conn:
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection
-            async with driver.transaction():
-                status: str = await driver.execute(_PG_INSERT, *arrays)
-                if before_commit is not None:
-                    await before_commit()
+            try:
+                async with driver.transaction():
+                    status: str = await driver.execute(_PG_INSERT, *cols)
+                    if before_commit is not None:
+                        await before_commit()
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:
+                raise HistoryError(f"inserting {len(cols[0])} messages failed: {e}") from e
         return int(status.rsplit(" ", 1)[-1])
-    stmt = sqlite_insert(MessageRow.__table__).on_conflict_do_nothing(  # type: ignore[arg-type]
-        index_elements=["platform", "tenant", "message_id"]
-    )
+    tuples = list(zip(*cols, strict=True))
     async with engine.begin() as conn:
-        result = await conn.execute(stmt, rows)
+        result = await conn.exec_driver_sql(_SQLITE_INSERT, tuples)
         if before_commit is not None:
             await before_commit()
     return int(result.rowcount or 0)

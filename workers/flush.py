@@ -38,10 +38,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.errors import ConfigError, HistoryError
-from core.history import make_record, unpack_record, unpack_turn
+from core.history import make_record, unpack_turn, unpack_values
 from core.redis import Keys
 from core.settings import Settings
-from core.store import Record, ensure_schema, insert_batch
+from core.store import ensure_schema, insert_batch, insert_values, is_postgres
 
 logger = logging.getLogger(__name__)
 
@@ -132,18 +132,37 @@ class Flusher:
             await ensure_schema(self.settings, self.engine)
             self._schema_ok = True
         await self._ensure_group()
-        pending = True
-        while not lost.is_set() and time.monotonic() - started < budget:
-            entries = await self._claim(pending)
-            if not entries and pending:
-                pending = False
-                continue
-            if not entries:
-                break
-            n = await self._write(entries, result.batches + 1)
-            result.read += len(entries)
-            result.inserted += n
-            result.batches += 1
+        # Up to `concurrency` batches are written at once, each in its own transaction
+        # and acknowledged after its own commit (Postgres; SQLite has a single writer).
+        concurrency = 1 if not is_postgres(self.engine) else self.settings.history_flush_concurrency
+        in_flight: set[asyncio.Task[int]] = set()
+        after: str | None = "0"  # pending entries first (left by a dead flusher), then new
+        try:
+            while not lost.is_set() and time.monotonic() - started < budget:
+                entries = await self._claim(after or ">")
+                if not entries and after is not None:
+                    after = None
+                    continue
+                if not entries:
+                    break
+                if after is not None:
+                    after = _str(entries[-1][0])
+                result.read += len(entries)
+                result.batches += 1
+                in_flight.add(asyncio.create_task(self._write(entries, result.batches)))
+                if len(in_flight) >= concurrency:
+                    done, in_flight = await asyncio.wait(
+                        in_flight, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    result.inserted += sum(t.result() for t in done)
+            if in_flight:
+                done, in_flight = await asyncio.wait(in_flight)
+                result.inserted += sum(t.result() for t in done)
+        finally:
+            for t in in_flight:
+                t.cancel()
+            if in_flight:
+                await asyncio.wait(in_flight)
         if not lost.is_set() and time.monotonic() - started < budget:
             result.recovered = await self._recover_overflow(started, budget)
         await self.redis.hset(self.keys.history_stats(), mapping={
@@ -161,9 +180,10 @@ class Flusher:
             if "BUSYGROUP" not in str(e):
                 raise
 
-    async def _claim(self, pending: bool) -> list[tuple[bytes, bytes | None]]:
+    async def _claim(self, after: str) -> list[tuple[bytes, bytes | None]]:
+        """Claim a batch: ``after='>'`` new entries, else pending ones after that id."""
         resp: Any = await self.redis.xreadgroup(
-            GROUP, CONSUMER, {self.keys.history_backlog(): "0" if pending else ">"},
+            GROUP, CONSUMER, {self.keys.history_backlog(): after},
             count=self.settings.history_flush_batch,
         )
         if not resp:
@@ -177,19 +197,19 @@ class Flusher:
         return entries
 
     async def _write(self, entries: list[tuple[bytes, bytes | None]], batch_no: int) -> int:
-        records: list[Record] = []
+        records: list[list[Any]] = []
         for entry_id, blob in entries:
             if blob is None:
                 continue  # deleted from the stream while pending (a purge): just ack it
             try:
-                records.append(unpack_record(blob))
+                records.append(unpack_values(blob))
             except (HistoryError, ValueError) as e:
                 # Never dropped silently: parked for an operator, and said so.
                 logger.error("unreadable backlog entry %r parked in %s: %s",
                              entry_id, self.keys.history_backlog() + ":bad", e)
                 await self.redis.rpush(self.keys.history_backlog() + ":bad", blob)
         await self._pause_at("after_read", batch_no)
-        inserted = await insert_batch(
+        inserted = await insert_values(
             self.engine, records, before_commit=lambda: self._pause_at("before_commit", batch_no)
         )
         await self._pause_at("after_commit", batch_no)
@@ -257,6 +277,10 @@ class Flusher:
             print(f"PAUSED {point} {batch_no}", flush=True)
             while True:
                 await asyncio.sleep(3600)
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _parse_pause(value: str | None) -> tuple[str, int] | None:

@@ -107,3 +107,10 @@ async def test_db_upgrade_creates_the_schema_and_a_worker_refuses_an_older_one(
     code, out, err = await sluice(sqlite_settings, "worker", "--burst")
     assert code == 2
     assert "sluice db upgrade" in err
+
+
+def test_record_fields_match_the_record_type_and_the_table_columns() -> None:
+    from core.store import COLUMNS, RECORD_FIELDS, Record
+
+    assert tuple(Record.__annotations__) == RECORD_FIELDS
+    assert (*RECORD_FIELDS[:9], "text_encoding", *RECORD_FIELDS[9:]) == COLUMNS

@@ -41,6 +41,13 @@ def upgrade() -> None:
         sa.Column("cached", sa.Boolean(), nullable=False, server_default=sa.false()),
         sa.UniqueConstraint("platform", "tenant", "message_id", name="uq_messages_message_id"),
     )
+    if op.get_bind().dialect.name == "postgresql":
+        # lz4 TOASTs long texts faster than the default pglz (Postgres 14+ built with
+        # lz4); older or other builds keep pglz.
+        op.execute(
+            "DO $$ BEGIN ALTER TABLE messages ALTER COLUMN text SET COMPRESSION lz4; "
+            "EXCEPTION WHEN others THEN NULL; END $$"
+        )
     op.create_index("ix_messages_conversation_ts", "messages", ["conversation_id", "ts"])
     op.create_index("ix_messages_tenant_user_ts", "messages", ["tenant", "user", "ts"])
     op.create_index("ix_messages_ts", "messages", ["ts"])
