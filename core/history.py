@@ -142,23 +142,36 @@ def split_conversation_id(conversation_id: str) -> tuple[str, str, str, str | No
     return platform, tenant, channel, (None if thread == "-" else thread)
 
 
-def make_record(
-    turn: Turn, conversation_id: str, origin: IncomingMessage | None = None
-) -> Record:
+def make_record(turn: Turn, conversation_id: str, origin: IncomingMessage | None = None) -> Record:
     """The SQL record of a turn; where it happened comes from ``origin`` or the id."""
+    user: str | None
     if origin is not None:
         platform, tenant, channel, thread = (
-            origin.platform, origin.tenant, origin.channel, origin.thread
+            origin.platform,
+            origin.tenant,
+            origin.channel,
+            origin.thread,
         )
         user = turn.user if turn.user is not None else origin.user
     else:
         platform, tenant, channel, thread = split_conversation_id(conversation_id)
         user = turn.user
     return Record(
-        message_id=turn.message_id, platform=platform, tenant=tenant, channel=channel,
-        thread=thread, conversation_id=conversation_id, user=user, role=turn.role,
-        text=turn.text, ts=turn.ts, model=turn.model, tokens_in=turn.tokens_in,
-        tokens_out=turn.tokens_out, latency_ms=turn.latency_ms, lane=turn.lane,
+        message_id=turn.message_id,
+        platform=platform,
+        tenant=tenant,
+        channel=channel,
+        thread=thread,
+        conversation_id=conversation_id,
+        user=user,
+        role=turn.role,
+        text=turn.text,
+        ts=turn.ts,
+        model=turn.model,
+        tokens_in=turn.tokens_in,
+        tokens_out=turn.tokens_out,
+        latency_ms=turn.latency_ms,
+        lane=turn.lane,
         cached=turn.cached,
     )
 
@@ -166,9 +179,16 @@ def make_record(
 def record_to_turn(rec: Record) -> Turn:
     """The hot-window turn of a stored record."""
     return Turn(
-        role=rec["role"], text=rec["text"], message_id=rec["message_id"],  # type: ignore[arg-type]
-        ts=rec["ts"], user=rec["user"], model=rec["model"], tokens_in=rec["tokens_in"],
-        tokens_out=rec["tokens_out"], latency_ms=rec["latency_ms"], lane=rec["lane"],
+        role=rec["role"],
+        text=rec["text"],
+        message_id=rec["message_id"],
+        ts=rec["ts"],
+        user=rec["user"],
+        model=rec["model"],
+        tokens_in=rec["tokens_in"],
+        tokens_out=rec["tokens_out"],
+        latency_ms=rec["latency_ms"],
+        lane=rec["lane"],
         cached=rec["cached"],
     )
 
@@ -256,10 +276,21 @@ class HotHistory:
         keys = self._keys
         try:
             length, added = await self._append(
-                keys=[keys.history(conversation_id), keys.history_backlog(),
-                      keys.history_overflow(), keys.history_stats()],
-                args=[self.max_turns, self.ttl_s, self.backlog_max, conversation_id,
-                      len(window), *window, *entries],
+                keys=[
+                    keys.history(conversation_id),
+                    keys.history_backlog(),
+                    keys.history_overflow(),
+                    keys.history_stats(),
+                ],
+                args=[
+                    self.max_turns,
+                    self.ttl_s,
+                    self.backlog_max,
+                    conversation_id,
+                    len(window),
+                    *window,
+                    *entries,
+                ],
             )
         except RedisError as e:
             raise HistoryError(f"cannot append to history of {conversation_id}: {e}") from e
@@ -284,7 +315,9 @@ class HotHistory:
                 "history backlog is full (%d of %d entries; is the database down?): "
                 "%d messages in the last minute were kept only in their hot window; "
                 "the flush stores them from there once the backlog drains",
-                length, self.backlog_max, self._overflowed_since_log,
+                length,
+                self.backlog_max,
+                self._overflowed_since_log,
             )
             self._last_overflow_log = now
             self._overflowed_since_log = 0
@@ -310,9 +343,7 @@ class HotHistory:
         if turns or n <= 0 or self.engine is None:
             return turns
         try:
-            records = await conversation_tail(
-                self.engine, conversation_id, max(n, self.max_turns)
-            )
+            records = await conversation_tail(self.engine, conversation_id, max(n, self.max_turns))
         except (SQLAlchemyError, OSError) as e:
             logger.warning("no SQL history for %s: %s", conversation_id, e)
             return []
@@ -322,8 +353,11 @@ class HotHistory:
         try:
             await self._warm(
                 keys=[self._keys.history(conversation_id)],
-                args=[self.max_turns, self.ttl_s,
-                      *[pack_turn(t, self.compress_min_bytes) for t in turns]],
+                args=[
+                    self.max_turns,
+                    self.ttl_s,
+                    *[pack_turn(t, self.compress_min_bytes) for t in turns],
+                ],
             )
         except RedisError as e:
             logger.warning("could not warm the hot window of %s: %s", conversation_id, e)
@@ -382,8 +416,10 @@ async def backlog_status(redis: Redis, keys: Keys, backlog_max: int) -> BacklogS
             pending = int(info["pending"])
         except RedisError:
             pending = 0  # no consumer group yet: nothing was ever claimed
-    st = {(k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-          for k, v in stats.items()}
+    st = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+        for k, v in stats.items()
+    }
     return BacklogStatus(
         length=int(length),
         oldest_age_s=await backlog_oldest_age_s(redis, keys),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import asyncpg
-from sqlalchemy import Index, UniqueConstraint, case, delete, event, func, select
+from sqlalchemy import Index, Table, UniqueConstraint, case, delete, event, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
@@ -76,10 +76,26 @@ class MessageRow(SQLModel, table=True):
     cached: bool = False
 
 
+_table: Table = MessageRow.__table__  # type: ignore[attr-defined]
+
 COLUMNS: tuple[str, ...] = (
-    "message_id", "platform", "tenant", "channel", "thread", "conversation_id", "user",
-    "role", "text", "text_encoding", "ts", "model", "tokens_in", "tokens_out",
-    "latency_ms", "lane", "cached",
+    "message_id",
+    "platform",
+    "tenant",
+    "channel",
+    "thread",
+    "conversation_id",
+    "user",
+    "role",
+    "text",
+    "text_encoding",
+    "ts",
+    "model",
+    "tokens_in",
+    "tokens_out",
+    "latency_ms",
+    "lane",
+    "cached",
 )
 
 
@@ -105,8 +121,22 @@ class Record(TypedDict):
 
 
 RECORD_FIELDS: tuple[str, ...] = (
-    "message_id", "platform", "tenant", "channel", "thread", "conversation_id", "user",
-    "role", "text", "ts", "model", "tokens_in", "tokens_out", "latency_ms", "lane", "cached",
+    "message_id",
+    "platform",
+    "tenant",
+    "channel",
+    "thread",
+    "conversation_id",
+    "user",
+    "role",
+    "text",
+    "ts",
+    "model",
+    "tokens_in",
+    "tokens_out",
+    "latency_ms",
+    "lane",
+    "cached",
 )
 """The order of a record's values in the backlog and in :func:`insert_values`."""
 
@@ -137,7 +167,7 @@ def decode_text(stored: str, encoding: str | None) -> str:
 
 def _to_row(rec: Record) -> dict[str, Any]:
     text, enc = encode_text(rec["text"])
-    row: dict[str, Any] = {c: rec.get(c) for c in COLUMNS}  # type: ignore[misc]
+    row: dict[str, Any] = {c: rec.get(c) for c in COLUMNS}
     row["text"] = text
     row["text_encoding"] = enc
     row["tokens_in"] = int(rec.get("tokens_in") or 0)
@@ -153,11 +183,21 @@ def row_to_record(row: Any) -> Record:
     """A :class:`Record` from a selected ``messages`` row (text decoded)."""
     m = row._mapping
     return Record(
-        message_id=m["message_id"], platform=m["platform"], tenant=m["tenant"],
-        channel=m["channel"], thread=m["thread"], conversation_id=m["conversation_id"],
-        user=m["user"], role=m["role"], text=decode_text(m["text"], m["text_encoding"]),
-        ts=float(m["ts"]), model=m["model"], tokens_in=int(m["tokens_in"]),
-        tokens_out=int(m["tokens_out"]), latency_ms=int(m["latency_ms"]), lane=m["lane"],
+        message_id=m["message_id"],
+        platform=m["platform"],
+        tenant=m["tenant"],
+        channel=m["channel"],
+        thread=m["thread"],
+        conversation_id=m["conversation_id"],
+        user=m["user"],
+        role=m["role"],
+        text=decode_text(m["text"], m["text_encoding"]),
+        ts=float(m["ts"]),
+        model=m["model"],
+        tokens_in=int(m["tokens_in"]),
+        tokens_out=int(m["tokens_out"]),
+        latency_ms=int(m["latency_ms"]),
+        lane=m["lane"],
         cached=bool(m["cached"]),
     )
 
@@ -199,9 +239,7 @@ def make_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
         if settings.db_schema:
             _check_schema_name(settings.db_schema)
             connect_args["server_settings"] = {"search_path": settings.db_schema}
-    engine = create_async_engine(
-        url, connect_args=connect_args, pool_pre_ping=True, **kwargs
-    )
+    engine = create_async_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
     if url.startswith("sqlite"):
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
@@ -323,10 +361,22 @@ async def ensure_schema(settings: Settings, engine: AsyncEngine | None = None) -
 # --- Writes and reads -------------------------------------------------------------------
 
 _PG_TYPES: dict[str, str] = {
-    "message_id": "text", "platform": "text", "tenant": "text", "channel": "text",
-    "thread": "text", "conversation_id": "text", "user": "text", "role": "text",
-    "text": "text", "text_encoding": "text", "ts": "float8", "model": "text",
-    "tokens_in": "int4", "tokens_out": "int4", "latency_ms": "int4", "lane": "text",
+    "message_id": "text",
+    "platform": "text",
+    "tenant": "text",
+    "channel": "text",
+    "thread": "text",
+    "conversation_id": "text",
+    "user": "text",
+    "role": "text",
+    "text": "text",
+    "text_encoding": "text",
+    "ts": "float8",
+    "model": "text",
+    "tokens_in": "int4",
+    "tokens_out": "int4",
+    "latency_ms": "int4",
+    "lane": "text",
     "cached": "bool",
 }
 _PG_INSERT = (
@@ -342,8 +392,11 @@ RecordValues = Sequence[Any]
 """A record as a sequence of values in :data:`RECORD_FIELDS` order (the backlog's form)."""
 
 _TEXT_AT = RECORD_FIELDS.index("text")
-_KEY_AT = (RECORD_FIELDS.index("platform"), RECORD_FIELDS.index("tenant"),
-           RECORD_FIELDS.index("message_id"))
+_KEY_AT = (
+    RECORD_FIELDS.index("platform"),
+    RECORD_FIELDS.index("tenant"),
+    RECORD_FIELDS.index("message_id"),
+)
 _SQLITE_INSERT = (
     "INSERT INTO messages ({cols}) VALUES ({qs}) "
     "ON CONFLICT (platform, tenant, message_id) DO NOTHING"
@@ -352,9 +405,9 @@ _SQLITE_INSERT = (
 
 def record_values(rec: Record) -> list[Any]:
     """A :class:`Record` as values in :data:`RECORD_FIELDS` order, normalised."""
-    values: list[Any] = [rec.get(f) for f in RECORD_FIELDS]  # type: ignore[misc]
+    values: list[Any] = [rec.get(f) for f in RECORD_FIELDS]
     for f in ("tokens_in", "tokens_out", "latency_ms"):
-        values[RECORD_FIELDS.index(f)] = int(rec.get(f) or 0)  # type: ignore[misc]
+        values[RECORD_FIELDS.index(f)] = int(rec.get(f) or 0)  # type: ignore[call-overload]
     values[RECORD_FIELDS.index("cached")] = bool(rec.get("cached"))
     values[RECORD_FIELDS.index("lane")] = rec.get("lane") or "default"
     values[RECORD_FIELDS.index("ts")] = float(rec["ts"])
@@ -450,25 +503,24 @@ async def insert_one_naive(engine: AsyncEngine, record: Record) -> None:
     """One message, one transaction: the naive design, for the benchmark only."""
     row = _to_row(record)
     if is_postgres(engine):
-        stmt: Any = pg_insert(MessageRow.__table__).values(**row)  # type: ignore[arg-type]
+        stmt: Any = pg_insert(_table).values(**row)
     else:
-        stmt = sqlite_insert(MessageRow.__table__).values(**row)  # type: ignore[arg-type]
+        stmt = sqlite_insert(_table).values(**row)
     stmt = stmt.on_conflict_do_nothing(index_elements=["platform", "tenant", "message_id"])
     async with engine.begin() as conn:
         await conn.execute(stmt)
 
 
-_table = MessageRow.__table__
-_c: Any = _table.c  # type: ignore[attr-defined]
+_c: Any = _table.c
 
 
-async def conversation_tail(
-    engine: AsyncEngine, conversation_id: str, n: int
-) -> list[Record]:
+async def conversation_tail(engine: AsyncEngine, conversation_id: str, n: int) -> list[Record]:
     """The last ``n`` stored messages of a conversation, oldest first."""
     stmt = (
-        select(_table).where(_c.conversation_id == conversation_id)
-        .order_by(_c.ts.desc(), _c.id.desc()).limit(n)
+        select(_table)
+        .where(_c.conversation_id == conversation_id)
+        .order_by(_c.ts.desc(), _c.id.desc())
+        .limit(n)
     )
     async with engine.connect() as conn:
         result = await conn.execute(stmt)
@@ -488,15 +540,17 @@ def _who(user: str | None, tenant: str | None) -> Any:
 
 
 async def iter_records(
-    engine: AsyncEngine, *, user: str | None = None, tenant: str | None = None,
+    engine: AsyncEngine,
+    *,
+    user: str | None = None,
+    tenant: str | None = None,
     chunk: int = 1000,
 ) -> AsyncIterator[Record]:
     """Every stored message of a user and/or tenant, oldest first (keyset-paged)."""
     last_id = 0
     while True:
         stmt = (
-            select(_table).where(_who(user, tenant), _c.id > last_id)
-            .order_by(_c.id).limit(chunk)
+            select(_table).where(_who(user, tenant), _c.id > last_id).order_by(_c.id).limit(chunk)
         )
         async with engine.connect() as conn:
             rows = (await conn.execute(stmt)).fetchall()
@@ -541,11 +595,13 @@ async def count_rows(engine: AsyncEngine) -> tuple[int, int]:
     """``(rows, distinct identities)`` in ``messages``: equal unless something is twice."""
     async with engine.connect() as conn:
         rows = (await conn.execute(select(func.count()).select_from(_table))).scalar_one()
-        distinct = (await conn.execute(
-            select(func.count()).select_from(
-                select(_c.platform, _c.tenant, _c.message_id).distinct().subquery()
+        distinct = (
+            await conn.execute(
+                select(func.count()).select_from(
+                    select(_c.platform, _c.tenant, _c.message_id).distinct().subquery()
+                )
             )
-        )).scalar_one()
+        ).scalar_one()
     return int(rows), int(distinct)
 
 
@@ -562,7 +618,10 @@ class UsageRow(TypedDict):
 
 
 async def usage(
-    engine: AsyncEngine, *, days: int = 7, tenant: str | None = None,
+    engine: AsyncEngine,
+    *,
+    days: int = 7,
+    tenant: str | None = None,
     user: str | None = None,
 ) -> list[UsageRow]:
     """Tokens and messages per user and tenant per UTC day, newest day first."""
@@ -577,7 +636,9 @@ async def usage(
         conds.append(_c.user == user)
     stmt = (
         select(
-            day.label("day"), _c.tenant, _c.user,
+            day.label("day"),
+            _c.tenant,
+            _c.user,
             func.sum(case((_c.role == "user", 1), else_=0)).label("messages"),
             func.sum(case((_c.role == "assistant", 1), else_=0)).label("answers"),
             func.sum(_c.tokens_in).label("tokens_in"),
@@ -590,9 +651,14 @@ async def usage(
     async with engine.connect() as conn:
         rows = (await conn.execute(stmt)).all()
     return [
-        UsageRow(day=str(r.day), tenant=r.tenant, user=r.user, messages=int(r.messages or 0),
-                 answers=int(r.answers or 0), tokens_in=int(r.tokens_in or 0),
-                 tokens_out=int(r.tokens_out or 0))
+        UsageRow(
+            day=str(r.day),
+            tenant=r.tenant,
+            user=r.user,
+            messages=int(r.messages or 0),
+            answers=int(r.answers or 0),
+            tokens_in=int(r.tokens_in or 0),
+            tokens_out=int(r.tokens_out or 0),
+        )
         for r in rows
     ]
-

@@ -38,8 +38,13 @@ def history() -> None:
 @history.command("export")
 @click.option("--user", default=None, help="User id (in every tenant unless --tenant is given).")
 @click.option("--tenant", default=None, help="Tenant id (Slack team, Discord guild, `web`).")
-@click.option("--output", "-o", type=click.File("w", encoding="utf-8"), default="-",
-              help="File to write (default stdout).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.File("w", encoding="utf-8"),
+    default="-",
+    help="File to write (default stdout).",
+)
 def export_cmd(user: str | None, tenant: str | None, output: Any) -> None:
     """Everything stored about a user or tenant, as JSON lines (SQL, backlog, hot windows)."""
     _who(user, tenant)
@@ -75,8 +80,9 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
     cannot be attributed to one user).
     """
     _who(user, tenant)
-    who = " in ".join(x for x in (f"user {user}" if user else "",
-                                    f"tenant {tenant}" if tenant else "") if x)
+    who = " in ".join(
+        x for x in (f"user {user}" if user else "", f"tenant {tenant}" if tenant else "") if x
+    )
     if not yes:
         click.confirm(f"Delete every stored message of {who}?", abort=True)
     from workers.history_admin import open_clients, purge
@@ -164,6 +170,13 @@ def usage(days: int, tenant: str | None, user: str | None, as_json: bool) -> Non
     for col in ("day", "tenant", "user", "messages", "answers", "tokens in", "tokens out"):
         table.add_column(col, justify="right" if col[0] in "amt" and col != "tenant" else "left")
     for r in rows:
-        table.add_row(r["day"], r["tenant"], r["user"] or "-", f"{r['messages']:,}",
-                      f"{r['answers']:,}", f"{r['tokens_in']:,}", f"{r['tokens_out']:,}")
+        table.add_row(
+            r["day"],
+            r["tenant"],
+            r["user"] or "-",
+            f"{r['messages']:,}",
+            f"{r['answers']:,}",
+            f"{r['tokens_in']:,}",
+            f"{r['tokens_out']:,}",
+        )
     Console().print(table)

@@ -79,8 +79,10 @@ class FlushResult:
     def __str__(self) -> str:
         if self.skipped:
             return f"skipped ({self.skipped})"
-        s = (f"read={self.read} inserted={self.inserted} batches={self.batches} "
-             f"recovered={self.recovered} in {self.seconds:.2f}s")
+        s = (
+            f"read={self.read} inserted={self.inserted} batches={self.batches} "
+            f"recovered={self.recovered} in {self.seconds:.2f}s"
+        )
         return f"{s} error={self.error}" if self.error else s
 
 
@@ -165,17 +167,24 @@ class Flusher:
                 await asyncio.wait(in_flight)
         if not lost.is_set() and time.monotonic() - started < budget:
             result.recovered = await self._recover_overflow(started, budget)
-        await self.redis.hset(self.keys.history_stats(), mapping={
-            "last_flush_ts": time.time(), "failures": 0, "last_error": "",
-            "next_attempt_ts": 0, "last_flush_inserted": result.inserted,
-        })
+        await self.redis.hset(  # type: ignore[misc]
+            self.keys.history_stats(),
+            mapping={
+                "last_flush_ts": time.time(),
+                "failures": 0,
+                "last_error": "",
+                "next_attempt_ts": 0,
+                "last_flush_inserted": result.inserted,
+            },
+        )
         if result.read or result.recovered:
             logger.info("history flush: %s", result)
 
     async def _ensure_group(self) -> None:
         try:
-            await self.redis.xgroup_create(self.keys.history_backlog(), GROUP, id="0",
-                                           mkstream=True)
+            await self.redis.xgroup_create(
+                self.keys.history_backlog(), GROUP, id="0", mkstream=True
+            )
         except ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
@@ -183,7 +192,9 @@ class Flusher:
     async def _claim(self, after: str) -> list[tuple[bytes, bytes | None]]:
         """Claim a batch: ``after='>'`` new entries, else pending ones after that id."""
         resp: Any = await self.redis.xreadgroup(
-            GROUP, CONSUMER, {self.keys.history_backlog(): after},
+            GROUP,
+            CONSUMER,
+            {self.keys.history_backlog(): after},
             count=self.settings.history_flush_batch,
         )
         if not resp:
@@ -205,9 +216,13 @@ class Flusher:
                 records.append(unpack_values(blob))
             except (HistoryError, ValueError) as e:
                 # Never dropped silently: parked for an operator, and said so.
-                logger.error("unreadable backlog entry %r parked in %s: %s",
-                             entry_id, self.keys.history_backlog() + ":bad", e)
-                await self.redis.rpush(self.keys.history_backlog() + ":bad", blob)
+                logger.error(
+                    "unreadable backlog entry %r parked in %s: %s",
+                    entry_id,
+                    self.keys.history_backlog() + ":bad",
+                    e,
+                )
+                await self.redis.rpush(self.keys.history_backlog() + ":bad", blob)  # type: ignore[misc]
         await self._pause_at("after_read", batch_no)
         inserted = await insert_values(
             self.engine, records, before_commit=lambda: self._pause_at("before_commit", batch_no)
@@ -228,20 +243,21 @@ class Flusher:
         while time.monotonic() - started < budget:
             if await self.redis.xlen(self.keys.history_backlog()) > 0:
                 break  # new backlog first; the overflow waits for the next run
-            members: Any = await self.redis.srandmember(key, 100)
+            members: Any = await self.redis.srandmember(key, 100)  # type: ignore[misc]
             if not members:
                 break
             for m in members:
                 conversation_id = m.decode() if isinstance(m, bytes) else m
-                raw: list[Any] = await self.redis.lrange(
+                raw: list[Any] = await self.redis.lrange(  # type: ignore[misc]
                     self.keys.history(conversation_id), 0, -1
                 )
                 records = [make_record(unpack_turn(r), conversation_id) for r in raw]
                 total += await insert_batch(self.engine, records)
-                await self.redis.srem(key, m)
+                await self.redis.srem(key, m)  # type: ignore[misc]
             if total:
-                logger.warning("history flush: stored %d overflowed messages from hot windows",
-                               total)
+                logger.warning(
+                    "history flush: stored %d overflowed messages from hot windows", total
+                )
         return total
 
     async def _keep_lock(self, token: str, ttl_ms: int, lost: asyncio.Event) -> None:
@@ -258,25 +274,29 @@ class Flusher:
                 return
 
     async def _backing_off(self) -> bool:
-        raw: Any = await self.redis.hget(self.keys.history_stats(), "next_attempt_ts")
+        raw: Any = await self.redis.hget(self.keys.history_stats(), "next_attempt_ts")  # type: ignore[misc]
         return bool(raw) and float(raw) > time.time()
 
     async def _failed(self, error: str) -> None:
         key = self.keys.history_stats()
-        failures = int(await self.redis.hincrby(key, "failures", 1))
+        failures = int(await self.redis.hincrby(key, "failures", 1))  # type: ignore[misc]
         delay = min(self.settings.history_flush_backoff_max_s, 0.5 * 2 ** min(failures, 20))
-        await self.redis.hset(key, mapping={
-            "last_error": error, "last_error_ts": time.time(),
-            "next_attempt_ts": time.time() + delay,
-        })
-        logger.warning("history flush failed (%d in a row; next try in %.1fs): %s",
-                       failures, delay, error)
+        await self.redis.hset(  # type: ignore[misc]
+            key,
+            mapping={
+                "last_error": error,
+                "last_error_ts": time.time(),
+                "next_attempt_ts": time.time() + delay,
+            },
+        )
+        logger.warning(
+            "history flush failed (%d in a row; next try in %.1fs): %s", failures, delay, error
+        )
 
     async def _pause_at(self, point: str, batch_no: int) -> None:
         if self._pause is not None and self._pause == (point, batch_no):
             print(f"PAUSED {point} {batch_no}", flush=True)
-            while True:
-                await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # until the test kills this process
 
 
 def _str(value: bytes | str) -> str:
@@ -314,8 +334,7 @@ async def apply_retention(ctx: dict[str, Any]) -> str:
         logger.warning("retention failed: %s", e)
         return f"error: {e}"
     if n:
-        logger.info("retention: deleted %d messages older than %d days", n,
-                    settings.retention_days)
+        logger.info("retention: deleted %d messages older than %d days", n, settings.retention_days)
     return f"deleted {n}"
 
 

@@ -57,17 +57,30 @@ def corpus() -> str:
 def sample_texts(text: str, size: int, n: int, seed: int = 7) -> list[str]:
     """``n`` windows of ``size`` characters from ``text``."""
     rnd = random.Random(seed)
-    return [text[(s := rnd.randrange(0, len(text) - size)):s + size] for _ in range(n)]
+    return [text[(s := rnd.randrange(0, len(text) - size)) : s + size] for _ in range(n)]
 
 
 def _record(i: int, text: str, tenant: str = "T1") -> Record:
     msg = IncomingMessage(
-        platform="slack", tenant=tenant, channel=f"C{i % 500}", user=f"U{i % 997}",
-        message_id=f"b{i}", text=text, ts=time.time(),
+        platform="slack",
+        tenant=tenant,
+        channel=f"C{i % 500}",
+        user=f"U{i % 997}",
+        message_id=f"b{i}",
+        text=text,
+        ts=time.time(),
     )
     role = "user" if i % 2 == 0 else "assistant"
-    turn = Turn(role=role, text=text, message_id=msg.message_id, ts=msg.ts, user=msg.user,
-                model=None if role == "user" else "gpt-4o-mini", tokens_in=120, tokens_out=80)
+    turn = Turn(
+        role=role,
+        text=text,
+        message_id=msg.message_id,
+        ts=msg.ts,
+        user=msg.user,
+        model=None if role == "user" else "gpt-4o-mini",
+        tokens_in=120,
+        tokens_out=80,
+    )
     return make_record(turn, msg.conversation_id, msg)
 
 
@@ -95,8 +108,9 @@ async def bench_compression(
     out: list[dict[str, Any]] = []
     for size in sizes:
         # The backlog's own encoding, uncompressed (compress_min_bytes beyond any size).
-        raws = [pack_record(_record(i, t), 1 << 30)
-                for i, t in enumerate(sample_texts(text, size, n))]
+        raws = [
+            pack_record(_record(i, t), 1 << 30) for i, t in enumerate(sample_texts(text, size, n))
+        ]
         for name, (comp, decomp) in codecs.items():
             t0 = time.perf_counter()
             blobs = [comp(r) for r in raws]
@@ -108,20 +122,23 @@ async def bench_compression(
             try:
                 for i in range(0, n, 500):
                     async with redis.pipeline(transaction=False) as pipe:
-                        for b in blobs[i:i + 500]:
+                        for b in blobs[i : i + 500]:
                             pipe.xadd(key, {"r": b})
                         await pipe.execute()
                 mem = int(await redis.memory_usage(key, samples=0) or 0)
             finally:
                 await redis.delete(key)
-            out.append({
-                "size_chars": size, "codec": name,
-                "payload_bytes": round(sum(map(len, raws)) / n),
-                "stored_bytes": round(sum(map(len, blobs)) / n),
-                "redis_bytes_per_msg": round(mem / n),
-                "compress_us": round((t1 - t0) / n * 1e6, 2),
-                "decompress_us": round((t2 - t1) / n * 1e6, 2),
-            })
+            out.append(
+                {
+                    "size_chars": size,
+                    "codec": name,
+                    "payload_bytes": round(sum(map(len, raws)) / n),
+                    "stored_bytes": round(sum(map(len, blobs)) / n),
+                    "redis_bytes_per_msg": round(mem / n),
+                    "compress_us": round((t1 - t0) / n * 1e6, 2),
+                    "decompress_us": round((t2 - t1) / n * 1e6, 2),
+                }
+            )
     return out
 
 
@@ -132,9 +149,11 @@ async def _fill_backlog(redis: Redis, settings: Settings, records: list[Record])
     keys = Keys(settings.key_prefix)
     for i in range(0, len(records), 1000):
         async with redis.pipeline(transaction=False) as pipe:
-            for rec in records[i:i + 1000]:
-                pipe.xadd(keys.history_backlog(),
-                          {"r": pack_record(rec, settings.history_compress_min_bytes)})
+            for rec in records[i : i + 1000]:
+                pipe.xadd(
+                    keys.history_backlog(),
+                    {"r": pack_record(rec, settings.history_compress_min_bytes)},
+                )
             await pipe.execute()
 
 
@@ -145,7 +164,11 @@ async def _drop_prefix(redis: Redis, prefix: str) -> None:
 
 
 async def bench_one_database(
-    redis: Redis, settings: Settings, *, n: int = 10_000, naive_n: int = 2000,
+    redis: Redis,
+    settings: Settings,
+    *,
+    n: int = 10_000,
+    naive_n: int = 2000,
     label: str = "",
 ) -> dict[str, Any]:
     """Flush ``n`` messages from the backlog; then ``naive_n`` one-commit-per-message."""
@@ -153,7 +176,7 @@ async def bench_one_database(
     rnd = random.Random(3)
     # Realistic sizes: mostly short questions and medium answers, a few long ones.
     sizes = [rnd.choice((60, 120, 300, 600, 1200, 2500)) for _ in range(n + naive_n)]
-    texts = [text[(s := rnd.randrange(0, len(text) - z)):s + z] for z in sizes]
+    texts = [text[(s := rnd.randrange(0, len(text) - z)) : s + z] for z in sizes]
     records = [_record(i, t) for i, t in enumerate(texts)]
     engine = make_engine(settings)
     try:
@@ -188,7 +211,11 @@ async def bench_one_database(
 
 
 async def bench_flush(
-    redis_url: str, *, postgres_url: str | None, n: int = 10_000, naive_n: int = 2000,
+    redis_url: str,
+    *,
+    postgres_url: str | None,
+    n: int = 10_000,
+    naive_n: int = 2000,
     batch: int = 2000,
 ) -> list[dict[str, Any]]:
     """Flush throughput into SQLite (a temp file) and Postgres (its own schema, dropped)."""
@@ -196,19 +223,28 @@ async def bench_flush(
     out: list[dict[str, Any]] = []
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            s = Settings(_env_file=None, redis_url=redis_url,  # type: ignore[call-arg]
-                         database_url=f"sqlite:///{Path(tmp) / 'bench.db'}",
-                         key_prefix=f"bench{uuid.uuid4().hex[:8]}", history_flush_batch=batch)
-            out.append(await bench_one_database(redis, s, n=n, naive_n=naive_n,
-                                                label="sqlite"))
+            s = Settings(
+                _env_file=None,
+                redis_url=redis_url,
+                database_url=f"sqlite:///{Path(tmp) / 'bench.db'}",
+                key_prefix=f"bench{uuid.uuid4().hex[:8]}",
+                history_flush_batch=batch,
+            )
+            out.append(await bench_one_database(redis, s, n=n, naive_n=naive_n, label="sqlite"))
         if postgres_url:
             schema = f"bench_{uuid.uuid4().hex[:8]}"
-            s = Settings(_env_file=None, redis_url=redis_url,  # type: ignore[call-arg]
-                         database_url=postgres_url, db_schema=schema,
-                         key_prefix=f"bench{uuid.uuid4().hex[:8]}", history_flush_batch=batch)
+            s = Settings(
+                _env_file=None,
+                redis_url=redis_url,
+                database_url=postgres_url,
+                db_schema=schema,
+                key_prefix=f"bench{uuid.uuid4().hex[:8]}",
+                history_flush_batch=batch,
+            )
             try:
-                out.append(await bench_one_database(redis, s, n=n, naive_n=naive_n,
-                                                    label="postgres"))
+                out.append(
+                    await bench_one_database(redis, s, n=n, naive_n=naive_n, label="postgres")
+                )
             finally:
                 engine = make_engine(s)
                 async with engine.begin() as conn:
@@ -225,19 +261,31 @@ async def bench_append(redis_url: str, n: int = 10_000) -> dict[str, Any]:
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     try:
         history = HotHistory(redis, Keys(prefix), max_turns=50, ttl_s=3600)
-        msg = IncomingMessage(platform="slack", tenant="T", channel="C", user="U",
-                              message_id="x", text="hello there, how are you?")
+        msg = IncomingMessage(
+            platform="slack",
+            tenant="T",
+            channel="C",
+            user="U",
+            message_id="x",
+            text="hello there, how are you?",
+        )
         t0 = time.perf_counter()
         for i in range(n // 2):
-            turns = [Turn(role="user", text=msg.text, message_id=f"q{i}"),
-                     Turn(role="assistant", text="Fine, thanks! " * 20, message_id=f"a{i}")]
+            turns = [
+                Turn(role="user", text=msg.text, message_id=f"q{i}"),
+                Turn(role="assistant", text="Fine, thanks! " * 20, message_id=f"a{i}"),
+            ]
             await history.append(msg.conversation_id, turns, origin=msg)
         dt = time.perf_counter() - t0
     finally:
         await _drop_prefix(redis, prefix)
         await redis.aclose()
-    return {"appends": n // 2, "turns": n, "turns_per_s": round(n / dt),
-            "ms_per_append": round(dt / (n // 2) * 1000, 3)}
+    return {
+        "appends": n // 2,
+        "turns": n,
+        "turns_per_s": round(n / dt),
+        "ms_per_append": round(dt / (n // 2) * 1000, 3),
+    }
 
 
 def main() -> None:
@@ -254,8 +302,9 @@ def main() -> None:
     async def run() -> dict[str, Any]:
         res: dict[str, Any] = {}
         if a.only in (None, "flush"):
-            res["flush"] = await bench_flush(a.redis_url, postgres_url=a.postgres,
-                                             n=a.messages, naive_n=a.naive, batch=a.batch)
+            res["flush"] = await bench_flush(
+                a.redis_url, postgres_url=a.postgres, n=a.messages, naive_n=a.naive, batch=a.batch
+            )
         if a.only in (None, "append"):
             res["append"] = await bench_append(a.redis_url)
         if a.only in (None, "compression"):

@@ -71,7 +71,7 @@ async def _hot_windows(
     head = keys.history("")
     async for raw in redis.scan_iter(keys.history_pattern(), count=1000):
         key = _str(raw)
-        conversation_id = key[len(head):]
+        conversation_id = key[len(head) :]
         try:
             _, conv_tenant, _, _ = split_conversation_id(conversation_id)
         except HistoryError:
@@ -81,7 +81,11 @@ async def _hot_windows(
 
 
 async def export_records(
-    redis: Redis, keys: Keys, engine: AsyncEngine, *, user: str | None = None,
+    redis: Redis,
+    keys: Keys,
+    engine: AsyncEngine,
+    *,
+    user: str | None = None,
     tenant: str | None = None,
 ) -> AsyncIterator[dict[str, Any]]:
     """Everything stored about a user or tenant, each with its ``source``.
@@ -131,7 +135,11 @@ async def _hold_flush_lock(redis: Redis, keys: Keys, timeout_s: float = 120.0) -
 
 
 async def purge(
-    redis: Redis, keys: Keys, engine: AsyncEngine, *, user: str | None = None,
+    redis: Redis,
+    keys: Keys,
+    engine: AsyncEngine,
+    *,
+    user: str | None = None,
     tenant: str | None = None,
 ) -> PurgeResult:
     """Delete a user's or tenant's messages from SQL, the backlog, hot windows and cache."""
@@ -140,18 +148,7 @@ async def purge(
     result = PurgeResult()
     token = await _hold_flush_lock(redis, keys)
     try:
-        doomed: list[bytes] = []
-        async for entry_id, rec in _backlog_entries(redis, keys):
-            if _matches(rec, user, tenant):
-                doomed.append(entry_id)
-                result.tenants.add(rec["tenant"])
-        for i in range(0, len(doomed), 1000):
-            part = doomed[i:i + 1000]
-            async with redis.pipeline(transaction=True) as pipe:
-                pipe.xack(keys.history_backlog(), GROUP, *part)
-                pipe.xdel(keys.history_backlog(), *part)
-                await pipe.execute()
-        result.backlog_entries = len(doomed)
+        result.backlog_entries = await _purge_backlog(redis, keys, user, tenant, result.tenants)
 
         if user is not None:
             result.tenants |= await tenants_of_user(engine, user)
@@ -166,15 +163,33 @@ async def purge(
             result.tenants.add(tenant)
             async for m in redis.sscan_iter(keys.history_overflow()):
                 if split_conversation_id(_str(m))[1] == tenant:
-                    await redis.srem(keys.history_overflow(), m)
+                    await redis.srem(keys.history_overflow(), m)  # type: ignore[misc]
         for t in sorted(result.tenants):
             batch = [k async for k in redis.scan_iter(keys.cache_pattern(t), count=1000)]
             for i in range(0, len(batch), 1000):
-                result.cache_keys += int(await redis.unlink(*batch[i:i + 1000]))
+                result.cache_keys += int(await redis.unlink(*batch[i : i + 1000]))
     finally:
         if _str(await redis.get(keys.history_flush_lock()) or b"") == token:
             await redis.delete(keys.history_flush_lock())
     return result
+
+
+async def _purge_backlog(
+    redis: Redis, keys: Keys, user: str | None, tenant: str | None, tenants: set[str]
+) -> int:
+    """Delete matching backlog entries (acknowledged too, if a flush had claimed them)."""
+    doomed: list[bytes] = []
+    async for entry_id, rec in _backlog_entries(redis, keys):
+        if _matches(rec, user, tenant):
+            doomed.append(entry_id)
+            tenants.add(rec["tenant"])
+    for i in range(0, len(doomed), 1000):
+        part = doomed[i : i + 1000]
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.xack(keys.history_backlog(), GROUP, *part)
+            pipe.xdel(keys.history_backlog(), *part)
+            await pipe.execute()
+    return len(doomed)
 
 
 async def _purge_window(
@@ -188,13 +203,14 @@ async def _purge_window(
                 raw: list[Any] = await pipe.lrange(key, 0, -1)  # type: ignore[misc]
                 ttl = int(await pipe.ttl(key))
                 keep = [
-                    item for item in raw
+                    item
+                    for item in raw
                     if not _matches(make_record(unpack_turn(item), conversation_id), user, tenant)
                 ]
                 if len(keep) == len(raw):
-                    await pipe.unwatch()
+                    await pipe.unwatch()  # type: ignore[no-untyped-call]
                     return 0
-                pipe.multi()
+                pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.delete(key)
                 if keep:
                     pipe.rpush(key, *keep)

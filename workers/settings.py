@@ -100,8 +100,9 @@ async def _check_schema(settings: Settings, engine: AsyncEngine) -> None:
     try:
         await ensure_schema(settings, engine)
     except (SQLAlchemyError, OSError) as e:
-        logger.warning("database unreachable at startup (%s); history stays in Redis "
-                       "until it is back", e)
+        logger.warning(
+            "database unreachable at startup (%s); history stays in Redis until it is back", e
+        )
 
 
 def _cron_times(interval_s: int) -> dict[str, Any]:
@@ -140,8 +141,14 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 run_at_startup=True,
                 **_cron_times(settings.history_flush_interval_s),
             ),
-            cron(flush.apply_retention, name="cron:apply_retention", minute=17, second=0,
-                 timeout=3600, max_tries=1),
+            cron(
+                flush.apply_retention,
+                name="cron:apply_retention",
+                minute=17,
+                second=0,
+                timeout=3600,
+                max_tries=1,
+            ),
         ],
         "queue_name": settings.queue_name,
         "redis_settings": redis_settings(settings),

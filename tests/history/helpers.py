@@ -27,12 +27,24 @@ def make_history(redis: object, settings: Settings, **kw: object) -> HotHistory:
     )
 
 
-def message(i: int, *, user: str = "U1", tenant: str = "T1", channel: str = "C1",
-            thread: str | None = None, text: str | None = None) -> IncomingMessage:
+def message(
+    i: int,
+    *,
+    user: str = "U1",
+    tenant: str = "T1",
+    channel: str = "C1",
+    thread: str | None = None,
+    text: str | None = None,
+) -> IncomingMessage:
     """An accepted message number ``i``."""
     return IncomingMessage(
-        platform="slack", tenant=tenant, channel=channel, thread=thread, user=user,
-        message_id=f"m{i}", text=text if text is not None else f"question {i}",
+        platform="slack",
+        tenant=tenant,
+        channel=channel,
+        thread=thread,
+        user=user,
+        message_id=f"m{i}",
+        text=text if text is not None else f"question {i}",
         ts=1_700_000_000 + i,
     )
 
@@ -41,9 +53,17 @@ def exchange(msg: IncomingMessage, answer: str | None = None) -> list[Turn]:
     """The user's turn and an answer to it."""
     return [
         Turn(role="user", text=msg.text, message_id=msg.message_id, ts=msg.ts, user=msg.user),
-        Turn(role="assistant", text=answer or f"answer to {msg.text}",
-             message_id=f"{msg.message_id}:answer", ts=msg.ts + 0.5, user=msg.user,
-             model="sim", tokens_in=10, tokens_out=20, latency_ms=300),
+        Turn(
+            role="assistant",
+            text=answer or f"answer to {msg.text}",
+            message_id=f"{msg.message_id}:answer",
+            ts=msg.ts + 0.5,
+            user=msg.user,
+            model="sim",
+            tokens_in=10,
+            tokens_out=20,
+            latency_ms=300,
+        ),
     ]
 
 
@@ -52,22 +72,26 @@ async def buffer_messages(history: HotHistory, n_messages: int, *, seed: int = 1
     rnd = random.Random(seed)
     ids: set[str] = set()
     for i in range(n_messages // 2):
-        msg = message(i, user=f"U{i % 37}", channel=f"C{i % 211}",
-                      text="x" * rnd.randint(5, 400))
+        msg = message(i, user=f"U{i % 37}", channel=f"C{i % 211}", text="x" * rnd.randint(5, 400))
         turns = exchange(msg)
         await history.append(msg.conversation_id, turns, origin=msg)
         ids.update(t.message_id for t in turns)
     return ids
 
 
-def run_flush_process(settings: Settings, log: Path, pause: str | None = None,
-                      extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+def run_flush_process(
+    settings: Settings, log: Path, pause: str | None = None, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """``python -m workers.flush`` in a subprocess (optionally pausing at a crash point)."""
     env = {**base_env(), **settings_env(settings), **(extra_env or {})}
     if pause:
         env["SLUICE_TEST_FLUSH_PAUSE"] = pause
     with open(log, "wb") as out:  # the child keeps its own descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "workers.flush"], env=env, cwd=ROOT,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "workers.flush"],
+            env=env,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )

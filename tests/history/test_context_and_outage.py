@@ -39,7 +39,7 @@ async def _wait_rows(settings: Settings, n: int, timeout_s: float = 30.0) -> Non
             try:
                 if (await count_rows(engine))[0] >= n:
                     return
-            except Exception:  # noqa: BLE001 - the schema may not exist yet; poll again
+            except Exception:
                 logging.getLogger(__name__).debug("rows not readable yet", exc_info=True)
             await asyncio.sleep(0.2)
         raise AssertionError(f"fewer than {n} rows in SQL after {timeout_s}s")
@@ -121,7 +121,10 @@ async def test_backlog_bound_keeps_chat_going_and_overflow_is_stored_from_hot_wi
 
 @pytest.mark.postgres
 async def test_postgres_down_chat_goes_on_backlog_grows_within_bound_then_lands(
-    settings: Settings, llm_sim: object, worker_process: Callable[..., Proc], redis: Redis,
+    settings: Settings,
+    llm_sim: object,
+    worker_process: Callable[..., Proc],
+    redis: Redis,
     tmp_path: Path,
 ) -> None:
     if not postgres_reachable():

@@ -26,8 +26,14 @@ async def sluice(settings: Settings, *args: str) -> tuple[int, str, str]:
     """Run ``sluice ARGS`` in a subprocess with the test's settings."""
     env = {**base_env(), **settings_env(settings)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sluice", *args, env=env, cwd=str(ROOT),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "sluice",
+        *args,
+        env=env,
+        cwd=str(ROOT),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await proc.communicate()
     return int(proc.returncode or 0), out.decode(), err.decode()
@@ -44,8 +50,9 @@ async def populate(rds: Redis, settings: Settings, engine: AsyncEngine) -> None:
         message(4, user="U2", tenant="T1", channel="u2only", text="u2 alone"),
     ]
     for m in msgs[:2]:
-        await history.append(m.conversation_id, exchange(m, f"{SECRET} answer" if m.user == "U1"
-                                                          else None), origin=m)
+        await history.append(
+            m.conversation_id, exchange(m, f"{SECRET} answer" if m.user == "U1" else None), origin=m
+        )
     await Flusher(rds, settings, engine).run(max_s=10)
     for m in msgs[2:]:
         await history.append(m.conversation_id, exchange(m), origin=m)
@@ -64,14 +71,18 @@ async def redis_dump(rds: Redis, prefix: str) -> dict[str, str]:
         if kind == "string":
             out[key] = (await rds.get(key) or b"").decode(errors="replace")
         elif kind == "list":
-            out[key] = " ".join(unpack_turn(x).model_dump_json() for x in await rds.lrange(key, 0, -1))
+            out[key] = " ".join(
+                unpack_turn(x).model_dump_json() for x in await rds.lrange(key, 0, -1)
+            )
         elif kind == "stream":
             entries = await rds.xrange(key)
             out[key] = " ".join(json.dumps(unpack_record(f[b"r"])) for _, f in entries)
         elif kind == "set":
             out[key] = " ".join(m.decode() for m in await rds.smembers(key))
         elif kind == "hash":
-            out[key] = json.dumps({k.decode(): v.decode() for k, v in (await rds.hgetall(key)).items()})
+            out[key] = json.dumps(
+                {k.decode(): v.decode() for k, v in (await rds.hgetall(key)).items()}
+            )
     return out
 
 
@@ -83,7 +94,10 @@ async def test_export_user_gives_all_their_messages_from_sql_and_backlog_and_nob
     assert code == 0, err
     lines = [json.loads(x) for x in out.splitlines()]
     assert {(x["message_id"], x["source"]) for x in lines} == {
-        ("m1", "sql"), ("m1:answer", "sql"), ("m3", "backlog"), ("m3:answer", "backlog"),
+        ("m1", "sql"),
+        ("m1:answer", "sql"),
+        ("m3", "backlog"),
+        ("m3:answer", "backlog"),
     }
     assert all(x["user"] == "U1" for x in lines)
     assert next(x for x in lines if x["message_id"] == "m3")["text"].startswith(SECRET)
@@ -91,7 +105,12 @@ async def test_export_user_gives_all_their_messages_from_sql_and_backlog_and_nob
     code, out, _ = await sluice(hsettings, "history", "export", "--tenant", "T1")
     assert code == 0
     assert {json.loads(x)["message_id"] for x in out.splitlines()} == {
-        "m1", "m1:answer", "m2", "m2:answer", "m4", "m4:answer",
+        "m1",
+        "m1:answer",
+        "m2",
+        "m2:answer",
+        "m4",
+        "m4:answer",
     }
 
 
@@ -116,12 +135,16 @@ async def test_purge_user_removes_them_from_sql_redis_and_cache_and_leaves_other
     # U2's unflushed turns and their place in the shared channel are intact.
     await Flusher(rds, hsettings, engine).run(max_s=10)
     assert sorted([r["message_id"] async for r in iter_records(engine, user="U2")]) == [
-        "m2", "m2:answer", "m4", "m4:answer",
+        "m2",
+        "m2:answer",
+        "m4",
+        "m4:answer",
     ]
     assert await count_rows(engine) == (4, 4)
     shared = Keys(hsettings.key_prefix).history("slack:T1:shared:-")
     assert [unpack_turn(x).message_id for x in await rds.lrange(shared, 0, -1)] == [
-        "m2", "m2:answer",
+        "m2",
+        "m2:answer",
     ]
 
 
@@ -136,7 +159,8 @@ async def test_purge_tenant_leaves_other_tenants_untouched(
     assert not any('"T1"' in v for v in after.values())
     await Flusher(rds, hsettings, engine).run(max_s=10)
     assert sorted([r["message_id"] async for r in iter_records(engine, tenant="T2")]) == [
-        "m3", "m3:answer",
+        "m3",
+        "m3:answer",
     ]
     assert [r async for r in iter_records(engine, tenant="T1")] == []
 

@@ -76,8 +76,14 @@ async def test_flush_killed_mid_batch_at_any_point_loses_nothing_and_duplicates_
     ids = await buffer_messages(history, 4000)
 
     # Each run is SIGKILLed at a different point of a batch; the next one carries on.
-    points = ["after_read:2", "before_commit:1", "after_commit:2", "before_commit:2",
-              "after_ack:1", "after_commit:1"]
+    points = [
+        "after_read:2",
+        "before_commit:1",
+        "after_commit:2",
+        "before_commit:2",
+        "after_ack:1",
+        "after_commit:1",
+    ]
     for n, point in enumerate(points):
         log = tmp_path / f"flush-{n}.log"
         proc = run_flush_process(settings, log, pause=point)

@@ -35,8 +35,10 @@ async def test_odd_text_is_stored_and_read_back_exactly(
     hsettings: Settings, rds: Redis, engine: AsyncEngine
 ) -> None:
     history = make_history(rds, hsettings, engine=engine)
-    msgs = {name: message(i, text=text, channel="odd") for i, (name, text) in
-            enumerate(ODD_TEXTS.items())}
+    msgs = {
+        name: message(i, text=text, channel="odd")
+        for i, (name, text) in enumerate(ODD_TEXTS.items())
+    }
     for m in msgs.values():
         await history.append(m.conversation_id, exchange(m, answer=m.text + "!"), origin=m)
     conv = next(iter(msgs.values())).conversation_id
@@ -86,7 +88,10 @@ async def test_retention_deletes_only_messages_older_than_the_limit(
     assert await delete_older_than(engine, 30) == 4
     assert await count_rows(engine) == (4, 4)
     assert [r["message_id"] for r in await conversation_tail(engine, "slack:T1:C1:-", 10)] == [
-        "m2", "m2:answer", "m3", "m3:answer",
+        "m2",
+        "m2:answer",
+        "m3",
+        "m3:answer",
     ]
 
 

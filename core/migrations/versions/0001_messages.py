@@ -20,8 +20,12 @@ def upgrade() -> None:
     """Create ``messages`` with its unique key and the indexes its queries use."""
     op.create_table(
         "messages",
-        sa.Column("id", sa.Integer().with_variant(sa.BigInteger(), "postgresql"),
-                  primary_key=True, autoincrement=True),
+        sa.Column(
+            "id",
+            sa.Integer().with_variant(sa.BigInteger(), "postgresql"),
+            primary_key=True,
+            autoincrement=True,
+        ),
         sa.Column("message_id", sa.String(255), nullable=False),
         sa.Column("platform", sa.String(32), nullable=False),
         sa.Column("tenant", sa.String(255), nullable=False),
