@@ -53,7 +53,7 @@ class MessageRow(SQLModel, table=True):
         UniqueConstraint("platform", "tenant", "message_id", name="uq_messages_message_id"),
         Index("ix_messages_conversation_ts", "conversation_id", "ts"),
         Index("ix_messages_tenant_user_ts", "tenant", "user", "ts"),
-        Index("ix_messages_ts", "ts"),
+        Index("ix_messages_ts", "ts", postgresql_using="brin"),
     )
 
     id: int | None = Field(default=None, primary_key=True)
