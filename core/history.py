@@ -21,6 +21,7 @@ by message id). This is logged at ERROR once a minute per process and counted in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -41,6 +42,10 @@ from core.store import RECORD_FIELDS, Record, conversation_tail
 
 logger = logging.getLogger(__name__)
 
+SQL_FALLBACK_TIMEOUT_S = 2.0
+"""Longest wait for SQL context before answering without it (chat never waits on SQL)."""
+SQL_FALLBACK_PAUSE_S = 30.0
+"""After a failed SQL read, how long :meth:`HotHistory.recent` does not try SQL again."""
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _RAW = b"a"
 _ZSTD = b"A"
@@ -237,6 +242,7 @@ class HotHistory:
         self._last_trigger = 0.0
         self._last_overflow_log = 0.0
         self._overflowed_since_log = 0
+        self._sql_down_until = 0.0
         self._append = redis.register_script(_APPEND_LUA)
         self._warm = redis.register_script(_WARM_LUA)
 
@@ -321,6 +327,7 @@ class HotHistory:
             )
             self._last_overflow_log = now
             self._overflowed_since_log = 0
+        self._sql_down_until = 0.0
 
     async def hot(self, conversation_id: str, n: int) -> list[Turn]:
         """The last ``n`` turns held in Redis (no SQL fallback), oldest first."""
@@ -342,10 +349,21 @@ class HotHistory:
         turns = await self.hot(conversation_id, n)
         if turns or n <= 0 or self.engine is None:
             return turns
+        if time.monotonic() < self._sql_down_until:
+            return []  # the database failed a moment ago: answer without waiting on it
         try:
-            records = await conversation_tail(self.engine, conversation_id, max(n, self.max_turns))
-        except (SQLAlchemyError, OSError) as e:
-            logger.warning("no SQL history for %s: %s", conversation_id, e)
+            records = await asyncio.wait_for(
+                conversation_tail(self.engine, conversation_id, max(n, self.max_turns)),
+                SQL_FALLBACK_TIMEOUT_S,
+            )
+        except (SQLAlchemyError, OSError, TimeoutError) as e:
+            self._sql_down_until = time.monotonic() + SQL_FALLBACK_PAUSE_S
+            logger.warning(
+                "no SQL history for %s (%s); not asking SQL again for %.0fs",
+                conversation_id,
+                e or type(e).__name__,
+                SQL_FALLBACK_PAUSE_S,
+            )
             return []
         if not records:
             return []

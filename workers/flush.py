@@ -120,10 +120,17 @@ class Flusher:
         except (SQLAlchemyError, OSError, HistoryError) as e:
             result.error = f"{type(e).__name__}: {e}"[:500]
             await self._failed(result.error)
+        except RedisError as e:
+            # Nothing was acknowledged that is not committed; the next run carries on.
+            result.error = f"Redis: {e}"[:500]
+            logger.warning("history flush interrupted by Redis: %s", e)
         finally:
             renewer.cancel()
             await asyncio.wait([renewer])
-            await asyncio.shield(self._release(keys=[lock], args=[token]))
+            try:
+                await asyncio.shield(self._release(keys=[lock], args=[token]))
+            except RedisError as e:
+                logger.warning("could not release the flush lock (it expires by itself): %s", e)
             result.seconds = time.monotonic() - started
         return result
 

@@ -165,3 +165,24 @@ async def test_postgres_down_chat_goes_on_backlog_grows_within_bound_then_lands(
         assert (await backlog_status(redis, keys, 1000)).length == 0
     finally:
         await drop_pg_schema(schema)
+
+
+async def test_context_read_does_not_wait_on_a_dead_database(
+    sqlite_settings: Settings, redis_url: str
+) -> None:
+    dead = sqlite_settings.model_copy(
+        update={"database_url": f"postgresql://postgres@127.0.0.1:{free_port()}/test"}
+    )
+    redis: Redis = Redis.from_url(redis_url)
+    engine = make_engine(dead)
+    try:
+        history = make_history(redis, dead, engine=engine)
+        t0 = time.monotonic()
+        assert await history.recent("slack:T1:C1:-", 10) == []
+        # Chat goes on: the next reads do not even try SQL for a while.
+        assert await history.recent("slack:T1:C2:-", 10) == []
+        assert time.monotonic() - t0 < 3.0
+        assert history._sql_down_until > time.monotonic()
+    finally:
+        await redis.aclose()
+        await engine.dispose()
