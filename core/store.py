@@ -358,6 +358,18 @@ async def ensure_schema(settings: Settings, engine: AsyncEngine | None = None) -
             await eng.dispose()
 
 
+async def ensure_schema_at_startup(settings: Settings, engine: AsyncEngine | None = None) -> None:
+    """:func:`ensure_schema` for ``sluice worker``/``sluice dev``: an older schema stops
+    them (:class:`ConfigError`), an unreachable database does not (chat goes on; the
+    flush checks again when it runs)."""
+    try:
+        await ensure_schema(settings, engine)
+    except (SQLAlchemyError, OSError) as e:
+        logger.warning(
+            "database unreachable at startup (%s); history stays in Redis until it is back", e
+        )
+
+
 # --- Writes and reads -------------------------------------------------------------------
 
 _PG_TYPES: dict[str, str] = {

@@ -24,8 +24,6 @@ from typing import Any
 
 from arq.cron import cron
 from arq.worker import Worker, func
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.bot import load_bot
 from core.history import HotHistory
@@ -34,7 +32,7 @@ from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
 from core.serializer import deserialize, serialize
 from core.settings import Settings
-from core.store import ensure_schema, make_engine
+from core.store import ensure_schema_at_startup, make_engine
 from workers import flush, jobs
 from workers.flush import Flusher
 
@@ -49,7 +47,7 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         ctx["bot"] = load_bot(settings.app)
         ctx["keys"] = Keys(settings.key_prefix)
         ctx["db"] = make_engine(settings)
-        await _check_schema(settings, ctx["db"])
+        await ensure_schema_at_startup(settings, ctx["db"])
         redis = ctx["redis"]
 
         async def flush_soon() -> None:
@@ -89,20 +87,6 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await ctx["llm"].close()
     if "db" in ctx:
         await ctx["db"].dispose()
-
-
-async def _check_schema(settings: Settings, engine: AsyncEngine) -> None:
-    """Create the schema on an empty database; stop on an older one (ConfigError).
-
-    A database that cannot be reached does not stop the worker: chat goes on and
-    the flush job checks again when it runs.
-    """
-    try:
-        await ensure_schema(settings, engine)
-    except (SQLAlchemyError, OSError) as e:
-        logger.warning(
-            "database unreachable at startup (%s); history stays in Redis until it is back", e
-        )
 
 
 def _cron_times(interval_s: int) -> dict[str, Any]:

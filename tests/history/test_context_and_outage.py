@@ -186,3 +186,16 @@ async def test_context_read_does_not_wait_on_a_dead_database(
     finally:
         await redis.aclose()
         await engine.dispose()
+
+
+async def test_backlog_past_the_threshold_is_flushed_before_the_next_interval(
+    settings: Settings, llm_sim: object, worker_process: Callable[..., Proc]
+) -> None:
+    worker_process(
+        {"SLUICE_HISTORY_FLUSH_INTERVAL_S": "3600", "SLUICE_HISTORY_FLUSH_THRESHOLD": "4"}
+    )
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with ChatSession(http, base, f"s{uuid.uuid4().hex[:16]}") as tab:
+            for i in range(3):
+                await tab.reply(await tab.send(f"question {i}"))
+    await _wait_rows(settings, 4, timeout_s=15)
