@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -340,13 +340,17 @@ class HotHistory:
             raise HistoryError(f"cannot read history of {conversation_id}: {e}") from e
         return [unpack_turn(r) for r in raw]
 
-    async def recent(self, conversation_id: str, n: int) -> list[Turn]:
+    async def recent(
+        self, conversation_id: str, n: int, *, exclude: Collection[str] = ()
+    ) -> list[Turn]:
         """The last ``n`` turns of a conversation, oldest first.
 
         From the hot window; when Redis holds nothing for the conversation, from SQL
-        (and the hot window is filled again from there).
+        (and the hot window is filled again from there). Turns whose message id is in
+        ``exclude`` are left out (and not written back): the ``reply`` job excludes the
+        message it is answering, which a flush may already have stored.
         """
-        turns = await self.hot(conversation_id, n)
+        turns = [t for t in await self.hot(conversation_id, n) if t.message_id not in exclude]
         if turns or n <= 0 or self.engine is None:
             return turns
         if time.monotonic() < self._sql_down_until:
@@ -367,7 +371,9 @@ class HotHistory:
             return []
         if not records:
             return []
-        turns = [record_to_turn(r) for r in records]
+        turns = [record_to_turn(r) for r in records if r["message_id"] not in exclude]
+        if not turns:
+            return []
         try:
             await self._warm(
                 keys=[self._keys.history(conversation_id)],

@@ -114,7 +114,9 @@ async def _answer(
     history: HotHistory = ctx["history"]
     n = bot.context_turns if bot.context_turns is not None else settings.context_turns
     try:
-        earlier = await history.recent(msg.conversation_id, n)
+        earlier = await history.recent(
+            msg.conversation_id, n, exclude={msg.message_id, f"{msg.message_id}:answer"}
+        )
     except HistoryError:
         logger.exception("history unavailable for %s; answering without it", msg.message_id)
         earlier = []

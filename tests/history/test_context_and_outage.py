@@ -199,3 +199,22 @@ async def test_backlog_past_the_threshold_is_flushed_before_the_next_interval(
             for i in range(3):
                 await tab.reply(await tab.send(f"question {i}"))
     await _wait_rows(settings, 4, timeout_s=15)
+
+
+async def test_context_from_sql_leaves_out_the_message_being_answered(
+    hsettings: Settings, rds: Redis, engine: AsyncEngine, keys: Keys
+) -> None:
+    history = make_history(rds, hsettings, engine=engine)
+    first, current = message(1), message(2)
+    await history.append(first.conversation_id, exchange(first), origin=first)
+    await history.record(current, exchange(current)[:1])  # accepted, being answered
+    await Flusher(rds, hsettings, engine).run(max_s=10)
+    await rds.delete(keys.history(first.conversation_id))
+
+    turns = await history.recent(first.conversation_id, 10, exclude={"m2", "m2:answer"})
+
+    assert [t.message_id for t in turns] == ["m1", "m1:answer"]
+    assert [t.message_id for t in await history.hot(first.conversation_id, 10)] == [
+        "m1",
+        "m1:answer",
+    ]
