@@ -9,6 +9,7 @@ import click
 
 from core.errors import ConfigError
 from core.settings import get_settings
+from sluice.commands import commands_command
 
 
 def _fail(e: Exception) -> None:
@@ -47,13 +48,12 @@ def dev(port: int | None, no_browser_hint: bool) -> None:
 def worker(burst: bool) -> None:
     """An arq worker answering reply jobs. Run as many as you like, on any hosts."""
     from core.logs import setup_logging
-    from workers.settings import create_worker
+    from workers.run import run_worker
 
     settings = get_settings()
     setup_logging(settings, process="worker")
     try:
-        w = create_worker(settings, burst=burst)
-        w.run()
+        asyncio.run(run_worker(settings, burst=burst))
     except ConfigError as e:
         # e.g. an older database schema: the message names `sluice db upgrade`.
         _fail(e)
@@ -124,6 +124,8 @@ def llm_sim(
     )
     sim_main(port, cfg, host=host)
 
+
+main.add_command(commands_command)
 
 # History data management (workers/cli_history.py).
 from workers.cli_history import db, history, usage  # noqa: E402
