@@ -198,8 +198,8 @@ class Settings(BaseSettings):
     )
     history_backlog_max: int = Field(
         1_000_000, ge=100, description="Most messages held in the Redis backlog while SQL is "
-        "down or slow; above it see the README (turns stay in the hot window and are flushed "
-        "from there; logged at ERROR)."
+        "down or slow; at the bound see docs/history.md (turns stay in the hot window and are "
+        "flushed from there; logged at ERROR)."
     )
     history_compress_min_bytes: int = Field(
         256, ge=0, description="Message bodies at least this long are zstd-compressed in "
