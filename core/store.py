@@ -589,18 +589,23 @@ async def delete_records(
     return int(result.rowcount or 0)
 
 
-async def delete_older_than(engine: AsyncEngine, days: int, *, chunk: int = 10_000) -> int:
-    """Retention: delete messages older than ``days`` days, in chunks; returns how many."""
+async def delete_older_than(
+    engine: AsyncEngine, days: int, *, chunk: int = 10_000, max_s: float | None = None
+) -> int:
+    """Retention: delete messages older than ``days`` days, in chunks, for at most
+    ``max_s`` seconds; returns how many."""
     cutoff = time.time() - days * 86400
+    deadline = None if max_s is None else time.monotonic() + max_s
     total = 0
-    while True:
+    while deadline is None or time.monotonic() < deadline:
         ids = select(_c.id).where(_c.ts < cutoff).limit(chunk).scalar_subquery()
         async with engine.begin() as conn:
             result = await conn.execute(delete(_table).where(_c.id.in_(ids)))
         n = int(result.rowcount or 0)
         total += n
         if n < chunk:
-            return total
+            break
+    return total
 
 
 async def count_rows(engine: AsyncEngine) -> tuple[int, int]:

@@ -99,11 +99,15 @@ class Flusher:
         self._release = redis.register_script(_RELEASE_LUA)
         self._pause = _parse_pause(os.environ.get(PAUSE_ENV))
 
+    def job_budget_s(self) -> float:
+        """How long a flush job may run: its setting, within the job timeout."""
+        return min(self.settings.history_flush_max_s, 0.8 * self.settings.job_timeout_s)
+
     async def run(self, *, max_s: float | None = None, ignore_backoff: bool = False) -> FlushResult:
         """One flush run: until the backlog is empty or ``max_s`` has passed."""
         started = time.monotonic()
         result = FlushResult()
-        budget = max_s if max_s is not None else self.settings.history_flush_max_s
+        budget = max_s if max_s is not None else self.job_budget_s()
         if not ignore_backoff and await self._backing_off():
             result.skipped = "backing off after database errors"
             return result
@@ -336,7 +340,10 @@ async def apply_retention(ctx: dict[str, Any]) -> str:
     if settings.retention_days <= 0:
         return "retention off"
     try:
-        n = await delete_older_than(ctx["db"], settings.retention_days)
+        # Within the job timeout; what is left is deleted by the next hourly run.
+        n = await delete_older_than(
+            ctx["db"], settings.retention_days, max_s=0.8 * settings.job_timeout_s
+        )
     except (SQLAlchemyError, OSError) as e:
         logger.warning("retention failed: %s", e)
         return f"error: {e}"

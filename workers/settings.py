@@ -115,10 +115,13 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 timeout=settings.job_timeout_s,
                 max_tries=settings.job_max_tries,
             ),
+            # History jobs time out with the reply job: arq keeps a killed worker's
+            # job "in progress" for the longest timeout of ALL functions + 10 s, so a
+            # longer timeout here would delay re-running a killed reply job.
             func(
                 flush.flush_history,
                 name="flush_history",
-                timeout=settings.history_flush_max_s + 30,
+                timeout=settings.job_timeout_s,
                 max_tries=1,
             ),
         ],
@@ -126,7 +129,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
             cron(
                 flush.flush_history,
                 name="cron:flush_history",
-                timeout=settings.history_flush_max_s + 30,
+                timeout=settings.job_timeout_s,
                 max_tries=1,
                 run_at_startup=True,
                 **_cron_times(settings.history_flush_interval_s),
@@ -136,7 +139,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 name="cron:apply_retention",
                 minute=17,
                 second=0,
-                timeout=3600,
+                timeout=settings.job_timeout_s,
                 max_tries=1,
             ),
         ],
