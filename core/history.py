@@ -135,6 +135,21 @@ def unpack_turn(raw: bytes | str) -> Turn:
     return Turn.model_validate_json(raw)
 
 
+def storable(turn: Turn) -> Turn:
+    """The turn, or a copy whose lone surrogates became U+FFFD.
+
+    Adapters refuse such text, but a model's answer could still carry one; UTF-8 (Redis
+    payloads, SQL) cannot hold it, and losing one character beats losing the turn.
+    """
+    try:
+        turn.text.encode("utf-8")
+    except UnicodeEncodeError:
+        logger.warning("message %s has invalid Unicode; stored with U+FFFD", turn.message_id)
+        fixed = turn.text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+        return turn.model_copy(update={"text": fixed})
+    return turn
+
+
 def split_conversation_id(conversation_id: str) -> tuple[str, str, str, str | None]:
     """``(platform, tenant, channel, thread)`` of an id made by ``IncomingMessage``."""
     parts = conversation_id.split(":", 2)
@@ -259,7 +274,8 @@ class HotHistory:
         ``backlog`` is what goes to the backlog (default: ``turns``); the ``reply`` job
         passes only the answer because it recorded the user's message when it started.
         """
-        to_record = turns if backlog is None else backlog
+        turns = [storable(t) for t in turns]
+        to_record = turns if backlog is None else [storable(t) for t in backlog]
         if not turns and not to_record:
             return
         window = [pack_turn(t, self.compress_min_bytes) for t in turns]
@@ -272,7 +288,9 @@ class HotHistory:
     async def record(self, origin: IncomingMessage, turns: Sequence[Turn]) -> None:
         """Add turns to the backlog only (not the hot window): a message just accepted."""
         entries = [
-            pack_record(make_record(t, origin.conversation_id, origin), self.compress_min_bytes)
+            pack_record(
+                make_record(storable(t), origin.conversation_id, origin), self.compress_min_bytes
+            )
             for t in turns
         ]
         if entries:

@@ -119,3 +119,14 @@ def test_record_fields_match_the_record_type_and_the_table_columns() -> None:
 
     assert tuple(Record.__annotations__) == RECORD_FIELDS
     assert (*RECORD_FIELDS[:9], "text_encoding", *RECORD_FIELDS[9:]) == COLUMNS
+
+
+async def test_an_answer_with_a_lone_surrogate_is_stored_with_a_replacement_character(
+    hsettings: Settings, rds: Redis, engine: AsyncEngine
+) -> None:
+    history = make_history(rds, hsettings, engine=engine)
+    m = message(1)
+    await history.append(m.conversation_id, exchange(m, answer="bad \ud800 half"), origin=m)
+    await Flusher(rds, hsettings, engine).run(max_s=10)
+    stored = await conversation_tail(engine, m.conversation_id, 10)
+    assert stored[1]["text"].startswith("bad \ufffd") and stored[1]["text"].endswith(" half")
