@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from typing import Any
 
 import click
@@ -118,6 +119,46 @@ def flush_cmd() -> None:
     click.echo(f"flush: {result}")
     if result.error:
         sys.exit(1)
+
+
+@history.command("status")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of text.")
+def status_cmd(as_json: bool) -> None:
+    """The write-behind backlog: length, oldest entry's age, last flush, errors."""
+    import dataclasses
+
+    from redis.asyncio import Redis
+
+    from core.history import backlog_status
+    from core.redis import Keys
+
+    settings = get_settings()
+    if not settings.redis_url:
+        _fail(ConfigError("REDIS_URL is not set"))
+
+    async def run() -> Any:
+        redis: Redis = Redis.from_url(settings.redis_url or "")
+        try:
+            return await backlog_status(
+                redis, Keys(settings.key_prefix), settings.history_backlog_max
+            )
+        finally:
+            await redis.aclose()
+
+    st = asyncio.run(run())
+    if as_json:
+        click.echo(json.dumps({**dataclasses.asdict(st), "full": st.full}))
+        return
+    last = "never" if st.last_flush_ts is None else f"{time.time() - st.last_flush_ts:.0f}s ago"
+    click.echo(
+        f"backlog: {st.length:,} of {st.backlog_max:,} (oldest {st.oldest_age_s:.1f}s, "
+        f"{st.pending:,} being written)\nlast flush: {last}"
+        f"\nfailures in a row: {st.failures}{' - ' + st.last_error if st.last_error else ''}"
+        f"\noverflow: {st.overflow_conversations:,} conversations waiting, "
+        f"{st.overflowed_total:,} messages past the bound so far"
+    )
+    if st.full:
+        click.secho("the backlog is FULL: is the database down?", fg="red", err=True)
 
 
 @click.group()

@@ -183,3 +183,18 @@ async def test_usage_counts_messages_and_tokens_per_user_tenant_and_day(
     assert by_user["U2"]["messages"] == 1 and by_user["U2"]["tenant"] == "T1"
     code, out, _ = await sluice(hsettings, "usage", "--days", "2")
     assert code == 0 and "U1" in out and "tokens" in out
+
+
+async def test_history_status_shows_the_backlog_and_the_last_flush(
+    hsettings: Settings, rds: Redis, engine: AsyncEngine
+) -> None:
+    history = make_history(rds, hsettings)
+    m = message(1)
+    await history.append(m.conversation_id, exchange(m), origin=m)
+    code, out, err = await sluice(hsettings, "history", "status", "--json")
+    assert code == 0, err
+    st = json.loads(out)
+    assert st["length"] == 2 and st["last_flush_ts"] is None and not st["full"]
+    await Flusher(rds, hsettings, engine).run(max_s=10)
+    code, out, _ = await sluice(hsettings, "history", "status")
+    assert code == 0 and "backlog: 0 of 1,000,000" in out and "s ago" in out

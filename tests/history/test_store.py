@@ -130,3 +130,20 @@ async def test_an_answer_with_a_lone_surrogate_is_stored_with_a_replacement_char
     await Flusher(rds, hsettings, engine).run(max_s=10)
     stored = await conversation_tail(engine, m.conversation_id, 10)
     assert stored[1]["text"].startswith("bad \ufffd") and stored[1]["text"].endswith(" half")
+
+
+def test_a_record_without_its_message_takes_place_from_the_conversation_id() -> None:
+    from core.history import make_record, split_conversation_id
+    from core.messages import Turn
+
+    assert split_conversation_id("discord:G1:C1:-") == ("discord", "G1", "C1", None)
+    assert split_conversation_id("web:web:sess:1:-") == ("web", "web", "sess:1", None)
+    assert split_conversation_id("slack:T1:C1:171.5") == ("slack", "T1", "C1", "171.5")
+    rec = make_record(Turn(role="user", text="hi", message_id="x", user="U"), "slack:T:C:th")
+    assert (rec["platform"], rec["tenant"], rec["channel"], rec["thread"], rec["user"]) == (
+        "slack",
+        "T",
+        "C",
+        "th",
+        "U",
+    )
