@@ -22,6 +22,7 @@ by message id). This is logged at ERROR once a minute per process and counted in
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
@@ -89,6 +90,9 @@ return 1
 # --- Encoding ---------------------------------------------------------------------------
 
 
+_OLDEST_FIELDS = 16  # fields of the first backlog format (before `tool`)
+
+
 def pack_record(rec: Record, compress_min_bytes: int) -> bytes:
     """A backlog entry: a msgpack array of the fields in :data:`RECORD_FIELDS` order
     (field names would cost ~130 bytes per entry), zstd-compressed when the body is
@@ -109,9 +113,10 @@ def unpack_values(blob: bytes) -> list[Any]:
         values = msgpack.unpackb(blob[1:], raw=False)
     except (ValueError, msgpack.UnpackException) as e:
         raise HistoryError(f"malformed backlog entry: {e}") from e
-    if not isinstance(values, list) or len(values) != len(RECORD_FIELDS):
+    if not isinstance(values, list) or not _OLDEST_FIELDS <= len(values) <= len(RECORD_FIELDS):
         raise HistoryError("malformed backlog entry")
-    return values
+    # Entries written by an older Sluice lack the newer trailing fields.
+    return values + [None] * (len(RECORD_FIELDS) - len(values))
 
 
 def unpack_record(blob: bytes) -> Record:
@@ -193,7 +198,28 @@ def make_record(turn: Turn, conversation_id: str, origin: IncomingMessage | None
         latency_ms=turn.latency_ms,
         lane=turn.lane,
         cached=turn.cached,
+        tool=_tool_json(turn),
     )
+
+
+def _tool_json(turn: Turn) -> str | None:
+    fields: dict[str, Any] = {}
+    if turn.tool_calls:
+        fields["tool_calls"] = turn.tool_calls
+    if turn.tool_call_id is not None:
+        fields["tool_call_id"] = turn.tool_call_id
+    if turn.tool_name is not None:
+        fields["tool_name"] = turn.tool_name
+    return json.dumps(fields, ensure_ascii=False) if fields else None
+
+
+def _tool_fields(tool: str | None) -> dict[str, Any]:
+    if not tool:
+        return {}
+    fields = json.loads(tool)
+    if not isinstance(fields, dict):
+        raise HistoryError("a stored tool field is not a JSON object")
+    return fields
 
 
 def record_to_turn(rec: Record) -> Turn:
@@ -210,6 +236,7 @@ def record_to_turn(rec: Record) -> Turn:
         latency_ms=rec["latency_ms"],
         lane=rec["lane"],
         cached=rec["cached"],
+        **_tool_fields(rec.get("tool")),
     )
 
 

@@ -45,7 +45,9 @@ class MessageRow(SQLModel, table=True):
     ``(platform, tenant, message_id)`` is unique: message ids from the platforms are
     only unique within one workspace (a Slack ``ts`` is not even global), and the
     flush inserts with ``ON CONFLICT DO NOTHING`` on it, so a record flushed twice is
-    stored once. An answer's ``user`` is the user it answered.
+    stored once. An answer's ``user`` is the user it answered. ``tool`` holds a turn's
+    tool-call fields as JSON (``{"tool_calls": [...]}`` or ``{"tool_call_id": ...,
+    "tool_name": ...}``), ``None`` for plain messages.
     """
 
     __tablename__ = "messages"
@@ -74,6 +76,7 @@ class MessageRow(SQLModel, table=True):
     latency_ms: int = 0
     lane: str = Field(default="default", max_length=64)
     cached: bool = False
+    tool: str | None = None
 
 
 _table: Table = MessageRow.__table__  # type: ignore[attr-defined]
@@ -96,6 +99,7 @@ COLUMNS: tuple[str, ...] = (
     "latency_ms",
     "lane",
     "cached",
+    "tool",
 )
 
 
@@ -118,6 +122,7 @@ class Record(TypedDict):
     latency_ms: int
     lane: str
     cached: bool
+    tool: str | None
 
 
 RECORD_FIELDS: tuple[str, ...] = (
@@ -137,6 +142,7 @@ RECORD_FIELDS: tuple[str, ...] = (
     "latency_ms",
     "lane",
     "cached",
+    "tool",
 )
 """The order of a record's values in the backlog and in :func:`insert_values`."""
 
@@ -199,6 +205,7 @@ def row_to_record(row: Any) -> Record:
         latency_ms=int(m["latency_ms"]),
         lane=m["lane"],
         cached=bool(m["cached"]),
+        tool=m["tool"],
     )
 
 
@@ -286,13 +293,13 @@ def _current_revision(connection: Connection) -> tuple[str | None, bool]:
     return rev, has_messages
 
 
-def _upgrade_sync(connection: Connection) -> None:
+def _upgrade_sync(connection: Connection, revision: str = "head") -> None:
     from alembic import command
 
     if connection.dialect.name == "postgresql":
         # Workers starting together on an empty database: one migrates, the others wait.
         connection.exec_driver_sql("SELECT pg_advisory_xact_lock(728377001)")
-    command.upgrade(_alembic_config(connection), "head")
+    command.upgrade(_alembic_config(connection), revision)
 
 
 async def _create_pg_schema(engine: AsyncEngine, settings: Settings) -> None:
@@ -302,14 +309,17 @@ async def _create_pg_schema(engine: AsyncEngine, settings: Settings) -> None:
             await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{settings.db_schema}"')
 
 
-async def upgrade(settings: Settings, engine: AsyncEngine | None = None) -> str:
-    """Apply every migration (``sluice db upgrade``); returns the revision now current."""
+async def upgrade(
+    settings: Settings, engine: AsyncEngine | None = None, *, revision: str = "head"
+) -> str:
+    """Apply the migrations up to ``revision`` (``sluice db upgrade``: all of them);
+    returns the revision now current."""
     own = engine is None
     eng = engine or make_engine(settings)
     try:
         await _create_pg_schema(eng, settings)
         async with eng.begin() as conn:
-            await conn.run_sync(_upgrade_sync)
+            await conn.run_sync(_upgrade_sync, revision)
         async with eng.connect() as conn:
             rev, _ = await conn.run_sync(_current_revision)
         return rev or ""
@@ -390,6 +400,7 @@ _PG_TYPES: dict[str, str] = {
     "latency_ms": "int4",
     "lane": "text",
     "cached": "bool",
+    "tool": "text",
 }
 _PG_INSERT = (
     "INSERT INTO messages ({cols}) SELECT * FROM unnest({params}) "
@@ -623,7 +634,11 @@ async def count_rows(engine: AsyncEngine) -> tuple[int, int]:
 
 
 class UsageRow(TypedDict):
-    """Messages and tokens of one user in one tenant on one UTC day."""
+    """Messages and tokens of one user in one tenant on one UTC day.
+
+    ``messages`` counts the user's messages, ``answers`` the final answers (not the
+    tool-call steps in between); tokens add up every model call, steps included.
+    """
 
     day: str
     tenant: str
@@ -657,7 +672,9 @@ async def usage(
             _c.tenant,
             _c.user,
             func.sum(case((_c.role == "user", 1), else_=0)).label("messages"),
-            func.sum(case((_c.role == "assistant", 1), else_=0)).label("answers"),
+            func.sum(case(((_c.role == "assistant") & _c.tool.is_(None), 1), else_=0)).label(
+                "answers"
+            ),
             func.sum(_c.tokens_in).label("tokens_in"),
             func.sum(_c.tokens_out).label("tokens_out"),
         )

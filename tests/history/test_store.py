@@ -17,6 +17,7 @@ from core.store import (
     ensure_schema,
     make_engine,
     schema_status,
+    upgrade,
 )
 from tests.history.helpers import exchange, make_history, message
 from workers.flush import Flusher
@@ -64,16 +65,53 @@ async def test_empty_database_gets_the_schema_and_an_older_one_names_the_upgrade
 ) -> None:
     engine = make_engine(hsettings)
     try:
-        await ensure_schema(hsettings, engine)
-        rev, head, has_messages = await schema_status(engine)
-        assert rev == head and has_messages
-        # Pretend the database was made by an older Sluice.
-        async with engine.begin() as conn:
-            await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
+        # A database made by an older Sluice: the first migration only.
+        assert await upgrade(hsettings, engine, revision="0001") == "0001"
         with pytest.raises(ConfigError, match="sluice db upgrade"):
             await ensure_schema(hsettings, engine)
+        assert await upgrade(hsettings, engine) == "0002"
+        await ensure_schema(hsettings, engine)
+        rev, head, has_messages = await schema_status(engine)
+        assert rev == head == "0002" and has_messages
     finally:
         await engine.dispose()
+
+
+async def test_tool_call_turns_keep_their_tool_fields_through_sql(
+    hsettings: Settings, rds: Redis, engine: AsyncEngine
+) -> None:
+    from core.messages import Turn
+
+    history = make_history(rds, hsettings, engine=engine)
+    m = message(1)
+    calls = [{"id": "call_1", "name": "weather", "arguments": '{"city": "Oslo"}'}]
+    turns = [
+        exchange(m)[0],
+        Turn(
+            role="assistant",
+            text="",
+            message_id="m1:step1",
+            tool_calls=calls,
+            tokens_in=5,
+            ts=m.ts + 0.1,
+        ),
+        Turn(
+            role="tool",
+            text='{"temp": 3}',
+            message_id="m1:tool:call_1",
+            tool_call_id="call_1",
+            ts=m.ts + 0.2,
+            tool_name="weather",
+        ),
+        exchange(m)[1],
+    ]
+    await history.append(m.conversation_id, turns, origin=m)
+    await Flusher(rds, hsettings, engine).run(max_s=10)
+    await rds.delete(history._keys.history(m.conversation_id))
+    back = await history.recent(m.conversation_id, 10)
+    assert [t.model_dump(exclude={"user"}) for t in back] == [
+        t.model_dump(exclude={"user"}) for t in turns
+    ]
 
 
 async def test_retention_deletes_only_messages_older_than_the_limit(
@@ -95,23 +133,20 @@ async def test_retention_deletes_only_messages_older_than_the_limit(
     ]
 
 
-async def test_db_upgrade_creates_the_schema_and_a_worker_refuses_an_older_one(
+async def test_a_worker_refuses_an_older_schema_until_sluice_db_upgrade(
     sqlite_settings: Settings,
 ) -> None:
     from tests.history.test_data_management import sluice
 
-    code, out, err = await sluice(sqlite_settings, "db", "upgrade")
-    assert code == 0, err
-    assert "revision 0001" in out
-    engine = make_engine(sqlite_settings)
-    try:
-        async with engine.begin() as conn:
-            await conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0000'")
-    finally:
-        await engine.dispose()
+    await upgrade(sqlite_settings, revision="0001")
     code, out, err = await sluice(sqlite_settings, "worker", "--burst")
     assert code == 2
     assert "sluice db upgrade" in err
+    code, out, err = await sluice(sqlite_settings, "db", "upgrade")
+    assert code == 0, err
+    assert "revision 0002" in out
+    code, out, err = await sluice(sqlite_settings, "worker", "--burst")
+    assert code == 0, err
 
 
 def test_record_fields_match_the_record_type_and_the_table_columns() -> None:
@@ -119,6 +154,9 @@ def test_record_fields_match_the_record_type_and_the_table_columns() -> None:
 
     assert tuple(Record.__annotations__) == RECORD_FIELDS
     assert (*RECORD_FIELDS[:9], "text_encoding", *RECORD_FIELDS[9:]) == COLUMNS
+    from core.store import MessageRow
+
+    assert set(MessageRow.model_fields) == {"id", *COLUMNS}
 
 
 async def test_an_answer_with_a_lone_surrogate_is_stored_with_a_replacement_character(
