@@ -1,0 +1,223 @@
+"""``sluice slack``: the Bolt app, its HTTP server (aiohttp) and Socket Mode.
+
+HTTP mode serves ``POST /slack/events`` (Events API, slash commands),
+``GET /slack/install`` and ``GET /slack/oauth_redirect`` (multi-workspace OAuth) and
+``GET /healthz``. Requests are checked at the edge before Bolt sees them: too
+large → 413, bad signature or timestamp older than 5 minutes → 401, unparseable
+body → 400. Socket Mode is used when ``SLACK_APP_TOKEN`` is set.
+
+Modes: with ``SLACK_CLIENT_ID`` and ``SLACK_CLIENT_SECRET`` the app is installable
+into many workspaces (installations in the SQL database); with only
+``SLACK_BOT_TOKEN`` it serves one workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from urllib.parse import parse_qs
+
+from aiohttp import web
+from slack_bolt.adapter.aiohttp import to_aiohttp_response
+from slack_bolt.async_app import AsyncApp
+from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
+from slack_bolt.request.async_request import AsyncBoltRequest
+from slack_sdk.signature import SignatureVerifier
+from slack_sdk.web.async_client import AsyncWebClient
+
+from bots.slack.installations import RedisOAuthStateStore, SQLInstallationStore
+from bots.slack.intake import Intake
+from bots.slack.listeners import SluiceListeners, register
+from core.errors import ConfigError, QueueError
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BOT_SCOPES = [
+    "app_mentions:read", "assistant:write", "channels:history", "chat:write",
+    "commands", "groups:history", "im:history", "im:write", "mpim:history",
+]
+EVENTS_PATH = "/slack/events"
+INSTALL_PATH = "/slack/install"
+REDIRECT_PATH = "/slack/oauth_redirect"
+
+
+def is_multi_workspace(settings: Settings) -> bool:
+    """OAuth installs (many workspaces) rather than one ``SLACK_BOT_TOKEN``."""
+    return bool(settings.slack_client_id and settings.slack_client_secret)
+
+
+@dataclass
+class SlackApp:
+    """Everything ``sluice slack`` runs, for tests and for the CLI."""
+
+    bolt: AsyncApp
+    listeners: SluiceListeners
+    installation_store: SQLInstallationStore | None
+
+    async def close(self) -> None:
+        """Close Redis and database connections."""
+        await self.listeners.intake.close()
+        if self.installation_store is not None:
+            await self.installation_store.close()
+
+
+async def build_app(settings: Settings, intake: Intake | None = None) -> SlackApp:
+    """The Bolt app with Sluice's listeners, configured from ``settings``."""
+    if settings.slack_signing_secret is None and settings.slack_app_token is None:
+        raise ConfigError("SLACK_SIGNING_SECRET is not set: copy it from your Slack app's "
+                          "Basic Information page (or set SLACK_APP_TOKEN for Socket Mode).")
+    intake = intake or Intake(settings)
+    client = AsyncWebClient(base_url=settings.slack_api_url)
+    secret = settings.slack_signing_secret.get_secret_value() \
+        if settings.slack_signing_secret else None
+    store: SQLInstallationStore | None = None
+    if is_multi_workspace(settings):
+        store = SQLInstallationStore(settings)
+        await store.create_tables()
+        assert settings.slack_client_secret is not None
+        oauth = AsyncOAuthSettings(
+            client_id=settings.slack_client_id,
+            client_secret=settings.slack_client_secret.get_secret_value(),
+            scopes=BOT_SCOPES,
+            installation_store=store,
+            installation_store_bot_only=True,
+            state_store=RedisOAuthStateStore(await intake.redis(), intake.keys),
+            install_path=INSTALL_PATH,
+            redirect_uri_path=REDIRECT_PATH,
+            install_page_rendering_enabled=False,
+        )
+        bolt = AsyncApp(
+            signing_secret=secret, client=client, oauth_settings=oauth,
+            installation_store_bot_only=True,
+            request_verification_enabled=secret is not None,
+        )
+    else:
+        if settings.slack_bot_token is None:
+            raise ConfigError("Set SLACK_BOT_TOKEN (one workspace) or SLACK_CLIENT_ID and "
+                              "SLACK_CLIENT_SECRET (installable app) for `sluice slack`.")
+        bolt = AsyncApp(
+            token=settings.slack_bot_token.get_secret_value(), signing_secret=secret,
+            client=client, request_verification_enabled=secret is not None,
+        )
+    listeners = register(bolt, settings, intake=intake, installation_store=store)
+
+    # Registered last, so it only sees what every other listener passed on.
+    @bolt.event("message")
+    async def other_messages() -> None:
+        """Channel chatter the bot was not asked about, edits, bot messages."""
+
+    return SlackApp(bolt=bolt, listeners=listeners, installation_store=store)
+
+
+def _body_is_parseable(body: bytes, content_type: str) -> bool:
+    try:
+        text = body.decode("utf-8")
+        if content_type == "application/json":
+            return isinstance(json.loads(text), dict)
+        form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
+        if "payload" in form:
+            return isinstance(json.loads(form["payload"][0]), dict)
+        return bool(form)
+    except (UnicodeDecodeError, ValueError):
+        return False
+
+
+def web_app(slack: SlackApp, settings: Settings) -> web.Application:
+    """The aiohttp application of HTTP mode."""
+    secret = settings.slack_signing_secret.get_secret_value() \
+        if settings.slack_signing_secret else ""
+    verifier = SignatureVerifier(secret)
+    bolt = slack.bolt
+    max_bytes = settings.max_body_bytes
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        if (request.content_length or 0) > max_bytes:
+            return web.Response(status=413, text="body too large")
+        body = await request.content.read(max_bytes + 1)
+        if len(body) > max_bytes:
+            return web.Response(status=413, text="body too large")
+        if not verifier.is_valid(
+            body,
+            request.headers.get("X-Slack-Request-Timestamp", ""),
+            request.headers.get("X-Slack-Signature", ""),
+        ):
+            return web.Response(status=401, text="invalid signature or stale timestamp")
+        if not _body_is_parseable(body, request.content_type):
+            return web.Response(status=400, text="malformed body")
+        bolt_req = AsyncBoltRequest(
+            body=body.decode("utf-8"), query=request.query_string,
+            headers={k: v for k, v in request.headers.items()},
+        )
+        return await to_aiohttp_response(await bolt.async_dispatch(bolt_req))
+
+    async def oauth(request: web.Request) -> web.StreamResponse:
+        flow = bolt.oauth_flow
+        if flow is None:
+            return web.Response(status=404, text="this app is not installable (no OAuth)")
+        bolt_req = AsyncBoltRequest(
+            body="", query=request.query_string,
+            headers={k: v for k, v in request.headers.items()},
+        )
+        if request.path == INSTALL_PATH:
+            bolt_resp = await flow.handle_installation(bolt_req)
+        else:
+            bolt_resp = await flow.handle_callback(bolt_req)
+        return await to_aiohttp_response(bolt_resp)
+
+    async def healthz(request: web.Request) -> web.Response:
+        try:
+            redis = await slack.listeners.intake.redis()
+            await redis.ping()
+        except (QueueError, OSError, ConnectionError) as e:
+            return web.json_response({"ok": False, "redis": str(e)}, status=503)
+        return web.json_response({"ok": True})
+
+    app = web.Application(client_max_size=max_bytes)
+    app.router.add_post(EVENTS_PATH, events)
+    app.router.add_get(INSTALL_PATH, oauth)
+    app.router.add_get(REDIRECT_PATH, oauth)
+    app.router.add_get("/healthz", healthz)
+
+    async def on_cleanup(_: web.Application) -> None:
+        await slack.close()
+
+    app.on_cleanup.append(on_cleanup)
+    return app
+
+
+async def serve_http(settings: Settings, host: str, port: int) -> None:
+    """Run HTTP mode until cancelled."""
+    import asyncio
+
+    slack = await build_app(settings)
+    runner = web.AppRunner(web_app(slack, settings), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    logger.info("slack adapter (HTTP, %s) on http://%s:%s%s",
+                "multi-workspace" if is_multi_workspace(settings) else "single workspace",
+                host, port, EVENTS_PATH)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+async def serve_socket_mode(settings: Settings) -> None:
+    """Run Socket Mode until cancelled (``SLACK_APP_TOKEN``)."""
+    import asyncio
+
+    from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+
+    assert settings.slack_app_token is not None
+    slack = await build_app(settings)
+    handler = AsyncSocketModeHandler(slack.bolt, settings.slack_app_token.get_secret_value())
+    await handler.connect_async()
+    logger.info("slack adapter (Socket Mode) connected")
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await handler.close_async()
+        await slack.close()
