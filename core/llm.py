@@ -105,9 +105,7 @@ class OpenAIProvider:
             api_key=key,
             base_url=base_url or settings.openai_base_url,
             max_retries=0,
-            timeout=openai.Timeout(
-                settings.llm_timeout_s, connect=settings.llm_connect_timeout_s
-            ),
+            timeout=openai.Timeout(settings.llm_timeout_s, connect=settings.llm_connect_timeout_s),
         )
 
     async def close(self) -> None:
@@ -149,15 +147,17 @@ class OpenAIProvider:
         started: float,
         params: dict[str, Any],
     ) -> Completion:
-        raw = await self.client.chat.completions.with_raw_response.create(
+        raw = await self.client.chat.completions.with_raw_response.create(  # type: ignore[call-overload]
             model=model,
-            messages=list(messages),  # type: ignore[arg-type]
+            messages=list(messages),
             stream=True,
             stream_options={"include_usage": True},
             **params,
         )
-        headers = {k.lower(): v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit")}
-        stream = await raw.parse()
+        headers = {
+            k.lower(): v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit")
+        }
+        stream = raw.parse()
         out = Completion(text="", model=model, headers=headers)
         parts: list[str] = []
         tool_calls: dict[int, dict[str, Any]] = {}

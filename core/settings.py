@@ -94,8 +94,10 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="Web chat bind address.")
     web_port: int = Field(8080, ge=0, le=65535, description="Web chat port.")
     max_input_chars: int = Field(
-        8000, ge=1, description="Longest user text sent to the model; longer text is truncated "
-        "for the model (with a note in the reply) and stored whole."
+        8000,
+        ge=1,
+        description="Longest user text sent to the model; longer text is truncated "
+        "for the model (with a note in the reply) and stored whole.",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body an adapter accepts (413 above)."
