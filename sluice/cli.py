@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from bots.slack.cli import slack as slack_command
 from core.errors import ConfigError
 from core.settings import get_settings
 
@@ -122,3 +123,5 @@ def llm_sim(
         seed=seed,
     )
     sim_main(port, cfg, host=host)
+
+main.add_command(slack_command)

@@ -97,9 +97,11 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
         if settings.slack_bot_token is None:
             raise ConfigError("Set SLACK_BOT_TOKEN (one workspace) or SLACK_CLIENT_ID and "
                               "SLACK_CLIENT_SECRET (installable app) for `sluice slack`.")
+        # Bolt takes the token from the client when a client is given.
+        client.token = settings.slack_bot_token.get_secret_value()
         bolt = AsyncApp(
-            token=settings.slack_bot_token.get_secret_value(), signing_secret=secret,
-            client=client, request_verification_enabled=secret is not None,
+            signing_secret=secret, client=client,
+            request_verification_enabled=secret is not None,
         )
     listeners = register(bolt, settings, intake=intake, installation_store=store)
 
@@ -138,11 +140,10 @@ def web_app(slack: SlackApp, settings: Settings) -> web.Application:
         body = await request.content.read(max_bytes + 1)
         if len(body) > max_bytes:
             return web.Response(status=413, text="body too large")
-        if not verifier.is_valid(
-            body,
-            request.headers.get("X-Slack-Request-Timestamp", ""),
-            request.headers.get("X-Slack-Signature", ""),
-        ):
+        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        signature = request.headers.get("X-Slack-Signature", "")
+        if not (timestamp.isdigit() and signature
+                and verifier.is_valid(body, timestamp, signature)):
             return web.Response(status=401, text="invalid signature or stale timestamp")
         if not _body_is_parseable(body, request.content_type):
             return web.Response(status=400, text="malformed body")

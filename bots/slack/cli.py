@@ -1,0 +1,36 @@
+"""``sluice slack``: the Slack adapter (HTTP on ``--port``, or Socket Mode)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+
+@click.command("slack")
+@click.option("--host", default="0.0.0.0", show_default=True, help="Bind address (HTTP mode).")
+@click.option("--port", type=int, default=3000, show_default=True, help="Port (HTTP mode).")
+def slack(host: str, port: int) -> None:
+    """Slack adapter: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on --port.
+
+    HTTP mode serves POST /slack/events, GET /slack/install, GET /slack/oauth_redirect
+    and GET /healthz. Workers (`sluice worker`) write the replies.
+    """
+    from bots.slack.app import serve_http, serve_socket_mode
+    from core.errors import ConfigError
+    from core.logs import setup_logging
+    from core.settings import get_settings
+
+    settings = get_settings()
+    setup_logging(settings, process="slack")
+    runner = serve_socket_mode(settings) if settings.slack_app_token else serve_http(
+        settings, host, port
+    )
+    try:
+        asyncio.run(runner)
+    except ConfigError as e:
+        click.secho(f"error: {e}", fg="red", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        pass
