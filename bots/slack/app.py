@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
@@ -25,6 +26,7 @@ from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.installations import RedisOAuthStateStore, SQLInstallationStore
 from bots.slack.intake import Intake
@@ -41,6 +43,26 @@ BOT_SCOPES = [
 EVENTS_PATH = "/slack/events"
 INSTALL_PATH = "/slack/install"
 REDIRECT_PATH = "/slack/oauth_redirect"
+
+
+class _WebClient(AsyncWebClient):
+    """slack_sdk's client, sending OAuth client credentials in the form body.
+
+    Slack accepts them there as well as in Basic auth; slack_sdk's Basic auth path
+    uses ``aiohttp.BasicAuth``, which aiohttp 3.14 deprecates with a warning.
+    """
+
+    async def oauth_v2_access(  # type: ignore[override]
+        self, *, client_id: str, client_secret: str, code: str | None = None,
+        redirect_uri: str | None = None, grant_type: str | None = None,
+        refresh_token: str | None = None, **kwargs: Any,
+    ) -> AsyncSlackResponse:
+        params = {"client_id": client_id, "client_secret": client_secret, "code": code,
+                  "redirect_uri": redirect_uri, "grant_type": grant_type,
+                  "refresh_token": refresh_token, **kwargs}
+        return await self.api_call(  # type: ignore[no-any-return]
+            "oauth.v2.access", data={k: v for k, v in params.items() if v is not None}
+        )
 
 
 def is_multi_workspace(settings: Settings) -> bool:
@@ -69,7 +91,7 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
         raise ConfigError("SLACK_SIGNING_SECRET is not set: copy it from your Slack app's "
                           "Basic Information page (or set SLACK_APP_TOKEN for Socket Mode).")
     intake = intake or Intake(settings)
-    client = AsyncWebClient(base_url=settings.slack_api_url)
+    client = _WebClient(base_url=settings.slack_api_url)
     secret = settings.slack_signing_secret.get_secret_value() \
         if settings.slack_signing_secret else None
     store: SQLInstallationStore | None = None
