@@ -217,7 +217,8 @@ async def serve_http(settings: Settings, host: str, port: int) -> None:
     slack = await build_app(settings)
     runner = web.AppRunner(web_app(slack, settings), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
+    # A deep accept queue: a burst of Slack deliveries must not wait for SYN retries.
+    site = web.TCPSite(runner, host, port, backlog=1024)
     await site.start()
     logger.info("slack adapter (HTTP, %s) on http://%s:%s%s",
                 "multi-workspace" if is_multi_workspace(settings) else "single workspace",

@@ -88,12 +88,13 @@ async def running_adapter(settings: Settings) -> AsyncIterator[Adapter]:
     slack = await build_app(settings)
     runner = web.AppRunner(web_app(slack, settings), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)  # as serve_http does
     await site.start()
     assert site._server is not None
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     base = f"http://127.0.0.1:{port}"
-    async with aiohttp.ClientSession() as http:
+    # No client-side connection cap: concurrent events really arrive concurrently.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         try:
             yield Adapter(base, slack, EventSender(http, base + "/slack/events",
                                                    SIGNING_SECRET), http)
