@@ -82,6 +82,9 @@ class FakeSlackAPI:
         self.port = 0
         self.close_streams_after_appends: int | None = None
         self.stream_error: str | None = None
+        self.app_tokens: set[str] = set()
+        self.socket_acks: dict[str, dict[str, Any]] = {}
+        self._sockets: list[web.WebSocketResponse] = []
 
     @property
     def url(self) -> str:
@@ -134,6 +137,7 @@ class FakeSlackAPI:
         app = web.Application()
         app.router.add_post("/api/{method}", self._handle)
         app.router.add_get("/api/{method}", self._handle)
+        app.router.add_get("/link", self._socket)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -144,9 +148,42 @@ class FakeSlackAPI:
 
     async def stop(self) -> None:
         """Stop the server."""
+        for ws in list(self._sockets):
+            await ws.close()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    # --- Socket Mode ---------------------------------------------------------------
+
+    async def _socket(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        self._sockets.append(ws)
+        await ws.send_json({"type": "hello", "num_connections": 1,
+                            "connection_info": {"app_id": "AFAKE"}})
+        try:
+            async for frame in ws:
+                if frame.type == aiohttp.WSMsgType.TEXT:
+                    data = json.loads(frame.data)
+                    if "envelope_id" in data:
+                        self.socket_acks[data["envelope_id"]] = data
+        finally:
+            self._sockets.remove(ws)
+        return ws
+
+    async def socket_event(self, event: dict[str, Any], *, team_id: str = "T1",
+                           envelope_id: str | None = None, retry_attempt: int = 0) -> str:
+        """Push an Events API envelope to the connected Socket Mode client."""
+        await self.wait_for(lambda: self._sockets)
+        envelope_id = envelope_id or secrets.token_hex(8)
+        await self._sockets[-1].send_json({
+            "envelope_id": envelope_id, "type": "events_api",
+            "accepts_response_payload": False, "retry_attempt": retry_attempt,
+            "retry_reason": "timeout" if retry_attempt else "",
+            "payload": event_envelope(event, team_id=team_id),
+        })
+        return envelope_id
 
     async def _params(self, request: web.Request) -> dict[str, Any]:
         params: dict[str, Any] = dict(request.query)
@@ -180,6 +217,11 @@ class FakeSlackAPI:
             )
         if method == "oauth.v2.access":
             return web.json_response(self._oauth_access(request, params))
+        if method == "apps.connections.open":
+            if token not in self.app_tokens:
+                return web.json_response({"ok": False, "error": "invalid_auth"})
+            return web.json_response({"ok": True,
+                                      "url": f"ws://127.0.0.1:{self.port}/link"})
         info = self.tokens.get(token or "")
         if info is None or token in self.revoked:
             return web.json_response({"ok": False, "error": "invalid_auth"})

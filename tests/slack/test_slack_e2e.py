@@ -4,6 +4,7 @@ process -> simulator -> replies on the fake Slack Web API."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sqlite3
 
@@ -72,7 +73,7 @@ async def test_retries_and_double_delivery_give_one_reply(
         for n in range(4):
             assert (await a.send.event(event, event_id="EvR", retry_num=n or None))[0] == 200
         await a.send.event(mention("double question", "311.1", thread_ts="310.1"))
-        await a.send.event(message(f"<@UBOT> double question", "311.1", thread_ts="310.1"))
+        await a.send.event(message("<@UBOT> double question", "311.1", thread_ts="310.1"))
         assert len(await wait_reply(fake_slack, "Echo: retried question")) == 1
         assert len(await wait_reply(fake_slack, "Echo: double question")) == 1
         # A late redelivery (after the reply) is still a duplicate.
@@ -189,3 +190,30 @@ async def test_two_workspaces_installed_by_oauth_reply_with_their_own_tokens_and
         await wait_reply(fake_slack, "Echo: A still works")
         await asyncio.sleep(0.5)
     assert not replies_starting(fake_slack, "Echo: after uninstall")
+
+
+async def test_socket_mode_receives_events_acks_them_and_a_worker_replies(
+    slack_settings, worker_process, fake_slack
+):
+    from pydantic import SecretStr
+
+    from bots.slack.app import serve_socket_mode
+
+    fake_slack.app_tokens.add("xapp-test")
+    settings = slack_settings.model_copy(update={"slack_app_token": SecretStr("xapp-test"),
+                                                 "slack_signing_secret": None})
+    worker_process(worker_env(settings))
+    task = asyncio.create_task(serve_socket_mode(settings))
+    try:
+        first = await fake_slack.socket_event(mention("over the socket", "340.1"))
+        again = await fake_slack.socket_event(mention("over the socket", "340.1"),
+                                              retry_attempt=1)
+        await fake_slack.wait_for(lambda: {first, again} <= set(fake_slack.socket_acks))
+        [r] = await wait_reply(fake_slack, "Echo: over the socket")
+        assert r.thread_ts == "340.1"
+        await asyncio.sleep(0.5)
+        assert len(replies_starting(fake_slack, "Echo: over the socket")) == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

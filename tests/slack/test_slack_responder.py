@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import AsyncIterator
 
@@ -76,7 +77,7 @@ async def test_top_level_dm_is_posted_then_edited_at_most_once_per_interval(
     assert len(fake_slack.calls_of("chat.postMessage")) == 1
     # One post, then edits no closer together than the interval (pacing in Redis).
     times = [fake_slack.calls_of("chat.postMessage")[0].at] + [c.at for c in edits]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert min(gaps) >= slack_settings.slack_edit_interval_s * 0.9
     assert len(edits) <= (time.monotonic() - started) / slack_settings.slack_edit_interval_s + 1
 
