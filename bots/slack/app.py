@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAuthorize
 from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.signature import SignatureVerifier
@@ -52,7 +53,7 @@ class _WebClient(AsyncWebClient):
     uses ``aiohttp.BasicAuth``, which aiohttp 3.14 deprecates with a warning.
     """
 
-    async def oauth_v2_access(  # type: ignore[override]
+    async def oauth_v2_access(
         self, *, client_id: str, client_secret: str, code: str | None = None,
         redirect_uri: str | None = None, grant_type: str | None = None,
         refresh_token: str | None = None, **kwargs: Any,
@@ -60,7 +61,7 @@ class _WebClient(AsyncWebClient):
         params = {"client_id": client_id, "client_secret": client_secret, "code": code,
                   "redirect_uri": redirect_uri, "grant_type": grant_type,
                   "refresh_token": refresh_token, **kwargs}
-        return await self.api_call(  # type: ignore[no-any-return]
+        return await self.api_call(
             "oauth.v2.access", data={k: v for k, v in params.items() if v is not None}
         )
 
@@ -110,8 +111,16 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
             redirect_uri_path=REDIRECT_PATH,
             install_page_rendering_enabled=False,
         )
+        # Bolt's authorize calls auth.test for every event unless its result is cached
+        # per token; the token itself is looked up for every event (a few seconds'
+        # cache in the store), so an uninstalled workspace is refused at once.
+        authorize = AsyncInstallationStoreAuthorize(
+            installation_store=store, client_id=oauth.client_id,
+            client_secret=oauth.client_secret, logger=logger, bot_only=True, client=client,
+            cache_enabled=True,
+        )
         bolt = AsyncApp(
-            signing_secret=secret, client=client, oauth_settings=oauth,
+            signing_secret=secret, client=client, oauth_settings=oauth, authorize=authorize,
             installation_store_bot_only=True,
             request_verification_enabled=secret is not None,
         )
@@ -238,10 +247,10 @@ async def serve_socket_mode(settings: Settings) -> None:
     assert settings.slack_app_token is not None
     slack = await build_app(settings)
     handler = AsyncSocketModeHandler(slack.bolt, settings.slack_app_token.get_secret_value())
-    await handler.connect_async()
+    await handler.connect_async()  # type: ignore[no-untyped-call]
     logger.info("slack adapter (Socket Mode) connected")
     try:
         await asyncio.Event().wait()
     finally:
-        await handler.close_async()
+        await handler.close_async()  # type: ignore[no-untyped-call]
         await slack.close()

@@ -110,12 +110,22 @@ class TokenCipher:
 class SQLInstallationStore(AsyncInstallationStore):
     """bolt/slack_sdk installation store over SQLAlchemy async (SQLite or Postgres)."""
 
-    def __init__(self, settings: Settings, engine: AsyncEngine | None = None) -> None:
+    def __init__(self, settings: Settings, engine: AsyncEngine | None = None,
+                 *, cache_s: float = 10.0) -> None:
         key = settings.encryption_key.get_secret_value() if settings.encryption_key else None
         self.cipher = TokenCipher(key)
         self.engine = engine or create_async_engine(async_database_url(settings.database_url))
         self._ready = False
         self._logger = logger
+        # Every event needs its workspace's bot: found bots are kept briefly in memory
+        # (a burst of events is not a burst of queries). Deleting here evicts at once;
+        # another process's deletion is seen within cache_s.
+        self.cache_s = cache_s
+        self._bots: dict[tuple[str, str], tuple[Bot, float]] = {}
+
+    def forget(self, enterprise_id: str | None, team_id: str | None) -> None:
+        """Drop a cached bot."""
+        self._bots.pop((enterprise_id or "", team_id or ""), None)
 
     @property
     def logger(self) -> logging.Logger:
@@ -158,6 +168,7 @@ class SQLInstallationStore(AsyncInstallationStore):
             "user_scopes": ",".join(installation.user_scopes or []),
             "installed_at": float(installation.installed_at or time.time()),
         }
+        self.forget(installation.enterprise_id, installation.team_id)
         stmt = self._insert().values(**row)
         stmt = stmt.on_conflict_do_update(
             index_elements=["enterprise_id", "team_id"],
@@ -223,13 +234,19 @@ class SQLInstallationStore(AsyncInstallationStore):
         is_enterprise_install: bool | None = False,
     ) -> Bot | None:
         """The bot of a workspace, or ``None`` (not installed, or uninstalled)."""
+        key = (enterprise_id or "", "" if is_enterprise_install else team_id or "")
+        cached = self._bots.get(key)
+        if cached is not None and cached[1] > time.monotonic():
+            return cached[0]
         found = await self.async_find_installation(
             enterprise_id=enterprise_id, team_id=team_id,
             is_enterprise_install=is_enterprise_install,
         )
         if found is None or not found.bot_token:
             return None
-        return found.to_bot()
+        bot = found.to_bot()
+        self._bots[key] = (bot, time.monotonic() + self.cache_s)
+        return bot
 
     async def async_delete_bot(
         self, *, enterprise_id: str | None, team_id: str | None
@@ -245,6 +262,7 @@ class SQLInstallationStore(AsyncInstallationStore):
         user_id: str | None = None,
     ) -> None:
         """Delete the workspace's row and so its tokens (``app_uninstalled``)."""
+        self.forget(enterprise_id, team_id)
         await self.create_tables()
         stmt = delete(installations).where(
             and_(installations.c.enterprise_id == (enterprise_id or ""),

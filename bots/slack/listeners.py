@@ -223,7 +223,7 @@ def register(
         settings, intake or Intake(settings), installation_store=installation_store,
         lane=lane, suggested_prompts=suggested_prompts,
     )
-    chain = [sluice.choose_lane, sluice.enqueue]
+    chain: list[Callable[..., Any]] = [sluice.choose_lane, sluice.enqueue]
     app.event("app_mention", middleware=[sluice.skip_bots, sluice.select_mention, *chain])(
         sluice.accepted
     )

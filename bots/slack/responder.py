@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from redis.asyncio import Redis
@@ -40,7 +40,6 @@ from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-TOKEN_CACHE_S = 10.0
 SERVER_ERROR_RETRIES = 3
 RATE_LIMIT_RETRIES = 6
 _AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "token_revoked", "account_inactive",
@@ -73,7 +72,6 @@ class SlackResponderFactory:
         self.keys = Keys(settings.key_prefix)
         self.session: aiohttp.ClientSession | None = None
         self._store: Any = None
-        self._tokens: dict[str, tuple[str, float]] = {}
         self._clients: dict[str, AsyncWebClient] = {}
         self.stream_refused: set[str] = set()
 
@@ -107,21 +105,18 @@ class SlackResponderFactory:
             if self.settings.slack_bot_token is None:
                 raise DeliveryError("SLACK_BOT_TOKEN is not set")
             return self.settings.slack_bot_token.get_secret_value()
-        cached = self._tokens.get(msg.tenant)
-        if cached and cached[1] > time.monotonic():
-            return cached[0]
         bot = await self._store.async_find_bot(
             enterprise_id=msg.meta.get("enterprise_id"), team_id=msg.tenant,
             is_enterprise_install=msg.meta.get("is_enterprise_install") == "1",
         )
         if bot is None or not bot.bot_token:
             raise DeliveryError(f"slack workspace {msg.tenant} is not installed")
-        self._tokens[msg.tenant] = (bot.bot_token, time.monotonic() + TOKEN_CACHE_S)
         return str(bot.bot_token)
 
     def forget(self, team: str) -> None:
         """Drop a cached token (revoked or uninstalled)."""
-        self._tokens.pop(team, None)
+        if self._store is not None:
+            self._store.forget(None, team)
 
     def client(self, token: str) -> AsyncWebClient:
         """A Web API client for ``token`` on the shared session."""
@@ -191,7 +186,7 @@ class SlackResponder:
         self.ts: str | None = None
         self.mode: str | None = None
         self.done = False
-        self.sent = 0  # characters of markdown already streamed
+        self.streamed = ""  # the markdown already streamed (a prefix of the answer)
         self.parts: dict[int, str] = {}
         self._client: AsyncWebClient | None = None
 
@@ -208,7 +203,7 @@ class SlackResponder:
 
     async def _load(self) -> None:
         try:
-            raw = await self.f.redis.hgetall(self.state_key)
+            raw = await cast("Awaitable[dict[Any, Any]]", self.f.redis.hgetall(self.state_key))
         except RedisError as e:
             raise DeliveryRetryableError(f"cannot read delivery state: {e}") from e
         state = {(k.decode() if isinstance(k, bytes) else k):
@@ -331,7 +326,7 @@ class SlackResponder:
                     markdown_text=safe_markdown(first), recipient_team_id=self.msg.tenant,
                     recipient_user_id=self.msg.meta.get("recipient_user_id", self.msg.user),
                 )
-                self.ts, self.mode, self.sent = str(resp["ts"]), "stream", len(first)
+                self.ts, self.mode, self.streamed = str(resp["ts"]), "stream", first
                 await self._save(ts=self.ts, mode="stream")
                 await self._may_edit(final=False)
                 return
@@ -359,15 +354,16 @@ class SlackResponder:
         await self._may_edit(final=False)
 
     async def _append(self, text: str) -> None:
-        if self.sent >= self.limit or len(text) <= self.sent:
+        sent = len(self.streamed)
+        if sent >= self.limit or len(text) <= sent or not text.startswith(self.streamed):
             return
         if not await self._may_edit(final=False):
             return
-        delta = text[self.sent: self.limit]
+        delta = text[sent: self.limit]
         try:
             await self._call("chat_appendStream", channel=self.msg.channel, ts=self.ts,
                              markdown_text=safe_markdown(delta))
-            self.sent += len(delta)
+            self.streamed += delta
         except SlackApiError as e:
             if str(e.response.get("error", "")) not in _NOT_STREAMING:
                 raise DeliveryError(f"chat.appendStream failed: {e}") from e
@@ -377,8 +373,10 @@ class SlackResponder:
 
     async def _stop(self, text: str, parts: list[str]) -> None:
         """End the native stream with the rest of the text (or edit if Slack closed it)."""
-        fits = len(text) <= self.limit
-        delta = text[self.sent:] if fits else ""
+        # The final text continues the stream unless it is too long for one message or
+        # differs from what was streamed (e.g. an apology after a failed model call).
+        fits = len(text) <= self.limit and text.startswith(self.streamed)
+        delta = text[len(self.streamed):] if fits else ""
         kwargs: dict[str, Any] = {"channel": self.msg.channel, "ts": self.ts}
         if delta:
             kwargs["markdown_text"] = safe_markdown(delta)

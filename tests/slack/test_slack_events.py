@@ -297,3 +297,35 @@ async def test_existing_bolt_app_keeps_its_listeners_beside_sluice(
 def test_settings_secret_never_prints(slack_settings):
     assert SIGNING_SECRET not in repr(slack_settings)
     assert isinstance(slack_settings.slack_signing_secret, SecretStr)
+
+
+async def test_multi_workspace_burst_is_acked_within_3s(
+    oauth_settings, adapter, queue, fake_slack
+):
+    from slack_sdk.oauth.installation_store import Installation
+
+    from bots.slack.installations import SQLInstallationStore
+
+    store = SQLInstallationStore(oauth_settings)
+    for team in ("TA", "TB"):
+        fake_slack.add_token(f"xoxb-{team}", team)
+        await store.async_save(Installation(team_id=team, bot_token=f"xoxb-{team}",
+                                            bot_user_id=BOT_USER, user_id="U1"))
+    await store.close()
+    async with adapter(oauth_settings) as a:
+        async def timed(i: int) -> tuple[int, float]:
+            started = time.perf_counter()
+            status, _ = await a.send.event(mention(f"q {i}", f"210.{i:04d}"),
+                                           team_id="TA" if i % 2 else "TB")
+            return status, time.perf_counter() - started
+
+        results = await asyncio.gather(*[timed(i) for i in range(200)])
+    times = sorted(t for _, t in results)
+    p50, p99 = statistics.median(times), times[int(len(times) * 0.99) - 1]
+    print(f"\n200 concurrent events, 2 OAuth workspaces: p50={p50 * 1000:.0f}ms "
+          f"p99={p99 * 1000:.0f}ms auth.test calls={len(fake_slack.calls_of('auth.test'))}")
+    assert all(status == 200 for status, _ in results)
+    assert times[-1] < 3.0
+    jobs = await queued_messages(queue, oauth_settings)
+    assert len(jobs) == 200
+    assert {j["tenant"] for j in jobs} == {"TA", "TB"}

@@ -190,3 +190,14 @@ async def test_unknown_token_is_a_delivery_error(slack_settings, redis, fake_sla
             await deliver(f, msg("12.1", channel="D1", kind="dm"), [], final="x")
     finally:
         await f.close()
+
+
+async def test_apology_after_a_partial_stream_replaces_the_partial_text(factory, fake_slack):
+    m = msg("13.1", thread="13.1")
+    r = factory.responder(m, m.job_id)
+    await r.begin()
+    await r.stream("The answer starts like th")
+    await r.finish(Reply(text="Sorry, I couldn't answer that just now.", kind="error"))
+    [reply] = fake_slack.replies("C1")
+    assert reply.text == "Sorry, I couldn't answer that just now."
+    assert not reply.streaming
