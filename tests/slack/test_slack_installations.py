@@ -75,3 +75,31 @@ async def test_encrypted_token_without_the_key_is_a_config_error(settings):
 def test_a_malformed_encryption_key_names_the_fix(settings):
     with pytest.raises(ConfigError, match="Fernet"):
         SQLInstallationStore(settings.model_copy(update={"encryption_key": SecretStr("nope")}))
+
+
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.mark.postgres
+async def test_installations_on_postgres(settings):
+    import uuid
+
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=2)
+        await conn.close()
+    except (OSError, asyncpg.PostgresError) as e:
+        pytest.skip(f"no Postgres at {POSTGRES_URL}: {e}")
+    s = settings.model_copy(update={"database_url": POSTGRES_URL, "encryption_key": new_key()})
+    team = f"T{uuid.uuid4().hex[:10].upper()}"
+    store = SQLInstallationStore(s)
+    try:
+        await store.async_save(installation(team, "xoxb-pg-1"))
+        await store.async_save(installation(team, "xoxb-pg-2"))
+        bot = await store.async_find_bot(enterprise_id=None, team_id=team)
+        assert bot is not None and bot.bot_token == "xoxb-pg-2"
+        await store.async_delete_installation(enterprise_id=None, team_id=team)
+        assert await store.async_find_bot(enterprise_id=None, team_id=team) is None
+    finally:
+        await store.close()
