@@ -10,8 +10,15 @@ import sqlite3
 
 import pytest
 
-from tests.fakes.slack_api import FakeSlackAPI
-from tests.slack.conftest import BOT_TOKEN, mention, message, worker_env
+from tests.fakes.slack_api import EventSender, FakeSlackAPI
+from tests.helpers import free_port, running, settings_env, wait_port
+from tests.slack.conftest import (
+    BOT_TOKEN,
+    SIGNING_SECRET,
+    mention,
+    message,
+    worker_env,
+)
 
 
 def replies_starting(fake: FakeSlackAPI, prefix: str) -> list:
@@ -91,9 +98,6 @@ async def test_two_hundred_events_at_once_are_acked_fast_and_all_answered(
     import time
 
     import aiohttp
-
-    from tests.fakes.slack_api import EventSender
-    from tests.slack.conftest import SIGNING_SECRET
 
     worker_process(worker_env(slack_settings))
     async with adapter(slack_settings) as a, aiohttp.ClientSession(
@@ -217,3 +221,111 @@ async def test_socket_mode_receives_events_acks_them_and_a_worker_replies(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_existing_bolt_app_keeps_its_listeners_beside_sluice(
+    slack_settings, fake_slack, worker_process
+):
+    import aiohttp
+    from aiohttp import web
+    from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
+    from slack_bolt.async_app import AsyncApp
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from bots.slack import register
+
+    host = AsyncApp(signing_secret=SIGNING_SECRET,
+                    client=AsyncWebClient(base_url=fake_slack.url,
+                                          token=slack_settings.slack_bot_token.get_secret_value()))
+    seen: list[str] = []
+
+    @host.event("reaction_added")
+    async def on_reaction(event) -> None:
+        seen.append(event["reaction"])
+
+    @host.command("/hello")
+    async def hello(ack) -> None:
+        await ack("hello from the host app")
+
+    @host.message("ping")
+    async def ping(message, say) -> None:
+        await say("pong")
+
+    sluice = register(host, slack_settings)
+    worker_process(worker_env(slack_settings))
+
+    async def handle(request: web.Request) -> web.Response:
+        return await to_aiohttp_response(await host.async_dispatch(await to_bolt_request(request)))
+
+    app = web.Application()
+    app.router.add_post("/slack/events", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        async with aiohttp.ClientSession() as http:
+            send = EventSender(http, f"http://127.0.0.1:{port}/slack/events", SIGNING_SECRET)
+            await send.event({"type": "reaction_added", "user": "U1", "reaction": "tada",
+                              "item": {"type": "message", "channel": "C1", "ts": "1.1"},
+                              "event_ts": "109.0"})
+            status, text = await send.command({"command": "/hello", "text": "", "team_id": "T1",
+                                               "channel_id": "C1", "user_id": "U1",
+                                               "trigger_id": "t9",
+                                               "response_url": "http://127.0.0.1:9/x"})
+            await send.event(message("ping", "109.1"))
+            await send.event(mention("sluice question", "109.2"))
+            [reply] = await wait_reply(fake_slack, "Echo: sluice question")
+    finally:
+        await runner.cleanup()
+        await sluice.intake.close()
+    assert seen == ["tada"]
+    assert status == 200 and "hello from the host app" in text
+    assert fake_slack.calls_of("chat.postMessage")[0].params["text"] == "pong"
+    assert reply.thread_ts == "109.2"
+    assert not replies_starting(fake_slack, "Echo: ping")
+
+
+async def test_sluice_slack_command_serves_events_and_health(
+    slack_settings, worker_process, fake_slack, tmp_path
+):
+    import aiohttp
+
+    from tests.helpers import base_env
+
+    port = free_port()
+    worker_process(worker_env(slack_settings))
+    env = {**base_env(), **settings_env(slack_settings)}
+    with running(["slack", "--host", "127.0.0.1", "--port", str(port)], env,
+                 tmp_path / "slack.log") as proc:
+        wait_port(port)
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200
+            send = EventSender(http, f"http://127.0.0.1:{port}/slack/events", SIGNING_SECRET)
+            status, _ = await send.event(mention("via the command", "350.1"))
+            assert status == 200
+            [reply] = await wait_reply(fake_slack, "Echo: via the command")
+        assert reply.thread_ts == "350.1"
+        assert SIGNING_SECRET not in proc.output() and BOT_TOKEN not in proc.output()
+
+
+async def test_tokens_revoked_deletes_the_workspace_tokens(oauth_settings, adapter, fake_slack):
+    async with adapter(oauth_settings) as a:
+        await _install(a, fake_slack, "code-r", "TR")
+        store = a.app.installation_store
+        assert await store.async_find_bot(enterprise_id=None, team_id="TR") is not None
+        status, _ = await a.send.event({"type": "tokens_revoked", "event_ts": "360.0",
+                                        "tokens": {"oauth": [], "bot": ["UBOT"]}},
+                                       team_id="TR")
+        assert status == 200
+
+        async def revoked() -> bool:
+            return await store.async_find_bot(enterprise_id=None, team_id="TR") is None
+
+        for _ in range(100):
+            if await revoked():
+                break
+            await asyncio.sleep(0.05)
+        assert await revoked()

@@ -231,69 +231,6 @@ async def test_signed_request_with_a_wrong_secret_is_refused(slack_settings, ada
     assert await queued_messages(queue, slack_settings) == []
 
 
-async def test_existing_bolt_app_keeps_its_listeners_beside_sluice(
-    slack_settings, fake_slack, queue
-):
-    import aiohttp
-    from aiohttp import web
-    from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
-    from slack_bolt.async_app import AsyncApp
-    from slack_sdk.web.async_client import AsyncWebClient
-
-    from bots.slack import register
-
-    host = AsyncApp(signing_secret=SIGNING_SECRET,
-                    client=AsyncWebClient(base_url=fake_slack.url,
-                                          token=slack_settings.slack_bot_token.get_secret_value()))
-    seen: list[str] = []
-
-    @host.event("reaction_added")
-    async def on_reaction(event) -> None:
-        seen.append(event["reaction"])
-
-    @host.command("/hello")
-    async def hello(ack) -> None:
-        await ack("hello from the host app")
-
-    @host.message("ping")
-    async def ping(message, say) -> None:
-        await say("pong")
-
-    sluice = register(host, slack_settings)
-
-    async def handle(request: web.Request) -> web.Response:
-        return await to_aiohttp_response(await host.async_dispatch(await to_bolt_request(request)))
-
-    app = web.Application()
-    app.router.add_post("/slack/events", handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        async with aiohttp.ClientSession() as http:
-            send = EventSender(http, f"http://127.0.0.1:{port}/slack/events", SIGNING_SECRET)
-            await send.event({"type": "reaction_added", "user": "U1", "reaction": "tada",
-                              "item": {"type": "message", "channel": "C1", "ts": "1.1"},
-                              "event_ts": "109.0"})
-            status, text = await send.command({"command": "/hello", "text": "", "team_id": "T1",
-                                               "channel_id": "C1", "user_id": "U1",
-                                               "trigger_id": "t9",
-                                               "response_url": "http://127.0.0.1:9/x"})
-            await send.event(message("ping", "109.1"))
-            await send.event(mention("sluice question", "109.2"))
-            await fake_slack.wait_for(lambda: seen and fake_slack.calls_of("chat.postMessage"))
-    finally:
-        await runner.cleanup()
-        await sluice.intake.close()
-    assert seen == ["tada"]
-    assert status == 200 and "hello from the host app" in text
-    assert fake_slack.calls_of("chat.postMessage")[0].params["text"] == "pong"
-    [msg] = await queued_messages(queue, slack_settings)
-    assert msg["text"] == "sluice question"
-
-
 def test_settings_secret_never_prints(slack_settings):
     assert SIGNING_SECRET not in repr(slack_settings)
     assert isinstance(slack_settings.slack_signing_secret, SecretStr)
