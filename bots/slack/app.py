@@ -106,21 +106,22 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
             scopes=BOT_SCOPES,
             installation_store=store,
             installation_store_bot_only=True,
-            state_store=RedisOAuthStateStore(await intake.redis(), intake.keys),
+            state_store=RedisOAuthStateStore(intake.redis, intake.keys),
             install_path=INSTALL_PATH,
             redirect_uri_path=REDIRECT_PATH,
             install_page_rendering_enabled=False,
         )
         # Bolt's authorize calls auth.test for every event unless its result is cached
-        # per token; the token itself is looked up for every event (a few seconds'
-        # cache in the store), so an uninstalled workspace is refused at once.
+        # per token. The token itself is still looked up for every event (the store
+        # keeps it a few seconds), so an uninstalled workspace is refused.
         authorize = AsyncInstallationStoreAuthorize(
             installation_store=store, client_id=oauth.client_id,
             client_secret=oauth.client_secret, logger=logger, bot_only=True, client=client,
             cache_enabled=True,
         )
         bolt = AsyncApp(
-            signing_secret=secret, client=client, oauth_settings=oauth, authorize=authorize,
+            signing_secret=secret, client=client, oauth_settings=oauth,
+            authorize=authorize,  # type: ignore[arg-type]  # bolt accepts AsyncAuthorize objects
             installation_store_bot_only=True,
             request_verification_enabled=secret is not None,
         )

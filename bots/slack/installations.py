@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -122,9 +123,11 @@ class SQLInstallationStore(AsyncInstallationStore):
         # another process's deletion is seen within cache_s.
         self.cache_s = cache_s
         self._bots: dict[tuple[str, str], tuple[Bot, float]] = {}
+        self._generation = 0  # bumped by every change, so a read racing it is not cached
 
     def forget(self, enterprise_id: str | None, team_id: str | None) -> None:
         """Drop a cached bot."""
+        self._generation += 1
         self._bots.pop((enterprise_id or "", team_id or ""), None)
 
     @property
@@ -176,6 +179,7 @@ class SQLInstallationStore(AsyncInstallationStore):
         )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
+        self.forget(installation.enterprise_id, installation.team_id)
         logger.info("slack installation saved team=%s enterprise=%s encrypted=%s",
                     installation.team_id, installation.enterprise_id,
                     self.cipher._fernet is not None)
@@ -238,6 +242,7 @@ class SQLInstallationStore(AsyncInstallationStore):
         cached = self._bots.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
+        generation = self._generation
         found = await self.async_find_installation(
             enterprise_id=enterprise_id, team_id=team_id,
             is_enterprise_install=is_enterprise_install,
@@ -245,7 +250,8 @@ class SQLInstallationStore(AsyncInstallationStore):
         if found is None or not found.bot_token:
             return None
         bot = found.to_bot()
-        self._bots[key] = (bot, time.monotonic() + self.cache_s)
+        if generation == self._generation:
+            self._bots[key] = (bot, time.monotonic() + self.cache_s)
         return bot
 
     async def async_delete_bot(
@@ -270,14 +276,16 @@ class SQLInstallationStore(AsyncInstallationStore):
         )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
+        self.forget(enterprise_id, team_id)
         logger.info("slack installation deleted team=%s enterprise=%s", team_id, enterprise_id)
 
 
 class RedisOAuthStateStore(AsyncOAuthStateStore):
     """OAuth ``state`` values in Redis: issued by the install page, valid once."""
 
-    def __init__(self, redis: Redis, keys: Keys, expiration_s: int = 600) -> None:
-        self.redis = redis
+    def __init__(self, redis: Callable[[], Awaitable[Redis]], keys: Keys,
+                 expiration_s: int = 600) -> None:
+        self.redis = redis  # connects on first use
         self.keys = keys
         self.expiration_s = expiration_s
         self._logger = logger
@@ -292,10 +300,12 @@ class RedisOAuthStateStore(AsyncOAuthStateStore):
         import secrets
 
         state = secrets.token_urlsafe(24)
-        await self.redis.set(self.keys.slack_oauth_state(state), "1", ex=self.expiration_s)
+        redis = await self.redis()
+        await redis.set(self.keys.slack_oauth_state(state), "1", ex=self.expiration_s)
         return state
 
     async def async_consume(self, state: str) -> bool:
         """``True`` once for a state that was issued and has not expired."""
-        deleted = await self.redis.delete(self.keys.slack_oauth_state(state))
+        redis = await self.redis()
+        deleted = await redis.delete(self.keys.slack_oauth_state(state))
         return bool(deleted)
