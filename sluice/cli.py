@@ -10,6 +10,7 @@ import click
 from bots.slack.cli import slack as slack_command
 from core.errors import ConfigError
 from core.settings import get_settings
+from sluice.commands import commands_command
 
 
 def _fail(e: Exception) -> None:
@@ -48,15 +49,14 @@ def dev(port: int | None, no_browser_hint: bool) -> None:
 def worker(burst: bool) -> None:
     """An arq worker answering reply jobs. Run as many as you like, on any hosts."""
     from core.logs import setup_logging
-    from workers.settings import create_worker
+    from workers.run import run_worker
 
     settings = get_settings()
     setup_logging(settings, process="worker")
     try:
-        w = create_worker(settings, burst=burst)
+        asyncio.run(run_worker(settings, burst=burst))
     except ConfigError as e:
         _fail(e)
-    w.run()
 
 
 @main.command()
@@ -124,4 +124,6 @@ def llm_sim(
     )
     sim_main(port, cfg, host=host)
 
+
+main.add_command(commands_command)
 main.add_command(slack_command)

@@ -1,12 +1,13 @@
 """Dedupe and enqueue: the only work the Slack adapter does with a message.
 
 Duplicate deliveries (Slack retries with ``X-Slack-Retry-Num``, late redeliveries,
-one message arriving as both ``app_mention`` and ``message``) are caught twice:
+one message arriving as both ``app_mention`` and ``message``) are caught twice, by
+:func:`core.queue.accept_message`:
 
 1. The arq job id is derived from (team, channel, ts), and arq creates a job only
    if no job or result with that id exists, inside a WATCH/MULTI transaction. This
    is the atomic check: two concurrent deliveries enqueue one job.
-2. Markers on the event id and on (team, channel, ts) live ``SLUICE_DEDUPE_TTL_S``
+2. Markers on the job id and on Slack's event id live ``SLUICE_DEDUPE_TTL_S``
    (24 h), longer than arq keeps a job result. They are written only *after* the
    job was enqueued, so a message whose enqueue failed is never dropped: Slack gets
    an error status and delivers it again.
@@ -23,7 +24,7 @@ from redis.exceptions import RedisError
 
 from core.errors import QueueError
 from core.messages import IncomingMessage
-from core.queue import connect_queue, enqueue_reply
+from core.queue import accept_message, connect_queue
 from core.redis import Keys
 from core.settings import Settings
 
@@ -59,12 +60,6 @@ class Intake:
             await self._redis.aclose()
             self._redis = None
 
-    def _markers(self, msg: IncomingMessage, event_key: str | None) -> list[str]:
-        keys = [self.keys.dedupe("slack", f"msg:{msg.tenant}:{msg.message_id}")]
-        if event_key:
-            keys.append(self.keys.dedupe("slack", f"event:{event_key}"))
-        return keys
-
     async def is_bot_thread(self, team: str, channel: str, thread_ts: str) -> bool:
         """The bot answers in this thread, so follow-ups need no mention.
 
@@ -80,31 +75,22 @@ class Intake:
     async def accept(self, msg: IncomingMessage, event_key: str | None = None) -> Outcome:
         """Enqueue the reply job for ``msg`` unless it was accepted before.
 
+        ``event_key`` (Slack's event id) counts as a second identity of the delivery.
+        A thread the bot answers in is remembered, so follow-ups need no mention.
+
         Raises:
             QueueError: Redis is unreachable; nothing was recorded, so a redelivery
                 of the same event will be accepted.
         """
-        markers = self._markers(msg, event_key)
         redis = await self.redis()
-        try:
-            seen = await redis.exists(*markers)
-        except (RedisError, OSError) as e:
-            raise QueueError(f"cannot check dedupe markers: {e}") from e
-        if seen:
-            logger.info("duplicate platform=slack tenant=%s message=%s event=%s",
-                        msg.tenant, msg.message_id, event_key)
+        extra = [f"event:{event_key}"] if event_key else []
+        if not await accept_message(redis, self.settings, msg, *extra):
             return "duplicate"
-        new = await enqueue_reply(redis, self.settings, msg)
-        try:
-            async with redis.pipeline(transaction=False) as pipe:
-                for key in markers:
-                    pipe.set(key, msg.job_id, ex=self.settings.dedupe_ttl_s)
-                if msg.thread and not msg.is_dm:
-                    pipe.set(self.keys.slack_thread(msg.tenant, msg.channel, msg.thread), "1",
-                             ex=self.settings.slack_thread_ttl_s)
-                await pipe.execute()
-        except (RedisError, OSError):
-            # The job is queued; its id still dedupes while arq keeps it.
-            logger.warning("could not write dedupe markers message=%s", msg.message_id,
-                           exc_info=True)
-        return "enqueued" if new else "duplicate"
+        if msg.thread and not msg.is_dm:
+            try:
+                await redis.set(self.keys.slack_thread(msg.tenant, msg.channel, msg.thread),
+                                "1", ex=self.settings.slack_thread_ttl_s)
+            except (RedisError, OSError):
+                logger.warning("could not remember thread of message=%s", msg.message_id,
+                               exc_info=True)
+        return "enqueued"

@@ -29,6 +29,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.slack.convert import is_user_message, message_from_command, message_from_event
 from bots.slack.intake import Intake
+from core.bot import load_bot
 from core.errors import QueueError
 from core.messages import IncomingMessage
 from core.settings import Settings
@@ -49,10 +50,6 @@ ASK_USAGE = "Ask me anything: `/ask <your question>`"
 _MSG = "sluice_message"
 
 
-def _default_lane(msg: IncomingMessage) -> str:
-    return msg.lane
-
-
 class SluiceListeners:
     """The listener middleware and listeners; one instance per app."""
 
@@ -68,7 +65,8 @@ class SluiceListeners:
         self.settings = settings
         self.intake = intake
         self.installation_store = installation_store
-        self.lane = lane or _default_lane
+        # By default the bot definition's lane rules (SLUICE_APP) choose the lane.
+        self.lane = lane or load_bot(settings.app).lane_for
         self.prompts = list(suggested_prompts or DEFAULT_PROMPTS)
 
     # --- middleware chain ---------------------------------------------------------
@@ -215,7 +213,8 @@ def register(
 
     The app keeps its own listeners: Sluice claims only mentions, DMs, assistant
     threads, follow-ups in threads it answers, and ``command``. Other messages
-    reach the app's listeners as before. Workers (``sluice worker``) answer what is
+    reach the app's listeners as before. ``lane`` defaults to the lane rules of the
+    bot definition named by ``SLUICE_APP``. Workers (``sluice worker``) answer what is
     enqueued here. ``intake`` defaults to one that connects to ``REDIS_URL`` on first
     use; call ``await listeners.intake.close()`` on shutdown.
     """
