@@ -11,7 +11,10 @@ import click
 @click.command("slack")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Bind address (HTTP mode).")
 @click.option("--port", type=int, default=3000, show_default=True, help="Port (HTTP mode).")
-def slack(host: str, port: int) -> None:
+@click.option("--manifest", is_flag=True,
+              help="Print the Slack app manifest (with the bot's commands) and exit.")
+@click.option("--url", default=None, help="Public base URL written into --manifest.")
+def slack(host: str, port: int, manifest: bool, url: str | None) -> None:
     """Slack adapter: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on --port.
 
     HTTP mode serves POST /slack/events, GET /slack/install, GET /slack/oauth_redirect
@@ -23,6 +26,18 @@ def slack(host: str, port: int) -> None:
     from core.settings import get_settings
 
     settings = get_settings()
+    if manifest:
+        from bots.slack.manifest import render_manifest
+        from core.bot import load_bot
+
+        try:
+            bot = load_bot(settings.app)
+        except ConfigError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+        click.echo(render_manifest(bot, url=url, socket_mode=settings.slack_app_token is not None),
+                   nl=False)
+        return
     setup_logging(settings, process="slack")
     runner = serve_socket_mode(settings) if settings.slack_app_token else serve_http(
         settings, host, port

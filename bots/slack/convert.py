@@ -97,10 +97,16 @@ def message_from_event(
     )
 
 
-def message_from_command(body: dict[str, Any]) -> IncomingMessage:
-    """A ``/ask`` invocation as a neutral message (answered in the channel)."""
+def message_from_command(body: dict[str, Any], command: str | None = None) -> IncomingMessage:
+    """A slash command as a neutral message (answered in the channel).
+
+    ``command`` names the bot command it runs (``meta["command"]``); ``None`` for
+    ``/ask``, whose text goes to the model.
+    """
     channel = str(body["channel_id"])
     meta = {"kind": "command", "recipient_user_id": str(body["user_id"])}
+    if command:
+        meta["command"] = command
     if body.get("response_url"):
         meta["response_url"] = str(body["response_url"])
     if body.get("enterprise_id"):

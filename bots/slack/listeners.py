@@ -61,12 +61,15 @@ class SluiceListeners:
         installation_store: AsyncInstallationStore | None = None,
         lane: LaneRule | None = None,
         suggested_prompts: Sequence[dict[str, str]] | None = None,
+        ask_command: str = "/ask",
     ) -> None:
         self.settings = settings
+        self.ask_command = ask_command
+        self.bot = load_bot(settings.app)
         self.intake = intake
         self.installation_store = installation_store
         # By default the bot definition's lane rules (SLUICE_APP) choose the lane.
-        self.lane = lane or load_bot(settings.app).lane_for
+        self.lane = lane or self.bot.lane_for
         self.prompts = list(suggested_prompts or DEFAULT_PROMPTS)
 
     # --- middleware chain ---------------------------------------------------------
@@ -108,11 +111,15 @@ class SluiceListeners:
 
     async def select_command(self, body: dict[str, Any], context: AsyncBoltContext,
                              next: Next) -> BoltResponse | None:
-        """``/ask <question>``; an empty question gets the usage line."""
-        if not str(body.get("text") or "").strip():
-            return BoltResponse(status=200, body={"response_type": "ephemeral",
-                                                  "text": ASK_USAGE})
-        context[_MSG] = message_from_command(body)
+        """``/ask <question>`` (empty: the usage line), or one of the bot's commands."""
+        name = str(body.get("command") or "")
+        if name == self.ask_command:
+            if not str(body.get("text") or "").strip():
+                return BoltResponse(status=200, body={"response_type": "ephemeral",
+                                                      "text": ASK_USAGE})
+            context[_MSG] = message_from_command(body)
+        else:
+            context[_MSG] = message_from_command(body, command=name.lstrip("/"))
         await next()
         return None
 
@@ -213,14 +220,16 @@ def register(
 
     The app keeps its own listeners: Sluice claims only mentions, DMs, assistant
     threads, follow-ups in threads it answers, and ``command``. Other messages
-    reach the app's listeners as before. ``lane`` defaults to the lane rules of the
-    bot definition named by ``SLUICE_APP``. Workers (``sluice worker``) answer what is
-    enqueued here. ``intake`` defaults to one that connects to ``REDIS_URL`` on first
-    use; call ``await listeners.intake.close()`` on shutdown.
+    reach the app's listeners as before. The bot definition named by ``SLUICE_APP``
+    supplies the lane rules (unless ``lane`` is given) and its commands, each
+    registered as a slash command (``/name``) beside ``command``. Workers
+    (``sluice worker``) answer what is enqueued here. ``intake`` defaults to one
+    that connects to ``REDIS_URL`` on first use; call
+    ``await listeners.intake.close()`` on shutdown.
     """
     sluice = SluiceListeners(
         settings, intake or Intake(settings), installation_store=installation_store,
-        lane=lane, suggested_prompts=suggested_prompts,
+        lane=lane, suggested_prompts=suggested_prompts, ask_command=command,
     )
     chain: list[Callable[..., Any]] = [sluice.choose_lane, sluice.enqueue]
     app.event("app_mention", middleware=[sluice.skip_bots, sluice.select_mention, *chain])(
@@ -230,6 +239,12 @@ def register(
         sluice.accepted
     )
     app.command(command, middleware=[sluice.select_command, *chain])(sluice.command_accepted)
+    # The bot definition's commands (`@bot.command`) as slash commands of their own.
+    for spec in sluice.bot.command_specs():
+        if f"/{spec.name}" != command:
+            app.command(f"/{spec.name}", middleware=[sluice.select_command, *chain])(
+                sluice.command_accepted
+            )
     app.event("assistant_thread_started")(sluice.thread_started)
     app.event("assistant_thread_context_changed")(sluice.context_changed)
     app.event("app_uninstalled")(sluice.uninstalled)

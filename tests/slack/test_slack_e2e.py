@@ -334,3 +334,19 @@ async def test_tokens_revoked_deletes_the_workspace_tokens(oauth_settings, adapt
                 break
             await asyncio.sleep(0.05)
         assert await revoked()
+
+
+async def test_bot_command_as_slash_command_is_answered_by_the_worker(
+    slack_settings, adapter, worker_process, fake_slack, llm_sim
+):
+    settings = slack_settings.model_copy(update={"app": "examples.support_bot.bot:bot"})
+    worker_process(worker_env(settings))
+    async with adapter(settings) as a:
+        status, _ = await a.send.command({
+            "command": "/status", "text": "", "team_id": "T1", "channel_id": "C6",
+            "user_id": "U1", "trigger_id": "trig-status", "response_url": "http://127.0.0.1:9/r",
+        })
+        assert status == 200
+        [r] = await wait_reply(fake_slack, "All systems operational")
+    assert r.channel == "C6"
+    assert llm_sim.stats()["completions"] == 0

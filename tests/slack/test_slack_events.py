@@ -266,3 +266,20 @@ async def test_multi_workspace_burst_is_acked_within_3s(
     jobs = await queued_messages(queue, oauth_settings)
     assert len(jobs) == 200
     assert {j["tenant"] for j in jobs} == {"TA", "TB"}
+
+
+async def test_bot_commands_are_slash_commands_with_the_command_in_meta(
+    slack_settings, adapter, queue
+):
+    settings = slack_settings.model_copy(update={"app": "examples.support_bot.bot:bot"})
+    form = {"command": "/ticket", "text": "printer is broken", "team_id": "T1",
+            "channel_id": "C8", "user_id": "U1", "trigger_id": "trig-t",
+            "response_url": "http://127.0.0.1:9/r"}
+    async with adapter(settings) as a:
+        status, text = await a.send.command(form)
+        not_ours = await a.send.command({**form, "command": "/unknown", "trigger_id": "t2"})
+    assert status == 200 and json.loads(text)["response_type"] == "in_channel"
+    assert not_ours[0] == 404  # no listener: not enqueued
+    [msg] = await queued_messages(queue, settings)
+    assert msg["meta"]["command"] == "ticket"
+    assert msg["text"] == "printer is broken"

@@ -31,3 +31,18 @@ def test_manifest_declares_ask_and_the_socket_mode_flag():
     text = MANIFEST.read_text()
     assert "command: /ask" in text
     assert re.search(r"socket_mode_enabled: (true|false)", text)
+
+
+def test_rendered_manifest_has_the_url_and_the_bots_commands():
+    from bots.slack.manifest import render_manifest
+    from core.bot import load_bot
+
+    text = render_manifest(load_bot("examples.support_bot.bot:bot"),
+                           url="https://bot.example.org/", socket_mode=True)
+    assert "sluice.example.com" not in text
+    assert "request_url: https://bot.example.org/slack/events" in text
+    assert "https://bot.example.org/slack/oauth_redirect" in text
+    commands = re.findall(r"- command: (/\S+)", text)
+    assert commands[0] == "/ask"
+    assert {"/ticket", "/status"} <= set(commands)
+    assert "socket_mode_enabled: true" in text
