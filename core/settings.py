@@ -172,6 +172,10 @@ class Settings(BaseSettings):
         description="Fernet key (`Fernet.generate_key()`) that encrypts stored platform "
         "tokens (Slack installations) at rest; unset stores them in plain text.",
     )
+    slack_port: int = Field(
+        3000, ge=0, le=65535, description="Port of the Slack adapter's HTTP mode "
+        "(`sluice slack`, and `sluice dev` when Slack's tokens are set)."
+    )
     slack_native_streaming: bool = Field(
         True,
         description="Stream Slack replies in threads with chat.startStream/appendStream/"

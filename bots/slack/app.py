@@ -13,8 +13,11 @@ into many workspaces (installations in the SQL database); with only
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -220,38 +223,52 @@ def web_app(slack: SlackApp, settings: Settings) -> web.Application:
     return app
 
 
-async def serve_http(settings: Settings, host: str, port: int) -> None:
-    """Run HTTP mode until cancelled."""
-    import asyncio
+def is_configured(settings: Settings) -> bool:
+    """Enough Slack settings to run the adapter (``sluice dev`` starts it then)."""
+    return bool(
+        (settings.slack_bot_token or is_multi_workspace(settings))
+        and (settings.slack_signing_secret or settings.slack_app_token)
+    )
 
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, host: str = "127.0.0.1",
+                  port: int | None = None) -> AsyncIterator[str]:
+    """Run the Slack adapter in the current event loop; yields what it listens on.
+
+    Socket Mode when ``SLACK_APP_TOKEN`` is set, else HTTP on ``host:port``
+    (``SLUICE_SLACK_PORT`` by default).
+    """
+    port = settings.slack_port if port is None else port
     slack = await build_app(settings)
+    if settings.slack_app_token is not None:
+        from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
+
+        handler = AsyncSocketModeHandler(slack.bolt, settings.slack_app_token.get_secret_value())
+        await handler.connect_async()  # type: ignore[no-untyped-call]
+        logger.info("slack adapter (Socket Mode) connected")
+        try:
+            yield "Socket Mode"
+        finally:
+            await handler.close_async()  # type: ignore[no-untyped-call]
+            await slack.close()
+        return
     runner = web.AppRunner(web_app(slack, settings), access_log=None)
     await runner.setup()
-    # A deep accept queue: a burst of Slack deliveries must not wait for SYN retries.
-    site = web.TCPSite(runner, host, port, backlog=1024)
-    await site.start()
-    logger.info("slack adapter (HTTP, %s) on http://%s:%s%s",
-                "multi-workspace" if is_multi_workspace(settings) else "single workspace",
-                host, port, EVENTS_PATH)
     try:
-        await asyncio.Event().wait()
+        # A deep accept queue: a burst of Slack deliveries must not wait for SYN retries.
+        site = web.TCPSite(runner, host, port, backlog=1024)
+        await site.start()
+        where = f"http://{host}:{port}{EVENTS_PATH}"
+        logger.info("slack adapter (HTTP, %s) on %s",
+                    "multi-workspace" if is_multi_workspace(settings) else "single workspace",
+                    where)
+        yield where
     finally:
-        await runner.cleanup()
+        await runner.cleanup()  # closes the app's Redis and database connections
 
 
-async def serve_socket_mode(settings: Settings) -> None:
-    """Run Socket Mode until cancelled (``SLACK_APP_TOKEN``)."""
-    import asyncio
-
-    from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
-
-    assert settings.slack_app_token is not None
-    slack = await build_app(settings)
-    handler = AsyncSocketModeHandler(slack.bolt, settings.slack_app_token.get_secret_value())
-    await handler.connect_async()  # type: ignore[no-untyped-call]
-    logger.info("slack adapter (Socket Mode) connected")
-    try:
+async def serve(settings: Settings, host: str, port: int) -> None:
+    """``sluice slack``: run until cancelled."""
+    async with running(settings, host, port):
         await asyncio.Event().wait()
-    finally:
-        await handler.close_async()  # type: ignore[no-untyped-call]
-        await slack.close()

@@ -10,17 +10,18 @@ import click
 
 @click.command("slack")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Bind address (HTTP mode).")
-@click.option("--port", type=int, default=3000, show_default=True, help="Port (HTTP mode).")
+@click.option("--port", type=int, default=None,
+              help="Port (HTTP mode; default SLUICE_SLACK_PORT, 3000).")
 @click.option("--manifest", is_flag=True,
               help="Print the Slack app manifest (with the bot's commands) and exit.")
 @click.option("--url", default=None, help="Public base URL written into --manifest.")
-def slack(host: str, port: int, manifest: bool, url: str | None) -> None:
+def slack(host: str, port: int | None, manifest: bool, url: str | None) -> None:
     """Slack adapter: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on --port.
 
     HTTP mode serves POST /slack/events, GET /slack/install, GET /slack/oauth_redirect
     and GET /healthz. Workers (`sluice worker`) write the replies.
     """
-    from bots.slack.app import serve_http, serve_socket_mode
+    from bots.slack.app import serve
     from core.errors import ConfigError
     from core.logs import setup_logging
     from core.settings import get_settings
@@ -39,11 +40,8 @@ def slack(host: str, port: int, manifest: bool, url: str | None) -> None:
                    nl=False)
         return
     setup_logging(settings, process="slack")
-    runner = serve_socket_mode(settings) if settings.slack_app_token else serve_http(
-        settings, host, port
-    )
     try:
-        asyncio.run(runner)
+        asyncio.run(serve(settings, host, settings.slack_port if port is None else port))
     except ConfigError as e:
         click.secho(f"error: {e}", fg="red", err=True)
         sys.exit(2)

@@ -214,13 +214,13 @@ async def test_socket_mode_receives_events_acks_them_and_a_worker_replies(
 ):
     from pydantic import SecretStr
 
-    from bots.slack.app import serve_socket_mode
+    from bots.slack.app import serve
 
     fake_slack.app_tokens.add("xapp-test")
     settings = slack_settings.model_copy(update={"slack_app_token": SecretStr("xapp-test"),
                                                  "slack_signing_secret": None})
     worker_process(worker_env(settings))
-    task = asyncio.create_task(serve_socket_mode(settings))
+    task = asyncio.create_task(serve(settings, "127.0.0.1", 0))
     try:
         first = await fake_slack.socket_event(mention("over the socket", "340.1"))
         again = await fake_slack.socket_event(mention("over the socket", "340.1"),
