@@ -85,11 +85,26 @@ def _line(line: str) -> str:
     return quote + _inline(line)
 
 
+def _is_table_row(line: str) -> bool:
+    stripped = line.strip()
+    return stripped.startswith("|") and stripped.count("|") >= 2
+
+
 def to_mrkdwn(markdown: str) -> str:
-    """Convert Markdown to Slack mrkdwn; fenced code blocks are kept (language dropped)."""
+    """Convert Markdown to Slack mrkdwn.
+
+    Fenced code blocks are kept (the language is dropped); Markdown tables, which
+    Slack cannot render, become code blocks so that their columns stay aligned.
+    """
     out: list[str] = []
-    in_code = False
+    in_code = in_table = False
     for line in markdown.replace("\r\n", "\n").split("\n"):
+        if not in_code and _is_table_row(line) != in_table:
+            in_table = not in_table
+            out.append(FENCE)
+        if in_table:
+            out.append(escape(line))
+            continue
         if line.lstrip().startswith(FENCE):
             if not in_code:
                 in_code = True
@@ -104,7 +119,7 @@ def to_mrkdwn(markdown: str) -> str:
                 out.append(FENCE)
             continue
         out.append(escape(line) if in_code else _line(line))
-    if in_code:
+    if in_code or in_table:
         out.append(FENCE)
     return "\n".join(out)
 

@@ -77,3 +77,10 @@ def test_split_parts_never_exceed_the_limit_and_keep_the_words(text, limit):
     words = [w for w in text.split() if "```" not in w]
     got = [w for w in " ".join(parts).split() if "```" not in w]
     assert "".join(got).replace("`", "") == "".join(words).replace("`", "")
+
+
+def test_tables_become_code_blocks():
+    md = "Prices:\n| item | € |\n|---|---|\n| a<b | 1 |\nafter"
+    assert to_mrkdwn(md).split("\n") == [
+        "Prices:", "```", "| item | € |", "|---|---|", "| a&lt;b | 1 |", "```", "after",
+    ]
