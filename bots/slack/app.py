@@ -41,8 +41,15 @@ from core.settings import Settings
 logger = logging.getLogger(__name__)
 
 BOT_SCOPES = [
-    "app_mentions:read", "assistant:write", "channels:history", "chat:write",
-    "commands", "groups:history", "im:history", "im:write", "mpim:history",
+    "app_mentions:read",
+    "assistant:write",
+    "channels:history",
+    "chat:write",
+    "commands",
+    "groups:history",
+    "im:history",
+    "im:write",
+    "mpim:history",
 ]
 EVENTS_PATH = "/slack/events"
 INSTALL_PATH = "/slack/install"
@@ -57,13 +64,25 @@ class _WebClient(AsyncWebClient):
     """
 
     async def oauth_v2_access(
-        self, *, client_id: str, client_secret: str, code: str | None = None,
-        redirect_uri: str | None = None, grant_type: str | None = None,
-        refresh_token: str | None = None, **kwargs: Any,
+        self,
+        *,
+        client_id: str,
+        client_secret: str,
+        code: str | None = None,
+        redirect_uri: str | None = None,
+        grant_type: str | None = None,
+        refresh_token: str | None = None,
+        **kwargs: Any,
     ) -> AsyncSlackResponse:
-        params = {"client_id": client_id, "client_secret": client_secret, "code": code,
-                  "redirect_uri": redirect_uri, "grant_type": grant_type,
-                  "refresh_token": refresh_token, **kwargs}
+        params = {
+            "client_id": client_id,
+            "client_secret": client_secret,
+            "code": code,
+            "redirect_uri": redirect_uri,
+            "grant_type": grant_type,
+            "refresh_token": refresh_token,
+            **kwargs,
+        }
         return await self.api_call(
             "oauth.v2.access", data={k: v for k, v in params.items() if v is not None}
         )
@@ -92,12 +111,15 @@ class SlackApp:
 async def build_app(settings: Settings, intake: Intake | None = None) -> SlackApp:
     """The Bolt app with Sluice's listeners, configured from ``settings``."""
     if settings.slack_signing_secret is None and settings.slack_app_token is None:
-        raise ConfigError("SLACK_SIGNING_SECRET is not set: copy it from your Slack app's "
-                          "Basic Information page (or set SLACK_APP_TOKEN for Socket Mode).")
+        raise ConfigError(
+            "SLACK_SIGNING_SECRET is not set: copy it from your Slack app's "
+            "Basic Information page (or set SLACK_APP_TOKEN for Socket Mode)."
+        )
     intake = intake or Intake(settings)
     client = _WebClient(base_url=settings.slack_api_url)
-    secret = settings.slack_signing_secret.get_secret_value() \
-        if settings.slack_signing_secret else None
+    secret = (
+        settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else None
+    )
     store: SQLInstallationStore | None = None
     if is_multi_workspace(settings):
         store = SQLInstallationStore(settings)
@@ -118,24 +140,33 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
         # per token. The token itself is still looked up for every event (the store
         # keeps it a few seconds), so an uninstalled workspace is refused.
         authorize = AsyncInstallationStoreAuthorize(
-            installation_store=store, client_id=oauth.client_id,
-            client_secret=oauth.client_secret, logger=logger, bot_only=True, client=client,
+            installation_store=store,
+            client_id=oauth.client_id,
+            client_secret=oauth.client_secret,
+            logger=logger,
+            bot_only=True,
+            client=client,
             cache_enabled=True,
         )
         bolt = AsyncApp(
-            signing_secret=secret, client=client, oauth_settings=oauth,
+            signing_secret=secret,
+            client=client,
+            oauth_settings=oauth,
             authorize=authorize,  # type: ignore[arg-type]  # bolt accepts AsyncAuthorize objects
             installation_store_bot_only=True,
             request_verification_enabled=secret is not None,
         )
     else:
         if settings.slack_bot_token is None:
-            raise ConfigError("Set SLACK_BOT_TOKEN (one workspace) or SLACK_CLIENT_ID and "
-                              "SLACK_CLIENT_SECRET (installable app) for `sluice slack`.")
+            raise ConfigError(
+                "Set SLACK_BOT_TOKEN (one workspace) or SLACK_CLIENT_ID and "
+                "SLACK_CLIENT_SECRET (installable app) for `sluice slack`."
+            )
         # Bolt takes the token from the client when a client is given.
         client.token = settings.slack_bot_token.get_secret_value()
         bolt = AsyncApp(
-            signing_secret=secret, client=client,
+            signing_secret=secret,
+            client=client,
             request_verification_enabled=secret is not None,
         )
     listeners = register(bolt, settings, intake=intake, installation_store=store)
@@ -163,8 +194,9 @@ def _body_is_parseable(body: bytes, content_type: str) -> bool:
 
 def web_app(slack: SlackApp, settings: Settings) -> web.Application:
     """The aiohttp application of HTTP mode."""
-    secret = settings.slack_signing_secret.get_secret_value() \
-        if settings.slack_signing_secret else ""
+    secret = (
+        settings.slack_signing_secret.get_secret_value() if settings.slack_signing_secret else ""
+    )
     verifier = SignatureVerifier(secret)
     bolt = slack.bolt
     max_bytes = settings.max_body_bytes
@@ -177,13 +209,15 @@ def web_app(slack: SlackApp, settings: Settings) -> web.Application:
             return web.Response(status=413, text="body too large")
         timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
         signature = request.headers.get("X-Slack-Signature", "")
-        if not (timestamp.isdigit() and signature
-                and verifier.is_valid(body, timestamp, signature)):
+        if not (
+            timestamp.isdigit() and signature and verifier.is_valid(body, timestamp, signature)
+        ):
             return web.Response(status=401, text="invalid signature or stale timestamp")
         if not _body_is_parseable(body, request.content_type):
             return web.Response(status=400, text="malformed body")
         bolt_req = AsyncBoltRequest(
-            body=body.decode("utf-8"), query=request.query_string,
+            body=body.decode("utf-8"),
+            query=request.query_string,
             headers={k: v for k, v in request.headers.items()},
         )
         return await to_aiohttp_response(await bolt.async_dispatch(bolt_req))
@@ -193,7 +227,8 @@ def web_app(slack: SlackApp, settings: Settings) -> web.Application:
         if flow is None:
             return web.Response(status=404, text="this app is not installable (no OAuth)")
         bolt_req = AsyncBoltRequest(
-            body="", query=request.query_string,
+            body="",
+            query=request.query_string,
             headers={k: v for k, v in request.headers.items()},
         )
         if request.path == INSTALL_PATH:
@@ -232,8 +267,9 @@ def is_configured(settings: Settings) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, host: str = "127.0.0.1",
-                  port: int | None = None) -> AsyncIterator[str]:
+async def running(
+    settings: Settings, host: str = "127.0.0.1", port: int | None = None
+) -> AsyncIterator[str]:
     """Run the Slack adapter in the current event loop; yields what it listens on.
 
     Socket Mode when ``SLACK_APP_TOKEN`` is set, else HTTP on ``host:port``
@@ -260,9 +296,11 @@ async def running(settings: Settings, host: str = "127.0.0.1",
         site = web.TCPSite(runner, host, port, backlog=1024)
         await site.start()
         where = f"http://{host}:{port}{EVENTS_PATH}"
-        logger.info("slack adapter (HTTP, %s) on %s",
-                    "multi-workspace" if is_multi_workspace(settings) else "single workspace",
-                    where)
+        logger.info(
+            "slack adapter (HTTP, %s) on %s",
+            "multi-workspace" if is_multi_workspace(settings) else "single workspace",
+            where,
+        )
         yield where
     finally:
         await runner.cleanup()  # closes the app's Redis and database connections

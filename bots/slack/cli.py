@@ -10,10 +10,14 @@ import click
 
 @click.command("slack")
 @click.option("--host", default="0.0.0.0", show_default=True, help="Bind address (HTTP mode).")
-@click.option("--port", type=int, default=None,
-              help="Port (HTTP mode; default SLUICE_SLACK_PORT, 3000).")
-@click.option("--manifest", is_flag=True,
-              help="Print the Slack app manifest (with the bot's commands) and exit.")
+@click.option(
+    "--port", type=int, default=None, help="Port (HTTP mode; default SLUICE_SLACK_PORT, 3000)."
+)
+@click.option(
+    "--manifest",
+    is_flag=True,
+    help="Print the Slack app manifest (with the bot's commands) and exit.",
+)
 @click.option("--url", default=None, help="Public base URL written into --manifest.")
 def slack(host: str, port: int | None, manifest: bool, url: str | None) -> None:
     """Slack adapter: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on --port.
@@ -36,8 +40,10 @@ def slack(host: str, port: int | None, manifest: bool, url: str | None) -> None:
         except ConfigError as e:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
-        click.echo(render_manifest(bot, url=url, socket_mode=settings.slack_app_token is not None),
-                   nl=False)
+        click.echo(
+            render_manifest(bot, url=url, socket_mode=settings.slack_app_token is not None),
+            nl=False,
+        )
         return
     setup_logging(settings, process="slack")
     try:

@@ -81,7 +81,7 @@ def _line(line: str) -> str:
     bullet = _BULLET.match(line)
     if bullet:
         depth = len(bullet.group(1).expandtabs(4)) // 2
-        line = "    " * depth + "• " + line[bullet.end():]
+        line = "    " * depth + "• " + line[bullet.end() :]
     return quote + _inline(line)
 
 
@@ -140,8 +140,9 @@ def _units(text: str) -> list[str]:
                 current = []
             continue
         current.append(line)
-        if is_fence and not (line.strip() != FENCE and line.strip().endswith(FENCE)
-                             and len(line.strip()) > 6):
+        if is_fence and not (
+            line.strip() != FENCE and line.strip().endswith(FENCE) and len(line.strip()) > 6
+        ):
             in_code = not in_code
             if not in_code:
                 units.append("\n".join(current))

@@ -68,10 +68,10 @@ _ENC = "fernet:"
 def async_database_url(url: str) -> str:
     """The async driver URL for ``DATABASE_URL`` (aiosqlite, asyncpg)."""
     if url.startswith("sqlite:///"):
-        return "sqlite+aiosqlite:///" + url[len("sqlite:///"):]
+        return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+asyncpg://" + url[len(prefix):]
+            return "postgresql+asyncpg://" + url[len(prefix) :]
     return url
 
 
@@ -99,20 +99,24 @@ class TokenCipher:
         if stored is None or not stored.startswith(_ENC):
             return stored
         if self._fernet is None:
-            raise ConfigError("a stored Slack token is encrypted but SLUICE_ENCRYPTION_KEY "
-                              "is not set")
+            raise ConfigError(
+                "a stored Slack token is encrypted but SLUICE_ENCRYPTION_KEY is not set"
+            )
         try:
-            return self._fernet.decrypt(stored[len(_ENC):].encode()).decode()
+            return self._fernet.decrypt(stored[len(_ENC) :].encode()).decode()
         except InvalidToken as e:
-            raise ConfigError("a stored Slack token does not decrypt with "
-                              "SLUICE_ENCRYPTION_KEY (was the key changed?)") from e
+            raise ConfigError(
+                "a stored Slack token does not decrypt with "
+                "SLUICE_ENCRYPTION_KEY (was the key changed?)"
+            ) from e
 
 
 class SQLInstallationStore(AsyncInstallationStore):
     """bolt/slack_sdk installation store over SQLAlchemy async (SQLite or Postgres)."""
 
-    def __init__(self, settings: Settings, engine: AsyncEngine | None = None,
-                 *, cache_s: float = 10.0) -> None:
+    def __init__(
+        self, settings: Settings, engine: AsyncEngine | None = None, *, cache_s: float = 10.0
+    ) -> None:
         key = settings.encryption_key.get_secret_value() if settings.encryption_key else None
         self.cipher = TokenCipher(key)
         self.engine = engine or create_async_engine(async_database_url(settings.database_url))
@@ -180,15 +184,19 @@ class SQLInstallationStore(AsyncInstallationStore):
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
         self.forget(installation.enterprise_id, installation.team_id)
-        logger.info("slack installation saved team=%s enterprise=%s encrypted=%s",
-                    installation.team_id, installation.enterprise_id,
-                    self.cipher._fernet is not None)
+        logger.info(
+            "slack installation saved team=%s enterprise=%s encrypted=%s",
+            installation.team_id,
+            installation.enterprise_id,
+            self.cipher._fernet is not None,
+        )
 
     async def async_save_bot(self, bot: Bot) -> None:
         """Not used: :meth:`async_save` stores the bot with the installation."""
 
-    def _where(self, enterprise_id: str | None, team_id: str | None,
-               is_enterprise_install: bool | None) -> Any:
+    def _where(
+        self, enterprise_id: str | None, team_id: str | None, is_enterprise_install: bool | None
+    ) -> Any:
         if is_enterprise_install:
             team_id = None
         cond = installations.c.enterprise_id == (enterprise_id or "")
@@ -206,9 +214,11 @@ class SQLInstallationStore(AsyncInstallationStore):
     ) -> Installation | None:
         """The installation of a workspace, or ``None``."""
         await self.create_tables()
-        query = select(installations).where(
-            self._where(enterprise_id, team_id, is_enterprise_install)
-        ).limit(1)
+        query = (
+            select(installations)
+            .where(self._where(enterprise_id, team_id, is_enterprise_install))
+            .limit(1)
+        )
         async with self.engine.connect() as conn:
             row = (await conn.execute(query)).mappings().first()
         if row is None:
@@ -244,7 +254,8 @@ class SQLInstallationStore(AsyncInstallationStore):
             return cached[0]
         generation = self._generation
         found = await self.async_find_installation(
-            enterprise_id=enterprise_id, team_id=team_id,
+            enterprise_id=enterprise_id,
+            team_id=team_id,
             is_enterprise_install=is_enterprise_install,
         )
         if found is None or not found.bot_token:
@@ -254,9 +265,7 @@ class SQLInstallationStore(AsyncInstallationStore):
             self._bots[key] = (bot, time.monotonic() + self.cache_s)
         return bot
 
-    async def async_delete_bot(
-        self, *, enterprise_id: str | None, team_id: str | None
-    ) -> None:
+    async def async_delete_bot(self, *, enterprise_id: str | None, team_id: str | None) -> None:
         """Forget the workspace's tokens (``tokens_revoked``)."""
         await self.async_delete_installation(enterprise_id=enterprise_id, team_id=team_id)
 
@@ -271,8 +280,10 @@ class SQLInstallationStore(AsyncInstallationStore):
         self.forget(enterprise_id, team_id)
         await self.create_tables()
         stmt = delete(installations).where(
-            and_(installations.c.enterprise_id == (enterprise_id or ""),
-                 installations.c.team_id == (team_id or ""))
+            and_(
+                installations.c.enterprise_id == (enterprise_id or ""),
+                installations.c.team_id == (team_id or ""),
+            )
         )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
@@ -283,8 +294,9 @@ class SQLInstallationStore(AsyncInstallationStore):
 class RedisOAuthStateStore(AsyncOAuthStateStore):
     """OAuth ``state`` values in Redis: issued by the install page, valid once."""
 
-    def __init__(self, redis: Callable[[], Awaitable[Redis]], keys: Keys,
-                 expiration_s: int = 600) -> None:
+    def __init__(
+        self, redis: Callable[[], Awaitable[Redis]], keys: Keys, expiration_s: int = 600
+    ) -> None:
         self.redis = redis  # connects on first use
         self.keys = keys
         self.expiration_s = expiration_s

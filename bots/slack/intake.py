@@ -88,9 +88,13 @@ class Intake:
             return "duplicate"
         if msg.thread and not msg.is_dm:
             try:
-                await redis.set(self.keys.slack_thread(msg.tenant, msg.channel, msg.thread),
-                                "1", ex=self.settings.slack_thread_ttl_s)
+                await redis.set(
+                    self.keys.slack_thread(msg.tenant, msg.channel, msg.thread),
+                    "1",
+                    ex=self.settings.slack_thread_ttl_s,
+                )
             except (RedisError, OSError):
-                logger.warning("could not remember thread of message=%s", msg.message_id,
-                               exc_info=True)
+                logger.warning(
+                    "could not remember thread of message=%s", msg.message_id, exc_info=True
+                )
         return "enqueued"

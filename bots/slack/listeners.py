@@ -74,20 +74,21 @@ class SluiceListeners:
 
     # --- middleware chain ---------------------------------------------------------
 
-    async def skip_bots(self, body: dict[str, Any], context: AsyncBoltContext,
-                        next: Next) -> None:
+    async def skip_bots(self, body: dict[str, Any], context: AsyncBoltContext, next: Next) -> None:
         """Pass on only new messages written by people."""
         if is_user_message(body.get("event") or {}, context.bot_user_id):
             await next()
 
-    async def select_mention(self, body: dict[str, Any], context: AsyncBoltContext,
-                             next: Next) -> None:
+    async def select_mention(
+        self, body: dict[str, Any], context: AsyncBoltContext, next: Next
+    ) -> None:
         """Every mention of the bot is answered, in its thread."""
         context[_MSG] = message_from_event(body, context.bot_user_id, kind="mention")
         await next()
 
-    async def select_message(self, body: dict[str, Any], context: AsyncBoltContext,
-                             next: Next) -> BoltResponse | None:
+    async def select_message(
+        self, body: dict[str, Any], context: AsyncBoltContext, next: Next
+    ) -> BoltResponse | None:
         """DMs, assistant-thread messages and follow-ups in the bot's threads."""
         event: dict[str, Any] = body["event"]
         thread_ts = event.get("thread_ts")
@@ -109,14 +110,16 @@ class SluiceListeners:
         await next()
         return None
 
-    async def select_command(self, body: dict[str, Any], context: AsyncBoltContext,
-                             next: Next) -> BoltResponse | None:
+    async def select_command(
+        self, body: dict[str, Any], context: AsyncBoltContext, next: Next
+    ) -> BoltResponse | None:
         """``/ask <question>`` (empty: the usage line), or one of the bot's commands."""
         name = str(body.get("command") or "")
         if name == self.ask_command:
             if not str(body.get("text") or "").strip():
-                return BoltResponse(status=200, body={"response_type": "ephemeral",
-                                                      "text": ASK_USAGE})
+                return BoltResponse(
+                    status=200, body={"response_type": "ephemeral", "text": ASK_USAGE}
+                )
             context[_MSG] = message_from_command(body)
         else:
             context[_MSG] = message_from_command(body, command=name.lstrip("/"))
@@ -131,8 +134,9 @@ class SluiceListeners:
             context[_MSG] = msg.model_copy(update={"lane": lane})
         await next()
 
-    async def enqueue(self, body: dict[str, Any], context: AsyncBoltContext,
-                      next: Next) -> BoltResponse | None:
+    async def enqueue(
+        self, body: dict[str, Any], context: AsyncBoltContext, next: Next
+    ) -> BoltResponse | None:
         """Dedupe and enqueue; only a newly enqueued message reaches the listener."""
         msg: IncomingMessage = context[_MSG]
         is_command = "command" in body
@@ -140,11 +144,13 @@ class SluiceListeners:
         try:
             outcome = await self.intake.accept(msg, event_key)
         except QueueError as e:
-            logger.error("slack message not accepted tenant=%s message=%s: %s",
-                         msg.tenant, msg.message_id, e)
+            logger.error(
+                "slack message not accepted tenant=%s message=%s: %s", msg.tenant, msg.message_id, e
+            )
             if is_command:  # Slack never redelivers commands: tell the user instead
-                return BoltResponse(status=200, body={"response_type": "ephemeral",
-                                                      "text": BUSY_TEXT})
+                return BoltResponse(
+                    status=200, body={"response_type": "ephemeral", "text": BUSY_TEXT}
+                )
             return BoltResponse(status=503, body="queue unavailable")
         if outcome == "duplicate":
             return BoltResponse(status=200, body="")
@@ -162,8 +168,12 @@ class SluiceListeners:
                     channel_id=msg.channel, thread_ts=msg.thread, status=THINKING
                 )
             except SlackApiError as e:
-                logger.warning("setStatus failed tenant=%s message=%s: %s",
-                               msg.tenant, msg.message_id, e.response.get("error"))
+                logger.warning(
+                    "setStatus failed tenant=%s message=%s: %s",
+                    msg.tenant,
+                    msg.message_id,
+                    e.response.get("error"),
+                )
 
     async def command_accepted(self, ack: Any) -> None:
         """Ack ``/ask`` so that the question shows in the channel."""
@@ -180,8 +190,9 @@ class SluiceListeners:
                 channel_id=channel, thread_ts=thread_ts, prompts=self.prompts
             )
         except SlackApiError as e:
-            logger.warning("setSuggestedPrompts failed channel=%s: %s", channel,
-                           e.response.get("error"))
+            logger.warning(
+                "setSuggestedPrompts failed channel=%s: %s", channel, e.response.get("error")
+            )
 
     async def context_changed(self) -> None:
         """The user switched channels beside an assistant thread: nothing to do."""
@@ -189,8 +200,9 @@ class SluiceListeners:
     async def uninstalled(self, context: AsyncBoltContext) -> None:
         """``app_uninstalled``: forget the workspace's tokens."""
         if self.installation_store is None:
-            logger.warning("app_uninstalled team=%s (single-workspace mode: nothing stored)",
-                           context.team_id)
+            logger.warning(
+                "app_uninstalled team=%s (single-workspace mode: nothing stored)", context.team_id
+            )
             return
         await self.installation_store.async_delete_installation(
             enterprise_id=context.enterprise_id, team_id=context.team_id
@@ -228,8 +240,12 @@ def register(
     ``await listeners.intake.close()`` on shutdown.
     """
     sluice = SluiceListeners(
-        settings, intake or Intake(settings), installation_store=installation_store,
-        lane=lane, suggested_prompts=suggested_prompts, ask_command=command,
+        settings,
+        intake or Intake(settings),
+        installation_store=installation_store,
+        lane=lane,
+        suggested_prompts=suggested_prompts,
+        ask_command=command,
     )
     chain: list[Callable[..., Any]] = [sluice.choose_lane, sluice.enqueue]
     app.event("app_mention", middleware=[sluice.skip_bots, sluice.select_mention, *chain])(
@@ -250,4 +266,3 @@ def register(
     app.event("app_uninstalled")(sluice.uninstalled)
     app.event("tokens_revoked")(sluice.tokens_revoked)
     return sluice
-

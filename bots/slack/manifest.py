@@ -13,7 +13,7 @@ from core.bot import Bot
 
 TEMPLATE = Path(__file__).with_name("manifest.yml")
 PLACEHOLDER_URL = "https://sluice.example.com"
-_ASK_ENTRY_END = '      should_escape: false\n'
+_ASK_ENTRY_END = "      should_escape: false\n"
 
 
 def _quote(text: str) -> str:

@@ -42,14 +42,37 @@ logger = logging.getLogger(__name__)
 
 SERVER_ERROR_RETRIES = 3
 RATE_LIMIT_RETRIES = 6
-_AUTH_ERRORS = frozenset({"invalid_auth", "not_authed", "token_revoked", "account_inactive",
-                          "team_not_found", "app_uninstalled"})
+_AUTH_ERRORS = frozenset(
+    {
+        "invalid_auth",
+        "not_authed",
+        "token_revoked",
+        "account_inactive",
+        "team_not_found",
+        "app_uninstalled",
+    }
+)
 # Errors that mean "this conversation cannot be streamed to": use chat.update instead.
-_STREAM_REFUSED = frozenset({"unknown_method", "not_allowed", "not_allowed_token_type",
-                             "feature_not_enabled", "invalid_arguments", "missing_scope",
-                             "method_not_supported_for_channel_type", "not_authorized"})
-_NOT_STREAMING = frozenset({"message_not_in_streaming_state", "message_not_found",
-                            "streaming_state_conflict", "cant_update_message"})
+_STREAM_REFUSED = frozenset(
+    {
+        "unknown_method",
+        "not_allowed",
+        "not_allowed_token_type",
+        "feature_not_enabled",
+        "invalid_arguments",
+        "missing_scope",
+        "method_not_supported_for_channel_type",
+        "not_authorized",
+    }
+)
+_NOT_STREAMING = frozenset(
+    {
+        "message_not_in_streaming_state",
+        "message_not_found",
+        "streaming_state_conflict",
+        "cant_update_message",
+    }
+)
 _NOT_IN_CHANNEL = frozenset({"not_in_channel", "channel_not_found", "is_archived"})
 
 
@@ -106,7 +129,8 @@ class SlackResponderFactory:
                 raise DeliveryError("SLACK_BOT_TOKEN is not set")
             return self.settings.slack_bot_token.get_secret_value()
         bot = await self._store.async_find_bot(
-            enterprise_id=msg.meta.get("enterprise_id"), team_id=msg.tenant,
+            enterprise_id=msg.meta.get("enterprise_id"),
+            team_id=msg.tenant,
             is_enterprise_install=msg.meta.get("is_enterprise_install") == "1",
         )
         if bot is None or not bot.bot_token:
@@ -122,13 +146,15 @@ class SlackResponderFactory:
         """A Web API client for ``token`` on the shared session."""
         client = self._clients.get(token)
         if client is None:
-            client = AsyncWebClient(token=token, base_url=self.settings.slack_api_url,
-                                    session=self.session)
+            client = AsyncWebClient(
+                token=token, base_url=self.settings.slack_api_url, session=self.session
+            )
             self._clients[token] = client
         return client
 
-    async def call(self, team: str, method: Callable[..., Awaitable[AsyncSlackResponse]],
-                   **kwargs: Any) -> AsyncSlackResponse:
+    async def call(
+        self, team: str, method: Callable[..., Awaitable[AsyncSlackResponse]], **kwargs: Any
+    ) -> AsyncSlackResponse:
         """Call the Web API, waiting out 429s and retrying 5xx and connection errors.
 
         Raises:
@@ -147,8 +173,10 @@ class SlackResponderFactory:
                 if status == 429 or error == "ratelimited":
                     retry_after_s = float(_header(e.response, "Retry-After") or 1)
                     limited += 1
-                    if (limited > RATE_LIMIT_RETRIES
-                            or retry_after_s > self.settings.slack_max_retry_after_s):
+                    if (
+                        limited > RATE_LIMIT_RETRIES
+                        or retry_after_s > self.settings.slack_max_retry_after_s
+                    ):
                         raise DeliveryRetryableError(
                             f"slack {name} rate limited", retry_after_s=retry_after_s
                         ) from e
@@ -206,8 +234,10 @@ class SlackResponder:
             raw = await cast("Awaitable[dict[Any, Any]]", self.f.redis.hgetall(self.state_key))
         except RedisError as e:
             raise DeliveryRetryableError(f"cannot read delivery state: {e}") from e
-        state = {(k.decode() if isinstance(k, bytes) else k):
-                 (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()}
+        state = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
         self.ts = state.get("ts")
         self.mode = state.get("mode")
         self.done = state.get("done") == "1"
@@ -266,8 +296,12 @@ class SlackResponder:
         if self.done or self.ts or not self.msg.meta.get("assistant") or not self.thread:
             return
         try:
-            await self._call("assistant_threads_setStatus", channel_id=self.msg.channel,
-                             thread_ts=self.thread, status="is thinking…")
+            await self._call(
+                "assistant_threads_setStatus",
+                channel_id=self.msg.channel,
+                thread_ts=self.thread,
+                status="is thinking…",
+            )
         except (SlackApiError, DeliveryRetryableError) as e:
             logger.info("setStatus failed job=%s: %s", self.job_id, e)
 
@@ -305,8 +339,14 @@ class SlackResponder:
             await self._post_rest(parts)
         self.done = True
         await self._save(done="1")
-        logger.info("slack reply delivered tenant=%s message=%s job=%s mode=%s parts=%d",
-                    self.msg.tenant, self.msg.message_id, self.job_id, self.mode, len(parts))
+        logger.info(
+            "slack reply delivered tenant=%s message=%s job=%s mode=%s parts=%d",
+            self.msg.tenant,
+            self.msg.message_id,
+            self.job_id,
+            self.mode,
+            len(parts),
+        )
 
     # --- delivery steps ----------------------------------------------------------------
 
@@ -322,8 +362,11 @@ class SlackResponder:
             first = text[: self.limit]
             try:
                 resp = await self._call(
-                    "chat_startStream", channel=self.msg.channel, thread_ts=self.thread,
-                    markdown_text=safe_markdown(first), recipient_team_id=self.msg.tenant,
+                    "chat_startStream",
+                    channel=self.msg.channel,
+                    thread_ts=self.thread,
+                    markdown_text=safe_markdown(first),
+                    recipient_team_id=self.msg.tenant,
                     recipient_user_id=self.msg.meta.get("recipient_user_id", self.msg.user),
                 )
                 self.ts, self.mode, self.streamed = str(resp["ts"]), "stream", first
@@ -332,12 +375,12 @@ class SlackResponder:
                 return
             except SlackApiError as e:
                 error = str(e.response.get("error", ""))
-                logger.info("slack streaming refused team=%s (%s); editing instead",
-                            self.msg.tenant, error)
+                logger.info(
+                    "slack streaming refused team=%s (%s); editing instead", self.msg.tenant, error
+                )
                 if error in _STREAM_REFUSED:
                     self.f.stream_refused.add(self.msg.tenant)
-        kwargs: dict[str, Any] = {"channel": self.msg.channel,
-                                  "text": shown or self._preview(text)}
+        kwargs: dict[str, Any] = {"channel": self.msg.channel, "text": shown or self._preview(text)}
         if self.thread:
             kwargs["thread_ts"] = self.thread
         try:
@@ -359,10 +402,14 @@ class SlackResponder:
             return
         if not await self._may_edit(final=False):
             return
-        delta = text[sent: self.limit]
+        delta = text[sent : self.limit]
         try:
-            await self._call("chat_appendStream", channel=self.msg.channel, ts=self.ts,
-                             markdown_text=safe_markdown(delta))
+            await self._call(
+                "chat_appendStream",
+                channel=self.msg.channel,
+                ts=self.ts,
+                markdown_text=safe_markdown(delta),
+            )
             self.streamed += delta
         except SlackApiError as e:
             if str(e.response.get("error", "")) not in _NOT_STREAMING:
@@ -376,7 +423,7 @@ class SlackResponder:
         # The final text continues the stream unless it is too long for one message or
         # differs from what was streamed (e.g. an apology after a failed model call).
         fits = len(text) <= self.limit and text.startswith(self.streamed)
-        delta = text[len(self.streamed):] if fits else ""
+        delta = text[len(self.streamed) :] if fits else ""
         kwargs: dict[str, Any] = {"channel": self.msg.channel, "ts": self.ts}
         if delta:
             kwargs["markdown_text"] = safe_markdown(delta)

@@ -93,8 +93,9 @@ class FakeSlackAPI:
 
     # --- set-up --------------------------------------------------------------
 
-    def add_token(self, token: str, team_id: str, bot_user_id: str = "UBOT",
-                  bot_id: str = "BBOT") -> None:
+    def add_token(
+        self, token: str, team_id: str, bot_user_id: str = "UBOT", bot_id: str = "BBOT"
+    ) -> None:
         """Make ``token`` a valid bot token of ``team_id``."""
         self.tokens[token] = TokenInfo(team_id, bot_user_id, bot_id)
 
@@ -104,8 +105,15 @@ class FakeSlackAPI:
         self._oauth_bot_users = getattr(self, "_oauth_bot_users", {})
         self._oauth_bot_users[code] = bot_user_id
 
-    def fail(self, method: str, *, status: int = 429, times: int = 1,
-             retry_after_s: int | None = 1, error: str = "ratelimited") -> None:
+    def fail(
+        self,
+        method: str,
+        *,
+        status: int = 429,
+        times: int = 1,
+        retry_after_s: int | None = 1,
+        error: str = "ratelimited",
+    ) -> None:
         """Answer the next ``times`` calls of ``method`` with an error."""
         self._failures.setdefault(method, []).append(
             _Failure(status=status, error=error, times=times, retry_after_s=retry_after_s)
@@ -160,8 +168,9 @@ class FakeSlackAPI:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self._sockets.append(ws)
-        await ws.send_json({"type": "hello", "num_connections": 1,
-                            "connection_info": {"app_id": "AFAKE"}})
+        await ws.send_json(
+            {"type": "hello", "num_connections": 1, "connection_info": {"app_id": "AFAKE"}}
+        )
         try:
             async for frame in ws:
                 if frame.type == aiohttp.WSMsgType.TEXT:
@@ -172,17 +181,27 @@ class FakeSlackAPI:
             self._sockets.remove(ws)
         return ws
 
-    async def socket_event(self, event: dict[str, Any], *, team_id: str = "T1",
-                           envelope_id: str | None = None, retry_attempt: int = 0) -> str:
+    async def socket_event(
+        self,
+        event: dict[str, Any],
+        *,
+        team_id: str = "T1",
+        envelope_id: str | None = None,
+        retry_attempt: int = 0,
+    ) -> str:
         """Push an Events API envelope to the connected Socket Mode client."""
         await self.wait_for(lambda: self._sockets)
         envelope_id = envelope_id or secrets.token_hex(8)
-        await self._sockets[-1].send_json({
-            "envelope_id": envelope_id, "type": "events_api",
-            "accepts_response_payload": False, "retry_attempt": retry_attempt,
-            "retry_reason": "timeout" if retry_attempt else "",
-            "payload": event_envelope(event, team_id=team_id),
-        })
+        await self._sockets[-1].send_json(
+            {
+                "envelope_id": envelope_id,
+                "type": "events_api",
+                "accepts_response_payload": False,
+                "retry_attempt": retry_attempt,
+                "retry_reason": "timeout" if retry_attempt else "",
+                "payload": event_envelope(event, team_id=team_id),
+            }
+        )
         return envelope_id
 
     async def _params(self, request: web.Request) -> dict[str, Any]:
@@ -220,8 +239,7 @@ class FakeSlackAPI:
         if method == "apps.connections.open":
             if token not in self.app_tokens:
                 return web.json_response({"ok": False, "error": "invalid_auth"})
-            return web.json_response({"ok": True,
-                                      "url": f"ws://127.0.0.1:{self.port}/link"})
+            return web.json_response({"ok": True, "url": f"ws://127.0.0.1:{self.port}/link"})
         info = self.tokens.get(token or "")
         if info is None or token in self.revoked:
             return web.json_response({"ok": False, "error": "invalid_auth"})
@@ -268,9 +286,14 @@ class FakeSlackAPI:
 
     def _m_auth_test(self, token: str, info: TokenInfo, params: dict[str, Any]) -> dict[str, Any]:
         return {
-            "ok": True, "url": f"https://{info.team_id.lower()}.slack.com/",
-            "team": f"Team {info.team_id}", "user": "sluice", "team_id": info.team_id,
-            "user_id": info.bot_user_id, "bot_id": info.bot_id, "is_enterprise_install": False,
+            "ok": True,
+            "url": f"https://{info.team_id.lower()}.slack.com/",
+            "team": f"Team {info.team_id}",
+            "user": "sluice",
+            "team_id": info.team_id,
+            "user_id": info.bot_user_id,
+            "bot_id": info.bot_id,
+            "is_enterprise_install": False,
         }
 
     def _m_auth_revoke(self, token: str, info: TokenInfo, params: dict[str, Any]) -> dict[str, Any]:
@@ -286,11 +309,21 @@ class FakeSlackAPI:
         if not params.get("text") and not params.get("blocks"):
             return {"ok": False, "error": "no_text"}
         ts = self._next_ts()
-        msg = Message(channel, ts, params.get("text", ""), token,
-                      thread_ts=params.get("thread_ts"), team_id=info.team_id)
+        msg = Message(
+            channel,
+            ts,
+            params.get("text", ""),
+            token,
+            thread_ts=params.get("thread_ts"),
+            team_id=info.team_id,
+        )
         self.messages[(channel, ts)] = msg
-        return {"ok": True, "channel": channel, "ts": ts,
-                "message": {"text": msg.text, "ts": ts, "bot_id": info.bot_id}}
+        return {
+            "ok": True,
+            "channel": channel,
+            "ts": ts,
+            "message": {"text": msg.text, "ts": ts, "bot_id": info.bot_id},
+        }
 
     def _m_chat_postEphemeral(
         self, token: str, info: TokenInfo, params: dict[str, Any]
@@ -317,8 +350,15 @@ class FakeSlackAPI:
         if not channel or not params.get("thread_ts"):
             return {"ok": False, "error": "invalid_arguments"}
         ts = self._next_ts()
-        msg = Message(channel, ts, params.get("markdown_text", ""), token,
-                      thread_ts=params["thread_ts"], streaming=True, team_id=info.team_id)
+        msg = Message(
+            channel,
+            ts,
+            params.get("markdown_text", ""),
+            token,
+            thread_ts=params["thread_ts"],
+            streaming=True,
+            team_id=info.team_id,
+        )
         self.messages[(channel, ts)] = msg
         return {"ok": True, "channel": channel, "ts": ts}
 
@@ -351,8 +391,12 @@ class FakeSlackAPI:
             return msg
         msg.text += params.get("markdown_text", "")
         msg.streaming = False
-        return {"ok": True, "channel": msg.channel, "ts": msg.ts,
-                "message": {"text": msg.text, "ts": msg.ts}}
+        return {
+            "ok": True,
+            "channel": msg.channel,
+            "ts": msg.ts,
+            "message": {"text": msg.text, "ts": msg.ts},
+        }
 
     def _m_assistant_threads_setStatus(
         self, token: str, info: TokenInfo, params: dict[str, Any]
@@ -419,12 +463,20 @@ def sign(secret: str, body: bytes, timestamp: int) -> str:
 _event_ids = itertools.count(1)
 
 
-def event_envelope(event: dict[str, Any], *, team_id: str = "T1", event_id: str | None = None,
-                   api_app_id: str = "AFAKE") -> dict[str, Any]:
+def event_envelope(
+    event: dict[str, Any],
+    *,
+    team_id: str = "T1",
+    event_id: str | None = None,
+    api_app_id: str = "AFAKE",
+) -> dict[str, Any]:
     """An ``event_callback`` body around ``event``."""
     return {
-        "token": "legacy", "team_id": team_id, "api_app_id": api_app_id,
-        "event": event, "type": "event_callback",
+        "token": "legacy",
+        "team_id": team_id,
+        "api_app_id": api_app_id,
+        "event": event,
+        "type": "event_callback",
         "event_id": event_id or f"Ev{next(_event_ids):08d}",
         "event_time": int(time.time()),
         "authorizations": [{"team_id": team_id, "user_id": "UBOT", "is_bot": True}],
@@ -440,8 +492,12 @@ class EventSender:
         self.secret = signing_secret
 
     async def post_raw(
-        self, body: bytes, *, content_type: str = "application/json",
-        timestamp: int | None = None, retry_num: int | None = None,
+        self,
+        body: bytes,
+        *,
+        content_type: str = "application/json",
+        timestamp: int | None = None,
+        retry_num: int | None = None,
         signature: str | None = None,
     ) -> tuple[int, str]:
         """POST ``body`` signed (or with ``signature``); returns status and text."""
@@ -457,8 +513,14 @@ class EventSender:
         async with self.session.post(self.url, data=body, headers=headers) as resp:
             return resp.status, await resp.text()
 
-    async def event(self, event: dict[str, Any], *, team_id: str = "T1",
-                    event_id: str | None = None, retry_num: int | None = None) -> tuple[int, str]:
+    async def event(
+        self,
+        event: dict[str, Any],
+        *,
+        team_id: str = "T1",
+        event_id: str | None = None,
+        retry_num: int | None = None,
+    ) -> tuple[int, str]:
         """Deliver one event inside an ``event_callback`` envelope."""
         body = json.dumps(event_envelope(event, team_id=team_id, event_id=event_id)).encode()
         return await self.post_raw(body, retry_num=retry_num)

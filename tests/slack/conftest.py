@@ -50,12 +50,14 @@ async def response_sink() -> AsyncIterator[ResponseURLSink]:
 @pytest.fixture
 def slack_settings(settings: Settings, fake_slack: FakeSlackAPI) -> Settings:
     """Single-workspace settings pointing at the fake Web API."""
-    return settings.model_copy(update={
-        "slack_bot_token": SecretStr(BOT_TOKEN),
-        "slack_signing_secret": SecretStr(SIGNING_SECRET),
-        "slack_api_url": fake_slack.url,
-        "slack_edit_interval_s": 0.3,
-    })
+    return settings.model_copy(
+        update={
+            "slack_bot_token": SecretStr(BOT_TOKEN),
+            "slack_signing_secret": SecretStr(SIGNING_SECRET),
+            "slack_api_url": fake_slack.url,
+            "slack_edit_interval_s": 0.3,
+        }
+    )
 
 
 @pytest.fixture
@@ -63,19 +65,22 @@ def oauth_settings(slack_settings: Settings, fake_slack: FakeSlackAPI) -> Settin
     """Multi-workspace (OAuth) settings, tokens encrypted at rest."""
     from cryptography.fernet import Fernet
 
-    return slack_settings.model_copy(update={
-        "slack_bot_token": None,
-        "slack_client_id": fake_slack.client_id,
-        "slack_client_secret": SecretStr(fake_slack.client_secret),
-        "encryption_key": SecretStr(Fernet.generate_key().decode()),
-    })
+    return slack_settings.model_copy(
+        update={
+            "slack_bot_token": None,
+            "slack_client_id": fake_slack.client_id,
+            "slack_client_secret": SecretStr(fake_slack.client_secret),
+            "encryption_key": SecretStr(Fernet.generate_key().decode()),
+        }
+    )
 
 
 class Adapter:
     """A running Slack adapter (HTTP mode) and a signed-request sender for it."""
 
-    def __init__(self, base: str, app: SlackApp, sender: EventSender,
-                 http: aiohttp.ClientSession) -> None:
+    def __init__(
+        self, base: str, app: SlackApp, sender: EventSender, http: aiohttp.ClientSession
+    ) -> None:
         self.base = base
         self.app = app
         self.send = sender
@@ -96,8 +101,9 @@ async def running_adapter(settings: Settings) -> AsyncIterator[Adapter]:
     # No client-side connection cap: concurrent events really arrive concurrently.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         try:
-            yield Adapter(base, slack, EventSender(http, base + "/slack/events",
-                                                   SIGNING_SECRET), http)
+            yield Adapter(
+                base, slack, EventSender(http, base + "/slack/events", SIGNING_SECRET), http
+            )
         finally:
             await runner.cleanup()
 
@@ -129,22 +135,44 @@ def worker_env(settings: Settings) -> dict[str, str]:
     return settings_env(settings)
 
 
-def mention(text: str, ts: str, *, channel: str = "C1", user: str = "U1",
-            thread_ts: str | None = None) -> dict[str, Any]:
+def mention(
+    text: str, ts: str, *, channel: str = "C1", user: str = "U1", thread_ts: str | None = None
+) -> dict[str, Any]:
     """An ``app_mention`` event."""
-    event = {"type": "app_mention", "user": user, "text": f"<@{BOT_USER}> {text}",
-             "ts": ts, "channel": channel, "event_ts": ts}
+    event = {
+        "type": "app_mention",
+        "user": user,
+        "text": f"<@{BOT_USER}> {text}",
+        "ts": ts,
+        "channel": channel,
+        "event_ts": ts,
+    }
     if thread_ts:
         event["thread_ts"] = thread_ts
     return event
 
 
-def message(text: str, ts: str, *, channel: str = "C1", user: str = "U1",
-            channel_type: str = "channel", thread_ts: str | None = None,
-            **extra: Any) -> dict[str, Any]:
+def message(
+    text: str,
+    ts: str,
+    *,
+    channel: str = "C1",
+    user: str = "U1",
+    channel_type: str = "channel",
+    thread_ts: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
     """A ``message`` event."""
-    event = {"type": "message", "user": user, "text": text, "ts": ts, "channel": channel,
-             "channel_type": channel_type, "event_ts": ts, **extra}
+    event = {
+        "type": "message",
+        "user": user,
+        "text": text,
+        "ts": ts,
+        "channel": channel,
+        "channel_type": channel_type,
+        "event_ts": ts,
+        **extra,
+    }
     if thread_ts:
         event["thread_ts"] = thread_ts
     return event

@@ -7,8 +7,7 @@ from tests.helpers import Proc, base_env, free_port, settings_env
 from tests.slack.conftest import SIGNING_SECRET, mention
 
 
-async def test_dev_runs_the_slack_adapter_when_tokens_are_set(slack_settings, fake_slack,
-                                                              tmp_path):
+async def test_dev_runs_the_slack_adapter_when_tokens_are_set(slack_settings, fake_slack, tmp_path):
     import aiohttp
 
     slack_port, web_port = free_port(), free_port()
@@ -23,7 +22,11 @@ async def test_dev_runs_the_slack_adapter_when_tokens_are_set(slack_settings, fa
             status, _ = await send.event(mention("dev question", "500.1"))
             assert status == 200
             await fake_slack.wait_for(
-                lambda: any(m.text.startswith("Echo: dev question") and not m.streaming
-                            for m in fake_slack.replies()), timeout_s=20)
+                lambda: any(
+                    m.text.startswith("Echo: dev question") and not m.streaming
+                    for m in fake_slack.replies()
+                ),
+                timeout_s=20,
+            )
     finally:
         proc.stop()

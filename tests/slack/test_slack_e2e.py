@@ -48,23 +48,36 @@ async def test_each_conversation_kind_gets_one_streamed_reply_from_a_worker(
         [r] = await wait_reply(fake_slack, "Echo: follow up without mention")
         assert (r.channel, r.thread_ts) == ("C1", "300.1")
 
-        await a.send.event(message("direct question", "301.1", channel="D1",
-                                   channel_type="im"))
+        await a.send.event(message("direct question", "301.1", channel="D1", channel_type="im"))
         [r] = await wait_reply(fake_slack, "Echo: direct question")
         assert (r.channel, r.thread_ts) == ("D1", None)
 
-        await a.send.event({"type": "assistant_thread_started", "event_ts": "302.0",
-                            "assistant_thread": {"user_id": "U1", "channel_id": "D2",
-                                                 "thread_ts": "302.1"}})
-        await a.send.event(message("assistant question", "302.2", channel="D2",
-                                   channel_type="im", thread_ts="302.1"))
+        await a.send.event(
+            {
+                "type": "assistant_thread_started",
+                "event_ts": "302.0",
+                "assistant_thread": {"user_id": "U1", "channel_id": "D2", "thread_ts": "302.1"},
+            }
+        )
+        await a.send.event(
+            message(
+                "assistant question", "302.2", channel="D2", channel_type="im", thread_ts="302.1"
+            )
+        )
         [r] = await wait_reply(fake_slack, "Echo: assistant question")
         assert (r.channel, r.thread_ts) == ("D2", "302.1")
 
-        status, _ = await a.send.command({
-            "command": "/ask", "text": "slash question", "team_id": "T1", "channel_id": "C5",
-            "user_id": "U1", "trigger_id": "trig-e2e", "response_url": "http://127.0.0.1:9/r",
-        })
+        status, _ = await a.send.command(
+            {
+                "command": "/ask",
+                "text": "slash question",
+                "team_id": "T1",
+                "channel_id": "C5",
+                "user_id": "U1",
+                "trigger_id": "trig-e2e",
+                "response_url": "http://127.0.0.1:9/r",
+            }
+        )
         assert status == 200
         [r] = await wait_reply(fake_slack, "Echo: slash question")
         assert (r.channel, r.thread_ts) == ("C5", None)
@@ -107,6 +120,7 @@ def slack_process(settings, log_path):
 
 async def _burst(send: EventSender, n: int = 200) -> None:
     """``n`` mentions at once; all must be acked within 3 s (p50/p99 are printed)."""
+
     async def timed(i: int) -> tuple[int, float]:
         started = time.perf_counter()
         status, _ = await send.event(mention(f"load {i:03d}", f"400.{i:04d}"))
@@ -115,8 +129,10 @@ async def _burst(send: EventSender, n: int = 200) -> None:
     results = await asyncio.gather(*[timed(i) for i in range(n)])
     times = sorted(t for _, t in results)
     p50, p99 = statistics.median(times), times[int(len(times) * 0.99) - 1]
-    print(f"\nsluice slack process, {n} concurrent events: p50={p50 * 1000:.0f}ms "
-          f"p99={p99 * 1000:.0f}ms max={times[-1] * 1000:.0f}ms")
+    print(
+        f"\nsluice slack process, {n} concurrent events: p50={p50 * 1000:.0f}ms "
+        f"p99={p99 * 1000:.0f}ms max={times[-1] * 1000:.0f}ms"
+    )
     assert all(status == 200 for status, _ in results)
     assert times[-1] < 3.0
 
@@ -134,8 +150,10 @@ async def test_two_hundred_events_at_once_are_acked_fast_and_all_answered(
         await fake_slack.wait_for(
             lambda: len(replies_starting(fake_slack, "Echo: load")) >= 200, timeout_s=90
         )
-    answered = [re.match(r"Echo: load (\d+)", r.text).group(1)
-                for r in replies_starting(fake_slack, "Echo: load")]
+    answered = [
+        re.match(r"Echo: load (\d+)", r.text).group(1)
+        for r in replies_starting(fake_slack, "Echo: load")
+    ]
     assert sorted(answered) == [f"{i:03d}" for i in range(200)]
 
 
@@ -146,8 +164,9 @@ async def test_429s_on_post_and_update_are_waited_out_and_reply_arrives_once(
     fake_slack.fail("chat.update", status=429, retry_after_s=1, times=2)
     worker_process(worker_env(slack_settings))
     async with adapter(slack_settings) as a:
-        await a.send.event(message("rate limited question", "320.1", channel="D1",
-                                   channel_type="im"))
+        await a.send.event(
+            message("rate limited question", "320.1", channel="D1", channel_type="im")
+        )
         [r] = await wait_reply(fake_slack, "Echo: rate limited question", timeout_s=30)
         await asyncio.sleep(1.0)
     assert len(replies_starting(fake_slack, "Echo: rate limited question")) == 1
@@ -164,8 +183,9 @@ async def _install(a, fake: FakeSlackAPI, code: str, team: str) -> str:
         cookie = resp.headers["Set-Cookie"].split(";")[0]
     state = re.search(r"state=([^&]+)", location).group(1)
     fake.add_oauth_code(code, team, bot_user_id="UBOT")
-    async with a.http.get(a.base + f"/slack/oauth_redirect?code={code}&state={state}",
-                          headers={"Cookie": cookie}) as resp:
+    async with a.http.get(
+        a.base + f"/slack/oauth_redirect?code={code}&state={state}", headers={"Cookie": cookie}
+    ) as resp:
         assert resp.status == 200, await resp.text()
     return [t for t, info in fake.tokens.items() if info.team_id == team][-1]
 
@@ -192,14 +212,16 @@ async def test_two_workspaces_installed_by_oauth_reply_with_their_own_tokens_and
         assert set(stored) == {"TA", "TB"}
         assert all(v.startswith("fernet:") and "xoxb" not in v for v in stored.values())
 
-        status, _ = await a.send.event({"type": "app_uninstalled", "event_ts": "331.0"},
-                                       team_id="TB")
+        status, _ = await a.send.event(
+            {"type": "app_uninstalled", "event_ts": "331.0"}, team_id="TB"
+        )
         assert status == 200
 
         def gone() -> bool:
             with sqlite3.connect(db) as conn:
                 return not conn.execute(
-                    "select 1 from slack_installations where team_id='TB'").fetchall()
+                    "select 1 from slack_installations where team_id='TB'"
+                ).fetchall()
 
         await fake_slack.wait_for(gone)
         await a.send.event(mention("after uninstall", "332.1", channel="CB"), team_id="TB")
@@ -217,14 +239,14 @@ async def test_socket_mode_receives_events_acks_them_and_a_worker_replies(
     from bots.slack.app import serve
 
     fake_slack.app_tokens.add("xapp-test")
-    settings = slack_settings.model_copy(update={"slack_app_token": SecretStr("xapp-test"),
-                                                 "slack_signing_secret": None})
+    settings = slack_settings.model_copy(
+        update={"slack_app_token": SecretStr("xapp-test"), "slack_signing_secret": None}
+    )
     worker_process(worker_env(settings))
     task = asyncio.create_task(serve(settings, "127.0.0.1", 0))
     try:
         first = await fake_slack.socket_event(mention("over the socket", "340.1"))
-        again = await fake_slack.socket_event(mention("over the socket", "340.1"),
-                                              retry_attempt=1)
+        again = await fake_slack.socket_event(mention("over the socket", "340.1"), retry_attempt=1)
         await fake_slack.wait_for(lambda: {first, again} <= set(fake_slack.socket_acks))
         [r] = await wait_reply(fake_slack, "Echo: over the socket")
         assert r.thread_ts == "340.1"
@@ -247,9 +269,12 @@ async def test_existing_bolt_app_keeps_its_listeners_beside_sluice(
 
     from bots.slack import register
 
-    host = AsyncApp(signing_secret=SIGNING_SECRET,
-                    client=AsyncWebClient(base_url=fake_slack.url,
-                                          token=slack_settings.slack_bot_token.get_secret_value()))
+    host = AsyncApp(
+        signing_secret=SIGNING_SECRET,
+        client=AsyncWebClient(
+            base_url=fake_slack.url, token=slack_settings.slack_bot_token.get_secret_value()
+        ),
+    )
     seen: list[str] = []
 
     @host.event("reaction_added")
@@ -280,13 +305,26 @@ async def test_existing_bolt_app_keeps_its_listeners_beside_sluice(
     try:
         async with aiohttp.ClientSession() as http:
             send = EventSender(http, f"http://127.0.0.1:{port}/slack/events", SIGNING_SECRET)
-            await send.event({"type": "reaction_added", "user": "U1", "reaction": "tada",
-                              "item": {"type": "message", "channel": "C1", "ts": "1.1"},
-                              "event_ts": "109.0"})
-            status, text = await send.command({"command": "/hello", "text": "", "team_id": "T1",
-                                               "channel_id": "C1", "user_id": "U1",
-                                               "trigger_id": "t9",
-                                               "response_url": "http://127.0.0.1:9/x"})
+            await send.event(
+                {
+                    "type": "reaction_added",
+                    "user": "U1",
+                    "reaction": "tada",
+                    "item": {"type": "message", "channel": "C1", "ts": "1.1"},
+                    "event_ts": "109.0",
+                }
+            )
+            status, text = await send.command(
+                {
+                    "command": "/hello",
+                    "text": "",
+                    "team_id": "T1",
+                    "channel_id": "C1",
+                    "user_id": "U1",
+                    "trigger_id": "t9",
+                    "response_url": "http://127.0.0.1:9/x",
+                }
+            )
             await send.event(message("ping", "109.1"))
             await send.event(mention("sluice question", "109.2"))
             [reply] = await wait_reply(fake_slack, "Echo: sluice question")
@@ -321,9 +359,14 @@ async def test_tokens_revoked_deletes_the_workspace_tokens(oauth_settings, adapt
         await _install(a, fake_slack, "code-r", "TR")
         store = a.app.installation_store
         assert await store.async_find_bot(enterprise_id=None, team_id="TR") is not None
-        status, _ = await a.send.event({"type": "tokens_revoked", "event_ts": "360.0",
-                                        "tokens": {"oauth": [], "bot": ["UBOT"]}},
-                                       team_id="TR")
+        status, _ = await a.send.event(
+            {
+                "type": "tokens_revoked",
+                "event_ts": "360.0",
+                "tokens": {"oauth": [], "bot": ["UBOT"]},
+            },
+            team_id="TR",
+        )
         assert status == 200
 
         async def revoked() -> bool:
@@ -342,10 +385,17 @@ async def test_bot_command_as_slash_command_is_answered_by_the_worker(
     settings = slack_settings.model_copy(update={"app": "examples.support_bot.bot:bot"})
     worker_process(worker_env(settings))
     async with adapter(settings) as a:
-        status, _ = await a.send.command({
-            "command": "/status", "text": "", "team_id": "T1", "channel_id": "C6",
-            "user_id": "U1", "trigger_id": "trig-status", "response_url": "http://127.0.0.1:9/r",
-        })
+        status, _ = await a.send.command(
+            {
+                "command": "/status",
+                "text": "",
+                "team_id": "T1",
+                "channel_id": "C6",
+                "user_id": "U1",
+                "trigger_id": "trig-status",
+                "response_url": "http://127.0.0.1:9/r",
+            }
+        )
         assert status == 200
         [r] = await wait_reply(fake_slack, "All systems operational")
     assert r.channel == "C6"

@@ -13,23 +13,29 @@ from bots.slack.format import safe_markdown, split_message, to_mrkdwn
 def test_inline_markdown_becomes_mrkdwn():
     assert to_mrkdwn("**bold** and *it* and ~~gone~~") == "*bold* and _it_ and ~gone~"
     assert to_mrkdwn("__bold__") == "*bold*"
-    assert to_mrkdwn("[the docs](https://example.com/a?b=1&c=2)") == \
-        "<https://example.com/a?b=1&amp;c=2|the docs>"
+    assert (
+        to_mrkdwn("[the docs](https://example.com/a?b=1&c=2)")
+        == "<https://example.com/a?b=1&amp;c=2|the docs>"
+    )
 
 
 def test_headings_lists_quotes_and_rules():
     md = "# Title\n## **Sub**\n- one\n  - nested\n* two\n1. first\n> quoted <b>\n---"
     assert to_mrkdwn(md).split("\n") == [
-        "*Title*", "*Sub*", "• one", "    • nested", "• two", "1. first",
-        "> quoted &lt;b&gt;", "──────────",
+        "*Title*",
+        "*Sub*",
+        "• one",
+        "    • nested",
+        "• two",
+        "1. first",
+        "> quoted &lt;b&gt;",
+        "──────────",
     ]
 
 
 def test_code_is_kept_verbatim_but_escaped():
     md = "Use `a**b**` here\n```python\nif a < b and c:\n    print('**x**')\n```"
-    assert to_mrkdwn(md) == (
-        "Use `a**b**` here\n```\nif a &lt; b and c:\n    print('**x**')\n```"
-    )
+    assert to_mrkdwn(md) == ("Use `a**b**` here\n```\nif a &lt; b and c:\n    print('**x**')\n```")
 
 
 def test_unclosed_code_fence_is_closed():
@@ -69,8 +75,10 @@ def test_split_code_block_is_closed_and_reopened():
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("ab `\n*#-<>&")), max_size=2000),
-       st.integers(min_value=40, max_value=400))
+@given(
+    st.text(alphabet=st.sampled_from(list("ab `\n*#-<>&")), max_size=2000),
+    st.integers(min_value=40, max_value=400),
+)
 def test_split_parts_never_exceed_the_limit_and_keep_the_words(text, limit):
     parts = split_message(text, limit)
     assert all(len(p) <= limit for p in parts)
@@ -82,5 +90,11 @@ def test_split_parts_never_exceed_the_limit_and_keep_the_words(text, limit):
 def test_tables_become_code_blocks():
     md = "Prices:\n| item | € |\n|---|---|\n| a<b | 1 |\nafter"
     assert to_mrkdwn(md).split("\n") == [
-        "Prices:", "```", "| item | € |", "|---|---|", "| a&lt;b | 1 |", "```", "after",
+        "Prices:",
+        "```",
+        "| item | € |",
+        "|---|---|",
+        "| a&lt;b | 1 |",
+        "```",
+        "after",
     ]

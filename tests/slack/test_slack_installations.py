@@ -18,8 +18,14 @@ def new_key() -> SecretStr:
 
 
 def installation(team: str, token: str) -> Installation:
-    return Installation(team_id=team, bot_token=token, bot_id="B1", bot_user_id="UBOT",
-                        bot_scopes="chat:write", user_id="U1")
+    return Installation(
+        team_id=team,
+        bot_token=token,
+        bot_id="B1",
+        bot_user_id="UBOT",
+        bot_scopes="chat:write",
+        user_id="U1",
+    )
 
 
 def test_database_urls_map_to_async_drivers():
@@ -49,8 +55,9 @@ async def test_without_a_key_tokens_are_plain_and_deletion_removes_them(settings
     store = SQLInstallationStore(settings)
     try:
         await store.async_save(installation("TB", "xoxb-plain"))
-        assert (await store.async_find_bot(enterprise_id=None, team_id="TB")).bot_token \
-            == "xoxb-plain"
+        assert (
+            await store.async_find_bot(enterprise_id=None, team_id="TB")
+        ).bot_token == "xoxb-plain"
         await store.async_delete_installation(enterprise_id=None, team_id="TB")
         assert await store.async_find_bot(enterprise_id=None, team_id="TB") is None
     finally:

@@ -23,8 +23,14 @@ def test_manifest_scopes_match_the_install_flow():
 
 def test_manifest_subscribes_to_every_event_sluice_listens_to():
     events = set(_list_under(MANIFEST.read_text(), "bot_events"))
-    assert {"app_mention", "message.im", "message.channels", "assistant_thread_started",
-            "app_uninstalled", "tokens_revoked"} <= events
+    assert {
+        "app_mention",
+        "message.im",
+        "message.channels",
+        "assistant_thread_started",
+        "app_uninstalled",
+        "tokens_revoked",
+    } <= events
 
 
 def test_manifest_declares_ask_and_the_socket_mode_flag():
@@ -37,8 +43,9 @@ def test_rendered_manifest_has_the_url_and_the_bots_commands():
     from bots.slack.manifest import render_manifest
     from core.bot import load_bot
 
-    text = render_manifest(load_bot("examples.support_bot.bot:bot"),
-                           url="https://bot.example.org/", socket_mode=True)
+    text = render_manifest(
+        load_bot("examples.support_bot.bot:bot"), url="https://bot.example.org/", socket_mode=True
+    )
     assert "sluice.example.com" not in text
     assert "request_url: https://bot.example.org/slack/events" in text
     assert "https://bot.example.org/slack/oauth_redirect" in text

@@ -24,18 +24,28 @@ async def factory(slack_settings, redis) -> AsyncIterator[SlackResponderFactory]
         await f.close()
 
 
-def msg(ts: str, *, channel: str = "C1", thread: str | None = None, kind: str = "mention",
-        **meta: str) -> IncomingMessage:
+def msg(
+    ts: str, *, channel: str = "C1", thread: str | None = None, kind: str = "mention", **meta: str
+) -> IncomingMessage:
     m = {"kind": kind, "recipient_user_id": "U1", **meta}
     if thread:
         m["reply_thread"] = thread
-    return IncomingMessage(platform="slack", tenant=TEAM, channel=channel, thread=thread,
-                           user="U1", message_id=f"{channel}:{ts}", text="q",
-                           is_dm=channel.startswith("D"), meta=m)
+    return IncomingMessage(
+        platform="slack",
+        tenant=TEAM,
+        channel=channel,
+        thread=thread,
+        user="U1",
+        message_id=f"{channel}:{ts}",
+        text="q",
+        is_dm=channel.startswith("D"),
+        meta=m,
+    )
 
 
-async def deliver(factory, m: IncomingMessage, pieces: list[str], final: str | None = None,
-                  gap_s: float = 0.0) -> None:
+async def deliver(
+    factory, m: IncomingMessage, pieces: list[str], final: str | None = None, gap_s: float = 0.0
+) -> None:
     import asyncio
 
     r = factory.responder(m, m.job_id)
@@ -50,8 +60,7 @@ async def deliver(factory, m: IncomingMessage, pieces: list[str], final: str | N
 
 
 async def test_thread_reply_is_streamed_natively(factory, fake_slack):
-    await deliver(factory, msg("1.1", thread="1.1"), ["Hello", " there", ", friend."],
-                  gap_s=0.35)
+    await deliver(factory, msg("1.1", thread="1.1"), ["Hello", " there", ", friend."], gap_s=0.35)
     [reply] = fake_slack.replies("C1")
     assert reply.text == "Hello there, friend."
     assert reply.thread_ts == "1.1"
@@ -83,17 +92,19 @@ async def test_top_level_dm_is_posted_then_edited_at_most_once_per_interval(
 
 
 async def test_markdown_is_converted_and_mentions_are_defused(factory, fake_slack):
-    await deliver(factory, msg("3.1", channel="D1", kind="dm"), [],
-                  final="**Bold** and [docs](https://example.com) <!channel> <@U2>")
+    await deliver(
+        factory,
+        msg("3.1", channel="D1", kind="dm"),
+        [],
+        final="**Bold** and [docs](https://example.com) <!channel> <@U2>",
+    )
     [reply] = fake_slack.replies("D1")
-    assert reply.text == ("*Bold* and <https://example.com|docs> &lt;!channel&gt; "
-                          "&lt;@U2&gt;")
+    assert reply.text == ("*Bold* and <https://example.com|docs> &lt;!channel&gt; &lt;@U2&gt;")
 
 
 async def test_stream_closed_by_slack_falls_back_to_chat_update(factory, fake_slack):
     fake_slack.close_streams_after_appends = 1
-    await deliver(factory, msg("4.1", thread="4.1"), ["one ", "two ", "three ", "four"],
-                  gap_s=0.35)
+    await deliver(factory, msg("4.1", thread="4.1"), ["one ", "two ", "three ", "four"], gap_s=0.35)
     [reply] = fake_slack.replies("C1")
     assert reply.text == "one two three four"
     assert fake_slack.calls_of("chat.update")
@@ -108,9 +119,7 @@ async def test_workspace_without_streaming_gets_an_edited_message(factory, fake_
     assert len(fake_slack.calls_of("chat.postMessage")) == 1
 
 
-async def test_429_on_post_and_update_is_waited_out_and_reply_arrives_once(
-    factory, fake_slack
-):
+async def test_429_on_post_and_update_is_waited_out_and_reply_arrives_once(factory, fake_slack):
     fake_slack.fail("chat.postMessage", status=429, retry_after_s=1, times=2)
     fake_slack.fail("chat.update", status=429, retry_after_s=1, times=1)
     started = time.monotonic()
@@ -122,8 +131,9 @@ async def test_429_on_post_and_update_is_waited_out_and_reply_arrives_once(
 
 
 async def test_5xx_is_retried(factory, fake_slack):
-    fake_slack.fail("chat.postMessage", status=503, retry_after_s=None, times=2,
-                    error="service_unavailable")
+    fake_slack.fail(
+        "chat.postMessage", status=503, retry_after_s=None, times=2, error="service_unavailable"
+    )
     await deliver(factory, msg("7.1", channel="D1", kind="dm"), [], final="ok")
     assert [r.text for r in fake_slack.replies("D1")] == ["ok"]
 
@@ -201,3 +211,21 @@ async def test_apology_after_a_partial_stream_replaces_the_partial_text(factory,
     [reply] = fake_slack.replies("C1")
     assert reply.text == "Sorry, I couldn't answer that just now."
     assert not reply.streaming
+
+
+async def test_workspace_update_budget_limits_intermediate_edits(slack_settings, redis, fake_slack):
+    settings = slack_settings.model_copy(
+        update={"slack_updates_per_minute": 2, "slack_edit_interval_s": 0.05}
+    )
+    f = SlackResponderFactory(settings, redis)
+    await f.start()
+    try:
+        await deliver(
+            f, msg("14.1", channel="D1", kind="dm"), [f"w{i} " for i in range(30)], gap_s=0.06
+        )
+    finally:
+        await f.close()
+    [reply] = fake_slack.replies("D1")
+    assert reply.text == "".join(f"w{i} " for i in range(30))
+    # The post counts as one use of the budget, one intermediate edit, then only the final.
+    assert len(fake_slack.calls_of("chat.update")) <= 2
