@@ -19,7 +19,8 @@ import click
     help="Print the Slack app manifest (with the bot's commands) and exit.",
 )
 @click.option("--url", default=None, help="Public base URL written into --manifest.")
-def slack(host: str, port: int | None, manifest: bool, url: str | None) -> None:
+@click.option("--socket-mode", is_flag=True, help="With --manifest: a manifest for Socket Mode.")
+def slack(host: str, port: int | None, manifest: bool, url: str | None, socket_mode: bool) -> None:
     """Slack adapter: Socket Mode when SLACK_APP_TOKEN is set, else HTTP on --port.
 
     HTTP mode serves POST /slack/events, GET /slack/install, GET /slack/oauth_redirect
@@ -41,7 +42,9 @@ def slack(host: str, port: int | None, manifest: bool, url: str | None) -> None:
             click.secho(f"error: {e}", fg="red", err=True)
             sys.exit(2)
         click.echo(
-            render_manifest(bot, url=url, socket_mode=settings.slack_app_token is not None),
+            render_manifest(
+                bot, url=url, socket_mode=socket_mode or settings.slack_app_token is not None
+            ),
             nl=False,
         )
         return

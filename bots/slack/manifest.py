@@ -38,5 +38,11 @@ def render_manifest(bot: Bot, *, url: str | None = None, socket_mode: bool = Fal
         )
     text = text.replace(_ASK_ENTRY_END, _ASK_ENTRY_END + "".join(entries), 1)
     if socket_mode:
+        # Events and commands arrive over the websocket: no request URLs.
         text = text.replace("socket_mode_enabled: false", "socket_mode_enabled: true")
+        text = "".join(
+            line
+            for line in text.splitlines(keepends=True)
+            if not line.lstrip().startswith(("request_url:", "url:"))
+        )
     return text.replace(PLACEHOLDER_URL, base)

@@ -43,13 +43,22 @@ def test_rendered_manifest_has_the_url_and_the_bots_commands():
     from bots.slack.manifest import render_manifest
     from core.bot import load_bot
 
-    text = render_manifest(
-        load_bot("examples.support_bot.bot:bot"), url="https://bot.example.org/", socket_mode=True
-    )
+    text = render_manifest(load_bot("examples.support_bot.bot:bot"), url="https://bot.example.org/")
     assert "sluice.example.com" not in text
     assert "request_url: https://bot.example.org/slack/events" in text
     assert "https://bot.example.org/slack/oauth_redirect" in text
     commands = re.findall(r"- command: (/\S+)", text)
     assert commands[0] == "/ask"
     assert {"/ticket", "/status"} <= set(commands)
+    assert "socket_mode_enabled: false" in text
+
+
+def test_socket_mode_manifest_has_no_request_urls():
+    from bots.slack.manifest import render_manifest
+    from core.bot import load_bot
+
+    text = render_manifest(load_bot(None), socket_mode=True)
     assert "socket_mode_enabled: true" in text
+    assert "request_url" not in text
+    assert "url: " not in text
+    assert "command: /ask" in text
