@@ -13,7 +13,12 @@ USER_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
 
 
 def unescape(text: str) -> str:
-    """Slack's ``&amp;``/``&lt;``/``&gt;`` back to the characters the user typed."""
+    """Slack's ``&amp;``/``&lt;``/``&gt;`` back to the characters the user typed.
+
+    Lone surrogates (valid in JSON, not in UTF-8) become ``?`` so that the message
+    can be queued and sent to the model.
+    """
+    text = text.encode("utf-8", "replace").decode("utf-8")
     return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
 
 

@@ -303,3 +303,20 @@ async def test_bot_commands_are_slash_commands_with_the_command_in_meta(
     [msg] = await queued_messages(queue, settings)
     assert msg["meta"]["command"] == "ticket"
     assert msg["text"] == "printer is broken"
+
+
+async def test_odd_unicode_is_accepted_and_lone_surrogates_are_replaced(
+    slack_settings, adapter, queue
+):
+    body = json.dumps(event_envelope(mention("bad \ud800 good 👍🏽 \u202e e\u0301", "111.1")))
+    async with adapter(slack_settings) as a:
+        status, _ = await a.send.post_raw(body.encode())
+    assert status == 200
+    [msg] = await queued_messages(queue, slack_settings)
+    assert msg["text"] == "bad ? good 👍🏽 \u202e e\u0301"
+
+
+async def test_healthz_is_503_when_redis_is_down(slack_settings, adapter):
+    dead = slack_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    async with adapter(dead) as a, a.http.get(a.base + "/healthz") as resp:
+        assert resp.status == 503
