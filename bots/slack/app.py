@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
+from bots.slack.convert import payload_problem
 from bots.slack.installations import RedisOAuthStateStore, SQLInstallationStore
 from bots.slack.intake import Intake
 from bots.slack.listeners import SluiceListeners, register
@@ -171,25 +173,32 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
         )
     listeners = register(bolt, settings, intake=intake, installation_store=store)
 
-    # Registered last, so it only sees what every other listener passed on.
-    @bolt.event("message")
-    async def other_messages() -> None:
-        """Channel chatter the bot was not asked about, edits, bot messages."""
+    # Registered last, so it only sees what every other listener passed on: channel
+    # chatter, edits, bot messages, events Sluice does not use. They are acked (200)
+    # so that Slack does not deliver them again.
+    @bolt.event(re.compile(".*"))
+    async def other_events() -> None:
+        """Nothing to do."""
 
     return SlackApp(bolt=bolt, listeners=listeners, installation_store=store)
 
 
-def _body_is_parseable(body: bytes, content_type: str) -> bool:
+def _body_problem(body: bytes, content_type: str) -> str | None:
+    """Why a signed request body cannot be handled (``None``: it can)."""
     try:
         text = body.decode("utf-8")
         if content_type == "application/json":
-            return isinstance(json.loads(text), dict)
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                return "the body must be a JSON object"
+            return payload_problem(data)
         form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
         if "payload" in form:
-            return isinstance(json.loads(form["payload"][0]), dict)
-        return bool(form)
+            data = json.loads(form["payload"][0])
+            return None if isinstance(data, dict) else "'payload' must be a JSON object"
+        return None if form else "empty body"
     except (UnicodeDecodeError, ValueError):
-        return False
+        return "the body is not valid UTF-8 JSON or form data"
 
 
 def web_app(slack: SlackApp, settings: Settings) -> web.Application:
@@ -213,8 +222,9 @@ def web_app(slack: SlackApp, settings: Settings) -> web.Application:
             timestamp.isdigit() and signature and verifier.is_valid(body, timestamp, signature)
         ):
             return web.Response(status=401, text="invalid signature or stale timestamp")
-        if not _body_is_parseable(body, request.content_type):
-            return web.Response(status=400, text="malformed body")
+        problem = _body_problem(body, request.content_type)
+        if problem is not None:
+            return web.Response(status=400, text=f"malformed body: {problem}")
         bolt_req = AsyncBoltRequest(
             body=body.decode("utf-8"),
             query=request.query_string,

@@ -12,6 +12,46 @@ from core.messages import IncomingMessage, Platform
 USER_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
 
 
+_EVENT_STRINGS = (
+    "type",
+    "user",
+    "channel",
+    "ts",
+    "thread_ts",
+    "text",
+    "channel_type",
+    "subtype",
+    "bot_id",
+    "team",
+    "event_ts",
+)
+
+
+def payload_problem(body: dict[str, Any]) -> str | None:
+    """Why a signed JSON payload cannot be handled (``None``: it can).
+
+    Slack's payloads are trusted once signed, but a malformed one must get a 400,
+    not crash a listener into a 500 that Slack would retry.
+    """
+    kind = body.get("type")
+    if not isinstance(kind, str):
+        return "the payload has no 'type'"
+    if kind != "event_callback":
+        return None
+    event = body.get("event")
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return "an event_callback needs an 'event' object with a 'type'"
+    for key in ("team_id", "event_id", "api_app_id"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            return f"'{key}' must be a string"
+    if event["type"] not in ("message", "app_mention"):
+        return None  # other events carry objects in these fields (e.g. team_join's user)
+    for key in _EVENT_STRINGS:
+        if event.get(key) is not None and not isinstance(event[key], str):
+            return f"event '{key}' must be a string"
+    return None
+
+
 def unescape(text: str) -> str:
     """Slack's ``&amp;``/``&lt;``/``&gt;`` back to the characters the user typed.
 

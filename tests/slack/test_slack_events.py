@@ -320,3 +320,32 @@ async def test_healthz_is_503_when_redis_is_down(slack_settings, adapter):
     dead = slack_settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
     async with adapter(dead) as a, a.http.get(a.base + "/healthz") as resp:
         assert resp.status == 503
+
+
+async def test_signed_but_malformed_payloads_get_400_and_unknown_events_200(
+    slack_settings, adapter, queue
+):
+    bad = [
+        {"type": "event_callback", "team_id": "T1", "event": "oops", "event_id": "E1"},
+        {"type": "event_callback", "team_id": "T1", "event_id": "E2"},
+        {"type": "event_callback", "team_id": 7, "event": mention("x", "1.1"), "event_id": "E3"},
+        {
+            "type": "event_callback",
+            "team_id": "T1",
+            "event_id": "E4",
+            "event": {**message("x", "1.2", channel="D1", channel_type="im"), "user": ["U1"]},
+        },
+        {"nothing": True},
+    ]
+    other = {
+        "type": "event_callback",
+        "team_id": "T1",
+        "event_id": "E5",
+        "event": {"type": "team_join", "user": {"id": "U9"}},
+    }
+    async with adapter(slack_settings) as a:
+        statuses = [(await a.send.post_raw(json.dumps(b).encode()))[0] for b in bad]
+        other_status, _ = await a.send.post_raw(json.dumps(other).encode())
+    assert statuses == [400] * len(bad)
+    assert other_status == 200
+    assert await queued_messages(queue, slack_settings) == []
