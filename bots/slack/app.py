@@ -26,6 +26,7 @@ from urllib.parse import parse_qs
 from aiohttp import web
 from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAuthorize
 from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
 from slack_bolt.request.async_request import AsyncBoltRequest
@@ -90,6 +91,30 @@ class _WebClient(AsyncWebClient):
         )
 
 
+class _Authorize(AsyncInstallationStoreAuthorize):
+    """Bolt's installation-store authorize, one workspace at a time.
+
+    Bolt caches the ``auth.test`` result per token but does not stop a burst of a
+    workspace's events from all missing the cache at once; holding a per-workspace
+    lock makes the first event fill the cache and the rest hit it.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._locks: dict[tuple[str | None, str | None], asyncio.Lock] = {}
+
+    async def __call__(
+        self,
+        *,
+        enterprise_id: str | None,
+        team_id: str | None,
+        **kwargs: Any,
+    ) -> AuthorizeResult | None:
+        lock = self._locks.setdefault((enterprise_id, team_id), asyncio.Lock())
+        async with lock:
+            return await super().__call__(enterprise_id=enterprise_id, team_id=team_id, **kwargs)
+
+
 def is_multi_workspace(settings: Settings) -> bool:
     """OAuth installs (many workspaces) rather than one ``SLACK_BOT_TOKEN``."""
     return bool(settings.slack_client_id and settings.slack_client_secret)
@@ -141,7 +166,7 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
         # Bolt's authorize calls auth.test for every event unless its result is cached
         # per token. The token itself is still looked up for every event (the store
         # keeps it a few seconds), so an uninstalled workspace is refused.
-        authorize = AsyncInstallationStoreAuthorize(
+        authorize = _Authorize(
             installation_store=store,
             client_id=oauth.client_id,
             client_secret=oauth.client_secret,

@@ -9,6 +9,7 @@ The OAuth ``state`` lives in Redis, consumed once.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -128,6 +129,7 @@ class SQLInstallationStore(AsyncInstallationStore):
         self.cache_s = cache_s
         self._bots: dict[tuple[str, str], tuple[Bot, float]] = {}
         self._generation = 0  # bumped by every change, so a read racing it is not cached
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def forget(self, enterprise_id: str | None, team_id: str | None) -> None:
         """Drop a cached bot."""
@@ -252,18 +254,24 @@ class SQLInstallationStore(AsyncInstallationStore):
         cached = self._bots.get(key)
         if cached is not None and cached[1] > time.monotonic():
             return cached[0]
-        generation = self._generation
-        found = await self.async_find_installation(
-            enterprise_id=enterprise_id,
-            team_id=team_id,
-            is_enterprise_install=is_enterprise_install,
-        )
-        if found is None or not found.bot_token:
-            return None
-        bot = found.to_bot()
-        if generation == self._generation:
-            self._bots[key] = (bot, time.monotonic() + self.cache_s)
-        return bot
+        # One query per workspace at a time: a burst of its events waits for it.
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            cached = self._bots.get(key)
+            if cached is not None and cached[1] > time.monotonic():
+                return cached[0]
+            generation = self._generation
+            found = await self.async_find_installation(
+                enterprise_id=enterprise_id,
+                team_id=team_id,
+                is_enterprise_install=is_enterprise_install,
+            )
+            if found is None or not found.bot_token:
+                return None
+            bot = found.to_bot()
+            if generation == self._generation:
+                self._bots[key] = (bot, time.monotonic() + self.cache_s)
+            return bot
 
     async def async_delete_bot(self, *, enterprise_id: str | None, team_id: str | None) -> None:
         """Forget the workspace's tokens (``tokens_revoked``)."""

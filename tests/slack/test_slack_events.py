@@ -277,6 +277,8 @@ async def test_multi_workspace_burst_is_acked_within_3s(oauth_settings, adapter,
     )
     assert all(status == 200 for status, _ in results)
     assert times[-1] < 3.0
+    # auth.test once per workspace, not once per event.
+    assert len(fake_slack.calls_of("auth.test")) == 2
     jobs = await queued_messages(queue, oauth_settings)
     assert len(jobs) == 200
     assert {j["tenant"] for j in jobs} == {"TA", "TB"}
