@@ -74,3 +74,21 @@ class Keys:
     def cache_pattern(self, tenant: str) -> str:
         """SCAN pattern for one tenant's cached answers (the cache's key layout)."""
         return f"{self.prefix}:cache:{tenant}:*"
+
+    # --- Slack ---
+
+    def slack_thread(self, team: str, channel: str, thread_ts: str) -> str:
+        """Marks a Slack thread the bot answers in (follow-ups need no mention)."""
+        return f"{self.prefix}:slack:thread:{team}:{channel}:{thread_ts}"
+
+    def slack_pace(self, channel: str, ts: str) -> str:
+        """Held while one Slack message may not be edited again (one edit per interval)."""
+        return f"{self.prefix}:slack:pace:{channel}:{ts}"
+
+    def slack_update_budget(self, team: str, minute: int) -> str:
+        """chat.update calls of one workspace in one minute."""
+        return f"{self.prefix}:slack:updates:{team}:{minute}"
+
+    def slack_oauth_state(self, state: str) -> str:
+        """An OAuth ``state`` issued by ``/slack/install``, consumed once."""
+        return f"{self.prefix}:slack:oauth:{state}"

@@ -227,6 +227,50 @@ class Settings(BaseSettings):
         0, ge=0, description="Delete stored messages older than this many days (0 keeps them)."
     )
 
+    # --- Slack ---
+    encryption_key: SecretStr | None = Field(
+        None,
+        description="Fernet key (`Fernet.generate_key()`) that encrypts stored platform "
+        "tokens (Slack installations) at rest; unset stores them in plain text.",
+    )
+    slack_port: int = Field(
+        3000,
+        ge=0,
+        le=65535,
+        description="Port of the Slack adapter's HTTP mode "
+        "(`sluice slack`, and `sluice dev` when Slack's tokens are set).",
+    )
+    slack_native_streaming: bool = Field(
+        True,
+        description="Stream Slack replies in threads with chat.startStream/appendStream/"
+        "stopStream; off (or where Slack refuses) a posted message is edited instead.",
+    )
+    slack_edit_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="Least time between two edits of one Slack message, across all workers.",
+    )
+    slack_updates_per_minute: int = Field(
+        50,
+        ge=1,
+        description="chat.update calls per workspace per minute for streaming "
+        "edits; above it only final edits are sent.",
+    )
+    slack_message_limit: int = Field(
+        3900, ge=100, le=40000, description="Longest Slack message; longer replies are split."
+    )
+    slack_max_retry_after_s: float = Field(
+        30.0,
+        ge=0,
+        description="Longest Slack 429 Retry-After a job waits out before giving up on a delivery.",
+    )
+    slack_thread_ttl_s: int = Field(
+        14 * 86400,
+        ge=3600,
+        description="How long the bot answers follow-ups (without a "
+        "mention) in a thread it replied in.",
+    )
+
     @property
     def queue_name(self) -> str:
         """The arq queue Sluice's reply jobs go to."""

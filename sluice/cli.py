@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from bots.slack.cli import slack as slack_command
 from core.errors import ConfigError
 from core.settings import get_settings
 from sluice.commands import commands_command
@@ -133,3 +134,5 @@ from workers.cli_history import db, history, usage  # noqa: E402
 main.add_command(history)
 main.add_command(db)
 main.add_command(usage)
+
+main.add_command(slack_command)
