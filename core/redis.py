@@ -49,3 +49,16 @@ class Keys:
     def delivered(self, job_id: str) -> str:
         """What a job already delivered to the platform (so a retry never posts twice)."""
         return f"{self.prefix}:delivered:{job_id}"
+
+    # --- Discord ---
+    def discord_bucket(self, bucket: str) -> str:
+        """Shared pacing state of one Discord rate-limit bucket (route + major id)."""
+        return f"{self.prefix}:discord:bucket:{bucket}"
+
+    def discord_global(self) -> str:
+        """Timestamps of recent Discord REST requests from all workers (the global limit)."""
+        return f"{self.prefix}:discord:global"
+
+    def discord_global_pause(self) -> str:
+        """Set while Discord's global rate limit is exceeded (after a global 429)."""
+        return f"{self.prefix}:discord:global:pause"
