@@ -60,6 +60,32 @@ def ask_command(intake: DiscordIntake) -> app_commands.Command[None, ..., None]:
     return ask
 
 
+def _shape(name: str, description: str, options: list[tuple[str, str]]) -> tuple[object, ...]:
+    return (name, description, tuple(sorted(options)))
+
+
+async def sync_commands(tree: app_commands.CommandTree[discord.Client]) -> None:
+    """Register the tree's commands, only when Discord's copy differs.
+
+    Registering is limited (a few calls a minute, 200 new commands a day), so a
+    restart that changes nothing must not re-register.
+    """
+    remote = {
+        _shape(c.name, c.description, [(o.name, o.description) for o in c.options])
+        for c in await tree.fetch_commands()
+    }
+    local = {
+        _shape(c.name, c.description,
+               [(p.name, p.description) for p in getattr(c, "parameters", [])])
+        for c in tree.get_commands()
+    }
+    if remote == local:
+        logger.info("discord application commands are up to date (%d)", len(local))
+        return
+    synced = await tree.sync()
+    logger.info("discord registered %d application command(s)", len(synced))
+
+
 class SluiceClient(discord.Client):
     """A discord.py client that enqueues conversations for Sluice's workers."""
 
@@ -79,8 +105,7 @@ class SluiceClient(discord.Client):
         _, url, _ = await self.http.get_bot_gateway()
         discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(url)
         if self.settings.discord_sync_commands:
-            synced = await self.tree.sync()
-            logger.info("discord registered %d application command(s)", len(synced))
+            await sync_commands(self.tree)
 
     async def on_ready(self) -> None:
         """Log who we are and where."""

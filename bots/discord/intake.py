@@ -8,6 +8,8 @@ each returning the reason to drop it or ``None``:
 2. :func:`allowed` — the allow and deny lists of guilds, channels, roles and users.
 3. :func:`addressed_to_bot` — a DM, a mention, a reply to the bot, or a message in
    a thread the bot is in; anything else is not for us.
+4. :func:`has_text` — without the message-content intent Discord blanks messages
+   that do not mention the bot (e.g. plain messages in a thread); nothing to answer.
 
 Then the message id is claimed in Redis (gateway resumes can replay events), a
 thread is opened if ``SLUICE_DISCORD_THREADS`` is on, and the reply job is enqueued.
@@ -107,7 +109,12 @@ def addressed_to_bot(event: Event, settings: Settings, bot_id: str) -> str | Non
     return "not addressed to the bot"
 
 
-CHECKS: tuple[Check, ...] = (not_from_a_bot, allowed, addressed_to_bot)
+def has_text(event: Event, settings: Settings, bot_id: str) -> str | None:
+    """Drop messages whose content Discord did not send (message-content intent off)."""
+    return None if event.content.strip() else "no content (message-content intent off?)"
+
+
+CHECKS: tuple[Check, ...] = (not_from_a_bot, allowed, addressed_to_bot, has_text)
 
 
 def run_checks(event: Event, settings: Settings, bot_id: str) -> str | None:
