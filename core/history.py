@@ -46,7 +46,8 @@ class HotHistory:
         if n <= 0:
             return []
         try:
-            raw: list[Any] = await self._redis.lrange(self._keys.history(conversation_id), -n, -1)
+            key = self._keys.history(conversation_id)
+            raw: list[Any] = await self._redis.lrange(key, -n, -1)  # type: ignore[misc]
         except RedisError as e:
             raise HistoryError(f"cannot read history of {conversation_id}: {e}") from e
         return [Turn.model_validate_json(r) for r in raw]

@@ -47,6 +47,11 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         raise QueueError(f"cannot enqueue message {msg.message_id}: {e}") from e
     logger.info(
         "enqueued platform=%s tenant=%s message=%s job=%s lane=%s new=%s",
-        msg.platform, msg.tenant, msg.message_id, msg.job_id, msg.lane, job is not None,
+        msg.platform,
+        msg.tenant,
+        msg.message_id,
+        msg.job_id,
+        msg.lane,
+        job is not None,
     )
     return job is not None

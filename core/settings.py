@@ -95,8 +95,10 @@ class Settings(BaseSettings):
     web_host: str = Field("127.0.0.1", description="Web chat bind address.")
     web_port: int = Field(8080, ge=0, le=65535, description="Web chat port.")
     max_input_chars: int = Field(
-        8000, ge=1, description="Longest user text sent to the model; longer text is truncated "
-        "for the model (with a note in the reply) and stored whole."
+        8000,
+        ge=1,
+        description="Longest user text sent to the model; longer text is truncated "
+        "for the model (with a note in the reply) and stored whole.",
     )
     max_body_bytes: int = Field(
         1_000_000, ge=1024, description="Largest request body an adapter accepts (413 above)."
@@ -130,7 +132,7 @@ class Settings(BaseSettings):
         3, ge=1, description="Attempts per reply job (a dead worker's job is re-run)."
     )
     stream_min_interval_s: float = Field(
-        0.25, ge=0, description="Least time between two streamed updates of one reply (web)."
+        0.1, ge=0, description="Least time between two streamed updates of one web chat reply."
     )
     dedupe_ttl_s: int = Field(86400, ge=3600, description="Lifetime of dedupe markers.")
     log_level: str = Field("INFO", description="Log level.")

@@ -1,0 +1,1 @@
+"""Sluice's command line and tools (the LLM simulator, ``sluice dev``, benchmarks)."""

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from core.bot import Bot
-from core.errors import HistoryError, LLMError, LLMRequestError
+from core.errors import HistoryError, LLMError, LLMRequestError, LLMUnavailableError
 from core.history import HotHistory
 from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
 from core.messages import IncomingMessage, Reply, Turn
@@ -21,6 +21,7 @@ APOLOGY = (
     "Sorry, I couldn't answer that just now: the language model did not respond. "
     "Please try again in a minute."
 )
+CUT_NOTE = "\n\n_(The answer was cut off. Please ask again.)_"
 EMPTY_NOTICE = "I received an empty message. Type a question and I'll answer it."
 
 
@@ -41,9 +42,7 @@ async def get_responder_factory(ctx: dict[str, Any], platform: str) -> Responder
     return factories[platform]
 
 
-def build_context(
-    bot: Bot, history: list[Turn], text: str
-) -> list[ChatMessage]:
+def build_context(bot: Bot, history: list[Turn], text: str) -> list[ChatMessage]:
     """The messages sent to the model: persona, earlier turns, the new message."""
     messages: list[ChatMessage] = [{"role": "system", "content": bot.system_prompt}]
     for turn in history:
@@ -59,23 +58,42 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     Every accepted message ends in exactly one visible reply: the answer, a short
     notice, or a short apology.
     """
-    settings: Settings = ctx["settings"]
     msg = IncomingMessage.model_validate(payload)
     job_id: str = ctx.get("job_id", msg.job_id)
     factory = await get_responder_factory(ctx, msg.platform)
     responder = factory.responder(msg, job_id)
     logger.info(
         "job start platform=%s tenant=%s message=%s job=%s lane=%s try=%s",
-        msg.platform, msg.tenant, msg.message_id, job_id, msg.lane, ctx.get("job_try"),
+        msg.platform,
+        msg.tenant,
+        msg.message_id,
+        job_id,
+        msg.lane,
+        ctx.get("job_try"),
     )
     started = time.monotonic()
     await responder.begin()
-    reply_, completion = await _answer(ctx, msg, responder)
+    try:
+        reply_, completion = await _answer(ctx, msg, responder)
+    except Exception:
+        # A bug or an unforeseen failure still ends in a visible reply, never silence;
+        # the traceback goes to the log, not to the user.
+        logger.exception(
+            "job failed platform=%s message=%s job=%s; sending an apology",
+            msg.platform,
+            msg.message_id,
+            job_id,
+        )
+        reply_, completion = Reply(text=APOLOGY, kind="error"), None
     await responder.finish(reply_)
     await _remember(ctx, msg, reply_, completion, started)
     logger.info(
         "job done platform=%s tenant=%s message=%s job=%s kind=%s in %.2fs",
-        msg.platform, msg.tenant, msg.message_id, job_id, reply_.kind,
+        msg.platform,
+        msg.tenant,
+        msg.message_id,
+        job_id,
+        reply_.kind,
         time.monotonic() - started,
     )
     return reply_.kind
@@ -119,8 +137,13 @@ async def _answer(
     except LLMRequestError as e:
         logger.error("llm refused message=%s: %s", msg.message_id, e)
         return Reply(text=APOLOGY, kind="error"), None
-    except LLMError as e:
+    except LLMUnavailableError as e:
         logger.warning("llm unavailable message=%s: %s", msg.message_id, e)
+        if e.partial_text:
+            return Reply(text=note + e.partial_text + CUT_NOTE, kind="error"), None
+        return Reply(text=APOLOGY, kind="error"), None
+    except LLMError as e:
+        logger.warning("llm failed message=%s: %s", msg.message_id, e)
         return Reply(text=APOLOGY, kind="error"), None
     return Reply(text=note + completion.text), completion
 
@@ -134,8 +157,14 @@ async def _remember(
 ) -> None:
     history: HotHistory = ctx["history"]
     turns = [
-        Turn(role="user", text=msg.text, message_id=msg.message_id, ts=msg.ts,
-             user=msg.user, lane=msg.lane),
+        Turn(
+            role="user",
+            text=msg.text,
+            message_id=msg.message_id,
+            ts=msg.ts,
+            user=msg.user,
+            lane=msg.lane,
+        ),
     ]
     if reply_.kind == "answer":
         turns.append(
@@ -156,4 +185,3 @@ async def _remember(
         await asyncio.shield(history.append(msg.conversation_id, turns))
     except HistoryError:
         logger.exception("could not store turns of message=%s", msg.message_id)
-

@@ -28,9 +28,9 @@ from core.history import HotHistory
 from core.llm import OpenAIProvider
 from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
+from core.serializer import deserialize, serialize
 from core.settings import Settings
 from workers import jobs
-from core.serializer import deserialize, serialize
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +43,17 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         ctx["bot"] = load_bot(settings.app)
         ctx["keys"] = Keys(settings.key_prefix)
         ctx["history"] = HotHistory(
-            ctx["redis"], ctx["keys"],
-            max_turns=settings.history_max_turns, ttl_s=settings.history_ttl_s,
+            ctx["redis"],
+            ctx["keys"],
+            max_turns=settings.history_max_turns,
+            ttl_s=settings.history_ttl_s,
         )
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
-        logger.info("worker ready: bot=%s model=%s", ctx["bot"].name,
-                    ctx["bot"].model or settings.model)
+        logger.info(
+            "worker ready: bot=%s model=%s", ctx["bot"].name, ctx["bot"].model or settings.model
+        )
 
     return on_startup
 
@@ -68,8 +71,12 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
     """Keyword arguments for :class:`arq.worker.Worker`."""
     return {
         "functions": [
-            func(jobs.reply, name="reply", timeout=settings.job_timeout_s,
-                 max_tries=settings.job_max_tries),
+            func(
+                jobs.reply,
+                name="reply",
+                timeout=settings.job_timeout_s,
+                max_tries=settings.job_max_tries,
+            ),
         ],
         "queue_name": settings.queue_name,
         "redis_settings": redis_settings(settings),
@@ -94,4 +101,3 @@ def create_worker(settings: Settings, **overrides: Any) -> Worker:
     kwargs = worker_settings(settings)
     kwargs.update(overrides)
     return Worker(**kwargs)
-

@@ -1,0 +1,124 @@
+"""The ``sluice`` command. Each command imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import click
+
+from core.errors import ConfigError
+from core.settings import get_settings
+
+
+def _fail(e: Exception) -> None:
+    click.secho(f"error: {e}", fg="red", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Sluice: LLM chat bots on Slack and Discord that survive launch day."""
+
+
+@main.command()
+@click.option(
+    "--port", type=int, default=None, help="Web chat port (default SLUICE_WEB_PORT, 8080)."
+)
+@click.option("--no-browser-hint", is_flag=True, hidden=True)
+def dev(port: int | None, no_browser_hint: bool) -> None:
+    """Everything in one process: web chat, a worker, the simulator if no API key.
+
+    Uses REDIS_URL, else a Redis on 127.0.0.1:6379, else an embedded Valkey;
+    SQLite at ./sluice.db unless DATABASE_URL says otherwise.
+    """
+    from sluice.dev import run_dev
+
+    try:
+        asyncio.run(run_dev(get_settings(), port=port))
+    except ConfigError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.option("--burst", is_flag=True, help="Exit once the queue is empty.")
+def worker(burst: bool) -> None:
+    """An arq worker answering reply jobs. Run as many as you like, on any hosts."""
+    from core.logs import setup_logging
+    from workers.settings import create_worker
+
+    settings = get_settings()
+    setup_logging(settings, process="worker")
+    try:
+        w = create_worker(settings, burst=burst)
+    except ConfigError as e:
+        _fail(e)
+    w.run()
+
+
+@main.command()
+@click.option("--host", default=None, help="Bind address (default SLUICE_WEB_HOST).")
+@click.option("--port", type=int, default=None, help="Port (default SLUICE_WEB_PORT, 8080).")
+def web(host: str | None, port: int | None) -> None:
+    """The web chat adapter alone (workers run separately)."""
+    from sluice.dev import run_web
+
+    try:
+        asyncio.run(run_web(get_settings(), host=host, port=port))
+    except ConfigError as e:
+        _fail(e)
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command("llm-sim")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Bind address.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port (0: any free one).")
+@click.option(
+    "--first-token-ms",
+    type=float,
+    default=50,
+    show_default=True,
+    help="Latency to the first token.",
+)
+@click.option(
+    "--token-ms", type=float, default=10, show_default=True, help="Latency between tokens."
+)
+@click.option("--tokens", type=int, default=20, show_default=True, help="Tokens per answer.")
+@click.option("--rpm", type=int, default=None, help="Provider limit: requests per minute.")
+@click.option("--tpm", type=int, default=None, help="Provider limit: tokens per minute.")
+@click.option(
+    "--error-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Fraction of requests answered with HTTP 500.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the error draw.")
+def llm_sim(
+    host: str,
+    port: int,
+    first_token_ms: float,
+    token_ms: float,
+    tokens: int,
+    rpm: int | None,
+    tpm: int | None,
+    error_rate: float,
+    seed: int,
+) -> None:
+    """An OpenAI-compatible Chat Completions simulator with real 429s."""
+    from sluice.llmsim import SimConfig
+    from sluice.llmsim import main as sim_main
+
+    cfg = SimConfig(
+        first_token_latency_s=first_token_ms / 1000,
+        token_latency_s=token_ms / 1000,
+        tokens=tokens,
+        rpm=rpm,
+        tpm=tpm,
+        error_rate=error_rate,
+        seed=seed,
+    )
+    sim_main(port, cfg, host=host)

