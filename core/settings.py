@@ -8,6 +8,7 @@ Durations end in ``_s``; secrets are :class:`pydantic.SecretStr` so they never p
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from typing import Annotated
 
@@ -203,6 +204,8 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return [str(v) for v in json.loads(value)]
             return [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple, set)):
             return [str(v) for v in value]

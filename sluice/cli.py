@@ -122,3 +122,8 @@ def llm_sim(
         seed=seed,
     )
     sim_main(port, cfg, host=host)
+
+
+from bots.discord.cli import discord_command  # noqa: E402 - the command lives with its adapter
+
+main.add_command(discord_command)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -33,12 +32,6 @@ DM_CHANNEL = "500000000000000001"
 
 
 @pytest.fixture
-def discord_redis_url() -> str:
-    """A real Redis (REDIS_URL, else the machine's on 127.0.0.1:6379)."""
-    return os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-
-
-@pytest.fixture
 async def fake() -> AsyncIterator[DiscordFake]:
     """The fake Discord with one guild: two channels, a thread the bot is in, a role."""
     async with DiscordFake() as f:
@@ -48,26 +41,18 @@ async def fake() -> AsyncIterator[DiscordFake]:
 
 
 @pytest.fixture
-async def discord_settings(discord_redis_url: str, fake: DiscordFake) -> AsyncIterator[Settings]:
-    """Settings pointing at the fake and a unique key prefix; keys removed afterwards."""
-    prefix = f"test-discord-{uuid.uuid4().hex[:10]}"
+async def discord_settings(redis_url: str, fake: DiscordFake) -> AsyncIterator[Settings]:
+    """Settings for adapter and responder tests (no LLM): the fake, a unique key prefix."""
+    prefix = f"t{uuid.uuid4().hex[:12]}"
     settings = Settings(
-        redis_url=discord_redis_url, key_prefix=prefix, discord_token=fake.token,
+        _env_file=None, redis_url=redis_url, key_prefix=prefix, discord_token=fake.token,
         discord_api_url=fake.api_url, discord_stream_interval_s=0.0,
     )
     yield settings
-    redis = Redis.from_url(discord_redis_url)
+    redis = Redis.from_url(redis_url)
     async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
         await redis.delete(key)
     await redis.aclose()
-
-
-@pytest.fixture
-async def redis(discord_redis_url: str) -> AsyncIterator[Redis]:
-    """An async Redis client."""
-    client = Redis.from_url(discord_redis_url)
-    yield client
-    await client.aclose()
 
 
 @asynccontextmanager
