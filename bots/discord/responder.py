@@ -86,6 +86,7 @@ class DiscordResponder:
         self._loaded = False
         self._last_update = 0.0
         self._typing: asyncio.Task[None] | None = None
+        self._refused: DiscordHTTPError | None = None
         self._token = msg.meta.get("interaction_token")
         self._app_id = msg.meta.get("application_id")
 
@@ -104,7 +105,7 @@ class DiscordResponder:
         Streaming is best effort: when the channel's bucket has no free slot the
         update is skipped (the next one, or :meth:`finish`, shows the text).
         """
-        if self._done:
+        if self._done or self._refused is not None:
             return
         now = time.monotonic()
         if now - self._last_update < self._settings.discord_stream_interval_s:
@@ -115,6 +116,9 @@ class DiscordResponder:
         self._last_update = now
         try:
             await self._sync(parts, best_effort=True)
+        except DiscordHTTPError as e:
+            self._refused = e  # e.g. 403: finish() reports it instead of trying again
+            await self._stop_typing()
         except DeliveryError as e:
             logger.info("discord stream update failed channel=%s job=%s: %s",
                         self._msg.channel, self._job_id, e)
@@ -128,6 +132,8 @@ class DiscordResponder:
             return
         parts = _parts(reply.text) or ["…"]
         try:
+            if self._refused is not None:
+                raise self._refused
             await self._sync(parts, best_effort=False)
             await self._delete_extra(len(parts))
         except DiscordHTTPError as e:

@@ -220,7 +220,8 @@ class DiscordRest:
         """Send one request, paced; retry 429s, 5xx and network errors a bounded number of times.
 
         Returns the decoded JSON body (``None`` for 204, or when ``best_effort`` is set
-        and the request was skipped because no slot was free).
+        and the request was skipped because no slot was free). A ``best_effort``
+        request is never retried: a 429 skips it, a 5xx raises at once.
 
         Raises:
             DiscordHTTPError: a 4xx other than 429 (e.g. 403 missing permissions).
@@ -232,10 +233,10 @@ class DiscordRest:
         if not route.global_exempt and self._token:
             headers["Authorization"] = f"Bot {self._token}"
         failures = limited = 0
+        max_failures = 0 if best_effort else self._settings.discord_retries
         while True:
             if not await self._wait_for_slot(route, best_effort=best_effort):
                 return None
-            best_effort = False  # a retry of a request that went out is not optional
             try:
                 async with self._session.request(
                     route.method, self._base + route.path, json=json, params=params,
@@ -247,7 +248,7 @@ class DiscordRest:
                     await self._note_headers(route, resp)
             except (aiohttp.ClientError, TimeoutError) as e:
                 failures += 1
-                if failures > self._settings.discord_retries:
+                if failures > max_failures:
                     raise DeliveryRetryableError(
                         f"discord {route.method} {route.template} {context}: {e}") from e
                 await asyncio.sleep(_backoff_s(failures))
@@ -260,6 +261,8 @@ class DiscordRest:
                 retry_after_s = await self._note_429(route, body)
                 logger.warning("discord 429 %s %s %s; retry in %.2fs", route.method,
                                route.template, context, retry_after_s)
+                if best_effort:
+                    return None
                 if limited > _MAX_429_RETRIES:
                     raise DeliveryRetryableError(
                         f"discord {route.method} {route.template} {context}: rate limited",
@@ -270,7 +273,7 @@ class DiscordRest:
                 failures += 1
                 logger.warning("discord %s %s %s answered %s (try %s)", route.method,
                                route.template, context, status, failures)
-                if failures > self._settings.discord_retries:
+                if failures > max_failures:
                     raise DeliveryRetryableError(
                         f"discord {route.method} {route.template} {context}: {status} {message}")
                 await asyncio.sleep(_backoff_s(failures))
