@@ -260,7 +260,7 @@ class DiscordResponder:
         while time.monotonic() - started < _TYPING_MAX_S:
             try:
                 await self._rest.request(route, best_effort=True, context=self._context)
-            except DeliveryError as e:
+            except (DeliveryError, RedisError) as e:
                 logger.info("discord typing failed %s: %s", self._context, e)
                 return
             await asyncio.sleep(_TYPING_EVERY_S)

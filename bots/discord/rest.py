@@ -9,6 +9,8 @@ it lives in Redis and two Lua scripts read and update it atomically.
   a sliding one-second window of requests from all workers (``SLUICE_DISCORD_GLOBAL_RPS``,
   below Discord's 50) and the route's bucket; it reserves a slot or says how long
   to wait. An unknown bucket lets one request through to learn its limits.
+  Best-effort requests (streamed edits, typing) leave the last slot of a bucket and
+  a few of the global window to requests that must go out (final text).
 - After a response, :data:`_UPDATE` folds the bucket headers in; a 429 sets the
   bucket (or the global pause) to wait out ``retry_after``.
 
@@ -43,7 +45,8 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local pause = redis.call('PTTL', KEYS[3])
 if pause > 0 then return pause end
-local global_limit = tonumber(ARGV[1])
+local reserve = tonumber(ARGV[5])
+local global_limit = tonumber(ARGV[1]) - reserve * 5
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
 if redis.call('ZCARD', KEYS[2]) >= global_limit then
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
@@ -63,7 +66,7 @@ else
     remaining = tonumber(b[3])
     reset_at = now + tonumber(b[4]) + tonumber(ARGV[3])
   end
-  if remaining <= 0 then return math.max(reset_at - now, 1) end
+  if remaining <= reserve then return math.max(reset_at - now, 1) end
   redis.call('HSET', KEYS[1], 'remaining', remaining - 1, 'reset_at', reset_at)
 end
 redis.call('PEXPIRE', KEYS[1], 3600000)
@@ -195,7 +198,7 @@ class DiscordRest:
                 keys=[self._keys.discord_bucket(route.bucket), self._keys.discord_global(),
                       self._keys.discord_global_pause()],
                 args=[global_limit, f"{id(self)}:{self._slot}:{random.random()}", _MARGIN_MS,
-                      _PROBE_MS],
+                      _PROBE_MS, 1 if best_effort else 0],
             ))
             if wait_ms <= 0:
                 return True

@@ -28,6 +28,13 @@ async def factory(discord_settings: Settings, redis: Redis) -> AsyncIterator[
     await f.close()
 
 
+@pytest.fixture(autouse=True)
+def user_message(fake: DiscordFake) -> None:
+    """The user's message the replies refer to."""
+    fake.messages[USER_MSG] = {"id": USER_MSG, "channel_id": CHANNEL, "guild_id": GUILD,
+                               "author": DiscordFake.user(1, "u"), "content": "q"}
+
+
 def incoming(message_id: str = USER_MSG, **meta: str) -> IncomingMessage:
     return IncomingMessage(platform="discord", tenant=GUILD, channel=CHANNEL, user="1",
                            message_id=message_id, text="q",

@@ -665,9 +665,17 @@ class DiscordFake:
         }
         ref = body.get("message_reference")
         if ref:
-            msg["type"] = 19
-            msg["message_reference"] = ref
-            msg["referenced_message"] = self.messages.get(str(ref.get("message_id")))
+            referenced = self.messages.get(str(ref.get("message_id")))
+            if referenced is None and ref.get("fail_if_not_exists", True):
+                return "message_reference: Unknown message"
+            if referenced is not None:
+                # Discord echoes a full reference, as the gateway and REST return it.
+                msg["type"] = 19
+                msg["message_reference"] = {
+                    "type": 0, "message_id": referenced["id"], "channel_id": channel_id,
+                    **({"guild_id": referenced["guild_id"]} if "guild_id" in referenced
+                       else {})}
+                msg["referenced_message"] = self._public(referenced)
         return msg
 
     async def _r_post_channels_channel_id_messages(
