@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 # Our window estimates end a little after Discord's, so a refill never comes early.
 _MARGIN_MS = 80
 _PROBE_MS = 1000
+# The global limit is counted over 1.1 s, not 1 s: requests that leave a worker
+# spread over a second can arrive at Discord bunched closer together.
+_GLOBAL_SPAN_MS = 1100
 _MAX_429_RETRIES = 5
 _USER_AGENT = "DiscordBot (https://github.com/sluice, 0.1) Sluice"
 
@@ -47,10 +50,11 @@ local pause = redis.call('PTTL', KEYS[3])
 if pause > 0 then return pause end
 local reserve = tonumber(ARGV[5])
 local global_limit = tonumber(ARGV[1]) - reserve * 5
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - 1000)
+local span = tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - span)
 if redis.call('ZCARD', KEYS[2]) >= global_limit then
   local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return math.max(tonumber(oldest[2]) + 1000 - now, 1)
+  return math.max(tonumber(oldest[2]) + span - now, 1)
 end
 local b = redis.call('HMGET', KEYS[1], 'remaining', 'reset_at', 'limit', 'window', 'probe')
 local remaining = tonumber(b[1])
@@ -71,7 +75,7 @@ else
 end
 redis.call('PEXPIRE', KEYS[1], 3600000)
 redis.call('ZADD', KEYS[2], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[2], 2000)
+redis.call('PEXPIRE', KEYS[2], span * 2)
 return 0
 """
 
@@ -198,7 +202,7 @@ class DiscordRest:
                 keys=[self._keys.discord_bucket(route.bucket), self._keys.discord_global(),
                       self._keys.discord_global_pause()],
                 args=[global_limit, f"{id(self)}:{self._slot}:{random.random()}", _MARGIN_MS,
-                      _PROBE_MS, 1 if best_effort else 0],
+                      _PROBE_MS, 1 if best_effort else 0, _GLOBAL_SPAN_MS],
             ))
             if wait_ms <= 0:
                 return True
