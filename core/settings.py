@@ -175,7 +175,8 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated user ids to ignore."
     )
     discord_application_id: str | None = Field(
-        None, description="Application (client) id, for `sluice discord --invite-url`; "
+        None,
+        description="Application (client) id, for `sluice discord --invite-url`; "
         "read from the API with DISCORD_TOKEN when unset.",
     )
     discord_sync_commands: bool = Field(
@@ -185,21 +186,32 @@ class Settings(BaseSettings):
         True, description="Show typing while a message waits and is answered."
     )
     discord_stream_interval_s: float = Field(
-        1.2, ge=0, description="Least time between two edits of a streamed Discord reply "
-        "(Discord allows 5 edits per 5 s per channel)."
+        1.2,
+        ge=0,
+        description="Least time between two edits of a streamed Discord reply "
+        "(Discord allows 5 edits per 5 s per channel).",
     )
     discord_global_rps: int = Field(
-        45, ge=1, le=50, description="REST requests per second all workers together may send "
-        "(Discord's global limit is 50)."
+        45,
+        ge=1,
+        le=50,
+        description="REST requests per second all workers together may send "
+        "(Discord's global limit is 50).",
     )
     discord_retries: int = Field(
         3, ge=0, description="Retries of a Discord REST call after a 5xx or network error."
     )
 
     @field_validator(
-        "discord_allow_guilds", "discord_deny_guilds", "discord_allow_channels",
-        "discord_deny_channels", "discord_allow_roles", "discord_deny_roles",
-        "discord_allow_users", "discord_deny_users", mode="before",
+        "discord_allow_guilds",
+        "discord_deny_guilds",
+        "discord_allow_channels",
+        "discord_deny_channels",
+        "discord_allow_roles",
+        "discord_deny_roles",
+        "discord_allow_users",
+        "discord_deny_users",
+        mode="before",
     )
     @classmethod
     def _comma_separated(cls, value: object) -> object:

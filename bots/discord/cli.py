@@ -6,8 +6,11 @@ import click
 
 
 @click.command("discord")
-@click.option("--invite-url", is_flag=True,
-              help="Print the OAuth2 URL that adds the bot to a server, then exit.")
+@click.option(
+    "--invite-url",
+    is_flag=True,
+    help="Print the OAuth2 URL that adds the bot to a server, then exit.",
+)
 def discord_command(invite_url: bool) -> None:
     """Discord adapter: connect to the gateway and enqueue conversations for the workers.
 

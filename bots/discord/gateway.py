@@ -11,6 +11,7 @@ plain messages in threads the bot is in.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import discord
 import yarl
@@ -23,8 +24,11 @@ logger = logging.getLogger(__name__)
 
 # What the bot needs in a channel: read, answer, answer in threads, open threads.
 PERMISSIONS = discord.Permissions(
-    view_channel=True, send_messages=True, send_messages_in_threads=True,
-    create_public_threads=True, read_message_history=True,
+    view_channel=True,
+    send_messages=True,
+    send_messages_in_threads=True,
+    create_public_threads=True,
+    read_message_history=True,
 )
 SCOPES = ("bot", "applications.commands")
 
@@ -49,7 +53,7 @@ def use_api_url(settings: Settings) -> None:
     discord.http.Route.BASE = settings.discord_api_url.rstrip("/")
 
 
-def ask_command(intake: DiscordIntake) -> app_commands.Command[None, ..., None]:
+def ask_command(intake: DiscordIntake) -> app_commands.Command[Any, ..., None]:
     """The ``/ask`` application command, answered through the queue."""
 
     @app_commands.command(name="ask", description="Ask the bot a question.")
@@ -75,8 +79,11 @@ async def sync_commands(tree: app_commands.CommandTree[discord.Client]) -> None:
         for c in await tree.fetch_commands()
     }
     local = {
-        _shape(c.name, c.description,
-               [(p.name, p.description) for p in getattr(c, "parameters", [])])
+        _shape(
+            c.name,
+            getattr(c, "description", ""),
+            [(p.name, p.description) for p in getattr(c, "parameters", [])],
+        )
         for c in tree.get_commands()
     }
     if remote == local:
@@ -109,8 +116,12 @@ class SluiceClient(discord.Client):
 
     async def on_ready(self) -> None:
         """Log who we are and where."""
-        logger.info("discord connected as %s (%s) in %d guild(s)", self.user,
-                    self.user.id if self.user else "?", len(self.guilds))
+        logger.info(
+            "discord connected as %s (%s) in %d guild(s)",
+            self.user,
+            self.user.id if self.user else "?",
+            len(self.guilds),
+        )
 
     async def on_message(self, message: discord.Message) -> None:
         """Every MESSAGE_CREATE: check, dedupe, enqueue."""

@@ -83,14 +83,18 @@ def _listed(value: str | None, allow: list[str], deny: list[str]) -> str | None:
 def allowed(event: Event, settings: Settings, bot_id: str) -> str | None:
     """Apply the allow and deny lists (a thread counts as its parent channel too)."""
     s = settings
-    if not event.is_dm and (why := _listed(event.guild_id, s.discord_allow_guilds,
-                                           s.discord_deny_guilds)):
+    if not event.is_dm and (
+        why := _listed(event.guild_id, s.discord_allow_guilds, s.discord_deny_guilds)
+    ):
         return f"guild {why}"
     channels = {event.channel_id} | ({event.parent_id} if event.parent_id else set())
     if channels & set(s.discord_deny_channels):
         return "channel denied"
-    if s.discord_allow_channels and not event.is_dm and not (
-            channels & set(s.discord_allow_channels)):
+    if (
+        s.discord_allow_channels
+        and not event.is_dm
+        and not (channels & set(s.discord_allow_channels))
+    ):
         return "channel not allowed"
     if why := _listed(event.author_id, s.discord_allow_users, s.discord_deny_users):
         return f"user {why}"
@@ -191,14 +195,20 @@ class DiscordIntake:
         event = event_from_message(message, me.id)
         reason = run_checks(event, self.settings, bot_id)
         if reason is not None:
-            logger.debug("discord drop message=%s channel=%s: %s", event.message_id,
-                         event.channel_id, reason)
+            logger.debug(
+                "discord drop message=%s channel=%s: %s", event.message_id, event.channel_id, reason
+            )
             return False
         msg = IncomingMessage(
-            platform=Platform.DISCORD, tenant=event.guild_id or "dm", channel=event.channel_id,
-            user=event.author_id, message_id=event.message_id,
-            text=strip_mention(event.content, bot_id), user_name=event.author_name,
-            is_dm=event.is_dm, ts=message.created_at.timestamp(),
+            platform=Platform.DISCORD,
+            tenant=event.guild_id or "dm",
+            channel=event.channel_id,
+            user=event.author_id,
+            message_id=event.message_id,
+            text=strip_mention(event.content, bot_id),
+            user_name=event.author_name,
+            is_dm=event.is_dm,
+            ts=message.created_at.timestamp(),
             meta={"reply_to": event.message_id},
         )
         return await self._accept(msg, event)
@@ -209,16 +219,22 @@ class DiscordIntake:
         msg = IncomingMessage(
             platform=Platform.DISCORD,
             tenant=str(interaction.guild_id) if interaction.guild_id else "dm",
-            channel=str(interaction.channel_id), user=str(interaction.user.id),
-            message_id=str(interaction.id), text=question.strip(),
-            user_name=interaction.user.display_name, is_dm=interaction.guild_id is None,
-            meta={"interaction_token": interaction.token,
-                  "application_id": str(interaction.application_id)},
+            channel=str(interaction.channel_id),
+            user=str(interaction.user.id),
+            message_id=str(interaction.id),
+            text=question.strip(),
+            user_name=interaction.user.display_name,
+            is_dm=interaction.guild_id is None,
+            meta={
+                "interaction_token": interaction.token,
+                "application_id": str(interaction.application_id),
+            },
         )
         accepted = await self._accept(msg, None)
         if not accepted and not await self._is_duplicate_claimed(msg):
-            await interaction.edit_original_response(content=ASK_FAILED,
-                                                     allowed_mentions=discord.AllowedMentions.none())
+            await interaction.edit_original_response(
+                content=ASK_FAILED, allowed_mentions=discord.AllowedMentions.none()
+            )
         return accepted
 
     async def _is_duplicate_claimed(self, msg: IncomingMessage) -> bool:
@@ -231,8 +247,9 @@ class DiscordIntake:
         """Claim the message id, open a thread if configured, enqueue; release on failure."""
         marker = self._keys.dedupe("discord", msg.message_id)
         try:
-            claimed = await self.queue.set(marker, msg.job_id, nx=True,
-                                           ex=self.settings.dedupe_ttl_s)
+            claimed = await self.queue.set(
+                marker, msg.job_id, nx=True, ex=self.settings.dedupe_ttl_s
+            )
         except (RedisError, OSError) as e:
             logger.error("discord cannot reach Redis for message=%s: %s", msg.message_id, e)
             return False
@@ -244,34 +261,46 @@ class DiscordIntake:
         try:
             await enqueue_reply(self.queue, self.settings, msg)
         except QueueError as e:
-            logger.error("discord enqueue failed message=%s channel=%s: %s", msg.message_id,
-                         msg.channel, e)
+            logger.error(
+                "discord enqueue failed message=%s channel=%s: %s", msg.message_id, msg.channel, e
+            )
             try:
                 await self.queue.delete(marker)
             except (RedisError, OSError) as e2:
-                logger.error("discord cannot release claim on message=%s: %s",
-                             msg.message_id, e2)
+                logger.error("discord cannot release claim on message=%s: %s", msg.message_id, e2)
             return False
         return True
 
     def _wants_thread(self, event: Event) -> bool:
-        return (self.settings.discord_threads and not event.is_dm
-                and event.parent_id is None and event.mentions_bot)
+        return (
+            self.settings.discord_threads
+            and not event.is_dm
+            and event.parent_id is None
+            and event.mentions_bot
+        )
 
     async def _open_thread(self, msg: IncomingMessage, event: Event) -> IncomingMessage:
         """Start a thread on the message; the conversation then lives in the thread."""
         assert self.rest is not None
         name = (msg.text.splitlines() or ["Conversation"])[0][:90] or "Conversation"
-        route = Route("POST", "/channels/{channel_id}/messages/{message_id}/threads",
-                      event.channel_id,
-                      f"/channels/{event.channel_id}/messages/{event.message_id}/threads")
+        route = Route(
+            "POST",
+            "/channels/{channel_id}/messages/{message_id}/threads",
+            event.channel_id,
+            f"/channels/{event.channel_id}/messages/{event.message_id}/threads",
+        )
         try:
             data = await self.rest.request(
-                route, json={"name": name, "auto_archive_duration": 1440},
-                context=f"channel={event.channel_id} message={event.message_id}")
+                route,
+                json={"name": name, "auto_archive_duration": 1440},
+                context=f"channel={event.channel_id} message={event.message_id}",
+            )
         except DiscordHTTPError as e:
-            logger.warning("discord cannot open a thread channel=%s (status %s); replying in "
-                           "the channel", event.channel_id, e.status)
+            logger.warning(
+                "discord cannot open a thread channel=%s (status %s); replying in the channel",
+                event.channel_id,
+                e.status,
+            )
             return msg
         except DeliveryError as e:
             logger.warning("discord cannot open a thread channel=%s: %s", event.channel_id, e)

@@ -71,7 +71,11 @@ class DiscordResponder:
     """Delivers one reply to Discord: typing, streamed edits, final parts."""
 
     def __init__(
-        self, settings: Settings, redis: Redis, rest: DiscordRest, msg: IncomingMessage,
+        self,
+        settings: Settings,
+        redis: Redis,
+        rest: DiscordRest,
+        msg: IncomingMessage,
         job_id: str,
     ) -> None:
         self._settings = settings
@@ -120,8 +124,12 @@ class DiscordResponder:
             self._refused = e  # e.g. 403: finish() reports it instead of trying again
             await self._stop_typing()
         except DeliveryError as e:
-            logger.info("discord stream update failed channel=%s job=%s: %s",
-                        self._msg.channel, self._job_id, e)
+            logger.info(
+                "discord stream update failed channel=%s job=%s: %s",
+                self._msg.channel,
+                self._job_id,
+                e,
+            )
 
     async def finish(self, reply: Reply) -> None:
         """Post or edit the final text (split over 2000 characters), exactly once."""
@@ -140,18 +148,35 @@ class DiscordResponder:
             # Missing permissions or a deleted channel: retrying cannot help.
             logger.error(
                 "discord refused the reply platform=discord tenant=%s channel=%s message=%s "
-                "job=%s status=%s code=%s: %s", self._msg.tenant, self._msg.channel,
-                self._msg.message_id, self._job_id, e.status, e.code, e)
+                "job=%s status=%s code=%s: %s",
+                self._msg.tenant,
+                self._msg.channel,
+                self._msg.message_id,
+                self._job_id,
+                e.status,
+                e.code,
+                e,
+            )
         except DeliveryRetryableError as e:
             logger.error(
                 "discord reply failed after retries tenant=%s channel=%s message=%s job=%s: %s",
-                self._msg.tenant, self._msg.channel, self._msg.message_id, self._job_id, e)
+                self._msg.tenant,
+                self._msg.channel,
+                self._msg.message_id,
+                self._job_id,
+                e,
+            )
         else:
             self._done = True
             await self._save(done=True)
-            logger.info("discord reply delivered tenant=%s channel=%s message=%s job=%s "
-                        "parts=%d", self._msg.tenant, self._msg.channel, self._msg.message_id,
-                        self._job_id, len(parts))
+            logger.info(
+                "discord reply delivered tenant=%s channel=%s message=%s job=%s parts=%d",
+                self._msg.tenant,
+                self._msg.channel,
+                self._msg.message_id,
+                self._job_id,
+                len(parts),
+            )
 
     # --- delivery --------------------------------------------------------------------
 
@@ -181,27 +206,44 @@ class DiscordResponder:
             data = await self._rest.request(
                 self._webhook_route("PATCH", "@original"),
                 json={"content": text, "allowed_mentions": NO_MENTIONS},
-                best_effort=best_effort, context=self._context)
+                best_effort=best_effort,
+                context=self._context,
+            )
             message_id = "@original"
         else:
             body: dict[str, Any] = {
-                "content": text, "allowed_mentions": NO_MENTIONS,
-                "nonce": _nonce(self._job_id, index), "enforce_nonce": True,
+                "content": text,
+                "allowed_mentions": NO_MENTIONS,
+                "nonce": _nonce(self._job_id, index),
+                "enforce_nonce": True,
             }
             reply_to = self._msg.meta.get("reply_to")
             if index == 0 and reply_to:
-                body["message_reference"] = {"message_id": reply_to,
-                                             "fail_if_not_exists": False}
+                body["message_reference"] = {"message_id": reply_to, "fail_if_not_exists": False}
             if self._token:
-                route = Route("POST", "/webhooks/{application_id}/{token}", self._token,
-                              f"/webhooks/{self._app_id}/{self._token}")
-                data = await self._rest.request(route, json=body, params={"wait": "true"},
-                                                best_effort=best_effort, context=self._context)
+                route = Route(
+                    "POST",
+                    "/webhooks/{application_id}/{token}",
+                    self._token,
+                    f"/webhooks/{self._app_id}/{self._token}",
+                )
+                data = await self._rest.request(
+                    route,
+                    json=body,
+                    params={"wait": "true"},
+                    best_effort=best_effort,
+                    context=self._context,
+                )
             else:
-                route = Route("POST", "/channels/{channel_id}/messages", self._msg.channel,
-                              f"/channels/{self._msg.channel}/messages")
-                data = await self._rest.request(route, json=body, best_effort=best_effort,
-                                                context=self._context)
+                route = Route(
+                    "POST",
+                    "/channels/{channel_id}/messages",
+                    self._msg.channel,
+                    f"/channels/{self._msg.channel}/messages",
+                )
+                data = await self._rest.request(
+                    route, json=body, best_effort=best_effort, context=self._context
+                )
             if data is None:
                 return False
             message_id = str(data["id"])
@@ -218,11 +260,15 @@ class DiscordResponder:
         if self._token:
             route = self._webhook_route("PATCH", message_id)
         else:
-            route = Route("PATCH", "/channels/{channel_id}/messages/{message_id}",
-                          self._msg.channel,
-                          f"/channels/{self._msg.channel}/messages/{message_id}")
-        data = await self._rest.request(route, json=body, best_effort=best_effort,
-                                        context=self._context)
+            route = Route(
+                "PATCH",
+                "/channels/{channel_id}/messages/{message_id}",
+                self._msg.channel,
+                f"/channels/{self._msg.channel}/messages/{message_id}",
+            )
+        data = await self._rest.request(
+            route, json=body, best_effort=best_effort, context=self._context
+        )
         return data is not None
 
     async def _delete_extra(self, keep: int) -> None:
@@ -231,21 +277,30 @@ class DiscordResponder:
             message_id = self._ids.pop()
             self._texts.pop()
             if self._token:
-                route = Route("DELETE", "/webhooks/{application_id}/{token}/messages/{message_id}",
-                              self._token, f"/webhooks/{self._app_id}/{self._token}/messages/"
-                              f"{message_id}")
+                route = Route(
+                    "DELETE",
+                    "/webhooks/{application_id}/{token}/messages/{message_id}",
+                    self._token,
+                    f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
+                )
             else:
-                route = Route("DELETE", "/channels/{channel_id}/messages/{message_id}",
-                              self._msg.channel,
-                              f"/channels/{self._msg.channel}/messages/{message_id}")
+                route = Route(
+                    "DELETE",
+                    "/channels/{channel_id}/messages/{message_id}",
+                    self._msg.channel,
+                    f"/channels/{self._msg.channel}/messages/{message_id}",
+                )
             with contextlib.suppress(DiscordHTTPError):  # already gone is fine
                 await self._rest.request(route, context=self._context)
             await self._save()
 
     def _webhook_route(self, method: str, message_id: str) -> Route:
-        return Route(method, "/webhooks/{application_id}/{token}/messages/{message_id}",
-                     self._token or "", f"/webhooks/{self._app_id}/{self._token}/messages/"
-                     f"{message_id}")
+        return Route(
+            method,
+            "/webhooks/{application_id}/{token}/messages/{message_id}",
+            self._token or "",
+            f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
+        )
 
     @property
     def _context(self) -> str:
@@ -254,8 +309,12 @@ class DiscordResponder:
     # --- typing ----------------------------------------------------------------------
 
     async def _keep_typing(self) -> None:
-        route = Route("POST", "/channels/{channel_id}/typing", self._msg.channel,
-                      f"/channels/{self._msg.channel}/typing")
+        route = Route(
+            "POST",
+            "/channels/{channel_id}/typing",
+            self._msg.channel,
+            f"/channels/{self._msg.channel}/typing",
+        )
         started = time.monotonic()
         while time.monotonic() - started < _TYPING_MAX_S:
             try:

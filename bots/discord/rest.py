@@ -198,12 +198,23 @@ class DiscordRest:
         global_limit = self._settings.discord_global_rps if not route.global_exempt else 10**6
         while True:
             self._slot += 1
-            wait_ms = int(await self._acquire(
-                keys=[self._keys.discord_bucket(route.bucket), self._keys.discord_global(),
-                      self._keys.discord_global_pause()],
-                args=[global_limit, f"{id(self)}:{self._slot}:{random.random()}", _MARGIN_MS,
-                      _PROBE_MS, 1 if best_effort else 0, _GLOBAL_SPAN_MS],
-            ))
+            wait_ms = int(
+                await self._acquire(
+                    keys=[
+                        self._keys.discord_bucket(route.bucket),
+                        self._keys.discord_global(),
+                        self._keys.discord_global_pause(),
+                    ],
+                    args=[
+                        global_limit,
+                        f"{id(self)}:{self._slot}:{random.random()}",
+                        _MARGIN_MS,
+                        _PROBE_MS,
+                        1 if best_effort else 0,
+                        _GLOBAL_SPAN_MS,
+                    ],
+                )
+            )
             if wait_ms <= 0:
                 return True
             if best_effort:
@@ -246,7 +257,10 @@ class DiscordRest:
                 return None
             try:
                 async with self._session.request(
-                    route.method, self._base + route.path, json=json, params=params,
+                    route.method,
+                    self._base + route.path,
+                    json=json,
+                    params=params,
                     headers=headers,
                 ) as resp:
                     self.stats.requests += 1
@@ -257,7 +271,8 @@ class DiscordRest:
                 failures += 1
                 if failures > max_failures:
                     raise DeliveryRetryableError(
-                        f"discord {route.method} {route.template} {context}: {e}") from e
+                        f"discord {route.method} {route.template} {context}: {e}"
+                    ) from e
                 await asyncio.sleep(_backoff_s(failures))
                 continue
             if 200 <= status < 300:
@@ -266,28 +281,43 @@ class DiscordRest:
                 limited += 1
                 self.stats.limited += 1
                 retry_after_s = await self._note_429(route, body)
-                logger.warning("discord 429 %s %s %s; retry in %.2fs", route.method,
-                               route.template, context, retry_after_s)
+                logger.warning(
+                    "discord 429 %s %s %s; retry in %.2fs",
+                    route.method,
+                    route.template,
+                    context,
+                    retry_after_s,
+                )
                 if best_effort:
                     return None
                 if limited > _MAX_429_RETRIES:
                     raise DeliveryRetryableError(
                         f"discord {route.method} {route.template} {context}: rate limited",
-                        retry_after_s=retry_after_s)
+                        retry_after_s=retry_after_s,
+                    )
                 continue
             message, code = _error_text(body)
             if status >= 500:
                 failures += 1
-                logger.warning("discord %s %s %s answered %s (try %s)", route.method,
-                               route.template, context, status, failures)
+                logger.warning(
+                    "discord %s %s %s answered %s (try %s)",
+                    route.method,
+                    route.template,
+                    context,
+                    status,
+                    failures,
+                )
                 if failures > max_failures:
                     raise DeliveryRetryableError(
-                        f"discord {route.method} {route.template} {context}: {status} {message}")
+                        f"discord {route.method} {route.template} {context}: {status} {message}"
+                    )
                 await asyncio.sleep(_backoff_s(failures))
                 continue
             raise DiscordHTTPError(
                 f"discord {route.method} {route.template} {context}: {status} {message}",
-                status=status, code=code)
+                status=status,
+                code=code,
+            )
 
     async def _note_headers(self, route: Route, resp: aiohttp.ClientResponse) -> None:
         h = resp.headers
@@ -300,8 +330,10 @@ class DiscordRest:
         except (KeyError, ValueError):
             logger.debug("unreadable rate-limit headers on %s", route.template)
             return
-        await self._update(keys=[self._keys.discord_bucket(route.bucket)],
-                           args=[limit, remaining, reset_after_ms, _MARGIN_MS])
+        await self._update(
+            keys=[self._keys.discord_bucket(route.bucket)],
+            args=[limit, remaining, reset_after_ms, _MARGIN_MS],
+        )
 
     async def _note_429(self, route: Route, body: Any) -> float:
         retry_after_s = 1.0

@@ -30,9 +30,10 @@ async def application_id(settings: Settings) -> str:
     if settings.discord_application_id:
         return settings.discord_application_id
     url = settings.discord_api_url.rstrip("/") + "/oauth2/applications/@me"
-    async with aiohttp.ClientSession() as session, session.get(
-        url, headers={"Authorization": f"Bot {_token(settings)}"}
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(url, headers={"Authorization": f"Bot {_token(settings)}"}) as resp,
+    ):
         if resp.status != 200:
             raise ConfigError(f"Discord refused the token ({resp.status}); check DISCORD_TOKEN.")
         data = await resp.json()

@@ -32,7 +32,7 @@ class Part:
     @property
     def original(self) -> str:
         """The slice of the input this part carries, without the added fences."""
-        return self.text[len(self.reopened): len(self.text) - len(self.closed)]
+        return self.text[len(self.reopened) : len(self.text) - len(self.closed)]
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def _pack_lines(lines: list[str], budget: int) -> list[str]:
             # An over-long line first fills what is left of the current chunk.
             head = _cut_line(line, budget - len(current))[0]
             current += head
-            line = line[len(head):]
+            line = line[len(head) :]
         for piece in _cut_line(line, budget) if len(line) > budget else [line]:
             if current and len(current) + len(piece) > budget:
                 chunks.append(current)
@@ -116,7 +116,7 @@ def _split_code(seg: _Segment, limit: int) -> list[Part]:
     """Cut one code block that is longer than a message into fenced parts."""
     assert seg.fence is not None
     reopen = FENCE + seg.fence.strip()[3:].strip() + "\n"
-    body = seg.text[len(seg.fence):] if seg.text.startswith(seg.fence) else seg.text
+    body = seg.text[len(seg.fence) :] if seg.text.startswith(seg.fence) else seg.text
     first = seg.text[: len(seg.text) - len(body)]
     # Room for the (re)opening fence, a newline and the closing fence in every part.
     budget = limit - max(len(first), len(reopen)) - len(FENCE) - 1

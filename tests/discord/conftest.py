@@ -45,8 +45,12 @@ async def discord_settings(redis_url: str, fake: DiscordFake) -> AsyncIterator[S
     """Settings for adapter and responder tests (no LLM): the fake, a unique key prefix."""
     prefix = f"t{uuid.uuid4().hex[:12]}"
     settings = Settings(
-        _env_file=None, redis_url=redis_url, key_prefix=prefix, discord_token=fake.token,
-        discord_api_url=fake.api_url, discord_stream_interval_s=0.0,
+        _env_file=None,
+        redis_url=redis_url,
+        key_prefix=prefix,
+        discord_token=fake.token,
+        discord_api_url=fake.api_url,
+        discord_stream_interval_s=0.0,
     )
     yield settings
     redis = Redis.from_url(redis_url)
@@ -69,9 +73,7 @@ async def running_adapter(settings: Settings, fake: DiscordFake) -> AsyncIterato
 
 
 @pytest.fixture
-def adapter(
-    discord_settings: Settings, fake: DiscordFake
-) -> Callable[..., Any]:
+def adapter(discord_settings: Settings, fake: DiscordFake) -> Callable[..., Any]:
     """A factory: ``async with adapter(**setting_overrides) as client``."""
 
     def make(**overrides: Any) -> Any:

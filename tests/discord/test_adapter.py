@@ -26,8 +26,7 @@ async def test_mention_in_a_channel_is_enqueued_without_the_mention(
     adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
 ) -> None:
     async with adapter():
-        sent = await fake.send_user_message(CHANNEL, ALICE, "what is a sluice?",
-                                            mention_bot=True)
+        sent = await fake.send_user_message(CHANNEL, ALICE, "what is a sluice?", mention_bot=True)
         await wait_for(lambda: queued(redis, discord_settings))
     [msg] = await queued(redis, discord_settings)
     assert msg.platform == "discord"
@@ -57,11 +56,23 @@ OTHER_BOT = DiscordFake.user(600000000000000003, "otherbot", bot=True)
 async def test_reply_to_a_bot_message_is_a_conversation(
     adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
 ) -> None:
-    bot_said = {"id": fake.snowflake(), "channel_id": CHANNEL, "author": fake.bot_user,
-                "content": "Earlier answer", "timestamp": "2026-01-01T00:00:00+00:00",
-                "edited_timestamp": None, "tts": False, "mention_everyone": False,
-                "mentions": [], "mention_roles": [], "attachments": [], "embeds": [],
-                "pinned": False, "type": 0, "flags": 0}
+    bot_said = {
+        "id": fake.snowflake(),
+        "channel_id": CHANNEL,
+        "author": fake.bot_user,
+        "content": "Earlier answer",
+        "timestamp": "2026-01-01T00:00:00+00:00",
+        "edited_timestamp": None,
+        "tts": False,
+        "mention_everyone": False,
+        "mentions": [],
+        "mention_roles": [],
+        "attachments": [],
+        "embeds": [],
+        "pinned": False,
+        "type": 0,
+        "flags": 0,
+    }
     async with adapter():
         sent = await fake.send_user_message(CHANNEL, ALICE, "and why?", reply_to=bot_said)
         await wait_for(lambda: queued(redis, discord_settings))
@@ -78,8 +89,12 @@ async def test_direct_message_is_a_conversation_in_the_dm_tenant(
         await fake.send_user_message(dm, ALICE, "hello in private")
         await wait_for(lambda: queued(redis, discord_settings))
     [msg] = await queued(redis, discord_settings)
-    assert (msg.tenant, msg.channel, msg.is_dm, msg.text) == ("dm", DM_CHANNEL, True,
-                                                               "hello in private")
+    assert (msg.tenant, msg.channel, msg.is_dm, msg.text) == (
+        "dm",
+        DM_CHANNEL,
+        True,
+        "hello in private",
+    )
 
 
 async def test_thread_message_needs_message_content_and_is_its_own_conversation(
@@ -125,15 +140,15 @@ async def test_own_and_other_bots_messages_are_ignored(
 async def test_allow_and_deny_lists_filter_users_channels_and_roles(
     adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
 ) -> None:
-    async with adapter(discord_deny_users=[BOB["id"]], discord_allow_channels=[CHANNEL],
-                       discord_allow_roles=[ROLE]):
-        await fake.send_user_message(CHANNEL, BOB, "denied user", mention_bot=True,
-                                     roles=[ROLE])
-        await fake.send_user_message(OTHER_CHANNEL, ALICE, "other channel", mention_bot=True,
-                                     roles=[ROLE])
+    async with adapter(
+        discord_deny_users=[BOB["id"]], discord_allow_channels=[CHANNEL], discord_allow_roles=[ROLE]
+    ):
+        await fake.send_user_message(CHANNEL, BOB, "denied user", mention_bot=True, roles=[ROLE])
+        await fake.send_user_message(
+            OTHER_CHANNEL, ALICE, "other channel", mention_bot=True, roles=[ROLE]
+        )
         await fake.send_user_message(CHANNEL, ALICE, "no role", mention_bot=True)
-        await fake.send_user_message(CHANNEL, ALICE, "welcome", mention_bot=True,
-                                     roles=[ROLE])
+        await fake.send_user_message(CHANNEL, ALICE, "welcome", mention_bot=True, roles=[ROLE])
         await wait_for(lambda: queued(redis, discord_settings))
         await asyncio.sleep(0.2)
     assert [m.text for m in await queued(redis, discord_settings)] == ["welcome"]

@@ -29,10 +29,13 @@ ALICE = DiscordFake.user(610000000000000001, "alice")
 async def e2e_settings(settings: Settings, fake: DiscordFake) -> AsyncIterator[Settings]:
     """The harness's settings (simulator, unique prefix) pointed at the fake Discord."""
     _current[:] = [fake]
-    yield settings.model_copy(update={
-        "discord_token": SecretStr(fake.token), "discord_api_url": fake.api_url,
-        "discord_stream_interval_s": 0.0,
-    })
+    yield settings.model_copy(
+        update={
+            "discord_token": SecretStr(fake.token),
+            "discord_api_url": fake.api_url,
+            "discord_stream_interval_s": 0.0,
+        }
+    )
 
 
 @pytest.fixture
@@ -49,8 +52,11 @@ def discord_worker(
 
 
 async def replies(fake: DiscordFake, channel: str, reply_to: str) -> list[dict[str, Any]]:
-    return [m for m in fake.bot_messages(channel)
-            if (m.get("message_reference") or {}).get("message_id") == reply_to]
+    return [
+        m
+        for m in fake.bot_messages(channel)
+        if (m.get("message_reference") or {}).get("message_id") == reply_to
+    ]
 
 
 _current: list[DiscordFake] = []
@@ -74,8 +80,7 @@ async def test_mention_reply_dm_thread_and_ask_each_get_one_streamed_reply(
     discord_worker()
     adapter_settings = e2e_settings.model_copy(update={"discord_message_content": True})
     async with running_adapter(adapter_settings, fake):
-        mention = await fake.send_user_message(CHANNEL, ALICE, "first question",
-                                               mention_bot=True)
+        mention = await fake.send_user_message(CHANNEL, ALICE, "first question", mention_bot=True)
         await until(lambda: len(fake.bot_messages(CHANNEL)) == 1)
         [answer] = fake.bot_messages(CHANNEL)
         reply = await fake.send_user_message(CHANNEL, ALICE, "follow up", reply_to=answer)
@@ -83,16 +88,27 @@ async def test_mention_reply_dm_thread_and_ask_each_get_one_streamed_reply(
         direct = await fake.send_user_message(dm, ALICE, "private question")
         in_thread = await fake.send_user_message(THREAD, ALICE, "thread question")
         inter = await fake.invoke_ask(CHANNEL, ALICE, "slash question")
-        expected = ["first question", "follow up", "private question", "thread question",
-                    "slash question"]
-        await until(lambda: all(any(m["content"].startswith(f"Echo: {e}")
-                                    for m in fake.bot_messages()) for e in expected))
+        expected = [
+            "first question",
+            "follow up",
+            "private question",
+            "thread question",
+            "slash question",
+        ]
+        await until(
+            lambda: all(
+                any(m["content"].startswith(f"Echo: {e}") for m in fake.bot_messages())
+                for e in expected
+            )
+        )
         await asyncio.sleep(0.5)  # nothing else arrives
 
-    for channel, sent, text in [(CHANNEL, mention, "first question"),
-                                (CHANNEL, reply, "follow up"),
-                                (DM_CHANNEL, direct, "private question"),
-                                (THREAD, in_thread, "thread question")]:
+    for channel, sent, text in [
+        (CHANNEL, mention, "first question"),
+        (CHANNEL, reply, "follow up"),
+        (DM_CHANNEL, direct, "private question"),
+        (THREAD, in_thread, "thread question"),
+    ]:
         [got] = await replies(fake, channel, sent["id"])
         assert got["content"].startswith(f"Echo: {text}")
         assert len(got["edit_history"]) > 1, "streamed by edits"
@@ -121,41 +137,56 @@ async def test_model_output_with_everyone_and_role_mentions_pings_nobody(
 ) -> None:
     discord_worker()
     async with running_adapter(e2e_settings, fake):
-        await fake.send_user_message(CHANNEL, ALICE, f"@everyone <@&{ROLE}> <@{ALICE['id']}>",
-                                     mention_bot=True)
-        await until(lambda: any("Echo: @everyone" in m["content"]
-                                for m in fake.bot_messages(CHANNEL)))
+        await fake.send_user_message(
+            CHANNEL, ALICE, f"@everyone <@&{ROLE}> <@{ALICE['id']}>", mention_bot=True
+        )
+        await until(
+            lambda: any("Echo: @everyone" in m["content"] for m in fake.bot_messages(CHANNEL))
+        )
     [got] = fake.bot_messages(CHANNEL)
     assert f"<@&{ROLE}>" in got["content"]
-    sends = [c for c in fake.calls if c.method in ("POST", "PATCH")
-             and c.route.endswith(("/messages", "/messages/{message_id}"))]
+    sends = [
+        c
+        for c in fake.calls
+        if c.method in ("POST", "PATCH")
+        and c.route.endswith(("/messages", "/messages/{message_id}"))
+    ]
     assert sends and all(c.body["allowed_mentions"] == {"parse": []} for c in sends)
 
 
 async def test_403_and_5xx_on_send_worker_logs_keeps_running_and_keeps_history(
-    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc],
-    redis: Redis
+    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc], redis: Redis
 ) -> None:
     worker = discord_worker()
     fake.fail("POST", rf"/channels/{CHANNEL}/messages$", 403, times=100)
     async with running_adapter(e2e_settings, fake):
-        refused = await fake.send_user_message(CHANNEL, ALICE, "no permission here",
-                                               mention_bot=True)
+        refused = await fake.send_user_message(
+            CHANNEL, ALICE, "no permission here", mention_bot=True
+        )
         await until(lambda: "status=403" in worker.output())
         assert len(fake.calls_to("POST", "/channels/{channel_id}/messages")) == 1  # no retry
         fake._faults.clear()
         fake.fail("POST", rf"/channels/{CHANNEL}/messages$", 503, times=2)
-        ok = await fake.send_user_message(CHANNEL, ALICE, "after the outage",
-                                          mention_bot=True)
-        await until(lambda: any(m["content"].startswith("Echo: after the outage")
-                                for m in fake.bot_messages(CHANNEL)))
+        ok = await fake.send_user_message(CHANNEL, ALICE, "after the outage", mention_bot=True)
+        await until(
+            lambda: any(
+                m["content"].startswith("Echo: after the outage")
+                for m in fake.bot_messages(CHANNEL)
+            )
+        )
     log = worker.output()
     assert f"channel={CHANNEL}" in log and "status=403" in log
     statuses = [c.status for c in fake.calls_to("POST", "/channels/{channel_id}/messages")]
     assert statuses.count(503) == 2 and statuses[-1] == 200
     assert worker.popen.poll() is None  # the worker keeps running
-    msg = IncomingMessage(platform="discord", tenant=GUILD, channel=CHANNEL, user="x",
-                          message_id=refused["id"], text="")
+    msg = IncomingMessage(
+        platform="discord",
+        tenant=GUILD,
+        channel=CHANNEL,
+        user="x",
+        message_id=refused["id"],
+        text="",
+    )
     key = Keys(e2e_settings.key_prefix).history(msg.conversation_id)
     deadline = time.monotonic() + 10
     while True:  # the job stores history right after delivering
@@ -168,8 +199,10 @@ async def test_403_and_5xx_on_send_worker_logs_keeps_running_and_keeps_history(
 
 
 async def test_existing_commands_bot_loads_the_extension_and_both_work(
-    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc],
-    monkeypatch: pytest.MonkeyPatch
+    fake: DiscordFake,
+    e2e_settings: Settings,
+    discord_worker: Callable[..., Proc],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import discord
     import yarl
@@ -183,8 +216,9 @@ async def test_existing_commands_bot_loads_the_extension_and_both_work(
         monkeypatch.setenv(key, value)
     get_settings.cache_clear()
     discord.http.Route.BASE = fake.api_url
-    monkeypatch.setattr(discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY",
-                        yarl.URL(fake.gateway_url))
+    monkeypatch.setattr(
+        discord.gateway.DiscordWebSocket, "DEFAULT_GATEWAY", yarl.URL(fake.gateway_url)
+    )
     intents = discord.Intents.default()
     intents.message_content = True
     bot = commands.Bot(command_prefix="!", intents=intents)
@@ -204,10 +238,15 @@ async def test_existing_commands_bot_loads_the_extension_and_both_work(
         await asyncio.wait_for(bot.wait_until_ready(), 10)
         assert "Sluice" in bot.cogs and bot.tree.get_command("ask") is not None
         await fake.send_user_message(CHANNEL, ALICE, "!ping")
-        asked = await fake.send_user_message(CHANNEL, ALICE, "hello from a host bot",
-                                             mention_bot=True)
-        await until(lambda: any(m["content"].startswith("Echo: hello from a host bot")
-                                for m in fake.bot_messages(CHANNEL)))
+        asked = await fake.send_user_message(
+            CHANNEL, ALICE, "hello from a host bot", mention_bot=True
+        )
+        await until(
+            lambda: any(
+                m["content"].startswith("Echo: hello from a host bot")
+                for m in fake.bot_messages(CHANNEL)
+            )
+        )
         await until(lambda: any(m["content"] == "pong" for m in fake.bot_messages(CHANNEL)))
         await asyncio.sleep(0.5)
     finally:

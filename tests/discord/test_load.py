@@ -24,12 +24,15 @@ async def test_300_users_in_one_channel_all_answered_within_rate_limits(
     fake: DiscordFake, settings: Settings, worker_process: Callable[..., Proc], tmp_path: Path
 ) -> None:
     # Per-channel buckets roomy enough that the global 50/s limit binds too.
-    fake.limits.update({
-        "POST /channels/{channel_id}/messages": (30, 1.0),
-        "PATCH /channels/{channel_id}/messages/{message_id}": (30, 1.0),
-    })
-    s = settings.model_copy(update={"discord_token": SecretStr(fake.token),
-                                    "discord_api_url": fake.api_url})
+    fake.limits.update(
+        {
+            "POST /channels/{channel_id}/messages": (30, 1.0),
+            "PATCH /channels/{channel_id}/messages/{message_id}": (30, 1.0),
+        }
+    )
+    s = settings.model_copy(
+        update={"discord_token": SecretStr(fake.token), "discord_api_url": fake.api_url}
+    )
     for _ in range(2):  # two worker processes share the pacing state in Redis
         worker_process(settings_env(s))
     started = time.monotonic()
@@ -37,8 +40,9 @@ async def test_300_users_in_one_channel_all_answered_within_rate_limits(
         sent = []
         for i in range(USERS):
             user = DiscordFake.user(620000000000000000 + i, f"user{i}")
-            sent.append(await fake.send_user_message(CHANNEL, user, f"question {i}",
-                                                     mention_bot=True))
+            sent.append(
+                await fake.send_user_message(CHANNEL, user, f"question {i}", mention_bot=True)
+            )
         by_ref: dict[str, list[dict[str, object]]] = {}
 
         def answered() -> bool:
@@ -49,7 +53,8 @@ async def test_300_users_in_one_channel_all_answered_within_rate_limits(
             return all(
                 len(by_ref.get(m["id"], [])) == 1
                 and by_ref[m["id"]][0]["content"].startswith(f"Echo: question {i}")
-                for i, m in enumerate(sent))
+                for i, m in enumerate(sent)
+            )
 
         deadline = time.monotonic() + 100
         while not answered():
@@ -58,8 +63,11 @@ async def test_300_users_in_one_channel_all_answered_within_rate_limits(
         elapsed = time.monotonic() - started
         await asyncio.sleep(1.0)
         assert answered()  # and nothing more arrived
-    rest_calls = [c for c in fake.calls if c.route not in (
-        "GET /users/@me", "GET /oauth2/applications/@me", "GET /gateway/bot")]
+    rest_calls = [
+        c
+        for c in fake.calls
+        if c.route not in ("GET /users/@me", "GET /oauth2/applications/@me", "GET /gateway/bot")
+    ]
     numbers = {
         "users": USERS,
         "seconds_until_all_answered": round(elapsed, 1),

@@ -20,8 +20,9 @@ USER_MSG = "700000000000000001"
 
 
 @pytest.fixture
-async def factory(discord_settings: Settings, redis: Redis) -> AsyncIterator[
-        DiscordResponderFactory]:
+async def factory(
+    discord_settings: Settings, redis: Redis
+) -> AsyncIterator[DiscordResponderFactory]:
     f = DiscordResponderFactory(discord_settings, redis)
     await f.start()
     yield f
@@ -31,18 +32,33 @@ async def factory(discord_settings: Settings, redis: Redis) -> AsyncIterator[
 @pytest.fixture(autouse=True)
 def user_message(fake: DiscordFake) -> None:
     """The user's message the replies refer to."""
-    fake.messages[USER_MSG] = {"id": USER_MSG, "channel_id": CHANNEL, "guild_id": GUILD,
-                               "author": DiscordFake.user(1, "u"), "content": "q"}
+    fake.messages[USER_MSG] = {
+        "id": USER_MSG,
+        "channel_id": CHANNEL,
+        "guild_id": GUILD,
+        "author": DiscordFake.user(1, "u"),
+        "content": "q",
+    }
 
 
 def incoming(message_id: str = USER_MSG, **meta: str) -> IncomingMessage:
-    return IncomingMessage(platform="discord", tenant=GUILD, channel=CHANNEL, user="1",
-                           message_id=message_id, text="q",
-                           meta=meta or {"reply_to": message_id})
+    return IncomingMessage(
+        platform="discord",
+        tenant=GUILD,
+        channel=CHANNEL,
+        user="1",
+        message_id=message_id,
+        text="q",
+        meta=meta or {"reply_to": message_id},
+    )
 
 
-async def answer(factory: DiscordResponderFactory, msg: IncomingMessage, chunks: list[str],
-                 job_id: str | None = None) -> None:
+async def answer(
+    factory: DiscordResponderFactory,
+    msg: IncomingMessage,
+    chunks: list[str],
+    job_id: str | None = None,
+) -> None:
     """What the reply job does: begin, stream the text so far, finish."""
     responder = factory.responder(msg, job_id or msg.job_id)
     await responder.begin()
@@ -62,7 +78,8 @@ async def test_reply_is_a_discord_reply_streamed_by_edits_without_mentions(
     assert msg["message_reference"]["message_id"] == USER_MSG
     assert msg["edits"] >= 1 and msg["edit_history"][0] == "Hello"
     sends = fake.calls_to("POST", "/channels/{channel_id}/messages") + fake.calls_to(
-        "PATCH", "/channels/{channel_id}/messages")
+        "PATCH", "/channels/{channel_id}/messages"
+    )
     assert sends and all(c.body["allowed_mentions"] == {"parse": []} for c in sends)
 
 
@@ -91,8 +108,16 @@ async def test_long_answer_with_code_arrives_as_several_messages_with_intact_cod
     factory: DiscordResponderFactory, fake: DiscordFake
 ) -> None:
     code = "```python\n" + "".join(f"def f{i}(x):\n    return x * {i}\n" for i in range(120))
-    text = ("Intro paragraph.\n\n" + "Some prose here. " * 120 + "\n\n" + code + "```\n\n"
-            + "Between.\n\n```js\n" + "console.log(1);\n" * 150 + "```\nThe end.")
+    text = (
+        "Intro paragraph.\n\n"
+        + "Some prose here. " * 120
+        + "\n\n"
+        + code
+        + "```\n\n"
+        + "Between.\n\n```js\n"
+        + "console.log(1);\n" * 150
+        + "```\nThe end."
+    )
     text = text[:9000] if len(text) > 9000 else text + "\n\n" + "x " * ((9000 - len(text)) // 2)
     assert len(text) >= 8990
     await answer(factory, incoming(), [text[:3000], text[3000:]])
@@ -100,8 +125,9 @@ async def test_long_answer_with_code_arrives_as_several_messages_with_intact_cod
     assert len(posted) >= 5
     for m in posted:
         assert len(m["content"]) <= 2000
-        assert sum(1 for line in m["content"].splitlines()
-                   if line.strip().startswith(FENCE)) % 2 == 0, m["content"]
+        assert (
+            sum(1 for line in m["content"].splitlines() if line.strip().startswith(FENCE)) % 2 == 0
+        ), m["content"]
     assert posted[0]["message_reference"]["message_id"] == USER_MSG
     assert all("message_reference" not in m for m in posted[1:])
     joined = "".join(m["content"] for m in posted)
@@ -129,8 +155,10 @@ async def test_5xx_on_send_is_retried_and_then_delivered(
 
 
 async def test_persistent_5xx_gives_up_after_bounded_retries_and_logs(
-    factory: DiscordResponderFactory, fake: DiscordFake, discord_settings: Settings,
-    caplog: pytest.LogCaptureFixture
+    factory: DiscordResponderFactory,
+    fake: DiscordFake,
+    discord_settings: Settings,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake.fail("POST", r"/channels/\d+/messages$", 500, times=100)
     with caplog.at_level(logging.ERROR, logger="bots.discord.responder"):
@@ -152,8 +180,11 @@ async def test_ask_edits_the_deferred_response_and_adds_followups(
     assert inter.original["content"].startswith("short then")
     assert len(inter.followups) == 1
     webhook_calls = [c for c in fake.calls if c.route.split(" ", 1)[1].startswith("/webhooks/")]
-    assert all(c.body["allowed_mentions"] == {"parse": []} for c in webhook_calls
-               if c.method in ("PATCH", "POST"))
+    assert all(
+        c.body["allowed_mentions"] == {"parse": []}
+        for c in webhook_calls
+        if c.method in ("PATCH", "POST")
+    )
 
 
 async def test_typing_is_shown_while_the_answer_is_prepared(

@@ -23,7 +23,12 @@ def _fences_balanced(part: str) -> bool:
 
 
 _line = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
+    alphabet=st.characters(
+        codec="utf-8",
+        exclude_categories=("Cs",),
+        # str.splitlines() line breaks other than "\n" are not lines to Discord either.
+        exclude_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029",
+    ),
     max_size=300,
 )
 _code = st.builds(

@@ -46,29 +46,64 @@ EVERYONE_PERMISSIONS = "1071698660929"  # view, send, read history, threads, ...
 # (method, path regex, template, major parameter group) -> bucket
 _ROUTES: list[tuple[str, str, str]] = [
     ("POST", r"/channels/(?P<major>\d+)/messages", "POST /channels/{channel_id}/messages"),
-    ("PATCH", r"/channels/(?P<major>\d+)/messages/\d+",
-     "PATCH /channels/{channel_id}/messages/{message_id}"),
-    ("DELETE", r"/channels/(?P<major>\d+)/messages/\d+",
-     "DELETE /channels/{channel_id}/messages/{message_id}"),
-    ("GET", r"/channels/(?P<major>\d+)/messages/\d+",
-     "GET /channels/{channel_id}/messages/{message_id}"),
+    (
+        "PATCH",
+        r"/channels/(?P<major>\d+)/messages/\d+",
+        "PATCH /channels/{channel_id}/messages/{message_id}",
+    ),
+    (
+        "DELETE",
+        r"/channels/(?P<major>\d+)/messages/\d+",
+        "DELETE /channels/{channel_id}/messages/{message_id}",
+    ),
+    (
+        "GET",
+        r"/channels/(?P<major>\d+)/messages/\d+",
+        "GET /channels/{channel_id}/messages/{message_id}",
+    ),
     ("POST", r"/channels/(?P<major>\d+)/typing", "POST /channels/{channel_id}/typing"),
-    ("POST", r"/channels/(?P<major>\d+)/messages/\d+/threads",
-     "POST /channels/{channel_id}/messages/{message_id}/threads"),
+    (
+        "POST",
+        r"/channels/(?P<major>\d+)/messages/\d+/threads",
+        "POST /channels/{channel_id}/messages/{message_id}/threads",
+    ),
     ("GET", r"/channels/(?P<major>\d+)", "GET /channels/{channel_id}"),
-    ("POST", r"/interactions/(?P<major>\d+)/[^/]+/callback",
-     "POST /interactions/{interaction_id}/{token}/callback"),
-    ("PATCH", r"/webhooks/\d+/(?P<major>[^/]+)/messages/[^/]+",
-     "PATCH /webhooks/{application_id}/{token}/messages/{message_id}"),
-    ("DELETE", r"/webhooks/\d+/(?P<major>[^/]+)/messages/[^/]+",
-     "DELETE /webhooks/{application_id}/{token}/messages/{message_id}"),
-    ("GET", r"/webhooks/\d+/(?P<major>[^/]+)/messages/[^/]+",
-     "GET /webhooks/{application_id}/{token}/messages/{message_id}"),
+    (
+        "POST",
+        r"/interactions/(?P<major>\d+)/[^/]+/callback",
+        "POST /interactions/{interaction_id}/{token}/callback",
+    ),
+    (
+        "PATCH",
+        r"/webhooks/\d+/(?P<major>[^/]+)/messages/[^/]+",
+        "PATCH /webhooks/{application_id}/{token}/messages/{message_id}",
+    ),
+    (
+        "DELETE",
+        r"/webhooks/\d+/(?P<major>[^/]+)/messages/[^/]+",
+        "DELETE /webhooks/{application_id}/{token}/messages/{message_id}",
+    ),
+    (
+        "GET",
+        r"/webhooks/\d+/(?P<major>[^/]+)/messages/[^/]+",
+        "GET /webhooks/{application_id}/{token}/messages/{message_id}",
+    ),
     ("POST", r"/webhooks/\d+/(?P<major>[^/]+)", "POST /webhooks/{application_id}/{token}"),
-    ("PUT", r"/applications/(?P<major>\d+)/commands", "PUT /applications/{application_id}/commands"),
-    ("GET", r"/applications/(?P<major>\d+)/commands", "GET /applications/{application_id}/commands"),
-    ("PUT", r"/applications/(?P<major>\d+)/guilds/\d+/commands",
-     "PUT /applications/{application_id}/guilds/{guild_id}/commands"),
+    (
+        "PUT",
+        r"/applications/(?P<major>\d+)/commands",
+        "PUT /applications/{application_id}/commands",
+    ),
+    (
+        "GET",
+        r"/applications/(?P<major>\d+)/commands",
+        "GET /applications/{application_id}/commands",
+    ),
+    (
+        "PUT",
+        r"/applications/(?P<major>\d+)/guilds/\d+/commands",
+        "PUT /applications/{application_id}/guilds/{guild_id}/commands",
+    ),
     ("GET", r"/users/@me", "GET /users/@me"),
     ("GET", r"/oauth2/applications/@me", "GET /oauth2/applications/@me"),
     ("GET", r"/gateway/bot", "GET /gateway/bot"),
@@ -88,14 +123,20 @@ DEFAULT_LIMITS: dict[str, tuple[int, float]] = {
 }
 _FALLBACK_LIMIT = (50, 1.0)
 # Interactions are not bound to the bot's global rate limit.
-_GLOBAL_EXEMPT = ("POST /interactions/", "PATCH /webhooks/", "POST /webhooks/", "GET /webhooks/",
-                  "DELETE /webhooks/")
+_GLOBAL_EXEMPT = (
+    "POST /interactions/",
+    "PATCH /webhooks/",
+    "POST /webhooks/",
+    "GET /webhooks/",
+    "DELETE /webhooks/",
+)
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
     # Exactly "application/json", like Discord (discord.py compares the header as is).
-    return web.Response(body=json.dumps(data).encode(), status=status,
-                        headers={"Content-Type": "application/json"})
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
 
 
 def _now_iso() -> str:
@@ -241,8 +282,13 @@ class DiscordFake:
     def user(user_id: int | str, name: str, *, bot: bool = False) -> dict[str, Any]:
         """A user object."""
         return {
-            "id": str(user_id), "username": name, "discriminator": "0", "global_name": name,
-            "avatar": None, "bot": bot, "public_flags": 0,
+            "id": str(user_id),
+            "username": name,
+            "discriminator": "0",
+            "global_name": name,
+            "avatar": None,
+            "bot": bot,
+            "public_flags": 0,
         }
 
     def add_guild(
@@ -258,14 +304,31 @@ class DiscordFake:
         role_list = [self._role(gid, "@everyone", gid)]
         role_list += [self._role(str(r), f"role{r}", gid) for r in roles]
         guild: dict[str, Any] = {
-            "id": gid, "name": name, "icon": None, "owner_id": "1", "large": False,
-            "member_count": 2, "features": [], "emojis": [], "stickers": [],
-            "roles": role_list, "channels": [], "threads": [], "voice_states": [],
-            "presences": [], "joined_at": _now_iso(), "unavailable": False,
-            "members": [self.member(self.bot_user)], "premium_tier": 0,
-            "verification_level": 0, "default_message_notifications": 0,
-            "explicit_content_filter": 0, "mfa_level": 0, "nsfw_level": 0,
-            "preferred_locale": "en-US", "system_channel_flags": 0,
+            "id": gid,
+            "name": name,
+            "icon": None,
+            "owner_id": "1",
+            "large": False,
+            "member_count": 2,
+            "features": [],
+            "emojis": [],
+            "stickers": [],
+            "roles": role_list,
+            "channels": [],
+            "threads": [],
+            "voice_states": [],
+            "presences": [],
+            "joined_at": _now_iso(),
+            "unavailable": False,
+            "members": [self.member(self.bot_user)],
+            "premium_tier": 0,
+            "verification_level": 0,
+            "default_message_notifications": 0,
+            "explicit_content_filter": 0,
+            "mfa_level": 0,
+            "nsfw_level": 0,
+            "preferred_locale": "en-US",
+            "system_channel_flags": 0,
         }
         self.guilds[gid] = guild
         for c in channels:
@@ -275,30 +338,52 @@ class DiscordFake:
     @staticmethod
     def _role(role_id: str, name: str, guild_id: str) -> dict[str, Any]:
         return {
-            "id": role_id, "name": name, "color": 0, "hoist": False, "position": 0,
-            "permissions": EVERYONE_PERMISSIONS, "managed": False, "mentionable": True,
+            "id": role_id,
+            "name": name,
+            "color": 0,
+            "hoist": False,
+            "position": 0,
+            "permissions": EVERYONE_PERMISSIONS,
+            "managed": False,
+            "mentionable": True,
             "flags": 0,
         }
 
     def add_channel(self, guild_id: str, channel_id: int | str, name: str = "general") -> None:
         """A text channel in a guild."""
         ch = {
-            "id": str(channel_id), "type": 0, "name": name, "position": 0,
-            "permission_overwrites": [], "nsfw": False, "parent_id": None,
-            "rate_limit_per_user": 0, "topic": None, "last_message_id": None,
+            "id": str(channel_id),
+            "type": 0,
+            "name": name,
+            "position": 0,
+            "permission_overwrites": [],
+            "nsfw": False,
+            "parent_id": None,
+            "rate_limit_per_user": 0,
+            "topic": None,
+            "last_message_id": None,
         }
         self.guilds[guild_id]["channels"].append(ch)
         self.channels[str(channel_id)] = {**ch, "guild_id": guild_id}
 
     def add_thread(
-        self, guild_id: str, parent_id: str, thread_id: int | str, *, bot_member: bool = True,
+        self,
+        guild_id: str,
+        parent_id: str,
+        thread_id: int | str,
+        *,
+        bot_member: bool = True,
         owner_id: str = "1",
     ) -> dict[str, Any]:
         """An active public thread in a guild (with the bot as a member if asked)."""
         thread = self._thread(guild_id, parent_id, str(thread_id), "a thread", owner_id)
         if bot_member:
-            thread["member"] = {"id": str(thread_id), "user_id": self.bot_id,
-                                "join_timestamp": _now_iso(), "flags": 0}
+            thread["member"] = {
+                "id": str(thread_id),
+                "user_id": self.bot_id,
+                "join_timestamp": _now_iso(),
+                "flags": 0,
+            }
         self.guilds[guild_id]["threads"].append(thread)
         self.channels[str(thread_id)] = thread
         return thread
@@ -306,17 +391,36 @@ class DiscordFake:
     @staticmethod
     def _thread(guild_id: str, parent_id: str, tid: str, name: str, owner: str) -> dict[str, Any]:
         return {
-            "id": tid, "guild_id": guild_id, "parent_id": parent_id, "owner_id": owner,
-            "type": 11, "name": name, "last_message_id": None, "rate_limit_per_user": 0,
-            "message_count": 0, "member_count": 1, "flags": 0,
-            "thread_metadata": {"archived": False, "auto_archive_duration": 1440,
-                                "archive_timestamp": _now_iso(), "locked": False},
+            "id": tid,
+            "guild_id": guild_id,
+            "parent_id": parent_id,
+            "owner_id": owner,
+            "type": 11,
+            "name": name,
+            "last_message_id": None,
+            "rate_limit_per_user": 0,
+            "message_count": 0,
+            "member_count": 1,
+            "flags": 0,
+            "thread_metadata": {
+                "archived": False,
+                "auto_archive_duration": 1440,
+                "archive_timestamp": _now_iso(),
+                "locked": False,
+            },
         }
 
     def member(self, user: dict[str, Any], roles: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
         """A guild member object for ``user``."""
-        return {"user": user, "roles": list(roles), "joined_at": _now_iso(), "deaf": False,
-                "mute": False, "flags": 0, "nick": None}
+        return {
+            "user": user,
+            "roles": list(roles),
+            "joined_at": _now_iso(),
+            "deaf": False,
+            "mute": False,
+            "flags": 0,
+            "nick": None,
+        }
 
     # --- gateway ---------------------------------------------------------------------
 
@@ -353,17 +457,25 @@ class DiscordFake:
             await ws.close(code=4004, message=b"Authentication failed.")
             raise asyncio.CancelledError
         self.identifies.append({k: v for k, v in data.items() if k != "token"})
-        session = _Session(ws, hashlib.sha1(self.snowflake().encode()).hexdigest(),
-                           int(data.get("intents", 0)))
+        session = _Session(
+            ws, hashlib.sha1(self.snowflake().encode()).hexdigest(), int(data.get("intents", 0))
+        )
         self._sessions.append(session)
-        await self._send(session, "READY", {
-            "v": 10, "user": {**self.bot_user, "verified": True, "mfa_enabled": False,
-                              "flags": 0},
-            "guilds": [{"id": g, "unavailable": True} for g in self.guilds],
-            "session_id": session.session_id, "resume_gateway_url": self.gateway_url,
-            "application": {"id": self.application_id, "flags": 0}, "shard": [0, 1],
-            "private_channels": [], "relationships": [],
-        })
+        await self._send(
+            session,
+            "READY",
+            {
+                "v": 10,
+                "user": {**self.bot_user, "verified": True, "mfa_enabled": False, "flags": 0},
+                "guilds": [{"id": g, "unavailable": True} for g in self.guilds],
+                "session_id": session.session_id,
+                "resume_gateway_url": self.gateway_url,
+                "application": {"id": self.application_id, "flags": 0},
+                "shard": [0, 1],
+                "private_channels": [],
+                "relationships": [],
+            },
+        )
         for guild in self.guilds.values():
             await self._send(session, "GUILD_CREATE", guild)
         self.connected.set()
@@ -418,20 +530,33 @@ class DiscordFake:
         if mention_bot or (reply_to is not None and reply_to["author"]["id"] == self.bot_id):
             mentions.append(self.bot_user)
         msg: dict[str, Any] = {
-            "id": message_id or self.snowflake(), "channel_id": cid, "author": author,
-            "content": content, "timestamp": _now_iso(), "edited_timestamp": None,
-            "tts": False, "mention_everyone": False, "mentions": mentions,
-            "mention_roles": [], "attachments": [], "embeds": [], "pinned": False,
-            "type": 0, "flags": 0, "components": [],
+            "id": message_id or self.snowflake(),
+            "channel_id": cid,
+            "author": author,
+            "content": content,
+            "timestamp": _now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": mentions,
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+            "components": [],
         }
         if channel is not None and "guild_id" in channel:
             msg["guild_id"] = channel["guild_id"]
             msg["member"] = {k: v for k, v in self.member(author, roles).items() if k != "user"}
         if reply_to is not None:
             msg["type"] = 19
-            msg["message_reference"] = {"message_id": reply_to["id"], "channel_id": cid,
-                                        **({"guild_id": msg["guild_id"]} if "guild_id" in msg
-                                           else {})}
+            msg["message_reference"] = {
+                "message_id": reply_to["id"],
+                "channel_id": cid,
+                **({"guild_id": msg["guild_id"]} if "guild_id" in msg else {}),
+            }
             msg["referenced_message"] = reply_to
         self.messages[msg["id"]] = msg
         await self.dispatch("MESSAGE_CREATE", msg)
@@ -440,13 +565,16 @@ class DiscordFake:
     async def dm_channel(self, channel_id: int | str, user: dict[str, Any]) -> str:
         """A DM channel between ``user`` and the bot."""
         cid = str(channel_id)
-        self.channels[cid] = {"id": cid, "type": 1, "recipients": [user],
-                              "last_message_id": None}
+        self.channels[cid] = {"id": cid, "type": 1, "recipients": [user], "last_message_id": None}
         return cid
 
     async def invoke_ask(
-        self, channel_id: int | str, user: dict[str, Any], question: str,
-        *, roles: list[str] = (),  # type: ignore[assignment]
+        self,
+        channel_id: int | str,
+        user: dict[str, Any],
+        question: str,
+        *,
+        roles: list[str] = (),  # type: ignore[assignment]
     ) -> Interaction:
         """A user runs ``/ask question:...``: dispatch INTERACTION_CREATE."""
         cid = str(channel_id)
@@ -454,13 +582,23 @@ class DiscordFake:
         iid = self.snowflake()
         token = "itoken-" + hashlib.sha1(iid.encode()).hexdigest()
         data: dict[str, Any] = {
-            "id": iid, "application_id": self.application_id, "type": 2, "token": token,
-            "version": 1, "channel_id": cid,
+            "id": iid,
+            "application_id": self.application_id,
+            "type": 2,
+            "token": token,
+            "version": 1,
+            "channel_id": cid,
             "channel": {"id": cid, "type": channel["type"], "name": channel.get("name", "")},
-            "data": {"id": "1", "name": "ask", "type": 1,
-                     "options": [{"name": "question", "type": 3, "value": question}]},
-            "app_permissions": EVERYONE_PERMISSIONS, "locale": "en-US",
-            "entitlements": [], "authorizing_integration_owners": {"0": "1"},
+            "data": {
+                "id": "1",
+                "name": "ask",
+                "type": 1,
+                "options": [{"name": "question", "type": 3, "value": question}],
+            },
+            "app_permissions": EVERYONE_PERMISSIONS,
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": "1"},
             "attachment_size_limit": 8388608,
         }
         if "guild_id" in channel:
@@ -480,19 +618,29 @@ class DiscordFake:
 
     def fail(self, method: str, path_regex: str, status: int, *, times: int = 1) -> None:
         """The next ``times`` matching REST calls answer ``status``."""
-        body = ({"message": "Missing Permissions", "code": 50013} if status == 403
-                else {"message": "Internal Server Error", "code": 0})
+        body = (
+            {"message": "Missing Permissions", "code": 50013}
+            if status == 403
+            else {"message": "Internal Server Error", "code": 0}
+        )
         self._faults.append(_Fault(method, re.compile(path_regex), status, times, body))
 
     def calls_to(self, method: str, route_prefix: str = "") -> list[Call]:
         """Recorded calls with that method whose route template starts as given."""
-        return [c for c in self.calls if c.method == method and
-                c.route.split(" ", 1)[1].startswith(route_prefix)]
+        return [
+            c
+            for c in self.calls
+            if c.method == method and c.route.split(" ", 1)[1].startswith(route_prefix)
+        ]
 
     def bot_messages(self, channel_id: int | str | None = None) -> list[dict[str, Any]]:
         """Messages the bot created through REST, oldest first."""
-        return [m for m in self.messages.values() if m["author"]["id"] == self.bot_id and
-                (channel_id is None or m["channel_id"] == str(channel_id))]
+        return [
+            m
+            for m in self.messages.values()
+            if m["author"]["id"] == self.bot_id
+            and (channel_id is None or m["channel_id"] == str(channel_id))
+        ]
 
     def max_requests_in_any_second(self) -> int:
         """The most REST requests that arrived within any 1-second window."""
@@ -590,8 +738,12 @@ class DiscordFake:
     def _too_many(retry_after: float, *, is_global: bool) -> web.Response:
         retry_after = max(round(retry_after, 3), 0.001)
         resp = _json(
-            {"message": "You are being rate limited.", "retry_after": retry_after,
-             "global": is_global, "code": 0},
+            {
+                "message": "You are being rate limited.",
+                "retry_after": retry_after,
+                "global": is_global,
+                "code": 0,
+            },
             status=429,
         )
         resp.headers["Retry-After"] = str(max(1, int(retry_after + 0.999)))
@@ -628,16 +780,37 @@ class DiscordFake:
         return _json({**self.bot_user, "verified": True, "flags": 0})
 
     async def _r_get_oauth2_applications_me(self, request: web.Request, call: Call) -> web.Response:
-        return _json({
-            "id": self.application_id, "name": "sluice", "icon": None, "description": "",
-            "bot_public": True, "bot_require_code_grant": False,
-            "owner": self.user(1, "owner"), "verify_key": "00", "flags": 0, "team": None,
-            "summary": "", "rpc_origins": [], "interactions_endpoint_url": None,
-        })
+        return _json(
+            {
+                "id": self.application_id,
+                "name": "sluice",
+                "icon": None,
+                "description": "",
+                "bot_public": True,
+                "bot_require_code_grant": False,
+                "owner": self.user(1, "owner"),
+                "verify_key": "00",
+                "flags": 0,
+                "team": None,
+                "summary": "",
+                "rpc_origins": [],
+                "interactions_endpoint_url": None,
+            }
+        )
 
     async def _r_get_gateway_bot(self, request: web.Request, call: Call) -> web.Response:
-        return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": {
-            "total": 1000, "remaining": 999, "reset_after": 14400000, "max_concurrency": 1}})
+        return _json(
+            {
+                "url": self.gateway_url,
+                "shards": 1,
+                "session_start_limit": {
+                    "total": 1000,
+                    "remaining": 999,
+                    "reset_after": 14400000,
+                    "max_concurrency": 1,
+                },
+            }
+        )
 
     async def _r_get_gateway(self, request: web.Request, call: Call) -> web.Response:
         return _json({"url": self.gateway_url})
@@ -656,12 +829,25 @@ class DiscordFake:
         if len(content) > 2000:
             return "content: Must be 2000 or fewer in length."
         msg: dict[str, Any] = {
-            "id": self.snowflake(), "channel_id": channel_id, "author": self.bot_user,
-            "content": content, "timestamp": _now_iso(), "edited_timestamp": None,
-            "tts": False, "mention_everyone": False, "mentions": [], "mention_roles": [],
-            "attachments": [], "embeds": [], "pinned": False, "type": 0, "flags": 0,
-            "components": [], "allowed_mentions": body.get("allowed_mentions"),
-            "edits": 0, "edit_history": [content],
+            "id": self.snowflake(),
+            "channel_id": channel_id,
+            "author": self.bot_user,
+            "content": content,
+            "timestamp": _now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+            "components": [],
+            "allowed_mentions": body.get("allowed_mentions"),
+            "edits": 0,
+            "edit_history": [content],
         }
         ref = body.get("message_reference")
         if ref:
@@ -672,9 +858,11 @@ class DiscordFake:
                 # Discord echoes a full reference, as the gateway and REST return it.
                 msg["type"] = 19
                 msg["message_reference"] = {
-                    "type": 0, "message_id": referenced["id"], "channel_id": channel_id,
-                    **({"guild_id": referenced["guild_id"]} if "guild_id" in referenced
-                       else {})}
+                    "type": 0,
+                    "message_id": referenced["id"],
+                    "channel_id": channel_id,
+                    **({"guild_id": referenced["guild_id"]} if "guild_id" in referenced else {}),
+                }
                 msg["referenced_message"] = self._public(referenced)
         return msg
 
@@ -699,8 +887,11 @@ class DiscordFake:
 
     @staticmethod
     def _public(msg: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in msg.items()
-                if k not in ("allowed_mentions", "edits", "edit_history", "interaction_token")}
+        return {
+            k: v
+            for k, v in msg.items()
+            if k not in ("allowed_mentions", "edits", "edit_history", "interaction_token")
+        }
 
     def _edit(self, msg: dict[str, Any], body: dict[str, Any]) -> web.Response:
         content = body.get("content")
@@ -754,8 +945,12 @@ class DiscordFake:
         name = (call.body or {}).get("name") or "thread"
         tid = message_id  # Discord gives a thread started from a message the message's id
         thread = self._thread(parent["guild_id"], call.major, tid, name[:100], self.bot_id)
-        thread["member"] = {"id": tid, "user_id": self.bot_id, "join_timestamp": _now_iso(),
-                            "flags": 0}
+        thread["member"] = {
+            "id": tid,
+            "user_id": self.bot_id,
+            "join_timestamp": _now_iso(),
+            "flags": 0,
+        }
         self.channels[tid] = thread
         await self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
         return _json(thread, status=201)
@@ -763,9 +958,17 @@ class DiscordFake:
     async def _r_put_applications_application_id_commands(
         self, request: web.Request, call: Call
     ) -> web.Response:
-        self.commands = [{**c, "id": self.snowflake(), "application_id": self.application_id,
-                          "version": "1", "default_member_permissions": None, "type": 1}
-                         for c in call.body or []]
+        self.commands = [
+            {
+                **c,
+                "id": self.snowflake(),
+                "application_id": self.application_id,
+                "version": "1",
+                "default_member_permissions": None,
+                "type": 1,
+            }
+            for c in call.body or []
+        ]
         return _json(self.commands)
 
     async def _r_get_applications_application_id_commands(
@@ -787,11 +990,17 @@ class DiscordFake:
         inter.callback_type = int((call.body or {}).get("type", 0))
         inter.callback_after_s = time.monotonic() - inter.created
         if request.query.get("with_response") in ("1", "true", "True"):
-            return _json({
-                "interaction": {"id": inter.id, "type": 2, "response_message_loading":
-                                inter.callback_type == 5, "response_message_ephemeral": False},
-                "resource": {"type": inter.callback_type},
-            })
+            return _json(
+                {
+                    "interaction": {
+                        "id": inter.id,
+                        "type": 2,
+                        "response_message_loading": inter.callback_type == 5,
+                        "response_message_ephemeral": False,
+                    },
+                    "resource": {"type": inter.callback_type},
+                }
+            )
         return web.Response(status=204)
 
     def _interaction_for(self, call: Call) -> Interaction | None:
