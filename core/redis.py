@@ -62,3 +62,7 @@ class Keys:
     def discord_global_pause(self) -> str:
         """Set while Discord's global rate limit is exceeded (after a global 429)."""
         return f"{self.prefix}:discord:global:pause"
+
+    def discord_global_learned(self) -> str:
+        """A lowered global rate after a global 429 (expires)."""
+        return f"{self.prefix}:discord:global:learned"

@@ -192,7 +192,7 @@ class Settings(BaseSettings):
         "(Discord allows 5 edits per 5 s per channel).",
     )
     discord_global_rps: int = Field(
-        45,
+        40,
         ge=1,
         le=50,
         description="REST requests per second all workers together may send "

@@ -12,7 +12,9 @@ it lives in Redis and two Lua scripts read and update it atomically.
   Best-effort requests (streamed edits, typing) leave the last slot of a bucket and
   a few of the global window to requests that must go out (final text).
 - After a response, :data:`_UPDATE` folds the bucket headers in; a 429 sets the
-  bucket (or the global pause) to wait out ``retry_after``.
+  bucket (or the global pause) to wait out ``retry_after``. A global 429 also halves
+  the pool's global rate for 30 s: something else is using the same token's budget
+  (the host bot in plugin mode, say).
 
 Clocks come from Redis ``TIME`` so workers on different hosts agree.
 """
@@ -40,21 +42,28 @@ _PROBE_MS = 1000
 # The global limit is counted over 1.1 s, not 1 s: requests that leave a worker
 # spread over a second can arrive at Discord bunched closer together.
 _GLOBAL_SPAN_MS = 1100
+# After a global 429 the pool sends at half its recent rate for this long.
+_LEARN_MS = 30_000
 _MAX_429_RETRIES = 5
 _USER_AGENT = "DiscordBot (https://github.com/sluice, 0.1) Sluice"
 
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local pause = redis.call('PTTL', KEYS[3])
-if pause > 0 then return pause end
+local exempt = ARGV[7] == '1'
 local reserve = tonumber(ARGV[5])
-local global_limit = tonumber(ARGV[1]) - reserve * 5
 local span = tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - span)
-if redis.call('ZCARD', KEYS[2]) >= global_limit then
-  local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return math.max(tonumber(oldest[2]) + span - now, 1)
+if not exempt then
+  local pause = redis.call('PTTL', KEYS[3])
+  if pause > 0 then return pause end
+  local global_limit = tonumber(ARGV[1])
+  global_limit = math.min(global_limit, tonumber(redis.call('GET', KEYS[4]) or global_limit))
+  global_limit = global_limit - reserve * math.min(5, math.floor(global_limit / 4))
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - span)
+  if redis.call('ZCARD', KEYS[2]) >= math.max(global_limit, 1) then
+    local oldest = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+    return math.max(tonumber(oldest[2]) + span - now, 1)
+  end
 end
 local b = redis.call('HMGET', KEYS[1], 'remaining', 'reset_at', 'limit', 'window', 'probe')
 local remaining = tonumber(b[1])
@@ -74,8 +83,10 @@ else
   redis.call('HSET', KEYS[1], 'remaining', remaining - 1, 'reset_at', reset_at)
 end
 redis.call('PEXPIRE', KEYS[1], 3600000)
-redis.call('ZADD', KEYS[2], now, ARGV[2])
-redis.call('PEXPIRE', KEYS[2], span * 2)
+if not exempt then
+  redis.call('ZADD', KEYS[2], now, ARGV[2])
+  redis.call('PEXPIRE', KEYS[2], span * 2)
+end
 return 0
 """
 
@@ -103,12 +114,22 @@ redis.call('PEXPIRE', KEYS[1], 3600000)
 return 0
 """
 
-# ARGV: wait_ms, margin_ms, is_global
+# KEYS: bucket, global pause, global window, learned global limit
+# ARGV: wait_ms, margin_ms, is_global, span_ms, learn_ms
 _LIMITED = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local wait = tonumber(ARGV[1])
 if ARGV[3] == '1' then
+  if redis.call('PTTL', KEYS[2]) <= 0 then
+    -- The first global 429 of an episode: someone else uses the token's global limit
+    -- too (or it is lower than configured); halve what we send per second for a while.
+    redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - tonumber(ARGV[4]))
+    local sent = redis.call('ZCARD', KEYS[3])
+    local current = tonumber(redis.call('GET', KEYS[4]) or sent)
+    local learned = math.max(1, math.floor(math.min(current, sent) / 2))
+    redis.call('SET', KEYS[4], learned, 'PX', tonumber(ARGV[5]))
+  end
   redis.call('SET', KEYS[2], 1, 'PX', math.max(wait, 1))
 else
   redis.call('HSET', KEYS[1], 'remaining', 0, 'reset_at', now + wait + tonumber(ARGV[2]))
@@ -195,7 +216,6 @@ class DiscordRest:
 
     async def _wait_for_slot(self, route: Route, *, best_effort: bool) -> bool:
         """Reserve a request slot; ``False`` when ``best_effort`` and none is free now."""
-        global_limit = self._settings.discord_global_rps if not route.global_exempt else 10**6
         while True:
             self._slot += 1
             wait_ms = int(
@@ -204,14 +224,16 @@ class DiscordRest:
                         self._keys.discord_bucket(route.bucket),
                         self._keys.discord_global(),
                         self._keys.discord_global_pause(),
+                        self._keys.discord_global_learned(),
                     ],
                     args=[
-                        global_limit,
+                        self._settings.discord_global_rps,
                         f"{id(self)}:{self._slot}:{random.random()}",
                         _MARGIN_MS,
                         _PROBE_MS,
                         1 if best_effort else 0,
                         _GLOBAL_SPAN_MS,
+                        1 if route.global_exempt else 0,
                     ],
                 )
             )
@@ -342,8 +364,19 @@ class DiscordRest:
             retry_after_s = float(body.get("retry_after", 1.0))
             is_global = bool(body.get("global", False))
         await self._limited(
-            keys=[self._keys.discord_bucket(route.bucket), self._keys.discord_global_pause()],
-            args=[int(retry_after_s * 1000), _MARGIN_MS, "1" if is_global else "0"],
+            keys=[
+                self._keys.discord_bucket(route.bucket),
+                self._keys.discord_global_pause(),
+                self._keys.discord_global(),
+                self._keys.discord_global_learned(),
+            ],
+            args=[
+                int(retry_after_s * 1000),
+                _MARGIN_MS,
+                "1" if is_global else "0",
+                _GLOBAL_SPAN_MS,
+                _LEARN_MS,
+            ],
         )
         return retry_after_s
 
