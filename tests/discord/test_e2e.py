@@ -257,3 +257,50 @@ async def test_existing_commands_bot_loads_the_extension_and_both_work(
     contents = sorted(m["content"].split(":")[0] for m in fake.bot_messages(CHANNEL))
     assert contents == ["Echo", "pong"]  # "!ping" was not sent to the model
     assert len(await replies(fake, CHANNEL, asked["id"])) == 1
+
+
+async def test_sluice_discord_and_sluice_worker_processes_answer_a_mention(
+    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc], tmp_path: Any
+) -> None:
+    from tests.helpers import base_env, settings_env
+
+    discord_worker()
+    adapter = Proc(
+        ["discord"], {**base_env(), **settings_env(e2e_settings)}, tmp_path / "discord.log"
+    )
+    try:
+        await asyncio.to_thread(adapter.wait_for_output, "discord connected as")
+        sent = await fake.send_user_message(CHANNEL, ALICE, "via processes", mention_bot=True)
+        await until(
+            lambda: any(
+                m["content"].startswith("Echo: via processes") for m in fake.bot_messages(CHANNEL)
+            )
+        )
+    finally:
+        code = await asyncio.to_thread(adapter.stop)
+    log = adapter.log_path.read_text()
+    assert code == 0, log[-3000:]  # SIGTERM: a clean shutdown
+    assert len(await replies(fake, CHANNEL, sent["id"])) == 1
+    assert fake.token not in log
+
+
+async def test_invite_url_reads_the_application_id_from_the_api(
+    fake: DiscordFake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from core.settings import get_settings
+    from sluice.cli import main
+
+    monkeypatch.setenv("DISCORD_TOKEN", fake.token)
+    monkeypatch.setenv("DISCORD_API_URL", fake.api_url)
+    get_settings.cache_clear()
+    try:
+        result = await asyncio.to_thread(CliRunner().invoke, main, ["discord", "--invite-url"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    url = result.output.strip()
+    assert url.startswith("https://discord.com/oauth2/authorize?")
+    assert f"client_id={fake.application_id}" in url
+    assert "scope=bot+applications.commands" in url and "permissions=309237713920" in url

@@ -452,10 +452,10 @@ class DiscordFake:
     def _last_intents(self) -> int:
         return int(self.identifies[-1].get("intents", 0)) if self.identifies else 0
 
-    async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> _Session:
+    async def _identify(self, ws: web.WebSocketResponse, data: dict[str, Any]) -> _Session | None:
         if data.get("token") != self.token:
             await ws.close(code=4004, message=b"Authentication failed.")
-            raise asyncio.CancelledError
+            return None
         self.identifies.append({k: v for k, v in data.items() if k != "token"})
         session = _Session(
             ws, hashlib.sha1(self.snowflake().encode()).hexdigest(), int(data.get("intents", 0))
