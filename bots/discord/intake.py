@@ -37,6 +37,7 @@ from core.settings import Settings
 logger = logging.getLogger(__name__)
 
 ASK_FAILED = "Sorry, I couldn't take your question just now. Please try again in a minute."
+ASK_REFUSED = "Sorry, I can't answer you here."
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,23 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
     )
 
 
+def event_from_interaction(interaction: discord.Interaction) -> Event:
+    """Read what the allow and deny lists need from an application command."""
+    channel = interaction.channel
+    thread = channel if isinstance(channel, discord.Thread) else None
+    roles = getattr(interaction.user, "roles", [])
+    return Event(
+        message_id=str(interaction.id),
+        author_id=str(interaction.user.id),
+        author_is_bot=interaction.user.bot,
+        author_name=interaction.user.display_name,
+        guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+        channel_id=str(interaction.channel_id),
+        parent_id=str(thread.parent_id) if thread else None,
+        role_ids=frozenset(str(r.id) for r in roles),
+    )
+
+
 def strip_mention(text: str, bot_id: str) -> str:
     """The text without mentions of the bot (``<@id>`` and ``<@!id>``)."""
     return re.sub(rf"<@!?{re.escape(bot_id)}>", "", text).strip()
@@ -214,7 +232,21 @@ class DiscordIntake:
         return await self._accept(msg, event)
 
     async def on_ask(self, interaction: discord.Interaction, question: str) -> bool:
-        """Handle ``/ask``: defer at once (Discord's 3-second window), then enqueue."""
+        """Handle ``/ask``: defer at once (Discord's 3-second window), then enqueue.
+
+        The allow and deny lists apply as to messages; a refused user gets a short
+        note only they can see.
+        """
+        reason = allowed(event_from_interaction(interaction), self.settings, "")
+        if reason is not None:
+            logger.info(
+                "discord /ask refused interaction=%s channel=%s: %s",
+                interaction.id,
+                interaction.channel_id,
+                reason,
+            )
+            await interaction.response.send_message(ASK_REFUSED, ephemeral=True)
+            return False
         await interaction.response.defer(thinking=True)
         msg = IncomingMessage(
             platform=Platform.DISCORD,

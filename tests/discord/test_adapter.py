@@ -203,3 +203,17 @@ async def test_enqueue_failure_releases_the_dedupe_claim(
         await fake.dispatch("MESSAGE_CREATE", sent)  # replayed after a resume
         await wait_for(lambda: queued(redis, discord_settings))
     assert [m.text for m in await queued(redis, discord_settings)] == ["lost?"]
+
+
+async def test_ask_from_a_denied_user_gets_a_private_refusal_and_no_job(
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+) -> None:
+    async with adapter(discord_deny_users=[BOB["id"]]):
+        refused = await fake.invoke_ask(CHANNEL, BOB, "let me in")
+        await wait_for(lambda: refused.callback_type is not None)
+        await fake.invoke_ask(CHANNEL, ALICE, "allowed")
+        await wait_for(lambda: queued(redis, discord_settings))
+    assert refused.callback_type == 4  # CHANNEL_MESSAGE_WITH_SOURCE, ephemeral
+    callback = next(c for c in fake.calls if refused.token in c.path)
+    assert callback.body["data"]["flags"] & 64  # EPHEMERAL
+    assert [m.text for m in await queued(redis, discord_settings)] == ["allowed"]
