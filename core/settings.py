@@ -132,12 +132,41 @@ class Settings(BaseSettings):
     job_max_tries: int = Field(
         3, ge=1, description="Attempts per reply job (a dead worker's job is re-run)."
     )
+    shutdown_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM a worker lets running jobs finish this long, "
+        "then hands the rest back to the queue.",
+    )
     stream_min_interval_s: float = Field(
         0.1, ge=0, description="Least time between two streamed updates of one web chat reply."
     )
     dedupe_ttl_s: int = Field(86400, ge=3600, description="Lifetime of dedupe markers.")
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
+
+    # --- Framework: tools ---
+    tool_max_steps: int = Field(
+        5,
+        ge=0,
+        description="Rounds of tool calls per message before the model must answer "
+        "(a bot's `tool_max_steps` overrides it).",
+    )
+    tool_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time for all tool runs of one message; after it the model answers "
+        "with what it has (a bot's `tool_timeout_s` overrides it).",
+    )
+    tool_call_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Longest run of one tool call; a slower call is reported "
+        "to the model as an error.",
+    )
+    tool_result_max_chars: int = Field(
+        8000, ge=100, description="Longest tool result sent to the model; longer is cut."
+    )
 
     # --- Discord ---
     discord_message_content: bool = Field(

@@ -7,8 +7,10 @@ import sys
 
 import click
 
+from bots.discord.cli import discord_command
 from core.errors import ConfigError
 from core.settings import get_settings
+from sluice.commands import commands_command
 
 
 def _fail(e: Exception) -> None:
@@ -47,15 +49,14 @@ def dev(port: int | None, no_browser_hint: bool) -> None:
 def worker(burst: bool) -> None:
     """An arq worker answering reply jobs. Run as many as you like, on any hosts."""
     from core.logs import setup_logging
-    from workers.settings import create_worker
+    from workers.run import run_worker
 
     settings = get_settings()
     setup_logging(settings, process="worker")
     try:
-        w = create_worker(settings, burst=burst)
+        asyncio.run(run_worker(settings, burst=burst))
     except ConfigError as e:
         _fail(e)
-    w.run()
 
 
 @main.command()
@@ -124,6 +125,5 @@ def llm_sim(
     sim_main(port, cfg, host=host)
 
 
-from bots.discord.cli import discord_command  # noqa: E402 - the command lives with its adapter
-
+main.add_command(commands_command)
 main.add_command(discord_command)

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from arq.worker import Worker
 
 from core.logs import setup_logging
 from core.settings import Settings
@@ -100,23 +99,11 @@ async def run_web(settings: Settings, *, host: str | None = None, port: int | No
         await redis.aclose()
 
 
-async def _stop_worker(worker: Worker, task: asyncio.Task[None], grace_s: float = 10) -> None:
-    """Stop polling, let jobs in flight finish (up to ``grace_s``), then close."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    running = [t for t in worker.tasks.values() if not t.done()]
-    if running:
-        await asyncio.wait(running, timeout=grace_s)
-    # close() cancels what is still running and re-raises that cancellation.
-    with contextlib.suppress(asyncio.CancelledError):
-        await worker.close()
-
-
 async def run_dev(settings: Settings, *, port: int | None = None) -> None:
     """Everything in one process, for trying Sluice out on one machine."""
     from bots.web.app import create_web_app
     from core.queue import connect_queue
+    from workers.run import drain
     from workers.settings import create_worker
 
     setup_logging(settings, process="dev")
@@ -152,7 +139,7 @@ async def run_dev(settings: Settings, *, port: int | None = None) -> None:
                 )
                 await _wait_for_signal()
         finally:
-            await _stop_worker(worker, worker_task)
+            await drain(worker, worker_task, grace_s=10)
             await redis.aclose()
             if sim_runner is not None:
                 await sim_runner.cleanup()
