@@ -178,30 +178,30 @@ class Settings(BaseSettings):
         False, description="Open a thread for each new conversation started in a channel."
     )
     discord_allow_guilds: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated guild ids to serve (empty: all)."
+        [], description="Comma-separated guild ids to serve (empty: all)."
     )
     discord_deny_guilds: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated guild ids to ignore."
+        [], description="Comma-separated guild ids to ignore."
     )
     discord_allow_channels: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated channel ids to serve (empty: all)."
+        [], description="Comma-separated channel ids to serve (empty: all)."
     )
     discord_deny_channels: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated channel ids to ignore."
+        [], description="Comma-separated channel ids to ignore."
     )
     discord_allow_roles: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
+        [],
         description="Comma-separated role ids; in guilds only members with one of them are "
         "served (empty: everyone).",
     )
     discord_deny_roles: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated role ids whose members are ignored."
+        [], description="Comma-separated role ids whose members are ignored."
     )
     discord_allow_users: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated user ids to serve (empty: all)."
+        [], description="Comma-separated user ids to serve (empty: all)."
     )
     discord_deny_users: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Comma-separated user ids to ignore."
+        [], description="Comma-separated user ids to ignore."
     )
     discord_application_id: str | None = Field(
         None,
