@@ -301,7 +301,20 @@ class DiscordIntake:
             except (RedisError, OSError) as e2:
                 logger.error("discord cannot release claim on message=%s: %s", msg.message_id, e2)
             return False
+        if event is not None and self.settings.discord_typing:
+            await self._show_typing(msg.channel)
         return True
+
+    async def _show_typing(self, channel_id: str) -> None:
+        """Typing while the message waits in the queue (best effort: skipped when busy)."""
+        assert self.rest is not None
+        route = Route(
+            "POST", "/channels/{channel_id}/typing", channel_id, f"/channels/{channel_id}/typing"
+        )
+        try:
+            await self.rest.request(route, best_effort=True, context=f"channel={channel_id}")
+        except (DeliveryError, RedisError) as e:
+            logger.info("discord typing failed channel=%s: %s", channel_id, e)
 
     def _wants_thread(self, event: Event) -> bool:
         return (

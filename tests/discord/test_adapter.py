@@ -36,6 +36,8 @@ async def test_mention_in_a_channel_is_enqueued_without_the_mention(
     assert msg.meta["reply_to"] == sent["id"]
     assert not msg.is_dm
     assert fake.identifies[0]["intents"] & MESSAGE_CONTENT_INTENT == 0
+    # Typing shows while the message waits for a worker.
+    assert [c.major for c in fake.calls_to("POST", "/channels/{channel_id}/typing")] == [CHANNEL]
 
 
 async def test_plain_channel_message_is_not_for_the_bot(
@@ -217,3 +219,21 @@ async def test_ask_from_a_denied_user_gets_a_private_refusal_and_no_job(
     callback = next(c for c in fake.calls if refused.token in c.path)
     assert callback.body["data"]["flags"] & 64  # EPHEMERAL
     assert [m.text for m in await queued(redis, discord_settings)] == ["allowed"]
+
+
+async def test_events_replayed_after_a_gateway_resume_are_not_enqueued_twice(
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+) -> None:
+    async with adapter():
+        sent = await fake.send_user_message(CHANNEL, ALICE, "before", mention_bot=True)
+        await wait_for(lambda: queued(redis, discord_settings))
+        await fake.reconnect(replay=[("MESSAGE_CREATE", sent)])
+        await wait_for(lambda: fake.resumes == 1)
+        await fake.send_user_message(CHANNEL, ALICE, "after", mention_bot=True)
+        await wait_for(lambda: _count(redis, discord_settings, 2))
+        await asyncio.sleep(0.2)
+    assert [m.text for m in await queued(redis, discord_settings)] == ["before", "after"]
+
+
+async def _count(redis: Redis, settings: Settings, n: int) -> bool:
+    return len(await queued(redis, settings)) >= n

@@ -224,6 +224,8 @@ class DiscordFake:
         self.commands: list[dict[str, Any]] = []
         self.identifies: list[dict[str, Any]] = []
         self.connected = asyncio.Event()
+        self.resumes = 0
+        self._replay: list[tuple[str, dict[str, Any]]] = []
         self._sessions: list[_Session] = []
         self._buckets: dict[str, _Bucket] = {}
         self._global_window: deque[float] = deque()
@@ -443,7 +445,11 @@ class DiscordFake:
                     session = _Session(ws, payload["d"]["session_id"], self._last_intents())
                     session.seq = payload["d"].get("seq") or 0
                     self._sessions.append(session)
+                    # Events "missed" while away are replayed before RESUMED.
+                    for event, data in self._replay:
+                        await self._send(session, event, self._seen(session, event, data))
                     await self._send(session, "RESUMED", {})
+                    self.resumes += 1
         finally:
             if session is not None and session in self._sessions:
                 self._sessions.remove(session)
@@ -489,11 +495,18 @@ class DiscordFake:
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         """Send a DISPATCH event to every connected gateway session."""
         for session in list(self._sessions):
-            payload = data
-            if event == "MESSAGE_CREATE":
-                payload = self._as_seen_by(session, data)
             with contextlib.suppress(ConnectionResetError):
-                await self._send(session, event, payload)
+                await self._send(session, event, self._seen(session, event, data))
+
+    def _seen(self, session: _Session, event: str, data: dict[str, Any]) -> dict[str, Any]:
+        return self._as_seen_by(session, data) if event == "MESSAGE_CREATE" else data
+
+    async def reconnect(self, replay: list[tuple[str, dict[str, Any]]] = ()) -> None:  # type: ignore[assignment]
+        """Ask every client to reconnect (op 7); on RESUME, replay ``replay`` events first."""
+        self._replay = list(replay)
+        for session in list(self._sessions):
+            with contextlib.suppress(ConnectionResetError):
+                await session.ws.send_json({"op": 7, "d": None})
 
     def _as_seen_by(self, session: _Session, data: dict[str, Any]) -> dict[str, Any]:
         """Blank content the way Discord does for apps without the message-content intent."""
