@@ -192,8 +192,11 @@ class DiscordResponder:
                     if e.status != 404 or best_effort:
                         raise
                     # The message was deleted meanwhile: post the part again.
+                    later = self._ids[i + 1 :], self._texts[i + 1 :]
                     self._ids, self._texts = self._ids[:i], self._texts[:i]
                     ok = await self._post(i, part, best_effort=False)
+                    self._ids += later[0]
+                    self._texts += later[1]
                 if not ok:
                     return
                 self._texts[i] = part

@@ -195,3 +195,16 @@ async def test_typing_is_shown_while_the_answer_is_prepared(
     await asyncio.sleep(0.1)
     await responder.finish(Reply(text="done"))
     assert len(fake.calls_to("POST", "/channels/{channel_id}/typing")) == 1
+
+
+async def test_a_streamed_message_deleted_before_the_end_is_posted_again(
+    factory: DiscordResponderFactory, fake: DiscordFake
+) -> None:
+    msg = incoming()
+    responder = factory.responder(msg, msg.job_id)
+    await responder.begin()
+    await responder.stream("draft")
+    [draft] = fake.bot_messages(CHANNEL)
+    del fake.messages[draft["id"]]  # a moderator deleted it
+    await responder.finish(Reply(text="final"))
+    assert [m["content"] for m in fake.bot_messages(CHANNEL)] == ["final"]
