@@ -33,7 +33,7 @@ async def e2e_settings(settings: Settings, fake: DiscordFake) -> AsyncIterator[S
         update={
             "discord_token": SecretStr(fake.token),
             "discord_api_url": fake.api_url,
-            "discord_stream_interval_s": 0.0,
+            "discord_stream_interval_s": 0.3,
         }
     )
 
@@ -62,6 +62,19 @@ async def replies(fake: DiscordFake, channel: str, reply_to: str) -> list[dict[s
 _current: list[DiscordFake] = []
 
 
+async def settled(redis: Redis, settings: Settings, timeout_s: float = 20.0) -> None:
+    """Wait until no reply job is queued or running (the workers are idle)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        queued = await redis.zcard(settings.queue_name)
+        running = [k async for k in redis.scan_iter(match="arq:in-progress:reply:discord:*")]
+        if not queued and not running:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"jobs still pending: {queued} queued, {running}")
+        await asyncio.sleep(0.05)
+
+
 def _contents() -> list[str]:
     return [m["content"][:60] for f in _current for m in f.bot_messages()]
 
@@ -75,7 +88,7 @@ async def until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> None:
 
 
 async def test_mention_reply_dm_thread_and_ask_each_get_one_streamed_reply(
-    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc]
+    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc], redis: Redis
 ) -> None:
     discord_worker()
     adapter_settings = e2e_settings.model_copy(update={"discord_message_content": True})
@@ -101,6 +114,7 @@ async def test_mention_reply_dm_thread_and_ask_each_get_one_streamed_reply(
                 for e in expected
             )
         )
+        await settled(redis, e2e_settings)
         await asyncio.sleep(0.5)  # nothing else arrives
 
     for channel, sent, text in [
@@ -119,7 +133,7 @@ async def test_mention_reply_dm_thread_and_ask_each_get_one_streamed_reply(
 
 
 async def test_same_message_delivered_twice_gets_one_reply(
-    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc]
+    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc], redis: Redis
 ) -> None:
     discord_worker()
     async with running_adapter(e2e_settings, fake):
@@ -129,11 +143,12 @@ async def test_same_message_delivered_twice_gets_one_reply(
         await asyncio.sleep(1.0)
         await fake.dispatch("MESSAGE_CREATE", sent)  # a late replay after a resume
         await asyncio.sleep(1.0)
+        await settled(redis, e2e_settings)
     assert len(fake.bot_messages(CHANNEL)) == 1
 
 
 async def test_model_output_with_everyone_and_role_mentions_pings_nobody(
-    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc]
+    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc], redis: Redis
 ) -> None:
     discord_worker()
     async with running_adapter(e2e_settings, fake):
@@ -141,8 +156,9 @@ async def test_model_output_with_everyone_and_role_mentions_pings_nobody(
             CHANNEL, ALICE, f"@everyone <@&{ROLE}> <@{ALICE['id']}>", mention_bot=True
         )
         await until(
-            lambda: any("Echo: @everyone" in m["content"] for m in fake.bot_messages(CHANNEL))
+            lambda: any(f"<@{ALICE['id']}>" in m["content"] for m in fake.bot_messages(CHANNEL))
         )
+        await settled(redis, e2e_settings)
     [got] = fake.bot_messages(CHANNEL)
     assert f"<@&{ROLE}>" in got["content"]
     sends = [
@@ -174,6 +190,7 @@ async def test_403_and_5xx_on_send_worker_logs_keeps_running_and_keeps_history(
                 for m in fake.bot_messages(CHANNEL)
             )
         )
+        await settled(redis, e2e_settings)
     log = worker.output()
     assert f"channel={CHANNEL}" in log and "status=403" in log
     statuses = [c.status for c in fake.calls_to("POST", "/channels/{channel_id}/messages")]
@@ -203,6 +220,7 @@ async def test_existing_commands_bot_loads_the_extension_and_both_work(
     e2e_settings: Settings,
     discord_worker: Callable[..., Proc],
     monkeypatch: pytest.MonkeyPatch,
+    redis: Redis,
 ) -> None:
     import discord
     import yarl
@@ -248,6 +266,7 @@ async def test_existing_commands_bot_loads_the_extension_and_both_work(
             )
         )
         await until(lambda: any(m["content"] == "pong" for m in fake.bot_messages(CHANNEL)))
+        await settled(redis, e2e_settings)
         await asyncio.sleep(0.5)
     finally:
         await bot.close()
@@ -260,7 +279,11 @@ async def test_existing_commands_bot_loads_the_extension_and_both_work(
 
 
 async def test_sluice_discord_and_sluice_worker_processes_answer_a_mention(
-    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc], tmp_path: Any
+    fake: DiscordFake,
+    e2e_settings: Settings,
+    discord_worker: Callable[..., Proc],
+    tmp_path: Any,
+    redis: Redis,
 ) -> None:
     from tests.helpers import base_env, settings_env
 
@@ -276,6 +299,7 @@ async def test_sluice_discord_and_sluice_worker_processes_answer_a_mention(
                 m["content"].startswith("Echo: via processes") for m in fake.bot_messages(CHANNEL)
             )
         )
+        await settled(redis, e2e_settings)
     finally:
         code = await asyncio.to_thread(adapter.stop)
     log = adapter.log_path.read_text()
