@@ -1,4 +1,8 @@
-"""300 users in one channel at once: all answered within Discord's rate limits."""
+"""Many users in one channel at once: all answered within Discord's rate limits.
+
+Run with ``-s`` to see the numbers (also written to ``discord-load.json`` in the test's
+temporary folder).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +20,6 @@ from tests.discord.conftest import CHANNEL, running_adapter
 from tests.fakes.discord_fake import DiscordFake
 from tests.helpers import Proc, settings_env
 
-USERS = 300
-
 
 @pytest.mark.slow
 async def test_300_users_in_one_channel_all_answered_within_rate_limits(
@@ -30,6 +32,25 @@ async def test_300_users_in_one_channel_all_answered_within_rate_limits(
             "PATCH /channels/{channel_id}/messages/{message_id}": (30, 1.0),
         }
     )
+    await _load(fake, settings, worker_process, tmp_path, users=300)
+
+
+@pytest.mark.slow
+async def test_users_in_one_channel_with_discords_own_channel_limits(
+    fake: DiscordFake, settings: Settings, worker_process: Callable[..., Proc], tmp_path: Path
+) -> None:
+    # Discord's real limits: 5 messages and 5 edits per 5 s in a channel.
+    await _load(fake, settings, worker_process, tmp_path, users=25)
+
+
+async def _load(
+    fake: DiscordFake,
+    settings: Settings,
+    worker_process: Callable[..., Proc],
+    tmp_path: Path,
+    *,
+    users: int,
+) -> None:
     s = settings.model_copy(
         update={"discord_token": SecretStr(fake.token), "discord_api_url": fake.api_url}
     )
@@ -38,7 +59,7 @@ async def test_300_users_in_one_channel_all_answered_within_rate_limits(
     started = time.monotonic()
     async with running_adapter(s, fake):
         sent = []
-        for i in range(USERS):
+        for i in range(users):
             user = DiscordFake.user(620000000000000000 + i, f"user{i}")
             sent.append(
                 await fake.send_user_message(CHANNEL, user, f"question {i}", mention_bot=True)
@@ -58,7 +79,7 @@ async def test_300_users_in_one_channel_all_answered_within_rate_limits(
 
         deadline = time.monotonic() + 100
         while not answered():
-            assert time.monotonic() < deadline, f"{len(by_ref)} of {USERS} answered"
+            assert time.monotonic() < deadline, f"{len(by_ref)} of {users} answered"
             await asyncio.sleep(0.2)
         elapsed = time.monotonic() - started
         await asyncio.sleep(1.0)
@@ -69,7 +90,8 @@ async def test_300_users_in_one_channel_all_answered_within_rate_limits(
         if c.route not in ("GET /users/@me", "GET /oauth2/applications/@me", "GET /gateway/bot")
     ]
     numbers = {
-        "users": USERS,
+        "users": users,
+        "channel_post_limit": fake.limits["POST /channels/{channel_id}/messages"],
         "seconds_until_all_answered": round(elapsed, 1),
         "rest_requests": len(rest_calls),
         "max_requests_in_any_second": fake.max_requests_in_any_second(),
