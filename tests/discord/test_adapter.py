@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from core.settings import Settings
@@ -237,3 +238,14 @@ async def test_events_replayed_after_a_gateway_resume_are_not_enqueued_twice(
 
 async def _count(redis: Redis, settings: Settings, n: int) -> bool:
     return len(await queued(redis, settings)) >= n
+
+
+def test_id_lists_read_from_the_environment_as_commas_or_json(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SLUICE_DISCORD_ALLOW_GUILDS", " 1, 2 ,,3")
+    monkeypatch.setenv("SLUICE_DISCORD_DENY_USERS", '["4", 5]')
+    s = Settings(_env_file=None)
+    assert s.discord_allow_guilds == ["1", "2", "3"]
+    assert s.discord_deny_users == ["4", "5"]
+    assert s.discord_allow_roles == []

@@ -63,11 +63,18 @@ _current: list[DiscordFake] = []
 
 
 async def settled(redis: Redis, settings: Settings, timeout_s: float = 20.0) -> None:
-    """Wait until no reply job is queued or running (the workers are idle)."""
+    """Wait until none of this test's reply jobs is queued or running (workers idle)."""
+    fake = _current[0]
+    ids = {m["id"] for m in fake.messages.values() if m["author"]["id"] != fake.bot_id}
+    ids |= {i.id for i in fake.interactions.values()}
     deadline = time.monotonic() + timeout_s
     while True:
         queued = await redis.zcard(settings.queue_name)
-        running = [k async for k in redis.scan_iter(match="arq:in-progress:reply:discord:*")]
+        running = [
+            k
+            async for k in redis.scan_iter(match="arq:in-progress:reply:discord:*")
+            if k.decode().rsplit(":", 1)[1] in ids
+        ]
         if not queued and not running:
             return
         if time.monotonic() > deadline:

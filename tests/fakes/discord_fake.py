@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import random
 import re
 import time
 from collections import defaultdict, deque
@@ -230,7 +231,9 @@ class DiscordFake:
         self._buckets: dict[str, _Bucket] = {}
         self._global_window: deque[float] = deque()
         self._faults: list[_Fault] = []
-        self._ids = itertools.count(1)
+        # A random start for the low bits: fakes in parallel test processes must not
+        # hand out the same ids in the same millisecond (job ids derive from them).
+        self._ids = itertools.count(random.randrange(1 << 22))
         self._runner: web.AppRunner | None = None
         self.port = 0
 
