@@ -92,3 +92,20 @@ class Keys:
     def slack_oauth_state(self, state: str) -> str:
         """An OAuth ``state`` issued by ``/slack/install``, consumed once."""
         return f"{self.prefix}:slack:oauth:{state}"
+
+    # --- Discord ---
+    def discord_bucket(self, bucket: str) -> str:
+        """Shared pacing state of one Discord rate-limit bucket (route + major id)."""
+        return f"{self.prefix}:discord:bucket:{bucket}"
+
+    def discord_global(self) -> str:
+        """Timestamps of recent Discord REST requests from all workers (the global limit)."""
+        return f"{self.prefix}:discord:global"
+
+    def discord_global_pause(self) -> str:
+        """Set while Discord's global rate limit is exceeded (after a global 429)."""
+        return f"{self.prefix}:discord:global:pause"
+
+    def discord_global_learned(self) -> str:
+        """A lowered global rate after a global 429 (expires)."""
+        return f"{self.prefix}:discord:global:learned"

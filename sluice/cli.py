@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from bots.discord.cli import discord_command
 from bots.slack.cli import slack as slack_command
 from core.errors import ConfigError
 from core.settings import get_settings
@@ -136,3 +137,5 @@ main.add_command(db)
 main.add_command(usage)
 
 main.add_command(slack_command)
+
+main.add_command(discord_command)
