@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from bots.discord.cli import discord_command
+from bots.slack.cli import slack as slack_command
 from core.errors import ConfigError
 from core.settings import get_settings
 from sluice.bench.cli import bench
@@ -57,6 +59,7 @@ def worker(burst: bool) -> None:
     try:
         asyncio.run(run_worker(settings, burst=burst))
     except ConfigError as e:
+        # e.g. an older database schema: the message names `sluice db upgrade`.
         _fail(e)
 
 
@@ -130,3 +133,14 @@ main.add_command(bench)
 main.add_command(status)
 main.add_command(capacity)
 main.add_command(commands_command)
+
+# History data management (workers/cli_history.py).
+from workers.cli_history import db, history, usage  # noqa: E402
+
+main.add_command(history)
+main.add_command(db)
+main.add_command(usage)
+
+main.add_command(slack_command)
+
+main.add_command(discord_command)
