@@ -13,13 +13,16 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core import metrics
 from core.metrics import process_ident
 from core.redis import Keys
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -85,3 +88,44 @@ def add_heartbeat(
             yield
 
     app.cleanup_ctx.append(ctx)
+
+
+@contextlib.asynccontextmanager
+async def process_ops(settings: Settings, role: str) -> AsyncIterator[None]:
+    """Heartbeat for a long-running process, and with ``SLUICE_METRICS_PORT`` its
+    ``/metrics`` and ``/healthz`` server (the Discord adapter, Slack in Socket Mode).
+
+    Opens its own small Redis connection; does nothing without ``REDIS_URL``.
+    """
+    if not settings.redis_url:
+        yield
+        return
+    redis: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(
+                heartbeating(
+                    redis, Keys(settings.key_prefix), role, settings.health_check_interval_s
+                )
+            )
+            if settings.metrics_port is not None:
+                refresher = metrics.queue_refresher(redis, settings)
+                metrics.add_refresher(refresher)
+                stack.callback(metrics.remove_refresher, refresher)
+
+                async def health() -> dict[str, Any]:
+                    await redis.ping()
+                    return {"ok": True, "role": role}
+
+                try:
+                    runner, _port = await metrics.start_metrics_server(
+                        settings.metrics_port, host=settings.metrics_host, health=health
+                    )
+                except OSError as e:
+                    # One process running several roles (`sluice dev`): the worker has it.
+                    logger.warning("no metrics server for %s: %s", role, e)
+                else:
+                    stack.push_async_callback(runner.cleanup)
+            yield
+    finally:
+        await redis.aclose()

@@ -269,8 +269,9 @@ async def lane_snapshot(redis: Redis, queues: list[str]) -> dict[str, LaneStats]
 
     A job's lane and enqueue time come from its payload, so this is right whatever
     score a lane's jobs are queued with. arq keeps a job in its queue until it ends,
-    so running jobs are told apart by arq's in-progress key. The oldest 1,000 jobs
-    of each queue are read; beyond that, jobs count as waiting in the lane ``?``.
+    so running jobs are told apart by arq's in-progress key; jobs deferred to a later
+    time and jobs other than ``reply`` (the history flush) are left out. The first
+    1,000 jobs of each queue are read; beyond that, jobs count as waiting in lane ``?``.
     """
     out: dict[str, LaneStats] = {"default": LaneStats()}
     now_ms = time.time() * 1000
@@ -278,8 +279,9 @@ async def lane_snapshot(redis: Redis, queues: list[str]) -> dict[str, LaneStats]
         depth = int(await redis.zcard(queue))
         if depth == 0:
             continue
-        members: list[Any] = await redis.zrange(queue, 0, _SAMPLE - 1)
-        ids = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+        members: list[Any] = await redis.zrange(queue, 0, _SAMPLE - 1, withscores=True)
+        ids = [m.decode() if isinstance(m, bytes) else str(m) for m, _score in members]
+        scores = [float(score) for _m, score in members]
         async with redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.exists(ARQ_IN_PROGRESS_PREFIX + job_id)
@@ -287,10 +289,14 @@ async def lane_snapshot(redis: Redis, queues: list[str]) -> dict[str, LaneStats]
             found = await pipe.execute()
         for i in range(len(ids)):
             running, raw = found[2 * i], found[2 * i + 1]
+            if not running and scores[i] > now_ms:
+                continue  # deferred to a later time (a cron job, a delayed retry)
             lane, enqueued_ms = "default", now_ms
             if raw:
                 try:
                     job = deserialize(raw)
+                    if job.get("f") != "reply":
+                        continue  # the history flush and other housekeeping jobs
                     payload = job["a"][0] if job.get("a") else {}
                     lane = str(payload.get("lane", "default"))
                     enqueued_ms = float(job.get("et", now_ms))

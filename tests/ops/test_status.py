@@ -58,6 +58,7 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
     assert float(lane.rsplit("oldest waiting ", 1)[1].split()[0]) >= 1.0
     assert dict(before["Workers"])["live workers"] == "0"
     assert before["LLM budget"][0][1].startswith("n/a")
+    assert dict(before["History"])["backlog"].startswith("0 messages")
 
     worker_process()
     for _ in range(300):
@@ -71,6 +72,8 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
     assert dict(after["Queue"])["lane default"].startswith("0 waiting, 0 running")
     assert "lane low" not in dict(after["Queue"])
     assert dict(after["Workers"])["live workers"] == "1"
+    history = dict(after["History"])
+    assert "not yet in SQL" in history["backlog"] and "last flush" in history
 
     screen = await asyncio.to_thread(_status, settings)
     assert screen.returncode == 0, screen.stderr
