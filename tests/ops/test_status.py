@@ -102,3 +102,23 @@ def test_status_without_redis_url_names_the_setting(settings):
     )
     assert done.returncode == 2
     assert "REDIS_URL" in done.stderr
+
+
+async def test_a_process_without_http_beats_and_serves_healthz_on_the_metrics_port(settings):
+    import aiohttp
+
+    from core.heartbeat import process_ops
+    from tests.helpers import free_port
+
+    port = free_port()
+    ops_settings = settings.model_copy(update={"metrics_port": port})
+    async with process_ops(ops_settings, "adapter:discord"):
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                assert resp.status == 200
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                assert "sluice_queue_depth" in await resp.text()
+        seen = await asyncio.to_thread(_json, settings)
+    assert dict(seen["Adapters"])["discord"].startswith("1 seen")
+    gone = await asyncio.to_thread(_json, settings)
+    assert "discord" not in dict(gone["Adapters"]), "a clean stop removes the heartbeat"
