@@ -28,7 +28,10 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core.settings import Settings
 
 HOURS_PER_WEEK = 168
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
@@ -157,17 +160,17 @@ def read_jsonl(path: Path, since_ts: float | None = None) -> dict[int, int]:
     return epoch_hours_from_timestamps(stamps())
 
 
-async def read_sql(database_url: str, since_ts: float | None = None) -> dict[int, int]:
-    """Counts per epoch hour of user messages in the ``messages`` table."""
-    from sqlalchemy import text
-    from sqlalchemy.ext.asyncio import create_async_engine
+async def read_sql(settings: Settings, since_ts: float | None = None) -> dict[int, int]:
+    """Counts per epoch hour of user messages in the ``messages`` table.
 
-    url = database_url
-    if url.startswith("sqlite:"):
-        url = "sqlite+aiosqlite:" + url[len("sqlite:") :]
-    elif url.startswith(("postgresql:", "postgres:")):
-        url = "postgresql+asyncpg:" + url.split(":", 1)[1]
-    engine = create_async_engine(url)
+    Connects the way the history store does (``core.store.make_engine``: the async
+    driver, ``SLUICE_DB_SCHEMA`` on Postgres).
+    """
+    from sqlalchemy import text
+
+    from core.store import make_engine
+
+    engine = make_engine(settings)
     # CAST(... AS INTEGER) / 3600 is integer division on SQLite and Postgres alike.
     query = text(
         "SELECT CAST(ts AS INTEGER) / 3600 AS h, COUNT(*) FROM messages "

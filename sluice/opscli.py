@@ -123,7 +123,7 @@ def capacity(
     if from_file is not None:
         counts = read_jsonl(from_file, since_ts=None)
     else:
-        counts = asyncio.run(read_sql(get_settings().database_url, since_ts=since))
+        counts = asyncio.run(read_sql(get_settings(), since_ts=since))
     plan = make_plan(
         hourly_counts(counts, stat),
         per_worker_rate=rate,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -83,17 +82,51 @@ def test_mean_of_the_weeks_instead_of_the_busiest(history_file):
     assert hours[14]["messages"] == pytest.approx((400 + 410) / 2)
 
 
-def test_plan_from_the_sql_messages_table_matches_the_file(history_file, tmp_path):
-    db = tmp_path / "history.db"
-    con = sqlite3.connect(db)
-    con.execute("CREATE TABLE messages (id INTEGER PRIMARY KEY, role TEXT, ts REAL)")
-    con.executemany(
-        "INSERT INTO messages (role, ts) VALUES (?, ?)",
-        [(r["role"], r["ts"]) for r in map(json.loads, history_file.read_text().splitlines())],
-    )
-    con.commit()
-    con.close()
-    from_sql = _plan(["--per-worker", "0.05"], env={"DATABASE_URL": f"sqlite:///{db}"})
+def test_plan_from_the_stored_history_table_matches_the_file(tmp_path):
+    import asyncio
+
+    from core.settings import Settings
+    from core.store import ensure_schema, insert_batch, make_engine
+
+    url = f"sqlite:///{tmp_path}/history.db"
+    rows = _history(1)
+    history_file = tmp_path / "one-week.jsonl"
+    history_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+    async def store() -> None:
+        settings = Settings(_env_file=None, database_url=url)
+        engine = make_engine(settings)
+        try:
+            await ensure_schema(settings, engine)
+            records = [
+                {
+                    "message_id": f"m{i}",
+                    "platform": "slack",
+                    "tenant": "T1",
+                    "channel": "C1",
+                    "thread": None,
+                    "conversation_id": "slack:T1:C1:-",
+                    "user": "U1",
+                    "role": r["role"],
+                    "text": "hello",
+                    "ts": r["ts"],
+                    "model": None,
+                    "tokens_in": 0,
+                    "tokens_out": 0,
+                    "latency_ms": 0,
+                    "lane": "default",
+                    "cached": False,
+                    "tool": None,
+                }
+                for i, r in enumerate(rows)
+            ]
+            for start in range(0, len(records), 5000):
+                await insert_batch(engine, records[start : start + 5000])  # type: ignore[arg-type]
+        finally:
+            await engine.dispose()
+
+    asyncio.run(store())
+    from_sql = _plan(["--per-worker", "0.05"], env={"DATABASE_URL": url})
     from_file = _plan(["--from-file", str(history_file), "--per-worker", "0.05"])
     assert from_sql["hours"] == from_file["hours"]
 
