@@ -26,6 +26,16 @@ async def connect_queue(settings: Settings) -> ArqRedis:
     )
 
 
+def arq_job_id(settings: Settings, msg: IncomingMessage) -> str:
+    """The arq job id of a message's reply job.
+
+    arq's own keys (``arq:job:<id>``, ``arq:result:<id>``) are not prefixed, so the
+    id carries ``SLUICE_KEY_PREFIX``: two deployments sharing one Redis never take
+    each other's messages for duplicates.
+    """
+    return f"{settings.key_prefix}:{msg.job_id}"
+
+
 async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessage) -> bool:
     """Enqueue the ``reply`` job for ``msg``.
 
@@ -40,7 +50,7 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         job = await redis.enqueue_job(
             "reply",
             msg.model_dump(mode="json"),
-            _job_id=msg.job_id,
+            _job_id=arq_job_id(settings, msg),
             _queue_name=settings.queue_name,
         )
     except (RedisError, OSError) as e:

@@ -25,7 +25,7 @@ from core.errors import QueueError
 from core.heartbeat import add_heartbeat
 from core.messages import IncomingMessage
 from core.metrics import ACK_SECONDS, metrics_routes
-from core.queue import accept_message
+from core.queue import accept_message, arq_job_id
 from core.redis import Keys
 from core.settings import Settings
 
@@ -105,7 +105,7 @@ async def _accept(request: web.Request, msg: IncomingMessage) -> web.Response:
     """Dedupe and enqueue, then show the message; 503 when Redis is down."""
     settings = request.app[SETTINGS]
     redis = request.app[REDIS]
-    body = {"message_id": msg.message_id, "job_id": msg.job_id}
+    body = {"message_id": msg.message_id, "job_id": arq_job_id(settings, msg)}
     try:
         if not await accept_message(redis, settings, msg):
             return web.json_response({**body, "duplicate": True}, status=202)
