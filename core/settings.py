@@ -33,7 +33,9 @@ class Settings(BaseSettings):
 
     # Fixed names (DESIGN.md).
     redis_url: str | None = Field(
-        None, validation_alias=_fixed("REDIS_URL"), description="Redis/Valkey URL."
+        None,
+        validation_alias=_fixed("REDIS_URL"),
+        description="Redis/Valkey URL (`sluice dev` finds or starts one when unset).",
     )
     database_url: str = Field(
         "sqlite:///./sluice.db",
