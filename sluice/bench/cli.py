@@ -22,7 +22,8 @@ from sluice.bench.scenarios import SCENARIOS
     show_default=True,
     help="launch-day: 1000 users x 2 messages in 60 s (10 at 10x, 30% repeats), provider "
     "600 rpm; steady: half the provider's limit for 2 min; 10x: ten times launch-day's "
-    "users; flush: the history flush benchmark.",
+    "users; flush: the history flush benchmark; serializer: JSON vs msgpack on the job "
+    "payload.",
 )
 @click.option(
     "--scale",
@@ -114,6 +115,23 @@ def bench(
     argv = sys.argv[sys.argv.index("bench") + 1 :] if "bench" in sys.argv else []
     command = "sluice " + shlex.join(["bench", *argv])
     settings = get_settings()
+    if scenario == "serializer":
+        from rich.table import Table
+
+        from sluice.bench.serializer import run_serializer_bench
+
+        numbers = run_serializer_bench()
+        table = Table(title="reply job payload: JSON vs msgpack (best of 5)")
+        for col in ("format", "bytes", "serialize µs", "deserialize µs"):
+            table.add_column(col)
+        for name, row in numbers.items():
+            table.add_row(
+                name, str(row["bytes"]), str(row["serialize_us"]), str(row["deserialize_us"])
+            )
+        console.print(table)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "serializer.json").write_text(json.dumps(numbers, indent=1), "utf-8")
+        return
     if scenario == "flush":
         with redis_server(settings.redis_url) as (redis_url, _pid, desc):
             console.print(f"redis: {desc}")

@@ -103,8 +103,9 @@ STEADY = replace(
 TEN_X = replace(LAUNCH_DAY, name="10x", users=10_000, heavy_users=100, drain_timeout_s=300)
 # Placeholder: the history helper's flush benchmark is called instead of a load run.
 FLUSH = replace(LAUNCH_DAY, name="flush")
+SERIALIZER = replace(LAUNCH_DAY, name="serializer")
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (LAUNCH_DAY, STEADY, TEN_X, FLUSH)}
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (LAUNCH_DAY, STEADY, TEN_X, FLUSH, SERIALIZER)}
 
 
 @dataclass(frozen=True)

@@ -124,3 +124,13 @@ def test_flush_scenario_runs_the_history_flush_benchmark(redis_url, tmp_path):
     assert sqlite["stored_once"] is True
     assert sqlite["flush_transactions_per_10k"] < sqlite["naive_transactions_per_10k"]
     assert sqlite["flush_msgs_per_s"] > sqlite["naive_msgs_per_s"]
+
+
+def test_serializer_scenario_measures_both_formats(tmp_path):
+    from sluice.bench.serializer import run_serializer_bench
+
+    numbers = run_serializer_bench(number=200)
+    assert set(numbers) == {"json", "msgpack"}
+    for row in numbers.values():
+        assert row["bytes"] > 100 and row["serialize_us"] > 0 and row["deserialize_us"] > 0
+    assert numbers["msgpack"]["bytes"] < numbers["json"]["bytes"]
