@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import BotDefinitionError
+from core.lanes import LaneRule
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, concise assistant in a team chat. Answer clearly; use Markdown "
@@ -36,6 +37,16 @@ class Bot:
         max_tokens: Longest answer in tokens; ``None`` means ``SLUICE_LLM_MAX_TOKENS``.
         context_turns: Earlier turns sent with each message; ``None`` means the setting.
         params: Extra Chat Completions parameters passed through as they are.
+        lane_rules: Traffic control: rules choosing a message's lane (``high``,
+            ``default``, ``bulk``), first match wins; see :mod:`core.lanes`.
+        tenant_tiers: Tenant id -> tier name, matched by ``LaneRule(tiers=...)``.
+        cache_answers: ``False`` turns the response cache off for this bot.
+        no_cache_channels: Channels whose answers are never cached or served from cache.
+        limits: Overrides of the limit settings by name (``user_requests_per_window``,
+            ``user_tokens_per_day``, ``tenant_requests_per_window``,
+            ``tenant_tokens_per_day``, ``user_window_s``); ``None`` as a value lifts it.
+        merge_burst_s: When > 0, messages one user sends within this many seconds of
+            each other in a conversation are answered as one turn.
     """
 
     name: str = "assistant"
@@ -45,6 +56,13 @@ class Bot:
     max_tokens: int | None = None
     context_turns: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    # --- Traffic control ---
+    lane_rules: list[LaneRule] = field(default_factory=list)
+    tenant_tiers: dict[str, str] = field(default_factory=dict)
+    cache_answers: bool = True
+    no_cache_channels: frozenset[str] = frozenset()
+    limits: dict[str, int | None] = field(default_factory=dict)
+    merge_burst_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import logging
+import time
+from datetime import UTC, datetime
 
 from arq.connections import ArqRedis, create_pool
 from redis.exceptions import RedisError
 
-from core.errors import QueueError
+from core.bot import load_bot
+from core.errors import BotDefinitionError, QueueError
+from core.lanes import choose_lane, priority_ms
 from core.messages import IncomingMessage
-from core.redis import redis_settings
+from core.ordering import forget_arrival, register_arrival
+from core.redis import Keys, redis_settings
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 
@@ -27,7 +32,11 @@ async def connect_queue(settings: Settings) -> ArqRedis:
 
 
 async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessage) -> bool:
-    """Enqueue the ``reply`` job for ``msg``.
+    """Enqueue the ``reply`` job for ``msg``, in its lane and its conversation's line.
+
+    The lane comes from the bot's lane rules (:func:`core.lanes.choose_lane`); with
+    ``SLUICE_LANE_QUEUES=score`` (default) it sets the job's score in the one queue
+    (arrival minus the lane's head start), with ``per-lane`` it picks the lane's queue.
 
     Returns ``False`` when a job with the same id already exists (a duplicate
     delivery), ``True`` when a new job was queued.
@@ -36,13 +45,30 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         QueueError: Redis could not be reached; the adapter must not ack then, so
             that the platform delivers again.
     """
+    msg = with_lane(settings, msg)
+    keys = Keys(settings.key_prefix)
+    now_ms = int(time.time() * 1000)
+    if settings.lane_queues == "per-lane":
+        queue, score_ms = lane_queue_name(settings, msg.lane), now_ms
+    else:
+        queue, score_ms = settings.queue_name, priority_ms(settings, msg.lane, now_ms)
     try:
-        job = await redis.enqueue_job(
-            "reply",
-            msg.model_dump(mode="json"),
-            _job_id=msg.job_id,
-            _queue_name=settings.queue_name,
-        )
+        added = await register_arrival(redis, keys, msg)
+        try:
+            job = await redis.enqueue_job(
+                "reply",
+                msg.model_dump(mode="json"),
+                _job_id=msg.job_id,
+                _queue_name=queue,
+                _defer_until=datetime.fromtimestamp(score_ms / 1000, tz=UTC),
+            )
+        except BaseException:
+            if added:
+                await forget_arrival(redis, keys, msg)
+            raise
+        if job is None and added:
+            # A duplicate of a message already answered: not waiting in line.
+            await forget_arrival(redis, keys, msg)
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot enqueue message {msg.message_id}: {e}") from e
     logger.info(
@@ -55,3 +81,19 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         job is not None,
     )
     return job is not None
+
+
+def lane_queue_name(settings: Settings, lane: str) -> str:
+    """The queue of one lane when ``SLUICE_LANE_QUEUES=per-lane``."""
+    return f"{settings.queue_name}:{lane}"
+
+
+def with_lane(settings: Settings, msg: IncomingMessage) -> IncomingMessage:
+    """``msg`` with the lane its bot's rules choose (the adapter's lane when none match)."""
+    try:
+        bot = load_bot(settings.app)
+    except BotDefinitionError as e:
+        logger.error("cannot load the bot to choose a lane: %s", e)
+        return msg
+    lane = choose_lane(bot, settings, msg)
+    return msg if lane == msg.lane else msg.model_copy(update={"lane": lane})

@@ -122,3 +122,8 @@ def llm_sim(
         seed=seed,
     )
     sim_main(port, cfg, host=host)
+
+
+from core.cache_cli import cache as _cache_command  # noqa: E402 - commands register last
+
+main.add_command(_cache_command)

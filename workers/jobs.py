@@ -10,10 +10,11 @@ from typing import Any
 from core.bot import Bot
 from core.errors import HistoryError, LLMError, LLMRequestError
 from core.history import HotHistory
-from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
+from core.llm import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
 from core.responder import Responder, ResponderFactory, load_responder_factory
 from core.settings import Settings
+from core.traffic import GAVE_UP, Traffic
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +53,23 @@ def build_context(bot: Bot, history: list[Turn], text: str) -> list[ChatMessage]
 
 
 async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Answer one message, in its conversation's turn (one reply at a time per
+    conversation, in arrival order; a busy conversation re-defers the job)."""
+    msg = IncomingMessage.model_validate(payload)
+    job_id: str = ctx.get("job_id", msg.job_id)
+    traffic: Traffic = ctx["traffic"]
+    async with traffic.in_turn(msg, job_id) as may_run:
+        return await answer_message(ctx, msg, job_id, may_run)
+
+
+async def answer_message(
+    ctx: dict[str, Any], msg: IncomingMessage, job_id: str, may_run: bool = True
+) -> str:
     """Answer one message: context from history, the model, the reply, history again.
 
     Every accepted message ends in exactly one visible reply: the answer, a short
     notice, or a short apology.
     """
-    msg = IncomingMessage.model_validate(payload)
-    job_id: str = ctx.get("job_id", msg.job_id)
     factory = await get_responder_factory(ctx, msg.platform)
     responder = factory.responder(msg, job_id)
     logger.info(
@@ -73,7 +84,10 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     started = time.monotonic()
     await responder.begin()
     try:
-        reply_, completion = await _answer(ctx, msg, responder)
+        if not may_run:
+            reply_, completion = Reply(text=GAVE_UP, kind="error"), None
+        else:
+            reply_, completion = await _answer(ctx, msg, responder)
     except Exception:
         # A bug or an unforeseen failure still ends in a visible reply, never silence;
         # the traceback goes to the log, not to the user.
@@ -106,6 +120,10 @@ async def _answer(
     text = msg.text.strip()
     if not text:
         return Reply(text=EMPTY_NOTICE, kind="notice"), None
+    traffic: Traffic = ctx["traffic"]
+    limited = await traffic.check_limits(msg)
+    if limited is not None:
+        return limited, None
     note = ""
     if len(text) > settings.max_input_chars:
         note = truncation_note(len(text), settings.max_input_chars)
@@ -123,11 +141,13 @@ async def _answer(
 
     provider: LLMProvider = ctx["llm"]
     try:
-        completion = await complete_with_retries(
+        completion, cached = await traffic.complete(
+            msg,
+            ctx.get("job_id", msg.job_id),
+            responder,
             provider,
             build_context(bot, earlier, text),
             model=bot.model or settings.model,
-            retries=settings.llm_retries,
             on_text=on_text,
             max_tokens=bot.max_tokens or settings.llm_max_tokens,
             temperature=bot.temperature,
@@ -138,8 +158,8 @@ async def _answer(
         return Reply(text=APOLOGY, kind="error"), None
     except LLMError as e:
         logger.warning("llm unavailable message=%s: %s", msg.message_id, e)
-        return Reply(text=APOLOGY, kind="error"), None
-    return Reply(text=note + completion.text), completion
+        return await traffic.error_reply(e, APOLOGY), None
+    return Reply(text=note + completion.text, cached=cached), completion
 
 
 async def _remember(

@@ -30,6 +30,7 @@ from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
 from core.serializer import deserialize, serialize
 from core.settings import Settings
+from core.traffic import BUSY_MAX_TRIES, Traffic
 from workers import jobs
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
             ttl_s=settings.history_ttl_s,
         )
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
+        ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"])
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
         logger.info(
@@ -75,7 +77,9 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 jobs.reply,
                 name="reply",
                 timeout=settings.job_timeout_s,
-                max_tries=settings.job_max_tries,
+                # Busy conversations re-defer jobs (an arq try each); Sluice counts real
+                # re-runs itself against SLUICE_JOB_MAX_TRIES (core.traffic).
+                max_tries=BUSY_MAX_TRIES,
             ),
         ],
         "queue_name": settings.queue_name,
