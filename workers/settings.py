@@ -100,8 +100,22 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
     }
 
 
+class SluiceWorker(Worker):
+    """An arq worker that starts only as many jobs per poll as it has free slots.
+
+    arq reads up to ``queue_read_limit`` job ids by score and then waits for a slot
+    for each in turn, so a high-lane job enqueued meanwhile would queue behind that
+    stale batch; starting only what fits keeps every start in fresh score order.
+    """
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Start the first jobs of the batch that fit in the free slots."""
+        free = max(0, self.max_jobs - self.job_counter)
+        await super().start_jobs(job_ids[:free])
+
+
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
     """An arq worker for ``settings`` (``overrides`` replace any keyword argument)."""
     kwargs = worker_settings(settings)
     kwargs.update(overrides)
-    return Worker(**kwargs)
+    return SluiceWorker(**kwargs)

@@ -1,0 +1,288 @@
+"""Traffic control end to end: web adapters -> Redis -> `sluice worker` processes -> simulator."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+import uuid
+
+import aiohttp
+import pytest
+
+from core.messages import IncomingMessage
+from core.queue import connect_queue, enqueue_reply
+from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
+from tests.traffic_util import done_event, outbox, p95, post, wait_done
+from tests.webchat import web_adapter
+
+
+def _session() -> str:
+    return f"s{uuid.uuid4().hex[:16]}"
+
+
+async def test_two_messages_10ms_apart_are_answered_in_order_and_the_second_sees_the_first(
+    settings, llm_sim, worker_process, redis
+):
+    llm_sim.configure(first_token_latency_s=0.3)
+    worker_process()
+    worker_process()
+    sessions = [_session() for _ in range(3)]
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        sent: dict[str, tuple[str, str]] = {}
+        for session in sessions:
+            first = await post(http, base, session, f"first question of {session}")
+            await asyncio.sleep(0.01)
+            second = await post(http, base, session, f"second question of {session}")
+            sent[session] = (first, second)
+        flat = [(s, m) for s, pair in sent.items() for m in pair]
+        events = await wait_done(redis, settings.key_prefix, flat, timeout_s=30)
+    prompts = {r["messages"][-1]["content"]: r["messages"] for r in llm_sim.requests()}
+    for session, (first, second) in sent.items():
+        first_done = done_event(events[first])
+        second_start = next(e for e in events[second] if e["type"] == "start")
+        assert first_done["kind"] == "answer"
+        assert first_done["at_ms"] <= second_start["at_ms"], "second answered before first"
+        prompt = prompts[f"second question of {session}"]
+        assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
+        assert prompt[1]["content"] == f"first question of {session}"
+        assert prompt[2]["content"] == first_done["text"]
+
+
+async def test_killed_worker_holding_a_conversation_does_not_strand_it(
+    settings, llm_sim, worker_process, redis
+):
+    env = {"SLUICE_CONVERSATION_LOCK_TTL_S": "2", "SLUICE_JOB_TIMEOUT_S": "5"}
+    doomed = worker_process(env)
+    llm_sim.configure(mode="hang")
+    session = _session()
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        first = await post(http, base, session, "a question the dead worker took")
+        deadline = time.monotonic() + 10
+        while llm_sim.stats()["requests"] < 1:
+            assert time.monotonic() < deadline, "the worker never called the model"
+            await asyncio.sleep(0.05)
+        doomed.kill(signal.SIGKILL)
+        doomed.popen.wait(5)
+        llm_sim.configure(mode="normal")
+        worker_process(env)
+        started = time.monotonic()
+        second = await post(http, base, session, "are you there?")
+        events = await wait_done(redis, settings.key_prefix, [(session, second)], timeout_s=20)
+        assert done_event(events[second])["kind"] == "answer"
+        # The conversation's lock freed ~2 s after the kill, not after the job timeout.
+        assert time.monotonic() - started < 10
+        # The killed job itself is run again by arq once its in-progress marker expires.
+        events = await wait_done(redis, settings.key_prefix, [(session, first)], timeout_s=40)
+        assert done_event(events[first])["kind"] == "answer"
+
+
+async def test_user_over_the_limit_gets_one_notice_per_window_and_no_llm_call(
+    settings, llm_sim, worker_process, redis, tmp_path
+):
+    limits = {"SLUICE_USER_REQUESTS_PER_WINDOW": "3", "SLUICE_USER_WINDOW_S": "3600"}
+    worker_process(limits)
+    worker_process(limits)
+    env = {**base_env(), **settings_env(settings), **limits}
+    ports = [free_port(), free_port()]
+    adapters = [
+        Proc(["web", "--port", str(p)], env, tmp_path / f"web-{i}.log")
+        for i, p in enumerate(ports)
+    ]
+    try:
+        for p in ports:
+            wait_port(p)
+        session, other = _session(), _session()
+        async with aiohttp.ClientSession() as http:
+            ids = []
+            for i in range(8):
+                base = f"http://127.0.0.1:{ports[i % 2]}"
+                ids.append(await post(http, base, session, f"question number {i}"))
+                await asyncio.sleep(0.01)
+            other_id = await post(http, f"http://127.0.0.1:{ports[1]}", other, "my turn")
+            sent = [(session, m) for m in ids] + [(other, other_id)]
+            events = await wait_done(redis, settings.key_prefix, sent, timeout_s=40)
+    finally:
+        for a in adapters:
+            a.stop()
+    replies = [done_event(events[m]) for m in ids]
+    answers = [r for r in replies if r["kind"] == "answer"]
+    notices = [r for r in replies if r["kind"] == "notice" and "try again in" in r["text"]]
+    reminders = [r for r in replies if r["kind"] == "notice" and "try again in" not in r["text"]]
+    assert len(answers) == 3
+    assert len(notices) == 1, [r["text"] for r in replies]
+    assert len(reminders) == 4
+    assert "min" in notices[0]["text"] or " s." in notices[0]["text"]
+    assert done_event(events[other_id])["kind"] == "answer", "another user is not limited"
+    user_prompts = [r["messages"][-1]["content"] for r in llm_sim.requests()]
+    assert len(user_prompts) == 4 == llm_sim.stats()["completions"]
+
+
+async def test_fifty_identical_questions_cost_one_llm_call_and_tenants_never_share(
+    settings, llm_sim, worker_process, redis
+):
+    llm_sim.configure(first_token_latency_s=0.5)
+    app = {"SLUICE_APP": "tests.traffic_bot:bot"}
+    worker_process(app)
+    worker_process(app)
+    question = "What are your opening hours?"
+    sessions = [_session() for _ in range(50)]
+    async with web_adapter(settings) as (base, queue), aiohttp.ClientSession() as http:
+        ids = await asyncio.gather(*(post(http, base, s, question) for s in sessions))
+        sent = list(zip(sessions, ids, strict=True))
+        events = await wait_done(redis, settings.key_prefix, sent, timeout_s=30)
+        replies = [done_event(events[m]) for m in ids]
+        assert all(r["kind"] == "answer" for r in replies)
+        assert len({r["text"] for r in replies}) == 1
+        assert sum(r["cached"] for r in replies) == 49
+        assert llm_sim.stats()["completions"] == 1
+
+        # Same words in another tenant, and in a channel that opted out: the model again.
+        for tenant, channel in (("acme", _session()), ("web", "nocache")):
+            msg = IncomingMessage(
+                platform="web",
+                tenant=tenant,
+                channel=channel,
+                user=channel,
+                message_id=uuid.uuid4().hex,
+                text=question,
+            )
+            assert await enqueue_reply(queue, settings, msg)
+            got = await wait_done(
+                redis, settings.key_prefix, [(channel, msg.message_id)], timeout_s=20
+            )
+            assert done_event(got[msg.message_id])["cached"] is False
+        assert llm_sim.stats()["completions"] == 3
+    history = await redis.lrange(f"{settings.key_prefix}:hist:web:web:{sessions[0]}:-", 0, -1)
+    assert history, "answers are stored in history"
+
+
+async def test_high_lane_overtakes_under_saturation_and_bulk_still_progresses(
+    settings, llm_sim, worker_process, redis
+):
+    llm_sim.configure(first_token_latency_s=0.08, tokens=4)
+    app = {"SLUICE_APP": "tests.traffic_bot:bot"}
+    worker_process({**app, "SLUICE_WORKER_MAX_JOBS": "2"})
+    lane_of = {}
+    s = settings.model_copy(update={"app": "tests.traffic_bot:bot"})
+    async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
+        sent = []
+        for i in range(120):
+            lane = "high" if i % 8 == 3 else "bulk" if i % 5 == 1 else "default"
+            word = {"high": "billing", "bulk": "digest", "default": "question"}[lane]
+            session = _session()
+            mid = await post(http, base, session, f"{word} number {i}")
+            lane_of[mid] = lane
+            sent.append((session, mid))
+            await asyncio.sleep(0.005)
+        events = await wait_done(redis, settings.key_prefix, sent, timeout_s=90)
+    waits: dict[str, list[float]] = {"high": [], "default": [], "bulk": []}
+    for _, mid in sent:
+        ev = events[mid]
+        user = next(e for e in ev if e["type"] == "user")
+        start = next(e for e in ev if e["type"] == "start")
+        waits[lane_of[mid]].append((start["at_ms"] - user["at_ms"]) / 1000)
+        assert done_event(ev)["kind"] == "answer"
+    high, default = p95(waits["high"]), p95(waits["default"])
+    print(
+        f"lanes p95 wait: high {high:.2f}s default {default:.2f}s "
+        f"bulk {p95(waits['bulk']):.2f}s (n={[len(v) for v in waits.values()]})"
+    )
+    assert default > 1.0, "the test did not saturate the worker"
+    assert high <= default / 5
+    assert len(waits["bulk"]) == sum(1 for v in lane_of.values() if v == "bulk")
+
+
+async def test_breaker_opens_while_the_provider_is_down_and_calls_resume_after(
+    settings, llm_sim, worker_process, redis
+):
+    env = {
+        "SLUICE_BREAKER_FAILURES": "3",
+        "SLUICE_BREAKER_OPEN_S": "4",
+        "SLUICE_LLM_RETRIES": "0",
+    }
+    worker_process(env)
+    llm_sim.configure(mode="down")
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+
+        async def ask(text: str) -> dict[str, object]:
+            session = _session()
+            mid = await post(http, base, session, text)
+            got = await wait_done(redis, settings.key_prefix, [(session, mid)], timeout_s=20)
+            return done_event(got[mid])
+
+        down_replies = [await ask(f"question {i} while down") for i in range(6)]
+        calls_while_down = llm_sim.stats()["requests"]
+        assert all(r["kind"] == "error" for r in down_replies)
+        assert calls_while_down == 3, "no calls once the breaker is open"
+        unavailable = [r for r in down_replies if "unavailable right now" in str(r["text"])]
+        assert len(unavailable) >= 3
+        assert "try again in 1 minute" in str(unavailable[-1]["text"])
+        llm_sim.configure(mode="normal")
+        await asyncio.sleep(4.2)
+        back = await ask("are you back?")
+        assert back["kind"] == "answer"
+    assert llm_sim.stats()["completions"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+async def test_shared_budget_keeps_429s_rare_and_answers_every_message(
+    settings, llm_sim, worker_process, redis
+):
+    """400 messages offered in 20 s to a provider limited to 120 requests/min.
+
+    260 distinct questions and 140 repeats (different users asking what others asked),
+    so ~260 LLM calls: ~116 at once, then one per ~0.52 s: about 80 s in all.
+    """
+    llm_sim.configure(rpm=120, first_token_latency_s=0.05, tokens=8)
+    env = {"SLUICE_LLM_RPM": "120"}
+    worker_process(env)
+    worker_process(env)
+    questions = [f"distinct question {i}" for i in range(260)]
+    texts = questions + [questions[i * 7 % 260] for i in range(140)]
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        sent = []
+        started = time.monotonic()
+        for i, text in enumerate(texts):
+            session = _session()
+            sent.append((session, await post(http, base, session, text)))
+            delay = started + (i + 1) * 0.05 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        offered_s = time.monotonic() - started
+        events = await wait_done(redis, settings.key_prefix, sent, timeout_s=240)
+        total_s = time.monotonic() - started
+    kinds = [done_event(events[m])["kind"] for _, m in sent]
+    stats = llm_sim.stats()
+    budget = await redis.hgetall(f"{settings.key_prefix}:llm:stats")
+    print(
+        f"offered in {offered_s:.1f}s, all answered in {total_s:.1f}s; sim {stats}; "
+        f"budget {budget}"
+    )
+    assert offered_s < 21
+    assert kinds.count("answer") == 400
+    assert stats["rate_limited"] <= 0.02 * stats["requests"]
+
+
+async def test_queued_message_shows_its_expected_wait_then_the_answer(
+    settings, llm_sim, worker_process, redis
+):
+    env = {"SLUICE_LLM_RPM": "30", "SLUICE_QUEUED_NOTICE_AFTER_S": "1"}
+    llm_sim.configure(tokens=3)
+    worker_process(env)
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        # The first minute's budget is 29 calls (30 x headroom); 4 more wait ~2 s each.
+        sessions = [_session() for _ in range(33)]
+        ids = await asyncio.gather(*(post(http, base, s, f"q {s}") for s in sessions))
+        sent = list(zip(sessions, ids, strict=True))
+        events = await wait_done(redis, settings.key_prefix, sent, timeout_s=30)
+    queued = [m for m in ids if any(e["type"] == "queued" for e in events[m])]
+    assert queued, "a message over the budget should show that it is queued"
+    ev = events[queued[0]]
+    kinds = [e["type"] for e in ev]
+    assert kinds.index("queued") < kinds.index("done")
+    q = next(e for e in ev if e["type"] == "queued")
+    assert q["wait_s"] >= 1
+    assert done_event(ev)["kind"] == "answer"
+    assert await outbox(redis, settings.key_prefix, sessions[0])
