@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from core.messages import IncomingMessage
-from core.queue import connect_queue, enqueue_reply
+from core.queue import enqueue_reply
 from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
 from tests.traffic_util import done_event, outbox, p95, post, wait_done
 from tests.webchat import web_adapter
@@ -157,14 +157,23 @@ async def test_fifty_identical_questions_cost_one_llm_call_and_tenants_never_sha
     assert history, "answers are stored in history"
 
 
-async def test_high_lane_overtakes_under_saturation_and_bulk_still_progresses(
-    settings, llm_sim, worker_process, redis
-):
+async def _lane_load(settings, llm_sim, worker_process, redis, mode: str) -> dict[str, object]:
+    """120 messages (15 high, 24 bulk, 81 default) in ~1 s against 6 worker slots.
+
+    ``score``: one worker (6 slots) on the one queue ordered by lane score;
+    ``per-lane``: one worker (2 slots) per lane queue, the same 6 slots in all.
+    """
     llm_sim.configure(first_token_latency_s=0.08, tokens=4)
-    app = {"SLUICE_APP": "tests.traffic_bot:bot"}
-    worker_process({**app, "SLUICE_WORKER_MAX_JOBS": "2"})
+    app = {"SLUICE_APP": "tests.traffic_bot:bot", "SLUICE_LANE_QUEUES": mode}
+    if mode == "score":
+        worker_process({**app, "SLUICE_WORKER_MAX_JOBS": "6"})
+    else:
+        for lane in ("high", "default", "bulk"):
+            lanes = f'["{lane}"]'
+            worker_process({**app, "SLUICE_WORKER_MAX_JOBS": "2", "SLUICE_WORKER_LANES": lanes})
     lane_of = {}
-    s = settings.model_copy(update={"app": "tests.traffic_bot:bot"})
+    s = settings.model_copy(update={"app": "tests.traffic_bot:bot", "lane_queues": mode})
+    started = time.monotonic()
     async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
         sent = []
         for i in range(120):
@@ -176,6 +185,7 @@ async def test_high_lane_overtakes_under_saturation_and_bulk_still_progresses(
             sent.append((session, mid))
             await asyncio.sleep(0.005)
         events = await wait_done(redis, settings.key_prefix, sent, timeout_s=90)
+    total_s = time.monotonic() - started
     waits: dict[str, list[float]] = {"high": [], "default": [], "bulk": []}
     for _, mid in sent:
         ev = events[mid]
@@ -183,14 +193,30 @@ async def test_high_lane_overtakes_under_saturation_and_bulk_still_progresses(
         start = next(e for e in ev if e["type"] == "start")
         waits[lane_of[mid]].append((start["at_ms"] - user["at_ms"]) / 1000)
         assert done_event(ev)["kind"] == "answer"
-    high, default = p95(waits["high"]), p95(waits["default"])
+    result = {lane: p95(v) for lane, v in waits.items()}
     print(
-        f"lanes p95 wait: high {high:.2f}s default {default:.2f}s "
-        f"bulk {p95(waits['bulk']):.2f}s (n={[len(v) for v in waits.values()]})"
+        f"lanes mode={mode}: p95 wait high {result['high']:.2f}s "
+        f"default {result['default']:.2f}s bulk {result['bulk']:.2f}s; "
+        f"all {len(sent)} answered in {total_s:.1f}s"
     )
-    assert default > 1.0, "the test did not saturate the worker"
-    assert high <= default / 5
     assert len(waits["bulk"]) == sum(1 for v in lane_of.values() if v == "bulk")
+    return {**result, "total_s": total_s}
+
+
+async def test_high_lane_overtakes_under_saturation_and_bulk_still_progresses(
+    settings, llm_sim, worker_process, redis
+):
+    got = await _lane_load(settings, llm_sim, worker_process, redis, "score")
+    assert got["default"] > 1.0, "the test did not saturate the worker"
+    assert got["high"] <= got["default"] / 5
+
+
+@pytest.mark.slow
+async def test_measure_one_queue_per_lane_for_comparison(settings, llm_sim, worker_process, redis):
+    """The alternative to the score ordering, measured under the same load (see
+    docs/traffic.md for the numbers): it answers everything too."""
+    got = await _lane_load(settings, llm_sim, worker_process, redis, "per-lane")
+    assert got["high"] < got["bulk"]
 
 
 async def test_breaker_opens_while_the_provider_is_down_and_calls_resume_after(

@@ -24,8 +24,10 @@ from typing import Any
 from arq.worker import Worker, func
 
 from core.bot import load_bot
+from core.errors import ConfigError
 from core.history import HotHistory
 from core.llm import OpenAIProvider
+from core.queue import lane_queue_name
 from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
 from core.serializer import deserialize, serialize
@@ -69,6 +71,18 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await ctx["llm"].close()
 
 
+def worker_queue(settings: Settings) -> str:
+    """The queue this worker serves: the one queue, or its lane's with per-lane queues."""
+    if settings.lane_queues != "per-lane":
+        return settings.queue_name
+    if len(settings.worker_lanes) != 1:
+        raise ConfigError(
+            "SLUICE_LANE_QUEUES=per-lane: an arq worker listens to one queue, so run one "
+            'worker per lane, e.g. SLUICE_WORKER_LANES=\'["high"]\' for the high lane.'
+        )
+    return lane_queue_name(settings, settings.worker_lanes[0])
+
+
 def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> dict[str, Any]:
     """Keyword arguments for :class:`arq.worker.Worker`."""
     return {
@@ -82,7 +96,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 max_tries=BUSY_MAX_TRIES,
             ),
         ],
-        "queue_name": settings.queue_name,
+        "queue_name": worker_queue(settings),
         "redis_settings": redis_settings(settings),
         "on_startup": make_startup(settings, llm_base_url),
         "on_shutdown": on_shutdown,
