@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from typing import Any
@@ -42,12 +43,17 @@ POLL_S = 0.03
 
 _NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
-# KEYS: pending; ARGV: job id, ttl s. Returns 1 when added.
+# KEYS: pending, texts; ARGV: job id, ttl s, message summary ('' = do not keep).
+# Returns 1 when added.
 _REGISTER = (
     _NOW_MS
     + """
 local added = redis.call('ZADD', KEYS[1], 'NX', now, ARGV[1])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
+if added == 1 and ARGV[3] ~= '' then
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+  redis.call('EXPIRE', KEYS[2], ARGV[2])
+end
 return added
 """
 )
@@ -91,9 +97,10 @@ end
 return 0
 """
 
-# KEYS: lock, pending, started; ARGV: job id.
+# KEYS: lock, pending, started, texts; ARGV: job id.
 _RELEASE = """
 redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
@@ -111,10 +118,19 @@ class ConversationBusy(Exception):
         self.blocker = blocker
 
 
-async def register_arrival(redis: Redis, keys: Keys, msg: IncomingMessage) -> bool:
-    """Put ``msg`` in its conversation's line; ``False`` if it was already there."""
+async def register_arrival(
+    redis: Redis, keys: Keys, msg: IncomingMessage, *, keep_text: bool = False
+) -> bool:
+    """Put ``msg`` in its conversation's line; ``False`` if it was already there.
+
+    ``keep_text`` also keeps its user and text for burst merging (:func:`absorb_burst`).
+    """
+    summary = ""
+    if keep_text:
+        summary = json.dumps({"user": msg.user, "text": msg.text, "ts": msg.ts})
+    cid = msg.conversation_id
     added = await Lua(redis, _REGISTER)(
-        [keys.conv_pending(msg.conversation_id)], [msg.job_id, PENDING_TTL_S]
+        [keys.conv_pending(cid), keys.conv_texts(cid)], [msg.job_id, PENDING_TTL_S, summary]
     )
     return bool(added)
 
@@ -133,6 +149,7 @@ class ConversationLock:
             keys.conv_lock(conversation_id),
             keys.conv_pending(conversation_id),
             keys.conv_started(conversation_id),
+            keys.conv_texts(conversation_id),
         ]
         self.conversation_id = conversation_id
         self.job_id = job_id
@@ -146,7 +163,7 @@ class ConversationLock:
     async def try_acquire(self, max_wait_s: float) -> tuple[bool, str]:
         """One attempt; returns (acquired, the job id we wait for)."""
         res: list[Any] = await self._acquire(
-            self._keys, [self.job_id, self._ttl_ms, int(max_wait_s * 1000)]
+            self._keys[:3], [self.job_id, self._ttl_ms, int(max_wait_s * 1000)]
         )
         blocker = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
         acquired = int(res[0]) == 1
@@ -208,3 +225,60 @@ async def count_run(redis: Redis, keys: Keys, job_id: str) -> int:
         pipe.expire(key, PENDING_TTL_S)
         n, _ = await pipe.execute()
     return int(n)
+
+
+# KEYS: pending, texts, merged marker of the absorbed job; ARGV: absorbed job, leader job.
+_ABSORB = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[2], 'EX', 86400)
+return 1
+"""
+
+
+async def was_merged(redis: Redis, keys: Keys, job_id: str) -> bool:
+    """Whether ``job_id``'s message was answered as part of an earlier one's burst."""
+    return bool(await redis.exists(keys.merged(job_id)))
+
+
+async def absorb_burst(
+    redis: Redis, keys: Keys, msg: IncomingMessage, window_s: float
+) -> IncomingMessage:
+    """Merge the quick follow-ups of ``msg``'s sender into one turn.
+
+    Called by the lock holder. Waits until ``window_s`` passed since the latest
+    message of the burst, then takes every later pending message of the same user
+    sent within ``window_s`` of the previous one out of the line (another user's
+    message ends the burst). Their jobs find themselves merged and send nothing; the
+    answer to the returned message (texts joined by newlines) answers them all.
+    """
+    cid = msg.conversation_id
+    pending, texts = keys.conv_pending(cid), keys.conv_texts(cid)
+    absorb = Lua(redis, _ABSORB)
+    parts, last_ts = [msg.text], msg.ts
+    while True:
+        await asyncio.sleep(max(0.0, last_ts + window_s - time.time()))
+        later: list[Any] = await redis.zrange(pending, 0, -1)
+        grew = False
+        for raw_id in later:
+            jid = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            if jid == msg.job_id:
+                continue
+            raw = await redis.hget(texts, jid)  # type: ignore[misc]
+            if raw is None:
+                break
+            info = json.loads(raw)
+            if info["ts"] <= msg.ts:
+                continue
+            if info["user"] != msg.user or info["ts"] - last_ts > window_s:
+                break
+            if await absorb([pending, texts, keys.merged(jid)], [jid, msg.job_id]):
+                parts.append(info["text"])
+                last_ts = info["ts"]
+                grew = True
+        if not grew:
+            break
+    if len(parts) == 1:
+        return msg
+    logger.info("merged %d messages into %s", len(parts), msg.message_id)
+    return msg.model_copy(update={"text": "\n".join(parts)})

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from arq.connections import ArqRedis, create_pool
 from redis.exceptions import RedisError
 
-from core.bot import load_bot
+from core.bot import Bot, load_bot
 from core.errors import BotDefinitionError, QueueError
 from core.lanes import choose_lane, priority_ms
 from core.messages import IncomingMessage
@@ -45,7 +45,8 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         QueueError: Redis could not be reached; the adapter must not ack then, so
             that the platform delivers again.
     """
-    msg = with_lane(settings, msg)
+    bot = _load_bot(settings)
+    msg = with_lane(settings, msg, bot)
     keys = Keys(settings.key_prefix)
     now_ms = int(time.time() * 1000)
     if settings.lane_queues == "per-lane":
@@ -53,7 +54,9 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     else:
         queue, score_ms = settings.queue_name, priority_ms(settings, msg.lane, now_ms)
     try:
-        added = await register_arrival(redis, keys, msg)
+        added = await register_arrival(
+            redis, keys, msg, keep_text=bot is not None and bot.merge_burst_s > 0
+        )
         try:
             job = await redis.enqueue_job(
                 "reply",
@@ -88,12 +91,17 @@ def lane_queue_name(settings: Settings, lane: str) -> str:
     return f"{settings.queue_name}:{lane}"
 
 
-def with_lane(settings: Settings, msg: IncomingMessage) -> IncomingMessage:
-    """``msg`` with the lane its bot's rules choose (the adapter's lane when none match)."""
+def _load_bot(settings: Settings) -> Bot | None:
     try:
-        bot = load_bot(settings.app)
+        return load_bot(settings.app)
     except BotDefinitionError as e:
         logger.error("cannot load the bot to choose a lane: %s", e)
+        return None
+
+
+def with_lane(settings: Settings, msg: IncomingMessage, bot: Bot | None) -> IncomingMessage:
+    """``msg`` with the lane its bot's rules choose (the adapter's lane when none match)."""
+    if bot is None:
         return msg
     lane = choose_lane(bot, settings, msg)
     return msg if lane == msg.lane else msg.model_copy(update={"lane": lane})

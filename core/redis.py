@@ -64,6 +64,14 @@ class Keys:
         """Jobs of a conversation that took the lock at least once (a set)."""
         return f"{self.prefix}:conv:started:{conversation_id}"
 
+    def conv_texts(self, conversation_id: str) -> str:
+        """User and text of pending messages, kept for burst merging (a hash)."""
+        return f"{self.prefix}:conv:texts:{conversation_id}"
+
+    def merged(self, job_id: str) -> str:
+        """Marks a message answered as part of an earlier message's burst."""
+        return f"{self.prefix}:merged:{job_id}"
+
     def job_runs(self, job_id: str) -> str:
         """How often a job really started answering (re-runs after a worker died)."""
         return f"{self.prefix}:runs:{job_id}"

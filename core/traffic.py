@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from arq.worker import Retry
@@ -30,7 +31,13 @@ from core.errors import LLMError, LLMUnavailableError
 from core.lanes import priority_ms
 from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
 from core.messages import IncomingMessage, Reply
-from core.ordering import ConversationBusy, acquire_conversation, count_run
+from core.ordering import (
+    ConversationBusy,
+    absorb_burst,
+    acquire_conversation,
+    count_run,
+    was_merged,
+)
 from core.ratelimit import REMINDER, RateLimiter, limits_for, notice_text
 from core.redis import Keys
 from core.responder import Responder
@@ -47,6 +54,15 @@ GAVE_UP = (
 )
 
 
+@dataclass(frozen=True)
+class TurnState:
+    """What :meth:`Traffic.in_turn` found: what to answer, and whether to."""
+
+    msg: IncomingMessage
+    may_run: bool = True
+    merged: bool = False
+
+
 class Traffic:
     """Order, limits, cache and LLM budget for one worker process."""
 
@@ -60,9 +76,12 @@ class Traffic:
         self.cache = ResponseCache(redis, self.keys, settings)
 
     @contextlib.asynccontextmanager
-    async def in_turn(self, msg: IncomingMessage, job_id: str) -> AsyncIterator[bool]:
-        """Hold the conversation while answering ``msg``; yields ``False`` when the job
-        already ran more often than ``SLUICE_JOB_MAX_TRIES`` (reply with an apology).
+    async def in_turn(self, msg: IncomingMessage, job_id: str) -> AsyncIterator[TurnState]:
+        """Hold the conversation while answering ``msg``.
+
+        Yields a :class:`TurnState`: the message to answer (with a burst of quick
+        follow-ups merged in when the bot asks for it), whether the job may still
+        run, and whether the message was already answered as part of a burst.
 
         Raises:
             arq.worker.Retry: the conversation is busy; the job runs again shortly.
@@ -78,8 +97,13 @@ class Traffic:
             )
             raise Retry(defer=self.settings.order_defer_s) from e
         try:
+            if await was_merged(self.redis, self.keys, job_id):
+                yield TurnState(msg=msg, merged=True)
+                return
             runs = await count_run(self.redis, self.keys, job_id)
-            yield runs <= self.settings.job_max_tries
+            if self.bot.merge_burst_s > 0:
+                msg = await absorb_burst(self.redis, self.keys, msg, self.bot.merge_burst_s)
+            yield TurnState(msg=msg, may_run=runs <= self.settings.job_max_tries)
         finally:
             await lock.release()
 

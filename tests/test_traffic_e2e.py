@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -153,8 +154,11 @@ async def test_fifty_identical_questions_cost_one_llm_call_and_tenants_never_sha
             )
             assert done_event(got[msg.message_id])["cached"] is False
         assert llm_sim.stats()["completions"] == 3
-    history = await redis.lrange(f"{settings.key_prefix}:hist:web:web:{sessions[0]}:-", 0, -1)
-    assert history, "answers are stored in history"
+    for session, r in zip(sessions, replies, strict=True):
+        raw = await redis.lrange(f"{settings.key_prefix}:hist:web:web:{session}:-", 0, -1)
+        turns = [json.loads(t) for t in raw]
+        assert [t["role"] for t in turns] == ["user", "assistant"]
+        assert turns[1]["cached"] is r["cached"], "cached answers are marked in history"
 
 
 async def _lane_load(settings, llm_sim, worker_process, redis, mode: str) -> dict[str, object]:
@@ -312,3 +316,26 @@ async def test_queued_message_shows_its_expected_wait_then_the_answer(
     assert q["wait_s"] >= 1
     assert done_event(ev)["kind"] == "answer"
     assert await outbox(redis, settings.key_prefix, sessions[0])
+
+
+async def test_burst_of_quick_messages_from_one_user_is_answered_as_one_turn(
+    settings, llm_sim, worker_process, redis
+):
+    worker_process({"SLUICE_APP": "tests.traffic_bot:burst_bot"})
+    session = _session()
+    s = settings.model_copy(update={"app": "tests.traffic_bot:burst_bot"})
+    async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
+        burst = []
+        for text in ("hi", "I have a question", "about invoices"):
+            burst.append(await post(http, base, session, text))
+            await asyncio.sleep(0.05)
+        events = await wait_done(redis, settings.key_prefix, [(session, burst[0])], 20)
+        assert done_event(events[burst[0]])["kind"] == "answer"
+        await asyncio.sleep(0.5)
+        later = await post(http, base, session, "and one more thing")
+        events = await wait_done(redis, settings.key_prefix, [(session, later)], 20)
+    assert not [e for m in burst[1:] for e in events.get(m, []) if e["type"] == "done"]
+    prompts = [r["messages"] for r in llm_sim.requests()]
+    assert len(prompts) == 2
+    assert prompts[0][-1]["content"] == "hi\nI have a question\nabout invoices"
+    assert [m["role"] for m in prompts[1]] == ["system", "user", "assistant", "user"]

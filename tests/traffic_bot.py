@@ -11,3 +11,5 @@ bot = Bot(
     ],
     no_cache_channels=frozenset({"nocache"}),
 )
+
+burst_bot = Bot(name="burst-test", merge_burst_s=0.4)

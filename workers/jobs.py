@@ -58,8 +58,11 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     msg = IncomingMessage.model_validate(payload)
     job_id: str = ctx.get("job_id", msg.job_id)
     traffic: Traffic = ctx["traffic"]
-    async with traffic.in_turn(msg, job_id) as may_run:
-        return await answer_message(ctx, msg, job_id, may_run)
+    async with traffic.in_turn(msg, job_id) as turn:
+        if turn.merged:
+            logger.info("message=%s job=%s answered with its burst", msg.message_id, job_id)
+            return "merged"
+        return await answer_message(ctx, turn.msg, job_id, turn.may_run)
 
 
 async def answer_message(
