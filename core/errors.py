@@ -66,9 +66,13 @@ class LLMRequestError(LLMError):
 class LLMUnavailableError(LLMError):
     """The provider cannot be used now: retries ran out or the breaker is open."""
 
-    def __init__(self, message: str, retry_in_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, retry_in_s: float | None = None, partial_text: str = ""
+    ) -> None:
         super().__init__(message)
         self.retry_in_s = retry_in_s
+        #: What had already streamed when the answer broke off (shown, marked as cut).
+        self.partial_text = partial_text
 
 
 class DeliveryError(SluiceError):

@@ -143,9 +143,7 @@ class OpenAIProvider:
                 timeout=self._settings.llm_timeout_s,
             )
         except TimeoutError as e:
-            raise LLMTransientError(
-                f"no complete answer within {self._settings.llm_timeout_s:.0f} s"
-            ) from e
+            raise LLMTransientError("the provider timed out (first token or whole answer)") from e
         except openai.OpenAIError as e:
             raise wrap_openai_error(e) from e
 
@@ -157,51 +155,57 @@ class OpenAIProvider:
         started: float,
         params: dict[str, Any],
     ) -> Completion:
-        raw = await self.client.chat.completions.with_raw_response.create(  # type: ignore[call-overload]
-            model=model,
-            messages=list(messages),
-            stream=True,
-            stream_options={"include_usage": True},
-            **params,
-        )
-        headers = {
-            k.lower(): v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit")
-        }
-        stream = raw.parse()
-        out = Completion(text="", model=model, headers=headers)
+        # The first token must come within llm_first_token_timeout_s of the request;
+        # after it only the overall llm_timeout_s applies.
+        first_token = asyncio.timeout(self._settings.llm_first_token_timeout_s)
+        out = Completion(text="", model=model)
         parts: list[str] = []
         tool_calls: dict[int, dict[str, Any]] = {}
-        async with stream:
-            async for chunk in stream:
-                if chunk.usage is not None:
-                    out.tokens_in = chunk.usage.prompt_tokens
-                    out.tokens_out = chunk.usage.completion_tokens
-                for choice in chunk.choices:
-                    if choice.finish_reason:
-                        out.finish_reason = choice.finish_reason
-                    delta = choice.delta
-                    for tc in delta.tool_calls or []:
-                        slot = tool_calls.setdefault(
-                            tc.index, {"id": "", "name": "", "arguments": ""}
-                        )
-                        if tc.id:
-                            slot["id"] = tc.id
-                        if tc.function and tc.function.name:
-                            slot["name"] += tc.function.name
-                        if tc.function and tc.function.arguments:
-                            slot["arguments"] += tc.function.arguments
-                    if delta.content:
+        async with first_token:
+            raw = await self.client.chat.completions.with_raw_response.create(  # type: ignore[call-overload]
+                model=model,
+                messages=list(messages),
+                stream=True,
+                stream_options={"include_usage": True},
+                **params,
+            )
+            out.headers = {
+                k.lower(): v for k, v in raw.headers.items() if k.lower().startswith("x-ratelimit")
+            }
+            async with raw.parse() as stream:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        out.tokens_in = chunk.usage.prompt_tokens
+                        out.tokens_out = chunk.usage.completion_tokens
+                    for choice in chunk.choices:
                         if out.first_token_s is None:
                             out.first_token_s = time.monotonic() - started
-                        parts.append(delta.content)
-                        if on_text is not None:
-                            await on_text("".join(parts))
+                            first_token.reschedule(None)
+                        if choice.finish_reason:
+                            out.finish_reason = choice.finish_reason
+                        _collect_tool_calls(tool_calls, choice.delta.tool_calls)
+                        if choice.delta.content:
+                            parts.append(choice.delta.content)
+                            if on_text is not None:
+                                await on_text("".join(parts))
         out.text = "".join(parts)
         out.tool_calls = [tool_calls[i] for i in sorted(tool_calls)]
         out.latency_s = time.monotonic() - started
         if out.finish_reason is None:
             raise LLMTransientError("the provider's stream ended before the answer was complete")
         return out
+
+
+def _collect_tool_calls(acc: dict[int, dict[str, Any]], deltas: Any) -> None:
+    """Merge streamed tool-call fragments into ``acc`` by index."""
+    for tc in deltas or []:
+        slot = acc.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
+        if tc.id:
+            slot["id"] = tc.id
+        if tc.function and tc.function.name:
+            slot["name"] += tc.function.name
+        if tc.function and tc.function.arguments:
+            slot["arguments"] += tc.function.arguments
 
 
 async def complete_with_retries(
@@ -227,11 +231,11 @@ async def complete_with_retries(
         LLMUnavailableError: every attempt failed, or a stream broke after text was shown.
         LLMRequestError: the provider refused the request; retrying cannot help.
     """
-    streamed = False
+    streamed = ""
 
     async def tracking(text: str) -> None:
         nonlocal streamed
-        streamed = True
+        streamed = text
         if on_text is not None:
             await on_text(text)
 
@@ -249,7 +253,9 @@ async def complete_with_retries(
             if not isinstance(e, LLMTransientError):
                 raise
             if streamed or attempt >= retries:
-                raise LLMUnavailableError(f"gave up after {attempt + 1} attempt(s): {e}") from e
+                raise LLMUnavailableError(
+                    f"gave up after {attempt + 1} attempt(s): {e}", partial_text=streamed
+                ) from e
             delay = min(max_delay_s, base_delay_s * 2**attempt) * (0.5 + random.random())
             if isinstance(e, LLMRateLimitedError) and e.retry_after_s is not None:
                 delay = max(delay, e.retry_after_s + random.random() * 0.25)

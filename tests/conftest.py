@@ -166,3 +166,26 @@ def worker_process(settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
     finally:
         for proc in procs:
             proc.stop()
+
+
+# CI sets these so that a test skipped for a missing service fails the run instead.
+REQUIRED_MARKERS = {
+    "postgres": "SLUICE_TEST_REQUIRE_POSTGRES",
+    "browser": "SLUICE_TEST_REQUIRE_BROWSER",
+}
+# Read at import: the autouse fixture scrubs SLUICE_* variables during each test.
+REQUIRED_NOW = {m for m, env in REQUIRED_MARKERS.items() if os.environ.get(env) == "1"}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """Turn the skip of a required service's test into a failure (see ``.ci/run``)."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.skipped:
+        return
+    for marker in REQUIRED_NOW:
+        if item.get_closest_marker(marker):
+            env = REQUIRED_MARKERS[marker]
+            report.outcome = "failed"
+            report.longrepr = f"{env}=1 but this {marker} test was skipped: {report.longrepr}"

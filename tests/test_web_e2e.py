@@ -95,3 +95,27 @@ async def test_simulator_down_gives_a_short_apology_and_the_worker_keeps_running
             again = await tab.reply(await tab.send("hello again"))
             assert again["kind"] == "answer"
     assert worker.popen.poll() is None
+
+
+async def test_hanging_model_times_out_into_an_apology(settings, llm_sim, worker_process):
+    worker_process({"SLUICE_LLM_FIRST_TOKEN_TIMEOUT_S": "1", "SLUICE_LLM_RETRIES": "0"})
+    llm_sim.configure(mode="hang")
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with ChatSession(http, base, _session()) as tab:
+            done = await tab.reply(await tab.send("are you there?"), timeout_s=15)
+    assert done["kind"] == "error"
+    assert "try again" in done["text"].lower()
+
+
+async def test_stream_cut_halfway_shows_the_partial_answer_marked_as_cut(
+    settings, llm_sim, worker_process
+):
+    worker_process()
+    llm_sim.configure(mode="cut", tokens=20)
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with ChatSession(http, base, _session()) as tab:
+            mid = await tab.send("tell me a story")
+            done = await tab.reply(mid)
+            assert done["text"].startswith("Echo: tell me a story")
+            assert "cut off" in done["text"]
+            assert len([e for e in tab.events_for(mid) if e["type"] == "done"]) == 1

@@ -72,12 +72,18 @@ class ChatSession:
         """Events about one message (user echo, start, deltas, done)."""
         return [e for e in self.events if e.get("message_id") == message_id]
 
-    async def reply(self, message_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Wait for the ``done`` event of a message."""
+    async def wait_for(
+        self, message_id: str, event_type: str, timeout_s: float = 30.0
+    ) -> dict[str, Any]:
+        """Wait for the first event of a type (``start``, ``delta``, ``done``) of a message."""
         async with asyncio.timeout(timeout_s):
             while True:
-                done = [e for e in self.events_for(message_id) if e["type"] == "done"]
-                if done:
-                    return done[-1]
+                found = [e for e in self.events_for(message_id) if e["type"] == event_type]
+                if found:
+                    return found[0]
                 self._new.clear()
                 await self._new.wait()
+
+    async def reply(self, message_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Wait for the ``done`` event of a message."""
+        return await self.wait_for(message_id, "done", timeout_s)

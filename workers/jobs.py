@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from core.bot import Bot
-from core.errors import HistoryError, LLMError, LLMRequestError
+from core.errors import HistoryError, LLMError, LLMRequestError, LLMUnavailableError
 from core.history import HotHistory
 from core.llm import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
@@ -22,6 +22,7 @@ APOLOGY = (
     "Sorry, I couldn't answer that just now: the language model did not respond. "
     "Please try again in a minute."
 )
+CUT_NOTE = "\n\n_(The answer was cut off. Please ask again.)_"
 EMPTY_NOTICE = "I received an empty message. Type a question and I'll answer it."
 
 
@@ -159,9 +160,14 @@ async def _answer(
     except LLMRequestError as e:
         logger.error("llm refused message=%s: %s", msg.message_id, e)
         return Reply(text=APOLOGY, kind="error"), None
-    except LLMError as e:
+    except LLMUnavailableError as e:
         logger.warning("llm unavailable message=%s: %s", msg.message_id, e)
+        if e.partial_text:
+            return Reply(text=note + e.partial_text + CUT_NOTE, kind="error"), None
         return await traffic.error_reply(e, APOLOGY), None
+    except LLMError as e:
+        logger.warning("llm failed message=%s: %s", msg.message_id, e)
+        return Reply(text=APOLOGY, kind="error"), None
     return Reply(text=note + completion.text, cached=cached), completion
 
 

@@ -1,0 +1,83 @@
+"""Workers killed or stopped mid-reply: every message is still answered exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+
+import aiohttp
+import pytest
+
+from tests.webchat import ChatSession, web_adapter
+
+# The README promises a killed worker's job is answered again within
+# SLUICE_JOB_TIMEOUT_S + 10 s (arq's in-progress marker) plus the answer's own time.
+JOB_TIMEOUT_S = 5
+
+
+def _session() -> str:
+    return f"r{uuid.uuid4().hex[:12]}"
+
+
+async def _first_delta(tab: ChatSession, mid: str) -> None:
+    await tab.wait_for(mid, "delta", timeout_s=15)
+
+
+@pytest.mark.slow
+async def test_worker_sigkilled_mid_stream_the_message_is_answered_once(
+    settings, llm_sim, worker_process
+):
+    llm_sim.configure(tokens=30, token_latency_s=0.1)
+    env = {"SLUICE_JOB_TIMEOUT_S": str(JOB_TIMEOUT_S)}
+    first = worker_process(env)
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with ChatSession(http, base, _session()) as tab:
+            mid = await tab.send("a long story please")
+            await _first_delta(tab, mid)
+            first.kill(signal.SIGKILL)
+            worker_process(env)
+            done = await tab.reply(mid, timeout_s=JOB_TIMEOUT_S + 10 + 15)
+            await asyncio.sleep(1)
+            dones = [e for e in tab.events_for(mid) if e["type"] == "done"]
+    assert len(dones) == 1
+    assert done["kind"] == "answer"
+    assert done["text"].startswith("Echo: a long story please")
+    assert llm_sim.stats()["completions"] == 2, "the killed attempt and the answer"
+
+
+async def test_sigterm_lets_the_running_reply_finish_and_exits_cleanly(
+    settings, llm_sim, worker_process
+):
+    llm_sim.configure(tokens=20, token_latency_s=0.1)
+    worker = worker_process()
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with ChatSession(http, base, _session()) as tab:
+            mid = await tab.send("finish me")
+            await _first_delta(tab, mid)
+            worker.kill(signal.SIGTERM)
+            done = await tab.reply(mid, timeout_s=20)
+            assert done["kind"] == "answer"
+    assert await asyncio.to_thread(worker.popen.wait, 20) == 0
+    assert "handing" not in worker.output()
+    assert llm_sim.stats()["completions"] == 1
+
+
+async def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(
+    settings, llm_sim, worker_process
+):
+    llm_sim.configure(tokens=30, token_latency_s=0.1)
+    leaving = worker_process({"SLUICE_SHUTDOWN_GRACE_S": "0.2"})
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with ChatSession(http, base, _session()) as tab:
+            mid = await tab.send("hand me over")
+            await _first_delta(tab, mid)
+            leaving.kill(signal.SIGTERM)
+            assert await asyncio.to_thread(leaving.popen.wait, 20) == 0
+            worker_process()
+            # Handed back at once: no wait for the in-progress marker to expire.
+            done = await tab.reply(mid, timeout_s=12)
+            await asyncio.sleep(0.5)
+            assert len([e for e in tab.events_for(mid) if e["type"] == "done"]) == 1
+    assert done["text"].startswith("Echo: hand me over")
+    assert "handing 1 unfinished job(s) back" in leaving.output()
