@@ -241,8 +241,8 @@ class Settings(BaseSettings):
     )
     worker_lanes: list[str] = Field(
         default_factory=lambda: ["high", "default", "bulk"],
-        description="With SLUICE_LANE_QUEUES=per-lane: the lanes this worker serves "
-        "(one arq worker per lane in the process).",
+        description="With SLUICE_LANE_QUEUES=per-lane: the lane this worker serves (a "
+        'JSON list of exactly one lane, e.g. ["high"]; run one worker pool per lane).',
     )
     queued_notice_after_s: float = Field(
         5.0,

@@ -50,6 +50,7 @@ async def test_two_messages_10ms_apart_are_answered_in_order_and_the_second_sees
         assert prompt[2]["content"] == first_done["text"]
 
 
+@pytest.mark.slow
 async def test_killed_worker_holding_a_conversation_does_not_strand_it(
     settings, llm_sim, worker_process, redis
 ):
@@ -78,6 +79,7 @@ async def test_killed_worker_holding_a_conversation_does_not_strand_it(
         assert done_event(events[first])["kind"] == "answer"
 
 
+@pytest.mark.slow
 async def test_user_over_the_limit_gets_one_notice_per_window_and_no_llm_call(
     settings, llm_sim, worker_process, redis, tmp_path
 ):
@@ -119,6 +121,7 @@ async def test_user_over_the_limit_gets_one_notice_per_window_and_no_llm_call(
     assert len(user_prompts) == 4 == llm_sim.stats()["completions"]
 
 
+@pytest.mark.slow
 async def test_fifty_identical_questions_cost_one_llm_call_and_tenants_never_share(
     settings, llm_sim, worker_process, redis
 ):
@@ -295,6 +298,7 @@ async def test_shared_budget_keeps_429s_rare_and_answers_every_message(
     assert stats["rate_limited"] <= 0.02 * stats["requests"]
 
 
+@pytest.mark.slow
 async def test_queued_message_shows_its_expected_wait_then_the_answer(
     settings, llm_sim, worker_process, redis
 ):
