@@ -316,6 +316,16 @@ class LLMBudget:
         return out
 
 
+def quota_use_in_backlog(stats: dict[str, int], rpm: int) -> float | None:
+    """Share of the provider's request quota used while jobs waited in line
+    (``calls_in_backlog`` over what ``rpm`` allowed during ``backlog_ms``); ``None``
+    when there was no backlog. The bench's "quota use while a backlog existed"."""
+    backlog_ms = stats.get("backlog_ms", 0)
+    if backlog_ms <= 0:
+        return None
+    return stats.get("calls_in_backlog", 0) / (rpm * backlog_ms / 60_000)
+
+
 class BudgetGate:
     """What :func:`core.llm.complete_with_retries` calls around each attempt of one job."""
 

@@ -30,6 +30,7 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from core.messages import IncomingMessage
 from core.redis import Keys
@@ -176,7 +177,8 @@ class ConversationLock:
             await asyncio.sleep(self._ttl_ms / 3000)
             try:
                 ok = await self._renew(self._keys[:1], [self.job_id, self._ttl_ms])
-            except (OSError, ConnectionError) as e:
+            except (RedisError, OSError) as e:
+                # Keep trying: the lock outlives a short outage by its TTL.
                 logger.warning("cannot renew lock of %s: %s", self.conversation_id, e)
                 continue
             if not ok:

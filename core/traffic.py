@@ -23,6 +23,7 @@ from typing import Any
 
 from arq.worker import Retry
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from core.bot import Bot
 from core.budget import BudgetGate, LLMBudget, estimate_tokens, unavailable_text
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 # A job that steps aside for a busy conversation is re-deferred, which arq counts as a
 # try; real re-runs (after a worker died) are counted by Sluice itself instead.
 BUSY_MAX_TRIES = 100_000
+REDIS_RETRY_S = 2.0
 
 GAVE_UP = (
     "Sorry, I couldn't answer that: it failed several times. Please try again in a minute."
@@ -96,6 +98,10 @@ class Traffic:
                 e.blocker,
             )
             raise Retry(defer=self.settings.order_defer_s) from e
+        except (RedisError, OSError) as e:
+            # Without Redis there is no order to keep: try again once it is back.
+            logger.warning("cannot take the turn of message=%s: %s", msg.message_id, e)
+            raise Retry(defer=REDIS_RETRY_S) from e
         try:
             if await was_merged(self.redis, self.keys, job_id):
                 yield TurnState(msg=msg, merged=True)
