@@ -72,6 +72,8 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         if job is None and added:
             # A duplicate of a message already answered: not waiting in line.
             await forget_arrival(redis, keys, msg)
+        if job is not None:
+            await redis.hincrby(keys.lanes(), f"enqueued:{msg.lane}", 1)  # type: ignore[misc]
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot enqueue message {msg.message_id}: {e}") from e
     logger.info(

@@ -72,6 +72,10 @@ class Keys:
         """Marks a message answered as part of an earlier message's burst."""
         return f"{self.prefix}:merged:{job_id}"
 
+    def lanes(self) -> str:
+        """Per-lane counters: ``enqueued:{lane}``, ``started:{lane}`` (a hash)."""
+        return f"{self.prefix}:lanes"
+
     def job_runs(self, job_id: str) -> str:
         """How often a job really started answering (re-runs after a worker died)."""
         return f"{self.prefix}:runs:{job_id}"

@@ -65,6 +65,19 @@ class TurnState:
     merged: bool = False
 
 
+async def lane_counts(redis: Redis, keys: Keys) -> dict[str, dict[str, int]]:
+    """Per lane: messages enqueued, started (first run) and waiting (the difference),
+    counted since the prefix was first used; for ``sluice status`` and the bench."""
+    raw: dict[Any, Any] = await redis.hgetall(keys.lanes())  # type: ignore[misc]
+    out: dict[str, dict[str, int]] = {}
+    for k, v in raw.items():
+        what, _, lane = (k.decode() if isinstance(k, bytes) else str(k)).partition(":")
+        out.setdefault(lane, {"enqueued": 0, "started": 0})[what] = int(v)
+    for counts in out.values():
+        counts["waiting"] = max(0, counts["enqueued"] - counts["started"])
+    return out
+
+
 class Traffic:
     """Order, limits, cache and LLM budget for one worker process."""
 
@@ -103,10 +116,15 @@ class Traffic:
             logger.warning("cannot take the turn of message=%s: %s", msg.message_id, e)
             raise Retry(defer=REDIS_RETRY_S) from e
         try:
-            if await was_merged(self.redis, self.keys, job_id):
+            merged = await was_merged(self.redis, self.keys, job_id)
+            runs = await count_run(self.redis, self.keys, job_id)
+            if runs == 1:
+                await self.redis.hincrby(  # type: ignore[misc]
+                    self.keys.lanes(), f"started:{msg.lane}", 1
+                )
+            if merged:
                 yield TurnState(msg=msg, merged=True)
                 return
-            runs = await count_run(self.redis, self.keys, job_id)
             if self.bot.merge_burst_s > 0:
                 msg = await absorb_burst(self.redis, self.keys, msg, self.bot.merge_burst_s)
             yield TurnState(msg=msg, may_run=runs <= self.settings.job_max_tries)

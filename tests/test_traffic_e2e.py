@@ -13,6 +13,8 @@ import pytest
 
 from core.messages import IncomingMessage
 from core.queue import enqueue_reply
+from core.redis import Keys
+from core.traffic import lane_counts
 from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
 from tests.traffic_util import done_event, outbox, p95, post, wait_done
 from tests.webchat import web_adapter
@@ -167,7 +169,7 @@ async def test_fifty_identical_questions_cost_one_llm_call_and_tenants_never_sha
 
 
 async def _lane_load(settings, llm_sim, worker_process, redis, mode: str) -> dict[str, object]:
-    """120 messages (15 high, 24 bulk, 81 default) in ~1 s against 6 worker slots.
+    """120 messages (15 high, 21 bulk, 84 default) in ~1 s against 6 worker slots.
 
     ``score``: one worker (6 slots) on the one queue ordered by lane score;
     ``per-lane``: one worker (2 slots) per lane queue, the same 6 slots in all.
@@ -218,6 +220,9 @@ async def test_high_lane_overtakes_under_saturation_and_bulk_still_progresses(
     got = await _lane_load(settings, llm_sim, worker_process, redis, "score")
     assert got["default"] > 1.0, "the test did not saturate the worker"
     assert got["high"] <= got["default"] / 5
+    counts = await lane_counts(redis, Keys(settings.key_prefix))
+    assert counts["high"] == {"enqueued": 15, "started": 15, "waiting": 0}
+    assert counts["bulk"]["started"] == 21 and counts["default"]["started"] == 84
 
 
 @pytest.mark.slow
