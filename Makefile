@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint format bench install clean
+.PHONY: run test test-fast lint format bench docs install clean
 
 $(STAMP): pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+## Regenerate docs/configuration.md from the Settings class (a test checks it is current)
+docs: $(STAMP)
+	$(BIN)/python -m sluice.docgen > docs/configuration.md
 
 bench: $(STAMP)
 	$(BIN)/sluice bench $(BENCH_ARGS)

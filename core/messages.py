@@ -75,7 +75,12 @@ Role = Literal["user", "assistant", "system", "tool"]
 
 
 class Turn(BaseModel):
-    """One stored message of a conversation (a user message or an answer)."""
+    """One stored message of a conversation (a user message, an answer, a tool call).
+
+    An assistant turn that asked for tools has ``tool_calls`` (``{id, name,
+    arguments}`` each); each result is a ``role="tool"`` turn with ``tool_call_id``
+    and ``tool_name``.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -90,3 +95,7 @@ class Turn(BaseModel):
     latency_ms: int = 0
     lane: str = "default"
     cached: bool = False
+    # Tool calling: an assistant turn that asked for tools, and each tool's result.
+    tool_calls: list[dict[str, str]] | None = None
+    tool_call_id: str | None = None
+    tool_name: str | None = None

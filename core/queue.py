@@ -88,6 +88,47 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     return job is not None
 
 
+async def accept_message(
+    redis: ArqRedis, settings: Settings, msg: IncomingMessage, *extra_keys: str
+) -> bool:
+    """Dedupe and enqueue one delivered message; the one call adapters make.
+
+    Returns ``True`` when the message was new and is now queued, ``False`` for a
+    duplicate (a platform retry, a redelivery, the same message under two event
+    types). Duplicates are recognised by a marker that lives ``SLUICE_DEDUPE_TTL_S``
+    (24 h) and, until the marker is written, by arq's refusal of a second job with
+    the same id, which is atomic. The marker is written only after the job is
+    queued, so a message that was not enqueued is never taken for a duplicate.
+
+    ``extra_keys`` are further identities of the same delivery (e.g. Slack's event
+    id) that must also count as seen.
+
+    Raises:
+        QueueError: Redis is unreachable; the adapter must answer with an error so
+            that the platform delivers again.
+    """
+    keys = Keys(settings.key_prefix)
+    markers = [keys.dedupe(msg.platform, msg.job_id)]
+    markers += [keys.dedupe(msg.platform, k) for k in extra_keys]
+    try:
+        if await redis.exists(*markers):
+            logger.info("duplicate platform=%s message=%s", msg.platform, msg.message_id)
+            return False
+    except (RedisError, OSError) as e:
+        raise QueueError(f"cannot check message {msg.message_id}: {e}") from e
+    if not await enqueue_reply(redis, settings, msg):
+        return False
+    try:
+        async with redis.pipeline(transaction=False) as pipe:
+            for marker in markers:
+                pipe.set(marker, b"1", ex=settings.dedupe_ttl_s)
+            await pipe.execute()
+    except (RedisError, OSError) as e:
+        # The job is queued; until its result expires arq still refuses a duplicate.
+        logger.warning("dedupe marker not written for message=%s: %s", msg.message_id, e)
+    return True
+
+
 def lane_queue_name(settings: Settings, lane: str) -> str:
     """The queue of one lane when ``SLUICE_LANE_QUEUES=per-lane``."""
     return f"{settings.queue_name}:{lane}"
@@ -105,5 +146,5 @@ def with_lane(settings: Settings, msg: IncomingMessage, bot: Bot | None) -> Inco
     """``msg`` with the lane its bot's rules choose (the adapter's lane when none match)."""
     if bot is None:
         return msg
-    lane = choose_lane(bot, settings, msg)
+    lane = choose_lane(bot, msg)
     return msg if lane == msg.lane else msg.model_copy(update={"lane": lane})

@@ -143,6 +143,29 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
 
+    # --- Framework: tools ---
+    tool_max_steps: int = Field(
+        5,
+        ge=0,
+        description="Rounds of tool calls per message before the model must answer "
+        "(a bot's `tool_max_steps` overrides it).",
+    )
+    tool_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="Time for all tool runs of one message; after it the model answers "
+        "with what it has (a bot's `tool_timeout_s` overrides it).",
+    )
+    tool_call_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="Longest run of one tool call; a slower call is reported "
+        "to the model as an error.",
+    )
+    tool_result_max_chars: int = Field(
+        8000, ge=100, description="Longest tool result sent to the model; longer is cut."
+    )
+
     # --- Traffic control (ordering, limits, LLM budget, cache, lanes) ---
     conversation_lock_ttl_s: float = Field(
         10.0,
@@ -181,7 +204,7 @@ class Settings(BaseSettings):
     admin_users: list[str] = Field(
         default_factory=list,
         description="User ids (JSON list) exempt from per-user limits, or given the admin "
-        "limits below; they also match lane rules with admin=True.",
+        "limits below.",
     )
     admin_tenants: list[str] = Field(
         default_factory=list,

@@ -7,8 +7,10 @@ import sys
 
 import click
 
+from core.cache_cli import cache as cache_command
 from core.errors import ConfigError
 from core.settings import get_settings
+from sluice.commands import commands_command
 
 
 def _fail(e: Exception) -> None:
@@ -123,6 +125,5 @@ def llm_sim(
     sim_main(port, cfg, host=host)
 
 
-from core.cache_cli import cache as _cache_command  # noqa: E402 - commands register last
-
-main.add_command(_cache_command)
+main.add_command(commands_command)
+main.add_command(cache_command)

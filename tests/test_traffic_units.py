@@ -8,11 +8,11 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from core.bot import Bot
+from core.bot import Bot, LaneRule
 from core.budget import LLMBudget, unavailable_text
 from core.cache import ResponseCache, cache_digest, clear_cache
 from core.errors import LLMRateLimitedError, LLMTransientError, LLMUnavailableError
-from core.lanes import LaneRule, choose_lane, priority_ms
+from core.lanes import choose_lane, priority_ms
 from core.llm import Completion
 from core.messages import IncomingMessage
 from core.ordering import ConversationBusy, acquire_conversation, register_arrival
@@ -109,26 +109,24 @@ async def test_admin_users_are_exempt_and_bot_overrides_limits(settings):
     assert limits_for(s, bot, _msg("a")).user_requests == 7
 
 
-def test_lane_rules_pick_the_first_match(settings):
-    s = settings.model_copy(update={"admin_users": ["boss"]})
+def test_lane_rules_pick_the_first_match_and_lanes_order_by_score(settings):
     bot = Bot(
-        lane_rules=[
-            LaneRule("high", words=("billing",)),
-            LaneRule("high", admin=True),
-            LaneRule("high", slash=True),
-            LaneRule("bulk", tiers=("free",)),
+        lanes=[
+            LaneRule("high", words=["billing"]),
+            LaneRule("high", users=["boss"]),
+            LaneRule("high", commands=True),
+            LaneRule("bulk", tenants=["cheap"]),
             LaneRule("high", dm=True),
         ],
-        tenant_tiers={"cheap": "free"},
     )
-    assert choose_lane(bot, s, _msg("a", text="A Billing question")) == "high"
-    assert choose_lane(bot, s, _msg("a", user="boss")) == "high"
-    assert choose_lane(bot, s, _msg("a", text="/ask hi")) == "high"
-    assert choose_lane(bot, s, _msg("a", tenant="cheap", is_dm=True)) == "bulk"
-    assert choose_lane(bot, s, _msg("a", is_dm=True)) == "high"
-    assert choose_lane(bot, s, _msg("a", text="billingual")) == "default"
-    assert priority_ms(s, "high", 100_000) < priority_ms(s, "default", 100_000)
-    assert priority_ms(s, "default", 100_000) < priority_ms(s, "bulk", 100_000)
+    assert choose_lane(bot, _msg("a", text="A Billing question")) == "high"
+    assert choose_lane(bot, _msg("a", user="boss")) == "high"
+    assert choose_lane(bot, _msg("a", text="/ask hi")) == "high"
+    assert choose_lane(bot, _msg("a", tenant="cheap", is_dm=True)) == "bulk"
+    assert choose_lane(bot, _msg("a", is_dm=True)) == "high"
+    assert choose_lane(bot, _msg("a", text="billingual")) == "default"
+    assert priority_ms(settings, "high", 100_000) < priority_ms(settings, "default", 100_000)
+    assert priority_ms(settings, "default", 100_000) < priority_ms(settings, "bulk", 100_000)
 
 
 def test_cache_digest_normalises_text_and_separates_tenants():

@@ -67,3 +67,22 @@ async def test_page_is_served(settings):
         async with http.get(base + "/") as resp:
             assert resp.status == 200
             assert "Sluice web chat" in await resp.text()
+
+
+async def test_a_resend_with_the_same_id_is_not_a_second_message(settings):
+    body = {"session": "s1", "text": "once please", "id": "abcdef0123456789"}
+    async with web_adapter(settings) as (base, redis), aiohttp.ClientSession() as http:
+        for expected_duplicate in (False, True, True):
+            async with http.post(f"{base}/api/messages", json=body) as resp:
+                assert resp.status == 202
+                assert (await resp.json()).get("duplicate", False) is expected_duplicate
+        assert await _queued(redis, settings) == 1
+
+
+async def test_a_malformed_id_is_refused(settings):
+    async with web_adapter(settings) as (base, redis), aiohttp.ClientSession() as http:
+        body = {"session": "s1", "text": "hi", "id": "../../x"}
+        async with http.post(f"{base}/api/messages", json=body) as resp:
+            assert resp.status == 400
+            assert "'id'" in (await resp.json())["error"]
+        assert await _queued(redis, settings) == 0

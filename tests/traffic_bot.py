@@ -1,13 +1,12 @@
-"""A bot with lane rules, for the traffic tests (``SLUICE_APP=tests.traffic_bot:bot``)."""
+"""Bots for the traffic tests (``SLUICE_APP=tests.traffic_bot:bot``)."""
 
-from core.bot import Bot
-from core.lanes import LaneRule
+from core.bot import Bot, LaneRule
 
 bot = Bot(
     name="traffic-test",
-    lane_rules=[
-        LaneRule("high", words=("billing", "urgent")),
-        LaneRule("bulk", words=("digest",)),
+    lanes=[
+        LaneRule("high", words=["billing", "urgent"]),
+        LaneRule("bulk", words=["digest"]),
     ],
     no_cache_channels=frozenset({"nocache"}),
 )

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, TypeVar
 
+from core.agent import Exchange, history_messages, run_tool_loop
 from core.bot import Bot
+from core.context import MessageContext
 from core.errors import HistoryError, LLMError, LLMRequestError, LLMUnavailableError
 from core.history import HotHistory
 from core.llm import ChatMessage, Completion, LLMProvider
@@ -17,6 +19,7 @@ from core.settings import Settings
 from core.traffic import GAVE_UP, Traffic
 
 logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 APOLOGY = (
     "Sorry, I couldn't answer that just now: the language model did not respond. "
@@ -43,12 +46,13 @@ async def get_responder_factory(ctx: dict[str, Any], platform: str) -> Responder
     return factories[platform]
 
 
-def build_context(bot: Bot, history: list[Turn], text: str) -> list[ChatMessage]:
+def build_context(
+    bot: Bot, history: list[Turn], text: str, system_prompt: str | None = None
+) -> list[ChatMessage]:
     """The messages sent to the model: persona, earlier turns, the new message."""
-    messages: list[ChatMessage] = [{"role": "system", "content": bot.system_prompt}]
-    for turn in history:
-        if turn.role in ("user", "assistant"):
-            messages.append({"role": turn.role, "content": turn.text})
+    system = system_prompt if system_prompt is not None else bot.system_prompt
+    messages: list[ChatMessage] = [{"role": "system", "content": system}]
+    messages.extend(history_messages(history))
     messages.append({"role": "user", "content": text})
     return messages
 
@@ -86,12 +90,16 @@ async def answer_message(
         ctx.get("job_try"),
     )
     started = time.monotonic()
+    msg, mctx, early = await _before_hooks(ctx, msg)
     await responder.begin()
+    exchange = Exchange()
     try:
         if not may_run:
             reply_, completion = Reply(text=GAVE_UP, kind="error"), None
+        elif early is not None:
+            reply_, completion = early, None
         else:
-            reply_, completion = await _answer(ctx, msg, responder)
+            reply_, completion = await _answer(ctx, msg, responder, mctx, exchange)
     except Exception:
         # A bug or an unforeseen failure still ends in a visible reply, never silence;
         # the traceback goes to the log, not to the user.
@@ -103,7 +111,7 @@ async def answer_message(
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
     await responder.finish(reply_)
-    await _remember(ctx, msg, reply_, completion, started)
+    await _remember(ctx, msg, reply_, completion, started, exchange.turns)
     logger.info(
         "job done platform=%s tenant=%s message=%s job=%s kind=%s in %.2fs",
         msg.platform,
@@ -116,14 +124,39 @@ async def answer_message(
     return reply_.kind
 
 
+async def _before_hooks(
+    ctx: dict[str, Any], msg: IncomingMessage
+) -> tuple[IncomingMessage, MessageContext, Reply | None]:
+    """Run the bot's before-hooks first of all: text they rewrite (e.g. masked personal
+    data) replaces the message's, so only the rewritten text is ever recorded, sent to
+    the model or stored. A ``Reply`` from a hook answers the message instead."""
+    mctx = MessageContext.from_message(msg)
+    text = mctx.text = msg.text.strip()
+    if not text:
+        return msg, mctx, None
+    bot: Bot = ctx["bot"]
+    early = await bot.run_before_hooks(mctx)
+    if mctx.text != text:
+        msg = msg.model_copy(update={"text": mctx.text})
+    return msg, mctx, early
+
+
 async def _answer(
-    ctx: dict[str, Any], msg: IncomingMessage, responder: Responder
+    ctx: dict[str, Any],
+    msg: IncomingMessage,
+    responder: Responder,
+    mctx: MessageContext,
+    exchange: Exchange,
 ) -> tuple[Reply, Completion | None]:
     settings: Settings = ctx["settings"]
     bot: Bot = ctx["bot"]
     text = msg.text.strip()
     if not text:
         return Reply(text=EMPTY_NOTICE, kind="notice"), None
+    # A command is answered without the model.
+    command_reply = await bot.run_command(mctx, msg.meta.get("command"))
+    if command_reply is not None:
+        return command_reply, None
     traffic: Traffic = ctx["traffic"]
     limited = await traffic.check_limits(msg)
     if limited is not None:
@@ -144,18 +177,35 @@ async def _answer(
         await responder.stream(note + so_far)
 
     provider: LLMProvider = ctx["llm"]
-    try:
+    cached = False
+
+    async def call(messages: list[ChatMessage], extra: dict[str, Any]) -> Completion:
+        # Through the response cache and the shared LLM budget (core.traffic).
+        nonlocal cached
         completion, cached = await traffic.complete(
             msg,
             ctx.get("job_id", msg.job_id),
             responder,
             provider,
-            build_context(bot, earlier, text),
+            messages,
             model=bot.model or settings.model,
             on_text=on_text,
             max_tokens=bot.max_tokens or settings.llm_max_tokens,
             temperature=bot.temperature,
-            **bot.params,
+            **{**bot.params, **extra},
+        )
+        return completion
+
+    try:
+        done = await run_tool_loop(
+            call,
+            build_context(bot, earlier, text, await bot.system_prompt_for(mctx)),
+            bot.tools,
+            mctx,
+            max_steps=_first(bot.tool_max_steps, settings.tool_max_steps),
+            timeout_s=_first(bot.tool_timeout_s, settings.tool_timeout_s),
+            call_timeout_s=settings.tool_call_timeout_s,
+            max_result_chars=settings.tool_result_max_chars,
         )
     except LLMRequestError as e:
         logger.error("llm refused message=%s: %s", msg.message_id, e)
@@ -168,7 +218,15 @@ async def _answer(
     except LLMError as e:
         logger.warning("llm failed message=%s: %s", msg.message_id, e)
         return Reply(text=APOLOGY, kind="error"), None
-    return Reply(text=note + completion.text, cached=cached), completion
+    exchange.turns = done.turns
+    completion = done.completion
+    if not completion.text.strip():
+        return Reply(text=APOLOGY, kind="error"), completion
+    return await bot.finish(mctx, Reply(text=note + completion.text, cached=cached)), completion
+
+
+def _first(value: _T | None, default: _T) -> _T:
+    return default if value is None else value
 
 
 async def _remember(
@@ -177,6 +235,7 @@ async def _remember(
     reply_: Reply,
     completion: Completion | None,
     started: float,
+    extra_turns: list[Turn] | None = None,
 ) -> None:
     history: HotHistory = ctx["history"]
     turns = [
@@ -188,6 +247,7 @@ async def _remember(
             user=msg.user,
             lane=msg.lane,
         ),
+        *(extra_turns or []),
     ]
     if reply_.kind == "answer":
         turns.append(

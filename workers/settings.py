@@ -84,7 +84,13 @@ def worker_queue(settings: Settings) -> str:
 
 
 def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> dict[str, Any]:
-    """Keyword arguments for :class:`arq.worker.Worker`."""
+    """Keyword arguments for :class:`arq.worker.Worker`.
+
+    Raises:
+        BotDefinitionError: ``SLUICE_APP`` does not load; raised here so that a
+            mistake in the bot stops the worker at start-up with its message.
+    """
+    load_bot(settings.app)
     return {
         "functions": [
             func(

@@ -23,13 +23,14 @@ from redis.exceptions import RedisError
 from bots.web.responder import publish
 from core.errors import QueueError
 from core.messages import IncomingMessage
-from core.queue import enqueue_reply
+from core.queue import accept_message
 from core.redis import Keys
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 SESSION_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+ID_RE = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
 SSE_BLOCK_MS = 15_000
 
 SETTINGS: web.AppKey[Settings] = web.AppKey("settings", Settings)
@@ -63,7 +64,6 @@ async def _read_json(request: web.Request) -> dict[str, Any] | web.Response:
 
 async def send_message(request: web.Request) -> web.Response:
     """Accept a message from a page: validate, enqueue, answer 202 with its id."""
-    settings = request.app[SETTINGS]
     data = await _read_json(request)
     if isinstance(data, web.Response):
         return data
@@ -77,30 +77,42 @@ async def send_message(request: web.Request) -> web.Response:
         text.encode("utf-8")
     except UnicodeEncodeError:
         return _error(400, "'text' contains invalid Unicode (a lone surrogate).")
-    text = text.replace("\x00", "")
     if not text.strip():
         return _error(400, "Message is empty: type something to send.")
+    client_id = data.get("id")
+    if client_id is not None and (not isinstance(client_id, str) or not ID_RE.match(client_id)):
+        return _error(400, "'id' must be 8-64 letters, digits, '-' or '_'.")
     msg = IncomingMessage(
         platform="web",
         tenant="web",
         channel=session,
         user=session,
-        message_id=uuid.uuid4().hex,
+        message_id=client_id or uuid.uuid4().hex,
         text=text,
         ts=time.time(),
         is_dm=True,
     )
+    return await _accept(request, msg)
+
+
+async def _accept(request: web.Request, msg: IncomingMessage) -> web.Response:
+    """Dedupe and enqueue, then show the message; 503 when Redis is down."""
+    settings = request.app[SETTINGS]
     redis = request.app[REDIS]
-    keys = Keys(settings.key_prefix)
+    body = {"message_id": msg.message_id, "job_id": msg.job_id}
     try:
+        if not await accept_message(redis, settings, msg):
+            return web.json_response({**body, "duplicate": True}, status=202)
         await publish(
-            redis, keys, session, {"type": "user", "message_id": msg.message_id, "text": text}
+            redis,
+            Keys(settings.key_prefix),
+            msg.channel,
+            {"type": "user", "message_id": msg.message_id, "text": msg.text},
         )
-        await enqueue_reply(redis, settings, msg)
     except (QueueError, RedisError, OSError) as e:
         logger.error("web enqueue failed message=%s: %s", msg.message_id, e)
         return _error(503, "The queue is unavailable right now; please try again shortly.")
-    return web.json_response({"message_id": msg.message_id, "job_id": msg.job_id}, status=202)
+    return web.json_response(body, status=202)
 
 
 async def events(request: web.Request) -> web.StreamResponse:

@@ -25,9 +25,8 @@ async def test_accepted_messages_survive_a_redis_restart_and_new_ones_are_refuse
             # No worker yet: the message waits in the queue.
             accepted = await tab.send("queued before the outage")
             valkey.stop()
-            async with http.post(
-                f"{base}/api/messages", json={"session": session, "text": "during"}
-            ) as resp:
+            during = {"session": session, "text": "during", "id": uuid.uuid4().hex}
+            async with http.post(f"{base}/api/messages", json=during) as resp:
                 assert resp.status == 503, "a refused message must not look accepted"
                 assert "try again" in (await resp.json())["error"]
             async with http.get(f"{base}/healthz") as resp:
@@ -41,6 +40,12 @@ async def test_accepted_messages_survive_a_redis_restart_and_new_ones_are_refuse
                 await asyncio.sleep(0.5)
                 assert len([e for e in tab.events_for(accepted) if e["type"] == "done"]) == 1
                 assert done["text"].startswith("Echo: queued before the outage")
+                # The refused message, delivered again, is taken: it was never enqueued.
+                async with http.post(f"{base}/api/messages", json=during) as resp:
+                    assert resp.status == 202
+                    assert "duplicate" not in await resp.json()
+                again = await tab.reply(during["id"], timeout_s=30)
+                assert again["text"].startswith("Echo: during")
             finally:
                 worker.stop()
 

@@ -1,0 +1,1 @@
+"""A support bot: lane rules, a redaction hook, a refusal hook, commands, DM-aware prompts."""
