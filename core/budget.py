@@ -127,15 +127,18 @@ return {status, math.ceil(wait), rank, math.ceil(interval)}
 # KEYS: bucket, stats, fails. ARGV: remaining req (-1 unknown), remaining tok, limit req,
 # limit tok, tokens used.
 _SUCCESS = """
-if tonumber(ARGV[3]) > 0 then redis.call('HSET', KEYS[1], 'lim_r', ARGV[3]) end
-if tonumber(ARGV[4]) > 0 then redis.call('HSET', KEYS[1], 'lim_t', ARGV[4]) end
-local st = redis.call('HMGET', KEYS[1], 'rl', 'tl')
-if tonumber(ARGV[1]) >= 0 and st[1] and tonumber(st[1]) > tonumber(ARGV[1]) then
-  redis.call('HSET', KEYS[1], 'rl', ARGV[1])
+local st = redis.call('HMGET', KEYS[1], 'rl', 'tl', 'lim_r', 'lim_t')
+-- The first time a limit is learned, the bucket starts from what the provider says
+-- is left; after that it is only ever lowered to it (our later grants are not in it).
+local function correct(level_field, level, limit_field, known, remaining, limit)
+  if tonumber(limit) > 0 then redis.call('HSET', KEYS[1], limit_field, limit) end
+  if tonumber(remaining) < 0 then return end
+  if (not known and tonumber(limit) > 0) or (level and tonumber(level) > tonumber(remaining)) then
+    redis.call('HSET', KEYS[1], level_field, remaining)
+  end
 end
-if tonumber(ARGV[2]) >= 0 and st[2] and tonumber(st[2]) > tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'tl', ARGV[2])
-end
+correct('rl', st[1], 'lim_r', st[3], ARGV[1], ARGV[3])
+correct('tl', st[2], 'lim_t', st[4], ARGV[2], ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[5])
 redis.call('DEL', KEYS[3])
 return 1

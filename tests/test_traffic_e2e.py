@@ -394,3 +394,25 @@ async def test_provider_down_for_a_minute_opens_the_breaker_and_calls_resume_aft
             assert time.monotonic() < deadline, "calls never resumed"
             await asyncio.sleep(2)
     assert (await redis.hget(f"{settings.key_prefix}:llm:stats", "breaker_opens")) is not None
+
+
+@pytest.mark.slow
+async def test_budget_learns_the_providers_limit_from_its_headers(
+    settings, llm_sim, worker_process, redis
+):
+    """No SLUICE_LLM_RPM: the first answer's x-ratelimit-* headers set the budget."""
+    llm_sim.configure(rpm=120, tokens=4)
+    worker_process()
+    worker_process()
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        first = _session()
+        mid = await post(http, base, first, "hello")
+        await wait_done(redis, settings.key_prefix, [(first, mid)], timeout_s=20)
+        sessions = [_session() for _ in range(130)]
+        ids = await asyncio.gather(*(post(http, base, s, f"q {s}") for s in sessions))
+        sent = list(zip(sessions, ids, strict=True))
+        events = await wait_done(redis, settings.key_prefix, sent, timeout_s=60)
+    assert all(done_event(events[m])["kind"] == "answer" for m in ids)
+    stats = llm_sim.stats()
+    assert stats["completions"] == 131
+    assert stats["rate_limited"] <= 0.02 * stats["requests"]

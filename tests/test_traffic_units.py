@@ -242,3 +242,33 @@ def test_cache_clear_command_deletes_one_tenants_answers(settings, redis_url, mo
     finally:
         get_settings.cache_clear()
         client.close()
+
+
+async def test_budget_learns_the_limit_from_headers_and_only_lowers_the_bucket(settings, redis):
+    budget = LLMBudget(redis, Keys(settings.key_prefix), settings)
+    await budget.acquire("first", 0, 1)  # nothing known yet: granted
+    headers = {
+        "x-ratelimit-limit-requests": "100",
+        "x-ratelimit-remaining-requests": "3",
+    }
+    await budget.succeeded(Completion(text="a", model="m", headers=headers))
+    # 3 left (the provider's word), then one per 0.62 s (100 rpm x 0.97).
+    started = time.monotonic()
+    for i in range(4):
+        await budget.acquire(f"m{i}", 0, 1)
+    assert 0.3 < time.monotonic() - started < 1.5
+    headers["x-ratelimit-remaining-requests"] = "90"
+    await budget.succeeded(Completion(text="a", model="m", headers=headers))
+    bucket = await redis.hget(f"{settings.key_prefix}:llm:bucket", "rl")
+    assert float(bucket) < 2, "a later, higher 'remaining' never raises the bucket"
+
+
+async def test_budget_holds_requests_to_the_tokens_per_minute(settings, redis):
+    s = settings.model_copy(update={"llm_tpm": 600, "llm_budget_headroom": 1.0})
+    budget = LLMBudget(redis, Keys(settings.key_prefix), s)
+    started = time.monotonic()
+    for i in range(3):
+        await budget.acquire(f"m{i}", 0, 200)
+    assert time.monotonic() - started < 0.2
+    await budget.acquire("m3", 0, 20)  # 600 tpm = 10 tokens/s: ~2 s for 20 tokens
+    assert 1.5 < time.monotonic() - started < 3.0
