@@ -16,7 +16,9 @@ retry layer), which calls :class:`BudgetGate` before every attempt.
 The breaker counts provider failures (5xx, timeouts, broken streams; not 429s):
 ``SLUICE_BREAKER_FAILURES`` within ``SLUICE_BREAKER_WINDOW_S`` open it for
 ``SLUICE_BREAKER_OPEN_S``; while open no call is made and jobs reply
-:func:`unavailable_text` at once. One success closes the count again.
+:func:`unavailable_text` at once. Then it is half-open: one call (the probe) goes
+through while other jobs still get the short reply; its success closes the breaker,
+its failure opens it again at once. One success also clears the failure count.
 
 Counters for ``sluice status`` and ``sluice bench`` (hash ``{prefix}:llm:stats``):
 ``calls`` (requests granted), ``calls_in_backlog`` (granted while others waited),
@@ -47,8 +49,8 @@ logger = logging.getLogger(__name__)
 STALE_WAITER_MS = 5000
 MAX_POLL_S = 1.0
 
-# KEYS: bucket, waiters, seen, stats, breaker-open.
-# ARGV: member, priority, rpm (0: unknown), tpm, est tokens, stale ms, headroom.
+# KEYS: bucket, waiters, seen, stats, breaker-open, breaker-half-open, breaker-probe.
+# ARGV: member, priority, rpm (0: unknown), tpm, est tokens, stale ms, headroom, probe ms.
 # Returns {status, wait_ms, rank, interval_ms}: status 1 granted, 0 wait, -1 breaker open.
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -58,6 +60,16 @@ if open_ttl > 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
   return {-1, open_ttl, 0, 0}
+end
+if redis.call('EXISTS', KEYS[6]) == 1 then
+  -- Half-open: one call (the probe) finds out whether the provider is back.
+  local probe = redis.call('GET', KEYS[7])
+  if probe and probe ~= ARGV[1] then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    redis.call('HDEL', KEYS[3], ARGV[1])
+    return {-1, math.max(1000, redis.call('PTTL', KEYS[7])), 0, 0}
+  end
+  if not probe then redis.call('SET', KEYS[7], ARGV[1], 'PX', ARGV[8]) end
 end
 local st = redis.call('HMGET', KEYS[1], 'rl', 'tl', 'ts', 'blocked', 'lim_r', 'lim_t')
 local function limit(conf, learned)
@@ -124,8 +136,8 @@ if tpm > 0 then interval = math.max(interval, est * 60000 / tpm) end
 return {status, math.ceil(wait), rank, math.ceil(interval)}
 """
 
-# KEYS: bucket, stats, fails. ARGV: remaining req (-1 unknown), remaining tok, limit req,
-# limit tok, tokens used.
+# KEYS: bucket, stats, fails, half-open, probe.
+# ARGV: remaining req (-1 unknown), remaining tok, limit req, limit tok, tokens used.
 _SUCCESS = """
 local st = redis.call('HMGET', KEYS[1], 'rl', 'tl', 'lim_r', 'lim_t')
 -- The first time a limit is learned, the bucket starts from what the provider says
@@ -140,7 +152,7 @@ end
 correct('rl', st[1], 'lim_r', st[3], ARGV[1], ARGV[3])
 correct('tl', st[2], 'lim_t', st[4], ARGV[2], ARGV[4])
 redis.call('HINCRBY', KEYS[2], 'tokens', ARGV[5])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[5])
 return 1
 """
 
@@ -156,16 +168,18 @@ redis.call('HINCRBY', KEYS[2], 'rate_limited', 1)
 return 1
 """
 
-# KEYS: fails, open, stats. ARGV: threshold, window ms, open ms. Returns open ms or 0.
+# KEYS: fails, open, stats, half-open, probe. ARGV: threshold, window ms, open ms.
+# Returns open ms or 0. A failed probe (half-open) opens the breaker again at once.
 _FAILURE = """
 redis.call('HINCRBY', KEYS[3], 'failures', 1)
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-if n >= tonumber(ARGV[1]) then
-  redis.call('DEL', KEYS[1])
+if n >= tonumber(ARGV[1]) or redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('DEL', KEYS[1], KEYS[5])
   if redis.call('SET', KEYS[2], '1', 'PX', ARGV[3], 'NX') then
     redis.call('HINCRBY', KEYS[3], 'breaker_opens', 1)
   end
+  redis.call('SET', KEYS[4], '1', 'EX', 86400)
   return redis.call('PTTL', KEYS[2])
 end
 return 0
@@ -204,6 +218,8 @@ class LLMBudget:
         self.stats_key = keys.llm("stats")
         self._open = keys.llm("breaker:open")
         self._fails = keys.llm("breaker:fails")
+        self._half = keys.llm("breaker:half-open")
+        self._probe = keys.llm("breaker:probe")
         self._acquire = Lua(redis, _ACQUIRE)
         self._success = Lua(redis, _SUCCESS)
         self._rate_limited = Lua(redis, _RATE_LIMITED)
@@ -233,7 +249,16 @@ class LLMBudget:
         s = self._settings
         started = time.monotonic()
         told = False
-        keys = [self._bucket, self._waiters, self._seen, self.stats_key, self._open]
+        keys = [
+            self._bucket,
+            self._waiters,
+            self._seen,
+            self.stats_key,
+            self._open,
+            self._half,
+            self._probe,
+        ]
+        probe_ms = int((s.llm_timeout_s + 5) * 1000)
         while True:
             res: list[Any] = await self._acquire(
                 keys,
@@ -245,6 +270,7 @@ class LLMBudget:
                     est_tokens,
                     STALE_WAITER_MS,
                     s.llm_budget_headroom,
+                    probe_ms,
                 ],
             )
             status, wait_ms, rank, interval_ms = (int(x) for x in res)
@@ -277,7 +303,7 @@ class LLMBudget:
         """Correct the bucket from the answer's headers; count tokens; reset the breaker."""
         h = completion.headers
         await self._success(
-            [self._bucket, self.stats_key, self._fails],
+            [self._bucket, self.stats_key, self._fails, self._half, self._probe],
             [
                 _header_int(h, "x-ratelimit-remaining-requests"),
                 _header_int(h, "x-ratelimit-remaining-tokens"),
@@ -293,15 +319,20 @@ class LLMBudget:
         if isinstance(error, LLMRateLimitedError):
             retry_ms = int((error.retry_after_s or 1.0) * 1000)
             await self._rate_limited([self._bucket, self.stats_key], [retry_ms])
+            # The provider answers: it is up, whatever the breaker thought.
+            await self._redis.delete(self._half, self._probe)
             return
         if isinstance(error, LLMTransientError):
             s = self._settings
             opened = await self._failure(
-                [self._fails, self._open, self.stats_key],
+                [self._fails, self._open, self.stats_key, self._half, self._probe],
                 [s.breaker_failures, int(s.breaker_window_s * 1000), int(s.breaker_open_s * 1000)],
             )
             if int(opened) > 0:
                 logger.warning("llm circuit breaker open for %.0fs", int(opened) / 1000)
+            return
+        # A refused request (4xx) still shows the provider is up.
+        await self._redis.delete(self._half, self._probe)
 
     async def count(self, field: str, n: int = 1) -> None:
         """Add to one of the counters (e.g. ``cache_hits``)."""

@@ -213,8 +213,20 @@ async def test_breaker_opens_after_repeated_failures_and_closes_again(settings, 
         await budget.acquire("a", 0, 1)
     assert err.value.retry_in_s is not None and 0 < err.value.retry_in_s <= 0.5
     await asyncio.sleep(0.6)
-    await budget.acquire("a", 0, 1)
-    assert (await budget.stats())["breaker_opens"] == 1
+    # Half-open: one probe goes; others still get the short reply until it succeeds.
+    await budget.acquire("probe", 0, 1)
+    with pytest.raises(LLMUnavailableError):
+        await budget.acquire("b", 0, 1)
+    # The probe fails: open again at once, without waiting for 3 failures.
+    await budget.failed(LLMTransientError("500"))
+    with pytest.raises(LLMUnavailableError):
+        await budget.acquire("b", 0, 1)
+    await asyncio.sleep(0.6)
+    await budget.acquire("probe2", 0, 1)
+    await budget.succeeded(Completion(text="ok", model="m"))
+    await budget.acquire("b", 0, 1)
+    await budget.acquire("c", 0, 1)
+    assert (await budget.stats())["breaker_opens"] == 2
     assert unavailable_text(90) == (
         "The assistant is unavailable right now; please try again in 2 minutes."
     )
