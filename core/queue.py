@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from arq.connections import ArqRedis, create_pool
 from redis.exceptions import RedisError
 
 from core.bot import Bot, load_bot
+from core.budget import estimate_wait_s
 from core.errors import BotDefinitionError, QueueError
 from core.lanes import choose_lane, priority_ms
 from core.messages import IncomingMessage
@@ -19,6 +20,10 @@ from core.serializer import deserialize, serialize
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Ahead of every lane (their head starts are seconds); the notice is stale after a minute.
+NOTICE_HEAD_START_MS = 3_600_000
+NOTICE_EXPIRES = timedelta(seconds=60)
 
 
 async def connect_queue(settings: Settings) -> ArqRedis:
@@ -76,6 +81,8 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
             await redis.hincrby(keys.lanes(), f"enqueued:{msg.lane}", 1)  # type: ignore[misc]
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot enqueue message {msg.message_id}: {e}") from e
+    if job is not None and settings.queued_notice_after_s > 0:
+        await _tell_if_queued(redis, settings, keys, msg, queue, score_ms)
     logger.info(
         "enqueued platform=%s tenant=%s message=%s job=%s lane=%s new=%s",
         msg.platform,
@@ -127,6 +134,35 @@ async def accept_message(
         # The job is queued; until its result expires arq still refuses a duplicate.
         logger.warning("dedupe marker not written for message=%s: %s", msg.message_id, e)
     return True
+
+
+async def _tell_if_queued(
+    redis: ArqRedis,
+    settings: Settings,
+    keys: Keys,
+    msg: IncomingMessage,
+    queue: str,
+    score_ms: int,
+) -> None:
+    """When the expected wait passes ``SLUICE_QUEUED_NOTICE_AFTER_S``, queue a tiny
+    ``notify_queued`` job ahead of everything, so the user sees where they stand while
+    the reply job still waits for a worker (responders without ``queued`` skip it)."""
+    try:
+        wait_s = await estimate_wait_s(redis, keys, settings, queue, score_ms)
+        if wait_s is None or wait_s <= settings.queued_notice_after_s:
+            return
+        await redis.enqueue_job(
+            "notify_queued",
+            msg.model_dump(mode="json"),
+            round(wait_s),
+            _job_id=f"queued:{msg.job_id}",
+            _queue_name=queue,
+            _defer_until=datetime.fromtimestamp((score_ms - NOTICE_HEAD_START_MS) / 1000, tz=UTC),
+            _expires=NOTICE_EXPIRES,
+        )
+    except (RedisError, OSError) as e:
+        # The message itself is queued; only the courtesy notice is lost.
+        logger.warning("queued notice not sent for message=%s: %s", msg.message_id, e)
 
 
 def lane_queue_name(settings: Settings, lane: str) -> str:

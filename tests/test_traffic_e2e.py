@@ -416,3 +416,32 @@ async def test_budget_learns_the_providers_limit_from_its_headers(
     stats = llm_sim.stats()
     assert stats["completions"] == 131
     assert stats["rate_limited"] <= 0.02 * stats["requests"]
+
+
+@pytest.mark.slow
+async def test_message_waiting_for_a_worker_is_told_its_expected_wait_at_once(
+    settings, llm_sim, worker_process, redis
+):
+    """The line forms in the queue (5 worker slots), not in the budget: the adapter's
+    enqueue estimates the wait and a notice job shows it before the reply job starts."""
+    env = {
+        "SLUICE_LLM_RPM": "60",
+        "SLUICE_QUEUED_NOTICE_AFTER_S": "2",
+        "SLUICE_WORKER_MAX_JOBS": "5",
+    }
+    llm_sim.configure(tokens=3)
+    worker_process(env)
+    s = settings.model_copy(update={"llm_rpm": 60, "queued_notice_after_s": 2.0})
+    async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
+        sessions = [_session() for _ in range(66)]
+        ids = []
+        for session in sessions:  # in order, so that the last ones are last in line
+            ids.append(await post(http, base, session, f"q {session}"))
+        sent = list(zip(sessions, ids, strict=True))
+        events = await wait_done(redis, settings.key_prefix, sent, timeout_s=40)
+    last = events[ids[-1]]
+    kinds = [e["type"] for e in last]
+    assert "queued" in kinds, kinds
+    assert kinds.index("queued") < kinds.index("start") < kinds.index("done")
+    assert done_event(last)["kind"] == "answer"
+    assert not any(e["type"] == "queued" for e in events[ids[0]])

@@ -33,7 +33,7 @@ from core.responder import ResponderFactory
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 from core.traffic import BUSY_MAX_TRIES, Traffic
-from workers import jobs
+from workers import jobs, traffic_jobs
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 # re-runs itself against SLUICE_JOB_MAX_TRIES (core.traffic).
                 max_tries=BUSY_MAX_TRIES,
             ),
+            func(traffic_jobs.notify_queued, name="notify_queued", timeout=10, max_tries=1),
         ],
         "queue_name": worker_queue(settings),
         "redis_settings": redis_settings(settings),
