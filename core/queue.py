@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from datetime import UTC, datetime, timedelta
@@ -172,10 +173,16 @@ def lane_queue_name(settings: Settings, lane: str) -> str:
 
 def _load_bot(settings: Settings) -> Bot | None:
     try:
-        return load_bot(settings.app)
+        return _bot_at(settings.app)
     except BotDefinitionError as e:
         logger.error("cannot load the bot to choose a lane: %s", e)
         return None
+
+
+@functools.lru_cache(maxsize=8)
+def _bot_at(path: str | None) -> Bot:
+    # Once per process: a bot factory function must not run on every enqueue.
+    return load_bot(path)
 
 
 def with_lane(settings: Settings, msg: IncomingMessage, bot: Bot | None) -> IncomingMessage:

@@ -26,7 +26,13 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.bot import Bot
-from core.budget import BudgetGate, LLMBudget, estimate_tokens, unavailable_text
+from core.budget import (
+    BudgetGate,
+    LLMBudget,
+    estimate_tokens,
+    quota_use_in_backlog,
+    unavailable_text,
+)
 from core.cache import ResponseCache, cache_digest, cache_enabled
 from core.errors import LLMError, LLMUnavailableError
 from core.lanes import priority_ms
@@ -76,6 +82,24 @@ async def lane_counts(redis: Redis, keys: Keys) -> dict[str, dict[str, int]]:
     for counts in out.values():
         counts["waiting"] = max(0, counts["enqueued"] - counts["started"])
     return out
+
+
+async def snapshot(redis: Redis, settings: Settings) -> dict[str, Any]:
+    """Traffic control at a glance, for ``sluice status`` and ``sluice bench``: the LLM
+    budget counters (see :mod:`core.budget`), the breaker, the cache hit ratio and the
+    per-lane counts."""
+    keys = Keys(settings.key_prefix)
+    budget = LLMBudget(redis, keys, settings)
+    stats = await budget.stats()
+    hits, misses = stats.get("cache_hits", 0), stats.get("cache_misses", 0)
+    rpm = settings.llm_rpm or 0
+    return {
+        "llm": stats,
+        "breaker_open_for_s": await budget.breaker_open_for(),
+        "cache_hit_ratio": hits / (hits + misses) if hits + misses else None,
+        "quota_use_in_backlog": quota_use_in_backlog(stats, rpm) if rpm else None,
+        "lanes": await lane_counts(redis, keys),
+    }
 
 
 class Traffic:

@@ -14,7 +14,7 @@ import pytest
 from core.messages import IncomingMessage
 from core.queue import enqueue_reply
 from core.redis import Keys
-from core.traffic import lane_counts
+from core.traffic import lane_counts, snapshot
 from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
 from tests.traffic_util import done_event, outbox, p95, post, wait_done
 from tests.webchat import web_adapter
@@ -295,6 +295,10 @@ async def test_shared_budget_keeps_429s_rare_and_answers_every_message(
         total_s = time.monotonic() - started
     kinds = [done_event(events[m])["kind"] for _, m in sent]
     stats = llm_sim.stats()
+    snap = await snapshot(redis, settings.model_copy(update={"llm_rpm": 120}))
+    print(f"traffic snapshot: {snap}")
+    assert snap["llm"]["calls"] == stats["completions"]
+    assert snap["quota_use_in_backlog"] > 0.9
     budget = await redis.hgetall(f"{settings.key_prefix}:llm:stats")
     print(
         f"offered in {offered_s:.1f}s, all answered in {total_s:.1f}s; sim {stats}; "
