@@ -196,7 +196,10 @@ class Settings(BaseSettings):
         200_000, ge=1, description="LLM tokens per user per UTC day (unset: no limit)."
     )
     tenant_requests_per_window: int | None = Field(
-        1000, ge=1, description="Messages per tenant per window (unset: no limit)."
+        10_000,
+        ge=1,
+        description="Messages per tenant per window (unset: no limit); high enough that a "
+        "whole workspace arriving at once is served.",
     )
     tenant_tokens_per_day: int | None = Field(
         5_000_000, ge=1, description="LLM tokens per tenant per UTC day (unset: no limit)."
