@@ -50,6 +50,31 @@ class Keys:
         """What a job already delivered to the platform (so a retry never posts twice)."""
         return f"{self.prefix}:delivered:{job_id}"
 
+    # --- History (write-behind) ---
+    def history_pattern(self) -> str:
+        """SCAN pattern matching every hot window."""
+        return f"{self.prefix}:hist:*"
+
+    def history_backlog(self) -> str:
+        """The write-behind backlog: a stream of records not yet in SQL."""
+        return f"{self.prefix}:histq:backlog"
+
+    def history_overflow(self) -> str:
+        """Conversations whose turns went past the backlog bound (a set)."""
+        return f"{self.prefix}:histq:overflow"
+
+    def history_stats(self) -> str:
+        """Flush state and counters (a hash): last flush, failures, overflow counts."""
+        return f"{self.prefix}:histq:stats"
+
+    def history_flush_lock(self) -> str:
+        """The lock that lets one flush run at a time across all workers."""
+        return f"{self.prefix}:histq:lock"
+
+    def cache_pattern(self, tenant: str) -> str:
+        """SCAN pattern for one tenant's cached answers (the cache's key layout)."""
+        return f"{self.prefix}:cache:{tenant}:*"
+
     # --- Traffic control (core.ordering, core.ratelimit, core.budget, core.cache) ---
 
     def conv_lock(self, conversation_id: str) -> str:

@@ -166,6 +166,67 @@ class Settings(BaseSettings):
         8000, ge=100, description="Longest tool result sent to the model; longer is cut."
     )
 
+    # --- History (write-behind to SQL) ---
+    db_schema: str | None = Field(
+        None,
+        description="Postgres schema for Sluice's tables (its search_path); unset means "
+        "the server's default (public). Ignored for SQLite.",
+    )
+    history_flush_interval_s: int = Field(
+        5,
+        ge=1,
+        le=3600,
+        description="How often the `flush_history` cron job moves the Redis "
+        "backlog to SQL (rounded to a divisor of 60 s, or of 60 min above a minute).",
+    )
+    history_flush_threshold: int = Field(
+        5000,
+        ge=1,
+        description="Backlog length at which a flush is started at once instead of "
+        "waiting for the next interval.",
+    )
+    history_flush_batch: int = Field(
+        2000, ge=1, le=50_000, description="Messages per SQL transaction in a flush."
+    )
+    history_flush_concurrency: int = Field(
+        4,
+        ge=1,
+        le=16,
+        description="Batches written at once, each in its own transaction "
+        "(Postgres only; SQLite has a single writer).",
+    )
+    history_flush_max_s: float = Field(
+        30.0, gt=0, description="Longest time one flush run keeps going before it yields."
+    )
+    history_flush_lock_ttl_s: float = Field(
+        15.0,
+        ge=0.5,
+        description="TTL of the flush lock (renewed while flushing); a dead "
+        "flusher's lock frees itself after this.",
+    )
+    history_flush_backoff_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between flush attempts while the database fails."
+    )
+    history_backlog_max: int = Field(
+        1_000_000,
+        ge=100,
+        description="Most messages held in the Redis backlog while SQL is "
+        "down or slow; at the bound see docs/history.md (turns stay in the hot window and are "
+        "flushed from there; logged at ERROR).",
+    )
+    history_compress_min_bytes: int = Field(
+        256,
+        ge=0,
+        description="Message bodies at least this long are zstd-compressed in "
+        "Redis (0 compresses everything).",
+    )
+    history_sql_fallback: bool = Field(
+        True, description="Read context from SQL when Redis no longer holds a conversation."
+    )
+    retention_days: int = Field(
+        0, ge=0, description="Delete stored messages older than this many days (0 keeps them)."
+    )
+
     # --- Traffic control (ordering, limits, LLM budget, cache, lanes) ---
     conversation_lock_ttl_s: float = Field(
         10.0,

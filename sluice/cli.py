@@ -56,6 +56,7 @@ def worker(burst: bool) -> None:
     try:
         asyncio.run(run_worker(settings, burst=burst))
     except ConfigError as e:
+        # e.g. an older database schema: the message names `sluice db upgrade`.
         _fail(e)
 
 
@@ -127,3 +128,10 @@ def llm_sim(
 
 main.add_command(commands_command)
 main.add_command(cache_command)
+
+# History data management (workers/cli_history.py).
+from workers.cli_history import db, history, usage  # noqa: E402
+
+main.add_command(history)
+main.add_command(db)
+main.add_command(usage)

@@ -124,6 +124,10 @@ async def run_dev(settings: Settings, *, port: int | None = None) -> None:
                 f"{settings.openai_base_url or 'https://api.openai.com/v1'} model {settings.model}"
             )
         settings = settings.model_copy(update=updates)
+        from core.store import ensure_schema_at_startup
+
+        # Creates the schema on an empty database; ConfigError on an older one.
+        await ensure_schema_at_startup(settings)
         redis = await connect_queue(settings)
         worker = create_worker(settings, handle_signals=False)
         worker_task = asyncio.create_task(worker.async_run())

@@ -91,6 +91,8 @@ async def answer_message(
     )
     started = time.monotonic()
     msg, mctx, early = await _before_hooks(ctx, msg)
+    # Recorded for SQL now (after the hooks, so only rewritten text is ever stored).
+    await _record_incoming(ctx, msg)
     await responder.begin()
     exchange = Exchange()
     try:
@@ -168,7 +170,9 @@ async def _answer(
     history: HotHistory = ctx["history"]
     n = bot.context_turns if bot.context_turns is not None else settings.context_turns
     try:
-        earlier = await history.recent(msg.conversation_id, n)
+        earlier = await history.recent(
+            msg.conversation_id, n, exclude={msg.message_id, f"{msg.message_id}:answer"}
+        )
     except HistoryError:
         logger.exception("history unavailable for %s; answering without it", msg.message_id)
         earlier = []
@@ -229,6 +233,26 @@ def _first(value: _T | None, default: _T) -> _T:
     return default if value is None else value
 
 
+def _user_turn(msg: IncomingMessage) -> Turn:
+    return Turn(
+        role="user",
+        text=msg.text,
+        message_id=msg.message_id,
+        ts=msg.ts,
+        user=msg.user,
+        lane=msg.lane,
+    )
+
+
+async def _record_incoming(ctx: dict[str, Any], msg: IncomingMessage) -> None:
+    """Record the accepted message for SQL now, before anything can fail."""
+    history: HotHistory = ctx["history"]
+    try:
+        await history.record(msg, [_user_turn(msg)])
+    except HistoryError:
+        logger.exception("could not record message=%s", msg.message_id)
+
+
 async def _remember(
     ctx: dict[str, Any],
     msg: IncomingMessage,
@@ -238,23 +262,14 @@ async def _remember(
     extra_turns: list[Turn] | None = None,
 ) -> None:
     history: HotHistory = ctx["history"]
-    turns = [
-        Turn(
-            role="user",
-            text=msg.text,
-            message_id=msg.message_id,
-            ts=msg.ts,
-            user=msg.user,
-            lane=msg.lane,
-        ),
-        *(extra_turns or []),
-    ]
+    turns = [_user_turn(msg), *(extra_turns or [])]
     if reply_.kind == "answer":
         turns.append(
             Turn(
                 role="assistant",
                 text=reply_.text,
                 message_id=f"{msg.message_id}:answer",
+                user=msg.user,
                 model=completion.model if completion else None,
                 tokens_in=completion.tokens_in if completion else 0,
                 tokens_out=completion.tokens_out if completion else 0,
@@ -265,6 +280,10 @@ async def _remember(
         )
     try:
         # History must be written even if the job is being cancelled at this point.
-        await asyncio.shield(history.append(msg.conversation_id, turns))
+        # The user's message went to the backlog when the job started; only the
+        # answer is recorded now (both join the hot window together, after the answer).
+        await asyncio.shield(
+            history.append(msg.conversation_id, turns, origin=msg, backlog=turns[1:])
+        )
     except HistoryError:
         logger.exception("could not store turns of message=%s", msg.message_id)

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
+from arq.cron import cron
 from arq.worker import Worker, func
 
 from core.bot import load_bot
@@ -32,8 +34,10 @@ from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
 from core.serializer import deserialize, serialize
 from core.settings import Settings
+from core.store import ensure_schema_at_startup, make_engine
 from core.traffic import BUSY_MAX_TRIES, Traffic
-from workers import jobs, traffic_jobs
+from workers import flush, jobs, traffic_jobs
+from workers.flush import Flusher
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +49,28 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         ctx["settings"] = settings
         ctx["bot"] = load_bot(settings.app)
         ctx["keys"] = Keys(settings.key_prefix)
+        ctx["db"] = make_engine(settings)
+        await ensure_schema_at_startup(settings, ctx["db"])
+        redis = ctx["redis"]
+
+        async def flush_soon() -> None:
+            # One early flush per second at most, whatever the number of workers.
+            await redis.enqueue_job(
+                "flush_history", _job_id=f"flush_history:soon:{int(time.time())}"
+            )
+
         ctx["history"] = HotHistory(
             ctx["redis"],
             ctx["keys"],
             max_turns=settings.history_max_turns,
             ttl_s=settings.history_ttl_s,
+            backlog_max=settings.history_backlog_max,
+            compress_min_bytes=settings.history_compress_min_bytes,
+            engine=ctx["db"] if settings.history_sql_fallback else None,
+            flush_threshold=settings.history_flush_threshold,
+            on_threshold=flush_soon,
         )
+        ctx["flusher"] = Flusher(ctx["redis"], settings, ctx["db"])
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
         ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"])
         ctx["responders"] = {}
@@ -69,6 +89,18 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await factory.close()
     if "llm" in ctx:
         await ctx["llm"].close()
+    if "db" in ctx:
+        await ctx["db"].dispose()
+
+
+def _cron_times(interval_s: int) -> dict[str, Any]:
+    """arq ``cron`` arguments for "every ``interval_s`` seconds" (rounded to fit an hour)."""
+    if interval_s < 60:
+        step = max(d for d in range(1, interval_s + 1) if 60 % d == 0)
+        return {"second": set(range(0, 60, step))}
+    minutes = max(1, min(60, interval_s // 60))
+    step = max(d for d in range(1, minutes + 1) if 60 % d == 0)
+    return {"minute": set(range(0, 60, step)), "second": 0}
 
 
 def worker_queue(settings: Settings) -> str:
@@ -102,6 +134,33 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 max_tries=BUSY_MAX_TRIES,
             ),
             func(traffic_jobs.notify_queued, name="notify_queued", timeout=10, max_tries=1),
+            # History jobs time out with the reply job: arq keeps a killed worker's
+            # job "in progress" for the longest timeout of ALL functions + 10 s, so a
+            # longer timeout here would delay re-running a killed reply job.
+            func(
+                flush.flush_history,
+                name="flush_history",
+                timeout=settings.job_timeout_s,
+                max_tries=1,
+            ),
+        ],
+        "cron_jobs": [
+            cron(
+                flush.flush_history,
+                name="cron:flush_history",
+                timeout=settings.job_timeout_s,
+                max_tries=1,
+                run_at_startup=True,
+                **_cron_times(settings.history_flush_interval_s),
+            ),
+            cron(
+                flush.apply_retention,
+                name="cron:apply_retention",
+                minute=17,
+                second=0,
+                timeout=settings.job_timeout_s,
+                max_tries=1,
+            ),
         ],
         "queue_name": worker_queue(settings),
         "redis_settings": redis_settings(settings),
