@@ -133,7 +133,12 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 # re-runs itself against SLUICE_JOB_MAX_TRIES (core.traffic).
                 max_tries=BUSY_MAX_TRIES,
             ),
-            func(traffic_jobs.notify_queued, name="notify_queued", timeout=10, max_tries=1),
+            func(
+                traffic_jobs.notify_queued,
+                name="notify_queued",
+                timeout=min(10, settings.job_timeout_s),
+                max_tries=1,
+            ),
             # History jobs time out with the reply job: arq keeps a killed worker's
             # job "in progress" for the longest timeout of ALL functions + 10 s, so a
             # longer timeout here would delay re-running a killed reply job.
