@@ -146,6 +146,12 @@ class ResponseCache:
             if hit is not None:
                 return hit, True
             if await self._redis.set(lock, owner, px=LOCK_TTL_MS, nx=True):
+                # The previous leader may have stored the answer and unlocked between
+                # our miss above and taking the lock: look once more before calling.
+                hit = await self.get(key)
+                if hit is not None:
+                    await self._unlock([lock], [owner])
+                    return hit, True
                 return await self._lead(key, lock, owner, compute), False
             if time.monotonic() > deadline:
                 # The leader is far too slow; answer on our own rather than wait on.
