@@ -75,6 +75,41 @@ class Keys:
         """SCAN pattern for one tenant's cached answers (the cache's key layout)."""
         return f"{self.prefix}:cache:{tenant}:*"
 
+    # --- Slack ---
+
+    def slack_thread(self, team: str, channel: str, thread_ts: str) -> str:
+        """Marks a Slack thread the bot answers in (follow-ups need no mention)."""
+        return f"{self.prefix}:slack:thread:{team}:{channel}:{thread_ts}"
+
+    def slack_pace(self, channel: str, ts: str) -> str:
+        """Held while one Slack message may not be edited again (one edit per interval)."""
+        return f"{self.prefix}:slack:pace:{channel}:{ts}"
+
+    def slack_update_budget(self, team: str, minute: int) -> str:
+        """chat.update calls of one workspace in one minute."""
+        return f"{self.prefix}:slack:updates:{team}:{minute}"
+
+    def slack_oauth_state(self, state: str) -> str:
+        """An OAuth ``state`` issued by ``/slack/install``, consumed once."""
+        return f"{self.prefix}:slack:oauth:{state}"
+
+    # --- Discord ---
+    def discord_bucket(self, bucket: str) -> str:
+        """Shared pacing state of one Discord rate-limit bucket (route + major id)."""
+        return f"{self.prefix}:discord:bucket:{bucket}"
+
+    def discord_global(self) -> str:
+        """Timestamps of recent Discord REST requests from all workers (the global limit)."""
+        return f"{self.prefix}:discord:global"
+
+    def discord_global_pause(self) -> str:
+        """Set while Discord's global rate limit is exceeded (after a global 429)."""
+        return f"{self.prefix}:discord:global:pause"
+
+    def discord_global_learned(self) -> str:
+        """A lowered global rate after a global 429 (expires)."""
+        return f"{self.prefix}:discord:global:learned"
+
     # --- Traffic control (core.ordering, core.ratelimit, core.budget, core.cache) ---
 
     def conv_lock(self, conversation_id: str) -> str:

@@ -8,10 +8,12 @@ Durations end in ``_s``; secrets are :class:`pydantic.SecretStr` so they never p
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
+from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _fixed(name: str) -> AliasChoices:
@@ -227,6 +229,134 @@ class Settings(BaseSettings):
         0, ge=0, description="Delete stored messages older than this many days (0 keeps them)."
     )
 
+    # --- Slack ---
+    encryption_key: SecretStr | None = Field(
+        None,
+        description="Fernet key (`Fernet.generate_key()`) that encrypts stored platform "
+        "tokens (Slack installations) at rest; unset stores them in plain text.",
+    )
+    slack_port: int = Field(
+        3000,
+        ge=0,
+        le=65535,
+        description="Port of the Slack adapter's HTTP mode "
+        "(`sluice slack`, and `sluice dev` when Slack's tokens are set).",
+    )
+    slack_native_streaming: bool = Field(
+        True,
+        description="Stream Slack replies in threads with chat.startStream/appendStream/"
+        "stopStream; off (or where Slack refuses) a posted message is edited instead.",
+    )
+    slack_edit_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="Least time between two edits of one Slack message, across all workers.",
+    )
+    slack_updates_per_minute: int = Field(
+        50,
+        ge=1,
+        description="chat.update calls per workspace per minute for streaming "
+        "edits; above it only final edits are sent.",
+    )
+    slack_message_limit: int = Field(
+        3900, ge=100, le=40000, description="Longest Slack message; longer replies are split."
+    )
+    slack_max_retry_after_s: float = Field(
+        30.0,
+        ge=0,
+        description="Longest Slack 429 Retry-After a job waits out before giving up on a delivery.",
+    )
+    slack_thread_ttl_s: int = Field(
+        14 * 86400,
+        ge=3600,
+        description="How long the bot answers follow-ups (without a "
+        "mention) in a thread it replied in.",
+    )
+
+    # --- Discord ---
+    discord_message_content: bool = Field(
+        False,
+        description="Ask for the privileged message-content intent (enable it in the developer "
+        "portal first). Without it the bot still reads mentions, DMs and replies that ping it.",
+    )
+    discord_threads: bool = Field(
+        False, description="Open a thread for each new conversation started in a channel."
+    )
+    discord_allow_guilds: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated guild ids to serve (empty: all)."
+    )
+    discord_deny_guilds: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated guild ids to ignore."
+    )
+    discord_allow_channels: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated channel ids to serve (empty: all)."
+    )
+    discord_deny_channels: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated channel ids to ignore."
+    )
+    discord_allow_roles: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Comma-separated role ids; in guilds only members with one of them are "
+        "served (empty: everyone).",
+    )
+    discord_deny_roles: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated role ids whose members are ignored."
+    )
+    discord_allow_users: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated user ids to serve (empty: all)."
+    )
+    discord_deny_users: Annotated[list[str], NoDecode] = Field(
+        [], description="Comma-separated user ids to ignore."
+    )
+    discord_application_id: str | None = Field(
+        None,
+        description="Application (client) id, for `sluice discord --invite-url`; "
+        "read from the API with DISCORD_TOKEN when unset.",
+    )
+    discord_sync_commands: bool = Field(
+        True, description="Register the /ask command with Discord when the adapter starts."
+    )
+    discord_typing: bool = Field(
+        True, description="Show typing while a message waits and is answered."
+    )
+    discord_stream_interval_s: float = Field(
+        1.2,
+        ge=0,
+        description="Least time between two edits of a streamed Discord reply "
+        "(Discord allows 5 edits per 5 s per channel).",
+    )
+    discord_global_rps: int = Field(
+        40,
+        ge=1,
+        le=50,
+        description="REST requests per second all workers together may send "
+        "(Discord's global limit is 50).",
+    )
+    discord_retries: int = Field(
+        3, ge=0, description="Retries of a Discord REST call after a 5xx or network error."
+    )
+
+    @field_validator(
+        "discord_allow_guilds",
+        "discord_deny_guilds",
+        "discord_allow_channels",
+        "discord_deny_channels",
+        "discord_allow_roles",
+        "discord_deny_roles",
+        "discord_allow_users",
+        "discord_deny_users",
+        mode="before",
+    )
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return [str(v) for v in json.loads(value)]
+            return [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple, set)):
+            return [str(v) for v in value]
+        return value
+
     # --- Traffic control (ordering, limits, LLM budget, cache, lanes) ---
     conversation_lock_ttl_s: float = Field(
         10.0,
@@ -337,7 +467,6 @@ class Settings(BaseSettings):
         description="When a message's expected wait in line exceeds this, the user sees "
         "'queued, about N s' until the answer starts.",
     )
-
     @property
     def queue_name(self) -> str:
         """The arq queue Sluice's reply jobs go to."""

@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from bots.discord.cli import discord_command
+from bots.slack.cli import slack as slack_command
 from core.cache_cli import cache as cache_command
 from core.errors import ConfigError
 from core.settings import get_settings
@@ -135,3 +137,7 @@ from workers.cli_history import db, history, usage  # noqa: E402
 main.add_command(history)
 main.add_command(db)
 main.add_command(usage)
+
+main.add_command(slack_command)
+
+main.add_command(discord_command)

@@ -99,6 +99,18 @@ async def run_web(settings: Settings, *, host: str | None = None, port: int | No
         await redis.aclose()
 
 
+@contextlib.asynccontextmanager
+async def _platform_adapters(settings: Settings) -> AsyncIterator[str]:
+    """Start the Slack adapter when its tokens are set; yields lines for the banner."""
+    from bots.slack.app import is_configured, running
+
+    if not is_configured(settings):
+        yield ""
+        return
+    async with running(settings) as where:
+        yield f"\n  slack:    {where}"
+
+
 async def run_dev(settings: Settings, *, port: int | None = None) -> None:
     """Everything in one process, for trying Sluice out on one machine."""
     from bots.web.app import create_web_app
@@ -133,11 +145,14 @@ async def run_dev(settings: Settings, *, port: int | None = None) -> None:
         worker_task = asyncio.create_task(worker.async_run())
         web_port = port if port is not None else settings.web_port
         try:
-            async with serve(create_web_app(settings, redis), settings.web_host, web_port) as bound:
+            async with (
+                serve(create_web_app(settings, redis), settings.web_host, web_port) as bound,
+                _platform_adapters(settings) as adapters_desc,
+            ):
                 bot_desc = settings.app or "the built-in assistant"
                 print(
                     f"Sluice dev\n  redis:    {redis_desc}\n  database: {settings.database_url}"
-                    f"\n  llm:      {llm_desc}\n  bot:      {bot_desc}"
+                    f"\n  llm:      {llm_desc}\n  bot:      {bot_desc}{adapters_desc}"
                     f"\n\n  Open http://{settings.web_host}:{bound}  (Ctrl+C to stop)\n",
                     flush=True,
                 )

@@ -153,7 +153,8 @@ async def _answer(
     settings: Settings = ctx["settings"]
     bot: Bot = ctx["bot"]
     text = msg.text.strip()
-    if not text:
+    # A platform command (meta["command"]) may come without arguments.
+    if not text and not msg.meta.get("command"):
         return Reply(text=EMPTY_NOTICE, kind="notice"), None
     # A command is answered without the model.
     command_reply = await bot.run_command(mctx, msg.meta.get("command"))

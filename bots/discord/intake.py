@@ -1,0 +1,353 @@
+"""The adapter's work on each gateway event: check, dedupe, enqueue. Never calls the LLM.
+
+Used by the standalone client (:mod:`bots.discord.gateway`) and by the plugin Cog
+(:mod:`bots.discord.cog`) alike. A message goes through a short chain of checks,
+each returning the reason to drop it or ``None``:
+
+1. :func:`not_from_a_bot` — the bot itself and other bots are ignored.
+2. :func:`allowed` — the allow and deny lists of guilds, channels, roles and users.
+3. :func:`addressed_to_bot` — a DM, a mention, a reply to the bot, or a message in
+   a thread the bot is in; anything else is not for us.
+4. :func:`has_text` — without the message-content intent Discord blanks messages
+   that do not mention the bot (e.g. plain messages in a thread); nothing to answer.
+
+Then the message id is claimed in Redis (gateway resumes can replay events), a
+thread is opened if ``SLUICE_DISCORD_THREADS`` is on, and the reply job is enqueued.
+If enqueueing fails the claim is released, so a replay can still be answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import discord
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+
+from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
+from core.errors import DeliveryError, QueueError
+from core.messages import IncomingMessage, Platform
+from core.queue import connect_queue, enqueue_reply
+from core.redis import Keys
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+ASK_FAILED = "Sorry, I couldn't take your question just now. Please try again in a minute."
+ASK_REFUSED = "Sorry, I can't answer you here."
+
+
+@dataclass(frozen=True)
+class Event:
+    """The facts of one Discord message that the checks look at."""
+
+    message_id: str
+    author_id: str
+    author_is_bot: bool
+    author_name: str
+    guild_id: str | None
+    channel_id: str
+    parent_id: str | None  # the parent channel when the message is in a thread
+    role_ids: frozenset[str] = field(default_factory=frozenset)
+    content: str = ""
+    mentions_bot: bool = False
+    replies_to_bot: bool = False
+    in_bot_thread: bool = False
+
+    @property
+    def is_dm(self) -> bool:
+        """A direct message (no guild)."""
+        return self.guild_id is None
+
+
+Check = Callable[[Event, Settings, str], str | None]
+
+
+def not_from_a_bot(event: Event, settings: Settings, bot_id: str) -> str | None:
+    """Drop the bot's own messages and other bots'."""
+    if event.author_id == bot_id:
+        return "own message"
+    return "from a bot" if event.author_is_bot else None
+
+
+def _listed(value: str | None, allow: list[str], deny: list[str]) -> str | None:
+    if value is not None and value in deny:
+        return "denied"
+    if allow and value not in allow:
+        return "not allowed"
+    return None
+
+
+def allowed(event: Event, settings: Settings, bot_id: str) -> str | None:
+    """Apply the allow and deny lists (a thread counts as its parent channel too)."""
+    s = settings
+    if not event.is_dm and (
+        why := _listed(event.guild_id, s.discord_allow_guilds, s.discord_deny_guilds)
+    ):
+        return f"guild {why}"
+    channels = {event.channel_id} | ({event.parent_id} if event.parent_id else set())
+    if channels & set(s.discord_deny_channels):
+        return "channel denied"
+    if (
+        s.discord_allow_channels
+        and not event.is_dm
+        and not (channels & set(s.discord_allow_channels))
+    ):
+        return "channel not allowed"
+    if why := _listed(event.author_id, s.discord_allow_users, s.discord_deny_users):
+        return f"user {why}"
+    if not event.is_dm:
+        if event.role_ids & set(s.discord_deny_roles):
+            return "role denied"
+        if s.discord_allow_roles and not event.role_ids & set(s.discord_allow_roles):
+            return "role not allowed"
+    return None
+
+
+def addressed_to_bot(event: Event, settings: Settings, bot_id: str) -> str | None:
+    """Keep DMs, mentions, replies to the bot and messages in the bot's threads."""
+    if event.is_dm or event.mentions_bot or event.replies_to_bot or event.in_bot_thread:
+        return None
+    return "not addressed to the bot"
+
+
+def has_text(event: Event, settings: Settings, bot_id: str) -> str | None:
+    """Drop messages whose content Discord did not send (message-content intent off)."""
+    return None if event.content.strip() else "no content (message-content intent off?)"
+
+
+CHECKS: tuple[Check, ...] = (not_from_a_bot, allowed, addressed_to_bot, has_text)
+
+
+def run_checks(event: Event, settings: Settings, bot_id: str) -> str | None:
+    """The first reason to drop ``event``, or ``None`` to accept it."""
+    for check in CHECKS:
+        reason = check(event, settings, bot_id)
+        if reason is not None:
+            return reason
+    return None
+
+
+def event_from_message(message: discord.Message, bot_id: int) -> Event:
+    """Read what the checks need from a discord.py message."""
+    channel = message.channel
+    thread = channel if isinstance(channel, discord.Thread) else None
+    ref = message.reference.resolved if message.reference else None
+    roles = getattr(message.author, "roles", [])
+    return Event(
+        message_id=str(message.id),
+        author_id=str(message.author.id),
+        author_is_bot=message.author.bot,
+        author_name=message.author.display_name,
+        guild_id=str(message.guild.id) if message.guild else None,
+        channel_id=str(message.channel.id),
+        parent_id=str(thread.parent_id) if thread else None,
+        role_ids=frozenset(str(r.id) for r in roles),
+        content=message.content,
+        mentions_bot=any(u.id == bot_id for u in message.mentions),
+        replies_to_bot=isinstance(ref, discord.Message) and ref.author.id == bot_id,
+        in_bot_thread=thread is not None and (thread.owner_id == bot_id or thread.me is not None),
+    )
+
+
+def event_from_interaction(interaction: discord.Interaction) -> Event:
+    """Read what the allow and deny lists need from an application command."""
+    channel = interaction.channel
+    thread = channel if isinstance(channel, discord.Thread) else None
+    roles = getattr(interaction.user, "roles", [])
+    return Event(
+        message_id=str(interaction.id),
+        author_id=str(interaction.user.id),
+        author_is_bot=interaction.user.bot,
+        author_name=interaction.user.display_name,
+        guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+        channel_id=str(interaction.channel_id),
+        parent_id=str(thread.parent_id) if thread else None,
+        role_ids=frozenset(str(r.id) for r in roles),
+    )
+
+
+def strip_mention(text: str, bot_id: str) -> str:
+    """The text without mentions of the bot (``<@id>`` and ``<@!id>``)."""
+    return re.sub(rf"<@!?{re.escape(bot_id)}>", "", text).strip()
+
+
+class DiscordIntake:
+    """Turns accepted Discord messages and ``/ask`` interactions into reply jobs."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._keys = Keys(settings.key_prefix)
+        self._queue: ArqRedis | None = None
+        self.rest: DiscordRest | None = None
+
+    async def start(self) -> None:
+        """Connect to Redis (the queue) and open the paced REST client."""
+        if self._queue is None:
+            self._queue = await connect_queue(self.settings)
+            self.rest = DiscordRest(self.settings, self._queue)
+            await self.rest.start()
+
+    async def close(self) -> None:
+        """Close the REST client and the Redis pool."""
+        if self.rest is not None:
+            await self.rest.close()
+            self.rest = None
+        if self._queue is not None:
+            await self._queue.aclose()
+            self._queue = None
+
+    @property
+    def queue(self) -> ArqRedis:
+        """The Redis pool jobs are enqueued with."""
+        if self._queue is None:
+            raise RuntimeError("DiscordIntake.start() was not awaited")
+        return self._queue
+
+    async def on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
+        """Handle one MESSAGE_CREATE; ``True`` when a reply job was enqueued."""
+        bot_id = str(me.id)
+        event = event_from_message(message, me.id)
+        reason = run_checks(event, self.settings, bot_id)
+        if reason is not None:
+            logger.debug(
+                "discord drop message=%s channel=%s: %s", event.message_id, event.channel_id, reason
+            )
+            return False
+        msg = IncomingMessage(
+            platform=Platform.DISCORD,
+            tenant=event.guild_id or "dm",
+            channel=event.channel_id,
+            user=event.author_id,
+            message_id=event.message_id,
+            text=strip_mention(event.content, bot_id),
+            user_name=event.author_name,
+            is_dm=event.is_dm,
+            ts=message.created_at.timestamp(),
+            meta={"reply_to": event.message_id},
+        )
+        return await self._accept(msg, event)
+
+    async def on_ask(self, interaction: discord.Interaction, question: str) -> bool:
+        """Handle ``/ask``: defer at once (Discord's 3-second window), then enqueue.
+
+        The allow and deny lists apply as to messages; a refused user gets a short
+        note only they can see.
+        """
+        reason = allowed(event_from_interaction(interaction), self.settings, "")
+        if reason is not None:
+            logger.info(
+                "discord /ask refused interaction=%s channel=%s: %s",
+                interaction.id,
+                interaction.channel_id,
+                reason,
+            )
+            await interaction.response.send_message(ASK_REFUSED, ephemeral=True)
+            return False
+        await interaction.response.defer(thinking=True)
+        msg = IncomingMessage(
+            platform=Platform.DISCORD,
+            tenant=str(interaction.guild_id) if interaction.guild_id else "dm",
+            channel=str(interaction.channel_id),
+            user=str(interaction.user.id),
+            message_id=str(interaction.id),
+            text=question.strip(),
+            user_name=interaction.user.display_name,
+            is_dm=interaction.guild_id is None,
+            meta={
+                "interaction_token": interaction.token,
+                "application_id": str(interaction.application_id),
+            },
+        )
+        accepted = await self._accept(msg, None)
+        if not accepted and not await self._is_duplicate_claimed(msg):
+            await interaction.edit_original_response(
+                content=ASK_FAILED, allowed_mentions=discord.AllowedMentions.none()
+            )
+        return accepted
+
+    async def _is_duplicate_claimed(self, msg: IncomingMessage) -> bool:
+        try:
+            return bool(await self.queue.exists(self._keys.dedupe("discord", msg.message_id)))
+        except RedisError:
+            return False
+
+    async def _accept(self, msg: IncomingMessage, event: Event | None) -> bool:
+        """Claim the message id, open a thread if configured, enqueue; release on failure."""
+        marker = self._keys.dedupe("discord", msg.message_id)
+        try:
+            claimed = await self.queue.set(
+                marker, msg.job_id, nx=True, ex=self.settings.dedupe_ttl_s
+            )
+        except (RedisError, OSError) as e:
+            logger.error("discord cannot reach Redis for message=%s: %s", msg.message_id, e)
+            return False
+        if not claimed:
+            logger.info("discord duplicate message=%s channel=%s", msg.message_id, msg.channel)
+            return False
+        if event is not None and self._wants_thread(event):
+            msg = await self._open_thread(msg, event)
+        try:
+            await enqueue_reply(self.queue, self.settings, msg)
+        except QueueError as e:
+            logger.error(
+                "discord enqueue failed message=%s channel=%s: %s", msg.message_id, msg.channel, e
+            )
+            try:
+                await self.queue.delete(marker)
+            except (RedisError, OSError) as e2:
+                logger.error("discord cannot release claim on message=%s: %s", msg.message_id, e2)
+            return False
+        if event is not None and self.settings.discord_typing:
+            await self._show_typing(msg.channel)
+        return True
+
+    async def _show_typing(self, channel_id: str) -> None:
+        """Typing while the message waits in the queue (best effort: skipped when busy)."""
+        assert self.rest is not None
+        route = Route(
+            "POST", "/channels/{channel_id}/typing", channel_id, f"/channels/{channel_id}/typing"
+        )
+        try:
+            await self.rest.request(route, best_effort=True, context=f"channel={channel_id}")
+        except (DeliveryError, RedisError) as e:
+            logger.info("discord typing failed channel=%s: %s", channel_id, e)
+
+    def _wants_thread(self, event: Event) -> bool:
+        return (
+            self.settings.discord_threads
+            and not event.is_dm
+            and event.parent_id is None
+            and event.mentions_bot
+        )
+
+    async def _open_thread(self, msg: IncomingMessage, event: Event) -> IncomingMessage:
+        """Start a thread on the message; the conversation then lives in the thread."""
+        assert self.rest is not None
+        name = (msg.text.splitlines() or ["Conversation"])[0][:90] or "Conversation"
+        route = Route(
+            "POST",
+            "/channels/{channel_id}/messages/{message_id}/threads",
+            event.channel_id,
+            f"/channels/{event.channel_id}/messages/{event.message_id}/threads",
+        )
+        try:
+            data = await self.rest.request(
+                route,
+                json={"name": name, "auto_archive_duration": 1440},
+                context=f"channel={event.channel_id} message={event.message_id}",
+            )
+        except DiscordHTTPError as e:
+            logger.warning(
+                "discord cannot open a thread channel=%s (status %s); replying in the channel",
+                event.channel_id,
+                e.status,
+            )
+            return msg
+        except DeliveryError as e:
+            logger.warning("discord cannot open a thread channel=%s: %s", event.channel_id, e)
+            return msg
+        return msg.model_copy(update={"channel": str(data["id"]), "meta": {}})

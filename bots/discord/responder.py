@@ -1,0 +1,377 @@
+"""Workers' side of Discord: deliver a reply over REST, without a gateway connection.
+
+A reply to a message is posted as a Discord reply (``message_reference``) and streamed
+by editing it; a reply to ``/ask`` edits the deferred interaction response and adds
+follow-ups. Text over 2000 characters becomes several messages
+(:func:`bots.discord.split.split_message`). Every send and edit carries
+``allowed_mentions: {"parse": []}``, so model output can never ping ``@everyone``, a
+role or a user.
+
+Idempotent per job id: the ids of the messages already posted are kept in Redis
+(``Keys.delivered``), so a job re-run after a worker died edits them instead of
+posting again; each post also carries a ``nonce`` with ``enforce_nonce`` so that
+Discord itself drops a second create of the same part.
+
+Failures: 403 and other 4xx are logged with the channel id and not retried (the job
+finishes and the message stays in history); 429 and 5xx are retried by
+:class:`~bots.discord.rest.DiscordRest` a bounded number of times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
+from bots.discord.split import split_message
+from core.errors import DeliveryError, DeliveryRetryableError
+from core.messages import IncomingMessage, Reply
+from core.redis import Keys
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+NO_MENTIONS: dict[str, Any] = {"parse": []}
+_TYPING_EVERY_S = 8.0  # Discord shows typing for 10 s after each trigger
+_TYPING_MAX_S = 120.0
+
+
+class DiscordResponderFactory:
+    """Creates one :class:`DiscordResponder` per job; holds the shared REST client."""
+
+    platform = "discord"
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self._settings = settings
+        self._redis = redis
+        self.rest = DiscordRest(settings, redis)
+
+    async def start(self) -> None:
+        """Open the HTTP session."""
+        await self.rest.start()
+
+    async def close(self) -> None:
+        """Close the HTTP session."""
+        await self.rest.close()
+
+    def responder(self, msg: IncomingMessage, job_id: str) -> DiscordResponder:
+        """The responder for one job."""
+        return DiscordResponder(self._settings, self._redis, self.rest, msg, job_id)
+
+
+class DiscordResponder:
+    """Delivers one reply to Discord: typing, streamed edits, final parts."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        rest: DiscordRest,
+        msg: IncomingMessage,
+        job_id: str,
+    ) -> None:
+        self._settings = settings
+        self._redis = redis
+        self._rest = rest
+        self._msg = msg
+        self._job_id = job_id
+        self._key = Keys(settings.key_prefix).delivered(job_id)
+        self._ids: list[str] = []
+        self._texts: list[str] = []
+        self._done = False
+        self._loaded = False
+        self._last_update = 0.0
+        self._typing: asyncio.Task[None] | None = None
+        self._refused: DiscordHTTPError | None = None
+        self._token = msg.meta.get("interaction_token")
+        self._app_id = msg.meta.get("application_id")
+
+    # --- the Responder protocol ------------------------------------------------------
+
+    async def begin(self) -> None:
+        """Load what an earlier try posted; show typing until the first text is out."""
+        await self._load()
+        if self._done or self._ids or self._token or not self._settings.discord_typing:
+            return
+        self._typing = asyncio.create_task(self._keep_typing())
+
+    async def stream(self, text: str) -> None:
+        """Show the answer so far, at most every ``SLUICE_DISCORD_STREAM_INTERVAL_S``.
+
+        Streaming is best effort: when the channel's bucket has no free slot the
+        update is skipped (the next one, or :meth:`finish`, shows the text).
+        """
+        if self._done or self._refused is not None:
+            return
+        now = time.monotonic()
+        if now - self._last_update < self._settings.discord_stream_interval_s:
+            return
+        parts = _parts(text)
+        if not parts:
+            return
+        self._last_update = now
+        try:
+            await self._sync(parts, best_effort=True)
+        except DiscordHTTPError as e:
+            self._refused = e  # e.g. 403: finish() reports it instead of trying again
+            await self._stop_typing()
+        except DeliveryError as e:
+            logger.info(
+                "discord stream update failed channel=%s job=%s: %s",
+                self._msg.channel,
+                self._job_id,
+                e,
+            )
+
+    async def finish(self, reply: Reply) -> None:
+        """Post or edit the final text (split over 2000 characters), exactly once."""
+        await self._load()
+        await self._stop_typing()
+        if self._done:
+            logger.info("discord reply already delivered job=%s", self._job_id)
+            return
+        parts = _parts(reply.text) or ["…"]
+        try:
+            if self._refused is not None:
+                raise self._refused
+            await self._sync(parts, best_effort=False)
+            await self._delete_extra(len(parts))
+        except DiscordHTTPError as e:
+            # Missing permissions or a deleted channel: retrying cannot help.
+            logger.error(
+                "discord refused the reply platform=discord tenant=%s channel=%s message=%s "
+                "job=%s status=%s code=%s: %s",
+                self._msg.tenant,
+                self._msg.channel,
+                self._msg.message_id,
+                self._job_id,
+                e.status,
+                e.code,
+                e,
+            )
+        except DeliveryRetryableError as e:
+            logger.error(
+                "discord reply failed after retries tenant=%s channel=%s message=%s job=%s: %s",
+                self._msg.tenant,
+                self._msg.channel,
+                self._msg.message_id,
+                self._job_id,
+                e,
+            )
+        else:
+            self._done = True
+            await self._save(done=True)
+            logger.info(
+                "discord reply delivered tenant=%s channel=%s message=%s job=%s parts=%d",
+                self._msg.tenant,
+                self._msg.channel,
+                self._msg.message_id,
+                self._job_id,
+                len(parts),
+            )
+
+    # --- delivery --------------------------------------------------------------------
+
+    async def _sync(self, parts: list[str], *, best_effort: bool) -> None:
+        """Make the posted messages show ``parts``: edit changed ones, post new ones."""
+        for i, part in enumerate(parts):
+            if i < len(self._ids):
+                if self._texts[i] == part:
+                    continue
+                try:
+                    ok = await self._edit(self._ids[i], part, best_effort=best_effort)
+                except DiscordHTTPError as e:
+                    if e.status != 404 or best_effort:
+                        raise
+                    # The message was deleted meanwhile: post the part again.
+                    later = self._ids[i + 1 :], self._texts[i + 1 :]
+                    self._ids, self._texts = self._ids[:i], self._texts[:i]
+                    ok = await self._post(i, part, best_effort=False)
+                    self._ids += later[0]
+                    self._texts += later[1]
+                if not ok:
+                    return
+                self._texts[i] = part
+            elif not await self._post(i, part, best_effort=best_effort):
+                return
+
+    async def _post(self, index: int, text: str, *, best_effort: bool) -> bool:
+        if self._token and index == 0:
+            # The deferred interaction response is the first part.
+            data = await self._rest.request(
+                self._webhook_route("PATCH", "@original"),
+                json={"content": text, "allowed_mentions": NO_MENTIONS},
+                best_effort=best_effort,
+                context=self._context,
+            )
+            message_id = "@original"
+        else:
+            body: dict[str, Any] = {
+                "content": text,
+                "allowed_mentions": NO_MENTIONS,
+                "nonce": _nonce(self._job_id, index),
+                "enforce_nonce": True,
+            }
+            reply_to = self._msg.meta.get("reply_to")
+            if index == 0 and reply_to:
+                body["message_reference"] = {"message_id": reply_to, "fail_if_not_exists": False}
+            if self._token:
+                route = Route(
+                    "POST",
+                    "/webhooks/{application_id}/{token}",
+                    self._token,
+                    f"/webhooks/{self._app_id}/{self._token}",
+                )
+                data = await self._rest.request(
+                    route,
+                    json=body,
+                    params={"wait": "true"},
+                    best_effort=best_effort,
+                    context=self._context,
+                )
+            else:
+                route = Route(
+                    "POST",
+                    "/channels/{channel_id}/messages",
+                    self._msg.channel,
+                    f"/channels/{self._msg.channel}/messages",
+                )
+                data = await self._rest.request(
+                    route, json=body, best_effort=best_effort, context=self._context
+                )
+            if data is None:
+                return False
+            message_id = str(data["id"])
+        if data is None:
+            return False
+        self._ids.append(message_id)
+        self._texts.append(text)
+        await self._stop_typing()
+        await self._save()
+        return True
+
+    async def _edit(self, message_id: str, text: str, *, best_effort: bool) -> bool:
+        body = {"content": text, "allowed_mentions": NO_MENTIONS}
+        if self._token:
+            route = self._webhook_route("PATCH", message_id)
+        else:
+            route = Route(
+                "PATCH",
+                "/channels/{channel_id}/messages/{message_id}",
+                self._msg.channel,
+                f"/channels/{self._msg.channel}/messages/{message_id}",
+            )
+        data = await self._rest.request(
+            route, json=body, best_effort=best_effort, context=self._context
+        )
+        return data is not None
+
+    async def _delete_extra(self, keep: int) -> None:
+        """Remove parts a longer streamed draft posted that the final text does not need."""
+        while len(self._ids) > keep:
+            message_id = self._ids.pop()
+            self._texts.pop()
+            if self._token:
+                route = Route(
+                    "DELETE",
+                    "/webhooks/{application_id}/{token}/messages/{message_id}",
+                    self._token,
+                    f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
+                )
+            else:
+                route = Route(
+                    "DELETE",
+                    "/channels/{channel_id}/messages/{message_id}",
+                    self._msg.channel,
+                    f"/channels/{self._msg.channel}/messages/{message_id}",
+                )
+            with contextlib.suppress(DiscordHTTPError):  # already gone is fine
+                await self._rest.request(route, context=self._context)
+            await self._save()
+
+    def _webhook_route(self, method: str, message_id: str) -> Route:
+        return Route(
+            method,
+            "/webhooks/{application_id}/{token}/messages/{message_id}",
+            self._token or "",
+            f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
+        )
+
+    @property
+    def _context(self) -> str:
+        return f"channel={self._msg.channel} job={self._job_id}"
+
+    # --- typing ----------------------------------------------------------------------
+
+    async def _keep_typing(self) -> None:
+        route = Route(
+            "POST",
+            "/channels/{channel_id}/typing",
+            self._msg.channel,
+            f"/channels/{self._msg.channel}/typing",
+        )
+        started = time.monotonic()
+        while time.monotonic() - started < _TYPING_MAX_S:
+            try:
+                await self._rest.request(route, best_effort=True, context=self._context)
+            except (DeliveryError, RedisError) as e:
+                logger.info("discord typing failed %s: %s", self._context, e)
+                return
+            await asyncio.sleep(_TYPING_EVERY_S)
+
+    async def _stop_typing(self) -> None:
+        task, self._typing = self._typing, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- state in Redis --------------------------------------------------------------
+
+    async def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        try:
+            raw: dict[Any, Any] = await self._redis.hgetall(self._key)  # type: ignore[misc]
+        except RedisError as e:
+            logger.warning("cannot read delivery state job=%s: %s", self._job_id, e)
+            return
+        state = {_s(k): _s(v) for k, v in raw.items()}
+        if "ids" in state:
+            self._ids = json.loads(state["ids"])
+            self._texts = json.loads(state.get("texts", "[]"))
+        self._done = state.get("done") == "1"
+
+    async def _save(self, *, done: bool = False) -> None:
+        mapping = {"ids": json.dumps(self._ids), "texts": json.dumps(self._texts)}
+        if done:
+            mapping["done"] = "1"
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self._key, mapping=mapping)
+                pipe.expire(self._key, self._settings.dedupe_ttl_s)
+                await pipe.execute()
+        except RedisError as e:
+            logger.warning("cannot store delivery state job=%s: %s", self._job_id, e)
+
+
+def _parts(text: str) -> list[str]:
+    return [p for p in split_message(text) if p.strip()]
+
+
+def _nonce(job_id: str, index: int) -> str:
+    # Discord nonces are at most 25 characters.
+    return hashlib.sha256(f"{job_id}:{index}".encode()).hexdigest()[:25]
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)

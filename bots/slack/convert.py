@@ -1,0 +1,170 @@
+"""Slack payloads to :class:`core.messages.IncomingMessage` (pure functions, no I/O)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from core.messages import IncomingMessage, Platform
+
+# Message subtypes that are a person writing something new; every other subtype
+# (message_changed, message_deleted, bot_message, channel_join, …) is ignored.
+USER_SUBTYPES = frozenset({None, "file_share", "thread_broadcast"})
+
+
+_EVENT_STRINGS = (
+    "type",
+    "user",
+    "channel",
+    "ts",
+    "thread_ts",
+    "text",
+    "channel_type",
+    "subtype",
+    "bot_id",
+    "team",
+    "event_ts",
+)
+
+
+def payload_problem(body: dict[str, Any]) -> str | None:
+    """Why a signed JSON payload cannot be handled (``None``: it can).
+
+    Slack's payloads are trusted once signed, but a malformed one must get a 400,
+    not crash a listener into a 500 that Slack would retry.
+    """
+    kind = body.get("type")
+    if not isinstance(kind, str):
+        return "the payload has no 'type'"
+    if kind != "event_callback":
+        return None
+    event = body.get("event")
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        return "an event_callback needs an 'event' object with a 'type'"
+    for key in ("team_id", "event_id", "api_app_id"):
+        if body.get(key) is not None and not isinstance(body[key], str):
+            return f"'{key}' must be a string"
+    if event["type"] not in ("message", "app_mention"):
+        return None  # other events carry objects in these fields (e.g. team_join's user)
+    for key in _EVENT_STRINGS:
+        if event.get(key) is not None and not isinstance(event[key], str):
+            return f"event '{key}' must be a string"
+    return None
+
+
+def unescape(text: str) -> str:
+    """Slack's ``&amp;``/``&lt;``/``&gt;`` back to the characters the user typed.
+
+    Lone surrogates (valid in JSON, not in UTF-8) become ``?`` so that the message
+    can be queued and sent to the model.
+    """
+    text = text.encode("utf-8", "replace").decode("utf-8")
+    return text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
+
+
+def strip_mention(text: str, bot_user_id: str | None) -> str:
+    """The text without the bot's own ``<@U…>`` mentions."""
+    if bot_user_id:
+        text = re.sub(rf"<@{re.escape(bot_user_id)}(\|[^>]*)?>", "", text)
+    return unescape(re.sub(r"[ \t]{2,}", " ", text)).strip()
+
+
+def is_from_bot(event: dict[str, Any], bot_user_id: str | None) -> bool:
+    """The event was written by a bot (this one or any other)."""
+    return bool(
+        event.get("bot_id")
+        or event.get("bot_profile")
+        or event.get("subtype") == "bot_message"
+        or (bot_user_id and event.get("user") == bot_user_id)
+    )
+
+
+def is_user_message(event: dict[str, Any], bot_user_id: str | None) -> bool:
+    """A new message written by a person (not an edit, a deletion or a bot)."""
+    return (
+        event.get("subtype") in USER_SUBTYPES
+        and bool(event.get("user"))
+        and bool(event.get("channel"))
+        and bool(event.get("ts"))
+        and not is_from_bot(event, bot_user_id)
+    )
+
+
+def team_of(body: dict[str, Any]) -> str:
+    """The workspace an event or command came from."""
+    event = body.get("event") or {}
+    return str(
+        body.get("team_id")
+        or event.get("team")
+        or (body.get("team") or {}).get("id", "")
+        or (body.get("authorizations") or [{}])[0].get("team_id", "")
+    )
+
+
+def message_from_event(
+    body: dict[str, Any], bot_user_id: str | None, *, kind: str
+) -> IncomingMessage:
+    """An accepted ``app_mention`` or ``message`` event as a neutral message.
+
+    ``kind`` is ``mention``, ``dm``, ``assistant`` or ``thread``; mentions are
+    answered in their thread (a new one under the message if it was top level).
+    """
+    event: dict[str, Any] = body["event"]
+    channel = str(event["channel"])
+    ts = str(event["ts"])
+    thread_ts = event.get("thread_ts")
+    is_dm = event.get("channel_type") == "im" or kind in ("dm", "assistant")
+    if kind == "mention":
+        thread: str | None = str(thread_ts or ts)
+    else:
+        thread = str(thread_ts) if thread_ts else None
+    meta = {"kind": kind, "ts": ts, "recipient_user_id": str(event["user"])}
+    if thread:
+        meta["reply_thread"] = thread
+    if kind == "assistant":
+        meta["assistant"] = "1"
+    enterprise = body.get("enterprise_id") or event.get("enterprise")
+    if enterprise:
+        meta["enterprise_id"] = str(enterprise)
+    if body.get("is_enterprise_install"):
+        meta["is_enterprise_install"] = "1"
+    return IncomingMessage(
+        platform=Platform.SLACK,
+        tenant=team_of(body),
+        channel=channel,
+        thread=thread,
+        user=str(event["user"]),
+        message_id=f"{channel}:{ts}",
+        text=strip_mention(str(event.get("text") or ""), bot_user_id),
+        ts=float(ts),
+        is_dm=is_dm,
+        meta=meta,
+    )
+
+
+def message_from_command(body: dict[str, Any], command: str | None = None) -> IncomingMessage:
+    """A slash command as a neutral message (answered in the channel).
+
+    ``command`` names the bot command it runs (``meta["command"]``); ``None`` for
+    ``/ask``, whose text goes to the model.
+    """
+    channel = str(body["channel_id"])
+    meta = {"kind": "command", "recipient_user_id": str(body["user_id"])}
+    if command:
+        meta["command"] = command
+    if body.get("response_url"):
+        meta["response_url"] = str(body["response_url"])
+    if body.get("enterprise_id"):
+        meta["enterprise_id"] = str(body["enterprise_id"])
+    return IncomingMessage(
+        platform=Platform.SLACK,
+        tenant=str(body.get("team_id") or ""),
+        channel=channel,
+        thread=None,
+        user=str(body["user_id"]),
+        user_name=body.get("user_name"),
+        message_id=f"{channel}:cmd:{body['trigger_id']}",
+        text=unescape(str(body.get("text") or "")).strip(),
+        is_dm=str(channel).startswith("D"),
+        meta=meta,
+    )

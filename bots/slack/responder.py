@@ -1,0 +1,486 @@
+"""How workers deliver replies to Slack: streamed, paced, split, once per job.
+
+:class:`SlackResponderFactory` is built once per worker process (``core.responder``
+loads it from ``RESPONDERS``); it holds one aiohttp session and finds each
+workspace's bot token (``SLACK_BOT_TOKEN``, or the installation in the SQL
+database). Each job gets a :class:`SlackResponder`:
+
+- In a thread, Slack's native streaming (``chat.startStream`` → ``appendStream`` →
+  ``stopStream``) shows the answer as it is written. Where Slack refuses streaming,
+  elsewhere (top-level DMs, ``/ask``), or when Slack closes a stream early, the
+  reply is a posted message edited with ``chat.update``.
+- Edits of one message are paced through Redis, so that all workers together make
+  at most one per ``SLUICE_SLACK_EDIT_INTERVAL_S``, and intermediate edits stop when
+  the workspace has used ``SLUICE_SLACK_UPDATES_PER_MINUTE``; final edits always go.
+- 429s are waited out (``Retry-After``, up to ``SLUICE_SLACK_MAX_RETRY_AFTER_S``).
+- What was posted (message ts, extra parts, done) is kept in Redis under the job id,
+  so a re-run job edits its message instead of posting a second one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import aiohttp
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from slack_sdk.web.async_slack_response import AsyncSlackResponse
+
+from bots.slack.format import safe_markdown, split_message, to_mrkdwn
+from core.errors import DeliveryError, DeliveryRetryableError
+from core.messages import IncomingMessage, Reply
+from core.redis import Keys
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SERVER_ERROR_RETRIES = 3
+RATE_LIMIT_RETRIES = 6
+_AUTH_ERRORS = frozenset(
+    {
+        "invalid_auth",
+        "not_authed",
+        "token_revoked",
+        "account_inactive",
+        "team_not_found",
+        "app_uninstalled",
+    }
+)
+# Errors that mean "this conversation cannot be streamed to": use chat.update instead.
+_STREAM_REFUSED = frozenset(
+    {
+        "unknown_method",
+        "not_allowed",
+        "not_allowed_token_type",
+        "feature_not_enabled",
+        "invalid_arguments",
+        "missing_scope",
+        "method_not_supported_for_channel_type",
+        "not_authorized",
+    }
+)
+_NOT_STREAMING = frozenset(
+    {
+        "message_not_in_streaming_state",
+        "message_not_found",
+        "streaming_state_conflict",
+        "cant_update_message",
+    }
+)
+_NOT_IN_CHANNEL = frozenset({"not_in_channel", "channel_not_found", "is_archived"})
+
+
+def _header(response: Any, name: str) -> str | None:
+    headers = getattr(response, "headers", None) or {}
+    for key, value in headers.items():
+        if key.lower() == name.lower():
+            return str(value[0] if isinstance(value, list) else value)
+    return None
+
+
+class SlackResponderFactory:
+    """One per worker process: HTTP session, token lookup, per-token Web API clients."""
+
+    platform = "slack"
+
+    def __init__(self, settings: Settings, redis: Redis) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.keys = Keys(settings.key_prefix)
+        self.session: aiohttp.ClientSession | None = None
+        self._store: Any = None
+        self._clients: dict[str, AsyncWebClient] = {}
+        self.stream_refused: set[str] = set()
+
+    async def start(self) -> None:
+        """Open the HTTP session (and the installation store in multi-workspace mode)."""
+        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
+        if self.settings.slack_client_id and self.settings.slack_client_secret:
+            from bots.slack.installations import SQLInstallationStore
+
+            self._store = SQLInstallationStore(self.settings)
+
+    async def close(self) -> None:
+        """Close what :meth:`start` opened."""
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+        if self._store is not None:
+            await self._store.close()
+
+    def responder(self, msg: IncomingMessage, job_id: str) -> SlackResponder:
+        """The responder of one job."""
+        return SlackResponder(self, msg, job_id)
+
+    async def token_for(self, msg: IncomingMessage) -> str:
+        """The bot token of the message's workspace.
+
+        Raises:
+            DeliveryError: the workspace is not installed (or was uninstalled).
+        """
+        if self._store is None:
+            if self.settings.slack_bot_token is None:
+                raise DeliveryError("SLACK_BOT_TOKEN is not set")
+            return self.settings.slack_bot_token.get_secret_value()
+        bot = await self._store.async_find_bot(
+            enterprise_id=msg.meta.get("enterprise_id"),
+            team_id=msg.tenant,
+            is_enterprise_install=msg.meta.get("is_enterprise_install") == "1",
+        )
+        if bot is None or not bot.bot_token:
+            raise DeliveryError(f"slack workspace {msg.tenant} is not installed")
+        return str(bot.bot_token)
+
+    def forget(self, team: str) -> None:
+        """Drop a cached token (revoked or uninstalled)."""
+        if self._store is not None:
+            self._store.forget(None, team)
+
+    def client(self, token: str) -> AsyncWebClient:
+        """A Web API client for ``token`` on the shared session."""
+        client = self._clients.get(token)
+        if client is None:
+            client = AsyncWebClient(
+                token=token, base_url=self.settings.slack_api_url, session=self.session
+            )
+            self._clients[token] = client
+        return client
+
+    async def call(
+        self, team: str, method: Callable[..., Awaitable[AsyncSlackResponse]], **kwargs: Any
+    ) -> AsyncSlackResponse:
+        """Call the Web API, waiting out 429s and retrying 5xx and connection errors.
+
+        Raises:
+            DeliveryRetryableError: still rate limited or failing after the retries.
+            DeliveryError: the token is no longer valid.
+            SlackApiError: any other Slack error, for the caller to handle.
+        """
+        name = getattr(method, "__name__", "call")
+        limited = failed = 0
+        while True:
+            try:
+                return await method(**kwargs)
+            except SlackApiError as e:
+                status = e.response.status_code
+                error = str(e.response.get("error", ""))
+                if status == 429 or error == "ratelimited":
+                    retry_after_s = float(_header(e.response, "Retry-After") or 1)
+                    limited += 1
+                    if (
+                        limited > RATE_LIMIT_RETRIES
+                        or retry_after_s > self.settings.slack_max_retry_after_s
+                    ):
+                        raise DeliveryRetryableError(
+                            f"slack {name} rate limited", retry_after_s=retry_after_s
+                        ) from e
+                    logger.info("slack %s 429 team=%s: waiting %.1fs", name, team, retry_after_s)
+                    await asyncio.sleep(retry_after_s)
+                    continue
+                if status >= 500:
+                    failed += 1
+                    if failed > SERVER_ERROR_RETRIES:
+                        raise DeliveryRetryableError(f"slack {name} failed: {status}") from e
+                    await asyncio.sleep(0.2 * 2**failed)
+                    continue
+                if error in _AUTH_ERRORS:
+                    self.forget(team)
+                    raise DeliveryError(f"slack token of {team} is not valid: {error}") from e
+                raise
+            except (aiohttp.ClientError, TimeoutError) as e:
+                failed += 1
+                if failed > SERVER_ERROR_RETRIES:
+                    raise DeliveryRetryableError(f"slack {name} unreachable: {e}") from e
+                await asyncio.sleep(0.2 * 2**failed)
+
+
+class SlackResponder:
+    """Delivers one job's reply to Slack (see the module docstring)."""
+
+    def __init__(self, factory: SlackResponderFactory, msg: IncomingMessage, job_id: str) -> None:
+        self.f = factory
+        self.settings = factory.settings
+        self.msg = msg
+        self.job_id = job_id
+        self.state_key = factory.keys.delivered(job_id)
+        self.limit = self.settings.slack_message_limit
+        self.thread = msg.meta.get("reply_thread") or msg.thread
+        self.ts: str | None = None
+        self.mode: str | None = None
+        self.done = False
+        self.streamed = ""  # the markdown already streamed (a prefix of the answer)
+        self.parts: dict[int, str] = {}
+        self._client: AsyncWebClient | None = None
+
+    # --- helpers -----------------------------------------------------------------
+
+    async def _api(self) -> AsyncWebClient:
+        if self._client is None:
+            self._client = self.f.client(await self.f.token_for(self.msg))
+        return self._client
+
+    async def _call(self, name: str, **kwargs: Any) -> AsyncSlackResponse:
+        client = await self._api()
+        return await self.f.call(self.msg.tenant, getattr(client, name), **kwargs)
+
+    async def _load(self) -> None:
+        try:
+            raw = await cast("Awaitable[dict[Any, Any]]", self.f.redis.hgetall(self.state_key))
+        except RedisError as e:
+            raise DeliveryRetryableError(f"cannot read delivery state: {e}") from e
+        state = {
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
+            for k, v in raw.items()
+        }
+        self.ts = state.get("ts")
+        self.mode = state.get("mode")
+        self.done = state.get("done") == "1"
+        self.parts = {int(k[5:]): v for k, v in state.items() if k.startswith("part:")}
+        if self.mode == "stream":
+            # A re-run cannot continue another process's stream: edit the message instead.
+            self.mode = "restream"
+
+    async def _save(self, **fields: str) -> None:
+        try:
+            async with self.f.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.state_key, mapping=fields)
+                pipe.expire(self.state_key, self.settings.dedupe_ttl_s)
+                await pipe.execute()
+        except RedisError:
+            logger.warning("could not record delivery job=%s", self.job_id, exc_info=True)
+
+    async def _may_edit(self, final: bool) -> bool:
+        """Take this message's edit slot (waiting for it if ``final``)."""
+        assert self.ts is not None
+        key = self.f.keys.slack_pace(self.msg.channel, self.ts)
+        interval_ms = int(self.settings.slack_edit_interval_s * 1000)
+        if interval_ms <= 0:
+            return True
+        redis = self.f.redis
+        try:
+            while not await redis.set(key, "1", px=interval_ms, nx=True):
+                if not final:
+                    return False
+                wait_ms = await redis.pttl(key)
+                await asyncio.sleep(max(wait_ms, 10) / 1000)
+            if final:
+                return True
+            budget = self.f.keys.slack_update_budget(self.msg.tenant, int(time.time() // 60))
+            used = await redis.incr(budget)
+            if used == 1:
+                await redis.expire(budget, 120)
+            return int(used) <= self.settings.slack_updates_per_minute
+        except RedisError:
+            logger.warning("edit pacing unavailable job=%s", self.job_id, exc_info=True)
+            return final
+
+    def _can_stream(self) -> bool:
+        return bool(
+            self.settings.slack_native_streaming
+            and self.thread
+            and self.msg.meta.get("kind") != "command"
+            and self.msg.tenant not in self.f.stream_refused
+        )
+
+    # --- Responder protocol ----------------------------------------------------------
+
+    async def begin(self) -> None:
+        """Load what an earlier try delivered; show the assistant status."""
+        await self._load()
+        if self.done or self.ts or not self.msg.meta.get("assistant") or not self.thread:
+            return
+        try:
+            await self._call(
+                "assistant_threads_setStatus",
+                channel_id=self.msg.channel,
+                thread_ts=self.thread,
+                status="is thinking…",
+            )
+        except (SlackApiError, DeliveryRetryableError) as e:
+            logger.info("setStatus failed job=%s: %s", self.job_id, e)
+
+    async def stream(self, text: str) -> None:
+        """Show the answer so far (paced; skipped when an edit is not due)."""
+        if self.done or self.mode == "url" or not text.strip():
+            return
+        if self.ts is None:
+            await self._open(text)
+            return
+        if self.mode == "stream":
+            await self._append(text)
+        elif await self._may_edit(final=False):
+            await self._edit(self._preview(text))
+
+    async def finish(self, reply: Reply) -> None:
+        """Deliver the final reply exactly once for this job."""
+        if self.done:
+            logger.info("reply already delivered job=%s", self.job_id)
+            return
+        parts = split_message(to_mrkdwn(reply.text), self.limit)
+        fresh = self.ts is None and self.mode != "url"
+        if fresh:
+            await self._open(reply.text, stream=False, shown=parts[0])
+        if self.mode == "url":
+            await self._respond_url(parts)
+        else:
+            if self.mode == "stream":
+                await self._stop(reply.text, parts)
+            elif not fresh:
+                if self.mode == "restream":
+                    await self._quietly_stop()
+                await self._may_edit(final=True)
+                await self._edit(parts[0])
+            await self._post_rest(parts)
+        self.done = True
+        await self._save(done="1")
+        logger.info(
+            "slack reply delivered tenant=%s message=%s job=%s mode=%s parts=%d",
+            self.msg.tenant,
+            self.msg.message_id,
+            self.job_id,
+            self.mode,
+            len(parts),
+        )
+
+    # --- delivery steps ----------------------------------------------------------------
+
+    def _preview(self, text: str) -> str:
+        shown = to_mrkdwn(text)
+        if len(shown) > self.limit:
+            shown = split_message(shown, self.limit - 2)[0] + " …"
+        return shown
+
+    async def _open(self, text: str, *, stream: bool = True, shown: str | None = None) -> None:
+        """Post the reply's message: a native stream if possible, else a plain message."""
+        if stream and self._can_stream():
+            first = text[: self.limit]
+            try:
+                resp = await self._call(
+                    "chat_startStream",
+                    channel=self.msg.channel,
+                    thread_ts=self.thread,
+                    markdown_text=safe_markdown(first),
+                    recipient_team_id=self.msg.tenant,
+                    recipient_user_id=self.msg.meta.get("recipient_user_id", self.msg.user),
+                )
+                self.ts, self.mode, self.streamed = str(resp["ts"]), "stream", first
+                await self._save(ts=self.ts, mode="stream")
+                await self._may_edit(final=False)
+                return
+            except SlackApiError as e:
+                error = str(e.response.get("error", ""))
+                logger.info(
+                    "slack streaming refused team=%s (%s); editing instead", self.msg.tenant, error
+                )
+                if error in _STREAM_REFUSED:
+                    self.f.stream_refused.add(self.msg.tenant)
+        kwargs: dict[str, Any] = {"channel": self.msg.channel, "text": shown or self._preview(text)}
+        if self.thread:
+            kwargs["thread_ts"] = self.thread
+        try:
+            resp = await self._call("chat_postMessage", **kwargs)
+        except SlackApiError as e:
+            error = str(e.response.get("error", ""))
+            if self.msg.meta.get("response_url") and error in _NOT_IN_CHANNEL:
+                self.mode = "url"
+                await self._save(mode="url")
+                return
+            raise DeliveryError(f"chat.postMessage failed: {error}") from e
+        self.ts, self.mode = str(resp["ts"]), "post"
+        await self._save(ts=self.ts, mode="post")
+        await self._may_edit(final=False)
+
+    async def _append(self, text: str) -> None:
+        sent = len(self.streamed)
+        if sent >= self.limit or len(text) <= sent or not text.startswith(self.streamed):
+            return
+        if not await self._may_edit(final=False):
+            return
+        delta = text[sent : self.limit]
+        try:
+            await self._call(
+                "chat_appendStream",
+                channel=self.msg.channel,
+                ts=self.ts,
+                markdown_text=safe_markdown(delta),
+            )
+            self.streamed += delta
+        except SlackApiError as e:
+            if str(e.response.get("error", "")) not in _NOT_STREAMING:
+                raise DeliveryError(f"chat.appendStream failed: {e}") from e
+            logger.info("slack closed the stream job=%s; editing instead", self.job_id)
+            self.mode = "post"
+            await self._save(mode="post")
+
+    async def _stop(self, text: str, parts: list[str]) -> None:
+        """End the native stream with the rest of the text (or edit if Slack closed it)."""
+        # The final text continues the stream unless it is too long for one message or
+        # differs from what was streamed (e.g. an apology after a failed model call).
+        fits = len(text) <= self.limit and text.startswith(self.streamed)
+        delta = text[len(self.streamed) :] if fits else ""
+        kwargs: dict[str, Any] = {"channel": self.msg.channel, "ts": self.ts}
+        if delta:
+            kwargs["markdown_text"] = safe_markdown(delta)
+        try:
+            await self._call("chat_stopStream", **kwargs)
+            stopped = True
+        except SlackApiError as e:
+            if str(e.response.get("error", "")) not in _NOT_STREAMING:
+                raise DeliveryError(f"chat.stopStream failed: {e}") from e
+            stopped = False
+        if not stopped or not fits:
+            self.mode = "post"
+            await self._may_edit(final=True)
+            await self._edit(parts[0])
+
+    async def _quietly_stop(self) -> None:
+        try:
+            await self._call("chat_stopStream", channel=self.msg.channel, ts=self.ts)
+        except SlackApiError as e:
+            logger.debug("stopStream on re-run job=%s: %s", self.job_id, e)
+        self.mode = "post"
+
+    async def _edit(self, text: str) -> None:
+        try:
+            await self._call("chat_update", channel=self.msg.channel, ts=self.ts, text=text)
+        except SlackApiError as e:
+            raise DeliveryError(f"chat.update failed: {e.response.get('error')}") from e
+
+    async def _post_rest(self, parts: list[str]) -> None:
+        for i, part in enumerate(parts[1:], start=1):
+            if i in self.parts:
+                continue
+            kwargs: dict[str, Any] = {"channel": self.msg.channel, "text": part}
+            if self.thread:
+                kwargs["thread_ts"] = self.thread
+            try:
+                resp = await self._call("chat_postMessage", **kwargs)
+            except SlackApiError as e:
+                raise DeliveryError(f"chat.postMessage failed: {e.response.get('error')}") from e
+            self.parts[i] = str(resp["ts"])
+            await self._save(**{f"part:{i}": self.parts[i]})
+
+    async def _respond_url(self, parts: list[str]) -> None:
+        """``/ask`` where the bot cannot post: answer through the command's response_url."""
+        url = self.msg.meta["response_url"]
+        assert self.f.session is not None
+        for i, part in enumerate(parts):
+            if i in self.parts:
+                continue
+            payload = {"response_type": "in_channel", "text": part}
+            try:
+                async with self.f.session.post(url, json=payload) as resp:
+                    if resp.status >= 500 or resp.status == 429:
+                        raise DeliveryRetryableError(f"response_url answered {resp.status}")
+                    if resp.status >= 400:
+                        raise DeliveryError(f"response_url answered {resp.status}")
+            except aiohttp.ClientError as e:
+                raise DeliveryRetryableError(f"response_url unreachable: {e}") from e
+            self.parts[i] = "url"
+            await self._save(**{f"part:{i}": "url"})

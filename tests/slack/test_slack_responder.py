@@ -1,0 +1,231 @@
+"""The worker side: the Slack responder against the fake Web API (real slack_sdk, real Redis)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from bots.slack.responder import SlackResponderFactory
+from core.errors import DeliveryError
+from core.messages import IncomingMessage, Reply
+from tests.slack.conftest import TEAM
+
+
+@pytest.fixture
+async def factory(slack_settings, redis) -> AsyncIterator[SlackResponderFactory]:
+    f = SlackResponderFactory(slack_settings, redis)
+    await f.start()
+    try:
+        yield f
+    finally:
+        await f.close()
+
+
+def msg(
+    ts: str, *, channel: str = "C1", thread: str | None = None, kind: str = "mention", **meta: str
+) -> IncomingMessage:
+    m = {"kind": kind, "recipient_user_id": "U1", **meta}
+    if thread:
+        m["reply_thread"] = thread
+    return IncomingMessage(
+        platform="slack",
+        tenant=TEAM,
+        channel=channel,
+        thread=thread,
+        user="U1",
+        message_id=f"{channel}:{ts}",
+        text="q",
+        is_dm=channel.startswith("D"),
+        meta=m,
+    )
+
+
+async def deliver(
+    factory, m: IncomingMessage, pieces: list[str], final: str | None = None, gap_s: float = 0.0
+) -> None:
+    import asyncio
+
+    r = factory.responder(m, m.job_id)
+    await r.begin()
+    text = ""
+    for piece in pieces:
+        text += piece
+        await r.stream(text)
+        if gap_s:
+            await asyncio.sleep(gap_s)
+    await r.finish(Reply(text=final if final is not None else text))
+
+
+async def test_thread_reply_is_streamed_natively(factory, fake_slack):
+    await deliver(factory, msg("1.1", thread="1.1"), ["Hello", " there", ", friend."], gap_s=0.35)
+    [reply] = fake_slack.replies("C1")
+    assert reply.text == "Hello there, friend."
+    assert reply.thread_ts == "1.1"
+    assert not reply.streaming
+    start = fake_slack.calls_of("chat.startStream")[0]
+    assert start.params["recipient_user_id"] == "U1"
+    assert start.params["recipient_team_id"] == TEAM
+    assert fake_slack.calls_of("chat.appendStream")
+    assert len(fake_slack.calls_of("chat.stopStream")) == 1
+    assert not fake_slack.calls_of("chat.postMessage")
+
+
+async def test_top_level_dm_is_posted_then_edited_at_most_once_per_interval(
+    factory, fake_slack, slack_settings
+):
+    pieces = [f"word{i} " for i in range(40)]
+    started = time.monotonic()
+    await deliver(factory, msg("2.1", channel="D1", kind="dm"), pieces, gap_s=0.02)
+    [reply] = fake_slack.replies("D1")
+    assert reply.text == "".join(pieces)
+    assert reply.thread_ts is None
+    edits = fake_slack.calls_of("chat.update")
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
+    # One post, then edits no closer together than the interval (pacing in Redis).
+    times = [fake_slack.calls_of("chat.postMessage")[0].at] + [c.at for c in edits]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert min(gaps) >= slack_settings.slack_edit_interval_s * 0.9
+    assert len(edits) <= (time.monotonic() - started) / slack_settings.slack_edit_interval_s + 1
+
+
+async def test_markdown_is_converted_and_mentions_are_defused(factory, fake_slack):
+    await deliver(
+        factory,
+        msg("3.1", channel="D1", kind="dm"),
+        [],
+        final="**Bold** and [docs](https://example.com) <!channel> <@U2>",
+    )
+    [reply] = fake_slack.replies("D1")
+    assert reply.text == ("*Bold* and <https://example.com|docs> &lt;!channel&gt; &lt;@U2&gt;")
+
+
+async def test_stream_closed_by_slack_falls_back_to_chat_update(factory, fake_slack):
+    fake_slack.close_streams_after_appends = 1
+    await deliver(factory, msg("4.1", thread="4.1"), ["one ", "two ", "three ", "four"], gap_s=0.35)
+    [reply] = fake_slack.replies("C1")
+    assert reply.text == "one two three four"
+    assert fake_slack.calls_of("chat.update")
+
+
+async def test_workspace_without_streaming_gets_an_edited_message(factory, fake_slack):
+    fake_slack.stream_error = "not_allowed"
+    await deliver(factory, msg("5.1", thread="5.1"), ["Hi", " you"])
+    [reply] = fake_slack.replies("C1")
+    assert reply.text == "Hi you"
+    assert reply.thread_ts == "5.1"
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
+
+
+async def test_429_on_post_and_update_is_waited_out_and_reply_arrives_once(factory, fake_slack):
+    fake_slack.fail("chat.postMessage", status=429, retry_after_s=1, times=2)
+    fake_slack.fail("chat.update", status=429, retry_after_s=1, times=1)
+    started = time.monotonic()
+    await deliver(factory, msg("6.1", channel="D1", kind="dm"), ["a", "b"], final="ab!")
+    [reply] = fake_slack.replies("D1")
+    assert reply.text == "ab!"
+    assert time.monotonic() - started >= 2.0  # two Retry-After: 1 waits before the post
+    assert len(fake_slack.calls_of("chat.postMessage")) == 3  # two 429s, one success
+
+
+async def test_5xx_is_retried(factory, fake_slack):
+    fake_slack.fail(
+        "chat.postMessage", status=503, retry_after_s=None, times=2, error="service_unavailable"
+    )
+    await deliver(factory, msg("7.1", channel="D1", kind="dm"), [], final="ok")
+    assert [r.text for r in fake_slack.replies("D1")] == ["ok"]
+
+
+async def test_rerun_job_edits_its_message_instead_of_posting_again(factory, fake_slack):
+    m = msg("8.1", thread="8.1")
+    first = factory.responder(m, m.job_id)
+    await first.begin()
+    await first.stream("partial answer")  # the worker dies here
+    second = factory.responder(m, m.job_id)
+    await second.begin()
+    await second.stream("partial answer, now longer")
+    await second.finish(Reply(text="the whole answer"))
+    third = factory.responder(m, m.job_id)  # a third try after delivery: nothing new
+    await third.begin()
+    await third.finish(Reply(text="the whole answer"))
+    [reply] = fake_slack.replies("C1")
+    assert reply.text == "the whole answer"
+    assert len(fake_slack.calls_of("chat.startStream")) == 1
+    assert not fake_slack.calls_of("chat.postMessage")
+
+
+async def test_long_reply_is_split_into_parts_in_the_thread(factory, fake_slack, slack_settings):
+    paragraph = "lorem ipsum dolor sit amet " * 20
+    text = "\n\n".join([paragraph] * 12)
+    await deliver(factory, msg("9.1", thread="9.1"), [text[:500], text], final=text)
+    replies = fake_slack.replies("C1")
+    assert len(replies) >= 2
+    assert all(len(r.text) <= slack_settings.slack_message_limit for r in replies)
+    assert all(r.thread_ts == "9.1" for r in replies)
+    joined = " ".join(r.text for r in replies)
+    assert joined.split() == text.split()
+
+
+async def test_retried_long_reply_does_not_repost_parts(factory, fake_slack):
+    text = "\n\n".join(["x" * 3000] * 3)
+    m = msg("10.1", channel="D1", kind="dm")
+    await deliver(factory, m, [], final=text)
+    posts = len(fake_slack.calls_of("chat.postMessage"))
+    # arq re-runs the job after delivery (e.g. the worker died before recording the
+    # result): the responder knows it already posted everything.
+    await deliver(factory, m, [], final=text)
+    assert len(fake_slack.calls_of("chat.postMessage")) == posts == 3
+
+
+async def test_ask_command_without_channel_access_answers_via_response_url(
+    factory, fake_slack, response_sink
+):
+    fake_slack.fail("chat.postMessage", status=200, retry_after_s=None, error="not_in_channel")
+    m = msg("11.1", channel="C9", kind="command", response_url=response_sink.url("a"))
+    await deliver(factory, m, ["thinking"], final="the answer")
+    assert [p["text"] for p in response_sink.posts] == ["the answer"]
+    assert response_sink.posts[0]["response_type"] == "in_channel"
+
+
+async def test_unknown_token_is_a_delivery_error(slack_settings, redis, fake_slack):
+    from pydantic import SecretStr
+
+    bad = slack_settings.model_copy(update={"slack_bot_token": SecretStr("xoxb-nope")})
+    f = SlackResponderFactory(bad, redis)
+    await f.start()
+    try:
+        with pytest.raises(DeliveryError):
+            await deliver(f, msg("12.1", channel="D1", kind="dm"), [], final="x")
+    finally:
+        await f.close()
+
+
+async def test_apology_after_a_partial_stream_replaces_the_partial_text(factory, fake_slack):
+    m = msg("13.1", thread="13.1")
+    r = factory.responder(m, m.job_id)
+    await r.begin()
+    await r.stream("The answer starts like th")
+    await r.finish(Reply(text="Sorry, I couldn't answer that just now.", kind="error"))
+    [reply] = fake_slack.replies("C1")
+    assert reply.text == "Sorry, I couldn't answer that just now."
+    assert not reply.streaming
+
+
+async def test_workspace_update_budget_limits_intermediate_edits(slack_settings, redis, fake_slack):
+    settings = slack_settings.model_copy(
+        update={"slack_updates_per_minute": 2, "slack_edit_interval_s": 0.05}
+    )
+    f = SlackResponderFactory(settings, redis)
+    await f.start()
+    try:
+        await deliver(
+            f, msg("14.1", channel="D1", kind="dm"), [f"w{i} " for i in range(30)], gap_s=0.06
+        )
+    finally:
+        await f.close()
+    [reply] = fake_slack.replies("D1")
+    assert reply.text == "".join(f"w{i} " for i in range(30))
+    # The post counts as one use of the budget, one intermediate edit, then only the final.
+    assert len(fake_slack.calls_of("chat.update")) <= 2
