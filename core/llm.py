@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import openai
 
+from core import metrics
 from core.errors import (
     LLMError,
     LLMRateLimitedError,
@@ -243,11 +244,12 @@ async def complete_with_retries(
     while True:
         if gate is not None:
             await gate.before_call()
+        t0 = time.monotonic()
         try:
-            completion = await provider.complete(
-                messages, model=model, on_text=tracking, **params
-            )
+            out = await provider.complete(messages, model=model, on_text=tracking, **params)
         except LLMError as e:
+            outcome = "rate_limited" if isinstance(e, LLMRateLimitedError) else "error"
+            metrics.record_llm_call(outcome, time.monotonic() - t0)
             if gate is not None:
                 await gate.after_failure(e)
             if not isinstance(e, LLMTransientError):
@@ -263,6 +265,13 @@ async def complete_with_retries(
             logger.warning("llm attempt %d failed (%s); retrying in %.2fs", attempt, e, delay)
             await asyncio.sleep(delay)
             continue
+        metrics.record_llm_call(
+            "ok",
+            time.monotonic() - t0,
+            first_token_s=out.first_token_s,
+            tokens_in=out.tokens_in,
+            tokens_out=out.tokens_out,
+        )
         if gate is not None:
-            await gate.after_success(completion)
-        return completion
+            await gate.after_success(out)
+        return out

@@ -110,6 +110,12 @@ class Keys:
         """A lowered global rate after a global 429 (expires)."""
         return f"{self.prefix}:discord:global:learned"
 
+    # --- Operations (metrics, status) ---
+
+    def heartbeats(self) -> str:
+        """Live processes: a sorted set of ``role:host:pid`` scored by the last beat."""
+        return f"{self.prefix}:heartbeats"
+
     # --- Traffic control (core.ordering, core.ratelimit, core.budget, core.cache) ---
 
     def conv_lock(self, conversation_id: str) -> str:

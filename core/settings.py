@@ -168,6 +168,25 @@ class Settings(BaseSettings):
         8000, ge=100, description="Longest tool result sent to the model; longer is cut."
     )
 
+    # --- Operations (metrics, health, status) ---
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a worker's /metrics and /healthz server (unset: no server; "
+        "adapters serve /metrics on their own port).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Bind address of the worker metrics server (0.0.0.0 in containers).",
+    )
+    health_check_interval_s: int = Field(
+        5,
+        ge=1,
+        description="How often workers write arq's health check and every process its "
+        "heartbeat; `sluice status` counts a process live for 3 intervals.",
+    )
+
     # --- History (write-behind to SQL) ---
     db_schema: str | None = Field(
         None,

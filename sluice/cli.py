@@ -12,7 +12,9 @@ from bots.slack.cli import slack as slack_command
 from core.cache_cli import cache as cache_command
 from core.errors import ConfigError
 from core.settings import get_settings
+from sluice.bench.cli import bench
 from sluice.commands import commands_command
+from sluice.opscli import capacity, status
 
 
 def _fail(e: Exception) -> None:
@@ -128,6 +130,9 @@ def llm_sim(
     sim_main(port, cfg, host=host)
 
 
+main.add_command(bench)
+main.add_command(status)
+main.add_command(capacity)
 main.add_command(commands_command)
 main.add_command(cache_command)
 

@@ -5,12 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from core import metrics
 from core.agent import Exchange, history_messages, run_tool_loop
 from core.bot import Bot
 from core.context import MessageContext
-from core.errors import HistoryError, LLMError, LLMRequestError, LLMUnavailableError
+from core.errors import (
+    DeliveryError,
+    HistoryError,
+    LLMError,
+    LLMRequestError,
+    LLMUnavailableError,
+)
 from core.history import HotHistory
 from core.llm import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
@@ -90,10 +98,11 @@ async def answer_message(
         ctx.get("job_try"),
     )
     started = time.monotonic()
+    timing = metrics.JobTiming(msg.platform, msg.lane, ctx.get("enqueue_time"))
     msg, mctx, early = await _before_hooks(ctx, msg)
     # Recorded for SQL now (after the hooks, so only rewritten text is ever stored).
     await _record_incoming(ctx, msg)
-    await responder.begin()
+    await _deliver(timing, msg.platform, responder.begin())
     exchange = Exchange()
     try:
         if not may_run:
@@ -101,7 +110,7 @@ async def answer_message(
         elif early is not None:
             reply_, completion = early, None
         else:
-            reply_, completion = await _answer(ctx, msg, responder, mctx, exchange)
+            reply_, completion = await _answer(ctx, msg, responder, mctx, exchange, timing)
     except Exception:
         # A bug or an unforeseen failure still ends in a visible reply, never silence;
         # the traceback goes to the log, not to the user.
@@ -112,8 +121,9 @@ async def answer_message(
             job_id,
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
-    await responder.finish(reply_)
+    await _deliver(timing, msg.platform, responder.finish(reply_))
     await _remember(ctx, msg, reply_, completion, started, exchange.turns)
+    timing.done(reply_.kind)
     logger.info(
         "job done platform=%s tenant=%s message=%s job=%s kind=%s in %.2fs",
         msg.platform,
@@ -124,6 +134,16 @@ async def answer_message(
         time.monotonic() - started,
     )
     return reply_.kind
+
+
+async def _deliver(timing: metrics.JobTiming, platform: str, call: Awaitable[None]) -> None:
+    """A responder call, timed; a delivery failure is counted, then raised."""
+    try:
+        async with timing.delivering():
+            await call
+    except DeliveryError:
+        metrics.DELIVERY_ERRORS.labels(platform).inc()
+        raise
 
 
 async def _before_hooks(
@@ -149,6 +169,7 @@ async def _answer(
     responder: Responder,
     mctx: MessageContext,
     exchange: Exchange,
+    timing: metrics.JobTiming,
 ) -> tuple[Reply, Completion | None]:
     settings: Settings = ctx["settings"]
     bot: Bot = ctx["bot"]
@@ -179,7 +200,7 @@ async def _answer(
         earlier = []
 
     async def on_text(so_far: str) -> None:
-        await responder.stream(note + so_far)
+        await _deliver(timing, msg.platform, responder.stream(note + so_far))
 
     provider: LLMProvider = ctx["llm"]
     cached = False
@@ -187,18 +208,19 @@ async def _answer(
     async def call(messages: list[ChatMessage], extra: dict[str, Any]) -> Completion:
         # Through the response cache and the shared LLM budget (core.traffic).
         nonlocal cached
-        completion, cached = await traffic.complete(
-            msg,
-            ctx.get("job_id", msg.job_id),
-            responder,
-            provider,
-            messages,
-            model=bot.model or settings.model,
-            on_text=on_text,
-            max_tokens=bot.max_tokens or settings.llm_max_tokens,
-            temperature=bot.temperature,
-            **{**bot.params, **extra},
-        )
+        async with timing.calling_llm():
+            completion, cached = await traffic.complete(
+                msg,
+                ctx.get("job_id", msg.job_id),
+                responder,
+                provider,
+                messages,
+                model=bot.model or settings.model,
+                on_text=on_text,
+                max_tokens=bot.max_tokens or settings.llm_max_tokens,
+                temperature=bot.temperature,
+                **{**bot.params, **extra},
+            )
         return completion
 
     try:

@@ -18,6 +18,7 @@ Tuning, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -25,8 +26,11 @@ from typing import Any
 from arq.cron import cron
 from arq.worker import Worker, func
 
+from core import history as history_module
+from core import metrics
 from core.bot import load_bot
 from core.errors import ConfigError
+from core.heartbeat import heartbeating
 from core.history import HotHistory
 from core.llm import OpenAIProvider
 from core.queue import lane_queue_name
@@ -75,6 +79,7 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"])
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
+        await start_ops(ctx, settings)
         logger.info(
             "worker ready: bot=%s model=%s", ctx["bot"].name, ctx["bot"].model or settings.model
         )
@@ -89,8 +94,58 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await factory.close()
     if "llm" in ctx:
         await ctx["llm"].close()
+    await stop_ops(ctx)
     if "db" in ctx:
         await ctx["db"].dispose()
+
+
+async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
+    """Heartbeat, queue gauges and (with ``SLUICE_METRICS_PORT``) the metrics server."""
+    redis = ctx["redis"]
+    keys: Keys = ctx["keys"]
+    stack = contextlib.AsyncExitStack()
+    ctx["ops_stack"] = stack
+    await stack.enter_async_context(
+        heartbeating(redis, keys, "worker", settings.health_check_interval_s)
+    )
+    for refresher in (
+        metrics.queue_refresher(redis, settings),
+        _history_refresher(redis, keys, settings),
+    ):
+        metrics.add_refresher(refresher)
+        stack.callback(metrics.remove_refresher, refresher)
+    if settings.metrics_port is not None:
+
+        async def health() -> dict[str, Any]:
+            await redis.ping()
+            return {"ok": True, "role": "worker"}
+
+        runner, port = await metrics.start_metrics_server(
+            settings.metrics_port, host=settings.metrics_host, health=health
+        )
+        stack.push_async_callback(runner.cleanup)
+        ctx["metrics_port"] = port
+
+
+def _history_refresher(redis: Any, keys: Keys, settings: Settings) -> metrics.Refresher:
+    """Backlog and flush lag gauges from the write-behind history, where it exists."""
+
+    async def refresh() -> None:
+        backlog_status = getattr(history_module, "backlog_status", None)
+        if backlog_status is None:
+            return
+        st = await backlog_status(redis, keys, getattr(settings, "history_backlog_max", 0))
+        metrics.HISTORY_BACKLOG.set(st.length)
+        metrics.HISTORY_FLUSH_LAG.set(st.oldest_age_s)
+
+    return refresh
+
+
+async def stop_ops(ctx: dict[str, Any]) -> None:
+    """Undo :func:`start_ops`."""
+    stack: contextlib.AsyncExitStack | None = ctx.get("ops_stack")
+    if stack is not None:
+        await stack.aclose()
 
 
 def _cron_times(interval_s: int) -> dict[str, Any]:
@@ -178,7 +233,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
         # A short, fixed result lifetime: results are not read, but while one exists
         # arq refuses a second job with the same id.
         "keep_result": 3600,
-        "health_check_interval": 10,
+        "health_check_interval": settings.health_check_interval_s,
         "handle_signals": True,
         "job_serializer": serialize,
         "job_deserializer": deserialize,

@@ -22,7 +22,9 @@ from redis.exceptions import RedisError
 
 from bots.web.responder import publish
 from core.errors import QueueError
+from core.heartbeat import add_heartbeat
 from core.messages import IncomingMessage
+from core.metrics import ACK_SECONDS, metrics_routes
 from core.queue import accept_message
 from core.redis import Keys
 from core.settings import Settings
@@ -64,6 +66,7 @@ async def _read_json(request: web.Request) -> dict[str, Any] | web.Response:
 
 async def send_message(request: web.Request) -> web.Response:
     """Accept a message from a page: validate, enqueue, answer 202 with its id."""
+    started = time.monotonic()
     data = await _read_json(request)
     if isinstance(data, web.Response):
         return data
@@ -92,7 +95,10 @@ async def send_message(request: web.Request) -> web.Response:
         ts=time.time(),
         is_dm=True,
     )
-    return await _accept(request, msg)
+    resp = await _accept(request, msg)
+    if resp.status == 202:
+        ACK_SECONDS.labels("web").observe(time.monotonic() - started)
+    return resp
 
 
 async def _accept(request: web.Request, msg: IncomingMessage) -> web.Response:
@@ -201,4 +207,8 @@ def create_web_app(settings: Settings, redis: ArqRedis) -> web.Application:
     app.router.add_post("/api/messages", send_message)
     app.router.add_get("/api/events", events)
     app.router.add_get("/healthz", healthz)
+    metrics_routes(app, redis=redis, settings=settings)
+    add_heartbeat(
+        app, redis, Keys(settings.key_prefix), "adapter:web", settings.health_check_interval_s
+    )
     return app
