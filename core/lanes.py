@@ -31,15 +31,19 @@ from typing import TYPE_CHECKING
 from core.messages import IncomingMessage
 from core.routing import LANES
 
+__all__ = ["LANES", "boost_ms", "choose_lane", "priority_ms"]
+
 if TYPE_CHECKING:
     from core.bot import Bot
     from core.settings import Settings
 
 
 def choose_lane(bot: Bot, msg: IncomingMessage) -> str:
-    """The lane for ``msg``: the bot's choice, else the adapter's, else ``default``."""
-    lane = bot.lane_for(msg)
-    return lane if lane in LANES else "default"
+    """The lane for ``msg``: the bot's choice (one of :data:`LANES`), else the adapter's.
+
+    An adapter's lane outside :data:`LANES` is kept as it is and served like ``bulk``
+    (no head start)."""
+    return bot.lane_for(msg)
 
 
 def boost_ms(settings: Settings, lane: str) -> int:
