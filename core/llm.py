@@ -63,6 +63,16 @@ class LLMProvider(Protocol):
     async def close(self) -> None: ...
 
 
+class CallGate(Protocol):
+    """Called around every attempt by :func:`complete_with_retries` (the shared budget)."""
+
+    async def before_call(self) -> None: ...
+
+    async def after_success(self, completion: Completion) -> None: ...
+
+    async def after_failure(self, error: LLMError) -> None: ...
+
+
 def _retry_after_s(headers: Any) -> float | None:
     if headers is None:
         return None
@@ -208,13 +218,15 @@ async def complete_with_retries(
     on_text: OnText | None = None,
     base_delay_s: float = 0.5,
     max_delay_s: float = 20.0,
+    gate: CallGate | None = None,
     **params: Any,
 ) -> Completion:
     """Call the model, retrying transient failures with capped, jittered backoff.
 
     The one retry layer for LLM calls. A retry is only made while nothing was
     streamed yet, so a user never sees an answer start twice. 429s wait for the
-    server's ``retry-after`` when it gives one.
+    server's ``retry-after`` when it gives one. ``gate`` (the shared LLM budget) is
+    awaited before every attempt and told how each ended.
 
     Raises:
         LLMUnavailableError: every attempt failed, or a stream broke after text was shown.
@@ -230,12 +242,16 @@ async def complete_with_retries(
 
     attempt = 0
     while True:
+        if gate is not None:
+            await gate.before_call()
         t0 = time.monotonic()
         try:
             out = await provider.complete(messages, model=model, on_text=tracking, **params)
         except LLMError as e:
             outcome = "rate_limited" if isinstance(e, LLMRateLimitedError) else "error"
             metrics.record_llm_call(outcome, time.monotonic() - t0)
+            if gate is not None:
+                await gate.after_failure(e)
             if not isinstance(e, LLMTransientError):
                 raise
             if streamed or attempt >= retries:
@@ -256,4 +272,6 @@ async def complete_with_retries(
             tokens_in=out.tokens_in,
             tokens_out=out.tokens_out,
         )
+        if gate is not None:
+            await gate.after_success(out)
         return out

@@ -20,10 +20,11 @@ from core.errors import (
     LLMUnavailableError,
 )
 from core.history import HotHistory
-from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
+from core.llm import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
 from core.responder import Responder, ResponderFactory, load_responder_factory
 from core.settings import Settings
+from core.traffic import GAVE_UP, Traffic
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -65,13 +66,26 @@ def build_context(
 
 
 async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Answer one message, in its conversation's turn (one reply at a time per
+    conversation, in arrival order; a busy conversation re-defers the job)."""
+    msg = IncomingMessage.model_validate(payload)
+    job_id: str = ctx.get("job_id", msg.job_id)
+    traffic: Traffic = ctx["traffic"]
+    async with traffic.in_turn(msg, job_id) as turn:
+        if turn.merged:
+            logger.info("message=%s job=%s answered with its burst", msg.message_id, job_id)
+            return "merged"
+        return await answer_message(ctx, turn.msg, job_id, turn.may_run)
+
+
+async def answer_message(
+    ctx: dict[str, Any], msg: IncomingMessage, job_id: str, may_run: bool = True
+) -> str:
     """Answer one message: context from history, the model, the reply, history again.
 
     Every accepted message ends in exactly one visible reply: the answer, a short
     notice, or a short apology.
     """
-    msg = IncomingMessage.model_validate(payload)
-    job_id: str = ctx.get("job_id", msg.job_id)
     factory = await get_responder_factory(ctx, msg.platform)
     responder = factory.responder(msg, job_id)
     logger.info(
@@ -91,7 +105,9 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     await _deliver(timing, msg.platform, responder.begin())
     exchange = Exchange()
     try:
-        if early is not None:
+        if not may_run:
+            reply_, completion = Reply(text=GAVE_UP, kind="error"), None
+        elif early is not None:
             reply_, completion = early, None
         else:
             reply_, completion = await _answer(ctx, msg, responder, mctx, exchange, timing)
@@ -165,6 +181,10 @@ async def _answer(
     command_reply = await bot.run_command(mctx, msg.meta.get("command"))
     if command_reply is not None:
         return command_reply, None
+    traffic: Traffic = ctx["traffic"]
+    limited = await traffic.check_limits(msg)
+    if limited is not None:
+        return limited, None
     note = ""
     if len(text) > settings.max_input_chars:
         note = truncation_note(len(text), settings.max_input_chars)
@@ -183,19 +203,25 @@ async def _answer(
         await _deliver(timing, msg.platform, responder.stream(note + so_far))
 
     provider: LLMProvider = ctx["llm"]
+    cached = False
 
     async def call(messages: list[ChatMessage], extra: dict[str, Any]) -> Completion:
+        # Through the response cache and the shared LLM budget (core.traffic).
+        nonlocal cached
         async with timing.calling_llm():
-            return await complete_with_retries(
+            completion, cached = await traffic.complete(
+                msg,
+                ctx.get("job_id", msg.job_id),
+                responder,
                 provider,
                 messages,
                 model=bot.model or settings.model,
-                retries=settings.llm_retries,
                 on_text=on_text,
                 max_tokens=bot.max_tokens or settings.llm_max_tokens,
                 temperature=bot.temperature,
                 **{**bot.params, **extra},
             )
+        return completion
 
     try:
         done = await run_tool_loop(
@@ -215,7 +241,7 @@ async def _answer(
         logger.warning("llm unavailable message=%s: %s", msg.message_id, e)
         if e.partial_text:
             return Reply(text=note + e.partial_text + CUT_NOTE, kind="error"), None
-        return Reply(text=APOLOGY, kind="error"), None
+        return await traffic.error_reply(e, APOLOGY), None
     except LLMError as e:
         logger.warning("llm failed message=%s: %s", msg.message_id, e)
         return Reply(text=APOLOGY, kind="error"), None
@@ -223,7 +249,7 @@ async def _answer(
     completion = done.completion
     if not completion.text.strip():
         return Reply(text=APOLOGY, kind="error"), completion
-    return await bot.finish(mctx, Reply(text=note + completion.text)), completion
+    return await bot.finish(mctx, Reply(text=note + completion.text, cached=cached)), completion
 
 
 def _first(value: _T | None, default: _T) -> _T:
