@@ -60,6 +60,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.routing import LANES
 from core.serializer import deserialize
 from core.settings import Settings
 
@@ -258,7 +259,6 @@ def queue_names(settings: Settings) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-LANES = ("high", "default", "low")
 ARQ_JOB_PREFIX = "arq:job:"
 ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
 _SAMPLE = 1000

@@ -38,7 +38,7 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
     try:
         for i in range(7):
             msg = IncomingMessage(
-                lane="low" if i >= 5 else "default",
+                lane="bulk" if i >= 5 else "default",
                 platform="web",
                 tenant="web",
                 channel=f"c{i}",
@@ -54,7 +54,7 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
     before = await asyncio.to_thread(_json, settings)
     lane = dict(before["Queue"])["lane default"]
     assert lane.startswith("5 waiting, 0 running")
-    assert dict(before["Queue"])["lane low"].startswith("2 waiting, 0 running")
+    assert dict(before["Queue"])["lane bulk"].startswith("2 waiting, 0 running")
     assert float(lane.rsplit("oldest waiting ", 1)[1].split()[0]) >= 1.0
     assert dict(before["Workers"])["live workers"] == "0"
     assert before["LLM budget"][0][1].startswith("n/a")
@@ -70,7 +70,7 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
 
     after = await asyncio.to_thread(_json, settings)
     assert dict(after["Queue"])["lane default"].startswith("0 waiting, 0 running")
-    assert "lane low" not in dict(after["Queue"])
+    assert "lane bulk" not in dict(after["Queue"])
     assert dict(after["Workers"])["live workers"] == "1"
     history = dict(after["History"])
     assert "not yet in SQL" in history["backlog"] and "last flush" in history
