@@ -21,12 +21,15 @@ run: $(STAMP)
 	$(BIN)/sluice dev
 
 ## The whole test suite (real Redis, SQLite, Postgres, headless Chromium)
+## TEST_MARK narrows both parts, e.g. TEST_MARK="not slow"; exit code 5 means "none selected".
+MARK_AND = $(if $(TEST_MARK),($(TEST_MARK)) and ,)
 test: $(STAMP)
-	$(BIN)/pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "$(MARK_AND)not serial" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "$(MARK_AND)serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 ## Everything but the slow tests
 test-fast: $(STAMP)
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not slow" $(PYTEST_ARGS)
+	$(MAKE) test TEST_MARK="not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
