@@ -10,7 +10,14 @@ from typing import Any, TypeVar
 from core.agent import Exchange, history_messages, run_tool_loop
 from core.bot import Bot
 from core.context import MessageContext
-from core.errors import HistoryError, LLMError, LLMRequestError, LLMUnavailableError
+from core.errors import (
+    DeliveryError,
+    DeliveryRetryableError,
+    HistoryError,
+    LLMError,
+    LLMRequestError,
+    LLMUnavailableError,
+)
 from core.history import HotHistory
 from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
 from core.messages import IncomingMessage, Reply, Turn
@@ -96,7 +103,22 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
             job_id,
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
-    await responder.finish(reply_)
+    try:
+        await responder.finish(reply_)
+    except DeliveryRetryableError:
+        raise
+    except DeliveryError as e:
+        # The target is gone or refuses the bot (channel deleted, thread archived, app
+        # removed): no retry can help. Log where, keep the history, end the job.
+        logger.error(
+            "reply not delivered platform=%s tenant=%s channel=%s message=%s job=%s: %s",
+            msg.platform,
+            msg.tenant,
+            msg.channel,
+            msg.message_id,
+            job_id,
+            e,
+        )
     await _remember(ctx, msg, reply_, completion, started, exchange.turns)
     logger.info(
         "job done platform=%s tenant=%s message=%s job=%s kind=%s in %.2fs",
