@@ -12,6 +12,7 @@ the same bytes) and decoded on the way out: what goes in comes back exactly.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 UPGRADE_HINT = "run `sluice db upgrade`"
+SCHEMA_WAIT_S = 5.0
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -305,8 +307,17 @@ def _upgrade_sync(connection: Connection, revision: str = "head") -> None:
 async def _create_pg_schema(engine: AsyncEngine, settings: Settings) -> None:
     if is_postgres(engine) and settings.db_schema:
         _check_schema_name(settings.db_schema)
-        async with engine.begin() as conn:
-            await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{settings.db_schema}"')
+        try:
+            async with engine.begin() as conn:
+                await conn.exec_driver_sql(f'CREATE SCHEMA IF NOT EXISTS "{settings.db_schema}"')
+        except SQLAlchemyError:
+            # Two processes creating it at once: one of them gets a unique violation.
+            async with engine.connect() as conn:
+                found = await conn.exec_driver_sql(
+                    "SELECT 1 FROM pg_namespace WHERE nspname = $1", (settings.db_schema,)
+                )
+                if found.first() is None:
+                    raise
 
 
 async def upgrade(
@@ -346,26 +357,37 @@ async def ensure_schema(settings: Settings, engine: AsyncEngine | None = None) -
     eng = engine or make_engine(settings)
     try:
         await _create_pg_schema(eng, settings)
+        await _ensure_schema(settings, eng)
+    finally:
+        if own:
+            await eng.dispose()
+
+
+async def _ensure_schema(settings: Settings, eng: AsyncEngine) -> None:
+    # Several workers may start at once on an empty database: on SQLite the creation is
+    # not one transaction, so a half-made schema is waited for (briefly) before it is
+    # called old. Postgres serialises creators with an advisory lock.
+    deadline = time.monotonic() + SCHEMA_WAIT_S
+    while True:
         rev, head, has_messages = await schema_status(eng)
         if rev == head:
             return
         if rev is None and not has_messages:
             try:
                 await upgrade(settings, eng)
+                logger.info("created the history schema (revision %s)", head)
             except SQLAlchemyError:
-                # Another process may have created it at the same moment (SQLite).
-                rev, head, _ = await schema_status(eng)
-                if rev != head:
+                if time.monotonic() > deadline:
                     raise
-            logger.info("created the history schema (revision %s)", head)
-            return
+                logger.info("another process is creating the history schema; waiting")
+            continue
+        if rev is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)  # being created by another process right now
+            continue
         raise ConfigError(
             f"the database schema is at revision {rev or 'unknown (no alembic_version)'}, "
             f"this Sluice needs {head}: {UPGRADE_HINT}"
         )
-    finally:
-        if own:
-            await eng.dispose()
 
 
 async def ensure_schema_at_startup(settings: Settings, engine: AsyncEngine | None = None) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import sys
 import time
 import uuid
@@ -307,7 +308,9 @@ class Flusher:
     async def _pause_at(self, point: str, batch_no: int) -> None:
         if self._pause is not None and self._pause == (point, batch_no):
             print(f"PAUSED {point} {batch_no}", flush=True)
-            await asyncio.Event().wait()  # until the test kills this process
+            # Freeze the whole process right here (every task, not just this batch's),
+            # as a SIGKILL at this instant would; the test then kills it.
+            os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def _str(value: bytes | str) -> str:
