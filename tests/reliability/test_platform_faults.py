@@ -213,3 +213,35 @@ async def test_discord_unknown_channel_on_reply_ends_the_job_logs_the_channel_an
             break
         await asyncio.sleep(0.1)
     assert b"deleted meanwhile" in stored and b"Echo: deleted meanwhile" in stored
+
+
+@pytest.mark.slow
+async def test_discord_worker_sigkilled_mid_reply_answers_once_by_editing_its_message(
+    fake: DiscordFake, discord_settings_e2e: Settings, worker_process, llm_sim
+):
+    llm_sim.configure(tokens=30, token_latency_s=0.1)
+    env = {**settings_env(discord_settings_e2e), "SLUICE_JOB_TIMEOUT_S": str(JOB_TIMEOUT_S)}
+    first = worker_process(env)
+    async with discord_adapter(discord_settings_e2e, fake):
+        sent = await fake.send_user_message(
+            CHANNEL, DiscordFake.user(610000000000000088, "kim"), "killed on discord",
+            mention_bot=True,
+        )  # fmt: skip
+        await _until(lambda: fake.bot_messages(CHANNEL), 15, "the reply to be posted")
+        first.kill(signal.SIGKILL)
+        worker_process(env)
+
+        def final() -> list[dict]:
+            return [
+                m
+                for m in fake.bot_messages(CHANNEL)
+                if (m.get("message_reference") or {}).get("message_id") == sent["id"]
+                and m["content"].startswith("Echo: killed on discord")
+                and not m["content"].endswith("…")
+            ]
+
+        await _until(lambda: final() and llm_sim.stats()["completions"] >= 2, 40, "the re-run")
+        await asyncio.sleep(1.5)
+    assert len(fake.bot_messages(CHANNEL)) == 1, "the re-run edits the killed worker's message"
+    assert len(fake.calls_to("POST", "/channels/{channel_id}/messages")) == 1
+    assert llm_sim.stats()["completions"] == 2
