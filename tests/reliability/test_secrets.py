@@ -67,9 +67,48 @@ async def _until(predicate, timeout_s: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+PG = "127.0.0.1:5432/test"
+
+
+async def _sql_dump(s) -> bytes:
+    """Every row of every table: the SQLite files' bytes, or the Postgres schema's rows."""
+    if s.database_url.startswith("sqlite"):
+        db_path = Path(s.database_url.removeprefix("sqlite:///"))
+        return b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    import asyncpg
+
+    conn = await asyncpg.connect(f"postgresql://postgres@{PG}", timeout=5)
+    try:
+        tables = await conn.fetch(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = $1",
+            s.db_schema,
+        )
+        rows = []
+        for t in tables:
+            rows += await conn.fetch(f'SELECT * FROM "{s.db_schema}"."{t["table_name"]}"')
+        return "\n".join(str(dict(r)) for r in rows).encode()
+    finally:
+        await conn.close()
+
+
+async def _drop_schema(schema: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(f"postgresql://postgres@{PG}", timeout=5)
+    try:
+        await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
-    settings, llm_sim, redis, tmp_path: Path
+    settings, llm_sim, redis, tmp_path: Path, db
 ):
+    from tests.history.conftest import postgres_reachable
+
+    if db == "postgres" and not postgres_reachable():
+        pytest.skip(f"Postgres not reachable at {PG}")
     secrets = {
         "OPENAI_API_KEY": "sk-" + _secret("openai"),
         "SLACK_BOT_TOKEN": "xoxb-" + _secret("slackbot"),
@@ -78,6 +117,13 @@ async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
         "DISCORD_TOKEN": _secret("discord"),
         "SLUICE_ENCRYPTION_KEY": Fernet.generate_key().decode(),
     }
+    db_update: dict[str, str] = {}
+    if db == "postgres":
+        secrets["DATABASE_URL password"] = _secret("pgpass")
+        db_update = {
+            "database_url": f"postgresql://postgres:{secrets['DATABASE_URL password']}@{PG}",
+            "db_schema": f"t_{uuid.uuid4().hex[:12]}",
+        }
     fake_slack = FakeSlackAPI()
     fake_slack.add_token(secrets["SLACK_BOT_TOKEN"], "T1", bot_user_id="UBOT")
     await fake_slack.start()
@@ -97,11 +143,12 @@ async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
             "history_flush_interval_s": 1,
             "history_compress_min_bytes": 10_000_000,  # plain values, so a grep can see them
             "log_level": "DEBUG",
+            **db_update,
         }
     )
     env = {**base_env(), **settings_env(s)}
     for name, value in secrets.items():
-        assert env[name] == value, name
+        assert value in env[name.split()[0]], name
     procs: list[Proc] = []
     try:
         worker = Proc(["worker"], env, tmp_path / "worker.log")
@@ -178,8 +225,11 @@ async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
         str(c.body) for c in discord.calls if c.body is not None
     ).encode()
     places["web replies"] = str(tab.events).encode()
-    db_path = Path(s.database_url.removeprefix("sqlite:///"))
-    places["sql"] = b"".join(p.read_bytes() for p in db_path.parent.glob(db_path.name + "*"))
+    try:
+        places["sql"] = await _sql_dump(s)
+    finally:
+        if db == "postgres":
+            await _drop_schema(s.db_schema)
     places["redis"] = await _redis_dump(redis)
     assert b"slack question" in places["sql"] and b"web question" in places["redis"]
     leaks = [
