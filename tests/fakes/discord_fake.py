@@ -637,6 +637,7 @@ class DiscordFake:
         body = {
             403: {"message": "Missing Permissions", "code": 50013},
             404: {"message": "Unknown Channel", "code": 10003},
+            400: {"message": "Thread is archived", "code": 50083},
         }.get(status, {"message": "Internal Server Error", "code": 0})
         self._faults.append(_Fault(method, re.compile(path_regex), status, times, body))
 

@@ -179,24 +179,27 @@ async def discord_settings_e2e(settings: Settings, fake: DiscordFake) -> Setting
     )
 
 
-async def test_discord_unknown_channel_on_reply_ends_the_job_logs_the_channel_and_keeps_history(
+@pytest.mark.parametrize(("status", "code"), [(404, "10003"), (400, "50083")])
+async def test_discord_channel_gone_or_thread_archived_ends_the_job_and_keeps_history(
     fake: DiscordFake,
     discord_settings_e2e: Settings,
     worker_process,
     redis: Redis,
     llm_sim,
+    status: int,
+    code: str,
 ):
     worker = worker_process(settings_env(discord_settings_e2e))
-    fake.fail("POST", rf"/channels/{CHANNEL}/messages$", 404, times=100)
+    fake.fail("POST", rf"/channels/{CHANNEL}/messages$", status, times=100)
     async with discord_adapter(discord_settings_e2e, fake):
         sent = await fake.send_user_message(
             CHANNEL, DiscordFake.user(610000000000000077, "zed"), "deleted meanwhile",
             mention_bot=True,
         )  # fmt: skip
-        await _until(lambda: "status=404" in worker.output(), 20, "the 404 log")
+        await _until(lambda: f"status={status}" in worker.output(), 20, "the refusal log")
         await asyncio.sleep(1.0)
     log = worker.output()
-    assert f"channel={CHANNEL}" in log and "10003" in log
+    assert f"channel={CHANNEL}" in log and code in log
     assert worker.popen.poll() is None
     assert len(fake.calls_to("POST", "/channels/{channel_id}/messages")) <= 2
     assert llm_sim.stats()["completions"] == 1
