@@ -40,6 +40,7 @@ format: $(STAMP)
 ## Regenerate docs/configuration.md from the Settings class (a test checks it is current)
 docs: $(STAMP)
 	$(BIN)/python -m sluice.docgen > docs/configuration.md
+	$(BIN)/python -m sluice.docgen --readme
 
 bench: $(STAMP)
 	$(BIN)/sluice bench $(BENCH_ARGS)

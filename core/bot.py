@@ -97,6 +97,13 @@ class Bot:
         bare_commands: Whether ``name args`` (without ``/``) runs a command when the
             arguments fit (see :mod:`core.commands`).
         params: Extra Chat Completions parameters passed through as they are.
+        cache_answers: Traffic control: ``False`` turns the response cache off for this bot.
+        no_cache_channels: Channels whose answers are never cached or served from cache.
+        limits: Overrides of the limit settings by name (``user_requests_per_window``,
+            ``user_tokens_per_day``, ``tenant_requests_per_window``,
+            ``tenant_tokens_per_day``, ``user_window_s``); ``None`` as a value lifts it.
+        merge_burst_s: When > 0, messages one user sends within this many seconds of
+            each other in a conversation are answered as one turn.
     """
 
     name: str = "assistant"
@@ -120,6 +127,11 @@ class Bot:
     _help: Command | None = field(default=None, init=False, repr=False)
     # --- end Framework ---
     params: dict[str, Any] = field(default_factory=dict)
+    # --- Traffic control (issue 5) ---
+    cache_answers: bool = True
+    no_cache_channels: frozenset[str] = frozenset()
+    limits: dict[str, int | None] = field(default_factory=dict)
+    merge_burst_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():

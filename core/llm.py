@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import openai
 
+from core import metrics
 from core.errors import (
     LLMError,
     LLMRateLimitedError,
@@ -60,6 +61,16 @@ class LLMProvider(Protocol):
     ) -> Completion: ...
 
     async def close(self) -> None: ...
+
+
+class CallGate(Protocol):
+    """Called around every attempt by :func:`complete_with_retries` (the shared budget)."""
+
+    async def before_call(self) -> None: ...
+
+    async def after_success(self, completion: Completion) -> None: ...
+
+    async def after_failure(self, error: LLMError) -> None: ...
 
 
 def _retry_after_s(headers: Any) -> float | None:
@@ -207,13 +218,15 @@ async def complete_with_retries(
     on_text: OnText | None = None,
     base_delay_s: float = 0.5,
     max_delay_s: float = 20.0,
+    gate: CallGate | None = None,
     **params: Any,
 ) -> Completion:
     """Call the model, retrying transient failures with capped, jittered backoff.
 
     The one retry layer for LLM calls. A retry is only made while nothing was
     streamed yet, so a user never sees an answer start twice. 429s wait for the
-    server's ``retry-after`` when it gives one.
+    server's ``retry-after`` when it gives one. ``gate`` (the shared LLM budget) is
+    awaited before every attempt and told how each ended.
 
     Raises:
         LLMUnavailableError: every attempt failed, or a stream broke after text was shown.
@@ -229,9 +242,18 @@ async def complete_with_retries(
 
     attempt = 0
     while True:
+        if gate is not None:
+            await gate.before_call()
+        t0 = time.monotonic()
         try:
-            return await provider.complete(messages, model=model, on_text=tracking, **params)
-        except LLMTransientError as e:
+            out = await provider.complete(messages, model=model, on_text=tracking, **params)
+        except LLMError as e:
+            outcome = "rate_limited" if isinstance(e, LLMRateLimitedError) else "error"
+            metrics.record_llm_call(outcome, time.monotonic() - t0)
+            if gate is not None:
+                await gate.after_failure(e)
+            if not isinstance(e, LLMTransientError):
+                raise
             if streamed or attempt >= retries:
                 raise LLMUnavailableError(
                     f"gave up after {attempt + 1} attempt(s): {e}", partial_text=streamed
@@ -242,3 +264,14 @@ async def complete_with_retries(
             attempt += 1
             logger.warning("llm attempt %d failed (%s); retrying in %.2fs", attempt, e, delay)
             await asyncio.sleep(delay)
+            continue
+        metrics.record_llm_call(
+            "ok",
+            time.monotonic() - t0,
+            first_token_s=out.first_token_s,
+            tokens_in=out.tokens_in,
+            tokens_out=out.tokens_out,
+        )
+        if gate is not None:
+            await gate.after_success(out)
+        return out

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import time
+from datetime import UTC, datetime, timedelta
 
 from arq.connections import ArqRedis, create_pool
 from redis.exceptions import RedisError
 
-from core.errors import QueueError
+from core.bot import Bot, load_bot
+from core.budget import estimate_wait_s
+from core.errors import BotDefinitionError, QueueError
+from core.lanes import choose_lane, priority_ms
 from core.messages import IncomingMessage
+from core.ordering import forget_arrival, register_arrival
 from core.redis import Keys, redis_settings
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# Ahead of every lane (their head starts are seconds); the notice is stale after a minute.
+NOTICE_HEAD_START_MS = 3_600_000
+NOTICE_EXPIRES = timedelta(seconds=60)
 
 
 async def connect_queue(settings: Settings) -> ArqRedis:
@@ -26,8 +37,22 @@ async def connect_queue(settings: Settings) -> ArqRedis:
     )
 
 
+def arq_job_id(settings: Settings, msg: IncomingMessage) -> str:
+    """The arq job id of a message's reply job.
+
+    arq's own keys (``arq:job:<id>``, ``arq:result:<id>``) are not prefixed, so the
+    id carries ``SLUICE_KEY_PREFIX``: two deployments sharing one Redis never take
+    each other's messages for duplicates.
+    """
+    return f"{settings.key_prefix}:{msg.job_id}"
+
+
 async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessage) -> bool:
-    """Enqueue the ``reply`` job for ``msg``.
+    """Enqueue the ``reply`` job for ``msg``, in its lane and its conversation's line.
+
+    The lane comes from the bot's lane rules (:func:`core.lanes.choose_lane`); with
+    ``SLUICE_LANE_QUEUES=score`` (default) it sets the job's score in the one queue
+    (arrival minus the lane's head start), with ``per-lane`` it picks the lane's queue.
 
     Returns ``False`` when a job with the same id already exists (a duplicate
     delivery), ``True`` when a new job was queued.
@@ -36,15 +61,39 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         QueueError: Redis could not be reached; the adapter must not ack then, so
             that the platform delivers again.
     """
+    bot = _load_bot(settings)
+    msg = with_lane(settings, msg, bot)
+    keys = Keys(settings.key_prefix)
+    now_ms = int(time.time() * 1000)
+    if settings.lane_queues == "per-lane":
+        queue, score_ms = lane_queue_name(settings, msg.lane), now_ms
+    else:
+        queue, score_ms = settings.queue_name, priority_ms(settings, msg.lane, now_ms)
     try:
-        job = await redis.enqueue_job(
-            "reply",
-            msg.model_dump(mode="json"),
-            _job_id=msg.job_id,
-            _queue_name=settings.queue_name,
+        added = await register_arrival(
+            redis, keys, msg, keep_text=bot is not None and bot.merge_burst_s > 0
         )
+        try:
+            job = await redis.enqueue_job(
+                "reply",
+                msg.model_dump(mode="json"),
+                _job_id=arq_job_id(settings, msg),
+                _queue_name=queue,
+                _defer_until=datetime.fromtimestamp(score_ms / 1000, tz=UTC),
+            )
+        except BaseException:
+            if added:
+                await forget_arrival(redis, keys, msg)
+            raise
+        if job is None and added:
+            # A duplicate of a message already answered: not waiting in line.
+            await forget_arrival(redis, keys, msg)
+        if job is not None:
+            await redis.hincrby(keys.lanes(), f"enqueued:{msg.lane}", 1)  # type: ignore[misc]
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot enqueue message {msg.message_id}: {e}") from e
+    if job is not None and settings.queued_notice_after_s > 0:
+        await _tell_if_queued(redis, settings, keys, msg, queue, score_ms)
     logger.info(
         "enqueued platform=%s tenant=%s message=%s job=%s lane=%s new=%s",
         msg.platform,
@@ -96,3 +145,59 @@ async def accept_message(
         # The job is queued; until its result expires arq still refuses a duplicate.
         logger.warning("dedupe marker not written for message=%s: %s", msg.message_id, e)
     return True
+
+
+async def _tell_if_queued(
+    redis: ArqRedis,
+    settings: Settings,
+    keys: Keys,
+    msg: IncomingMessage,
+    queue: str,
+    score_ms: int,
+) -> None:
+    """When the expected wait passes ``SLUICE_QUEUED_NOTICE_AFTER_S``, queue a tiny
+    ``notify_queued`` job ahead of everything, so the user sees where they stand while
+    the reply job still waits for a worker (responders without ``queued`` skip it)."""
+    try:
+        wait_s = await estimate_wait_s(redis, keys, settings, queue, score_ms)
+        if wait_s is None or wait_s <= settings.queued_notice_after_s:
+            return
+        await redis.enqueue_job(
+            "notify_queued",
+            msg.model_dump(mode="json"),
+            round(wait_s),
+            _job_id=f"{settings.key_prefix}:queued:{msg.job_id}",
+            _queue_name=queue,
+            _defer_until=datetime.fromtimestamp((score_ms - NOTICE_HEAD_START_MS) / 1000, tz=UTC),
+            _expires=NOTICE_EXPIRES,
+        )
+    except (RedisError, OSError) as e:
+        # The message itself is queued; only the courtesy notice is lost.
+        logger.warning("queued notice not sent for message=%s: %s", msg.message_id, e)
+
+
+def lane_queue_name(settings: Settings, lane: str) -> str:
+    """The queue of one lane when ``SLUICE_LANE_QUEUES=per-lane``."""
+    return f"{settings.queue_name}:{lane}"
+
+
+def _load_bot(settings: Settings) -> Bot | None:
+    try:
+        return _bot_at(settings.app)
+    except BotDefinitionError as e:
+        logger.error("cannot load the bot to choose a lane: %s", e)
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _bot_at(path: str | None) -> Bot:
+    # Once per process: a bot factory function must not run on every enqueue.
+    return load_bot(path)
+
+
+def with_lane(settings: Settings, msg: IncomingMessage, bot: Bot | None) -> IncomingMessage:
+    """``msg`` with the lane its bot's rules choose (the adapter's lane when none match)."""
+    if bot is None:
+        return msg
+    lane = choose_lane(bot, msg)
+    return msg if lane == msg.lane else msg.model_copy(update={"lane": lane})

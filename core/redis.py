@@ -109,3 +109,55 @@ class Keys:
     def discord_global_learned(self) -> str:
         """A lowered global rate after a global 429 (expires)."""
         return f"{self.prefix}:discord:global:learned"
+
+    # --- Operations (metrics, status) ---
+
+    def heartbeats(self) -> str:
+        """Live processes: a sorted set of ``role:host:pid`` scored by the last beat."""
+        return f"{self.prefix}:heartbeats"
+
+    # --- Traffic control (core.ordering, core.ratelimit, core.budget, core.cache) ---
+
+    def conv_lock(self, conversation_id: str) -> str:
+        """The lock held by the job answering in a conversation (value: its job id)."""
+        return f"{self.prefix}:conv:lock:{conversation_id}"
+
+    def conv_pending(self, conversation_id: str) -> str:
+        """A conversation's messages not yet answered (zset job id -> arrival ms)."""
+        return f"{self.prefix}:conv:pending:{conversation_id}"
+
+    def conv_started(self, conversation_id: str) -> str:
+        """Jobs of a conversation that took the lock at least once (a set)."""
+        return f"{self.prefix}:conv:started:{conversation_id}"
+
+    def conv_texts(self, conversation_id: str) -> str:
+        """User and text of pending messages, kept for burst merging (a hash)."""
+        return f"{self.prefix}:conv:texts:{conversation_id}"
+
+    def merged(self, job_id: str) -> str:
+        """Marks a message answered as part of an earlier message's burst."""
+        return f"{self.prefix}:merged:{job_id}"
+
+    def lanes(self) -> str:
+        """Per-lane counters: ``enqueued:{lane}``, ``started:{lane}`` (a hash)."""
+        return f"{self.prefix}:lanes"
+
+    def job_runs(self, job_id: str) -> str:
+        """How often a job really started answering (re-runs after a worker died)."""
+        return f"{self.prefix}:runs:{job_id}"
+
+    def limit(self, scope: str, ident: str, window: str) -> str:
+        """A rate-limit counter (scope user|tenant, kind and window index in ``window``)."""
+        return f"{self.prefix}:limit:{scope}:{ident}:{window}"
+
+    def llm(self, name: str) -> str:
+        """Shared LLM budget state: bucket, waiters, breaker, counters."""
+        return f"{self.prefix}:llm:{name}"
+
+    def cache_prefix(self, tenant: str) -> str:
+        """Start of every cache key of one tenant."""
+        return f"{self.prefix}:cache:{tenant}:"
+
+    def cache(self, tenant: str, digest: str) -> str:
+        """One cached answer."""
+        return f"{self.cache_prefix(tenant)}{digest}"

@@ -33,7 +33,9 @@ class Settings(BaseSettings):
 
     # Fixed names (DESIGN.md).
     redis_url: str | None = Field(
-        None, validation_alias=_fixed("REDIS_URL"), description="Redis/Valkey URL."
+        None,
+        validation_alias=_fixed("REDIS_URL"),
+        description="Redis/Valkey URL (`sluice dev` finds or starts one when unset).",
     )
     database_url: str = Field(
         "sqlite:///./sluice.db",
@@ -166,6 +168,25 @@ class Settings(BaseSettings):
     )
     tool_result_max_chars: int = Field(
         8000, ge=100, description="Longest tool result sent to the model; longer is cut."
+    )
+
+    # --- Operations (metrics, health, status) ---
+    metrics_port: int | None = Field(
+        None,
+        ge=0,
+        le=65535,
+        description="Port of a worker's /metrics and /healthz server (unset: no server; "
+        "adapters serve /metrics on their own port).",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1",
+        description="Bind address of the worker metrics server (0.0.0.0 in containers).",
+    )
+    health_check_interval_s: int = Field(
+        5,
+        ge=1,
+        description="How often workers write arq's health check and every process its "
+        "heartbeat; `sluice status` counts a process live for 3 intervals.",
     )
 
     # --- History (write-behind to SQL) ---
@@ -356,6 +377,117 @@ class Settings(BaseSettings):
         if isinstance(value, (list, tuple, set)):
             return [str(v) for v in value]
         return value
+
+    # --- Traffic control (ordering, limits, LLM budget, cache, lanes) ---
+    conversation_lock_ttl_s: float = Field(
+        10.0,
+        gt=0,
+        description="Lifetime of a conversation's reply lock; renewed every third of it "
+        "while the reply is worked on, so a killed worker's lock frees soon after.",
+    )
+    order_wait_in_job_s: float = Field(
+        2.0,
+        ge=0,
+        description="How long a job waits in its worker slot for a busy conversation "
+        "before it steps aside (re-defers itself in the queue).",
+    )
+    order_defer_s: float = Field(
+        0.5, gt=0, description="Delay before a job that stepped aside is tried again."
+    )
+    order_max_wait_s: float = Field(
+        900.0,
+        gt=0,
+        description="An earlier message of the conversation that has not started after "
+        "this long is no longer waited for (a safety net against stranded messages).",
+    )
+    user_requests_per_window: int | None = Field(
+        20, ge=1, description="Messages per user per window (unset: no limit)."
+    )
+    user_window_s: int = Field(60, ge=1, description="Length of the per-user/tenant window.")
+    user_tokens_per_day: int | None = Field(
+        200_000, ge=1, description="LLM tokens per user per UTC day (unset: no limit)."
+    )
+    tenant_requests_per_window: int | None = Field(
+        10_000,
+        ge=1,
+        description="Messages per tenant per window (unset: no limit); high enough that a "
+        "whole workspace arriving at once is served.",
+    )
+    tenant_tokens_per_day: int | None = Field(
+        5_000_000, ge=1, description="LLM tokens per tenant per UTC day (unset: no limit)."
+    )
+    admin_users: list[str] = Field(
+        default_factory=list,
+        description="User ids (JSON list) exempt from per-user limits, or given the admin "
+        "limits below.",
+    )
+    admin_tenants: list[str] = Field(
+        default_factory=list,
+        description="Tenant ids (JSON list) exempt from per-tenant limits, or given the "
+        "admin limits below.",
+    )
+    admin_requests_per_window: int | None = Field(
+        None, ge=1, description="Messages per window for admin users/tenants (unset: exempt)."
+    )
+    llm_rpm: int | None = Field(
+        None,
+        ge=1,
+        description="Provider requests per minute shared by every worker (unset: "
+        "learned from the provider's x-ratelimit-limit-requests header).",
+    )
+    llm_tpm: int | None = Field(
+        None,
+        ge=1,
+        description="Provider tokens per minute shared by every worker (unset: learned "
+        "from x-ratelimit-limit-tokens).",
+    )
+    llm_budget_headroom: float = Field(
+        0.97,
+        gt=0,
+        le=1,
+        description="Fraction of the provider's limits Sluice plans to use (keeps 429s rare).",
+    )
+    llm_budget_wait_s: float = Field(
+        150.0,
+        gt=0,
+        description="Longest wait in line for the LLM budget before a short apology.",
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="Provider failures in a row (within the window) that open the breaker."
+    )
+    breaker_window_s: float = Field(
+        30.0, gt=0, description="Window in which breaker failures are counted."
+    )
+    breaker_open_s: float = Field(
+        60.0, gt=0, description="How long an open breaker stops calls to the provider."
+    )
+    cache_ttl_s: int = Field(3600, ge=0, description="Lifetime of cached answers (0: no cache).")
+    lane_high_boost_s: float = Field(
+        60.0,
+        ge=0,
+        description="Head start of high-lane messages in the queue and the budget line; a "
+        "bulk message waits at most about this long behind newer high-lane ones.",
+    )
+    lane_default_boost_s: float = Field(
+        20.0, ge=0, description="Head start of default-lane messages over bulk ones."
+    )
+    lane_queues: str = Field(
+        "score",
+        pattern="^(score|per-lane)$",
+        description="`score`: one queue ordered by lane-boosted score (measured better); "
+        "`per-lane`: one queue per lane, workers listen on SLUICE_WORKER_LANES.",
+    )
+    worker_lanes: list[str] = Field(
+        default_factory=lambda: ["high", "default", "bulk"],
+        description="With SLUICE_LANE_QUEUES=per-lane: the lane this worker serves (a "
+        'JSON list of exactly one lane, e.g. ["high"]; run one worker pool per lane).',
+    )
+    queued_notice_after_s: float = Field(
+        5.0,
+        ge=0,
+        description="When a message's expected wait in line exceeds this, the user sees "
+        "'queued, about N s' until the answer starts.",
+    )
 
     @property
     def queue_name(self) -> str:

@@ -9,9 +9,12 @@ import click
 
 from bots.discord.cli import discord_command
 from bots.slack.cli import slack as slack_command
+from core.cache_cli import cache as cache_command
 from core.errors import ConfigError
 from core.settings import get_settings
+from sluice.bench.cli import bench
 from sluice.commands import commands_command
+from sluice.opscli import capacity, status
 
 
 def _fail(e: Exception) -> None:
@@ -127,7 +130,11 @@ def llm_sim(
     sim_main(port, cfg, host=host)
 
 
+main.add_command(bench)
+main.add_command(status)
+main.add_command(capacity)
 main.add_command(commands_command)
+main.add_command(cache_command)
 
 # History data management (workers/cli_history.py).
 from workers.cli_history import db, history, usage  # noqa: E402

@@ -38,6 +38,7 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from core import metrics
 from core.errors import ConfigError, HistoryError
 from core.history import make_record, unpack_turn, unpack_values
 from core.redis import Keys
@@ -236,9 +237,13 @@ class Flusher:
                 )
                 await self.redis.rpush(self.keys.history_backlog() + ":bad", blob)  # type: ignore[misc]
         await self._pause_at("after_read", batch_no)
+        t0 = time.monotonic()
         inserted = await insert_values(
             self.engine, records, before_commit=lambda: self._pause_at("before_commit", batch_no)
         )
+        metrics.HISTORY_FLUSH_SECONDS.observe(time.monotonic() - t0)
+        metrics.DB_TRANSACTIONS.inc()
+        metrics.HISTORY_FLUSHED_ROWS.inc(inserted)
         await self._pause_at("after_commit", batch_no)
         ids = [e[0] for e in entries]
         async with self.redis.pipeline(transaction=True) as pipe:

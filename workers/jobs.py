@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from core import metrics
 from core.agent import Exchange, history_messages, run_tool_loop
 from core.bot import Bot
 from core.context import MessageContext
@@ -19,10 +21,11 @@ from core.errors import (
     LLMUnavailableError,
 )
 from core.history import HotHistory
-from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
+from core.llm import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
 from core.responder import Responder, ResponderFactory, load_responder_factory
 from core.settings import Settings
+from core.traffic import GAVE_UP, Traffic
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -64,13 +67,26 @@ def build_context(
 
 
 async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    """Answer one message, in its conversation's turn (one reply at a time per
+    conversation, in arrival order; a busy conversation re-defers the job)."""
+    msg = IncomingMessage.model_validate(payload)
+    job_id: str = ctx.get("job_id", msg.job_id)
+    traffic: Traffic = ctx["traffic"]
+    async with traffic.in_turn(msg, job_id) as turn:
+        if turn.merged:
+            logger.info("message=%s job=%s answered with its burst", msg.message_id, job_id)
+            return "merged"
+        return await answer_message(ctx, turn.msg, job_id, turn.may_run)
+
+
+async def answer_message(
+    ctx: dict[str, Any], msg: IncomingMessage, job_id: str, may_run: bool = True
+) -> str:
     """Answer one message: context from history, the model, the reply, history again.
 
     Every accepted message ends in exactly one visible reply: the answer, a short
     notice, or a short apology.
     """
-    msg = IncomingMessage.model_validate(payload)
-    job_id: str = ctx.get("job_id", msg.job_id)
     factory = await get_responder_factory(ctx, msg.platform)
     responder = factory.responder(msg, job_id)
     logger.info(
@@ -83,16 +99,19 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         ctx.get("job_try"),
     )
     started = time.monotonic()
+    timing = metrics.JobTiming(msg.platform, msg.lane, ctx.get("enqueue_time"))
     msg, mctx, early = await _before_hooks(ctx, msg)
     # Recorded for SQL now (after the hooks, so only rewritten text is ever stored).
     await _record_incoming(ctx, msg)
-    await responder.begin()
+    await _deliver(timing, msg.platform, responder.begin())
     exchange = Exchange()
     try:
-        if early is not None:
+        if not may_run:
+            reply_, completion = Reply(text=GAVE_UP, kind="error"), None
+        elif early is not None:
             reply_, completion = early, None
         else:
-            reply_, completion = await _answer(ctx, msg, responder, mctx, exchange)
+            reply_, completion = await _answer(ctx, msg, responder, mctx, exchange, timing)
     except Exception:
         # A bug or an unforeseen failure still ends in a visible reply, never silence;
         # the traceback goes to the log, not to the user.
@@ -104,7 +123,7 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
     try:
-        await responder.finish(reply_)
+        await _deliver(timing, msg.platform, responder.finish(reply_))
     except DeliveryRetryableError:
         raise
     except DeliveryError as e:
@@ -120,6 +139,7 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
             e,
         )
     await _remember(ctx, msg, reply_, completion, started, exchange.turns)
+    timing.done(reply_.kind)
     logger.info(
         "job done platform=%s tenant=%s message=%s job=%s kind=%s in %.2fs",
         msg.platform,
@@ -130,6 +150,16 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         time.monotonic() - started,
     )
     return reply_.kind
+
+
+async def _deliver(timing: metrics.JobTiming, platform: str, call: Awaitable[None]) -> None:
+    """A responder call, timed; a delivery failure is counted, then raised."""
+    try:
+        async with timing.delivering():
+            await call
+    except DeliveryError:
+        metrics.DELIVERY_ERRORS.labels(platform).inc()
+        raise
 
 
 async def _before_hooks(
@@ -155,6 +185,7 @@ async def _answer(
     responder: Responder,
     mctx: MessageContext,
     exchange: Exchange,
+    timing: metrics.JobTiming,
 ) -> tuple[Reply, Completion | None]:
     settings: Settings = ctx["settings"]
     bot: Bot = ctx["bot"]
@@ -166,6 +197,10 @@ async def _answer(
     command_reply = await bot.run_command(mctx, msg.meta.get("command"))
     if command_reply is not None:
         return command_reply, None
+    traffic: Traffic = ctx["traffic"]
+    limited = await traffic.check_limits(msg)
+    if limited is not None:
+        return limited, None
     note = ""
     if len(text) > settings.max_input_chars:
         note = truncation_note(len(text), settings.max_input_chars)
@@ -181,21 +216,28 @@ async def _answer(
         earlier = []
 
     async def on_text(so_far: str) -> None:
-        await responder.stream(note + so_far)
+        await _deliver(timing, msg.platform, responder.stream(note + so_far))
 
     provider: LLMProvider = ctx["llm"]
+    cached = False
 
     async def call(messages: list[ChatMessage], extra: dict[str, Any]) -> Completion:
-        return await complete_with_retries(
-            provider,
-            messages,
-            model=bot.model or settings.model,
-            retries=settings.llm_retries,
-            on_text=on_text,
-            max_tokens=bot.max_tokens or settings.llm_max_tokens,
-            temperature=bot.temperature,
-            **{**bot.params, **extra},
-        )
+        # Through the response cache and the shared LLM budget (core.traffic).
+        nonlocal cached
+        async with timing.calling_llm():
+            completion, cached = await traffic.complete(
+                msg,
+                ctx.get("job_id", msg.job_id),
+                responder,
+                provider,
+                messages,
+                model=bot.model or settings.model,
+                on_text=on_text,
+                max_tokens=bot.max_tokens or settings.llm_max_tokens,
+                temperature=bot.temperature,
+                **{**bot.params, **extra},
+            )
+        return completion
 
     try:
         done = await run_tool_loop(
@@ -215,7 +257,7 @@ async def _answer(
         logger.warning("llm unavailable message=%s: %s", msg.message_id, e)
         if e.partial_text:
             return Reply(text=note + e.partial_text + CUT_NOTE, kind="error"), None
-        return Reply(text=APOLOGY, kind="error"), None
+        return await traffic.error_reply(e, APOLOGY), None
     except LLMError as e:
         logger.warning("llm failed message=%s: %s", msg.message_id, e)
         return Reply(text=APOLOGY, kind="error"), None
@@ -223,7 +265,7 @@ async def _answer(
     completion = done.completion
     if not completion.text.strip():
         return Reply(text=APOLOGY, kind="error"), completion
-    return await bot.finish(mctx, Reply(text=note + completion.text)), completion
+    return await bot.finish(mctx, Reply(text=note + completion.text, cached=cached)), completion
 
 
 def _first(value: _T | None, default: _T) -> _T:

@@ -18,6 +18,7 @@ Tuning, and why:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -25,15 +26,21 @@ from typing import Any
 from arq.cron import cron
 from arq.worker import Worker, func
 
+from core import history as history_module
+from core import metrics
 from core.bot import load_bot
+from core.errors import ConfigError
+from core.heartbeat import heartbeating
 from core.history import HotHistory
 from core.llm import OpenAIProvider
+from core.queue import lane_queue_name
 from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 from core.store import ensure_schema_at_startup, make_engine
-from workers import flush, jobs
+from core.traffic import BUSY_MAX_TRIES, Traffic
+from workers import flush, jobs, traffic_jobs
 from workers.flush import Flusher
 
 logger = logging.getLogger(__name__)
@@ -69,8 +76,10 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         )
         ctx["flusher"] = Flusher(ctx["redis"], settings, ctx["db"])
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
+        ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"])
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
+        await start_ops(ctx, settings)
         logger.info(
             "worker ready: bot=%s model=%s", ctx["bot"].name, ctx["bot"].model or settings.model
         )
@@ -85,8 +94,58 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await factory.close()
     if "llm" in ctx:
         await ctx["llm"].close()
+    await stop_ops(ctx)
     if "db" in ctx:
         await ctx["db"].dispose()
+
+
+async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
+    """Heartbeat, queue gauges and (with ``SLUICE_METRICS_PORT``) the metrics server."""
+    redis = ctx["redis"]
+    keys: Keys = ctx["keys"]
+    stack = contextlib.AsyncExitStack()
+    ctx["ops_stack"] = stack
+    await stack.enter_async_context(
+        heartbeating(redis, keys, "worker", settings.health_check_interval_s)
+    )
+    for refresher in (
+        metrics.queue_refresher(redis, settings),
+        _history_refresher(redis, keys, settings),
+    ):
+        metrics.add_refresher(refresher)
+        stack.callback(metrics.remove_refresher, refresher)
+    if settings.metrics_port is not None:
+
+        async def health() -> dict[str, Any]:
+            await redis.ping()
+            return {"ok": True, "role": "worker"}
+
+        runner, port = await metrics.start_metrics_server(
+            settings.metrics_port, host=settings.metrics_host, health=health
+        )
+        stack.push_async_callback(runner.cleanup)
+        ctx["metrics_port"] = port
+
+
+def _history_refresher(redis: Any, keys: Keys, settings: Settings) -> metrics.Refresher:
+    """Backlog and flush lag gauges from the write-behind history, where it exists."""
+
+    async def refresh() -> None:
+        backlog_status = getattr(history_module, "backlog_status", None)
+        if backlog_status is None:
+            return
+        st = await backlog_status(redis, keys, getattr(settings, "history_backlog_max", 0))
+        metrics.HISTORY_BACKLOG.set(st.length)
+        metrics.HISTORY_FLUSH_LAG.set(st.oldest_age_s)
+
+    return refresh
+
+
+async def stop_ops(ctx: dict[str, Any]) -> None:
+    """Undo :func:`start_ops`."""
+    stack: contextlib.AsyncExitStack | None = ctx.get("ops_stack")
+    if stack is not None:
+        await stack.aclose()
 
 
 def _cron_times(interval_s: int) -> dict[str, Any]:
@@ -97,6 +156,18 @@ def _cron_times(interval_s: int) -> dict[str, Any]:
     minutes = max(1, min(60, interval_s // 60))
     step = max(d for d in range(1, minutes + 1) if 60 % d == 0)
     return {"minute": set(range(0, 60, step)), "second": 0}
+
+
+def worker_queue(settings: Settings) -> str:
+    """The queue this worker serves: the one queue, or its lane's with per-lane queues."""
+    if settings.lane_queues != "per-lane":
+        return settings.queue_name
+    if len(settings.worker_lanes) != 1:
+        raise ConfigError(
+            "SLUICE_LANE_QUEUES=per-lane: an arq worker listens to one queue, so run one "
+            "worker per lane, e.g. SLUICE_WORKER_LANES='[\"high\"]' for the high lane."
+        )
+    return lane_queue_name(settings, settings.worker_lanes[0])
 
 
 def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> dict[str, Any]:
@@ -113,7 +184,15 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 jobs.reply,
                 name="reply",
                 timeout=settings.job_timeout_s,
-                max_tries=settings.job_max_tries,
+                # Busy conversations re-defer jobs (an arq try each); Sluice counts real
+                # re-runs itself against SLUICE_JOB_MAX_TRIES (core.traffic).
+                max_tries=BUSY_MAX_TRIES,
+            ),
+            func(
+                traffic_jobs.notify_queued,
+                name="notify_queued",
+                timeout=min(10, settings.job_timeout_s),
+                max_tries=1,
             ),
             # History jobs time out with the reply job: arq keeps a killed worker's
             # job "in progress" for the longest timeout of ALL functions + 10 s, so a
@@ -143,7 +222,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 max_tries=1,
             ),
         ],
-        "queue_name": settings.queue_name,
+        "queue_name": worker_queue(settings),
         "redis_settings": redis_settings(settings),
         "on_startup": make_startup(settings, llm_base_url),
         "on_shutdown": on_shutdown,
@@ -154,15 +233,29 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
         # A short, fixed result lifetime: results are not read, but while one exists
         # arq refuses a second job with the same id.
         "keep_result": 3600,
-        "health_check_interval": 10,
+        "health_check_interval": settings.health_check_interval_s,
         "handle_signals": True,
         "job_serializer": serialize,
         "job_deserializer": deserialize,
     }
 
 
+class SluiceWorker(Worker):
+    """An arq worker that starts only as many jobs per poll as it has free slots.
+
+    arq reads up to ``queue_read_limit`` job ids by score and then waits for a slot
+    for each in turn, so a high-lane job enqueued meanwhile would queue behind that
+    stale batch; starting only what fits keeps every start in fresh score order.
+    """
+
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """Start the first jobs of the batch that fit in the free slots."""
+        free = max(0, self.max_jobs - self.job_counter)
+        await super().start_jobs(job_ids[:free])
+
+
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
     """An arq worker for ``settings`` (``overrides`` replace any keyword argument)."""
     kwargs = worker_settings(settings)
     kwargs.update(overrides)
-    return Worker(**kwargs)
+    return SluiceWorker(**kwargs)

@@ -30,7 +30,7 @@ from redis.exceptions import RedisError
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
 from core.messages import IncomingMessage, Platform
-from core.queue import connect_queue, enqueue_reply
+from core.queue import arq_job_id, connect_queue, enqueue_reply
 from core.redis import Keys
 from core.settings import Settings
 
@@ -280,7 +280,7 @@ class DiscordIntake:
         marker = self._keys.dedupe("discord", msg.message_id)
         try:
             claimed = await self.queue.set(
-                marker, msg.job_id, nx=True, ex=self.settings.dedupe_ttl_s
+                marker, arq_job_id(self.settings, msg), nx=True, ex=self.settings.dedupe_ttl_s
             )
         except (RedisError, OSError) as e:
             logger.error("discord cannot reach Redis for message=%s: %s", msg.message_id, e)

@@ -11,6 +11,7 @@ import click
 
 from bots.discord.gateway import SluiceClient, invite_url
 from core.errors import ConfigError
+from core.heartbeat import process_ops
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ async def run_discord(settings: Settings) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with client:
+    async with process_ops(settings, "adapter:discord"), client:
         runner = asyncio.create_task(client.start(token))
         stopper = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)

@@ -39,6 +39,8 @@ from bots.slack.installations import RedisOAuthStateStore, SQLInstallationStore
 from bots.slack.intake import Intake
 from bots.slack.listeners import SluiceListeners, register
 from core.errors import ConfigError, QueueError
+from core.heartbeat import process_ops
+from core.metrics import metrics_routes
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -297,6 +299,7 @@ def web_app(slack: SlackApp, settings: Settings) -> web.Application:
     app.router.add_get(INSTALL_PATH, oauth)
     app.router.add_get(REDIRECT_PATH, oauth)
     app.router.add_get("/healthz", healthz)
+    metrics_routes(app)
 
     async def on_cleanup(_: web.Application) -> None:
         await slack.close()
@@ -323,6 +326,13 @@ async def running(
     (``SLUICE_SLACK_PORT`` by default).
     """
     port = settings.slack_port if port is None else port
+    async with process_ops(settings, "adapter:slack"):
+        async with _running(settings, host, port) as where:
+            yield where
+
+
+@contextlib.asynccontextmanager
+async def _running(settings: Settings, host: str, port: int) -> AsyncIterator[str]:
     slack = await build_app(settings)
     if settings.slack_app_token is not None:
         from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler

@@ -22,8 +22,10 @@ from redis.exceptions import RedisError
 
 from bots.web.responder import publish
 from core.errors import QueueError
+from core.heartbeat import add_heartbeat
 from core.messages import IncomingMessage
-from core.queue import accept_message
+from core.metrics import ACK_SECONDS, metrics_routes
+from core.queue import accept_message, arq_job_id
 from core.redis import Keys
 from core.settings import Settings
 
@@ -64,6 +66,7 @@ async def _read_json(request: web.Request) -> dict[str, Any] | web.Response:
 
 async def send_message(request: web.Request) -> web.Response:
     """Accept a message from a page: validate, enqueue, answer 202 with its id."""
+    started = time.monotonic()
     data = await _read_json(request)
     if isinstance(data, web.Response):
         return data
@@ -92,14 +95,17 @@ async def send_message(request: web.Request) -> web.Response:
         ts=time.time(),
         is_dm=True,
     )
-    return await _accept(request, msg)
+    resp = await _accept(request, msg)
+    if resp.status == 202:
+        ACK_SECONDS.labels("web").observe(time.monotonic() - started)
+    return resp
 
 
 async def _accept(request: web.Request, msg: IncomingMessage) -> web.Response:
     """Dedupe and enqueue, then show the message; 503 when Redis is down."""
     settings = request.app[SETTINGS]
     redis = request.app[REDIS]
-    body = {"message_id": msg.message_id, "job_id": msg.job_id}
+    body = {"message_id": msg.message_id, "job_id": arq_job_id(settings, msg)}
     try:
         if not await accept_message(redis, settings, msg):
             return web.json_response({**body, "duplicate": True}, status=202)
@@ -201,4 +207,8 @@ def create_web_app(settings: Settings, redis: ArqRedis) -> web.Application:
     app.router.add_post("/api/messages", send_message)
     app.router.add_get("/api/events", events)
     app.router.add_get("/healthz", healthz)
+    metrics_routes(app, redis=redis, settings=settings)
+    add_heartbeat(
+        app, redis, Keys(settings.key_prefix), "adapter:web", settings.health_check_interval_s
+    )
     return app

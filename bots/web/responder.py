@@ -48,6 +48,10 @@ class WebResponder:
         # A re-run job starts its text again from the beginning.
         await self._emit({"type": "start"})
 
+    async def queued(self, wait_s: float) -> None:
+        """Tell the page the message waits in line (shown until the answer starts)."""
+        await self._emit({"type": "queued", "wait_s": round(wait_s)})
+
     async def stream(self, text: str) -> None:
         """Send what is new since the last event, at most every ``stream_min_interval_s``."""
         now = time.monotonic()

@@ -80,3 +80,12 @@ def test_sluice_commands_lists_the_bot_commands(monkeypatch):
     assert text.exit_code == 0, text.output
     assert "/ticket <summary>\n    Open a support ticket." in text.output
     assert [c["name"] for c in json.loads(as_json.output)] == ["ticket", "status", "help"]
+
+
+def test_readme_settings_table_is_current():
+    from sluice.docgen import update_readme
+
+    readme = (ROOT / "README.md").read_text("utf-8")
+    assert readme == update_readme(readme), (
+        "README.md's settings table is out of date: run `make docs` and commit it."
+    )

@@ -1,0 +1,234 @@
+"""Traffic control as the reply job uses it: order, limits, cache, budget, breaker.
+
+One :class:`Traffic` per worker process (``ctx["traffic"]``), over the worker's Redis.
+The reply job calls, in this order:
+
+1. :meth:`Traffic.in_turn` - wait for the conversation's turn (:mod:`core.ordering`);
+   a busy conversation re-defers the job (arq ``Retry``), never drops it.
+2. :meth:`Traffic.check_limits` - per-user/tenant limits (:mod:`core.ratelimit`);
+   a notice instead of an LLM call when over.
+3. :meth:`Traffic.complete` - the response cache with single-flight
+   (:mod:`core.cache`), then the shared budget and breaker (:mod:`core.budget`)
+   around :func:`core.llm.complete_with_retries`, the one retry layer.
+4. :meth:`Traffic.error_reply` - the short reply for an LLM failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from arq.worker import Retry
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from core.bot import Bot
+from core.budget import (
+    BudgetGate,
+    LLMBudget,
+    estimate_tokens,
+    quota_use_in_backlog,
+    unavailable_text,
+)
+from core.cache import ResponseCache, cache_digest, cache_enabled
+from core.errors import LLMError, LLMUnavailableError
+from core.lanes import priority_ms
+from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
+from core.messages import IncomingMessage, Reply
+from core.ordering import (
+    ConversationBusy,
+    absorb_burst,
+    acquire_conversation,
+    count_run,
+    was_merged,
+)
+from core.ratelimit import REMINDER, RateLimiter, limits_for, notice_text
+from core.redis import Keys
+from core.responder import Responder
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+# A job that steps aside for a busy conversation is re-deferred, which arq counts as a
+# try; real re-runs (after a worker died) are counted by Sluice itself instead.
+BUSY_MAX_TRIES = 100_000
+REDIS_RETRY_S = 2.0
+
+GAVE_UP = "Sorry, I couldn't answer that: it failed several times. Please try again in a minute."
+
+
+@dataclass(frozen=True)
+class TurnState:
+    """What :meth:`Traffic.in_turn` found: what to answer, and whether to."""
+
+    msg: IncomingMessage
+    may_run: bool = True
+    merged: bool = False
+
+
+async def lane_counts(redis: Redis, keys: Keys) -> dict[str, dict[str, int]]:
+    """Per lane: messages enqueued, started (first run) and waiting (the difference),
+    counted since the prefix was first used; for ``sluice status`` and the bench."""
+    raw: dict[Any, Any] = await redis.hgetall(keys.lanes())  # type: ignore[misc]
+    out: dict[str, dict[str, int]] = {}
+    for k, v in raw.items():
+        what, _, lane = (k.decode() if isinstance(k, bytes) else str(k)).partition(":")
+        out.setdefault(lane, {"enqueued": 0, "started": 0})[what] = int(v)
+    for counts in out.values():
+        counts["waiting"] = max(0, counts["enqueued"] - counts["started"])
+    return out
+
+
+async def snapshot(redis: Redis, settings: Settings) -> dict[str, Any]:
+    """Traffic control at a glance, for ``sluice status`` and ``sluice bench``: the LLM
+    budget counters (see :mod:`core.budget`), the breaker, the cache hit ratio and the
+    per-lane counts."""
+    keys = Keys(settings.key_prefix)
+    budget = LLMBudget(redis, keys, settings)
+    stats = await budget.stats()
+    hits, misses = stats.get("cache_hits", 0), stats.get("cache_misses", 0)
+    rpm = settings.llm_rpm or 0
+    return {
+        "llm": stats,
+        "breaker_open_for_s": await budget.breaker_open_for(),
+        "cache_hit_ratio": hits / (hits + misses) if hits + misses else None,
+        "quota_use_in_backlog": quota_use_in_backlog(stats, rpm) if rpm else None,
+        "lanes": await lane_counts(redis, keys),
+    }
+
+
+class Traffic:
+    """Order, limits, cache and LLM budget for one worker process."""
+
+    def __init__(self, redis: Redis, settings: Settings, bot: Bot) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.bot = bot
+        self.keys = Keys(settings.key_prefix)
+        self.limiter = RateLimiter(redis, self.keys)
+        self.budget = LLMBudget(redis, self.keys, settings)
+        self.cache = ResponseCache(redis, self.keys, settings)
+
+    @contextlib.asynccontextmanager
+    async def in_turn(self, msg: IncomingMessage, job_id: str) -> AsyncIterator[TurnState]:
+        """Hold the conversation while answering ``msg``.
+
+        Yields a :class:`TurnState`: the message to answer (with a burst of quick
+        follow-ups merged in when the bot asks for it), whether the job may still
+        run, and whether the message was already answered as part of a burst.
+
+        Raises:
+            arq.worker.Retry: the conversation is busy; the job runs again shortly.
+        """
+        try:
+            lock = await acquire_conversation(self.redis, self.keys, self.settings, msg, job_id)
+        except ConversationBusy as e:
+            logger.info(
+                "conversation busy message=%s job=%s waiting for %s",
+                msg.message_id,
+                job_id,
+                e.blocker,
+            )
+            raise Retry(defer=self.settings.order_defer_s) from e
+        except (RedisError, OSError) as e:
+            # Without Redis there is no order to keep: try again once it is back.
+            logger.warning("cannot take the turn of message=%s: %s", msg.message_id, e)
+            raise Retry(defer=REDIS_RETRY_S) from e
+        try:
+            merged = await was_merged(self.redis, self.keys, job_id)
+            runs = await count_run(self.redis, self.keys, job_id)
+            if runs == 1:
+                await self.redis.hincrby(  # type: ignore[misc]
+                    self.keys.lanes(), f"started:{msg.lane}", 1
+                )
+            if merged:
+                yield TurnState(msg=msg, merged=True)
+                return
+            if self.bot.merge_burst_s > 0:
+                msg = await absorb_burst(self.redis, self.keys, msg, self.bot.merge_burst_s)
+            yield TurnState(msg=msg, may_run=runs <= self.settings.job_max_tries)
+        finally:
+            await lock.release()
+
+    async def check_limits(self, msg: IncomingMessage) -> Reply | None:
+        """``None`` when ``msg`` may go on, else the notice (or reminder) to send."""
+        verdict = await self.limiter.check(msg, limits_for(self.settings, self.bot, msg))
+        if verdict.allowed:
+            return None
+        logger.info(
+            "over limit message=%s scope=%s retry_in=%.0fs first=%s",
+            msg.message_id,
+            verdict.scope,
+            verdict.retry_after_s,
+            verdict.first_notice,
+        )
+        text = notice_text(verdict) if verdict.first_notice else REMINDER
+        return Reply(text=text, kind="notice")
+
+    async def complete(
+        self,
+        msg: IncomingMessage,
+        job_id: str,
+        responder: Responder,
+        provider: LLMProvider,
+        messages: list[ChatMessage],
+        *,
+        model: str,
+        on_text: Callable[[str], Awaitable[None]] | None,
+        **params: Any,
+    ) -> tuple[Completion, bool]:
+        """The answer to ``messages`` and whether it came from the cache.
+
+        Raises:
+            LLMError: as :func:`core.llm.complete_with_retries`; ``LLMUnavailableError``
+                with ``retry_in_s`` set means the breaker is open.
+        """
+        max_tokens = int(params.get("max_tokens") or self.settings.llm_max_tokens)
+
+        async def on_queued(wait_s: float) -> None:
+            show = getattr(responder, "queued", None)
+            if show is not None:
+                await show(wait_s)
+
+        gate = BudgetGate(
+            self.budget,
+            member=job_id,
+            priority_ms=priority_ms(self.settings, msg.lane, int(msg.ts * 1000)),
+            est_tokens=estimate_tokens(messages, max_tokens),
+            on_queued=on_queued,
+        )
+
+        async def call() -> Completion:
+            completion = await complete_with_retries(
+                provider,
+                messages,
+                model=model,
+                retries=self.settings.llm_retries,
+                on_text=on_text,
+                gate=gate,
+                **params,
+            )
+            await self.limiter.record_tokens(msg, completion.tokens_in + completion.tokens_out)
+            return completion
+
+        if not cache_enabled(self.settings, self.bot, msg):
+            return await call(), False
+        digest = cache_digest(msg.tenant, self.bot.name, model, params, messages)
+        completion, cached = await self.cache.single_flight(
+            self.cache.key(msg.tenant, digest), job_id, call
+        )
+        await self.budget.count("cache_hits" if cached else "cache_misses")
+        return completion, cached
+
+    async def error_reply(self, error: LLMError, apology: str) -> Reply:
+        """The short reply for a failed LLM call: "unavailable" while the breaker is open."""
+        retry_in = error.retry_in_s if isinstance(error, LLMUnavailableError) else None
+        if retry_in is None:
+            open_for = await self.budget.breaker_open_for()
+            retry_in = open_for or None
+        if retry_in:
+            return Reply(text=unavailable_text(retry_in), kind="error")
+        return Reply(text=apology, kind="error")

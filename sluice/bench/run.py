@@ -1,0 +1,344 @@
+"""Running one benchmark: start the processes, drive the users, collect the numbers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import importlib
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sluice.bench import report
+from sluice.bench.drivers import NaiveUsers, SluiceUsers
+from sluice.bench.procs import Proc, free_port, own_peak_rss_mb, peak_rss_mb, wait_http
+from sluice.bench.scenarios import Planned, Scenario, plan
+
+DESIGNS = ("sluice", "naive")
+# The history flush benchmark (issue 6) lives here once it is on main.
+FLUSH_BENCH = "workers.flush_bench:bench_flush"
+
+
+def base_env() -> dict[str, str]:
+    """This process's environment without Sluice, OpenAI, Slack or Discord settings."""
+    prefixes = ("SLUICE_", "OPENAI_", "SLACK_", "DISCORD_")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(prefixes) and k not in ("REDIS_URL", "DATABASE_URL")
+    }
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Run:
+    """The processes of one design, stopped together."""
+
+    def __init__(self, log_dir: Path, started: list[Proc] | None = None) -> None:
+        self.log_dir = log_dir
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.procs: list[Proc] = []
+        # Every process also goes to the caller's list, which stops whatever is left
+        # even when an interrupt cuts this run's own clean-up short.
+        self._started = started if started is not None else []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
+        """Start one process."""
+        proc = Proc(name, args, env, self.log_dir)
+        self.procs.append(proc)
+        self._started.append(proc)
+        return proc
+
+    def memory(self) -> dict[str, float | None]:
+        """Peak memory of every process still running, in MiB."""
+        return {p.name: peak_rss_mb(p.pid) for p in self.procs}
+
+    def stop(self) -> None:
+        """Stop every process, newest first."""
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+async def _sim(run: Run, sc: Scenario) -> tuple[str, Proc]:
+    port = free_port()
+    args = [
+        "sluice", "llm-sim", "--port", str(port),
+        "--first-token-ms", str(sc.first_token_ms),
+        "--token-ms", str(sc.token_ms),
+        "--tokens", str(sc.tokens),
+        "--seed", str(sc.seed),
+    ]  # fmt: skip
+    if sc.rpm:
+        args += ["--rpm", str(sc.rpm)]
+    if sc.tpm:
+        args += ["--tpm", str(sc.tpm)]
+    proc = run.start("llm-sim", args, base_env())
+    url = f"http://127.0.0.1:{port}"
+    await wait_http(f"{url}/healthz", proc)
+    return url, proc
+
+
+async def _get(url: str) -> Any:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(url, timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            if resp.content_type == "application/json":
+                return await resp.json()
+            return await resp.text()
+
+
+async def _scrape(urls: list[str]) -> list[report.Sample]:
+    texts = []
+    for url in urls:
+        try:
+            texts.append(str(await _get(url)))
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            raise RuntimeError(f"cannot scrape {url}: {e}") from e
+    return report.parse_metrics(texts)
+
+
+async def redis_calls(redis_url: str) -> int:
+    """Commands the Redis server has run since it started (``INFO commandstats``)."""
+    redis: Redis = Redis.from_url(redis_url)
+    try:
+        stats = await redis.info("commandstats")
+    finally:
+        await redis.aclose()
+    return sum(int(v.get("calls", 0)) for v in stats.values() if isinstance(v, dict))
+
+
+async def _drop_prefix(redis_url: str, prefix: str) -> None:
+    redis: Redis = Redis.from_url(redis_url)
+    try:
+        batch: list[Any] = []
+        async for key in redis.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                await redis.delete(*batch)
+                batch = []
+        if batch:
+            await redis.delete(*batch)
+    finally:
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _progress(
+    console: Console, label: str, users: SluiceUsers | NaiveUsers, total: int
+) -> AsyncIterator[None]:
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(label, total=total)
+
+        async def tick() -> None:
+            while True:
+                p = users.progress
+                bar.update(
+                    task,
+                    completed=p.finished,
+                    description=f"{label}: sent {p.sent:,}, replies",
+                )
+                await asyncio.sleep(0.25)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            yield
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            p = users.progress
+            bar.update(task, completed=p.finished, description=f"{label}: sent {p.sent:,}, replies")
+
+
+async def run_sluice(
+    sc: Scenario,
+    schedule: list[Planned],
+    *,
+    workers: int,
+    redis_url: str,
+    redis_pid: int | None,
+    log_dir: Path,
+    console: Console,
+    sluice_env: dict[str, str] | None = None,
+    started: list[Proc] | None = None,
+) -> dict[str, Any]:
+    """The whole pipeline: web adapter, arq queue on Redis, worker processes, simulator."""
+    run_id = uuid.uuid4().hex[:8]
+    prefix = f"bench{run_id}"
+    run = Run(log_dir / "sluice", started)
+    try:
+        sim_url, _ = await _sim(run, sc)
+        env = {
+            **base_env(),
+            "REDIS_URL": redis_url,
+            "DATABASE_URL": f"sqlite:///{run.log_dir / 'sluice.db'}",
+            "OPENAI_API_KEY": "sk-bench",
+            "OPENAI_BASE_URL": f"{sim_url}/v1",
+            "SLUICE_KEY_PREFIX": prefix,
+            "SLUICE_LOG_LEVEL": "WARNING",
+            **(sluice_env or {}),
+        }
+        metric_urls = []
+        starting = []
+        for i in range(workers):
+            port = free_port()
+            proc = run.start(
+                f"worker-{i}", ["sluice", "worker"], {**env, "SLUICE_METRICS_PORT": str(port)}
+            )
+            starting.append(wait_http(f"http://127.0.0.1:{port}/healthz", proc, timeout_s=60))
+            metric_urls.append(f"http://127.0.0.1:{port}/metrics")
+        web_port = free_port()
+        web = run.start("web", ["sluice", "web", "--port", str(web_port)], env)
+        base = f"http://127.0.0.1:{web_port}"
+        starting.append(wait_http(f"{base}/healthz", web, timeout_s=60))
+        await asyncio.gather(*starting)
+        metric_urls.append(f"{base}/metrics")
+
+        deadline = max(p.at_s for p in schedule) + sc.drain_timeout_s
+        users = SluiceUsers(base, schedule, run_id, deadline)
+        calls_before = await redis_calls(redis_url)
+        async with _progress(console, "sluice", users, len(schedule)):
+            obs = await users.run()
+        calls = await redis_calls(redis_url) - calls_before
+        samples = await _scrape(metric_urls)
+        sim_stats = await _get(f"{sim_url}/_sim/stats")
+        mem = run.memory()
+        memory: dict[str, float | None] = {"web adapter": mem.get("web")}
+        worker_mem = [v for k, v in mem.items() if k.startswith("worker-") and v is not None]
+        if worker_mem:
+            memory[f"worker (max of {len(worker_mem)})"] = max(worker_mem)
+        if redis_pid is not None:
+            memory["redis"] = peak_rss_mb(redis_pid)
+        summary = report.summarize(
+            obs,
+            samples=samples,
+            platform="web",
+            sim_stats=sim_stats,
+            memory_mb=memory,
+            workers=workers,
+        )
+        # Every client of this Redis counts, including the idle polling of workers and
+        # SSE streams: exact on the embedded Valkey, an upper bound on a shared Redis.
+        summary["redis_commands"] = calls
+        summary["redis_commands_per_message"] = calls / max(1, summary["sent"])
+        return summary
+    finally:
+        run.stop()
+        with contextlib.suppress(RedisError, OSError):
+            await _drop_prefix(redis_url, prefix)
+
+
+async def run_naive(
+    sc: Scenario,
+    schedule: list[Planned],
+    *,
+    log_dir: Path,
+    console: Console,
+    started: list[Proc] | None = None,
+) -> dict[str, Any]:
+    """The naive server: LLM in the handler, one commit per message, no cache, no limits."""
+    run = Run(log_dir / "naive", started)
+    try:
+        sim_url, _ = await _sim(run, sc)
+        port = free_port()
+        server = run.start(
+            "naive-server",
+            [
+                "sluice.bench.naive",
+                "--port", str(port),
+                "--llm-url", f"{sim_url}/v1",
+                "--db", str(run.log_dir / "naive.db"),
+            ],
+            base_env(),
+        )  # fmt: skip
+        base = f"http://127.0.0.1:{port}"
+        await wait_http(f"{base}/healthz", server)
+        deadline = max(p.at_s for p in schedule) + sc.drain_timeout_s
+        users = NaiveUsers(base, schedule, uuid.uuid4().hex[:8], deadline)
+        async with _progress(console, "naive ", users, len(schedule)):
+            obs = await users.run()
+        samples = await _scrape([f"{base}/metrics"])
+        sim_stats = await _get(f"{sim_url}/_sim/stats")
+        return report.summarize(
+            obs,
+            samples=samples,
+            platform="naive",
+            sim_stats=sim_stats,
+            memory_mb={"server": run.memory().get("naive-server")},
+            workers=1,
+        )
+    finally:
+        run.stop()
+
+
+async def run_bench(
+    sc: Scenario,
+    *,
+    workers: int,
+    designs: tuple[str, ...],
+    redis_url: str,
+    redis_pid: int | None,
+    out_dir: Path,
+    command: str,
+    console: Console,
+    sluice_env: dict[str, str] | None = None,
+    started: list[Proc] | None = None,
+) -> dict[str, Any]:
+    """Both designs, one after the other, under the same schedule; the report dict."""
+    schedule = plan(sc)
+    started_at = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    results: dict[str, Any] = {}
+    log_dir = out_dir / "logs"
+    for design in designs:
+        if design == "sluice":
+            results[design] = await run_sluice(
+                sc,
+                schedule,
+                workers=workers,
+                redis_url=redis_url,
+                redis_pid=redis_pid,
+                log_dir=log_dir,
+                console=console,
+                sluice_env=sluice_env,
+                started=started,
+            )
+        else:
+            results[design] = await run_naive(
+                sc, schedule, log_dir=log_dir, console=console, started=started
+            )
+    return {
+        "scenario": sc.as_dict(),
+        "command": command,
+        "started_at": started_at,
+        "machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()},
+        "sluice_settings": sluice_env or {},
+        "bench_process_peak_mb": own_peak_rss_mb(),
+        "designs": results,
+        "consistent": {name: report.consistent(s) for name, s in results.items()},
+    }
+
+
+async def run_flush(redis_url: str, postgres_url: str | None, messages: int) -> Any:
+    """The history flush benchmark (issue 6), when it is installed."""
+    module_name, _, attr = FLUSH_BENCH.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            f"the flush benchmark ({FLUSH_BENCH}) is not available in this version: {e}"
+        ) from e
+    return await fn(redis_url, postgres_url=postgres_url, n=messages)

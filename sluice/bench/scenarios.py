@@ -1,0 +1,150 @@
+"""Named load scenarios and the message schedule they produce.
+
+A scenario is the offered load (users, messages, timing, repeats, heavy users) plus
+the simulated provider (limits and latency). The schedule is open-loop: every
+message is sent at its planned time whether or not earlier replies came, so both
+designs get exactly the same load.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+FAQ = (
+    "What are your opening hours?",
+    "How do I reset my password?",
+    "Where can I download the invoice?",
+    "How do I invite a teammate?",
+    "What does the free plan include?",
+    "How do I export my data?",
+    "Is there an API?",
+    "How do I cancel my subscription?",
+    "Which regions do you host in?",
+    "How do I turn on two-factor authentication?",
+    "What is the refund policy?",
+    "How do I change the language?",
+    "Can I use it on mobile?",
+    "How do I contact support?",
+    "What's new in this release?",
+    "How do I delete my account?",
+    "Do you offer discounts for schools?",
+    "How do I connect Slack?",
+    "What are the rate limits?",
+    "How do I upgrade my plan?",
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark's load and simulated provider."""
+
+    name: str
+    users: int
+    messages_per_user: int
+    duration_s: float
+    repeat_ratio: float = 0.3
+    heavy_users: int = 0
+    heavy_factor: int = 10
+    rpm: int | None = 600
+    tpm: int | None = None
+    first_token_ms: float = 300.0
+    token_ms: float = 10.0
+    tokens: int = 40
+    drain_timeout_s: float = 120.0
+    seed: int = 1
+
+    def scaled(self, factor: float) -> Scenario:
+        """Fewer (or more) users, heavy users and provider capacity; same timing."""
+        if factor == 1:
+            return self
+        return replace(
+            self,
+            users=max(1, round(self.users * factor)),
+            heavy_users=round(self.heavy_users * factor),
+            rpm=max(1, round(self.rpm * factor)) if self.rpm else None,
+            tpm=max(1, round(self.tpm * factor)) if self.tpm else None,
+        )
+
+    @property
+    def total_messages(self) -> int:
+        """Messages the schedule sends."""
+        light = (self.users - self.heavy_users) * self.messages_per_user
+        return light + self.heavy_users * self.messages_per_user * self.heavy_factor
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready parameters."""
+        return {**asdict(self), "total_messages": self.total_messages}
+
+
+LAUNCH_DAY = Scenario(
+    name="launch-day",
+    users=1000,
+    messages_per_user=2,
+    duration_s=60,
+    repeat_ratio=0.3,
+    heavy_users=10,
+    heavy_factor=10,
+    rpm=600,
+    first_token_ms=300,
+    token_ms=10,
+    tokens=40,
+)
+# Half the provider's limit (600 rpm -> 300 messages a minute) for two minutes.
+STEADY = replace(
+    LAUNCH_DAY,
+    name="steady",
+    users=300,
+    messages_per_user=2,
+    duration_s=120,
+    heavy_users=0,
+)
+TEN_X = replace(LAUNCH_DAY, name="10x", users=10_000, heavy_users=100, drain_timeout_s=300)
+# Placeholder: the history helper's flush benchmark is called instead of a load run.
+FLUSH = replace(LAUNCH_DAY, name="flush")
+SERIALIZER = replace(LAUNCH_DAY, name="serializer")
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (LAUNCH_DAY, STEADY, TEN_X, FLUSH, SERIALIZER)}
+
+
+@dataclass(frozen=True)
+class Planned:
+    """One message of the schedule."""
+
+    index: int
+    user: int
+    seq: int
+    at_s: float
+    text: str
+    repeated: bool
+
+
+def plan(scenario: Scenario) -> list[Planned]:
+    """The schedule: each user's messages at sorted random times within the duration.
+
+    The first ``heavy_users`` users send ``heavy_factor`` times as many messages.
+    A ``repeat_ratio`` share of messages are common questions (cacheable); the rest
+    are unique to their user.
+    """
+    rng = random.Random(scenario.seed)
+    out: list[tuple[float, int, int, str, bool]] = []
+    for user in range(scenario.users):
+        n = scenario.messages_per_user
+        if user < scenario.heavy_users:
+            n *= scenario.heavy_factor
+        times = sorted(rng.uniform(0, scenario.duration_s) for _ in range(n))
+        for seq, at in enumerate(times):
+            if rng.random() < scenario.repeat_ratio:
+                text, repeated = rng.choice(FAQ), True
+            else:
+                text = (
+                    f"User {user} asks question {seq}: how do I set up item {rng.randrange(10**6)}?"
+                )
+                repeated = False
+            out.append((at, user, seq, text, repeated))
+    out.sort()
+    return [
+        Planned(index=i, user=u, seq=s, at_s=at, text=t, repeated=r)
+        for i, (at, u, s, t, r) in enumerate(out)
+    ]

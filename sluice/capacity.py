@@ -1,0 +1,224 @@
+"""``sluice capacity``: worker counts for each hour of the week, from stored history.
+
+Arithmetic, per hour of the week (Monday 00:00 UTC is hour 0):
+
+- ``messages``: user messages in that hour; with several weeks of history, the
+  busiest of them (``stat="peak"``) or their mean (``stat="mean"``);
+- ``peak_rate`` = ``messages / 3600 * burst`` messages per second (``burst``: how
+  much busier the busiest minutes are than the hour's average, default 2);
+- ``needed`` = ``max(min_workers, ceil(peak_rate / per_worker_rate))``;
+- ``workers`` = the most ``needed`` of this hour and the next ``lead_hours`` hours,
+  so workers are running before the rush starts.
+
+The queue-depth signal for an autoscaler: a worker clears ``per_worker_rate``
+messages a second, so a backlog above ``per_worker_rate * target_wait_s`` per
+worker means replies wait longer than ``target_wait_s``: add workers.
+
+History sources: the SQL ``messages`` table (``DATABASE_URL``, written by the history
+flush), or a JSON-lines file with a ``ts`` (epoch seconds) and optional ``role`` per
+line, such as ``sluice history export`` writes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from core.settings import Settings
+
+HOURS_PER_WEEK = 168
+DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def hour_of_week(ts: float) -> int:
+    """0..167: Monday 00:00-00:59 UTC is 0."""
+    d = dt.datetime.fromtimestamp(ts, dt.UTC)
+    return d.weekday() * 24 + d.hour
+
+
+def hourly_counts(epoch_hours: dict[int, int], stat: str = "peak") -> list[float]:
+    """Messages per hour of the week from counts per epoch hour (``ts // 3600``).
+
+    ``stat`` ``peak``: the busiest week's count; ``mean``: the mean over the weeks
+    the history covers (hours with no messages count as 0).
+    """
+    per_slot: dict[int, list[int]] = defaultdict(list)
+    if epoch_hours:
+        first, last = min(epoch_hours), max(epoch_hours)
+        for h in range(first, last + 1):
+            per_slot[hour_of_week(h * 3600)].append(epoch_hours.get(h, 0))
+    out: list[float] = []
+    for slot in range(HOURS_PER_WEEK):
+        values = per_slot.get(slot, [])
+        if not values:
+            out.append(0.0)
+        elif stat == "mean":
+            out.append(sum(values) / len(values))
+        else:
+            out.append(float(max(values)))
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Workers to run per hour of the week, and the autoscaler's signal."""
+
+    messages: list[float]
+    needed: list[int]
+    workers: list[int]
+    per_worker_rate: float
+    burst: float
+    lead_hours: int
+    min_workers: int
+    target_wait_s: float
+
+    @property
+    def depth_per_worker(self) -> float:
+        """Scale out when the queue holds more than this many jobs per worker."""
+        return self.per_worker_rate * self.target_wait_s
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "per_worker_rate": self.per_worker_rate,
+            "burst": self.burst,
+            "lead_hours": self.lead_hours,
+            "min_workers": self.min_workers,
+            "target_wait_s": self.target_wait_s,
+            "depth_per_worker": self.depth_per_worker,
+            "hours": [
+                {
+                    "hour_of_week": h,
+                    "day": DAYS[h // 24],
+                    "hour": h % 24,
+                    "messages": self.messages[h],
+                    "needed": self.needed[h],
+                    "workers": self.workers[h],
+                }
+                for h in range(HOURS_PER_WEEK)
+            ],
+        }
+
+
+def make_plan(
+    messages: list[float],
+    *,
+    per_worker_rate: float,
+    burst: float = 2.0,
+    lead_hours: int = 1,
+    min_workers: int = 1,
+    target_wait_s: float = 5.0,
+) -> Plan:
+    """The plan for ``messages`` per hour of the week (see the module docstring)."""
+    if per_worker_rate <= 0:
+        raise ValueError("per-worker throughput must be positive")
+    needed = [
+        max(min_workers, math.ceil(m / 3600 * burst / per_worker_rate - 1e-9)) for m in messages
+    ]
+    workers = [
+        max(needed[(h + k) % HOURS_PER_WEEK] for k in range(lead_hours + 1))
+        for h in range(HOURS_PER_WEEK)
+    ]
+    return Plan(
+        messages, needed, workers, per_worker_rate, burst, lead_hours, min_workers, target_wait_s
+    )
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def epoch_hours_from_timestamps(stamps: Iterable[float]) -> dict[int, int]:
+    """Counts per epoch hour."""
+    out: dict[int, int] = defaultdict(int)
+    for ts in stamps:
+        out[int(ts) // 3600] += 1
+    return dict(out)
+
+
+def read_jsonl(path: Path, since_ts: float | None = None) -> dict[int, int]:
+    """Counts per epoch hour of the user messages in a JSON-lines file."""
+
+    def stamps() -> Iterable[float]:
+        with path.open(encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if row.get("role", "user") != "user":
+                    continue
+                ts = float(row["ts"])
+                if since_ts is None or ts >= since_ts:
+                    yield ts
+
+    return epoch_hours_from_timestamps(stamps())
+
+
+async def read_sql(settings: Settings, since_ts: float | None = None) -> dict[int, int]:
+    """Counts per epoch hour of user messages in the ``messages`` table.
+
+    Connects the way the history store does (``core.store.make_engine``: the async
+    driver, ``SLUICE_DB_SCHEMA`` on Postgres).
+    """
+    from sqlalchemy import text
+
+    from core.store import make_engine
+
+    engine = make_engine(settings)
+    # CAST(... AS INTEGER) / 3600 is integer division on SQLite and Postgres alike.
+    query = text(
+        "SELECT CAST(ts AS INTEGER) / 3600 AS h, COUNT(*) FROM messages "
+        "WHERE role = 'user' AND ts >= :since GROUP BY h"
+    )
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(query, {"since": since_ts or 0.0})).all()
+    finally:
+        await engine.dispose()
+    return {int(h): int(n) for h, n in rows}
+
+
+def per_worker_rate_from_bench(path: Path) -> float:
+    """Answered messages per second per worker, from a ``sluice bench`` JSON report."""
+    report = json.loads(path.read_text("utf-8"))
+    s = report["designs"]["sluice"]
+    rate = float(s["answered_per_s"]) / max(1, int(s["workers"]))
+    if rate <= 0:
+        raise ValueError(f"{path}: no answered messages to measure throughput from")
+    return rate
+
+
+def render_plan(plan: Plan) -> Any:
+    """A week grid of worker counts and the autoscaler signal (rich renderables)."""
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table(
+        title="Workers to run, per hour of the week (UTC)",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),
+        pad_edge=False,
+    )
+    grid.add_column("day", min_width=3)
+    for h in range(24):
+        grid.add_column(f"{h:02d}", justify="right", min_width=2)
+    for d, day in enumerate(DAYS):
+        grid.add_row(day, *(str(plan.workers[d * 24 + h]) for h in range(24)))
+    busiest = max(range(HOURS_PER_WEEK), key=lambda h: plan.messages[h])
+    notes = Text(
+        f"per-worker throughput {plan.per_worker_rate:.2f} msg/s, burst x{plan.burst:g}, "
+        f"lead {plan.lead_hours} h, at least {plan.min_workers}.\n"
+        f"busiest hour: {DAYS[busiest // 24]} {busiest % 24:02d}:00 with "
+        f"{plan.messages[busiest]:,.0f} messages -> {plan.needed[busiest]} workers.\n"
+        f"autoscaler signal: scale out when sluice_queue_depth > "
+        f"{plan.depth_per_worker:.1f} x workers (replies would wait > {plan.target_wait_s:g} s)."
+    )
+    return Group(grid, notes)

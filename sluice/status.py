@@ -1,0 +1,172 @@
+"""``sluice status``: one screen of what the deployment is doing, read from Redis.
+
+Sections come from probes: ``async probe(settings, redis) -> list[(name, value)]``.
+The queue, worker and adapter probes are here. LLM budget, cache and history
+probes belong to the modules that own that state; they are found by import path
+in :data:`PROBES` (a module that does not exist yet shows ``n/a``), or added at run
+time with :func:`register_probe`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from rich.table import Table
+
+from core.heartbeat import live
+from core.metrics import lane_snapshot, queue_names
+from core.redis import Keys
+from core.settings import Settings
+
+Row = tuple[str, str]
+Probe = Callable[[Settings, Redis], Awaitable[list[Row]]]
+NOT_AVAILABLE = "n/a"
+
+
+async def queue_probe(settings: Settings, redis: Redis) -> list[Row]:
+    """Waiting and running jobs and the oldest wait, per lane."""
+    lanes = await lane_snapshot(redis, queue_names(settings))
+    return [
+        (
+            f"lane {lane}",
+            f"{st.waiting} waiting, {st.running} running, oldest waiting {st.oldest_wait_s:.1f} s",
+        )
+        for lane, st in sorted(lanes.items())
+    ]
+
+
+def _alive_for(settings: Settings) -> float:
+    return settings.health_check_interval_s * 3.0
+
+
+async def workers_probe(settings: Settings, redis: Redis) -> list[Row]:
+    """Workers that sent a heartbeat within three health-check intervals."""
+    members = await live(redis, Keys(settings.key_prefix), _alive_for(settings))
+    workers = sorted(m.split(":", 1)[1] for m in members if m.startswith("worker:"))
+    health = await redis.get(f"{settings.queue_name}:health-check")
+    rows: list[Row] = [("live workers", str(len(workers)))]
+    if workers:
+        rows.append(("", ", ".join(workers[:8]) + (" …" if len(workers) > 8 else "")))
+    if health:
+        text = health.decode() if isinstance(health, bytes) else str(health)
+        rows.append(("last arq health check", text))
+    return rows
+
+
+async def adapters_probe(settings: Settings, redis: Redis) -> list[Row]:
+    """Adapters seen within three heartbeat intervals, per platform."""
+    members = await live(redis, Keys(settings.key_prefix), _alive_for(settings))
+    per: dict[str, list[str]] = {}
+    for member, _age in members.items():
+        role, _, rest = member.partition(":")
+        if role != "adapter":
+            continue
+        platform, _, ident = rest.partition(":")
+        per.setdefault(platform, []).append(ident)
+    if not per:
+        return [("adapters seen", "none")]
+    return [
+        (platform, f"{len(ids)} seen ({', '.join(sorted(ids)[:4])})")
+        for platform, ids in sorted(per.items())
+    ]
+
+
+async def history_probe(settings: Settings, redis: Redis) -> list[Row]:
+    """The write-behind backlog and the last flush (``core.history.backlog_status``)."""
+    import core.history
+
+    backlog_status = getattr(core.history, "backlog_status", None)
+    if backlog_status is None:
+        return [("", f"{NOT_AVAILABLE} (history is not written to SQL in this version)")]
+    st = await backlog_status(
+        redis, Keys(settings.key_prefix), getattr(settings, "history_backlog_max", 0)
+    )
+    last = (
+        f"{time.time() - st.last_flush_ts:.0f} s ago" if st.last_flush_ts is not None else "never"
+    )
+    rows: list[Row] = [
+        ("backlog", f"{st.length:,} messages not yet in SQL, oldest {st.oldest_age_s:.0f} s"),
+        ("last flush", last),
+    ]
+    if st.failures or st.last_error:
+        rows.append(("flush failures", f"{st.failures} (last: {st.last_error or '-'})"))
+    if st.overflow_conversations:
+        rows.append(("over the bound", f"{st.overflow_conversations} conversations"))
+    return rows
+
+
+# Section -> probe, by import path for state other modules own.
+PROBES: dict[str, str | Probe] = {
+    "Queue": queue_probe,
+    "Workers": workers_probe,
+    "Adapters": adapters_probe,
+    "LLM budget": "core.budget:status_probe",
+    "Cache": "core.cache:status_probe",
+    "History": history_probe,
+}
+
+
+def register_probe(section: str, probe: Probe | str) -> None:
+    """Add or replace the probe of a section."""
+    PROBES[section] = probe
+
+
+def _resolve(probe: str | Probe) -> Probe | None:
+    if not isinstance(probe, str):
+        return probe
+    module_name, _, attr = probe.partition(":")
+    try:
+        found: Any = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+    return found  # type: ignore[no-any-return]
+
+
+async def collect(settings: Settings, redis: Redis) -> dict[str, list[Row]]:
+    """Every section's rows; a missing probe gives ``n/a``, a failing one its error."""
+    out: dict[str, list[Row]] = {}
+    for section, spec in PROBES.items():
+        probe = _resolve(spec)
+        if probe is None:
+            out[section] = [("", f"{NOT_AVAILABLE} (not in this version)")]
+            continue
+        try:
+            out[section] = await probe(settings, redis)
+        except (RedisError, OSError) as e:
+            out[section] = [("", f"error: {e}")]
+    return out
+
+
+def render(sections: dict[str, list[Row]], settings: Settings) -> Table:
+    """The one-screen table."""
+    t = Table(
+        title=f"sluice status  (prefix {settings.key_prefix!r}, "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())} UTC)",
+        show_header=False,
+    )
+    t.add_column("section", style="bold")
+    t.add_column("what")
+    t.add_column("value")
+    for section, rows in sections.items():
+        for i, (name, value) in enumerate(rows):
+            t.add_row(section if i == 0 else "", name, value)
+        t.add_section()
+    return t
+
+
+async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
+    """Connect to ``REDIS_URL`` and collect every section."""
+    from core.redis import redis_settings
+
+    redis_settings(settings)  # raises ConfigError with a clear message when unset
+    assert settings.redis_url is not None
+    redis: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    try:
+        return await collect(settings, redis)
+    finally:
+        await redis.aclose()

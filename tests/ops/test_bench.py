@@ -1,0 +1,136 @@
+"""``sluice bench`` end to end on a scaled-down launch day: the report is complete and adds up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sluice.bench.report import histogram_quantiles, parse_metrics, quantile
+from sluice.bench.scenarios import LAUNCH_DAY, plan
+from tests.helpers import ROOT, base_env
+
+ROWS = (
+    "sent",
+    "answered",
+    "errors",
+    "notices",
+    "unanswered",
+    "provider_429s",
+    "llm_calls",
+    "cache_hits",
+    "ack_s",
+    "ttft_s",
+    "full_reply_s",
+    "overhead_s",
+    "db_transactions",
+    "peak_memory_mb",
+)
+
+
+def test_launch_day_schedule_matches_the_scenario() -> None:
+    schedule = plan(LAUNCH_DAY)
+    assert len(schedule) == 990 * 2 + 10 * 20 == LAUNCH_DAY.total_messages
+    assert all(0 <= p.at_s < 60 for p in schedule)
+    repeated = sum(p.repeated for p in schedule) / len(schedule)
+    assert 0.25 < repeated < 0.35
+    per_user: dict[int, int] = {}
+    for p in schedule:
+        per_user[p.user] = per_user.get(p.user, 0) + 1
+    assert sorted(per_user.values(), reverse=True)[:11] == [20] * 10 + [2]
+
+
+def test_scale_shrinks_users_and_provider_limit_together() -> None:
+    small = LAUNCH_DAY.scaled(0.1)
+    assert (small.users, small.heavy_users, small.rpm) == (100, 1, 60)
+    assert small.duration_s == LAUNCH_DAY.duration_s
+
+
+def test_histogram_quantiles_interpolate_within_buckets() -> None:
+    text = """# TYPE x histogram
+x_bucket{le="0.1"} 50
+x_bucket{le="0.2"} 100
+x_bucket{le="+Inf"} 100
+x_count 100
+x_sum 10
+"""
+    q = histogram_quantiles(parse_metrics([text]), "x")
+    assert q["p50"] == pytest.approx(0.1)
+    assert q["p95"] == pytest.approx(0.19)
+    assert quantile([1.0, 2.0, 3.0], 0.5) == 2.0
+
+
+@pytest.mark.slow
+def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    env = {**base_env(), "REDIS_URL": redis_url, "COLUMNS": "160"}
+    args = [
+        "bench", "--scenario", "launch-day", "--scale", "0.02", "--duration", "5",
+        "--drain-timeout", "45", "--workers", "1", "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sluice", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "framework overhead" in done.stdout
+    report = json.loads((out / "launch-day.json").read_text())
+    assert report["scenario"]["users"] == 20
+    sent = report["scenario"]["total_messages"]
+    for name in ("sluice", "naive"):
+        s = report["designs"][name]
+        assert all(row in s for row in ROWS), name
+        assert s["sent"] == sent
+        assert s["answered"] + s["errors"] + s["notices"] + s["unanswered"] == s["sent"]
+        assert s["unanswered"] == 0, f"{name}: every message gets a reply before the drain ends"
+        assert s["answered"] > 0
+        assert s["llm_calls"] >= s["answered"]
+        assert 0 < s["full_reply_s"]["p50"] <= s["full_reply_s"]["p99"]
+        assert s["ttft_s"]["p50"] <= s["full_reply_s"]["p50"]
+        assert s["overhead_s"]["p50"] is not None
+        assert all(v and v > 10 for v in s["peak_memory_mb"].values()), s["peak_memory_mb"]
+        assert len(s["timeline"]) == sent
+    assert report["consistent"] == {"sluice": True, "naive": True}
+    # The naive design commits once per message; Sluice acks before the model answers.
+    assert report["designs"]["naive"]["db_transactions"] == sent
+    assert report["designs"]["sluice"]["ack_s"]["p50"] < report["designs"]["naive"]["ack_s"]["p50"]
+    page = (out / "launch-day.html").read_text()
+    assert page.count("<svg") == 2 and "http" not in page.split("<body>")[1].replace(
+        "http://www.w3.org/2000/svg", ""
+    )
+
+
+@pytest.mark.slow
+def test_flush_scenario_runs_the_history_flush_benchmark(redis_url, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "sluice", "bench", "--scenario", "flush", "--out", str(tmp_path)],
+        env={**base_env(), "REDIS_URL": redis_url},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (sqlite,) = [
+        r for r in json.loads((tmp_path / "flush.json").read_text()) if r["database"] == "sqlite"
+    ]
+    assert sqlite["stored_once"] is True
+    assert sqlite["flush_transactions_per_10k"] < sqlite["naive_transactions_per_10k"]
+    assert sqlite["flush_msgs_per_s"] > sqlite["naive_msgs_per_s"]
+
+
+def test_serializer_scenario_measures_both_formats(tmp_path):
+    from sluice.bench.serializer import run_serializer_bench
+
+    numbers = run_serializer_bench(number=200)
+    assert set(numbers) == {"json", "msgpack"}
+    for row in numbers.values():
+        assert row["bytes"] > 100 and row["serialize_us"] > 0 and row["deserialize_us"] > 0
+    assert numbers["msgpack"]["bytes"] < numbers["json"]["bytes"]

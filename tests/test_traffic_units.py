@@ -1,0 +1,286 @@
+"""Traffic control pieces against a real Redis, in this process (fast)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from core.bot import Bot, LaneRule
+from core.budget import LLMBudget, unavailable_text
+from core.cache import ResponseCache, cache_digest, clear_cache
+from core.errors import LLMRateLimitedError, LLMTransientError, LLMUnavailableError
+from core.lanes import choose_lane, priority_ms
+from core.llm import Completion
+from core.messages import IncomingMessage
+from core.ordering import ConversationBusy, acquire_conversation, register_arrival
+from core.ratelimit import RateLimiter, limits_for
+from core.redis import Keys
+
+
+def _msg(mid: str, **kw: object) -> IncomingMessage:
+    fields: dict[str, object] = {
+        "platform": "web",
+        "tenant": "t1",
+        "channel": "c1",
+        "user": "u1",
+        "message_id": mid,
+        "text": "hello",
+    }
+    fields.update(kw)
+    return IncomingMessage.model_validate(fields)
+
+
+async def test_conversation_serves_messages_in_arrival_order(settings, redis):
+    keys = Keys(settings.key_prefix)
+    s = settings.model_copy(update={"order_wait_in_job_s": 0.1})
+    first, second = _msg("m1"), _msg("m2")
+    await register_arrival(redis, keys, first)
+    await register_arrival(redis, keys, second)
+    # The second message's job is picked up first: it must wait for the first.
+    with pytest.raises(ConversationBusy):
+        await acquire_conversation(redis, keys, s, second, second.job_id)
+    lock = await acquire_conversation(redis, keys, s, first, first.job_id)
+    with pytest.raises(ConversationBusy):
+        await acquire_conversation(redis, keys, s, second, second.job_id)
+    await lock.release()
+    lock2 = await acquire_conversation(redis, keys, s, second, second.job_id)
+    await lock2.release()
+    assert await redis.zcard(keys.conv_pending(first.conversation_id)) == 0
+
+
+async def test_lock_of_a_dead_holder_expires_and_the_next_message_goes_on(settings, redis):
+    keys = Keys(settings.key_prefix)
+    s = settings.model_copy(update={"order_wait_in_job_s": 3.0, "conversation_lock_ttl_s": 0.5})
+    first, second = _msg("m1"), _msg("m2")
+    await register_arrival(redis, keys, first)
+    await register_arrival(redis, keys, second)
+    lock = await acquire_conversation(redis, keys, s, first, first.job_id)
+    # Simulate a killed worker: renewal stops, nothing releases.
+    assert lock._renewer is not None
+    lock._renewer.cancel()
+    started = time.monotonic()
+    lock2 = await acquire_conversation(redis, keys, s, second, second.job_id)
+    assert 0.3 < time.monotonic() - started < 2.5
+    await lock2.release()
+
+
+async def test_lock_is_renewed_while_the_holder_works(settings, redis):
+    keys = Keys(settings.key_prefix)
+    s = settings.model_copy(update={"order_wait_in_job_s": 0.0, "conversation_lock_ttl_s": 0.3})
+    first, second = _msg("m1"), _msg("m2")
+    lock = await acquire_conversation(redis, keys, s, first, first.job_id)
+    await asyncio.sleep(1.0)
+    with pytest.raises(ConversationBusy):
+        await acquire_conversation(redis, keys, s, second, second.job_id)
+    await lock.release()
+
+
+async def test_rate_limit_counts_atomically_and_gives_one_notice_per_window(settings, redis):
+    limiter = RateLimiter(redis, Keys(settings.key_prefix))
+    s = settings.model_copy(update={"user_requests_per_window": 5, "user_window_s": 3600})
+    limits = limits_for(s, Bot(), _msg("x"))
+    verdicts = await asyncio.gather(*(limiter.check(_msg(f"m{i}"), limits) for i in range(20)))
+    assert sum(v.allowed for v in verdicts) == 5
+    refused = [v for v in verdicts if not v.allowed]
+    assert sum(v.first_notice for v in refused) == 1
+    assert all(0 < v.retry_after_s <= 3600 for v in refused)
+    other_user = await limiter.check(_msg("y", user="u2"), limits)
+    assert other_user.allowed
+
+
+async def test_tokens_per_day_limit_stops_the_user(settings, redis):
+    limiter = RateLimiter(redis, Keys(settings.key_prefix))
+    s = settings.model_copy(update={"user_tokens_per_day": 100})
+    limits = limits_for(s, Bot(), _msg("x"))
+    assert (await limiter.check(_msg("a"), limits)).allowed
+    await limiter.record_tokens(_msg("a"), 150)
+    v = await limiter.check(_msg("b"), limits)
+    assert not v.allowed and v.scope == "user:tokens" and v.first_notice
+
+
+async def test_admin_users_are_exempt_and_bot_overrides_limits(settings):
+    s = settings.model_copy(update={"admin_users": ["boss"], "user_requests_per_window": 2})
+    assert limits_for(s, Bot(), _msg("a", user="boss")).user_requests is None
+    assert limits_for(s, Bot(), _msg("a")).user_requests == 2
+    bot = Bot(limits={"user_requests_per_window": 7})
+    assert limits_for(s, bot, _msg("a")).user_requests == 7
+
+
+def test_lane_rules_pick_the_first_match_and_lanes_order_by_score(settings):
+    bot = Bot(
+        lanes=[
+            LaneRule("high", words=["billing"]),
+            LaneRule("high", users=["boss"]),
+            LaneRule("high", commands=True),
+            LaneRule("bulk", tenants=["cheap"]),
+            LaneRule("high", dm=True),
+        ],
+    )
+    assert choose_lane(bot, _msg("a", text="A Billing question")) == "high"
+    assert choose_lane(bot, _msg("a", user="boss")) == "high"
+    assert choose_lane(bot, _msg("a", text="/ask hi")) == "high"
+    assert choose_lane(bot, _msg("a", tenant="cheap", is_dm=True)) == "bulk"
+    assert choose_lane(bot, _msg("a", is_dm=True)) == "high"
+    assert choose_lane(bot, _msg("a", text="billingual")) == "default"
+    assert priority_ms(settings, "high", 100_000) < priority_ms(settings, "default", 100_000)
+    assert priority_ms(settings, "default", 100_000) < priority_ms(settings, "bulk", 100_000)
+
+
+def test_cache_digest_normalises_text_and_separates_tenants():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi  there "}]
+    same = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    params = {"max_tokens": 10, "temperature": None}
+    a = cache_digest("t1", "bot", "m", params, msgs)
+    assert a == cache_digest("t1", "bot", "m", {"max_tokens": 10}, same)
+    assert a != cache_digest("t2", "bot", "m", params, msgs)
+    assert a != cache_digest("t1", "bot", "m", {"max_tokens": 11}, msgs)
+    assert a != cache_digest("t1", "other", "m", params, msgs)
+
+
+async def test_single_flight_computes_once_for_concurrent_callers(settings, redis):
+    keys = Keys(settings.key_prefix)
+    cache = ResponseCache(redis, keys, settings)
+    calls = 0
+
+    async def compute() -> Completion:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.3)
+        return Completion(text="answer", model="m", finish_reason="stop")
+
+    key = cache.key("t1", "d" * 64)
+    results = await asyncio.gather(
+        *(cache.single_flight(key, f"job{i}", compute) for i in range(20))
+    )
+    assert calls == 1
+    assert all(c.text == "answer" for c, _ in results)
+    assert sum(not cached for _, cached in results) == 1
+    assert await clear_cache(redis, keys, "t2") == 0
+    assert await clear_cache(redis, keys, "t1") == 1
+
+
+async def test_failed_leader_hands_over_to_a_waiter(settings, redis):
+    cache = ResponseCache(redis, Keys(settings.key_prefix), settings)
+    calls = 0
+
+    async def compute() -> Completion:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.1)
+        if calls == 1:
+            raise LLMTransientError("boom")
+        return Completion(text="second try", model="m", finish_reason="stop")
+
+    key = cache.key("t1", "e" * 64)
+    results = await asyncio.gather(
+        *(cache.single_flight(key, f"job{i}", compute) for i in range(3)), return_exceptions=True
+    )
+    assert sum(isinstance(r, LLMTransientError) for r in results) == 1
+    assert calls == 2
+
+
+async def test_budget_serves_the_line_by_priority_within_the_rate(settings, redis):
+    s = settings.model_copy(update={"llm_rpm": 120, "llm_budget_headroom": 1.0})
+    budget = LLMBudget(redis, Keys(settings.key_prefix), s)
+    await budget.acquire("first", 0, 1)
+    # A 429 empties the bucket and closes it for a moment: everyone below waits in line.
+    await budget.failed(LLMRateLimitedError("429", retry_after_s=0.2))
+    order: list[str] = []
+
+    async def one(name: str, prio: int) -> None:
+        await budget.acquire(name, prio, 1)
+        order.append(name)
+
+    started = time.monotonic()
+    await asyncio.gather(one("bulk", 3000), one("default", 2000), one("high", 1000))
+    elapsed = time.monotonic() - started
+    assert order == ["high", "default", "bulk"]
+    # 120 rpm = one every 0.5 s, after the 0.2 s the 429 asked for.
+    assert 1.2 < elapsed < 2.5
+    stats = await budget.stats()
+    assert stats["calls"] == 4 and stats["calls_in_backlog"] >= 2 and stats["rate_limited"] == 1
+
+
+async def test_breaker_opens_after_repeated_failures_and_closes_again(settings, redis):
+    s = settings.model_copy(update={"breaker_failures": 3, "breaker_open_s": 0.5})
+    budget = LLMBudget(redis, Keys(settings.key_prefix), s)
+    for _ in range(3):
+        await budget.failed(LLMTransientError("500"))
+    with pytest.raises(LLMUnavailableError) as err:
+        await budget.acquire("a", 0, 1)
+    assert err.value.retry_in_s is not None and 0 < err.value.retry_in_s <= 0.5
+    await asyncio.sleep(0.6)
+    # Half-open: one probe goes; others still get the short reply until it succeeds.
+    await budget.acquire("probe", 0, 1)
+    with pytest.raises(LLMUnavailableError):
+        await budget.acquire("b", 0, 1)
+    # The probe fails: open again at once, without waiting for 3 failures.
+    await budget.failed(LLMTransientError("500"))
+    with pytest.raises(LLMUnavailableError):
+        await budget.acquire("b", 0, 1)
+    await asyncio.sleep(0.6)
+    await budget.acquire("probe2", 0, 1)
+    await budget.succeeded(Completion(text="ok", model="m"))
+    await budget.acquire("b", 0, 1)
+    await budget.acquire("c", 0, 1)
+    assert (await budget.stats())["breaker_opens"] == 2
+    assert unavailable_text(90) == (
+        "The assistant is unavailable right now; please try again in 2 minutes."
+    )
+
+
+def test_cache_clear_command_deletes_one_tenants_answers(settings, redis_url, monkeypatch):
+    import redis as sync_redis
+
+    from core.settings import get_settings
+    from sluice.cli import main
+
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        keys = Keys(settings.key_prefix)
+        client.set(keys.cache("t1", "a"), "x")
+        client.set(keys.cache("t2", "b"), "x")
+        monkeypatch.setenv("REDIS_URL", redis_url)
+        monkeypatch.setenv("SLUICE_KEY_PREFIX", settings.key_prefix)
+        get_settings.cache_clear()
+        result = CliRunner().invoke(main, ["cache", "clear", "--tenant", "t1"])
+        assert result.exit_code == 0, result.output
+        assert "deleted 1" in result.output
+        assert client.get(keys.cache("t1", "a")) is None
+        assert client.get(keys.cache("t2", "b")) == b"x"
+    finally:
+        get_settings.cache_clear()
+        client.close()
+
+
+async def test_budget_learns_the_limit_from_headers_and_only_lowers_the_bucket(settings, redis):
+    budget = LLMBudget(redis, Keys(settings.key_prefix), settings)
+    await budget.acquire("first", 0, 1)  # nothing known yet: granted
+    headers = {
+        "x-ratelimit-limit-requests": "100",
+        "x-ratelimit-remaining-requests": "3",
+    }
+    await budget.succeeded(Completion(text="a", model="m", headers=headers))
+    # 3 left (the provider's word), then one per 0.62 s (100 rpm x 0.97).
+    started = time.monotonic()
+    for i in range(4):
+        await budget.acquire(f"m{i}", 0, 1)
+    assert 0.3 < time.monotonic() - started < 1.5
+    headers["x-ratelimit-remaining-requests"] = "90"
+    await budget.succeeded(Completion(text="a", model="m", headers=headers))
+    bucket = await redis.hget(f"{settings.key_prefix}:llm:bucket", "rl")
+    assert float(bucket) < 2, "a later, higher 'remaining' never raises the bucket"
+
+
+async def test_budget_holds_requests_to_the_tokens_per_minute(settings, redis):
+    s = settings.model_copy(update={"llm_tpm": 600, "llm_budget_headroom": 1.0})
+    budget = LLMBudget(redis, Keys(settings.key_prefix), s)
+    started = time.monotonic()
+    for i in range(3):
+        await budget.acquire(f"m{i}", 0, 200)
+    assert time.monotonic() - started < 0.2
+    await budget.acquire("m3", 0, 20)  # 600 tpm = 10 tokens/s: ~2 s for 20 tokens
+    assert 1.5 < time.monotonic() - started < 3.0
