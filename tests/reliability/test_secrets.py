@@ -2,7 +2,7 @@
 Slack and Discord answered, the model down for a while, a forged Slack request, a
 delivery refused, a flush to SQL) leaves none of them in any process's output (logs,
 tracebacks, library warnings: the whole stdout/stderr, not only what ``core.logs``
-filters), in any reply, in the SQL file or in Redis.
+filters), in any reply, in the SQL file, in Redis or in ``/metrics``.
 
 OAuth tokens encrypted at rest: ``tests/slack/test_slack_installations.py``.
 """
@@ -151,7 +151,10 @@ async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
         assert value in env[name.split()[0]], name
     procs: list[Proc] = []
     try:
-        worker = Proc(["worker"], env, tmp_path / "worker.log")
+        metrics_port = free_port()
+        worker = Proc(
+            ["worker"], {**env, "SLUICE_METRICS_PORT": str(metrics_port)}, tmp_path / "worker.log"
+        )
         procs.append(worker)
         slack_port, web_port = free_port(), free_port()
         procs.append(Proc(["slack", "--port", str(slack_port)], env, tmp_path / "slack.log"))
@@ -201,6 +204,17 @@ async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
         )
         await _until(lambda: "status=403" in worker.output(), 20, "the refused delivery")
         assert web_done["kind"] == "answer" and down["kind"] == "error"
+        metrics = b""
+        async with aiohttp.ClientSession() as http:
+            for url in (
+                f"http://127.0.0.1:{metrics_port}/metrics",
+                f"http://127.0.0.1:{slack_port}/metrics",
+                f"http://127.0.0.1:{web_port}/metrics",
+            ):
+                async with http.get(url) as resp:
+                    assert resp.status == 200, url
+                    metrics += await resp.read()
+        assert b"sluice_" in metrics
         engine = make_engine(s)
         try:
             deadline = time.monotonic() + 30
@@ -231,6 +245,7 @@ async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
         if db == "postgres":
             await _drop_schema(s.db_schema)
     places["redis"] = await _redis_dump(redis)
+    places["metrics"] = metrics
     assert b"slack question" in places["sql"] and b"web question" in places["redis"]
     leaks = [
         f"{name} in {where}"
