@@ -111,9 +111,7 @@ def _msg(platform: str, tenant: str, user: str) -> IncomingMessage:
     )
 
 
-async def test_the_same_user_id_in_another_workspace_or_platform_has_its_own_limit(
-    settings, redis
-):
+async def test_the_same_user_id_in_another_workspace_or_platform_has_its_own_limit(settings, redis):
     limiter = RateLimiter(redis, Keys(settings.key_prefix))
     s = settings.model_copy(update={"user_requests_per_window": 2, "user_window_s": 3600})
     limits = limits_for(s, Bot(), _msg("slack", "T1", "U1"))
