@@ -161,6 +161,16 @@ def _human(seconds: float) -> str:
     return f"{math.ceil(s / 3600)} h"
 
 
+def _tenant_id(msg: IncomingMessage) -> str:
+    # Ids are unique only within a platform (and user ids within a workspace): the
+    # same "U1" in two Slack workspaces is two people with two counters.
+    return f"{msg.platform}:{msg.tenant}"
+
+
+def _user_id(msg: IncomingMessage) -> str:
+    return f"{msg.platform}:{msg.tenant}:{msg.user}"
+
+
 class RateLimiter:
     """Checks and counts messages and tokens against :class:`Limits` in Redis."""
 
@@ -175,8 +185,8 @@ class RateLimiter:
             [],
             [
                 self._prefix,
-                msg.user,
-                msg.tenant,
+                _user_id(msg),
+                _tenant_id(msg),
                 limits.window_s,
                 limits.user_requests or 0,
                 limits.tenant_requests or 0,
@@ -197,4 +207,4 @@ class RateLimiter:
     async def record_tokens(self, msg: IncomingMessage, tokens: int) -> None:
         """Add the tokens one answer used to the user's and the tenant's day."""
         if tokens > 0:
-            await self._record([], [self._prefix, msg.user, msg.tenant, tokens])
+            await self._record([], [self._prefix, _user_id(msg), _tenant_id(msg), tokens])

@@ -14,6 +14,7 @@ from core.bot import Bot
 from core.context import MessageContext
 from core.errors import (
     DeliveryError,
+    DeliveryRetryableError,
     HistoryError,
     LLMError,
     LLMRequestError,
@@ -121,7 +122,22 @@ async def answer_message(
             job_id,
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
-    await _deliver(timing, msg.platform, responder.finish(reply_))
+    try:
+        await _deliver(timing, msg.platform, responder.finish(reply_))
+    except DeliveryRetryableError:
+        raise
+    except DeliveryError as e:
+        # The target is gone or refuses the bot (channel deleted, thread archived, app
+        # removed): no retry can help. Log where, keep the history, end the job.
+        logger.error(
+            "reply not delivered platform=%s tenant=%s channel=%s message=%s job=%s: %s",
+            msg.platform,
+            msg.tenant,
+            msg.channel,
+            msg.message_id,
+            job_id,
+            e,
+        )
     await _remember(ctx, msg, reply_, completion, started, exchange.turns)
     timing.done(reply_.kind)
     logger.info(

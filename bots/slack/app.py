@@ -210,6 +210,9 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
     return SlackApp(bolt=bolt, listeners=listeners, installation_store=store)
 
 
+_COMMAND_FIELDS = ("user_id", "channel_id", "trigger_id")
+
+
 def _body_problem(body: bytes, content_type: str) -> str | None:
     """Why a signed request body cannot be handled (``None``: it can)."""
     try:
@@ -223,8 +226,13 @@ def _body_problem(body: bytes, content_type: str) -> str | None:
         if "payload" in form:
             data = json.loads(form["payload"][0])
             return None if isinstance(data, dict) else "'payload' must be a JSON object"
+        if "command" in form:
+            missing = [k for k in _COMMAND_FIELDS if not (form.get(k) or [""])[0]]
+            if missing:
+                return f"a slash command needs {', '.join(missing)}"
         return None if form else "empty body"
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # RecursionError: JSON nested deeper than the parser's stack.
         return "the body is not valid UTF-8 JSON or form data"
 
 
@@ -245,9 +253,13 @@ def web_app(slack: SlackApp, settings: Settings) -> web.Application:
             return web.Response(status=413, text="body too large")
         timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
         signature = request.headers.get("X-Slack-Signature", "")
-        if not (
-            timestamp.isdigit() and signature and verifier.is_valid(body, timestamp, signature)
-        ):
+        try:
+            valid = bool(
+                timestamp.isdigit() and signature and verifier.is_valid(body, timestamp, signature)
+            )
+        except UnicodeDecodeError:  # slack_sdk decodes the body to sign it
+            return web.Response(status=400, text="malformed body: not valid UTF-8")
+        if not valid:
             return web.Response(status=401, text="invalid signature or stale timestamp")
         problem = _body_problem(body, request.content_type)
         if problem is not None:

@@ -27,6 +27,9 @@ _EVENT_STRINGS = (
 )
 
 
+_SLACK_TS = re.compile(r"\d{1,12}(\.\d{1,9})?")
+
+
 def payload_problem(body: dict[str, Any]) -> str | None:
     """Why a signed JSON payload cannot be handled (``None``: it can).
 
@@ -49,6 +52,9 @@ def payload_problem(body: dict[str, Any]) -> str | None:
     for key in _EVENT_STRINGS:
         if event.get(key) is not None and not isinstance(event[key], str):
             return f"event '{key}' must be a string"
+    for key in ("ts", "thread_ts", "event_ts"):
+        if event.get(key) is not None and not _SLACK_TS.fullmatch(event[key]):
+            return f"event '{key}' is not a Slack timestamp"
     return None
 
 

@@ -217,6 +217,7 @@ class SlackResponder:
         self.streamed = ""  # the markdown already streamed (a prefix of the answer)
         self.parts: dict[int, str] = {}
         self._client: AsyncWebClient | None = None
+        self._refused: DeliveryError | None = None  # e.g. channel gone: finish() reports it
 
     # --- helpers -----------------------------------------------------------------
 
@@ -307,21 +308,30 @@ class SlackResponder:
 
     async def stream(self, text: str) -> None:
         """Show the answer so far (paced; skipped when an edit is not due)."""
-        if self.done or self.mode == "url" or not text.strip():
+        if self.done or self.mode == "url" or self._refused is not None or not text.strip():
             return
-        if self.ts is None:
-            await self._open(text)
-            return
-        if self.mode == "stream":
-            await self._append(text)
-        elif await self._may_edit(final=False):
-            await self._edit(self._preview(text))
+        try:
+            if self.ts is None:
+                await self._open(text)
+            elif self.mode == "stream":
+                await self._append(text)
+            elif await self._may_edit(final=False):
+                await self._edit(self._preview(text))
+        except DeliveryRetryableError:
+            raise
+        except DeliveryError as e:
+            # Retrying cannot help (channel gone, archived, token revoked): let the
+            # answer finish, and let finish() report it once.
+            logger.info("slack refused the reply job=%s: %s", self.job_id, e)
+            self._refused = e
 
     async def finish(self, reply: Reply) -> None:
         """Deliver the final reply exactly once for this job."""
         if self.done:
             logger.info("reply already delivered job=%s", self.job_id)
             return
+        if self._refused is not None:
+            raise self._refused
         parts = split_message(to_mrkdwn(reply.text), self.limit)
         fresh = self.ts is None and self.mode != "url"
         if fresh:

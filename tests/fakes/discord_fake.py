@@ -634,11 +634,11 @@ class DiscordFake:
 
     def fail(self, method: str, path_regex: str, status: int, *, times: int = 1) -> None:
         """The next ``times`` matching REST calls answer ``status``."""
-        body = (
-            {"message": "Missing Permissions", "code": 50013}
-            if status == 403
-            else {"message": "Internal Server Error", "code": 0}
-        )
+        body = {
+            403: {"message": "Missing Permissions", "code": 50013},
+            404: {"message": "Unknown Channel", "code": 10003},
+            400: {"message": "Thread is archived", "code": 50083},
+        }.get(status, {"message": "Internal Server Error", "code": 0})
         self._faults.append(_Fault(method, re.compile(path_regex), status, times, body))
 
     def calls_to(self, method: str, route_prefix: str = "") -> list[Call]:

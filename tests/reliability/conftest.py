@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+with warnings.catch_warnings():
+    # discord.py imports the stdlib's audioop (voice support), deprecated in 3.11+.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import discord  # noqa: F401
+
 from core.settings import Settings
+from tests.discord.conftest import fake  # noqa: F401 - the fake Discord, a fixture here too
 from tests.helpers import free_port
+from tests.slack.conftest import adapter, fake_slack, queue, slack_settings  # noqa: F401
 
 
 class ControlledValkey:
