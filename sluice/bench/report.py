@@ -189,8 +189,11 @@ def _mem(d: dict[str, float | None]) -> str:
     return ", ".join(parts) + " MiB" if parts else "-"
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.0%}"
+def _quota(s: dict[str, Any]) -> str:
+    if "quota_use_in_backlog" not in s:
+        return "n/a"  # the naive design has no budget to measure
+    v = s["quota_use_in_backlog"]
+    return "no budget backlog" if v is None else f"{v:.0%}"
 
 
 def _lane(lane: str, field: str) -> Any:
@@ -227,7 +230,7 @@ ROWS: list[tuple[str, Any]] = [
     ("provider 429s", lambda s: f"{s['provider_429s']:,}"),
     ("LLM calls (completed)", lambda s: f"{s['llm_calls']:,} ({s['llm_completions']:,})"),
     ("cache hits", lambda s: f"{s['cache_hits']:,}"),
-    ("quota use while backlog", lambda s: _pct(s.get("quota_use_in_backlog"))),
+    ("quota use while backlog", _quota),
     ("platform ack p50/p95/p99", lambda s: _q(s["ack_s"])),
     ("first token p50/p95/p99", lambda s: _q(s["ttft_s"])),
     ("full reply p50/p95/p99", lambda s: _q(s["full_reply_s"])),
