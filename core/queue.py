@@ -195,6 +195,12 @@ def _bot_at(path: str | None) -> Bot:
     return load_bot(path)
 
 
+def message_lane(settings: Settings, msg: IncomingMessage) -> str:
+    """The lane :func:`enqueue_reply` puts ``msg`` in (the bot of ``SLUICE_APP`` decides),
+    for adapters that tell the sender, e.g. the web chat's 202 body."""
+    return with_lane(settings, msg, _load_bot(settings)).lane
+
+
 def with_lane(settings: Settings, msg: IncomingMessage, bot: Bot | None) -> IncomingMessage:
     """``msg`` with the lane its bot's rules choose (the adapter's lane when none match)."""
     if bot is None:

@@ -86,3 +86,18 @@ async def test_a_malformed_id_is_refused(settings):
             assert resp.status == 400
             assert "'id'" in (await resp.json())["error"]
         assert await _queued(redis, settings) == 0
+
+
+async def test_the_202_names_the_lane_the_bots_rules_chose(settings, monkeypatch):
+    monkeypatch.setenv("BENCH_BULK_USERS", "heavy1")
+    app = settings.model_copy(update={"app": "sluice.bench.bot:make_bot"})
+    sent = [("s1", "my billing is wrong"), ("s1", "hello"), ("heavy1", "hello again")]
+    async with web_adapter(app) as (base, _), aiohttp.ClientSession() as http:
+        lanes = []
+        for session, text in sent:
+            async with http.post(
+                f"{base}/api/messages", json={"session": session, "text": text}
+            ) as resp:
+                assert resp.status == 202
+                lanes.append((await resp.json())["lane"])
+    assert lanes == ["high", "default", "bulk"]

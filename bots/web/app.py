@@ -25,7 +25,7 @@ from core.errors import QueueError
 from core.heartbeat import add_heartbeat
 from core.messages import IncomingMessage
 from core.metrics import ACK_SECONDS, metrics_routes
-from core.queue import accept_message, arq_job_id
+from core.queue import accept_message, arq_job_id, message_lane
 from core.redis import Keys
 from core.settings import Settings
 
@@ -102,10 +102,16 @@ async def send_message(request: web.Request) -> web.Response:
 
 
 async def _accept(request: web.Request, msg: IncomingMessage) -> web.Response:
-    """Dedupe and enqueue, then show the message; 503 when Redis is down."""
+    """Dedupe and enqueue, then show the message; 503 when Redis is down.
+
+    The 202 body holds the message's id, its job's id and the lane it waits in."""
     settings = request.app[SETTINGS]
     redis = request.app[REDIS]
-    body = {"message_id": msg.message_id, "job_id": arq_job_id(settings, msg)}
+    body = {
+        "message_id": msg.message_id,
+        "job_id": arq_job_id(settings, msg),
+        "lane": message_lane(settings, msg),
+    }
     try:
         if not await accept_message(redis, settings, msg):
             return web.json_response({**body, "duplicate": True}, status=202)

@@ -33,6 +33,12 @@ class Observation:
     done_s: float | None = None
     kind: str | None = None  # answer | notice | error | rejected; None = no reply seen
     cached: bool = False
+    lane: str | None = None  # Sluice: from the 202 body; naive: the planned lane
+
+    def __post_init__(self) -> None:
+        if self.lane is None:
+            # Until (or unless) the adapter says otherwise, the lane the schedule planned.
+            self.lane = self.planned.lane
 
     @property
     def ttft_s(self) -> float | None:
@@ -72,6 +78,11 @@ class Progress:
 
     sent: int = 0
     finished: int = 0
+
+
+def session_id(run_id: str, user: int) -> str:
+    """The web chat session (so the user id) of one simulated user."""
+    return f"{run_id}u{user}"
 
 
 def _session(http_limit: int = 0) -> aiohttp.ClientSession:
@@ -163,12 +174,13 @@ class SluiceUsers:
             self.progress.finished += 1
             return
         mid = str(body["message_id"])
+        o.lane = str(body.get("lane") or o.lane)
         self._by_mid[mid] = o
         for at, event in self._early.pop(mid, []):
             self._apply(o, at, event)
 
     async def _user(self, http: aiohttp.ClientSession, user: int, obs: list[Observation]) -> None:
-        session = f"{self.run_id}u{user}"
+        session = session_id(self.run_id, user)
         await self.clock.until(obs[0].planned.at_s - LEAD_S / 2)
         wake = asyncio.Event()
         listener = asyncio.create_task(self._listen(http, session, wake))
@@ -209,7 +221,7 @@ class NaiveUsers:
         await self.clock.until(o.planned.at_s)
         o.sent_s = self.clock.now()
         self.progress.sent += 1
-        session = f"{self.run_id}u{o.planned.user}"
+        session = session_id(self.run_id, o.planned.user)
         remaining = max(1.0, self.deadline_s - o.sent_s)
         try:
             async with asyncio.timeout(remaining):

@@ -15,6 +15,7 @@ from rich.table import Table
 from sluice.bench.drivers import Observation
 
 QUANTILES = (0.5, 0.95, 0.99)
+LANES = ("high", "default", "bulk")
 Sample = tuple[str, dict[str, str], float]
 
 
@@ -115,6 +116,7 @@ def summarize(
         "ack_s": quantiles(acks),
         "ttft_s": quantiles(ttft),
         "full_reply_s": quantiles(full),
+        "lanes": by_lane(sent),
         "overhead_s": histogram_quantiles(
             samples, "sluice_job_overhead_seconds", platform=platform
         ),
@@ -138,11 +140,36 @@ def summarize(
     }
 
 
+def by_lane(sent: list[Observation]) -> dict[str, dict[str, Any]]:
+    """Per lane (high, default, bulk first): messages sent, answered, errors users saw,
+    and p50/p95/p99 time to first token and to the full reply of the answered ones."""
+    lanes: dict[str, list[Observation]] = {}
+    for o in sent:
+        lanes.setdefault(o.lane or o.planned.lane, []).append(o)
+    order = [lane for lane in LANES if lane in lanes] + sorted(set(lanes) - set(LANES))
+    out: dict[str, dict[str, Any]] = {}
+    for lane in order:
+        obs = lanes[lane]
+        answered = [o for o in obs if o.kind == "answer"]
+        out[lane] = {
+            "sent": len(obs),
+            "answered": len(answered),
+            "errors": sum(1 for o in obs if o.kind in ("error", "rejected")),
+            "ttft_s": quantiles([o.ttft_s for o in answered if o.ttft_s is not None]),
+            "full_reply_s": quantiles([o.full_s for o in answered if o.full_s is not None]),
+        }
+    return out
+
+
 def consistent(summary: dict[str, Any]) -> bool:
-    """Every sent message is accounted for exactly once."""
+    """Every sent message is accounted for exactly once, overall and over the lanes."""
+    lanes = summary.get("lanes", {}).values()
     return bool(
         summary["answered"] + summary["errors"] + summary["notices"] + summary["unanswered"]
         == summary["sent"]
+        == sum(lane["sent"] for lane in lanes)
+        and sum(lane["answered"] for lane in lanes) == summary["answered"]
+        and sum(lane["errors"] for lane in lanes) == summary["errors"]
     )
 
 
@@ -162,6 +189,35 @@ def _mem(d: dict[str, float | None]) -> str:
     return ", ".join(parts) + " MiB" if parts else "-"
 
 
+def _quota(s: dict[str, Any]) -> str:
+    if "quota_use_in_backlog" not in s:
+        return "n/a"  # the naive design has no budget to measure
+    v = s["quota_use_in_backlog"]
+    return "no budget backlog" if v is None else f"{v:.0%}"
+
+
+def _lane(lane: str, field: str) -> Any:
+    def fmt(s: dict[str, Any]) -> str:
+        row = s.get("lanes", {}).get(lane)
+        if row is None:
+            return "-"
+        if field == "count":
+            return f"{row['sent']:,} / {row['answered']:,} / {row['errors']:,}"
+        return _q(row[field])
+
+    return fmt
+
+
+LANE_ROWS: list[tuple[str, Any]] = [
+    row
+    for lane in LANES
+    for row in (
+        (f"{lane} lane: sent / answered / errors", _lane(lane, "count")),
+        ("  first token p50/p95/p99", _lane(lane, "ttft_s")),
+        ("  full reply p50/p95/p99", _lane(lane, "full_reply_s")),
+    )
+]
+
 ROWS: list[tuple[str, Any]] = [
     ("messages sent", lambda s: f"{s['sent']:,}"),
     ("answered", lambda s: f"{s['answered']:,}"),
@@ -174,9 +230,11 @@ ROWS: list[tuple[str, Any]] = [
     ("provider 429s", lambda s: f"{s['provider_429s']:,}"),
     ("LLM calls (completed)", lambda s: f"{s['llm_calls']:,} ({s['llm_completions']:,})"),
     ("cache hits", lambda s: f"{s['cache_hits']:,}"),
+    ("quota use while backlog", _quota),
     ("platform ack p50/p95/p99", lambda s: _q(s["ack_s"])),
     ("first token p50/p95/p99", lambda s: _q(s["ttft_s"])),
     ("full reply p50/p95/p99", lambda s: _q(s["full_reply_s"])),
+    *LANE_ROWS,
     ("framework overhead p50/p95/p99", lambda s: _q(s["overhead_s"])),
     ("  of which queue wait", lambda s: _q(s["queue_wait_s"])),
     ("  of which delivery", lambda s: _q(s["delivery_s"])),

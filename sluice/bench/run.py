@@ -19,11 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sluice.bench import report
-from sluice.bench.drivers import NaiveUsers, SluiceUsers
+from sluice.bench.bot import BULK_USERS_ENV
+from sluice.bench.drivers import NaiveUsers, SluiceUsers, session_id
 from sluice.bench.procs import Proc, free_port, own_peak_rss_mb, peak_rss_mb, wait_http
 from sluice.bench.scenarios import Planned, Scenario, plan
 
 DESIGNS = ("sluice", "naive")
+BENCH_BOT = "sluice.bench.bot:make_bot"
 # The history flush benchmark (issue 6) lives here once it is on main.
 FLUSH_BENCH = "workers.flush_bench:bench_flush"
 
@@ -130,6 +132,22 @@ async def _drop_prefix(redis_url: str, prefix: str) -> None:
         await redis.aclose()
 
 
+async def _traffic(redis_url: str, prefix: str, rpm: int | None) -> dict[str, Any]:
+    """``core.traffic.snapshot()`` of one run's keys; quota use is measured against the
+    provider's own limit (the scenario's rpm), not the budget's headroom."""
+    from core.settings import get_settings
+    from core.traffic import snapshot
+
+    settings = get_settings().model_copy(
+        update={"redis_url": redis_url, "key_prefix": prefix, "llm_rpm": rpm}
+    )
+    redis: Redis = Redis.from_url(redis_url)
+    try:
+        return await snapshot(redis, settings)
+    finally:
+        await redis.aclose()
+
+
 @contextlib.asynccontextmanager
 async def _progress(
     console: Console, label: str, users: SluiceUsers | NaiveUsers, total: int
@@ -190,6 +208,9 @@ async def run_sluice(
             "OPENAI_BASE_URL": f"{sim_url}/v1",
             "SLUICE_KEY_PREFIX": prefix,
             "SLUICE_LOG_LEVEL": "WARNING",
+            # Lane rules: billing questions high, the heavy users' sessions bulk.
+            "SLUICE_APP": BENCH_BOT,
+            BULK_USERS_ENV: ",".join(session_id(run_id, u) for u in range(sc.heavy_users)),
             **(sluice_env or {}),
         }
         metric_urls = []
@@ -214,6 +235,7 @@ async def run_sluice(
         async with _progress(console, "sluice", users, len(schedule)):
             obs = await users.run()
         calls = await redis_calls(redis_url) - calls_before
+        traffic = await _traffic(redis_url, prefix, sc.rpm)
         samples = await _scrape(metric_urls)
         sim_stats = await _get(f"{sim_url}/_sim/stats")
         mem = run.memory()
@@ -233,6 +255,8 @@ async def run_sluice(
         )
         # Every client of this Redis counts, including the idle polling of workers and
         # SSE streams: exact on the embedded Valkey, an upper bound on a shared Redis.
+        summary["traffic"] = traffic
+        summary["quota_use_in_backlog"] = traffic["quota_use_in_backlog"]
         summary["redis_commands"] = calls
         summary["redis_commands_per_message"] = calls / max(1, summary["sent"])
         return summary

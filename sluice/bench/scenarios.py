@@ -45,6 +45,7 @@ class Scenario:
     messages_per_user: int
     duration_s: float
     repeat_ratio: float = 0.3
+    billing_ratio: float = 0.1
     heavy_users: int = 0
     heavy_factor: int = 10
     rpm: int | None = 600
@@ -118,33 +119,61 @@ class Planned:
     at_s: float
     text: str
     repeated: bool
+    billing: bool = False
+    heavy: bool = False
+
+    @property
+    def lane(self) -> str:
+        """The lane the bench bot's rules (:mod:`sluice.bench.bot`) choose: billing
+        questions ``high``, other messages of heavy users ``bulk``, the rest ``default``."""
+        if self.billing:
+            return "high"
+        return "bulk" if self.heavy else "default"
 
 
 def plan(scenario: Scenario) -> list[Planned]:
     """The schedule: each user's messages at sorted random times within the duration.
 
     The first ``heavy_users`` users send ``heavy_factor`` times as many messages.
-    A ``repeat_ratio`` share of messages are common questions (cacheable); the rest
-    are unique to their user.
+    A ``repeat_ratio`` share of messages are common questions (cacheable), a
+    ``billing_ratio`` share are billing questions (the ``high`` lane); the rest are
+    unique to their user.
     """
     rng = random.Random(scenario.seed)
-    out: list[tuple[float, int, int, str, bool]] = []
+    out: list[tuple[float, int, int, str, bool, bool]] = []
     for user in range(scenario.users):
         n = scenario.messages_per_user
         if user < scenario.heavy_users:
             n *= scenario.heavy_factor
         times = sorted(rng.uniform(0, scenario.duration_s) for _ in range(n))
         for seq, at in enumerate(times):
-            if rng.random() < scenario.repeat_ratio:
+            draw = rng.random()
+            billing = False
+            if draw < scenario.repeat_ratio:
                 text, repeated = rng.choice(FAQ), True
+            elif draw < scenario.repeat_ratio + scenario.billing_ratio:
+                invoice = rng.randrange(10**6)
+                text = (
+                    f"User {user} billing question {seq}: why was invoice {invoice} charged twice?"
+                )
+                repeated, billing = False, True
             else:
                 text = (
                     f"User {user} asks question {seq}: how do I set up item {rng.randrange(10**6)}?"
                 )
                 repeated = False
-            out.append((at, user, seq, text, repeated))
+            out.append((at, user, seq, text, repeated, billing))
     out.sort()
     return [
-        Planned(index=i, user=u, seq=s, at_s=at, text=t, repeated=r)
-        for i, (at, u, s, t, r) in enumerate(out)
+        Planned(
+            index=i,
+            user=u,
+            seq=s,
+            at_s=at,
+            text=t,
+            repeated=r,
+            billing=b,
+            heavy=u < scenario.heavy_users,
+        )
+        for i, (at, u, s, t, r, b) in enumerate(out)
     ]
