@@ -70,7 +70,9 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     """Answer one message, in its conversation's turn (one reply at a time per
     conversation, in arrival order; a busy conversation re-defers the job)."""
     msg = IncomingMessage.model_validate(payload)
-    job_id: str = ctx.get("job_id", msg.job_id)
+    # The message's own job id: what conversation lines, merge markers and responders
+    # key on. (arq's id is the same with SLUICE_KEY_PREFIX in front; see core.queue.)
+    job_id = msg.job_id
     traffic: Traffic = ctx["traffic"]
     async with traffic.in_turn(msg, job_id) as turn:
         if turn.merged:
@@ -227,7 +229,7 @@ async def _answer(
         async with timing.calling_llm():
             completion, cached = await traffic.complete(
                 msg,
-                ctx.get("job_id", msg.job_id),
+                msg.job_id,
                 responder,
                 provider,
                 messages,

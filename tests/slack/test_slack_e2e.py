@@ -123,7 +123,7 @@ async def _burst(send: EventSender, n: int = 200) -> None:
 
     async def timed(i: int) -> tuple[int, float]:
         started = time.perf_counter()
-        status, _ = await send.event(mention(f"load {i:03d}", f"400.{i:04d}"))
+        status, _ = await send.event(mention(f"load {i:03d}", f"400.{i:04d}", user=f"U{i:04d}"))
         return status, time.perf_counter() - started
 
     results = await asyncio.gather(*[timed(i) for i in range(n)])
