@@ -38,6 +38,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core import metrics
 from core.errors import LLMError, LLMRateLimitedError, LLMTransientError, LLMUnavailableError
 from core.llm import ChatMessage, Completion
 from core.redis import Keys
@@ -277,6 +278,7 @@ class LLMBudget:
             waited = time.monotonic() - started
             if status == 1:
                 if waited > 0.001:
+                    metrics.LLM_BUDGET_WAITS.inc()
                     await self._redis.hincrby(  # type: ignore[misc]
                         self.stats_key, "wait_ms", int(waited * 1000)
                     )

@@ -25,6 +25,7 @@ from arq.worker import Retry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core import metrics
 from core.bot import Bot
 from core.budget import (
     BudgetGate,
@@ -100,6 +101,35 @@ async def snapshot(redis: Redis, settings: Settings) -> dict[str, Any]:
     }
 
 
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+async def budget_probe(settings: Settings, redis: Redis) -> list[tuple[str, str]]:
+    """``sluice status`` rows for the shared LLM budget and the breaker."""
+    snap = await snapshot(redis, settings)
+    llm = snap["llm"]
+    limit = f"{settings.llm_rpm or 'unlimited'} rpm, {settings.llm_tpm or 'unlimited'} tpm"
+    breaker = snap["breaker_open_for_s"]
+    return [
+        ("limit", limit),
+        ("calls / tokens", f"{llm.get('calls', 0)} / {llm.get('tokens', 0)}"),
+        ("provider 429s", str(llm.get("rate_limited", 0))),
+        ("quota use while jobs waited", _pct(snap["quota_use_in_backlog"])),
+        ("breaker", f"open for {breaker:.0f}s" if breaker else "closed"),
+    ]
+
+
+async def cache_probe(settings: Settings, redis: Redis) -> list[tuple[str, str]]:
+    """``sluice status`` rows for the response cache."""
+    snap = await snapshot(redis, settings)
+    llm = snap["llm"]
+    return [
+        ("hits / misses", f"{llm.get('cache_hits', 0)} / {llm.get('cache_misses', 0)}"),
+        ("hit ratio", _pct(snap["cache_hit_ratio"])),
+    ]
+
+
 class Traffic:
     """Order, limits, cache and LLM budget for one worker process."""
 
@@ -165,6 +195,7 @@ class Traffic:
             verdict.retry_after_s,
             verdict.first_notice,
         )
+        metrics.RATE_LIMIT_NOTICES.labels(verdict.scope or "user").inc()
         text = notice_text(verdict) if verdict.first_notice else REMINDER
         return Reply(text=text, kind="notice")
 
@@ -221,6 +252,7 @@ class Traffic:
             self.cache.key(msg.tenant, digest), job_id, call
         )
         await self.budget.count("cache_hits" if cached else "cache_misses")
+        (metrics.CACHE_HITS if cached else metrics.CACHE_MISSES).inc()
         return completion, cached
 
     async def error_reply(self, error: LLMError, apology: str) -> Reply:

@@ -105,8 +105,8 @@ PROBES: dict[str, str | Probe] = {
     "Queue": queue_probe,
     "Workers": workers_probe,
     "Adapters": adapters_probe,
-    "LLM budget": "core.budget:status_probe",
-    "Cache": "core.cache:status_probe",
+    "LLM budget": "core.traffic:budget_probe",
+    "Cache": "core.traffic:cache_probe",
     "History": history_probe,
 }
 

@@ -21,16 +21,23 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
     settings, llm_sim, worker_process
 ):
     port = free_port()
-    worker_process({"SLUICE_METRICS_PORT": str(port)})
+    worker_process({"SLUICE_METRICS_PORT": str(port), "SLUICE_USER_REQUESTS_PER_WINDOW": "4"})
     worker_url = f"http://127.0.0.1:{port}"
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
         async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as tab:
             for text in ("first question", "second question", "third question"):
                 done = await tab.reply(await tab.send(text))
                 assert done["kind"] == "answer"
+            # Another user asks the same first question: served from the cache.
+            async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as other:
+                hit = await other.reply(await other.send("first question"))
+                assert hit["kind"] == "answer" and hit["cached"] is True
             llm_sim.configure(mode="429")
             refused = await tab.reply(await tab.send("this one hits the provider limit"))
             assert refused["kind"] == "error"
+            # The fifth message of this user in the window: a notice, no LLM call.
+            over = await tab.reply(await tab.send("one too many"))
+            assert over["kind"] == "notice"
         status, web_text = await _get(http, f"{base}/metrics")
         assert status == 200
         # The last job leaves the queue just after its reply is delivered.
@@ -44,20 +51,21 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
         assert status == 200 and '"ok": true' in health
 
     web = parse_metrics([web_text])
-    assert metric_total(web, "sluice_ack_seconds_count", platform="web") >= 4
+    assert metric_total(web, "sluice_ack_seconds_count", platform="web") >= 6
     # An ack is a validation and one Redis round trip: well under a second.
     ack_sum = metric_total(web, "sluice_ack_seconds_sum", platform="web")
     assert 0 < ack_sum / metric_total(web, "sluice_ack_seconds_count", platform="web") < 1.0
 
     w = parse_metrics([worker_text])
-    assert metric_total(w, "sluice_queue_wait_seconds_count", lane="default") == 4
+    assert metric_total(w, "sluice_queue_wait_seconds_count", lane="default") == 6
     assert metric_total(w, "sluice_queue_depth", lane="default") == 0
     assert metric_total(w, "sluice_queue_oldest_wait_seconds", lane="default") == 0
-    assert metric_total(w, "sluice_job_seconds_count", platform="web", kind="answer") == 3
+    assert metric_total(w, "sluice_job_seconds_count", platform="web", kind="answer") == 4
+    assert metric_total(w, "sluice_job_seconds_count", platform="web", kind="notice") == 1
     assert metric_total(w, "sluice_job_seconds_count", platform="web", kind="error") == 1
-    assert metric_total(w, "sluice_replies_total", platform="web") == 4
-    assert metric_total(w, "sluice_job_overhead_seconds_count", platform="web") == 4
-    assert metric_total(w, "sluice_delivery_seconds_count", platform="web") == 4
+    assert metric_total(w, "sluice_replies_total", platform="web") == 6
+    assert metric_total(w, "sluice_job_overhead_seconds_count", platform="web") == 6
+    assert metric_total(w, "sluice_delivery_seconds_count", platform="web") == 6
     assert metric_total(w, "sluice_delivery_errors_total", platform="web") == 0
     assert metric_total(w, "sluice_llm_calls_total", outcome="ok") == 3
     # llm_retries=1 in the test settings: two attempts, both answered 429.
@@ -71,11 +79,11 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
     job_s = metric_total(w, "sluice_job_seconds_sum")
     overhead_s = metric_total(w, "sluice_job_overhead_seconds_sum")
     assert 0 < overhead_s < job_s
-    # Recorded by traffic control and the history flush once they are in: present, zero.
+    assert metric_total(w, "sluice_cache_hits_total") == 1
+    # Counted when the answer comes back; the 429'd call never produced one.
+    assert metric_total(w, "sluice_cache_misses_total") == 3
+    assert metric_total(w, "sluice_rate_limit_notices_total") == 1
     for name in (
-        "sluice_cache_hits_total",
-        "sluice_cache_misses_total",
-        "sluice_rate_limit_notices_total",
         "sluice_history_backlog",
         "sluice_history_flush_lag_seconds",
     ):

@@ -57,7 +57,8 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
     assert dict(before["Queue"])["lane bulk"].startswith("2 waiting, 0 running")
     assert float(lane.rsplit("oldest waiting ", 1)[1].split()[0]) >= 1.0
     assert dict(before["Workers"])["live workers"] == "0"
-    assert before["LLM budget"][0][1].startswith("n/a")
+    assert dict(before["LLM budget"])["calls / tokens"] == "0 / 0"
+    assert dict(before["Cache"])["hit ratio"] == "n/a"
     assert dict(before["History"])["backlog"].startswith("0 messages")
 
     worker_process()
@@ -72,6 +73,8 @@ async def test_status_shows_a_backlog_while_workers_are_stopped_and_none_after_t
     assert dict(after["Queue"])["lane default"].startswith("0 waiting, 0 running")
     assert "lane bulk" not in dict(after["Queue"])
     assert dict(after["Workers"])["live workers"] == "1"
+    calls = int(dict(after["LLM budget"])["calls / tokens"].split(" / ")[0])
+    assert calls >= 1, "the drained jobs went through the shared budget"
     history = dict(after["History"])
     assert "not yet in SQL" in history["backlog"] and "last flush" in history
 
