@@ -66,6 +66,18 @@ class Event:
 Check = Callable[[Event, Settings, str], str | None]
 
 
+def user_thread(guild_id: str | None, parent_id: str | None, user_id: str) -> str | None:
+    """The conversation within a channel: per user in a guild's text channel.
+
+    In a busy guild channel each person talking to the bot has their own
+    conversation (their own context, answered in parallel with everyone else's);
+    a Discord thread, or a DM, is one conversation shared by whoever is in it.
+    """
+    if guild_id is None or parent_id is not None:
+        return None
+    return f"user:{user_id}"
+
+
 def not_from_a_bot(event: Event, settings: Settings, bot_id: str) -> str | None:
     """Drop the bot's own messages and other bots'."""
     if event.author_id == bot_id:
@@ -221,6 +233,7 @@ class DiscordIntake:
             platform=Platform.DISCORD,
             tenant=event.guild_id or "dm",
             channel=event.channel_id,
+            thread=user_thread(event.guild_id, event.parent_id, event.author_id),
             user=event.author_id,
             message_id=event.message_id,
             text=strip_mention(event.content, bot_id),
@@ -252,6 +265,11 @@ class DiscordIntake:
             platform=Platform.DISCORD,
             tenant=str(interaction.guild_id) if interaction.guild_id else "dm",
             channel=str(interaction.channel_id),
+            thread=user_thread(
+                str(interaction.guild_id) if interaction.guild_id else None,
+                None if not isinstance(interaction.channel, discord.Thread) else "thread",
+                str(interaction.user.id),
+            ),
             user=str(interaction.user.id),
             message_id=str(interaction.id),
             text=question.strip(),

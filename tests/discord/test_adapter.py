@@ -31,7 +31,8 @@ async def test_mention_in_a_channel_is_enqueued_without_the_mention(
         await wait_for(lambda: queued(redis, discord_settings))
     [msg] = await queued(redis, discord_settings)
     assert msg.platform == "discord"
-    assert (msg.tenant, msg.channel, msg.thread) == (GUILD, CHANNEL, None)
+    # In a guild channel each user has their own conversation with the bot.
+    assert (msg.tenant, msg.channel, msg.thread) == (GUILD, CHANNEL, f"user:{ALICE['id']}")
     assert msg.text == "what is a sluice?"
     assert msg.message_id == sent["id"]
     assert msg.meta["reply_to"] == sent["id"]

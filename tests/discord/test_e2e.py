@@ -207,6 +207,7 @@ async def test_403_and_5xx_on_send_worker_logs_keeps_running_and_keeps_history(
         platform="discord",
         tenant=GUILD,
         channel=CHANNEL,
+        thread=f"user:{ALICE['id']}",
         user="x",
         message_id=refused["id"],
         text="",

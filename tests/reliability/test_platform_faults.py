@@ -204,7 +204,8 @@ async def test_discord_channel_gone_or_thread_archived_ends_the_job_and_keeps_hi
     assert len(fake.calls_to("POST", "/channels/{channel_id}/messages")) <= 2
     assert llm_sim.stats()["completions"] == 1
     msg = IncomingMessage(
-        platform="discord", tenant=GUILD, channel=CHANNEL, user="x",
+        platform="discord", tenant=GUILD, channel=CHANNEL, thread="user:610000000000000077",
+        user="x",
         message_id=sent["id"], text="",
     )  # fmt: skip
     key = Keys(discord_settings_e2e.key_prefix).history(msg.conversation_id)
