@@ -36,7 +36,6 @@ import io
 import re
 import shlex
 import types
-import typing
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
@@ -44,7 +43,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from core.context import MessageContext
 from core.errors import BotDefinitionError
 from core.messages import Reply
-from core.tools import parse_docstring
+from core.tools import parse_docstring, resolve_hints
 
 CommandFunc = Callable[..., Awaitable["str | Reply"]]
 COMMAND_NAME_RE = re.compile(r"^[a-z0-9_-]{1,32}$")
@@ -255,13 +254,7 @@ class Command:
 def _read_params(
     fn: CommandFunc, where: str, param_docs: dict[str, str]
 ) -> tuple[list[_Param], str | None]:
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception as e:  # a NameError from a forward reference, usually
-        raise BotDefinitionError(
-            f"{where}: cannot resolve its type hints ({type(e).__name__}: {e}). "
-            "Import every type used in the annotations at module level."
-        ) from e
+    hints = resolve_hints(fn, where)
     params: list[_Param] = []
     context_param = None
     for p in inspect.signature(fn).parameters.values():

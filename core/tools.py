@@ -97,6 +97,17 @@ def json_schema(annotation: Any) -> dict[str, Any]:
     raise UnsupportedType(f"{annotation!r} is not supported")
 
 
+def resolve_hints(fn: Callable[..., Any], where: str) -> dict[str, Any]:
+    """``fn``'s type hints, or a :class:`BotDefinitionError` that says how to fix them."""
+    try:
+        return typing.get_type_hints(fn)
+    except Exception as e:  # a NameError from a forward reference, usually
+        raise BotDefinitionError(
+            f"{where}: cannot resolve its type hints ({type(e).__name__}: {e}). "
+            "Import every type used in the annotations at module level."
+        ) from e
+
+
 def parse_docstring(doc: str | None) -> tuple[str, dict[str, str]]:
     """``(description, {param: description})`` from a Google- or Sphinx-style docstring."""
     if not doc:
@@ -278,13 +289,7 @@ def make_tool(
             f"{where} has no docstring: the model chooses tools by their description. "
             'Add one, e.g. """Look up an answer in the FAQ.""", or pass description="...".'
         )
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception as e:  # a NameError from a forward reference, usually
-        raise BotDefinitionError(
-            f"{where}: cannot resolve its type hints ({type(e).__name__}: {e}). "
-            "Import every type used in the annotations at module level."
-        ) from e
+    hints = resolve_hints(fn, where)
     params: list[ToolParam] = []
     context_param: str | None = None
     fields: dict[str, Any] = {}
