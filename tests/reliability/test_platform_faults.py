@@ -247,5 +247,10 @@ async def test_discord_worker_sigkilled_mid_reply_answers_once_by_editing_its_me
         await _until(lambda: final() and llm_sim.stats()["completions"] >= 2, 40, "the re-run")
         await asyncio.sleep(1.5)
     assert len(fake.bot_messages(CHANNEL)) == 1, "the re-run edits the killed worker's message"
-    assert len(fake.calls_to("POST", "/channels/{channel_id}/messages")) == 1
+    posts = fake.calls_to("POST", "/channels/{channel_id}/messages")
+    # When the kill lands between Discord creating the message and the worker saving
+    # its id, the re-run posts again with the same nonce and Discord hands back the
+    # same message (enforce_nonce): still one message for the user.
+    assert 1 <= len(posts) <= 2
+    assert len({p.body["nonce"] for p in posts}) == 1, [p.body for p in posts]
     assert llm_sim.stats()["completions"] == 2
