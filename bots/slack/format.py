@@ -187,8 +187,13 @@ def _split_unit(unit: str, limit: int) -> list[str]:
     if not is_code:
         pieces = [p for line in lines for p in _hard_split(line, limit)]
         return _pack(pieces, "\n", limit)
-    opener = lines[0].strip()
+    opener = FENCE
     body = lines[1:-1] if lines[-1].strip() == FENCE else lines[1:]
+    first = lines[0].strip()[len(FENCE) :]
+    if first:
+        # Slack shows text after the opening fence as code (to_mrkdwn already dropped
+        # Markdown's language tags): keep it, or a cut would lose it.
+        body = [first, *body]
     budget = limit - len(opener) - len(FENCE) - 2
     pieces = [p for line in body for p in _hard_split(line, budget)]
     return [f"{opener}\n{chunk}\n{FENCE}" for chunk in _pack(pieces, "\n", budget)]

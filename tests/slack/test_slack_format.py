@@ -74,6 +74,13 @@ def test_split_code_block_is_closed_and_reopened():
     assert inner == code.split("\n")
 
 
+def test_split_keeps_code_written_on_the_opening_fence_line():
+    # Found by the hostile-input property test: the text after "```" was dropped.
+    parts = split_message("```" + "0" * 30, 32)
+    assert all(len(p) <= 32 and p.count("```") == 2 for p in parts)
+    assert "".join(p.replace("```", "").replace("\n", "") for p in parts) == "0" * 30
+
+
 @settings(max_examples=200, deadline=None)
 @given(
     st.text(alphabet=st.sampled_from(list("ab `\n*#-<>&")), max_size=2000),
