@@ -12,7 +12,14 @@ A job may answer when the lock is free and it is the earliest pending message; s
 two messages sent 10 ms apart are answered in arrival order, and the second sees the
 first answer in its history. A job that finds its conversation busy waits a little
 in its slot (``SLUICE_ORDER_WAIT_IN_JOB_S``), then raises :class:`ConversationBusy`
-and the worker re-defers it in the queue; it is never dropped.
+and the worker *parks* it (:func:`park`): it stays in the queue, out of reach for
+``SLUICE_ORDER_DEFER_S``, and the job that frees the conversation puts it back at
+its own place in the line (its lane's score), so waiting for an earlier message
+never sends it to the back of a long queue. It is never dropped.
+
+Priority inheritance: a parked job lends its score to the message it waits for (in
+the queue and in the LLM budget's line), so a high-lane message is not held up
+behind its conversation's earlier default- or bulk-lane one.
 
 Nothing is stranded: an earlier message that already took the lock once but no longer
 holds it belongs to a dead worker, so later messages stop waiting for it (arq runs
@@ -27,6 +34,7 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
@@ -59,7 +67,7 @@ return added
 """
 )
 
-# KEYS: lock, pending, started; ARGV: job id, lock ttl ms, max wait ms.
+# KEYS: lock, pending, started, wake; ARGV: job id, lock ttl ms, max wait ms.
 # Returns {1, ''} when the lock is ours, {0, blocker} otherwise.
 _ACQUIRE = (
     _NOW_MS
@@ -86,6 +94,7 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[3], 86400)
+redis.call('HDEL', KEYS[4], ARGV[1])
 return {1, ''}
 """
 )
@@ -98,17 +107,55 @@ end
 return 0
 """
 
-# KEYS: lock, pending, started, texts; ARGV: job id.
+# KEYS: lock, pending, started, texts, wake; ARGV: job id.
+# The next message's job, if parked, goes back to its place in its queue. (The queue
+# key comes from the wake entry: fine on one Redis, which is what arq supports.)
 _RELEASE = """
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[5], ARGV[1])
+local held = 0
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
-  return 1
+  held = 1
 end
-return 0
+local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if head then
+  local w = redis.call('HGET', KEYS[5], head)
+  if w then
+    local v = cjson.decode(w)
+    redis.call('ZADD', v[1], 'XX', v[3], v[2])
+    redis.call('HDEL', KEYS[5], head)
+  end
+end
+return held
 """
+
+# KEYS: lock, pending, wake, my queue, LLM budget line, the blocker's queue(s)...
+# ARGV: job id, arq job id, queue score, park ms, blocker job id, blocker arq id,
+#       ttl s, budget-line score.
+# Returns 1 when parked, 0 when the conversation freed meanwhile (back in line now).
+_PARK = (
+    _NOW_MS
+    + """
+for i = 6, #KEYS do
+  redis.call('ZADD', KEYS[i], 'XX', 'LT', ARGV[3], ARGV[6])
+end
+redis.call('ZADD', KEYS[5], 'XX', 'LT', ARGV[8], ARGV[5])
+local holder = redis.call('GET', KEYS[1])
+local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if not holder and (head == nil or head == ARGV[1]) then
+  redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('ZADD', KEYS[4], 'XX', ARGV[3], ARGV[2])
+  return 0
+end
+redis.call('HSET', KEYS[3], ARGV[1], cjson.encode({KEYS[4], ARGV[2], ARGV[3]}))
+redis.call('EXPIRE', KEYS[3], ARGV[7])
+redis.call('ZADD', KEYS[4], 'XX', now + tonumber(ARGV[4]), ARGV[2])
+return 1
+"""
+)
 
 
 class ConversationBusy(Exception):
@@ -151,6 +198,7 @@ class ConversationLock:
             keys.conv_pending(conversation_id),
             keys.conv_started(conversation_id),
             keys.conv_texts(conversation_id),
+            keys.conv_wake(conversation_id),
         ]
         self.conversation_id = conversation_id
         self.job_id = job_id
@@ -164,7 +212,8 @@ class ConversationLock:
     async def try_acquire(self, max_wait_s: float) -> tuple[bool, str]:
         """One attempt; returns (acquired, the job id we wait for)."""
         res: list[Any] = await self._acquire(
-            self._keys[:3], [self.job_id, self._ttl_ms, int(max_wait_s * 1000)]
+            [*self._keys[:3], self._keys[4]],
+            [self.job_id, self._ttl_ms, int(max_wait_s * 1000)],
         )
         blocker = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
         acquired = int(res[0]) == 1
@@ -217,6 +266,62 @@ async def acquire_conversation(
         if time.monotonic() >= deadline:
             raise ConversationBusy(msg.conversation_id, blocker)
         await asyncio.sleep(POLL_S)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Where a job waits in line: its queue, its arq id and its score there."""
+
+    queue: str
+    arq_id: str
+    score_ms: int
+
+
+async def park(
+    redis: Redis,
+    keys: Keys,
+    msg: IncomingMessage,
+    *,
+    mine: Slot,
+    budget_score_ms: int,
+    blocker: str,
+    blocker_arq_id: str,
+    blocker_queues: list[str],
+    park_s: float,
+) -> bool:
+    """Park a job whose conversation is busy, lending its score to ``blocker``.
+
+    The job stays in its queue, scored ``park_s`` ahead (a safety net: it looks again
+    then even if nobody wakes it); the lock's release puts it back at
+    ``mine.score_ms``. ``blocker`` (the holder, or an earlier message not started
+    yet) moves up to this job's score in its queue and in the LLM budget's line if
+    that is earlier than its own. Returns ``False`` when the conversation freed
+    meanwhile: the job is back at its score at once. The caller then ends the arq
+    try without a defer of its own (``Retry(defer=None)``), which leaves the score
+    set here.
+    """
+    cid = msg.conversation_id
+    parked = await Lua(redis, _PARK)(
+        [
+            keys.conv_lock(cid),
+            keys.conv_pending(cid),
+            keys.conv_wake(cid),
+            mine.queue,
+            keys.llm("waiters"),
+            *blocker_queues,
+        ],
+        [
+            msg.job_id,
+            mine.arq_id,
+            mine.score_ms,
+            max(1, int(park_s * 1000)),
+            blocker,
+            blocker_arq_id,
+            PENDING_TTL_S,
+            budget_score_ms,
+        ],
+    )
+    return bool(parked)
 
 
 async def count_run(redis: Redis, keys: Keys, job_id: str) -> int:

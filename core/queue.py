@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from core.bot import Bot, load_bot
 from core.budget import estimate_wait_s
 from core.errors import BotDefinitionError, QueueError
-from core.lanes import choose_lane, priority_ms
+from core.lanes import LANES, choose_lane, priority_ms
 from core.messages import IncomingMessage
 from core.ordering import forget_arrival, register_arrival
 from core.redis import Keys, redis_settings
@@ -64,11 +64,7 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     bot = _load_bot(settings)
     msg = with_lane(settings, msg, bot)
     keys = Keys(settings.key_prefix)
-    now_ms = int(time.time() * 1000)
-    if settings.lane_queues == "per-lane":
-        queue, score_ms = lane_queue_name(settings, msg.lane), now_ms
-    else:
-        queue, score_ms = settings.queue_name, priority_ms(settings, msg.lane, now_ms)
+    queue, score_ms = queue_slot(settings, msg.lane, int(time.time() * 1000))
     try:
         added = await register_arrival(
             redis, keys, msg, keep_text=bot is not None and bot.merge_burst_s > 0
@@ -174,6 +170,21 @@ async def _tell_if_queued(
     except (RedisError, OSError) as e:
         # The message itself is queued; only the courtesy notice is lost.
         logger.warning("queued notice not sent for message=%s: %s", msg.message_id, e)
+
+
+def queue_slot(settings: Settings, lane: str, arrived_ms: int) -> tuple[str, int]:
+    """The queue a message of ``lane`` waits in and its score there: arrival minus the
+    lane's head start in the one queue, arrival in its lane's queue (``per-lane``)."""
+    if settings.lane_queues == "per-lane":
+        return lane_queue_name(settings, lane), arrived_ms
+    return settings.queue_name, priority_ms(settings, lane, arrived_ms)
+
+
+def reply_queues(settings: Settings) -> list[str]:
+    """Every queue a reply job can be in."""
+    if settings.lane_queues == "per-lane":
+        return [lane_queue_name(settings, lane) for lane in LANES]
+    return [settings.queue_name]
 
 
 def lane_queue_name(settings: Settings, lane: str) -> str:

@@ -134,6 +134,11 @@ class Keys:
         """User and text of pending messages, kept for burst merging (a hash)."""
         return f"{self.prefix}:conv:texts:{conversation_id}"
 
+    def conv_wake(self, conversation_id: str) -> str:
+        """Jobs parked until the conversation frees (hash job id -> JSON
+        ``[queue, arq job id, score]``, read by the lock's release)."""
+        return f"{self.prefix}:conv:wake:{conversation_id}"
+
     def merged(self, job_id: str) -> str:
         """Marks a message answered as part of an earlier message's burst."""
         return f"{self.prefix}:merged:{job_id}"

@@ -392,7 +392,10 @@ class Settings(BaseSettings):
         "before it steps aside (re-defers itself in the queue).",
     )
     order_defer_s: float = Field(
-        0.5, gt=0, description="Delay before a job that stepped aside is tried again."
+        5.0,
+        gt=0,
+        description="Longest a job that stepped aside for a busy conversation stays "
+        "parked; the job that frees the conversation puts it back in line at once.",
     )
     order_max_wait_s: float = Field(
         900.0,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,11 +42,14 @@ from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
 from core.messages import IncomingMessage, Reply
 from core.ordering import (
     ConversationBusy,
+    Slot,
     absorb_burst,
     acquire_conversation,
     count_run,
+    park,
     was_merged,
 )
+from core.queue import queue_slot, reply_queues
 from core.ratelimit import REMINDER, RateLimiter, limits_for, notice_text
 from core.redis import Keys
 from core.responder import Responder
@@ -162,7 +166,9 @@ class Traffic:
                 job_id,
                 e.blocker,
             )
-            raise Retry(defer=self.settings.order_defer_s) from e
+            parked = await self._park(msg, job_id, e.blocker)
+            # Parked: the score park() set stays (no defer of arq's own).
+            raise Retry(defer=None if parked else self.settings.order_defer_s) from e
         except (RedisError, OSError) as e:
             # Without Redis there is no order to keep: try again once it is back.
             logger.warning("cannot take the turn of message=%s: %s", msg.message_id, e)
@@ -182,6 +188,30 @@ class Traffic:
             yield TurnState(msg=msg, may_run=runs <= self.settings.job_max_tries)
         finally:
             await lock.release()
+
+    async def _park(self, msg: IncomingMessage, job_id: str, blocker: str) -> bool:
+        """Park ``msg``'s job until its conversation frees (:func:`core.ordering.park`);
+        ``False`` if that could not be done (the job is then simply deferred)."""
+        s = self.settings
+        now_ms = int(time.time() * 1000)
+        arrived_ms = min(now_ms, int(msg.ts * 1000)) if msg.ts > 0 else now_ms
+        queue, score_ms = queue_slot(s, msg.lane, arrived_ms)
+        try:
+            await park(
+                self.redis,
+                self.keys,
+                msg,
+                mine=Slot(queue, f"{s.key_prefix}:{job_id}", score_ms),
+                budget_score_ms=priority_ms(s, msg.lane, arrived_ms),
+                blocker=blocker,
+                blocker_arq_id=f"{s.key_prefix}:{blocker}",
+                blocker_queues=reply_queues(s),
+                park_s=s.order_defer_s,
+            )
+        except (RedisError, OSError) as e:
+            logger.warning("cannot park message=%s: %s", msg.message_id, e)
+            return False
+        return True
 
     async def check_limits(self, msg: IncomingMessage) -> Reply | None:
         """``None`` when ``msg`` may go on, else the notice (or reminder) to send."""

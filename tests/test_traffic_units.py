@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from arq.worker import Retry
 from click.testing import CliRunner
 
 from core.bot import Bot, LaneRule
@@ -16,8 +17,11 @@ from core.lanes import choose_lane, priority_ms
 from core.llm import Completion
 from core.messages import IncomingMessage
 from core.ordering import ConversationBusy, acquire_conversation, register_arrival
+from core.queue import arq_job_id, connect_queue, enqueue_reply
 from core.ratelimit import RateLimiter, limits_for
 from core.redis import Keys
+from core.traffic import Traffic
+from tests.traffic_bot import bot as traffic_bot
 
 
 def _msg(mid: str, **kw: object) -> IncomingMessage:
@@ -284,3 +288,55 @@ async def test_budget_holds_requests_to_the_tokens_per_minute(settings, redis):
     assert time.monotonic() - started < 0.2
     await budget.acquire("m3", 0, 20)  # 600 tpm = 10 tokens/s: ~2 s for 20 tokens
     assert 1.5 < time.monotonic() - started < 3.0
+
+
+async def test_a_waiting_message_lends_its_lane_and_is_woken_at_its_place(settings, redis):
+    """A busy conversation parks the later job instead of sending it to the back of the
+    queue; the earlier message inherits its better score (queue and LLM budget line),
+    and the release puts the parked job back at its own lane's place."""
+    s = settings.model_copy(
+        update={
+            "app": "tests.traffic_bot:bot",
+            "order_wait_in_job_s": 0.05,
+            "order_defer_s": 300.0,
+            "queued_notice_after_s": 0,
+        }
+    )
+    keys = Keys(s.key_prefix)
+    pool = await connect_queue(s)
+    first = _msg("m1", text="how do I set up the widget?")
+    second = _msg("m2", text="billing: why was I charged twice?")
+    try:
+        assert await enqueue_reply(pool, s, first)
+        assert await enqueue_reply(pool, s, second)
+    finally:
+        await pool.aclose()
+    queue = s.queue_name
+    first_id, second_id = arq_job_id(s, first), arq_job_id(s, second)
+    score_first = await redis.zscore(queue, first_id)
+    score_second = await redis.zscore(queue, second_id)
+    assert score_second < score_first - 30_000  # high lane: a head start over default
+    # The first message already waits in the LLM budget's line at its own score.
+    await redis.zadd(keys.llm("waiters"), {first.job_id: score_first})
+
+    traffic = Traffic(redis, s, traffic_bot)
+    second_high = second.model_copy(update={"lane": "high"})
+    with pytest.raises(Retry) as parked:
+        async with traffic.in_turn(second_high, second.job_id):
+            raise AssertionError("the second message must not answer before the first")
+    assert parked.value.defer_score is None  # arq keeps the score park() set
+    now_ms = time.time() * 1000
+    # Parked: out of reach for order_defer_s, not at the back of the line.
+    assert await redis.zscore(queue, second_id) > now_ms + 200_000
+    # The first message inherited the high lane's score, in the queue and the budget line.
+    assert await redis.zscore(queue, first_id) <= score_second + 1000
+    assert await redis.zscore(keys.llm("waiters"), first.job_id) <= score_second + 1000
+
+    async with traffic.in_turn(first, first.job_id) as turn:
+        assert turn.may_run
+    # The release woke the parked job: back at (about) its high-lane score.
+    woken = await redis.zscore(queue, second_id)
+    assert woken < time.time() * 1000 - 30_000
+    async with traffic.in_turn(second_high, second.job_id) as turn:
+        assert turn.may_run and not turn.merged
+    assert not await redis.exists(keys.conv_wake(first.conversation_id))
