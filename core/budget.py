@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 STALE_WAITER_MS = 5000
 MAX_POLL_S = 1.0
 
-# KEYS: bucket, waiters, seen, stats, breaker-open, breaker-half-open, breaker-probe.
+# KEYS: bucket, waiters, seen, stats, breaker-open, breaker-half-open, breaker-probe,
+#       the member's lent priority (core.ordering.park).
 # ARGV: member, priority, rpm (0: unknown), tpm, est tokens, stale ms, headroom, probe ms.
 # Returns {status, wait_ms, rank, interval_ms}: status 1 granted, 0 wait, -1 breaker open.
 _ACQUIRE = """
@@ -95,7 +96,11 @@ local bstamp = tonumber(redis.call('HGET', KEYS[4], 'backlog_stamp') or '0')
 if n > 0 and bstamp > 0 then
   redis.call('HINCRBY', KEYS[4], 'backlog_ms', math.min(now - bstamp, 1000))
 end
-redis.call('ZADD', KEYS[2], 'NX', ARGV[2], ARGV[1])
+-- A later message of the same conversation may have lent a better (lower) score.
+local prio = tonumber(ARGV[2])
+local lent = tonumber(redis.call('GET', KEYS[8]) or ARGV[2])
+if lent < prio then prio = lent end
+redis.call('ZADD', KEYS[2], 'LT', prio, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], now)
 while true do
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
@@ -221,6 +226,7 @@ class LLMBudget:
         self._fails = keys.llm("breaker:fails")
         self._half = keys.llm("breaker:half-open")
         self._probe = keys.llm("breaker:probe")
+        self._keys = keys
         self._acquire = Lua(redis, _ACQUIRE)
         self._success = Lua(redis, _SUCCESS)
         self._rate_limited = Lua(redis, _RATE_LIMITED)
@@ -258,6 +264,7 @@ class LLMBudget:
             self._open,
             self._half,
             self._probe,
+            self._keys.llm_lent(member),
         ]
         probe_ms = int((s.llm_timeout_s + 5) * 1000)
         while True:

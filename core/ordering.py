@@ -132,17 +132,21 @@ end
 return held
 """
 
-# KEYS: lock, pending, wake, my queue, LLM budget line, the blocker's queue(s)...
+# KEYS: lock, pending, wake, my queue, LLM budget line, blocker's lent score,
+#       the blocker's queue(s)...
 # ARGV: job id, arq job id, queue score, park ms, blocker job id, blocker arq id,
 #       ttl s, budget-line score.
 # Returns 1 when parked, 0 when the conversation freed meanwhile (back in line now).
 _PARK = (
     _NOW_MS
     + """
-for i = 6, #KEYS do
+for i = 7, #KEYS do
   redis.call('ZADD', KEYS[i], 'XX', 'LT', ARGV[3], ARGV[6])
 end
 redis.call('ZADD', KEYS[5], 'XX', 'LT', ARGV[8], ARGV[5])
+-- Not in the budget's line yet (it has only just started): it joins at this score.
+local lent = tonumber(redis.call('GET', KEYS[6]) or ARGV[8])
+if tonumber(ARGV[8]) <= lent then redis.call('SET', KEYS[6], ARGV[8], 'EX', 3600) end
 local holder = redis.call('GET', KEYS[1])
 local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
 if not holder and (head == nil or head == ARGV[1]) then
@@ -308,6 +312,7 @@ async def park(
             keys.conv_wake(cid),
             mine.queue,
             keys.llm("waiters"),
+            keys.llm_lent(blocker),
             *blocker_queues,
         ],
         [

@@ -159,6 +159,11 @@ class Keys:
         """Shared LLM budget state: bucket, waiters, breaker, counters."""
         return f"{self.prefix}:llm:{name}"
 
+    def llm_lent(self, job_id: str) -> str:
+        """The better score a job's LLM budget wait inherited from a later message of
+        its conversation (:func:`core.ordering.park`; expires)."""
+        return f"{self.prefix}:llm:lent:{job_id}"
+
     def cache_prefix(self, tenant: str) -> str:
         """Start of every cache key of one tenant."""
         return f"{self.prefix}:cache:{tenant}:"

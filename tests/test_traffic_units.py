@@ -331,6 +331,17 @@ async def test_a_waiting_message_lends_its_lane_and_is_woken_at_its_place(settin
     # The first message inherited the high lane's score, in the queue and the budget line.
     assert await redis.zscore(queue, first_id) <= score_second + 1000
     assert await redis.zscore(keys.llm("waiters"), first.job_id) <= score_second + 1000
+    # ... and keeps it when it joins that line later (it may only just have started).
+    lent = float(await redis.get(keys.llm_lent(first.job_id)))
+    assert lent <= score_second + 1000
+    await redis.zrem(keys.llm("waiters"), first.job_id)
+    budget = LLMBudget(redis, keys, s.model_copy(update={"llm_rpm": 60}))
+    await redis.hset(keys.llm("bucket"), mapping={"rl": "0", "ts": int(time.time() * 1000)})
+    waiting = asyncio.create_task(budget.acquire(first.job_id, int(score_first), 10))
+    await asyncio.sleep(0.2)
+    assert await redis.zscore(keys.llm("waiters"), first.job_id) == lent
+    waiting.cancel()
+    await redis.zrem(keys.llm("waiters"), first.job_id)
 
     async with traffic.in_turn(first, first.job_id) as turn:
         assert turn.may_run
