@@ -132,23 +132,29 @@ end
 return held
 """
 
-# KEYS: lock, pending, wake, my queue, LLM budget line, blocker's lent score,
-#       the blocker's queue(s)...
-# ARGV: job id, arq job id, queue score, park ms, blocker job id, blocker arq id,
+# KEYS: lock, pending, wake, my queue, LLM budget line, the queue(s) a reply can be in...
+# ARGV: job id, arq job id, queue score, park ms, arq id prefix, lent-score key prefix,
 #       ttl s, budget-line score.
 # Returns 1 when parked, 0 when the conversation freed meanwhile (back in line now).
+# (Keys of the earlier messages are built here from the prefixes: fine on one Redis,
+# which is what arq supports.)
 _PARK = (
     _NOW_MS
     + """
-for i = 7, #KEYS do
-  redis.call('ZADD', KEYS[i], 'XX', 'LT', ARGV[3], ARGV[6])
+local earlier = redis.call('ZRANGE', KEYS[2], 0, MAX_LEND - 1)
+for _, jid in ipairs(earlier) do
+  if jid == ARGV[1] then break end
+  for i = 6, #KEYS do
+    redis.call('ZADD', KEYS[i], 'XX', 'LT', ARGV[3], ARGV[5] .. jid)
+  end
+  redis.call('ZADD', KEYS[5], 'XX', 'LT', ARGV[8], jid)
+  -- Not in the budget's line yet (not started, or only just): it joins at this score.
+  local lk = ARGV[6] .. jid
+  local lent = tonumber(redis.call('GET', lk) or ARGV[8])
+  if tonumber(ARGV[8]) <= lent then redis.call('SET', lk, ARGV[8], 'EX', 3600) end
 end
-redis.call('ZADD', KEYS[5], 'XX', 'LT', ARGV[8], ARGV[5])
--- Not in the budget's line yet (it has only just started): it joins at this score.
-local lent = tonumber(redis.call('GET', KEYS[6]) or ARGV[8])
-if tonumber(ARGV[8]) <= lent then redis.call('SET', KEYS[6], ARGV[8], 'EX', 3600) end
 local holder = redis.call('GET', KEYS[1])
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+local head = earlier[1]
 if not holder and (head == nil or head == ARGV[1]) then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('ZADD', KEYS[4], 'XX', ARGV[3], ARGV[2])
@@ -158,7 +164,7 @@ redis.call('HSET', KEYS[3], ARGV[1], cjson.encode({KEYS[4], ARGV[2], ARGV[3]}))
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 redis.call('ZADD', KEYS[4], 'XX', now + tonumber(ARGV[4]), ARGV[2])
 return 1
-"""
+""".replace("MAX_LEND", "50")
 )
 
 
@@ -288,21 +294,22 @@ async def park(
     *,
     mine: Slot,
     budget_score_ms: int,
-    blocker: str,
-    blocker_arq_id: str,
-    blocker_queues: list[str],
+    arq_id_prefix: str,
+    queues: list[str],
     park_s: float,
 ) -> bool:
-    """Park a job whose conversation is busy, lending its score to ``blocker``.
+    """Park a job whose conversation is busy, lending its score to the messages it
+    waits for.
 
     The job stays in its queue, scored ``park_s`` ahead (a safety net: it looks again
     then even if nobody wakes it); the lock's release puts it back at
-    ``mine.score_ms``. ``blocker`` (the holder, or an earlier message not started
-    yet) moves up to this job's score in its queue and in the LLM budget's line if
-    that is earlier than its own. Returns ``False`` when the conversation freed
-    meanwhile: the job is back at its score at once. The caller then ends the arq
-    try without a defer of its own (``Retry(defer=None)``), which leaves the score
-    set here.
+    ``mine.score_ms``. Every earlier message of the conversation (the one answering,
+    and those not started yet) moves up to this job's score in its queue
+    (``queues``: every queue a reply job can be in; arq ids are ``arq_id_prefix`` +
+    job id) and in the LLM budget's line, now or when it joins it, if that is
+    earlier than its own. Returns ``False`` when the conversation freed meanwhile:
+    the job is back at its score at once. The caller then ends the arq try without a
+    defer of its own (``Retry(defer=None)``), which leaves the score set here.
     """
     cid = msg.conversation_id
     parked = await Lua(redis, _PARK)(
@@ -312,16 +319,15 @@ async def park(
             keys.conv_wake(cid),
             mine.queue,
             keys.llm("waiters"),
-            keys.llm_lent(blocker),
-            *blocker_queues,
+            *queues,
         ],
         [
             msg.job_id,
             mine.arq_id,
             mine.score_ms,
             max(1, int(park_s * 1000)),
-            blocker,
-            blocker_arq_id,
+            arq_id_prefix,
+            keys.llm_lent(""),
             PENDING_TTL_S,
             budget_score_ms,
         ],

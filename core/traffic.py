@@ -166,7 +166,7 @@ class Traffic:
                 job_id,
                 e.blocker,
             )
-            parked = await self._park(msg, job_id, e.blocker)
+            parked = await self._park(msg, job_id)
             # Parked: the score park() set stays (no defer of arq's own).
             raise Retry(defer=None if parked else self.settings.order_defer_s) from e
         except (RedisError, OSError) as e:
@@ -189,7 +189,7 @@ class Traffic:
         finally:
             await lock.release()
 
-    async def _park(self, msg: IncomingMessage, job_id: str, blocker: str) -> bool:
+    async def _park(self, msg: IncomingMessage, job_id: str) -> bool:
         """Park ``msg``'s job until its conversation frees (:func:`core.ordering.park`);
         ``False`` if that could not be done (the job is then simply deferred)."""
         s = self.settings
@@ -203,9 +203,8 @@ class Traffic:
                 msg,
                 mine=Slot(queue, f"{s.key_prefix}:{job_id}", score_ms),
                 budget_score_ms=priority_ms(s, msg.lane, arrived_ms),
-                blocker=blocker,
-                blocker_arq_id=f"{s.key_prefix}:{blocker}",
-                blocker_queues=reply_queues(s),
+                arq_id_prefix=f"{s.key_prefix}:",
+                queues=reply_queues(s),
                 park_s=s.order_defer_s,
             )
         except (RedisError, OSError) as e:

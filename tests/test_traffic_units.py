@@ -351,3 +351,37 @@ async def test_a_waiting_message_lends_its_lane_and_is_woken_at_its_place(settin
     async with traffic.in_turn(second_high, second.job_id) as turn:
         assert turn.may_run and not turn.merged
     assert not await redis.exists(keys.conv_wake(first.conversation_id))
+
+
+async def test_a_parked_message_lends_its_score_to_every_earlier_one(settings, redis):
+    """A heavy user's billing question behind two of their earlier questions: both move up."""
+    s = settings.model_copy(
+        update={
+            "app": "tests.traffic_bot:bot",
+            "order_wait_in_job_s": 0.0,
+            "queued_notice_after_s": 0,
+        }
+    )
+    keys = Keys(s.key_prefix)
+    msgs = [
+        _msg("c1", text="first question"),
+        _msg("c2", text="second question"),
+        _msg("c3", text="billing question"),
+    ]
+    pool = await connect_queue(s)
+    try:
+        for m in msgs:
+            assert await enqueue_reply(pool, s, m)
+    finally:
+        await pool.aclose()
+    ids = [arq_job_id(s, m) for m in msgs]
+    before = [await redis.zscore(s.queue_name, i) for i in ids]
+    traffic = Traffic(redis, s, traffic_bot)
+    with pytest.raises(Retry):
+        async with traffic.in_turn(msgs[2].model_copy(update={"lane": "high"}), msgs[2].job_id):
+            raise AssertionError("the third message must wait")
+    after = [await redis.zscore(s.queue_name, i) for i in ids]
+    assert after[0] <= before[2] + 1000 and after[1] <= before[2] + 1000
+    assert after[0] < before[0] - 30_000 and after[1] < before[1] - 30_000
+    for m in msgs[:2]:
+        assert float(await redis.get(keys.llm_lent(m.job_id))) <= before[2] + 1000
