@@ -297,7 +297,8 @@ async def test_shared_budget_keeps_429s_rare_and_answers_every_message(
     stats = llm_sim.stats()
     snap = await snapshot(redis, settings.model_copy(update={"llm_rpm": 120}))
     print(f"traffic snapshot: {snap}")
-    assert snap["llm"]["calls"] == stats["completions"]
+    # Every request the budget granted reached the simulator (a rare 429 included).
+    assert snap["llm"]["calls"] == stats["requests"]
     assert snap["quota_use_in_backlog"] > 0.9
     budget = await redis.hgetall(f"{settings.key_prefix}:llm:stats")
     print(

@@ -23,6 +23,7 @@ import logging
 import time
 from typing import Any
 
+from arq.constants import in_progress_key_prefix
 from arq.cron import cron
 from arq.worker import Worker, func
 
@@ -36,6 +37,7 @@ from core.llm import OpenAIProvider
 from core.queue import lane_queue_name
 from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
+from core.scripts import Lua
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 from core.store import ensure_schema_at_startup, make_engine
@@ -240,18 +242,61 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
     }
 
 
-class SluiceWorker(Worker):
-    """An arq worker that starts only as many jobs per poll as it has free slots.
+# KEYS: queue. ARGV: now ms, free slots, in-progress key prefix, most ids to look at.
+# The first ``free`` ids due by score whose job is not running already.
+_DUE_NOT_RUNNING = """
+local out = {}
+local offset = 0
+local limit = tonumber(ARGV[4])
+while #out < tonumber(ARGV[2]) and offset < limit do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', offset, 100)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    if redis.call('EXISTS', ARGV[3] .. id) == 0 then
+      out[#out + 1] = id
+      if #out >= tonumber(ARGV[2]) then break end
+    end
+  end
+  offset = offset + #ids
+end
+return out
+"""
 
-    arq reads up to ``queue_read_limit`` job ids by score and then waits for a slot
-    for each in turn, so a high-lane job enqueued meanwhile would queue behind that
-    stale batch; starting only what fits keeps every start in fresh score order.
+# How far down the queue a poll looks past running jobs (they stay in arq's queue
+# until they end, at the head when the queue is long).
+SCAN_LIMIT = 20_000
+
+
+class SluiceWorker(Worker):
+    """An arq worker that starts the best-scored jobs that are not running yet, as many
+    as it has free slots.
+
+    arq reads up to ``queue_read_limit`` job ids by score and then checks each with a
+    WATCH transaction, waiting for a slot for each in turn. Running jobs stay in the
+    queue until they end, and under a backlog they are the best-scored ids, so that
+    read is mostly running jobs: four round trips each per poll, and with more jobs
+    running than ``queue_read_limit`` no queued job is seen at all. Instead one Lua
+    call per poll returns the first due ids that are not running, only as many as fit
+    (so a high-lane job enqueued meanwhile does not wait behind a stale batch).
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # arq's own read only tells whether anything is due: one id is enough.
+        kwargs.setdefault("queue_read_limit", 1)
+        super().__init__(*args, **kwargs)
+        self._due: tuple[Any, Lua] | None = None
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Start the first jobs of the batch that fit in the free slots."""
-        free = max(0, self.max_jobs - self.job_counter)
-        await super().start_jobs(job_ids[:free])
+        """Start the first due jobs that are not running, as many as there are free slots."""
+        free = self.max_jobs - self.job_counter
+        if free <= 0 or not job_ids:
+            return
+        if self._due is None or self._due[0] is not self.pool:
+            self._due = (self.pool, Lua(self.pool, _DUE_NOT_RUNNING))
+        due: list[bytes] = await self._due[1](
+            [self.queue_name], [int(time.time() * 1000), free, in_progress_key_prefix, SCAN_LIMIT]
+        )
+        await super().start_jobs(due)
 
 
 def create_worker(settings: Settings, **overrides: Any) -> Worker:
