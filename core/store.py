@@ -83,30 +83,13 @@ class MessageRow(SQLModel, table=True):
 
 _table: Table = MessageRow.__table__  # type: ignore[attr-defined]
 
-COLUMNS: tuple[str, ...] = (
-    "message_id",
-    "platform",
-    "tenant",
-    "channel",
-    "thread",
-    "conversation_id",
-    "user",
-    "role",
-    "text",
-    "text_encoding",
-    "ts",
-    "model",
-    "tokens_in",
-    "tokens_out",
-    "latency_ms",
-    "lane",
-    "cached",
-    "tool",
-)
-
 
 class Record(TypedDict):
-    """One message as it travels from Redis to SQL (the backlog's payload)."""
+    """One message as it travels from Redis to SQL (the backlog's payload).
+
+    The fields' order is the backlog's wire order (:data:`RECORD_FIELDS`): add new
+    fields at the end, or entries already in Redis would be read wrongly.
+    """
 
     message_id: str
     platform: str
@@ -127,26 +110,15 @@ class Record(TypedDict):
     tool: str | None
 
 
-RECORD_FIELDS: tuple[str, ...] = (
-    "message_id",
-    "platform",
-    "tenant",
-    "channel",
-    "thread",
-    "conversation_id",
-    "user",
-    "role",
-    "text",
-    "ts",
-    "model",
-    "tokens_in",
-    "tokens_out",
-    "latency_ms",
-    "lane",
-    "cached",
-    "tool",
-)
+RECORD_FIELDS: tuple[str, ...] = tuple(Record.__annotations__)
 """The order of a record's values in the backlog and in :func:`insert_values`."""
+
+COLUMNS: tuple[str, ...] = (
+    *RECORD_FIELDS[: RECORD_FIELDS.index("text") + 1],
+    "text_encoding",
+    *RECORD_FIELDS[RECORD_FIELDS.index("text") + 1 :],
+)
+"""The table's columns in insert order: the record's fields, and how ``text`` is stored."""
 
 
 def record_key(rec: Record | dict[str, Any]) -> tuple[str, str, str]:
