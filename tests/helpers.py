@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from core.settings import Settings
+from sluice.bench.procs import Proc as BenchProc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,30 +67,19 @@ def wait_port(port: int, timeout_s: float = 15.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
-class Proc:
+class Proc(BenchProc):
     """A subprocess running a ``sluice`` command, its output in a log file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.args = args
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "sluice", *args],
-            env=env,
+        super().__init__(
+            "sluice " + " ".join(args[:1]),
+            ["sluice", *args],
+            env,
+            log_path.parent,
+            log_path=log_path,
             cwd=ROOT,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
         )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def output(self) -> str:
-        """Everything the process printed so far."""
-        self._log.flush()
-        return self.log_path.read_text("utf-8", errors="replace")
 
     def wait_for_output(self, needle: str, timeout_s: float = 20.0) -> None:
         """Block until ``needle`` appears in the output (or the process dies)."""
@@ -104,23 +91,6 @@ class Proc:
                 raise RuntimeError(f"sluice {' '.join(self.args)} exited:\n{self.output()[-3000:]}")
             time.sleep(0.05)
         raise TimeoutError(f"{needle!r} not printed in {timeout_s}s:\n{self.output()[-3000:]}")
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        """Send a signal to the process."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.popen.pid, sig)
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
-        if self.popen.poll() is None:
-            self.kill(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill(signal.SIGKILL)
-                self.popen.wait(5)
-        self._log.close()
-        return self.popen.returncode
 
 
 @contextlib.contextmanager

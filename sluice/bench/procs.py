@@ -51,15 +51,29 @@ def raise_fd_limit() -> None:
 
 
 class Proc:
-    """One subprocess (``python -m ...``), output in a log file."""
+    """One subprocess (``python -m <module> ...``), its output in a log file.
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_dir: Path) -> None:
+    ``sluice bench`` runs its processes with it, and the tests theirs (through
+    ``tests.helpers.Proc``).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str],
+        log_dir: Path,
+        *,
+        log_path: Path | None = None,
+        cwd: Path | None = None,
+    ) -> None:
         self.name = name
-        self.log_path = log_dir / f"{name}.log"
+        self.log_path = log_path or log_dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.popen = subprocess.Popen(
             [sys.executable, "-m", *args],
             env=env,
+            cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -79,18 +93,22 @@ class Proc:
         """Whether it is still running."""
         return self.popen.poll() is None
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL if it does not exit in time."""
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to the process."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, sig)
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
         if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGTERM)
+            self.kill(signal.SIGTERM)
             try:
                 self.popen.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.popen.pid, signal.SIGKILL)
+                self.kill(signal.SIGKILL)
                 self.popen.wait(5)
         self._log.close()
+        return self.popen.returncode
 
 
 async def wait_http(url: str, proc: Proc, timeout_s: float = 30.0) -> None:
