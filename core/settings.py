@@ -389,7 +389,7 @@ class Settings(BaseSettings):
         2.0,
         ge=0,
         description="How long a job waits in its worker slot for a busy conversation "
-        "before it steps aside (re-defers itself in the queue).",
+        "before it steps aside (parks in the queue until the conversation frees).",
     )
     order_defer_s: float = Field(
         5.0,
