@@ -48,9 +48,11 @@ logger = logging.getLogger(__name__)
 NO_MENTIONS: dict[str, Any] = {"parse": []}
 _TYPING_EVERY_S = 8.0  # Discord shows typing for 10 s after each trigger
 _TYPING_MAX_S = 120.0
-# Record the queued notice as the job's first message unless the reply recorded one.
+# Record the queued notice as the job's first message unless the reply recorded one
+# or the job is done.
 _CLAIM_IDS = """
-if redis.call('hsetnx', KEYS[1], 'ids', ARGV[1]) == 1 then
+if redis.call('hexists', KEYS[1], 'done') == 0
+   and redis.call('hsetnx', KEYS[1], 'ids', ARGV[1]) == 1 then
   redis.call('hset', KEYS[1], 'texts', ARGV[2])
   redis.call('expire', KEYS[1], ARGV[3])
   return 1
@@ -226,6 +228,19 @@ class DiscordResponder:
         except (DeliveryError, RedisError) as e:
             logger.info("discord queued notice not shown %s: %s", self._context, e)
 
+    async def withdraw_queued(self) -> None:
+        """This message gets no reply of its own (merged into a later message's):
+        delete its queued notice, and keep a late ``notify_queued`` from posting one."""
+        try:
+            await self._redis.hset(self._key, "done", "1")  # type: ignore[misc]
+            await self._redis.expire(self._key, self._settings.dedupe_ttl_s)
+            self._loaded = False
+            await self._load()
+            if self._ids and self._texts[0].startswith(QUEUED_PREFIX):
+                await self._delete(self._ids[0])
+        except (DeliveryError, RedisError) as e:
+            logger.info("discord queued notice not withdrawn %s: %s", self._context, e)
+
     async def _post_notice(self, text: str) -> None:
         body: dict[str, Any] = {"content": text, "allowed_mentions": NO_MENTIONS}
         if self._token:
@@ -255,12 +270,14 @@ class DiscordResponder:
             str(self._settings.dedupe_ttl_s),
         )
         if not claimed:
-            # The reply recorded its message meanwhile. @original may now show our
-            # notice over the answer: put back what the reply recorded.
+            # The reply recorded its message meanwhile, or the job is done.
             self._loaded = False
             await self._load()
             if self._token and self._texts:
+                # @original may now show our notice over the answer: put the answer back.
                 await self._edit("@original", self._texts[0], best_effort=False)
+            elif not self._ids:
+                await self._delete(message_id)  # withdrawn: this message gets no reply
             return
         self._ids, self._texts = [message_id], [text]
         logger.info("discord queued notice posted %s id=%s", self._context, message_id)
@@ -371,23 +388,26 @@ class DiscordResponder:
         while len(self._ids) > keep:
             message_id = self._ids.pop()
             self._texts.pop()
-            if self._token:
-                route = Route(
-                    "DELETE",
-                    "/webhooks/{application_id}/{token}/messages/{message_id}",
-                    self._token,
-                    f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
-                )
-            else:
-                route = Route(
-                    "DELETE",
-                    "/channels/{channel_id}/messages/{message_id}",
-                    self._msg.channel,
-                    f"/channels/{self._msg.channel}/messages/{message_id}",
-                )
-            with contextlib.suppress(DiscordHTTPError):  # already gone is fine
-                await self._rest.request(route, context=self._context)
+            await self._delete(message_id)
             await self._save()
+
+    async def _delete(self, message_id: str) -> None:
+        if self._token:
+            route = Route(
+                "DELETE",
+                "/webhooks/{application_id}/{token}/messages/{message_id}",
+                self._token,
+                f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
+            )
+        else:
+            route = Route(
+                "DELETE",
+                "/channels/{channel_id}/messages/{message_id}",
+                self._msg.channel,
+                f"/channels/{self._msg.channel}/messages/{message_id}",
+            )
+        with contextlib.suppress(DiscordHTTPError):  # already gone is fine
+            await self._rest.request(route, context=self._context)
 
     def _webhook_route(self, method: str, message_id: str) -> Route:
         return Route(

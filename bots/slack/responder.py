@@ -82,13 +82,14 @@ _NOT_STREAMING = frozenset(
 _NOT_IN_CHANNEL = frozenset({"not_in_channel", "channel_not_found", "is_archived"})
 # Record a posted message's ts unless the job's state already has one (a queued
 # notice and the reply may both post: the first to record wins, the other deletes
-# its message). Returns the ts and mode that won.
+# its message), and never once the job is done. Returns the ts that won ('' if done).
 _CLAIM_TS = """
-if redis.call('hsetnx', KEYS[1], 'ts', ARGV[1]) == 1 then
+if redis.call('hexists', KEYS[1], 'done') == 0
+   and redis.call('hsetnx', KEYS[1], 'ts', ARGV[1]) == 1 then
   redis.call('hset', KEYS[1], 'mode', ARGV[2], 'notice', ARGV[3])
   redis.call('expire', KEYS[1], ARGV[4])
 end
-return {redis.call('hget', KEYS[1], 'ts'), redis.call('hget', KEYS[1], 'mode') or 'post'}
+return {redis.call('hget', KEYS[1], 'ts') or '', redis.call('hget', KEYS[1], 'mode') or 'post'}
 """
 
 
@@ -444,6 +445,17 @@ class SlackResponder:
         except (SlackApiError, DeliveryError) as e:
             logger.info("slack queued notice not shown job=%s: %s", self.job_id, e)
 
+    async def withdraw_queued(self) -> None:
+        """This message gets no reply of its own (merged into a later message's):
+        delete its queued notice, and keep a late ``notify_queued`` from posting one."""
+        try:
+            await self._save(done="1")
+            await self._load()
+            if self.ts is not None and self.notice:
+                await self._delete(self.ts)
+        except (SlackApiError, DeliveryError) as e:
+            logger.info("slack queued notice not withdrawn job=%s: %s", self.job_id, e)
+
     async def _queued_status(self, text: str) -> None:
         status = "is queued" + text.removeprefix(QUEUED_PREFIX)
         await self._call(
@@ -468,7 +480,7 @@ class SlackResponder:
         resp = await self._call("chat_postMessage", **kwargs)
         ts = str(resp["ts"])
         if await self._claim(ts, "post", notice=True) is not None:
-            # The reply was posted first (maybe already finished): take the notice back.
+            # The reply was posted first, or the job is done: take the notice back.
             await self._delete(ts)
             return
         self.ts, self.mode, self.notice = ts, "post", True
@@ -488,7 +500,7 @@ class SlackResponder:
         If a queued notice was recorded since :meth:`_load`, edit that instead.
         """
         notice_ts = await self._recorded_ts()
-        if notice_ts is not None:
+        if notice_ts:
             await self._adopt(notice_ts, shown or self._preview(text), final=not stream)
             return
         if stream and self._can_stream():
@@ -504,7 +516,7 @@ class SlackResponder:
                 )
                 ts = str(resp["ts"])
                 notice_ts = await self._claim(ts, "stream")
-                if notice_ts is not None:
+                if notice_ts:
                     with contextlib.suppress(SlackApiError):
                         await self._call("chat_stopStream", channel=self.msg.channel, ts=ts)
                     await self._delete(ts)
@@ -534,7 +546,7 @@ class SlackResponder:
             raise DeliveryError(f"chat.postMessage failed: {error}") from e
         ts = str(resp["ts"])
         notice_ts = await self._claim(ts, "post")
-        if notice_ts is not None:
+        if notice_ts:
             # A queued notice was posted meanwhile: answer in it, drop ours.
             await self._delete(ts)
             await self._adopt(notice_ts, kwargs["text"], final=not stream)

@@ -288,3 +288,16 @@ async def test_queued_ask_shows_the_notice_in_the_deferred_response_then_the_ans
     assert not inter.followups
     await factory.responder(msg, msg.job_id).queued(20)  # too late: nothing changes
     assert inter.original["content"] == "the answer"
+
+
+async def test_withdrawn_notice_of_a_merged_message_is_deleted_and_not_posted_again(
+    factory: DiscordResponderFactory, fake: DiscordFake
+) -> None:
+    msg = incoming()
+    await factory.responder(msg, msg.job_id).queued(30)
+    assert len(fake.bot_messages(CHANNEL)) == 1
+    await factory.responder(msg, msg.job_id).withdraw_queued()  # merged into a later reply
+    assert not fake.bot_messages(CHANNEL)
+    await factory.responder(msg, msg.job_id).queued(30)  # a late notify job
+    assert not fake.bot_messages(CHANNEL)
+    assert _message_posts(fake) == 1

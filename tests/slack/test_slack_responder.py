@@ -311,3 +311,16 @@ async def test_queued_for_a_command_answered_via_response_url_posts_nothing(
     await deliver(factory, m, [], final="the answer")
     assert [p["text"] for p in response_sink.posts] == ["the answer"]
     assert not fake_slack.replies("C9")
+
+
+async def test_withdrawn_notice_of_a_merged_message_is_deleted_and_not_posted_again(
+    factory, fake_slack
+):
+    m = msg("27.1", channel="D1", kind="dm")
+    await factory.responder(m, m.job_id).queued(30)
+    assert len(fake_slack.replies("D1")) == 1
+    await factory.responder(m, m.job_id).withdraw_queued()  # merged into a later reply
+    assert not fake_slack.replies("D1")
+    await factory.responder(m, m.job_id).queued(30)  # a late notify job
+    assert not fake_slack.replies("D1")
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
