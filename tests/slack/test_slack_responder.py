@@ -324,3 +324,27 @@ async def test_withdrawn_notice_of_a_merged_message_is_deleted_and_not_posted_ag
     await factory.responder(m, m.job_id).queued(30)  # a late notify job
     assert not fake_slack.replies("D1")
     assert len(fake_slack.calls_of("chat.postMessage")) == 1
+
+
+async def test_notify_queued_job_posts_the_notice_that_the_reply_job_edits(
+    slack_settings, redis, fake_slack
+):
+    import asyncio
+
+    from workers.traffic_jobs import notify_queued
+
+    ctx = {
+        "responders": {},
+        "responders_lock": asyncio.Lock(),
+        "settings": slack_settings,
+        "redis": redis,
+    }
+    m = msg("28.1", channel="D1", kind="dm")
+    await notify_queued(ctx, m.model_dump(mode="json"), 95)
+    try:
+        assert [r.text for r in fake_slack.replies("D1")] == ["⏳ Queued: about 2 min"]
+        await deliver(ctx["responders"]["slack"], m, ["a"], final="the answer")
+    finally:
+        await ctx["responders"]["slack"].close()
+    assert [r.text for r in fake_slack.replies("D1")] == ["the answer"]
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
