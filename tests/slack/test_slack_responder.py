@@ -311,6 +311,10 @@ async def test_queued_for_a_command_answered_via_response_url_posts_nothing(
     await deliver(factory, m, [], final="the answer")
     assert [p["text"] for p in response_sink.posts] == ["the answer"]
     assert not fake_slack.replies("C9")
+    calls = len(fake_slack.calls)
+    await factory.responder(m, m.job_id).queued(30)  # after the answer: nothing at all
+    assert len(fake_slack.calls) == calls
+    assert len(response_sink.posts) == 1
 
 
 async def test_withdrawn_notice_of_a_merged_message_is_deleted_and_not_posted_again(
