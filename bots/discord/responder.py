@@ -286,6 +286,11 @@ class DiscordResponder:
 
     async def _sync(self, parts: list[str], *, best_effort: bool) -> None:
         """Make the posted messages show ``parts``: edit changed ones, post new ones."""
+        if not self._ids:
+            # A queued notice may have been recorded since begin(): edit it rather than
+            # post (the shared nonce finds it too, but only for a few minutes).
+            self._loaded = False
+            await self._load()
         for i, part in enumerate(parts):
             if i < len(self._ids):
                 if self._texts[i] == part:
