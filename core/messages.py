@@ -99,3 +99,17 @@ class Turn(BaseModel):
     tool_calls: list[dict[str, str]] | None = None
     tool_call_id: str | None = None
     tool_name: str | None = None
+
+
+QUEUED_PREFIX = "⏳ Queued"
+
+
+def queued_text(wait_s: float) -> str:
+    """The notice a chat platform shows while a message waits in line.
+
+    Seconds under 90 s, whole minutes above: "⏳ Queued: about 40 s", "… about 3 min".
+    Responders recognise a message still showing it by :data:`QUEUED_PREFIX`.
+    """
+    if wait_s < 89.5:
+        return f"{QUEUED_PREFIX}: about {max(1, round(wait_s))} s"
+    return f"{QUEUED_PREFIX}: about {max(2, round(wait_s / 60))} min"

@@ -77,8 +77,17 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     async with traffic.in_turn(msg, job_id) as turn:
         if turn.merged:
             logger.info("message=%s job=%s answered with its burst", msg.message_id, job_id)
+            await _withdraw_queued(ctx, msg, job_id)
             return "merged"
         return await answer_message(ctx, turn.msg, job_id, turn.may_run)
+
+
+async def _withdraw_queued(ctx: dict[str, Any], msg: IncomingMessage, job_id: str) -> None:
+    """A merged message gets no reply of its own: take back its queued notice."""
+    factory = await get_responder_factory(ctx, msg.platform)
+    withdraw = getattr(factory.responder(msg, job_id), "withdraw_queued", None)
+    if withdraw is not None:
+        await withdraw()
 
 
 async def answer_message(

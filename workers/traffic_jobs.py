@@ -15,7 +15,9 @@ async def notify_queued(ctx: dict[str, Any], payload: dict[str, Any], wait_s: in
     """Show "queued, about ``wait_s`` s" for a message whose reply job still waits.
 
     Only responders that can replace the notice with the answer have ``queued``
-    (the web chat today); for the others this does nothing.
+    (web chat, Slack, Discord); for the others this does nothing. The responder is
+    this job's own, keyed by the reply's job id: Slack and Discord record the notice
+    in that job's delivery state, where the reply job finds and edits it.
     """
     msg = IncomingMessage.model_validate(payload)
     factory = await get_responder_factory(ctx, msg.platform)

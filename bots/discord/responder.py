@@ -12,6 +12,12 @@ Idempotent per job id: the ids of the messages already posted are kept in Redis
 posting again; each post also carries a ``nonce`` with ``enforce_nonce`` so that
 Discord itself drops a second create of the same part.
 
+While the message waits in line, :meth:`DiscordResponder.queued` shows "⏳ Queued:
+about N s" as the reply's first message (for ``/ask``, the deferred response
+``@original``), posted with the first part's nonce and recorded in the same state;
+the reply job edits it into the answer. A job whose state was read before the notice
+was recorded still finds it: Discord answers the repeated nonce with the notice.
+
 Failures: 403 and other 4xx are logged with the channel id and not retried (the job
 finishes and the message stays in history); 429 and 5xx are retried by
 :class:`~bots.discord.rest.DiscordRest` a bounded number of times.
@@ -33,7 +39,7 @@ from redis.exceptions import RedisError
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from bots.discord.split import split_message
 from core.errors import DeliveryError, DeliveryRetryableError
-from core.messages import IncomingMessage, Reply
+from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
 from core.redis import Keys
 from core.settings import Settings
 
@@ -42,6 +48,17 @@ logger = logging.getLogger(__name__)
 NO_MENTIONS: dict[str, Any] = {"parse": []}
 _TYPING_EVERY_S = 8.0  # Discord shows typing for 10 s after each trigger
 _TYPING_MAX_S = 120.0
+# Record the queued notice as the job's first message unless the reply recorded one
+# or the job is done.
+_CLAIM_IDS = """
+if redis.call('hexists', KEYS[1], 'done') == 0
+   and redis.call('hsetnx', KEYS[1], 'ids', ARGV[1]) == 1 then
+  redis.call('hset', KEYS[1], 'texts', ARGV[2])
+  redis.call('expire', KEYS[1], ARGV[3])
+  return 1
+end
+return 0
+"""
 
 
 class DiscordResponderFactory:
@@ -178,10 +195,102 @@ class DiscordResponder:
                 len(parts),
             )
 
+    async def queued(self, wait_s: float) -> None:
+        """Show that the message waits in line, about ``wait_s`` seconds.
+
+        Posts "⏳ Queued: about N s" as the reply's first message (a Discord reply to
+        the user's message; for ``/ask`` the deferred response), or updates the
+        notice this job already shows; the reply job's :meth:`stream` and
+        :meth:`finish` edit it into the answer. Called by the ``notify_queued`` job
+        (a separate responder of the same job id) or while the reply waits in the
+        LLM budget's line. Does nothing once the reply is out or being written. A
+        courtesy: sent best effort through the paced REST layer (skipped when the
+        channel has no free slot), failures logged, never raised.
+        """
+        text = queued_text(wait_s)
+        try:
+            if not self._ids:
+                self._loaded = False  # the reply may have been posted since: look again
+            await self._load()
+            if self._done or self._refused is not None:
+                return
+            if self._ids:
+                showing_notice = self._texts[0].startswith(QUEUED_PREFIX)
+                if (
+                    showing_notice
+                    and self._texts[0] != text
+                    and await self._edit(self._ids[0], text, best_effort=True)
+                ):
+                    self._texts[0] = text
+                    await self._save()
+                return
+            await self._post_notice(text)
+        except (DeliveryError, RedisError) as e:
+            logger.info("discord queued notice not shown %s: %s", self._context, e)
+
+    async def withdraw_queued(self) -> None:
+        """This message gets no reply of its own (merged into a later message's):
+        delete its queued notice, and keep a late ``notify_queued`` from posting one."""
+        try:
+            await self._redis.hset(self._key, "done", "1")  # type: ignore[misc]
+            await self._redis.expire(self._key, self._settings.dedupe_ttl_s)
+            self._loaded = False
+            await self._load()
+            if self._ids and self._texts[0].startswith(QUEUED_PREFIX):
+                await self._delete(self._ids[0])
+        except (DeliveryError, RedisError) as e:
+            logger.info("discord queued notice not withdrawn %s: %s", self._context, e)
+
+    async def _post_notice(self, text: str) -> None:
+        body: dict[str, Any] = {"content": text, "allowed_mentions": NO_MENTIONS}
+        if self._token:
+            route = self._webhook_route("PATCH", "@original")
+        else:
+            # The first part's nonce: the reply's own first post then finds this message.
+            body.update(nonce=_nonce(self._job_id, 0), enforce_nonce=True)
+            reply_to = self._msg.meta.get("reply_to")
+            if reply_to:
+                body["message_reference"] = {"message_id": reply_to, "fail_if_not_exists": False}
+            route = Route(
+                "POST",
+                "/channels/{channel_id}/messages",
+                self._msg.channel,
+                f"/channels/{self._msg.channel}/messages",
+            )
+        data = await self._rest.request(route, json=body, best_effort=True, context=self._context)
+        if data is None or data.get("content") != text:
+            return  # skipped, or the nonce found the reply's first message: it is out
+        message_id = "@original" if self._token else str(data["id"])
+        claimed = await self._redis.eval(  # type: ignore[misc]
+            _CLAIM_IDS,
+            1,
+            self._key,
+            json.dumps([message_id]),
+            json.dumps([text]),
+            str(self._settings.dedupe_ttl_s),
+        )
+        if not claimed:
+            # The reply recorded its message meanwhile, or the job is done.
+            self._loaded = False
+            await self._load()
+            if self._token and self._texts:
+                # @original may now show our notice over the answer: put the answer back.
+                await self._edit("@original", self._texts[0], best_effort=False)
+            elif not self._ids:
+                await self._delete(message_id)  # withdrawn: this message gets no reply
+            return
+        self._ids, self._texts = [message_id], [text]
+        logger.info("discord queued notice posted %s id=%s", self._context, message_id)
+
     # --- delivery --------------------------------------------------------------------
 
     async def _sync(self, parts: list[str], *, best_effort: bool) -> None:
         """Make the posted messages show ``parts``: edit changed ones, post new ones."""
+        if not self._ids:
+            # A queued notice may have been recorded since begin(): edit it rather than
+            # post (the shared nonce finds it too, but only for a few minutes).
+            self._loaded = False
+            await self._load()
         for i, part in enumerate(parts):
             if i < len(self._ids):
                 if self._texts[i] == part:
@@ -204,6 +313,7 @@ class DiscordResponder:
                 return
 
     async def _post(self, index: int, text: str, *, best_effort: bool) -> bool:
+        shown = text
         if self._token and index == 0:
             # The deferred interaction response is the first part.
             data = await self._rest.request(
@@ -250,10 +360,14 @@ class DiscordResponder:
             if data is None:
                 return False
             message_id = str(data["id"])
+            shown = str(data.get("content", text))
+            if shown != text and await self._edit(message_id, text, best_effort=best_effort):
+                # The nonce found this job's queued notice: it becomes the answer.
+                shown = text
         if data is None:
             return False
         self._ids.append(message_id)
-        self._texts.append(text)
+        self._texts.append(shown)
         await self._stop_typing()
         await self._save()
         return True
@@ -279,23 +393,26 @@ class DiscordResponder:
         while len(self._ids) > keep:
             message_id = self._ids.pop()
             self._texts.pop()
-            if self._token:
-                route = Route(
-                    "DELETE",
-                    "/webhooks/{application_id}/{token}/messages/{message_id}",
-                    self._token,
-                    f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
-                )
-            else:
-                route = Route(
-                    "DELETE",
-                    "/channels/{channel_id}/messages/{message_id}",
-                    self._msg.channel,
-                    f"/channels/{self._msg.channel}/messages/{message_id}",
-                )
-            with contextlib.suppress(DiscordHTTPError):  # already gone is fine
-                await self._rest.request(route, context=self._context)
+            await self._delete(message_id)
             await self._save()
+
+    async def _delete(self, message_id: str) -> None:
+        if self._token:
+            route = Route(
+                "DELETE",
+                "/webhooks/{application_id}/{token}/messages/{message_id}",
+                self._token,
+                f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
+            )
+        else:
+            route = Route(
+                "DELETE",
+                "/channels/{channel_id}/messages/{message_id}",
+                self._msg.channel,
+                f"/channels/{self._msg.channel}/messages/{message_id}",
+            )
+        with contextlib.suppress(DiscordHTTPError):  # already gone is fine
+            await self._rest.request(route, context=self._context)
 
     def _webhook_route(self, method: str, message_id: str) -> Route:
         return Route(

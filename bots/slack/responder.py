@@ -15,11 +15,17 @@ database). Each job gets a :class:`SlackResponder`:
 - 429s are waited out (``Retry-After``, up to ``SLUICE_SLACK_MAX_RETRY_AFTER_S``).
 - What was posted (message ts, extra parts, done) is kept in Redis under the job id,
   so a re-run job edits its message instead of posting a second one.
+- While a message waits in line, :meth:`SlackResponder.queued` posts "⏳ Queued: about
+  N s" where the reply will go; the reply job finds it in the same Redis state and
+  edits it into the answer (so a message that waited is answered by edits, not by a
+  native stream: Slack cannot turn a posted message into a stream). In an assistant
+  thread the notice is the thread's status instead, and the answer streams as usual.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -34,7 +40,7 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.format import safe_markdown, split_message, to_mrkdwn
 from core.errors import DeliveryError, DeliveryRetryableError
-from core.messages import IncomingMessage, Reply
+from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
 from core.redis import Keys
 from core.settings import Settings
 
@@ -74,6 +80,17 @@ _NOT_STREAMING = frozenset(
     }
 )
 _NOT_IN_CHANNEL = frozenset({"not_in_channel", "channel_not_found", "is_archived"})
+# Record a posted message's ts unless the job's state already has one (a queued
+# notice and the reply may both post: the first to record wins, the other deletes
+# its message), and never once the job is done. Returns the ts that won ('' if done).
+_CLAIM_TS = """
+if redis.call('hexists', KEYS[1], 'done') == 0
+   and redis.call('hsetnx', KEYS[1], 'ts', ARGV[1]) == 1 then
+  redis.call('hset', KEYS[1], 'mode', ARGV[2], 'notice', ARGV[3])
+  redis.call('expire', KEYS[1], ARGV[4])
+end
+return {redis.call('hget', KEYS[1], 'ts') or '', redis.call('hget', KEYS[1], 'mode') or 'post'}
+"""
 
 
 def _header(response: Any, name: str) -> str | None:
@@ -214,6 +231,8 @@ class SlackResponder:
         self.ts: str | None = None
         self.mode: str | None = None
         self.done = False
+        self.notice = False  # the message at ``ts`` still shows the queued notice
+        self._loaded = False
         self.streamed = ""  # the markdown already streamed (a prefix of the answer)
         self.parts: dict[int, str] = {}
         self._client: AsyncWebClient | None = None
@@ -239,9 +258,11 @@ class SlackResponder:
             (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in raw.items()
         }
+        self._loaded = True
         self.ts = state.get("ts")
-        self.mode = state.get("mode")
+        self.mode = state.get("mode") or ("post" if self.ts else None)
         self.done = state.get("done") == "1"
+        self.notice = state.get("notice") == "1"
         self.parts = {int(k[5:]): v for k, v in state.items() if k.startswith("part:")}
         if self.mode == "stream":
             # A re-run cannot continue another process's stream: edit the message instead.
@@ -255,6 +276,41 @@ class SlackResponder:
                 await pipe.execute()
         except RedisError:
             logger.warning("could not record delivery job=%s", self.job_id, exc_info=True)
+
+    async def _claim(self, ts: str, mode: str, *, notice: bool = False) -> str | None:
+        """Record ``ts`` as this job's message; the ts recorded earlier if there is one."""
+        try:
+            won = await cast(
+                "Awaitable[list[Any]]",
+                self.f.redis.eval(
+                    _CLAIM_TS,
+                    1,
+                    self.state_key,
+                    ts,
+                    mode,
+                    "1" if notice else "0",
+                    str(self.settings.dedupe_ttl_s),
+                ),
+            )
+        except RedisError:
+            logger.warning("could not record delivery job=%s", self.job_id, exc_info=True)
+            return None
+        winner = won[0].decode() if isinstance(won[0], bytes) else str(won[0])
+        return None if winner == ts else winner
+
+    async def _recorded_ts(self) -> str | None:
+        """The ts another job (the queued notice) recorded since :meth:`_load`, if any."""
+        try:
+            ts = await cast("Awaitable[Any]", self.f.redis.hget(self.state_key, "ts"))
+        except RedisError:
+            return None
+        return ts.decode() if isinstance(ts, bytes) else ts
+
+    async def _delete(self, ts: str) -> None:
+        try:
+            await self._call("chat_delete", channel=self.msg.channel, ts=ts)
+        except SlackApiError as e:
+            logger.info("slack chat.delete failed job=%s: %s", self.job_id, e)
 
     async def _may_edit(self, final: bool) -> bool:
         """Take this message's edit slot (waiting for it if ``final``)."""
@@ -358,6 +414,78 @@ class SlackResponder:
             len(parts),
         )
 
+    async def queued(self, wait_s: float) -> None:
+        """Show that the message waits in line, about ``wait_s`` seconds.
+
+        Posts "⏳ Queued: about N s" where the reply will go (or updates the notice
+        this job already shows), recorded in the job's delivery state so that the
+        reply's :meth:`stream`/:meth:`finish` edit it into the answer. In an assistant
+        thread it sets the thread's status instead. Called by the ``notify_queued``
+        job (a separate responder of the same job id) or while the reply waits in the
+        LLM budget's line. Does nothing once the reply is out or being written, and
+        never through a slash command's ``response_url``: that URL cannot edit a
+        message into the answer later, so the notice would stay beside it (and it
+        allows only five posts, which a long answer needs). A courtesy: failures
+        are logged, never raised.
+        """
+        try:
+            if not self._loaded or self.ts is None:
+                await self._load()  # the notice or the answer may have been posted since
+            if self.done or self.mode == "url" or self._refused is not None:
+                return
+            text = queued_text(wait_s)
+            if self.msg.meta.get("assistant") and self.thread:
+                if self.ts is None:
+                    await self._queued_status(text)
+            elif self.ts is not None:
+                if self.notice and self.mode == "post" and await self._may_edit(final=False):
+                    await self._edit(text, notice=True)
+            else:
+                await self._post_notice(text)
+        except (SlackApiError, DeliveryError) as e:
+            logger.info("slack queued notice not shown job=%s: %s", self.job_id, e)
+
+    async def withdraw_queued(self) -> None:
+        """This message gets no reply of its own (merged into a later message's):
+        delete its queued notice, and keep a late ``notify_queued`` from posting one."""
+        try:
+            await self._save(done="1")
+            await self._load()
+            if self.ts is not None and self.notice:
+                await self._delete(self.ts)
+        except (SlackApiError, DeliveryError) as e:
+            logger.info("slack queued notice not withdrawn job=%s: %s", self.job_id, e)
+
+    async def _queued_status(self, text: str) -> None:
+        status = "is queued" + text.removeprefix(QUEUED_PREFIX)
+        await self._call(
+            "assistant_threads_setStatus",
+            channel_id=self.msg.channel,
+            thread_ts=self.thread,
+            status=status,
+        )
+        if await self._recorded_ts() is not None:
+            # The answer was posted meanwhile (which clears a status): clear ours too.
+            await self._call(
+                "assistant_threads_setStatus",
+                channel_id=self.msg.channel,
+                thread_ts=self.thread,
+                status="",
+            )
+
+    async def _post_notice(self, text: str) -> None:
+        kwargs: dict[str, Any] = {"channel": self.msg.channel, "text": text}
+        if self.thread:
+            kwargs["thread_ts"] = self.thread
+        resp = await self._call("chat_postMessage", **kwargs)
+        ts = str(resp["ts"])
+        if await self._claim(ts, "post", notice=True) is not None:
+            # The reply was posted first, or the job is done: take the notice back.
+            await self._delete(ts)
+            return
+        self.ts, self.mode, self.notice = ts, "post", True
+        logger.info("slack queued notice posted job=%s ts=%s", self.job_id, ts)
+
     # --- delivery steps ----------------------------------------------------------------
 
     def _preview(self, text: str) -> str:
@@ -367,7 +495,14 @@ class SlackResponder:
         return shown
 
     async def _open(self, text: str, *, stream: bool = True, shown: str | None = None) -> None:
-        """Post the reply's message: a native stream if possible, else a plain message."""
+        """Post the reply's message: a native stream if possible, else a plain message.
+
+        If a queued notice was recorded since :meth:`_load`, edit that instead.
+        """
+        notice_ts = await self._recorded_ts()
+        if notice_ts:
+            await self._adopt(notice_ts, shown or self._preview(text), final=not stream)
+            return
         if stream and self._can_stream():
             first = text[: self.limit]
             try:
@@ -379,8 +514,15 @@ class SlackResponder:
                     recipient_team_id=self.msg.tenant,
                     recipient_user_id=self.msg.meta.get("recipient_user_id", self.msg.user),
                 )
-                self.ts, self.mode, self.streamed = str(resp["ts"]), "stream", first
-                await self._save(ts=self.ts, mode="stream")
+                ts = str(resp["ts"])
+                notice_ts = await self._claim(ts, "stream")
+                if notice_ts:
+                    with contextlib.suppress(SlackApiError):
+                        await self._call("chat_stopStream", channel=self.msg.channel, ts=ts)
+                    await self._delete(ts)
+                    await self._adopt(notice_ts, self._preview(text), final=False)
+                    return
+                self.ts, self.mode, self.streamed = ts, "stream", first
                 await self._may_edit(final=False)
                 return
             except SlackApiError as e:
@@ -402,9 +544,21 @@ class SlackResponder:
                 await self._save(mode="url")
                 return
             raise DeliveryError(f"chat.postMessage failed: {error}") from e
-        self.ts, self.mode = str(resp["ts"]), "post"
-        await self._save(ts=self.ts, mode="post")
+        ts = str(resp["ts"])
+        notice_ts = await self._claim(ts, "post")
+        if notice_ts:
+            # A queued notice was posted meanwhile: answer in it, drop ours.
+            await self._delete(ts)
+            await self._adopt(notice_ts, kwargs["text"], final=not stream)
+            return
+        self.ts, self.mode = ts, "post"
         await self._may_edit(final=False)
+
+    async def _adopt(self, notice_ts: str, shown: str, *, final: bool) -> None:
+        """Make the queued notice at ``notice_ts`` this reply's message, showing ``shown``."""
+        self.ts, self.mode, self.notice = notice_ts, "post", True
+        if await self._may_edit(final=final):
+            await self._edit(shown)
 
     async def _append(self, text: str) -> None:
         sent = len(self.streamed)
@@ -456,11 +610,14 @@ class SlackResponder:
             logger.debug("stopStream on re-run job=%s: %s", self.job_id, e)
         self.mode = "post"
 
-    async def _edit(self, text: str) -> None:
+    async def _edit(self, text: str, *, notice: bool = False) -> None:
         try:
             await self._call("chat_update", channel=self.msg.channel, ts=self.ts, text=text)
         except SlackApiError as e:
             raise DeliveryError(f"chat.update failed: {e.response.get('error')}") from e
+        if self.notice and not notice:
+            self.notice = False
+            await self._save(notice="0")
 
     async def _post_rest(self, parts: list[str]) -> None:
         for i, part in enumerate(parts[1:], start=1):

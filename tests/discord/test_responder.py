@@ -208,3 +208,96 @@ async def test_a_streamed_message_deleted_before_the_end_is_posted_again(
     del fake.messages[draft["id"]]  # a moderator deleted it
     await responder.finish(Reply(text="final"))
     assert [m["content"] for m in fake.bot_messages(CHANNEL)] == ["final"]
+
+
+# --- the queued notice -----------------------------------------------------------------
+
+
+def _message_posts(fake: DiscordFake) -> int:
+    return len(fake.calls_to("POST", "/channels/{channel_id}/messages"))
+
+
+async def test_queued_notice_is_posted_then_edited_into_the_answer(
+    factory: DiscordResponderFactory, fake: DiscordFake
+) -> None:
+    msg = incoming()
+    responder = factory.responder(msg, msg.job_id)
+    await responder.begin()
+    await responder.queued(40.3)
+    [notice] = fake.bot_messages(CHANNEL)
+    assert notice["content"] == "⏳ Queued: about 40 s"
+    assert notice["message_reference"]["message_id"] == USER_MSG
+    await responder.stream("Hello")
+    await responder.finish(Reply(text="Hello there."))
+    [reply] = fake.bot_messages(CHANNEL)
+    assert reply["id"] == notice["id"]
+    assert reply["content"] == "Hello there."
+    assert fake.messages[reply["id"]]["edit_history"][0] == "⏳ Queued: about 40 s"
+    assert _message_posts(fake) == 1
+
+
+async def test_queued_notice_of_the_notify_job_is_reused_by_the_reply_job(
+    factory: DiscordResponderFactory, fake: DiscordFake
+) -> None:
+    msg = incoming()
+    await factory.responder(msg, msg.job_id).queued(150)  # notify_queued's own responder
+    [notice] = fake.bot_messages(CHANNEL)
+    assert notice["content"] == "⏳ Queued: about 2 min"
+    await answer(factory, msg, ["The ", "answer."])
+    [reply] = fake.bot_messages(CHANNEL)
+    assert (reply["id"], reply["content"]) == (notice["id"], "The answer.")
+    assert _message_posts(fake) == 1
+
+
+async def test_notice_posted_after_the_reply_began_is_still_the_one_message(
+    factory: DiscordResponderFactory, fake: DiscordFake
+) -> None:
+    msg = incoming()
+    reply_job = factory.responder(msg, msg.job_id)
+    await reply_job.begin()  # read an empty state
+    await factory.responder(msg, msg.job_id).queued(30)  # the notify job runs late
+    await reply_job.finish(Reply(text="done"))
+    [reply] = fake.bot_messages(CHANNEL)
+    assert reply["content"] == "done"
+    assert fake.messages[reply["id"]]["edit_history"] == ["⏳ Queued: about 30 s", "done"]
+
+
+async def test_queued_after_the_answer_posts_and_changes_nothing(
+    factory: DiscordResponderFactory, fake: DiscordFake
+) -> None:
+    msg = incoming()
+    await answer(factory, msg, ["an answer"])
+    calls = len(fake.calls)
+    await factory.responder(msg, msg.job_id).queued(30)
+    [reply] = fake.bot_messages(CHANNEL)
+    assert reply["content"] == "an answer"
+    assert len(fake.calls) == calls
+
+
+async def test_queued_ask_shows_the_notice_in_the_deferred_response_then_the_answer(
+    factory: DiscordResponderFactory, fake: DiscordFake
+) -> None:
+    inter = await fake.invoke_ask(CHANNEL, DiscordFake.user(1, "u"), "q")
+    inter.callback_type = 5
+    msg = incoming(inter.id, interaction_token=inter.token, application_id=fake.application_id)
+    await factory.responder(msg, msg.job_id).queued(20)
+    assert inter.original is not None
+    assert inter.original["content"] == "⏳ Queued: about 20 s"
+    await answer(factory, msg, ["the", " answer"])
+    assert inter.original["content"] == "the answer"
+    assert not inter.followups
+    await factory.responder(msg, msg.job_id).queued(20)  # too late: nothing changes
+    assert inter.original["content"] == "the answer"
+
+
+async def test_withdrawn_notice_of_a_merged_message_is_deleted_and_not_posted_again(
+    factory: DiscordResponderFactory, fake: DiscordFake
+) -> None:
+    msg = incoming()
+    await factory.responder(msg, msg.job_id).queued(30)
+    assert len(fake.bot_messages(CHANNEL)) == 1
+    await factory.responder(msg, msg.job_id).withdraw_queued()  # merged into a later reply
+    assert not fake.bot_messages(CHANNEL)
+    await factory.responder(msg, msg.job_id).queued(30)  # a late notify job
+    assert not fake.bot_messages(CHANNEL)
+    assert _message_posts(fake) == 1

@@ -341,6 +341,15 @@ class FakeSlackAPI:
         msg.streaming = False
         return {"ok": True, "channel": msg.channel, "ts": msg.ts, "text": msg.text}
 
+    def _m_chat_delete(self, token: str, info: TokenInfo, params: dict[str, Any]) -> dict[str, Any]:
+        msg = self.messages.get((params.get("channel", ""), params.get("ts", "")))
+        if msg is None:
+            return {"ok": False, "error": "message_not_found"}
+        if msg.token is not None and self.tokens.get(msg.token, info).team_id != info.team_id:
+            return {"ok": False, "error": "cant_delete_message"}
+        del self.messages[(msg.channel, msg.ts)]
+        return {"ok": True, "channel": msg.channel, "ts": msg.ts}
+
     def _m_chat_startStream(
         self, token: str, info: TokenInfo, params: dict[str, Any]
     ) -> dict[str, Any]:

@@ -229,3 +229,126 @@ async def test_workspace_update_budget_limits_intermediate_edits(slack_settings,
     assert reply.text == "".join(f"w{i} " for i in range(30))
     # The post counts as one use of the budget, one intermediate edit, then only the final.
     assert len(fake_slack.calls_of("chat.update")) <= 2
+
+
+# --- the queued notice -----------------------------------------------------------------
+
+
+async def test_queued_notice_is_posted_then_edited_into_the_answer(factory, fake_slack):
+    m = msg("20.1", thread="20.1")
+    r = factory.responder(m, m.job_id)
+    await r.begin()
+    await r.queued(40.3)
+    [notice] = fake_slack.replies("C1")
+    assert notice.text == "⏳ Queued: about 40 s"
+    assert notice.thread_ts == "20.1"
+    await r.stream("Hello")
+    await r.finish(Reply(text="Hello there."))
+    [reply] = fake_slack.replies("C1")
+    assert reply.ts == notice.ts
+    assert reply.text == "Hello there."
+    # The notice was posted, then the answer replaced it by edits, not a new stream.
+    assert [c.params["text"] for c in fake_slack.calls_of("chat.postMessage")] == [
+        "⏳ Queued: about 40 s"
+    ]
+    assert fake_slack.calls_of("chat.update")[-1].params["text"] == "Hello there."
+    assert not fake_slack.calls_of("chat.startStream")
+
+
+async def test_queued_notice_of_the_notify_job_is_reused_by_the_reply_job(factory, fake_slack):
+    m = msg("21.1", thread="21.1")
+    notify = factory.responder(m, m.job_id)  # the notify_queued job's own responder
+    await notify.queued(150)
+    [notice] = fake_slack.replies("C1")
+    assert notice.text == "⏳ Queued: about 2 min"
+    await deliver(factory, m, ["The ", "answer"], final="The answer.")
+    [reply] = fake_slack.replies("C1")
+    assert (reply.ts, reply.text) == (notice.ts, "The answer.")
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
+
+
+async def test_notice_posted_after_the_reply_began_is_still_the_one_message(factory, fake_slack):
+    m = msg("22.1", channel="D1", kind="dm")
+    reply_job = factory.responder(m, m.job_id)
+    await reply_job.begin()  # loads an empty state
+    await factory.responder(m, m.job_id).queued(30)  # the notify job runs late
+    await reply_job.finish(Reply(text="done"))
+    assert [r.text for r in fake_slack.replies("D1")] == ["done"]
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
+
+
+async def test_queued_after_the_answer_posts_and_changes_nothing(factory, fake_slack):
+    m = msg("23.1", channel="D1", kind="dm")
+    await deliver(factory, m, ["an"], final="an answer")
+    calls = len(fake_slack.calls)
+    await factory.responder(m, m.job_id).queued(30)
+    assert [r.text for r in fake_slack.replies("D1")] == ["an answer"]
+    assert len(fake_slack.calls) == calls
+
+
+async def test_queued_in_an_assistant_thread_sets_the_status_and_the_answer_streams(
+    factory, fake_slack
+):
+    m = msg("25.1", thread="25.1", assistant="1")
+    await factory.responder(m, m.job_id).queued(12)
+    assert not fake_slack.replies("C1")
+    [status] = fake_slack.calls_of("assistant.threads.setStatus")
+    assert status.params["status"] == "is queued: about 12 s"
+    await deliver(factory, m, ["Hi"], final="Hi!")
+    [reply] = fake_slack.replies("C1")
+    assert reply.text == "Hi!"
+    assert fake_slack.calls_of("chat.startStream")
+
+
+async def test_queued_for_a_command_answered_via_response_url_posts_nothing(
+    factory, fake_slack, response_sink
+):
+    fake_slack.fail(
+        "chat.postMessage", status=200, retry_after_s=None, error="not_in_channel", times=2
+    )
+    m = msg("26.1", channel="C9", kind="command", response_url=response_sink.url("b"))
+    await factory.responder(m, m.job_id).queued(30)
+    await deliver(factory, m, [], final="the answer")
+    assert [p["text"] for p in response_sink.posts] == ["the answer"]
+    assert not fake_slack.replies("C9")
+    calls = len(fake_slack.calls)
+    await factory.responder(m, m.job_id).queued(30)  # after the answer: nothing at all
+    assert len(fake_slack.calls) == calls
+    assert len(response_sink.posts) == 1
+
+
+async def test_withdrawn_notice_of_a_merged_message_is_deleted_and_not_posted_again(
+    factory, fake_slack
+):
+    m = msg("27.1", channel="D1", kind="dm")
+    await factory.responder(m, m.job_id).queued(30)
+    assert len(fake_slack.replies("D1")) == 1
+    await factory.responder(m, m.job_id).withdraw_queued()  # merged into a later reply
+    assert not fake_slack.replies("D1")
+    await factory.responder(m, m.job_id).queued(30)  # a late notify job
+    assert not fake_slack.replies("D1")
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
+
+
+async def test_notify_queued_job_posts_the_notice_that_the_reply_job_edits(
+    slack_settings, redis, fake_slack
+):
+    import asyncio
+
+    from workers.traffic_jobs import notify_queued
+
+    ctx = {
+        "responders": {},
+        "responders_lock": asyncio.Lock(),
+        "settings": slack_settings,
+        "redis": redis,
+    }
+    m = msg("28.1", channel="D1", kind="dm")
+    await notify_queued(ctx, m.model_dump(mode="json"), 95)
+    try:
+        assert [r.text for r in fake_slack.replies("D1")] == ["⏳ Queued: about 2 min"]
+        await deliver(ctx["responders"]["slack"], m, ["a"], final="the answer")
+    finally:
+        await ctx["responders"]["slack"].close()
+    assert [r.text for r in fake_slack.replies("D1")] == ["the answer"]
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
