@@ -206,7 +206,13 @@ async def deliver_again(
         await _deliver(timing, msg.platform, responder.begin())
         await _deliver(timing, msg.platform, responder.finish(owed.reply))
     except DeliveryRetryableError as e:
-        attempts = await delivery.count_failure(traffic.redis, traffic.keys, settings, job_id)
+        try:
+            attempts = await delivery.count_failure(traffic.redis, traffic.keys, settings, job_id)
+        except (RedisError, OSError) as redis_error:
+            # Not counted this time; the kept reply is still there for the next try.
+            logger.warning("cannot count a delivery attempt of job=%s: %s", job_id, redis_error)
+            defer_s = delivery.backoff_s(settings, owed.attempts + 1, e.retry_after_s)
+            raise Retry(defer=defer_s) from e
         await _retry_or_give_up(ctx, msg, job_id, attempts, e)
         return owed.reply.kind
     except DeliveryError as e:
@@ -219,7 +225,11 @@ async def deliver_again(
             job_id,
             e,
         )
-    await delivery.forget(traffic.redis, traffic.keys, job_id)
+    try:
+        await delivery.forget(traffic.redis, traffic.keys, job_id)
+    except (RedisError, OSError):
+        # Harmless: the job is over, and the key expires with SLUICE_DEDUPE_TTL_S.
+        logger.warning("cannot drop the delivered reply of job=%s", job_id, exc_info=True)
     logger.info(
         "job done platform=%s tenant=%s message=%s job=%s kind=%s after %d delivery attempts",
         msg.platform,

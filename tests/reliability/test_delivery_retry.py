@@ -108,15 +108,24 @@ async def test_slack_final_delivery_failing_past_retries_is_delivered_once_later
             lambda: [m for m in fake_slack.replies("C1") if not m.streaming], timeout_s=40
         )
         await asyncio.sleep(1.0)
+        [reply] = fake_slack.replies("C1")
+        started_streams = len(fake_slack.calls_of("chat.startStream"))
+        # A follow-up in the thread sees the answer once in its context.
+        await a.send.event(mention("and then?", _ts(), thread_ts=ts))
+        await fake_slack.wait_for(
+            lambda: [m for m in fake_slack.replies("C1") if m.text.startswith("Echo: and then")],
+            timeout_s=20,
+        )
     assert len(_lines(worker, "reply not delivered yet")) == 2, worker.output()[-3000:]
     [answer] = await _answers(redis, slack_settings, _slack_msg(ts))
     assert answer.text.startswith("Echo: deliver me later")
-    [reply] = fake_slack.replies("C1")
+    context = llm_sim.requests()[-1]["messages"]
+    assert [m["content"] for m in context if m["role"] == "assistant"] == [answer.text]
     assert reply.text == to_mrkdwn(answer.text), "the whole answer, in the streamed message"
     assert reply.thread_ts == ts
-    assert len(fake_slack.calls_of("chat.startStream")) == 1
+    assert started_streams == 1
     assert not fake_slack.calls_of("chat.postMessage"), "no second message"
-    assert llm_sim.stats()["completions"] == 1, "a delivery retry never calls the model again"
+    assert llm_sim.stats()["completions"] == 2, "one per message: none for the retries"
     assert not await redis.exists(Keys(slack_settings.key_prefix).undelivered(_job(ts)))
     log = worker.output()
     assert GAVE_UP not in reply.text and "Traceback" not in log
