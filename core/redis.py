@@ -50,6 +50,11 @@ class Keys:
         """What a job already delivered to the platform (so a retry never posts twice)."""
         return f"{self.prefix}:delivered:{job_id}"
 
+    def undelivered(self, job_id: str) -> str:
+        """A finished reply the platform did not take yet, and the delivery attempts so
+        far (a hash: ``reply``, ``attempts``); see :mod:`workers.delivery`."""
+        return f"{self.prefix}:undelivered:{job_id}"
+
     # --- History (write-behind) ---
     def history_pattern(self) -> str:
         """SCAN pattern matching every hot window."""

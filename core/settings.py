@@ -134,6 +134,22 @@ class Settings(BaseSettings):
     job_max_tries: int = Field(
         3, ge=1, description="Attempts per reply job (a dead worker's job is re-run)."
     )
+    delivery_max_tries: int = Field(
+        8,
+        ge=1,
+        description="Attempts to deliver a finished reply while the platform keeps failing "
+        "(429, 5xx, network); the answer is kept and re-sent with backoff, then given up "
+        "with an error log (it stays in history).",
+    )
+    delivery_retry_base_s: float = Field(
+        2.0,
+        gt=0,
+        description="Wait before the second delivery attempt; doubles per attempt "
+        "(a longer platform Retry-After wins), up to SLUICE_DELIVERY_RETRY_MAX_S.",
+    )
+    delivery_retry_max_s: float = Field(
+        60.0, gt=0, description="Longest wait between two delivery attempts of one reply."
+    )
     shutdown_grace_s: float = Field(
         25.0,
         ge=0,

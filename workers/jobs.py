@@ -8,6 +8,9 @@ import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+from arq.worker import Retry
+from redis.exceptions import RedisError
+
 from core import metrics
 from core.agent import Exchange, history_messages, run_tool_loop
 from core.bot import Bot
@@ -25,7 +28,8 @@ from core.llm import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
 from core.responder import Responder, ResponderFactory, load_responder_factory
 from core.settings import Settings
-from core.traffic import GAVE_UP, Traffic
+from core.traffic import GAVE_UP, REDIS_RETRY_S, Traffic
+from workers import delivery
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -68,12 +72,25 @@ def build_context(
 
 async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     """Answer one message, in its conversation's turn (one reply at a time per
-    conversation, in arrival order; a busy conversation re-defers the job)."""
+    conversation, in arrival order; a busy conversation re-defers the job).
+
+    A reply that was made but not delivered by an earlier try (:mod:`workers.delivery`)
+    is only delivered: no turn, no model call, no history write.
+    """
     msg = IncomingMessage.model_validate(payload)
     # The message's own job id: what conversation lines, merge markers and responders
     # key on. (arq's id is the same with SLUICE_KEY_PREFIX in front; see core.queue.)
     job_id = msg.job_id
     traffic: Traffic = ctx["traffic"]
+    try:
+        owed = await delivery.load(traffic.redis, traffic.keys, job_id)
+    except (RedisError, OSError) as e:
+        # Cannot tell whether the answer is already made: never risk a second one.
+        logger.warning("cannot read delivery state of job=%s: %s", job_id, e)
+        raise Retry(defer=REDIS_RETRY_S) from e
+    if owed is not None:
+        # Answered and in history already: only the delivery is left (no turn, no model).
+        return await deliver_again(ctx, msg, job_id, owed)
     async with traffic.in_turn(msg, job_id) as turn:
         if turn.merged:
             logger.info("message=%s job=%s answered with its burst", msg.message_id, job_id)
@@ -96,7 +113,12 @@ async def answer_message(
     """Answer one message: context from history, the model, the reply, history again.
 
     Every accepted message ends in exactly one visible reply: the answer, a short
-    notice, or a short apology.
+    notice, or a short apology. When the platform keeps failing the final delivery
+    (:class:`DeliveryRetryableError`), the reply is kept and recorded in history now,
+    and the job is retried with a backoff to deliver it (:func:`deliver_again`).
+
+    Raises:
+        arq.worker.Retry: the final delivery is to be tried again later.
     """
     factory = await get_responder_factory(ctx, msg.platform)
     responder = factory.responder(msg, job_id)
@@ -135,8 +157,13 @@ async def answer_message(
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
     try:
         await _deliver(timing, msg.platform, responder.finish(reply_))
-    except DeliveryRetryableError:
-        raise
+    except DeliveryRetryableError as e:
+        # The platform is failing for now: keep the reply, record history at once (the
+        # next message's context needs the answer), and deliver it in a later try.
+        attempts = await _keep_undelivered(ctx, msg, job_id, reply_, e)
+        await _remember(ctx, msg, reply_, completion, started, exchange.turns)
+        await _retry_or_give_up(ctx, msg, job_id, attempts, e)
+        return reply_.kind
     except DeliveryError as e:
         # The target is gone or refuses the bot (channel deleted, thread archived, app
         # removed): no retry can help. Log where, keep the history, end the job.
@@ -161,6 +188,115 @@ async def answer_message(
         time.monotonic() - started,
     )
     return reply_.kind
+
+
+async def deliver_again(
+    ctx: dict[str, Any], msg: IncomingMessage, job_id: str, owed: delivery.Undelivered
+) -> str:
+    """Deliver a reply an earlier try of the job made but the platform did not take.
+
+    Raises:
+        arq.worker.Retry: the platform still fails; the job runs again after a backoff.
+    """
+    settings: Settings = ctx["settings"]
+    traffic: Traffic = ctx["traffic"]
+    factory = await get_responder_factory(ctx, msg.platform)
+    responder = factory.responder(msg, job_id)
+    timing = metrics.JobTiming(msg.platform, msg.lane, ctx.get("enqueue_time"))
+    logger.info(
+        "delivering again platform=%s tenant=%s message=%s job=%s attempt=%d",
+        msg.platform,
+        msg.tenant,
+        msg.message_id,
+        job_id,
+        owed.attempts + 1,
+    )
+    try:
+        await _deliver(timing, msg.platform, responder.begin())
+        await _deliver(timing, msg.platform, responder.finish(owed.reply))
+    except DeliveryRetryableError as e:
+        try:
+            attempts = await delivery.count_failure(traffic.redis, traffic.keys, settings, job_id)
+        except (RedisError, OSError) as redis_error:
+            # Not counted this time; the kept reply is still there for the next try.
+            logger.warning("cannot count a delivery attempt of job=%s: %s", job_id, redis_error)
+            defer_s = delivery.backoff_s(settings, owed.attempts + 1, e.retry_after_s)
+            raise Retry(defer=defer_s) from e
+        await _retry_or_give_up(ctx, msg, job_id, attempts, e)
+        return owed.reply.kind
+    except DeliveryError as e:
+        logger.error(
+            "reply not delivered platform=%s tenant=%s channel=%s message=%s job=%s: %s",
+            msg.platform,
+            msg.tenant,
+            msg.channel,
+            msg.message_id,
+            job_id,
+            e,
+        )
+    try:
+        await delivery.forget(traffic.redis, traffic.keys, job_id)
+    except (RedisError, OSError):
+        # Harmless: the job is over, and the key expires with SLUICE_DEDUPE_TTL_S.
+        logger.warning("cannot drop the delivered reply of job=%s", job_id, exc_info=True)
+    logger.info(
+        "job done platform=%s tenant=%s message=%s job=%s kind=%s after %d delivery attempts",
+        msg.platform,
+        msg.tenant,
+        msg.message_id,
+        job_id,
+        owed.reply.kind,
+        owed.attempts + 1,
+    )
+    return owed.reply.kind
+
+
+async def _keep_undelivered(
+    ctx: dict[str, Any],
+    msg: IncomingMessage,
+    job_id: str,
+    reply_: Reply,
+    error: DeliveryRetryableError,
+) -> int:
+    """Keep the reply for a later try; the attempts so far (0 if it could not be kept)."""
+    traffic: Traffic = ctx["traffic"]
+    try:
+        return await delivery.keep(traffic.redis, traffic.keys, ctx["settings"], job_id, reply_)
+    except (RedisError, OSError):
+        logger.exception("cannot keep the undelivered reply of job=%s", job_id)
+        return 0
+
+
+async def _retry_or_give_up(
+    ctx: dict[str, Any],
+    msg: IncomingMessage,
+    job_id: str,
+    attempts: int,
+    error: DeliveryRetryableError,
+) -> None:
+    """Raise ``Retry`` with a backoff, or log once, loudly, that the reply is given up."""
+    settings: Settings = ctx["settings"]
+    traffic: Traffic = ctx["traffic"]
+    if 0 < attempts < settings.delivery_max_tries:
+        defer_s = delivery.backoff_s(settings, attempts, error.retry_after_s)
+        logger.warning(
+            "reply not delivered yet platform=%s tenant=%s channel=%s message=%s job=%s "
+            "attempt=%d; again in %.1fs: %s",
+            msg.platform,
+            msg.tenant,
+            msg.channel,
+            msg.message_id,
+            job_id,
+            attempts,
+            defer_s,
+            error,
+        )
+        raise Retry(defer=defer_s) from error
+    delivery.log_given_up(msg, job_id, max(attempts, 1), error)
+    try:
+        await delivery.forget(traffic.redis, traffic.keys, job_id)
+    except (RedisError, OSError):
+        logger.warning("cannot drop the undelivered reply of job=%s", job_id, exc_info=True)
 
 
 async def _deliver(timing: metrics.JobTiming, platform: str, call: Awaitable[None]) -> None:

@@ -19,8 +19,10 @@ the reply job edits it into the answer. A job whose state was read before the no
 was recorded still finds it: Discord answers the repeated nonce with the notice.
 
 Failures: 403 and other 4xx are logged with the channel id and not retried (the job
-finishes and the message stays in history); 429 and 5xx are retried by
-:class:`~bots.discord.rest.DiscordRest` a bounded number of times.
+finishes and the message stays in history); 429, 5xx and network errors are retried by
+:class:`~bots.discord.rest.DiscordRest` a bounded number of times, after which
+:meth:`DiscordResponder.finish` raises :class:`~core.errors.DeliveryRetryableError` and
+the job delivers the kept reply again later (:mod:`workers.delivery`).
 """
 
 from __future__ import annotations
@@ -149,7 +151,12 @@ class DiscordResponder:
             )
 
     async def finish(self, reply: Reply) -> None:
-        """Post or edit the final text (split over 2000 characters), exactly once."""
+        """Post or edit the final text (split over 2000 characters), exactly once.
+
+        Raises:
+            DeliveryRetryableError: Discord kept failing (429, 5xx, network); calling
+                ``finish`` again, in this job or a re-run, completes the same messages.
+        """
         await self._load()
         await self._stop_typing()
         if self._done:
@@ -175,7 +182,10 @@ class DiscordResponder:
                 e,
             )
         except DeliveryRetryableError as e:
-            logger.error(
+            # 429/5xx/network outlasted the REST client's retries: the job keeps the
+            # reply and calls finish() again later (workers.delivery); the ids saved so
+            # far make that try edit these messages, and nonces stop a second create.
+            logger.warning(
                 "discord reply failed after retries tenant=%s channel=%s message=%s job=%s: %s",
                 self._msg.tenant,
                 self._msg.channel,
@@ -183,6 +193,7 @@ class DiscordResponder:
                 self._job_id,
                 e,
             )
+            raise
         else:
             self._done = True
             await self._save(done=True)

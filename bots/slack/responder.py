@@ -12,7 +12,10 @@ database). Each job gets a :class:`SlackResponder`:
 - Edits of one message are paced through Redis, so that all workers together make
   at most one per ``SLUICE_SLACK_EDIT_INTERVAL_S``, and intermediate edits stop when
   the workspace has used ``SLUICE_SLACK_UPDATES_PER_MINUTE``; final edits always go.
-- 429s are waited out (``Retry-After``, up to ``SLUICE_SLACK_MAX_RETRY_AFTER_S``).
+- 429s are waited out (``Retry-After``, up to ``SLUICE_SLACK_MAX_RETRY_AFTER_S``), 5xx
+  and network errors retried a few times; past that, progress updates stop (the answer
+  goes on) and ``finish()`` raises ``DeliveryRetryableError``, so that the job delivers
+  the kept reply again later (``workers.delivery``).
 - What was posted (message ts, extra parts, done) is kept in Redis under the job id,
   so a re-run job edits its message instead of posting a second one.
 - While a message waits in line, :meth:`SlackResponder.queued` posts "⏳ Queued: about
@@ -237,6 +240,7 @@ class SlackResponder:
         self.parts: dict[int, str] = {}
         self._client: AsyncWebClient | None = None
         self._refused: DeliveryError | None = None  # e.g. channel gone: finish() reports it
+        self._stream_failing = False  # Slack kept failing a progress update: finish() only
 
     # --- helpers -----------------------------------------------------------------
 
@@ -363,8 +367,19 @@ class SlackResponder:
             logger.info("setStatus failed job=%s: %s", self.job_id, e)
 
     async def stream(self, text: str) -> None:
-        """Show the answer so far (paced; skipped when an edit is not due)."""
-        if self.done or self.mode == "url" or self._refused is not None or not text.strip():
+        """Show the answer so far (paced; skipped when an edit is not due).
+
+        Progress is best effort: when Slack keeps failing an update (429/5xx past the
+        retries), the answer goes on without further updates and :meth:`finish`
+        delivers it (or raises, and the job delivers it later).
+        """
+        if (
+            self.done
+            or self.mode == "url"
+            or self._refused is not None
+            or self._stream_failing
+            or not text.strip()
+        ):
             return
         try:
             if self.ts is None:
@@ -373,8 +388,10 @@ class SlackResponder:
                 await self._append(text)
             elif await self._may_edit(final=False):
                 await self._edit(self._preview(text))
-        except DeliveryRetryableError:
-            raise
+        except DeliveryRetryableError as e:
+            # Failing here would throw the model's answer away: finish() delivers it.
+            logger.info("slack progress update failed job=%s: %s", self.job_id, e)
+            self._stream_failing = True
         except DeliveryError as e:
             # Retrying cannot help (channel gone, archived, token revoked): let the
             # answer finish, and let finish() report it once.
@@ -382,7 +399,14 @@ class SlackResponder:
             self._refused = e
 
     async def finish(self, reply: Reply) -> None:
-        """Deliver the final reply exactly once for this job."""
+        """Deliver the final reply exactly once for this job.
+
+        Raises:
+            DeliveryRetryableError: Slack kept failing (429, 5xx, network); calling
+                ``finish`` again, in this job or a re-run, completes the message
+                already posted (its ``ts`` and parts are kept in Redis).
+            DeliveryError: retrying cannot help (channel gone, token revoked).
+        """
         if self.done:
             logger.info("reply already delivered job=%s", self.job_id)
             return

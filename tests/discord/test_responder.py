@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from bots.discord.responder import DiscordResponderFactory
 from bots.discord.split import FENCE
+from core.errors import DeliveryRetryableError
 from core.messages import IncomingMessage, Reply
 from core.settings import Settings
 from tests.discord.conftest import CHANNEL, GUILD
@@ -154,19 +155,45 @@ async def test_5xx_on_send_is_retried_and_then_delivered(
     assert statuses == [502, 502, 200]
 
 
-async def test_persistent_5xx_gives_up_after_bounded_retries_and_logs(
+async def test_persistent_5xx_raises_retryable_after_bounded_retries_and_logs(
     factory: DiscordResponderFactory,
     fake: DiscordFake,
     discord_settings: Settings,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fake.fail("POST", r"/channels/\d+/messages$", 500, times=100)
-    with caplog.at_level(logging.ERROR, logger="bots.discord.responder"):
+    with (
+        caplog.at_level(logging.WARNING, logger="bots.discord.responder"),
+        pytest.raises(DeliveryRetryableError),
+    ):
         await answer(factory, incoming(), ["lost"])
     tries = len(fake.calls_to("POST", "/channels/{channel_id}/messages"))
     # One best-effort try while streaming, then the final send with its retries.
     assert tries == 1 + discord_settings.discord_retries + 1
     assert any(CHANNEL in r.getMessage() for r in caplog.records)
+    assert fake.bot_messages(CHANNEL) == []
+
+
+async def test_a_retried_finish_after_5xx_completes_the_same_message(
+    factory: DiscordResponderFactory, fake: DiscordFake, discord_settings: Settings
+) -> None:
+    msg = incoming()
+    first = factory.responder(msg, msg.job_id)
+    await first.begin()
+    await first.stream("the answer so")  # posted while streaming
+    [posted] = fake.bot_messages(CHANNEL)
+    fake.fail(
+        "PATCH", r"/channels/\d+/messages/\d+$", 503, times=discord_settings.discord_retries + 1
+    )
+    with pytest.raises(DeliveryRetryableError):
+        await first.finish(Reply(text="the answer so far, complete"))
+    # A later try of the job (a new responder, as on a re-run) finishes the same message.
+    again = factory.responder(msg, msg.job_id)
+    await again.begin()
+    await again.finish(Reply(text="the answer so far, complete"))
+    assert [m["content"] for m in fake.bot_messages(CHANNEL)] == ["the answer so far, complete"]
+    assert fake.bot_messages(CHANNEL)[0]["id"] == posted["id"]
+    assert len(fake.calls_to("POST", "/channels/{channel_id}/messages")) == 1
 
 
 async def test_ask_edits_the_deferred_response_and_adds_followups(

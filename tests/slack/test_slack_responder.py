@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from bots.slack.responder import SlackResponderFactory
-from core.errors import DeliveryError
+from bots.slack.responder import SERVER_ERROR_RETRIES, SlackResponderFactory
+from core.errors import DeliveryError, DeliveryRetryableError
 from core.messages import IncomingMessage, Reply
 from tests.slack.conftest import TEAM
 
@@ -136,6 +136,44 @@ async def test_5xx_is_retried(factory, fake_slack):
     )
     await deliver(factory, msg("7.1", channel="D1", kind="dm"), [], final="ok")
     assert [r.text for r in fake_slack.replies("D1")] == ["ok"]
+
+
+async def test_progress_update_failing_past_retries_does_not_lose_the_answer(factory, fake_slack):
+    fake_slack.fail(
+        "chat.appendStream",
+        status=500,
+        error="internal_error",
+        retry_after_s=None,
+        times=SERVER_ERROR_RETRIES + 1,
+    )
+    await deliver(factory, msg("7.2", thread="7.2"), ["one ", "two ", "three"], gap_s=0.35)
+    [reply] = fake_slack.replies("C1")
+    assert reply.text == "one two three" and not reply.streaming
+    assert len(fake_slack.calls_of("chat.appendStream")) == SERVER_ERROR_RETRIES + 1
+
+
+async def test_final_edit_failing_past_retries_raises_and_a_retried_finish_edits_once(
+    factory, fake_slack
+):
+    m = msg("7.3", channel="D1", kind="dm")
+    first = factory.responder(m, m.job_id)
+    await first.begin()
+    await first.stream("the answer so")  # posted
+    fake_slack.fail(
+        "chat.update",
+        status=503,
+        error="service_unavailable",
+        retry_after_s=None,
+        times=SERVER_ERROR_RETRIES + 1,
+    )
+    with pytest.raises(DeliveryRetryableError):
+        await first.finish(Reply(text="the answer so far, complete"))
+    again = factory.responder(m, m.job_id)  # the job's next try
+    await again.begin()
+    await again.finish(Reply(text="the answer so far, complete"))
+    [reply] = fake_slack.replies("D1")
+    assert reply.text == "the answer so far, complete"
+    assert len(fake_slack.calls_of("chat.postMessage")) == 1
 
 
 async def test_rerun_job_edits_its_message_instead_of_posting_again(factory, fake_slack):
