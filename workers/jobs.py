@@ -72,7 +72,7 @@ def build_context(
 
 async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     """Answer one message, in its conversation's turn (one reply at a time per
-    conversation, in arrival order; a busy conversation re-defers the job).
+    conversation, in arrival order; a job whose conversation is busy parks).
 
     A reply that was made but not delivered by an earlier try (:mod:`workers.delivery`)
     is only delivered: no turn, no model call, no history write.
