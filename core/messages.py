@@ -55,7 +55,12 @@ class IncomingMessage(BaseModel):
     @property
     def job_id(self) -> str:
         """The arq job id: one job per accepted message, so a second enqueue is a no-op."""
-        return f"reply:{self.platform}:{self.tenant}:{self.message_id}"
+        return reply_job_id(self.platform, self.tenant, self.message_id)
+
+
+def reply_job_id(platform: str, tenant: str, message_id: str) -> str:
+    """The reply job id of a message (:attr:`IncomingMessage.job_id`)."""
+    return f"reply:{platform}:{tenant}:{message_id}"
 
 
 ReplyKind = Literal["answer", "notice", "error"]

@@ -578,6 +578,21 @@ async def iter_records(
         last_id = rows[-1]._mapping["id"]
 
 
+async def user_message_keys(
+    engine: AsyncEngine, *, user: str | None, tenant: str | None, since_ts: float
+) -> set[tuple[str, str, str]]:
+    """``(platform, tenant, message_id)`` of a user's and/or tenant's own messages
+    (not answers) since ``since_ts``: what their reply jobs were keyed by."""
+    stmt = (
+        select(_c.platform, _c.tenant, _c.message_id)
+        .where(_who(user, tenant), _c.role == "user", _c.ts >= since_ts)
+        .distinct()
+    )
+    async with engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    return {(r[0], r[1], r[2]) for r in rows}
+
+
 async def tenants_of_user(engine: AsyncEngine, user: str) -> set[str]:
     """Every tenant in which ``user`` has stored messages."""
     async with engine.connect() as conn:

@@ -102,7 +102,8 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
         _fail(e)
     click.echo(
         f"purged {who}: {r.sql_rows} SQL rows, {r.backlog_entries} backlog entries, "
-        f"{r.hot_turns} hot-window turns, {r.cache_keys} cache keys "
+        f"{r.hot_turns} hot-window turns, {r.cache_keys} cache keys, "
+        f"{r.job_traces} reply-job keys "
         f"(tenants: {', '.join(sorted(r.tenants)) or '-'})"
     )
 

@@ -15,6 +15,12 @@ What a purge deletes:
   context, so the ones built from U's words cannot be told apart; other users of
   those tenants lose only cached answers, which are recomputed on demand.
 
+Both also delete, for the matching messages of the last 7 days
+(:data:`TRACES_SINCE_S`; longer than any of these keys live), what their reply jobs
+left in Redis: the platform delivery state (ids and texts of posted parts), a reply
+kept for another delivery attempt, and arq's job result (which holds the job's
+arguments, i.e. the message).
+
 Messages arriving while a purge runs are not covered (run it again, or block the
 user first). The flush is held off during a purge so that it cannot write back rows
 the purge has just removed.
@@ -29,15 +35,24 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from arq.constants import result_key_prefix
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.errors import HistoryError
 from core.history import make_record, split_conversation_id, unpack_record, unpack_turn
+from core.messages import reply_job_id
 from core.redis import Keys
 from core.settings import Settings
-from core.store import Record, delete_records, iter_records, record_key, tenants_of_user
+from core.store import (
+    Record,
+    delete_records,
+    iter_records,
+    record_key,
+    tenants_of_user,
+    user_message_keys,
+)
 from workers.flush import GROUP
 
 
@@ -112,6 +127,10 @@ async def export_records(
                 yield {"source": "hot", **rec}
 
 
+TRACES_SINCE_S = 7 * 86400
+"""How far back a purge looks for reply-job traces in Redis (they live a day at most)."""
+
+
 @dataclass
 class PurgeResult:
     """What a purge deleted."""
@@ -121,6 +140,7 @@ class PurgeResult:
     hot_turns: int = 0
     hot_windows: int = 0
     cache_keys: int = 0
+    job_traces: int = 0
     tenants: set[str] = field(default_factory=set)
 
 
@@ -141,18 +161,28 @@ async def purge(
     *,
     user: str | None = None,
     tenant: str | None = None,
+    traces_since_s: float = TRACES_SINCE_S,
 ) -> PurgeResult:
-    """Delete a user's or tenant's messages from SQL, the backlog, hot windows and cache."""
+    """Delete a user's or tenant's messages from SQL, the backlog, hot windows and cache,
+    and what their reply jobs of the last ``traces_since_s`` left in Redis (delivery
+    state, a reply kept for another delivery attempt, arq's job result)."""
     if user is None and tenant is None:
         raise ValueError("give a user, a tenant, or both")
     result = PurgeResult()
     token = await _hold_flush_lock(redis, keys)
     try:
-        result.backlog_entries = await _purge_backlog(redis, keys, user, tenant, result.tenants)
+        messages: set[tuple[str, str, str]] = set()
+        result.backlog_entries = await _purge_backlog(
+            redis, keys, user, tenant, result.tenants, messages
+        )
 
         if user is not None:
             result.tenants |= await tenants_of_user(engine, user)
+        messages |= await user_message_keys(
+            engine, user=user, tenant=tenant, since_ts=time.time() - traces_since_s
+        )
         result.sql_rows = await delete_records(engine, user=user, tenant=tenant)
+        result.job_traces = await _purge_job_traces(redis, keys, messages, tenant)
 
         async for key, conversation_id in _hot_windows(redis, keys, tenant):
             removed = await _purge_window(redis, key, conversation_id, user, tenant)
@@ -175,14 +205,22 @@ async def purge(
 
 
 async def _purge_backlog(
-    redis: Redis, keys: Keys, user: str | None, tenant: str | None, tenants: set[str]
+    redis: Redis,
+    keys: Keys,
+    user: str | None,
+    tenant: str | None,
+    tenants: set[str],
+    messages: set[tuple[str, str, str]],
 ) -> int:
-    """Delete matching backlog entries (acknowledged too, if a flush had claimed them)."""
+    """Delete matching backlog entries (acknowledged too, if a flush had claimed them);
+    adds their tenants to ``tenants`` and the users' own messages to ``messages``."""
     doomed: list[bytes] = []
     async for entry_id, rec in _backlog_entries(redis, keys):
         if _matches(rec, user, tenant):
             doomed.append(entry_id)
             tenants.add(rec["tenant"])
+            if rec["role"] == "user":
+                messages.add((rec["platform"], rec["tenant"], rec["message_id"]))
     for i in range(0, len(doomed), 1000):
         part = doomed[i : i + 1000]
         async with redis.pipeline(transaction=True) as pipe:
@@ -190,6 +228,38 @@ async def _purge_backlog(
             pipe.xdel(keys.history_backlog(), *part)
             await pipe.execute()
     return len(doomed)
+
+
+async def _purge_job_traces(
+    redis: Redis, keys: Keys, messages: set[tuple[str, str, str]], tenant: str | None
+) -> int:
+    """Delete what the reply jobs of ``messages`` (and, for a tenant, of all its
+    messages: the tenant is part of a job id) left in Redis; returns how many keys."""
+    doomed: list[str] = []
+    if tenant is not None:
+        job_ids = reply_job_id("*", _glob_escape(tenant), "*")
+        for pattern in (
+            keys.delivered(job_ids),
+            keys.undelivered(job_ids),
+            f"{result_key_prefix}{keys.prefix}:{job_ids}",
+        ):
+            doomed += [_str(k) async for k in redis.scan_iter(pattern, count=1000)]
+    for platform, tenant, message_id in messages:
+        job_id = reply_job_id(platform, tenant, message_id)
+        doomed += [
+            keys.delivered(job_id),
+            keys.undelivered(job_id),
+            f"{result_key_prefix}{keys.prefix}:{job_id}",
+        ]
+    deleted = 0
+    for i in range(0, len(doomed), 1000):
+        deleted += int(await redis.unlink(*doomed[i : i + 1000]))
+    return deleted
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally in a Redis SCAN pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 async def _purge_window(

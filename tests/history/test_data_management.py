@@ -49,6 +49,8 @@ async def populate(rds: Redis, settings: Settings, engine: AsyncEngine) -> None:
         message(3, user="U1", tenant="T2", channel="c2", text=long_text),
         message(4, user="U2", tenant="T1", channel="u2only", text="u2 alone"),
     ]
+    # Recent, as a purge's look for reply-job traces goes back a week.
+    msgs = [m.model_copy(update={"ts": time.time() - 60 + m.ts % 100}) for m in msgs]
     for m in msgs[:2]:
         await history.append(
             m.conversation_id, exchange(m, f"{SECRET} answer" if m.user == "U1" else None), origin=m
@@ -57,6 +59,12 @@ async def populate(rds: Redis, settings: Settings, engine: AsyncEngine) -> None:
     for m in msgs[2:]:
         await history.append(m.conversation_id, exchange(m), origin=m)
     keys = Keys(settings.key_prefix)
+    # What reply jobs leave for a while: delivery state, a reply owed, arq's result.
+    for m in msgs:
+        said = f"{SECRET} reply" if m.user == "U1" else f"reply to {m.user}"
+        await rds.hset(keys.delivered(m.job_id), mapping={"ids": "[]", "texts": f'["{said}"]'})
+        await rds.hset(keys.undelivered(m.job_id), mapping={"reply": said, "attempts": 1})
+        await rds.set(f"arq:result:{keys.prefix}:{m.job_id}", f"args: {m.text[:40]}")
     await rds.set(f"{keys.prefix}:cache:T1:abc", f"cached answer for {SECRET}")
     await rds.set(f"{keys.prefix}:cache:T2:def", f"cached answer for {SECRET}")
     await rds.set(f"{keys.prefix}:cache:T9:ghi", "another tenant's cache")
@@ -128,6 +136,10 @@ async def test_purge_user_removes_them_from_sql_redis_and_cache_and_leaves_other
     after = await redis_dump(rds, hsettings.key_prefix)
     leftovers = {k: v for k, v in after.items() if SECRET in v or '"U1"' in v}
     assert leftovers == {}
+    assert "6 reply-job keys" in out  # m1 and m3: delivered, undelivered, arq result
+    results = [k.decode() async for k in rds.scan_iter(f"arq:result:{hsettings.key_prefix}:*")]
+    assert sorted(r.rsplit(":", 1)[1] for r in results) == ["m2", "m4"]
+    assert len([k for k in after if ":delivered:" in k]) == 2  # U2's two messages
     assert f"{hsettings.key_prefix}:cache:T9:ghi" in after
     assert [r async for r in iter_records(engine, user="U1")] == []
     u2 = [r["message_id"] async for r in iter_records(engine, user="U2")]
@@ -156,6 +168,8 @@ async def test_purge_tenant_leaves_other_tenants_untouched(
     assert code == 0, err
     after = await redis_dump(rds, hsettings.key_prefix)
     assert not [k for k in after if ":T1:" in k]
+    results = [k.decode() async for k in rds.scan_iter(f"arq:result:{hsettings.key_prefix}:*")]
+    assert [r for r in results if ":T1:" in r] == [] and len(results) == 1
     assert not any('"T1"' in v for v in after.values())
     await Flusher(rds, hsettings, engine).run(max_s=10)
     assert sorted([r["message_id"] async for r in iter_records(engine, tenant="T2")]) == [
