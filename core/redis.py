@@ -121,6 +121,10 @@ class Keys:
         """Live processes: a sorted set of ``role:host:pid`` scored by the last beat."""
         return f"{self.prefix}:heartbeats"
 
+    def worker_jobs(self, member: str) -> str:
+        """The arq job ids a worker (its heartbeat member) is running (a set)."""
+        return f"{self.prefix}:worker:jobs:{member}"
+
     # --- Traffic control (core.ordering, core.ratelimit, core.budget, core.cache) ---
 
     def conv_lock(self, conversation_id: str) -> str:

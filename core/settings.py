@@ -204,6 +204,13 @@ class Settings(BaseSettings):
         description="How often workers write arq's health check and every process its "
         "heartbeat; `sluice status` counts a process live for 3 intervals.",
     )
+    worker_dead_after_s: float = Field(
+        30.0,
+        ge=3,
+        description="A worker whose heartbeat is older than this is taken for dead: the "
+        "jobs it was running go back to the queue at once (instead of after "
+        "SLUICE_JOB_TIMEOUT_S + 10 s, arq's in-progress marker).",
+    )
 
     # --- History (write-behind to SQL) ---
     db_schema: str | None = Field(

@@ -44,6 +44,7 @@ from core.store import ensure_schema_at_startup, make_engine
 from core.traffic import BUSY_MAX_TRIES, Traffic
 from workers import flush, jobs, traffic_jobs
 from workers.flush import Flusher
+from workers.reaper import reaper_loop, track_finished, track_started
 
 logger = logging.getLogger(__name__)
 
@@ -107,9 +108,25 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
     keys: Keys = ctx["keys"]
     stack = contextlib.AsyncExitStack()
     ctx["ops_stack"] = stack
-    await stack.enter_async_context(
+    ctx["worker_member"] = await stack.enter_async_context(
         heartbeating(redis, keys, "worker", settings.health_check_interval_s)
     )
+    reaper = asyncio.create_task(
+        reaper_loop(
+            redis,
+            keys,
+            # A live worker beats every interval: never take one missed beat for death.
+            max(settings.worker_dead_after_s, 3 * settings.health_check_interval_s),
+            settings.health_check_interval_s,
+        )
+    )
+
+    async def stop_reaper() -> None:
+        reaper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reaper
+
+    stack.push_async_callback(stop_reaper)
     for refresher in (
         metrics.queue_refresher(redis, settings),
         _history_refresher(redis, keys, settings),
@@ -296,7 +313,27 @@ class SluiceWorker(Worker):
         due: list[bytes] = await self._due[1](
             [self.queue_name], [int(time.time() * 1000), free, in_progress_key_prefix, SCAN_LIMIT]
         )
+        before = set(self.tasks)
         await super().start_jobs(due)
+        member = self.ctx.get("worker_member")
+        if member is not None:
+            started = [j for j in self.tasks if j not in before]
+            await track_started(self.pool, self.ctx["keys"], member, started)
+
+    async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        """arq's end of a job try, then forget that this worker runs it."""
+        await super().finish_job(job_id, *args, **kwargs)
+        await self._forget(job_id)
+
+    async def finish_failed_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
+        """arq's end of a job that cannot run, then forget that this worker runs it."""
+        await super().finish_failed_job(job_id, *args, **kwargs)
+        await self._forget(job_id)
+
+    async def _forget(self, job_id: str) -> None:
+        member = self.ctx.get("worker_member")
+        if member is not None:
+            await track_finished(self.pool, self.ctx["keys"], member, job_id)
 
 
 def create_worker(settings: Settings, **overrides: Any) -> Worker:

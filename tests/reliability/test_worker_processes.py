@@ -46,6 +46,40 @@ async def test_worker_sigkilled_mid_stream_the_message_is_answered_once(
     assert llm_sim.stats()["completions"] == 2, "the killed attempt and the answer"
 
 
+@pytest.mark.slow
+async def test_a_killed_workers_job_is_handed_back_when_its_heartbeat_stops(
+    settings, llm_sim, worker_process, redis
+):
+    """With a long job timeout, arq alone would re-run the job after 130 s; the
+    surviving worker sees the dead one's heartbeat stop and hands its job back."""
+    llm_sim.configure(tokens=30, token_latency_s=0.1)
+    env = {
+        "SLUICE_JOB_TIMEOUT_S": "120",
+        "SLUICE_HEALTH_CHECK_INTERVAL_S": "1",
+        "SLUICE_WORKER_DEAD_AFTER_S": "4",
+    }
+    first = worker_process(env)
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with ChatSession(http, base, _session()) as tab:
+            mid = await tab.send("a long story please")
+            await _first_delta(tab, mid)
+            first.kill(signal.SIGKILL)
+            killed_at = asyncio.get_running_loop().time()
+            second = worker_process(env)
+            done = await tab.reply(mid, timeout_s=40)
+            waited = asyncio.get_running_loop().time() - killed_at
+            await asyncio.sleep(1)
+            dones = [e for e in tab.events_for(mid) if e["type"] == "done"]
+    assert len(dones) == 1 and done["kind"] == "answer"
+    assert done["text"].startswith("Echo: a long story please")
+    assert waited < 40, "handed back long before arq's 130 s in-progress marker"
+    assert "handing its 1 job(s) back to the queue" in second.output()
+    assert llm_sim.stats()["completions"] == 2, "the killed attempt and the answer"
+    # The survivor's own record of running jobs is empty again.
+    leftover = [k async for k in redis.scan_iter(f"{settings.key_prefix}:worker:jobs:*")]
+    assert [await redis.scard(k) for k in leftover] == [0] * len(leftover)
+
+
 async def test_sigterm_lets_the_running_reply_finish_and_exits_cleanly(
     settings, llm_sim, worker_process
 ):
