@@ -350,6 +350,8 @@ async def test_burst_of_quick_messages_from_one_user_is_answered_as_one_turn(
         later = await post(http, base, session, "and one more thing")
         events = await wait_done(redis, settings.key_prefix, [(session, later)], 20)
     assert not [e for m in burst[1:] for e in events.get(m, []) if e["type"] == "done"]
+    # The page is told they were answered with the first (it drops their bubbles).
+    assert [[e["type"] for e in events.get(m, [])][-1] for m in burst[1:]] == ["merged"] * 2
     prompts = [r["messages"] for r in llm_sim.requests()]
     assert len(prompts) == 2
     assert prompts[0][-1]["content"] == "hi\nI have a question\nabout invoices"

@@ -52,6 +52,12 @@ class WebResponder:
         """Tell the page the message waits in line (shown until the answer starts)."""
         await self._emit({"type": "queued", "wait_s": round(wait_s)})
 
+    async def withdraw_queued(self) -> None:
+        """This message gets no reply of its own (merged into an earlier message's
+        turn, which answers it): tell the page, which drops its pending bubble and
+        ignores a late ``queued`` event for it."""
+        await self._emit({"type": "merged"})
+
     async def stream(self, text: str) -> None:
         """Send what is new since the last event, at most every ``stream_min_interval_s``."""
         now = time.monotonic()
