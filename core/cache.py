@@ -33,7 +33,7 @@ from redis.asyncio import Redis
 from core.bot import Bot
 from core.llm import ChatMessage, Completion
 from core.messages import IncomingMessage
-from core.redis import Keys
+from core.redis import Keys, glob_escape
 from core.scripts import Lua
 from core.settings import Settings
 
@@ -182,8 +182,7 @@ class ResponseCache:
 
 async def clear_cache(redis: Redis, keys: Keys, tenant: str | None = None) -> int:
     """Delete cached answers (of one tenant, or all); returns how many were deleted."""
-    prefix = keys.cache_prefix(tenant) if tenant else f"{keys.prefix}:cache:"
-    pattern = re.sub(r"([*?\[\]\\])", r"\\\1", prefix) + "*"
+    pattern = keys.cache_pattern(tenant) if tenant else glob_escape(f"{keys.prefix}:cache:") + "*"
     deleted = 0
     batch: list[Any] = []
     async for k in redis.scan_iter(match=pattern, count=500):

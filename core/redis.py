@@ -28,6 +28,11 @@ async def connect(settings: Settings) -> ArqRedis:
     return await create_pool(redis_settings(settings))
 
 
+def glob_escape(text: str) -> str:
+    """``text`` matched literally in a Redis SCAN/KEYS pattern (tenant ids may hold ``*``)."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
 class Keys:
     """Every Redis key Sluice writes, under one prefix (``SLUICE_KEY_PREFIX``)."""
 
@@ -78,7 +83,7 @@ class Keys:
 
     def cache_pattern(self, tenant: str) -> str:
         """SCAN pattern for one tenant's cached answers (the cache's key layout)."""
-        return f"{self.prefix}:cache:{tenant}:*"
+        return glob_escape(self.cache_prefix(tenant)) + "*"
 
     # --- Slack ---
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +103,17 @@ def running(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[Pr
         yield proc
     finally:
         proc.stop()
+
+
+async def wait_until(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
+    """Poll ``predicate`` every 50 ms until it is true; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def unique_slack_ts() -> str:
+    """A unique Slack ts: arq job ids are global on the shared test Redis."""
+    return f"{int(time.time())}.{uuid.uuid4().int % 1_000_000:06d}"

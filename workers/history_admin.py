@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.errors import HistoryError
 from core.history import make_record, split_conversation_id, unpack_record, unpack_turn
 from core.messages import reply_job_id
-from core.redis import Keys
+from core.redis import Keys, glob_escape
 from core.settings import Settings
 from core.store import (
     Record,
@@ -237,7 +237,7 @@ async def _purge_job_traces(
     messages: the tenant is part of a job id) left in Redis; returns how many keys."""
     doomed: list[str] = []
     if tenant is not None:
-        job_ids = reply_job_id("*", _glob_escape(tenant), "*")
+        job_ids = reply_job_id("*", glob_escape(tenant), "*")
         for pattern in (
             keys.delivered(job_ids),
             keys.undelivered(job_ids),
@@ -255,11 +255,6 @@ async def _purge_job_traces(
     for i in range(0, len(doomed), 1000):
         deleted += int(await redis.unlink(*doomed[i : i + 1000]))
     return deleted
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally in a Redis SCAN pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 async def _purge_window(

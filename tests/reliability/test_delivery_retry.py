@@ -7,8 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
-from collections.abc import Callable
 
 import pytest
 from pydantic import SecretStr
@@ -26,23 +24,13 @@ from tests.discord.conftest import running_adapter as discord_adapter
 from tests.fakes.discord_fake import DiscordFake
 from tests.fakes.slack_api import FakeSlackAPI
 from tests.helpers import Proc, settings_env
+from tests.helpers import unique_slack_ts as _ts
+from tests.helpers import wait_until as _until
 from tests.slack.conftest import mention, message
 from workers.delivery import backoff_s
 
 # Small delivery backoff so that the tests stay fast.
 FAST_RETRY = {"SLUICE_DELIVERY_RETRY_BASE_S": "0.2", "SLUICE_DELIVERY_RETRY_MAX_S": "1"}
-
-
-async def _until(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def _ts() -> str:
-    return f"{int(time.time())}.{uuid.uuid4().int % 1_000_000:06d}"
 
 
 async def _answers(redis: Redis, settings: Settings, msg: IncomingMessage) -> list[Turn]:

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from urllib.parse import urlencode
 
 import pytest
 
 from tests.fakes.slack_api import sign
+from tests.helpers import unique_slack_ts as _ts
 from tests.slack.conftest import SIGNING_SECRET, mention, queued_messages
-
-
-def _ts() -> str:
-    """A unique Slack ts: arq job ids are global on the shared test Redis."""
-    return f"{int(time.time())}.{uuid.uuid4().int % 1_000_000:06d}"
-
 
 NESTED = b"[" * 50_000 + b"]" * 50_000
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-import uuid
-from collections.abc import Callable
 
 import pytest
 from pydantic import SecretStr
@@ -21,6 +19,8 @@ from tests.discord.conftest import running_adapter as discord_adapter
 from tests.fakes.discord_fake import DiscordFake
 from tests.fakes.slack_api import FakeSlackAPI
 from tests.helpers import Proc, settings_env
+from tests.helpers import unique_slack_ts as _ts
+from tests.helpers import wait_until as _until
 from tests.slack.conftest import BOT_TOKEN, SIGNING_SECRET, mention, message
 
 JOB_TIMEOUT_S = 5
@@ -28,18 +28,6 @@ JOB_TIMEOUT_S = 5
 
 def _final(fake: FakeSlackAPI, prefix: str) -> list:
     return [m for m in fake.replies() if m.text.startswith(prefix) and not m.streaming]
-
-
-async def _until(predicate: Callable[[], object], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-def _ts() -> str:
-    return f"{int(time.time())}.{uuid.uuid4().int % 1_000_000:06d}"
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from tests.discord.conftest import CHANNEL, GUILD
 from tests.fakes.discord_fake import DiscordFake
 from tests.fakes.slack_api import EventSender, FakeSlackAPI
 from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
+from tests.helpers import wait_until as _until
 from tests.slack.conftest import mention
 from tests.webchat import ChatSession
 
@@ -57,14 +58,6 @@ async def _redis_dump(redis: Redis) -> bytes:
                 for k, v in fields.items():
                     out += [k, v]
     return b"\n".join(out)
-
-
-async def _until(predicate, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 PG = "127.0.0.1:5432/test"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-import uuid
 
 import pytest
 
@@ -20,14 +19,11 @@ from core.redis import Keys
 from core.store import count_rows, make_engine
 from tests.fakes.slack_api import FakeSlackAPI
 from tests.helpers import settings_env
+from tests.helpers import unique_slack_ts as _ts
 from tests.slack.conftest import mention, message
 
 # Slack's live markup: <!channel>, <!here>, <!everyone>, <!subteam^…>, <@U…>, <#C…>.
 _LIVE = re.compile(r"<[!@#]")
-
-
-def _ts() -> str:
-    return f"{int(time.time())}.{uuid.uuid4().int % 1_000_000:06d}"
 
 
 def _prompt_for(llm_sim, text: str) -> str:
