@@ -306,7 +306,9 @@ class SlackResponder:
         """The ts another job (the queued notice) recorded since :meth:`_load`, if any."""
         try:
             ts = await cast("Awaitable[Any]", self.f.redis.hget(self.state_key, "ts"))
-        except RedisError:
+        except RedisError as e:
+            # Posting anew is the fallback: a queued notice, if any, stays beside the answer.
+            logger.warning("cannot re-read delivery state job=%s: %s", self.job_id, e)
             return None
         return ts.decode() if isinstance(ts, bytes) else ts
 
