@@ -2,7 +2,7 @@
 
 A bot is plain Python in the user's own module::
 
-    from core.bot import Bot, MessageContext
+    from sluice import Bot, MessageContext
 
     bot = Bot(name="helper", system_prompt="You answer questions about our product.")
 

@@ -1,1 +1,64 @@
-"""Sluice's command line and tools (the LLM simulator, ``sluice dev``, benchmarks)."""
+"""Sluice: LLM chat bots on Slack, Discord and a web chat that stay up on launch day.
+
+This package is the public API. A bot is plain Python in your own module::
+
+    from sluice import Bot, MessageContext
+
+    bot = Bot(name="helper", system_prompt="You answer questions about our product.")
+
+    @bot.command("ping", help="Check that the bot is alive.")
+    async def ping(ctx: MessageContext) -> str:
+        return "pong"
+
+and ``SLUICE_APP=mybot:bot`` points workers and adapters at it (``docs/guide.md``).
+
+Everything in ``__all__`` is covered by the project's compatibility promise; the
+internal packages ``core``, ``bots`` and ``workers`` may change between releases.
+Sluice's command line (``sluice dev``, ``sluice worker``, ...) lives in ``sluice.cli``.
+"""
+
+from __future__ import annotations
+
+from core.bot import DEFAULT_BOT, Bot, load_bot
+from core.commands import CommandUsageError
+from core.context import MessageContext
+from core.errors import (
+    BotDefinitionError,
+    ConfigError,
+    DeliveryError,
+    DeliveryRetryableError,
+    InputError,
+    LLMError,
+    QueueError,
+    SluiceError,
+)
+from core.messages import IncomingMessage, Platform, Reply, Turn
+from core.routing import LANES, LaneRule
+from core.settings import Settings, get_settings
+from core.tools import Tool, ToolArgumentError
+
+__all__ = [
+    "DEFAULT_BOT",
+    "LANES",
+    "Bot",
+    "BotDefinitionError",
+    "CommandUsageError",
+    "ConfigError",
+    "DeliveryError",
+    "DeliveryRetryableError",
+    "IncomingMessage",
+    "InputError",
+    "LLMError",
+    "LaneRule",
+    "MessageContext",
+    "Platform",
+    "QueueError",
+    "Reply",
+    "Settings",
+    "SluiceError",
+    "Tool",
+    "ToolArgumentError",
+    "Turn",
+    "get_settings",
+    "load_bot",
+]

@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-from core.bot import Bot, MessageContext
+from sluice import Bot, MessageContext
 
 FAQ_PATH = Path(__file__).with_name("faq.json")
 FAQ: list[dict[str, str]] = json.loads(FAQ_PATH.read_text("utf-8"))

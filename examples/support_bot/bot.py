@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from core.bot import Bot, LaneRule, MessageContext, Reply
+from sluice import Bot, LaneRule, MessageContext, Reply
 
 BULK_CHANNELS = ["C0RANDOM"]
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
