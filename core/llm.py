@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx2
 import openai
 
 from core import metrics
@@ -179,7 +180,7 @@ class OpenAIProvider:
                     for k, v in response.headers.items()
                     if k.lower().startswith("x-ratelimit")
                 }
-                async for chunk in _sse_chunks(response.iter_lines()):
+                async for chunk in _sse_chunks(_lines(response.iter_lines())):
                     usage = chunk.get("usage")
                     if usage:
                         out.tokens_in = int(usage.get("prompt_tokens") or 0)
@@ -203,6 +204,15 @@ class OpenAIProvider:
         if out.finish_reason is None:
             raise LLMTransientError("the provider's stream ended before the answer was complete")
         return out
+
+
+async def _lines(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The stream's lines; a connection that breaks mid-stream is a transient error."""
+    try:
+        async for line in lines:
+            yield line
+    except httpx2.TransportError as e:
+        raise LLMTransientError(f"the provider's stream broke: {type(e).__name__}") from e
 
 
 async def _sse_chunks(lines: AsyncIterator[str]) -> AsyncIterator[dict[str, Any]]:

@@ -13,6 +13,8 @@ from core.errors import LLMTransientError
 from core.llm import OpenAIProvider
 from core.settings import Settings
 
+ABORT = b"<abort>"
+
 
 def _chunk(content: str | None = None, finish: str | None = None, **extra: object) -> str:
     delta = {"content": content} if content is not None else {}
@@ -41,7 +43,10 @@ async def provider_serving() -> AsyncIterator[object]:
         body = bodies[-1]
         for i in range(0, len(body), 7):  # arbitrary network-sized pieces
             await resp.write(body[i : i + 7])
-        await resp.write_eof()
+        if body.endswith(ABORT):
+            request.transport.abort()  # type: ignore[union-attr]
+        else:
+            await resp.write_eof()
         return resp
 
     app = web.Application()
@@ -112,3 +117,8 @@ async def test_a_broken_stream_is_a_transient_error_with_a_clear_message(
 ):
     with pytest.raises(LLMTransientError, match=says):
         await provider_serving(body)
+
+
+async def test_a_connection_dropped_mid_stream_is_a_transient_error(provider_serving):
+    with pytest.raises(LLMTransientError, match="stream broke"):
+        await provider_serving(f"data: {_chunk('half an ans')}\n\n<abort>")
