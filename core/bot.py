@@ -112,7 +112,7 @@ class Bot:
     temperature: float | None = None
     max_tokens: int | None = None
     context_turns: int | None = None
-    # --- Framework: prompts, lanes, tools, commands (issue 9) ---
+    # --- Framework: prompts, lanes, tools, commands ---
     system_prompts: dict[str, str] = field(default_factory=dict)
     lanes: list[LaneRule] = field(default_factory=list)
     tool_max_steps: int | None = None
@@ -127,7 +127,7 @@ class Bot:
     _help: Command | None = field(default=None, init=False, repr=False)
     # --- end Framework ---
     params: dict[str, Any] = field(default_factory=dict)
-    # --- Traffic control (issue 5) ---
+    # --- Traffic control ---
     cache_answers: bool = True
     no_cache_channels: frozenset[str] = frozenset()
     limits: dict[str, int | None] = field(default_factory=dict)

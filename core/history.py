@@ -456,11 +456,6 @@ class BacklogStatus:
         return self.length >= self.backlog_max or self.overflow_conversations > 0
 
 
-async def backlog_length(redis: Redis, keys: Keys) -> int:
-    """Messages waiting in the backlog (including those a flush is writing now)."""
-    return int(await redis.xlen(keys.history_backlog()))
-
-
 async def backlog_oldest_age_s(redis: Redis, keys: Keys) -> float:
     """Age in seconds of the oldest message not yet in SQL (0 when the backlog is empty)."""
     first: list[Any] = await redis.xrange(keys.history_backlog(), "-", "+", count=1)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING
 from core.messages import IncomingMessage
 from core.routing import LANES
 
-__all__ = ["LANES", "boost_ms", "choose_lane", "priority_ms"]
+__all__ = ["LANES", "boost_ms", "choose_lane", "lane_queue_name", "priority_ms"]
 
 if TYPE_CHECKING:
     from core.bot import Bot
@@ -58,3 +58,8 @@ def boost_ms(settings: Settings, lane: str) -> int:
 def priority_ms(settings: Settings, lane: str, arrived_ms: int) -> int:
     """The score a message is served by (lower first): arrival minus its lane's head start."""
     return arrived_ms - boost_ms(settings, lane)
+
+
+def lane_queue_name(settings: Settings, lane: str) -> str:
+    """The queue of one lane when ``SLUICE_LANE_QUEUES=per-lane``."""
+    return f"{settings.queue_name}:{lane}"

@@ -27,14 +27,14 @@ sluice_llm_first_token_seconds     histogram  -               successful LLM cal
 sluice_llm_calls_total             counter    outcome         ok | rate_limited | error
 sluice_llm_rate_limited_total      counter    -               provider 429 answers
 sluice_llm_tokens_total            counter    direction       in | out
-sluice_llm_budget_waits_total      counter    -               traffic control (issue 5)
-sluice_cache_hits_total            counter    -               core.cache (issue 5)
-sluice_cache_misses_total          counter    -               core.cache (issue 5)
-sluice_rate_limit_notices_total    counter    scope           core.ratelimit (issue 5)
+sluice_llm_budget_waits_total      counter    -               core.budget, jobs in line
+sluice_cache_hits_total            counter    -               core.cache
+sluice_cache_misses_total          counter    -               core.cache
+sluice_rate_limit_notices_total    counter    scope           core.ratelimit
 sluice_history_backlog             gauge      -               workers, at scrape time, from
 sluice_history_flush_lag_seconds   gauge      -               core.history.backlog_status
-sluice_history_flush_seconds       histogram  -               history flush (issue 6)
-sluice_history_flushed_rows_total  counter    -               history flush (issue 6)
+sluice_history_flush_seconds       histogram  -               history flush
+sluice_history_flushed_rows_total  counter    -               history flush
 sluice_db_transactions_total       counter    -               anything that commits to SQL
 =================================  =========  ==============  ===============================
 
@@ -60,6 +60,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.lanes import lane_queue_name
 from core.routing import LANES
 from core.serializer import deserialize
 from core.settings import Settings
@@ -250,12 +251,8 @@ class LaneStats:
 def queue_names(settings: Settings) -> list[str]:
     """The arq queues reply jobs go to: one, or one per lane (``SLUICE_LANE_QUEUES=per-lane``)."""
     names = [settings.queue_name]
-    if getattr(settings, "lane_queues", None) == "per-lane":
-        from core import queue as queue_module
-
-        lane_queue_name = getattr(queue_module, "lane_queue_name", None)
-        if lane_queue_name is not None:
-            names += [lane_queue_name(settings, lane) for lane in LANES]
+    if settings.lane_queues == "per-lane":
+        names += [lane_queue_name(settings, lane) for lane in LANES]
     return list(dict.fromkeys(names))
 
 

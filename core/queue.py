@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from core.bot import Bot, load_bot
 from core.budget import estimate_wait_s
 from core.errors import BotDefinitionError, QueueError
-from core.lanes import LANES, choose_lane, priority_ms
+from core.lanes import LANES, choose_lane, lane_queue_name, priority_ms
 from core.messages import IncomingMessage
 from core.ordering import forget_arrival, register_arrival
 from core.redis import Keys, redis_settings
@@ -185,11 +185,6 @@ def reply_queues(settings: Settings) -> list[str]:
     if settings.lane_queues == "per-lane":
         return [lane_queue_name(settings, lane) for lane in LANES]
     return [settings.queue_name]
-
-
-def lane_queue_name(settings: Settings, lane: str) -> str:
-    """The queue of one lane when ``SLUICE_LANE_QUEUES=per-lane``."""
-    return f"{settings.queue_name}:{lane}"
 
 
 def _load_bot(settings: Settings) -> Bot | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import RedisSettings
 
 from core.errors import ConfigError
 from core.settings import Settings
@@ -21,11 +21,6 @@ def redis_settings(settings: Settings) -> RedisSettings:
     rs.conn_retries = 2
     rs.conn_retry_delay = 1
     return rs
-
-
-async def connect(settings: Settings) -> ArqRedis:
-    """An arq Redis pool (a ``redis.asyncio.Redis`` that can also enqueue jobs)."""
-    return await create_pool(redis_settings(settings))
 
 
 def glob_escape(text: str) -> str:

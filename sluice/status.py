@@ -1,31 +1,28 @@
 """``sluice status``: one screen of what the deployment is doing, read from Redis.
 
-Sections come from probes: ``async probe(settings, redis) -> list[(name, value)]``.
-The queue, worker and adapter probes are here. LLM budget, cache and history
-probes belong to the modules that own that state; they are found by import path
-in :data:`PROBES` (a module that does not exist yet shows ``n/a``), or added at run
-time with :func:`register_probe`.
+Sections come from probes: ``async probe(settings, redis) -> list[(name, value)]``,
+listed in :data:`PROBES`. The queue, worker, adapter and history probes are here;
+the LLM budget and cache probes are :mod:`core.traffic`'s, which owns that state.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from rich.table import Table
 
 from core.heartbeat import live
+from core.history import backlog_status
 from core.metrics import lane_snapshot, queue_names
 from core.redis import Keys
 from core.settings import Settings
+from core.traffic import budget_probe, cache_probe
 
 Row = tuple[str, str]
 Probe = Callable[[Settings, Redis], Awaitable[list[Row]]]
-NOT_AVAILABLE = "n/a"
 
 
 async def queue_probe(settings: Settings, redis: Redis) -> list[Row]:
@@ -78,14 +75,7 @@ async def adapters_probe(settings: Settings, redis: Redis) -> list[Row]:
 
 async def history_probe(settings: Settings, redis: Redis) -> list[Row]:
     """The write-behind backlog and the last flush (``core.history.backlog_status``)."""
-    import core.history
-
-    backlog_status = getattr(core.history, "backlog_status", None)
-    if backlog_status is None:
-        return [("", f"{NOT_AVAILABLE} (history is not written to SQL in this version)")]
-    st = await backlog_status(
-        redis, Keys(settings.key_prefix), getattr(settings, "history_backlog_max", 0)
-    )
+    st = await backlog_status(redis, Keys(settings.key_prefix), settings.history_backlog_max)
     last = (
         f"{time.time() - st.last_flush_ts:.0f} s ago" if st.last_flush_ts is not None else "never"
     )
@@ -100,41 +90,21 @@ async def history_probe(settings: Settings, redis: Redis) -> list[Row]:
     return rows
 
 
-# Section -> probe, by import path for state other modules own.
-PROBES: dict[str, str | Probe] = {
+# Section -> probe.
+PROBES: dict[str, Probe] = {
     "Queue": queue_probe,
     "Workers": workers_probe,
     "Adapters": adapters_probe,
-    "LLM budget": "core.traffic:budget_probe",
-    "Cache": "core.traffic:cache_probe",
+    "LLM budget": budget_probe,
+    "Cache": cache_probe,
     "History": history_probe,
 }
 
 
-def register_probe(section: str, probe: Probe | str) -> None:
-    """Add or replace the probe of a section."""
-    PROBES[section] = probe
-
-
-def _resolve(probe: str | Probe) -> Probe | None:
-    if not isinstance(probe, str):
-        return probe
-    module_name, _, attr = probe.partition(":")
-    try:
-        found: Any = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError):
-        return None
-    return found  # type: ignore[no-any-return]
-
-
 async def collect(settings: Settings, redis: Redis) -> dict[str, list[Row]]:
-    """Every section's rows; a missing probe gives ``n/a``, a failing one its error."""
+    """Every section's rows; a probe that fails shows its error in its section."""
     out: dict[str, list[Row]] = {}
-    for section, spec in PROBES.items():
-        probe = _resolve(spec)
-        if probe is None:
-            out[section] = [("", f"{NOT_AVAILABLE} (not in this version)")]
-            continue
+    for section, probe in PROBES.items():
         try:
             out[section] = await probe(settings, redis)
         except (RedisError, OSError) as e:

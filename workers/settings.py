@@ -27,14 +27,13 @@ from arq.constants import in_progress_key_prefix
 from arq.cron import cron
 from arq.worker import Worker, func
 
-from core import history as history_module
 from core import metrics
 from core.bot import load_bot
 from core.errors import ConfigError
 from core.heartbeat import heartbeating
-from core.history import HotHistory
+from core.history import HotHistory, backlog_status
+from core.lanes import lane_queue_name
 from core.llm import OpenAIProvider
-from core.queue import lane_queue_name
 from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
 from core.scripts import Lua
@@ -150,10 +149,7 @@ def _history_refresher(redis: Any, keys: Keys, settings: Settings) -> metrics.Re
     """Backlog and flush lag gauges from the write-behind history, where it exists."""
 
     async def refresh() -> None:
-        backlog_status = getattr(history_module, "backlog_status", None)
-        if backlog_status is None:
-            return
-        st = await backlog_status(redis, keys, getattr(settings, "history_backlog_max", 0))
+        st = await backlog_status(redis, keys, settings.history_backlog_max)
         metrics.HISTORY_BACKLOG.set(st.length)
         metrics.HISTORY_FLUSH_LAG.set(st.oldest_age_s)
 

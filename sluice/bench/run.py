@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import importlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -26,8 +25,6 @@ from sluice.bench.scenarios import Planned, Scenario, plan
 
 DESIGNS = ("sluice", "naive")
 BENCH_BOT = "sluice.bench.bot:make_bot"
-# The history flush benchmark (issue 6) lives here once it is on main.
-FLUSH_BENCH = "workers.flush_bench:bench_flush"
 
 
 def base_env() -> dict[str, str]:
@@ -357,12 +354,7 @@ async def run_bench(
 
 
 async def run_flush(redis_url: str, postgres_url: str | None, messages: int) -> Any:
-    """The history flush benchmark (issue 6), when it is installed."""
-    module_name, _, attr = FLUSH_BENCH.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise RuntimeError(
-            f"the flush benchmark ({FLUSH_BENCH}) is not available in this version: {e}"
-        ) from e
-    return await fn(redis_url, postgres_url=postgres_url, n=messages)
+    """The history flush benchmark (:func:`workers.flush_bench.bench_flush`)."""
+    from workers.flush_bench import bench_flush
+
+    return await bench_flush(redis_url, postgres_url=postgres_url, n=messages)
