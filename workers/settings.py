@@ -25,6 +25,7 @@ from typing import Any
 
 from arq.constants import in_progress_key_prefix
 from arq.cron import cron
+from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 
 from core import metrics
@@ -300,14 +301,19 @@ class SluiceWorker(Worker):
         self._due: tuple[Any, Lua] | None = None
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Start the first due jobs that are not running, as many as there are free slots."""
+        """Start the first due jobs that are not running, as many as there are free slots.
+
+        "Due" is judged by arq's own clock reading (:func:`arq.utils.timestamp_ms`, which
+        rounds to the millisecond): arq scores a job it enqueues that way, and a
+        truncated reading left a job enqueued in the same millisecond not due yet.
+        """
         free = self.max_jobs - self.job_counter
         if free <= 0 or not job_ids:
             return
         if self._due is None or self._due[0] is not self.pool:
             self._due = (self.pool, Lua(self.pool, _DUE_NOT_RUNNING))
         due: list[bytes] = await self._due[1](
-            [self.queue_name], [int(time.time() * 1000), free, in_progress_key_prefix, SCAN_LIMIT]
+            [self.queue_name], [timestamp_ms(), free, in_progress_key_prefix, SCAN_LIMIT]
         )
         before = set(self.tasks)
         await super().start_jobs(due)
