@@ -30,6 +30,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import Field, SQLModel
 
+from core import metrics
 from core.errors import ConfigError, HistoryError
 from core.settings import Settings
 
@@ -507,12 +508,14 @@ async def insert_values(
                         await before_commit()
             except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 raise HistoryError(f"inserting {len(cols[0])} messages failed: {e}") from e
+        metrics.DB_TRANSACTIONS.inc()
         return int(status.rsplit(" ", 1)[-1])
     tuples = list(zip(*cols, strict=True))
     async with engine.begin() as conn:
         result = await conn.exec_driver_sql(_SQLITE_INSERT, tuples)
         if before_commit is not None:
             await before_commit()
+    metrics.DB_TRANSACTIONS.inc()
     return int(result.rowcount or 0)
 
 
@@ -526,6 +529,7 @@ async def insert_one_naive(engine: AsyncEngine, record: Record) -> None:
     stmt = stmt.on_conflict_do_nothing(index_elements=["platform", "tenant", "message_id"])
     async with engine.begin() as conn:
         await conn.execute(stmt)
+    metrics.DB_TRANSACTIONS.inc()
 
 
 _c: Any = _table.c

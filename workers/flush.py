@@ -242,7 +242,6 @@ class Flusher:
             self.engine, records, before_commit=lambda: self._pause_at("before_commit", batch_no)
         )
         metrics.HISTORY_FLUSH_SECONDS.observe(time.monotonic() - t0)
-        metrics.DB_TRANSACTIONS.inc()
         metrics.HISTORY_FLUSHED_ROWS.inc(inserted)
         await self._pause_at("after_commit", batch_no)
         ids = [e[0] for e in entries]
