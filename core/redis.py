@@ -99,9 +99,13 @@ class Keys:
         """chat.update calls of one workspace in one minute."""
         return f"{self.prefix}:slack:updates:{team}:{minute}"
 
-    def slack_oauth_state(self, state: str) -> str:
-        """An OAuth ``state`` issued by ``/slack/install``, consumed once."""
-        return f"{self.prefix}:slack:oauth:{state}"
+    def slack_oauth_states(self) -> str:
+        """Sorted set of the live OAuth states issued by ``/slack/install`` (score: expiry)."""
+        return f"{self.prefix}:slack:oauth:states"
+
+    def slack_install_client(self, client_hash: str) -> str:
+        """Install attempts of one client address in the current minute."""
+        return f"{self.prefix}:slack:install:client:{client_hash}"
 
     # --- Discord ---
     def discord_bucket(self, bucket: str) -> str:

@@ -276,8 +276,26 @@ class Settings(BaseSettings):
     # --- Slack ---
     encryption_key: SecretStr | None = Field(
         None,
-        description="Fernet key (`Fernet.generate_key()`) that encrypts stored platform "
-        "tokens (Slack installations) at rest; unset stores them in plain text.",
+        description="Fernet key(s) that encrypt stored Slack installation tokens; required "
+        "in multi-workspace mode (`sluice slack genkey` makes one). Comma-separated to "
+        "rotate: the first encrypts, all decrypt; then run `sluice slack reencrypt`.",
+    )
+    slack_install_max_states: int = Field(
+        1000,
+        ge=1,
+        description="Most OAuth install states alive at once (each lives 10 minutes); over "
+        "it `GET /slack/install` answers 429 for everyone.",
+    )
+    slack_install_per_client_per_min: int = Field(
+        10,
+        ge=1,
+        description="`GET /slack/install` requests one client address may make per minute; "
+        "over it 429.",
+    )
+    slack_trust_forwarded_for: bool = Field(
+        False,
+        description="Take the client address of `/slack/install` from the last "
+        "`X-Forwarded-For` entry; set only behind a proxy that appends it.",
     )
     slack_port: int = Field(
         3000,
