@@ -124,6 +124,14 @@ class Keys:
         """A lowered global rate after a global 429 (expires)."""
         return f"{self.prefix}:discord:global:learned"
 
+    def discord_dm_member(self, user_id: str) -> str:
+        """Whether a user may DM the bot under the ``members`` DM policy ("1"/"0", expires)."""
+        return f"{self.prefix}:discord:dm:member:{user_id}"
+
+    def discord_dm_notice(self, user_id: str) -> str:
+        """Set while a user who was refused in DMs has had their notice (one per window)."""
+        return f"{self.prefix}:discord:dm:notice:{user_id}"
+
     # --- Operations (metrics, status) ---
 
     def heartbeats(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -343,6 +343,12 @@ class Settings(BaseSettings):
     )
     discord_threads: bool = Field(
         False, description="Open a thread for each new conversation started in a channel."
+    )
+    discord_dm_policy: Literal["everyone", "members", "nobody"] = Field(
+        "members",
+        description="Who may talk to the bot in DMs: `everyone`; `members` of an allowed "
+        "guild (SLUICE_DISCORD_ALLOW_GUILDS, else any guild the bot is in; role lists "
+        "apply); `nobody`. Each DM user is their own tenant, `dm:<user id>`.",
     )
     discord_allow_guilds: Annotated[list[str], NoDecode] = Field(
         [], description="Comma-separated guild ids to serve (empty: all)."
