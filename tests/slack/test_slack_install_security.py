@@ -320,3 +320,11 @@ async def test_the_per_client_limit_is_per_address(settings, redis):
         await store.async_issue(client="192.0.2.1")
     assert e.value.per_client and 1 <= e.value.retry_after_s <= 60
     await store.async_issue(client="192.0.2.2")
+
+
+def test_a_worker_without_the_key_refuses_to_start_in_multi_workspace_mode(oauth_settings):
+    no_key = oauth_settings.model_copy(update={"encryption_key": None})
+    done = run_sluice(no_key, "worker", "--burst")
+    assert done.returncode == 2, done.stderr
+    assert "SLUICE_ENCRYPTION_KEY is not set" in done.stderr
+    assert "sluice slack genkey" in done.stderr
