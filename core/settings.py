@@ -348,7 +348,7 @@ class Settings(BaseSettings):
         "members",
         description="Who may talk to the bot in DMs: `everyone`; `members` of an allowed "
         "guild (SLUICE_DISCORD_ALLOW_GUILDS, else any guild the bot is in; role lists "
-        "apply); `nobody`. Each DM user is their own tenant, `dm:<user id>`.",
+        "apply); `nobody`. Each DM user is their own tenant, `dm-<user id>`.",
     )
     discord_allow_guilds: Annotated[list[str], NoDecode] = Field(
         [], description="Comma-separated guild ids to serve (empty: all)."

@@ -16,7 +16,7 @@ A DM then meets the DM policy (``SLUICE_DISCORD_DM_POLICY``, :meth:`DiscordIntak
 guild (``SLUICE_DISCORD_ALLOW_GUILDS``, else of any guild the bot is in) and pass the
 role lists there, looked up over REST and remembered for a few minutes; ``nobody``.
 A refused DM gets one short notice per user per hour and is otherwise ignored.
-Each DM user is their own tenant, ``dm:<user id>``, so limits and budgets are theirs.
+Each DM user is their own tenant, ``dm-<user id>``, so limits and budgets are theirs.
 
 Then the message id is claimed in Redis (gateway resumes can replay events), a
 thread is opened if ``SLUICE_DISCORD_THREADS`` is on, and the reply job is enqueued.
@@ -57,8 +57,12 @@ DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
 
 
 def dm_tenant(user_id: str) -> str:
-    """The tenant of a user's DMs: their own, so one user cannot spend another's budget."""
-    return f"dm:{user_id}"
+    """The tenant of a user's DMs: their own, so one user cannot spend another's budget.
+
+    No ``:`` in it: conversation ids are ``platform:tenant:channel:thread`` and are
+    split on ``:`` when history is flushed, exported and purged.
+    """
+    return f"dm-{user_id}"
 
 
 @dataclass(frozen=True)

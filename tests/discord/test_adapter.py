@@ -95,7 +95,7 @@ async def test_direct_message_is_a_conversation_in_the_users_own_dm_tenant(
         await wait_for(lambda: queued(redis, discord_settings))
     [msg] = await queued(redis, discord_settings)
     assert (msg.tenant, msg.channel, msg.is_dm, msg.text) == (
-        f"dm:{ALICE['id']}",
+        f"dm-{ALICE['id']}",
         DM_CHANNEL,
         True,
         "hello in private",

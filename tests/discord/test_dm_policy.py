@@ -8,6 +8,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from bots.discord.intake import DM_REFUSED
+from core.history import split_conversation_id
 from core.ratelimit import Limits, RateLimiter
 from core.redis import Keys
 from core.settings import Settings
@@ -44,7 +45,7 @@ async def test_default_policy_answers_members_and_refuses_others_with_one_notice
         await wait_for(lambda: queued(redis, discord_settings))
         await asyncio.sleep(0.2)  # nothing else arrives
     [msg] = await queued(redis, discord_settings)
-    assert (msg.text, msg.tenant, msg.is_dm) == ("hello as a member", f"dm:{ALICE['id']}", True)
+    assert (msg.text, msg.tenant, msg.is_dm) == ("hello as a member", f"dm-{ALICE['id']}", True)
     # One notice for three refused DMs, and it pings nobody.
     assert notices(fake, "510000000000000002") == [DM_REFUSED["members"]]
     [post] = [
@@ -117,7 +118,14 @@ async def test_each_dm_user_is_their_own_tenant_so_one_cannot_spend_anothers_bud
         await wait_for(lambda: _count(redis, discord_settings, 2))
     by_text = {m.text: m for m in await queued(redis, discord_settings)}
     alice, bob = by_text["from alice"], by_text["from bob"]
-    assert (alice.tenant, bob.tenant) == (f"dm:{ALICE['id']}", f"dm:{BOB['id']}")
+    assert (alice.tenant, bob.tenant) == (f"dm-{ALICE['id']}", f"dm-{BOB['id']}")
+    # The tenant survives the history's conversation ids (flush, export, purge).
+    assert split_conversation_id(alice.conversation_id) == (
+        "discord",
+        f"dm-{ALICE['id']}",
+        "510000000000000031",
+        None,
+    )
     limiter = RateLimiter(redis, Keys(discord_settings.key_prefix))
     limits = Limits(
         window_s=60,
@@ -150,7 +158,7 @@ async def test_ask_in_a_dm_follows_the_dm_policy(
     assert refused.callback_type == 5 and refused.callback_after_s < 3.0
     assert refused.original["content"] == DM_REFUSED["members"]
     [msg] = await queued(redis, discord_settings)
-    assert (msg.text, msg.tenant) == ("and I?", f"dm:{ALICE['id']}")
+    assert (msg.text, msg.tenant) == ("and I?", f"dm-{ALICE['id']}")
     assert msg.meta["interaction_token"] == taken.token
 
 
