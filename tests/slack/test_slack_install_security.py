@@ -328,3 +328,37 @@ def test_a_worker_without_the_key_refuses_to_start_in_multi_workspace_mode(oauth
     assert done.returncode == 2, done.stderr
     assert "SLUICE_ENCRYPTION_KEY is not set" in done.stderr
     assert "sluice slack genkey" in done.stderr
+
+
+POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.mark.postgres
+async def test_reencrypt_on_postgres(settings):
+    import uuid
+
+    import asyncpg
+
+    try:
+        conn = await asyncpg.connect(POSTGRES_URL, timeout=2)
+        await conn.close()
+    except (OSError, asyncpg.PostgresError) as e:
+        pytest.skip(f"no Postgres at {POSTGRES_URL}: {e}")
+    old, new = new_key(), new_key()
+    pg = settings.model_copy(update={"database_url": POSTGRES_URL})
+    team = f"T{uuid.uuid4().hex[:10].upper()}"
+    store = SQLInstallationStore(keyed(pg, old))
+    try:
+        await store.async_save(installation(team, "xoxb-pg-rotate"))
+    finally:
+        await store.close()
+    # The database is shared: rows of other tests (other keys) are left and reported.
+    report = await reencrypt(keyed(pg, new, old))
+    assert f"-/{team}" not in report.failed and report.reencrypted >= 1
+    reader = SQLInstallationStore(keyed(pg, new))
+    try:
+        bot = await reader.async_find_bot(enterprise_id=None, team_id=team)
+        assert bot is not None and bot.bot_token == "xoxb-pg-rotate"
+        await reader.async_delete_installation(enterprise_id=None, team_id=team)
+    finally:
+        await reader.close()
