@@ -94,9 +94,13 @@ class Keys:
         """chat.update calls of one workspace in one minute."""
         return f"{self.prefix}:slack:updates:{team}:{minute}"
 
-    def slack_oauth_state(self, state: str) -> str:
-        """An OAuth ``state`` issued by ``/slack/install``, consumed once."""
-        return f"{self.prefix}:slack:oauth:{state}"
+    def slack_oauth_states(self) -> str:
+        """Sorted set of the live OAuth states issued by ``/slack/install`` (score: expiry)."""
+        return f"{self.prefix}:slack:oauth:states"
+
+    def slack_install_client(self, client_hash: str) -> str:
+        """Install attempts of one client address in the current minute."""
+        return f"{self.prefix}:slack:install:client:{client_hash}"
 
     # --- Discord ---
     def discord_bucket(self, bucket: str) -> str:
@@ -114,6 +118,14 @@ class Keys:
     def discord_global_learned(self) -> str:
         """A lowered global rate after a global 429 (expires)."""
         return f"{self.prefix}:discord:global:learned"
+
+    def discord_dm_member(self, user_id: str) -> str:
+        """Whether a user may DM the bot under the ``members`` DM policy ("1"/"0", expires)."""
+        return f"{self.prefix}:discord:dm:member:{user_id}"
+
+    def discord_dm_notice(self, user_id: str) -> str:
+        """Set while a user who was refused in DMs has had their notice (one per window)."""
+        return f"{self.prefix}:discord:dm:notice:{user_id}"
 
     # --- Operations (metrics, status) ---
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from functools import lru_cache
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -276,8 +276,26 @@ class Settings(BaseSettings):
     # --- Slack ---
     encryption_key: SecretStr | None = Field(
         None,
-        description="Fernet key (`Fernet.generate_key()`) that encrypts stored platform "
-        "tokens (Slack installations) at rest; unset stores them in plain text.",
+        description="Fernet key(s) that encrypt stored Slack installation tokens; required "
+        "in multi-workspace mode (`sluice slack genkey` makes one). Comma-separated to "
+        "rotate: the first encrypts, all decrypt; then run `sluice slack reencrypt`.",
+    )
+    slack_install_max_states: int = Field(
+        1000,
+        ge=1,
+        description="Most OAuth install states alive at once (each lives 10 minutes); over "
+        "it `GET /slack/install` answers 429 for everyone.",
+    )
+    slack_install_per_client_per_min: int = Field(
+        10,
+        ge=1,
+        description="`GET /slack/install` requests one client address may make per minute; "
+        "over it 429.",
+    )
+    slack_trust_forwarded_for: bool = Field(
+        False,
+        description="Take the client address of `/slack/install` from the last "
+        "`X-Forwarded-For` entry; set only behind a proxy that appends it.",
     )
     slack_port: int = Field(
         3000,
@@ -325,6 +343,12 @@ class Settings(BaseSettings):
     )
     discord_threads: bool = Field(
         False, description="Open a thread for each new conversation started in a channel."
+    )
+    discord_dm_policy: Literal["everyone", "members", "nobody"] = Field(
+        "members",
+        description="Who may talk to the bot in DMs: `everyone`; `members` of an allowed "
+        "guild (SLUICE_DISCORD_ALLOW_GUILDS, else any guild the bot is in; role lists "
+        "apply); `nobody`. Each DM user is their own tenant, `dm-<user id>`.",
     )
     discord_allow_guilds: Annotated[list[str], NoDecode] = Field(
         [], description="Comma-separated guild ids to serve (empty: all)."

@@ -53,6 +53,17 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
     """An ``on_startup`` that creates the clients every job shares."""
 
     async def on_startup(ctx: dict[str, Any]) -> None:
+        if (
+            settings.slack_client_id
+            and settings.slack_client_secret
+            and not settings.encryption_key
+        ):
+            # Multi-workspace Slack: workers read each workspace's token, stored encrypted.
+            raise ConfigError(
+                "SLUICE_ENCRYPTION_KEY is not set: multi-workspace Slack (SLACK_CLIENT_ID and "
+                "SLACK_CLIENT_SECRET) stores bot tokens encrypted, and workers need the same "
+                "key as `sluice slack` to read them (`sluice slack genkey` makes one)."
+            )
         ctx["settings"] = settings
         ctx["bot"] = load_bot(settings.app)
         ctx["keys"] = Keys(settings.key_prefix)

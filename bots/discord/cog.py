@@ -27,7 +27,9 @@ class SluiceCog(commands.Cog, name="Sluice"):
 
     def __init__(self, bot: commands.Bot, settings: Settings | None = None) -> None:
         self.bot = bot
-        self.intake = DiscordIntake(settings or get_settings())
+        self.intake = DiscordIntake(
+            settings or get_settings(), guild_ids=lambda: [str(g.id) for g in bot.guilds]
+        )
 
     async def cog_load(self) -> None:
         """Connect to Redis and open the REST client."""

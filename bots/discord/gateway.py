@@ -100,7 +100,7 @@ class SluiceClient(discord.Client):
         use_api_url(settings)
         super().__init__(intents=intents(settings), max_messages=None, **options)  # type: ignore[arg-type]
         self.settings = settings
-        self.intake = DiscordIntake(settings)
+        self.intake = DiscordIntake(settings, guild_ids=lambda: [str(g.id) for g in self.guilds])
         self.tree = app_commands.CommandTree(self)
         self.tree.add_command(ask_command(self.intake))
 

@@ -11,6 +11,13 @@ each returning the reason to drop it or ``None``:
 4. :func:`has_text` — without the message-content intent Discord blanks messages
    that do not mention the bot (e.g. plain messages in a thread); nothing to answer.
 
+A DM then meets the DM policy (``SLUICE_DISCORD_DM_POLICY``, :meth:`DiscordIntake.dm_refusal`):
+``everyone``; ``members`` (the default): the author must be a member of an allowed
+guild (``SLUICE_DISCORD_ALLOW_GUILDS``, else of any guild the bot is in) and pass the
+role lists there, looked up over REST and remembered for a few minutes; ``nobody``.
+A refused DM gets one short notice per user per hour and is otherwise ignored.
+Each DM user is their own tenant, ``dm-<user id>``, so limits and budgets are theirs.
+
 Then the message id is claimed in Redis (gateway resumes can replay events), a
 thread is opened if ``SLUICE_DISCORD_THREADS`` is on, and the reply job is enqueued.
 If enqueueing fails the claim is released, so a replay can still be answered.
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import discord
@@ -38,6 +45,24 @@ logger = logging.getLogger(__name__)
 
 ASK_FAILED = "Sorry, I couldn't take your question just now. Please try again in a minute."
 ASK_REFUSED = "Sorry, I can't answer you here."
+DM_REFUSED = {
+    "nobody": "Sorry, I don't answer direct messages. Mention me in a server instead.",
+    "members": "Sorry, I only answer direct messages from members of the servers I serve.",
+    "unchecked": "Sorry, I couldn't check whether I may answer you here. "
+    "Please try again in a minute.",
+}
+DM_NOTICE_WINDOW_S = 3600  # at most one refusal notice per user per hour
+DM_MEMBER_CACHE_S = 300  # a membership verdict is looked up again after this
+DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
+
+
+def dm_tenant(user_id: str) -> str:
+    """The tenant of a user's DMs: their own, so one user cannot spend another's budget.
+
+    No ``:`` in it: conversation ids are ``platform:tenant:channel:thread`` and are
+    split on ``:`` when history is flushed, exported and purged.
+    """
+    return f"dm-{user_id}"
 
 
 @dataclass(frozen=True)
@@ -188,10 +213,17 @@ def strip_mention(text: str, bot_id: str) -> str:
 
 
 class DiscordIntake:
-    """Turns accepted Discord messages and ``/ask`` interactions into reply jobs."""
+    """Turns accepted Discord messages and ``/ask`` interactions into reply jobs.
 
-    def __init__(self, settings: Settings) -> None:
+    ``guild_ids`` gives the ids of the guilds the bot is in (the client's cache); the
+    ``members`` DM policy looks there when no guild allow-list is set.
+    """
+
+    def __init__(
+        self, settings: Settings, guild_ids: Callable[[], Iterable[str]] | None = None
+    ) -> None:
         self.settings = settings
+        self.guild_ids = guild_ids
         self._keys = Keys(settings.key_prefix)
         self._queue: ArqRedis | None = None
         self.rest: DiscordRest | None = None
@@ -229,9 +261,21 @@ class DiscordIntake:
                 "discord drop message=%s channel=%s: %s", event.message_id, event.channel_id, reason
             )
             return False
+        if event.is_dm:
+            refusal = await self.dm_refusal(event.author_id)
+            if refusal is not None:
+                logger.info(
+                    "discord DM refused message=%s user=%s: policy %s (%s)",
+                    event.message_id,
+                    event.author_id,
+                    self.settings.discord_dm_policy,
+                    refusal,
+                )
+                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
+                return False
         msg = IncomingMessage(
             platform=Platform.DISCORD,
-            tenant=event.guild_id or "dm",
+            tenant=event.guild_id or dm_tenant(event.author_id),
             channel=event.channel_id,
             thread=user_thread(event.guild_id, event.parent_id, event.author_id),
             user=event.author_id,
@@ -261,9 +305,25 @@ class DiscordIntake:
             await interaction.response.send_message(ASK_REFUSED, ephemeral=True)
             return False
         await interaction.response.defer(thinking=True)
+        if interaction.guild_id is None:
+            refusal = await self.dm_refusal(str(interaction.user.id))
+            if refusal is not None:
+                logger.info(
+                    "discord /ask refused in a DM interaction=%s user=%s: policy %s (%s)",
+                    interaction.id,
+                    interaction.user.id,
+                    self.settings.discord_dm_policy,
+                    refusal,
+                )
+                await interaction.edit_original_response(
+                    content=DM_REFUSED[refusal], allowed_mentions=discord.AllowedMentions.none()
+                )
+                return False
         msg = IncomingMessage(
             platform=Platform.DISCORD,
-            tenant=str(interaction.guild_id) if interaction.guild_id else "dm",
+            tenant=str(interaction.guild_id)
+            if interaction.guild_id
+            else dm_tenant(str(interaction.user.id)),
             channel=str(interaction.channel_id),
             thread=user_thread(
                 str(interaction.guild_id) if interaction.guild_id else None,
@@ -286,6 +346,113 @@ class DiscordIntake:
                 content=ASK_FAILED, allowed_mentions=discord.AllowedMentions.none()
             )
         return accepted
+
+    async def dm_refusal(self, user_id: str) -> str | None:
+        """Why a DM from ``user_id`` is refused under the DM policy, or ``None``.
+
+        ``"nobody"``, ``"members"`` (not a member of an allowed guild, or refused by
+        the role lists there) or ``"unchecked"`` (the lookup failed; not remembered).
+        """
+        policy = self.settings.discord_dm_policy
+        if policy == "everyone":
+            return None
+        if policy == "nobody":
+            return "nobody"
+        key = self._keys.discord_dm_member(user_id)
+        try:
+            known = await self.queue.get(key)
+        except (RedisError, OSError) as e:
+            logger.error("discord cannot reach Redis for the DM check user=%s: %s", user_id, e)
+            return "unchecked"
+        if known is not None:
+            return None if known in (b"1", "1") else "members"
+        try:
+            member = await self._is_member(user_id)
+        except DeliveryError as e:
+            logger.warning("discord DM membership lookup failed user=%s: %s", user_id, e)
+            return "unchecked"
+        try:
+            await self.queue.set(key, "1" if member else "0", ex=DM_MEMBER_CACHE_S)
+        except (RedisError, OSError) as e:
+            logger.warning("discord cannot remember the DM check user=%s: %s", user_id, e)
+        return None if member else "members"
+
+    def _member_guilds(self) -> list[str]:
+        s = self.settings
+        if s.discord_allow_guilds:
+            guilds = list(s.discord_allow_guilds)
+        elif self.guild_ids is not None:
+            guilds = sorted(self.guild_ids())
+        else:
+            guilds = []
+        return [g for g in guilds if g not in s.discord_deny_guilds]
+
+    async def _is_member(self, user_id: str) -> bool:
+        """A member of an allowed guild whom the role lists there let through.
+
+        Raises:
+            DeliveryError: Discord could not be asked (5xx, network, rate limits).
+        """
+        assert self.rest is not None
+        s = self.settings
+        guilds = self._member_guilds()
+        if len(guilds) > DM_MAX_GUILD_LOOKUPS:
+            logger.warning(
+                "discord DM check user=%s: asking only %d of %d guilds; set "
+                "SLUICE_DISCORD_ALLOW_GUILDS to the guilds whose members may DM the bot",
+                user_id,
+                DM_MAX_GUILD_LOOKUPS,
+                len(guilds),
+            )
+        for guild_id in guilds[:DM_MAX_GUILD_LOOKUPS]:
+            route = Route(
+                "GET",
+                "/guilds/{guild_id}/members/{user_id}",
+                guild_id,
+                f"/guilds/{guild_id}/members/{user_id}",
+            )
+            try:
+                member = await self.rest.request(route, context=f"guild={guild_id} user={user_id}")
+            except DiscordHTTPError as e:  # 404 Unknown Member (or Guild): not there
+                if e.status != 404:
+                    logger.warning(
+                        "discord member lookup guild=%s user=%s: %s", guild_id, user_id, e
+                    )
+                continue
+            roles = set(member.get("roles", [])) if isinstance(member, dict) else set()
+            if roles & set(s.discord_deny_roles):
+                continue
+            if s.discord_allow_roles and not roles & set(s.discord_allow_roles):
+                continue
+            return True
+        return False
+
+    async def _dm_notice(self, channel_id: str, user_id: str, text: str) -> None:
+        """Tell a refused DM user why, at most once per user per :data:`DM_NOTICE_WINDOW_S`."""
+        assert self.rest is not None
+        try:
+            first = await self.queue.set(
+                self._keys.discord_dm_notice(user_id), "1", nx=True, ex=DM_NOTICE_WINDOW_S
+            )
+        except (RedisError, OSError) as e:
+            logger.error("discord cannot reach Redis for the DM notice user=%s: %s", user_id, e)
+            return
+        if not first:
+            return
+        route = Route(
+            "POST",
+            "/channels/{channel_id}/messages",
+            channel_id,
+            f"/channels/{channel_id}/messages",
+        )
+        try:
+            await self.rest.request(
+                route,
+                json={"content": text, "allowed_mentions": {"parse": []}},
+                context=f"channel={channel_id} DM notice",
+            )
+        except DeliveryError as e:
+            logger.warning("discord DM notice failed channel=%s: %s", channel_id, e)
 
     async def _is_duplicate_claimed(self, msg: IncomingMessage) -> bool:
         try:

@@ -7,14 +7,17 @@ large → 413, bad signature or timestamp older than 5 minutes → 401, unparsea
 body → 400. Socket Mode is used when ``SLACK_APP_TOKEN`` is set.
 
 Modes: with ``SLACK_CLIENT_ID`` and ``SLACK_CLIENT_SECRET`` the app is installable
-into many workspaces (installations in the SQL database); with only
-``SLACK_BOT_TOKEN`` it serves one workspace.
+into many workspaces (installations in the SQL database, tokens encrypted: it does
+not start without ``SLUICE_ENCRYPTION_KEY``); with only ``SLACK_BOT_TOKEN`` it serves
+one workspace. ``GET /slack/install`` is limited per client address and in total
+(429 with a short page over either).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import json
 import logging
 import re
@@ -28,6 +31,7 @@ from slack_bolt.adapter.aiohttp import to_aiohttp_response
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.authorization import AuthorizeResult
 from slack_bolt.authorization.async_authorize import AsyncInstallationStoreAuthorize
+from slack_bolt.oauth.async_oauth_flow import AsyncOAuthFlow
 from slack_bolt.oauth.async_oauth_settings import AsyncOAuthSettings
 from slack_bolt.request.async_request import AsyncBoltRequest
 from slack_sdk.signature import SignatureVerifier
@@ -35,7 +39,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.convert import payload_problem
-from bots.slack.installations import RedisOAuthStateStore, SQLInstallationStore
+from bots.slack.installations import InstallRefused, RedisOAuthStateStore, SQLInstallationStore
 from bots.slack.intake import Intake
 from bots.slack.listeners import SluiceListeners, register
 from core.errors import ConfigError, QueueError
@@ -117,6 +121,22 @@ class _Authorize(AsyncInstallationStoreAuthorize):
             return await super().__call__(enterprise_id=enterprise_id, team_id=team_id, **kwargs)
 
 
+class _OAuthFlow(AsyncOAuthFlow):
+    """Bolt's OAuth flow, issuing each state for the client address that asked.
+
+    The route puts the address in the request context; :class:`RedisOAuthStateStore`
+    limits states per address and in total and raises :class:`InstallRefused`.
+    """
+
+    async def issue_new_state(self, request: AsyncBoltRequest) -> str:
+        store = self.settings.state_store
+        assert isinstance(store, RedisOAuthStateStore)
+        return await store.async_issue(client=str(request.context.get(_CLIENT) or "unknown"))
+
+
+_CLIENT = "sluice_client_address"
+
+
 def is_multi_workspace(settings: Settings) -> bool:
     """OAuth installs (many workspaces) rather than one ``SLACK_BOT_TOKEN``."""
     return bool(settings.slack_client_id and settings.slack_client_secret)
@@ -160,7 +180,12 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
             scopes=BOT_SCOPES,
             installation_store=store,
             installation_store_bot_only=True,
-            state_store=RedisOAuthStateStore(intake.redis, intake.keys),
+            state_store=RedisOAuthStateStore(
+                intake.redis,
+                intake.keys,
+                max_states=settings.slack_install_max_states,
+                per_client_per_min=settings.slack_install_per_client_per_min,
+            ),
             install_path=INSTALL_PATH,
             redirect_uri_path=REDIRECT_PATH,
             install_page_rendering_enabled=False,
@@ -180,7 +205,7 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
         bolt = AsyncApp(
             signing_secret=secret,
             client=client,
-            oauth_settings=oauth,
+            oauth_flow=_OAuthFlow(client=client, logger=logger, settings=oauth),
             authorize=authorize,  # type: ignore[arg-type]  # bolt accepts AsyncAuthorize objects
             installation_store_bot_only=True,
             request_verification_enabled=secret is not None,
@@ -212,6 +237,37 @@ async def build_app(settings: Settings, intake: Intake | None = None) -> SlackAp
 
 _COMMAND_FIELDS = ("user_id", "channel_id", "trigger_id")
 
+_REFUSED_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>Try again later</title></head>
+<body><h1>Too many install attempts</h1><p>{reason}. Please try again in {wait} seconds.</p>
+</body></html>
+"""
+
+
+def client_address(request: web.Request, settings: Settings) -> str:
+    """The address ``/slack/install`` limits: the peer, or the proxy's last forwarded entry."""
+    if settings.slack_trust_forwarded_for:
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        last = forwarded.rsplit(",", 1)[-1].strip()
+        if last:
+            return last[:64]
+    return request.remote or "unknown"
+
+
+def refused_page(e: InstallRefused) -> web.Response:
+    """429 with a short page and ``Retry-After``."""
+    reason = (
+        "Too many install attempts from your address"
+        if e.per_client
+        else ("Too many installs are in progress right now")
+    )
+    return web.Response(
+        status=429,
+        text=_REFUSED_PAGE.format(reason=html.escape(reason), wait=e.retry_after_s),
+        content_type="text/html",
+        headers={"Retry-After": str(e.retry_after_s)},
+    )
+
 
 def _body_problem(body: bytes, content_type: str) -> str | None:
     """Why a signed request body cannot be handled (``None``: it can)."""
@@ -234,6 +290,27 @@ def _body_problem(body: bytes, content_type: str) -> str | None:
     except (UnicodeDecodeError, ValueError, RecursionError):
         # RecursionError: JSON nested deeper than the parser's stack.
         return "the body is not valid UTF-8 JSON or form data"
+
+
+async def _oauth(bolt: AsyncApp, request: web.Request, settings: Settings) -> web.StreamResponse:
+    """``GET /slack/install`` and ``GET /slack/oauth_redirect``, through bolt's flow."""
+    flow = bolt.oauth_flow
+    if flow is None:
+        return web.Response(status=404, text="this app is not installable (no OAuth)")
+    bolt_req = AsyncBoltRequest(
+        body="",
+        query=request.query_string,
+        headers={k: v for k, v in request.headers.items()},
+        context={_CLIENT: client_address(request, settings)},
+    )
+    if request.path == INSTALL_PATH:
+        try:
+            bolt_resp = await flow.handle_installation(bolt_req)
+        except InstallRefused as e:
+            return refused_page(e)
+    else:
+        bolt_resp = await flow.handle_callback(bolt_req)
+    return await to_aiohttp_response(bolt_resp)
 
 
 def web_app(slack: SlackApp, settings: Settings) -> web.Application:
@@ -272,19 +349,7 @@ def web_app(slack: SlackApp, settings: Settings) -> web.Application:
         return await to_aiohttp_response(await bolt.async_dispatch(bolt_req))
 
     async def oauth(request: web.Request) -> web.StreamResponse:
-        flow = bolt.oauth_flow
-        if flow is None:
-            return web.Response(status=404, text="this app is not installable (no OAuth)")
-        bolt_req = AsyncBoltRequest(
-            body="",
-            query=request.query_string,
-            headers={k: v for k, v in request.headers.items()},
-        )
-        if request.path == INSTALL_PATH:
-            bolt_resp = await flow.handle_installation(bolt_req)
-        else:
-            bolt_resp = await flow.handle_callback(bolt_req)
-        return await to_aiohttp_response(bolt_resp)
+        return await _oauth(bolt, request, settings)
 
     async def healthz(request: web.Request) -> web.Response:
         try:

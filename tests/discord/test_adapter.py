@@ -85,16 +85,17 @@ async def test_reply_to_a_bot_message_is_a_conversation(
     assert msg.meta["reply_to"] == sent["id"]
 
 
-async def test_direct_message_is_a_conversation_in_the_dm_tenant(
+async def test_direct_message_is_a_conversation_in_the_users_own_dm_tenant(
     adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
 ) -> None:
+    fake.add_member(GUILD, ALICE)  # the default DM policy answers members of the bot's guilds
     async with adapter():
         dm = await fake.dm_channel(DM_CHANNEL, ALICE)
         await fake.send_user_message(dm, ALICE, "hello in private")
         await wait_for(lambda: queued(redis, discord_settings))
     [msg] = await queued(redis, discord_settings)
     assert (msg.tenant, msg.channel, msg.is_dm, msg.text) == (
-        "dm",
+        f"dm-{ALICE['id']}",
         DM_CHANNEL,
         True,
         "hello in private",

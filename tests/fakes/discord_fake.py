@@ -11,10 +11,11 @@ What it does, like Discord:
   RESUME -> RESUMED. Tests inject MESSAGE_CREATE and INTERACTION_CREATE; without the
   message-content intent a guild message's content is blanked unless it mentions the
   bot (as Discord does for apps without the privileged intent).
-- REST: users/@me, application info, gateway/bot, channels, create/edit/delete
-  message, typing, thread from a message (dispatching THREAD_CREATE), application
-  command bulk overwrite, interaction callback, webhook (interaction) original and
-  follow-up messages. Every call is recorded.
+- REST: users/@me, application info, gateway/bot, channels, guild members (a user
+  who posted in a guild, or was added with :meth:`DiscordFake.add_member`, is a
+  member), create/edit/delete message, typing, thread from a message (dispatching
+  THREAD_CREATE), application command bulk overwrite, interaction callback, webhook
+  (interaction) original and follow-up messages. Every call is recorded.
 - Rate limits: per-route buckets keyed by route and major parameter with
   ``X-RateLimit-Limit/Remaining/Reset/Reset-After/Bucket`` headers, a 429 with JSON
   ``retry_after`` when a bucket is exhausted, and the global limit (50 requests in
@@ -104,6 +105,11 @@ _ROUTES: list[tuple[str, str, str]] = [
         "PUT",
         r"/applications/(?P<major>\d+)/guilds/\d+/commands",
         "PUT /applications/{application_id}/guilds/{guild_id}/commands",
+    ),
+    (
+        "GET",
+        r"/guilds/(?P<major>\d+)/members/\d+",
+        "GET /guilds/{guild_id}/members/{user_id}",
     ),
     ("GET", r"/users/@me", "GET /users/@me"),
     ("GET", r"/oauth2/applications/@me", "GET /oauth2/applications/@me"),
@@ -218,6 +224,7 @@ class DiscordFake:
         self.global_limit = global_limit
         self.bot_user = self.user(bot_id, "sluice", bot=True)
         self.guilds: dict[str, dict[str, Any]] = {}
+        self.guild_members: dict[str, dict[str, list[str]]] = {}  # guild -> user -> roles
         self.channels: dict[str, dict[str, Any]] = {}
         self.messages: dict[str, dict[str, Any]] = {}  # id -> message (all channels)
         self.calls: list[Call] = []
@@ -415,6 +422,15 @@ class DiscordFake:
             },
         }
 
+    def add_member(
+        self,
+        guild_id: int | str,
+        user: dict[str, Any],
+        roles: list[str] = (),  # type: ignore[assignment]
+    ) -> None:
+        """Make ``user`` a member of a guild (with ``roles``)."""
+        self.guild_members.setdefault(str(guild_id), {})[str(user["id"])] = list(roles)
+
     def member(self, user: dict[str, Any], roles: list[str] = ()) -> dict[str, Any]:  # type: ignore[assignment]
         """A guild member object for ``user``."""
         return {
@@ -566,6 +582,7 @@ class DiscordFake:
         if channel is not None and "guild_id" in channel:
             msg["guild_id"] = channel["guild_id"]
             msg["member"] = {k: v for k, v in self.member(author, roles).items() if k != "user"}
+            self.add_member(channel["guild_id"], author, roles)  # only members can post
         if reply_to is not None:
             msg["type"] = 19
             msg["message_reference"] = {
@@ -791,6 +808,17 @@ class DiscordFake:
     @staticmethod
     def _error(status: int, message: str, code: int) -> web.Response:
         return _json({"message": message, "code": code}, status=status)
+
+    async def _r_get_guilds_guild_id_members_user_id(
+        self, request: web.Request, call: Call
+    ) -> web.Response:
+        guild_id, user_id = call.path.split("/")[2], call.path.split("/")[4]
+        if guild_id not in self.guilds:
+            return self._error(404, "Unknown Guild", 10004)
+        roles = self.guild_members.get(guild_id, {}).get(user_id)
+        if roles is None:
+            return self._error(404, "Unknown Member", 10007)
+        return _json(self.member(self.user(user_id, f"user{user_id}"), roles))
 
     async def _r_get_users_me(self, request: web.Request, call: Call) -> web.Response:
         return _json({**self.bot_user, "verified": True, "flags": 0})
