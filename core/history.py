@@ -156,14 +156,15 @@ def storable(turn: Turn) -> Turn:
 
 
 def split_conversation_id(conversation_id: str) -> tuple[str, str, str, str | None]:
-    """``(platform, tenant, channel, thread)`` of an id made by ``IncomingMessage``."""
-    parts = conversation_id.split(":", 2)
-    if len(parts) != 3:
+    """``(platform, tenant, channel, thread)`` of an id made by ``IncomingMessage``.
+
+    Platform, tenant and channel ids hold no ``:``; a thread id may (a Discord guild
+    channel's per-user conversation is thread ``user:<id>``), so it is the rest.
+    """
+    parts = conversation_id.split(":", 3)
+    if len(parts) != 4 or not all(parts):
         raise HistoryError(f"not a conversation id: {conversation_id!r}")
-    platform, tenant, rest = parts
-    channel, _, thread = rest.rpartition(":")
-    if not channel:
-        channel, thread = rest, "-"
+    platform, tenant, channel, thread = parts
     return platform, tenant, channel, (None if thread == "-" else thread)
 
 

@@ -171,11 +171,16 @@ async def test_an_answer_with_a_lone_surrogate_is_stored_with_a_replacement_char
 
 
 def test_a_record_without_its_message_takes_place_from_the_conversation_id() -> None:
+    from core.errors import HistoryError
     from core.history import make_record, split_conversation_id
     from core.messages import Turn
 
     assert split_conversation_id("discord:G1:C1:-") == ("discord", "G1", "C1", None)
-    assert split_conversation_id("web:web:sess:1:-") == ("web", "web", "sess:1", None)
+    # A Discord guild channel: each user is their own conversation, thread "user:<id>".
+    assert split_conversation_id("discord:G1:C1:user:U7") == ("discord", "G1", "C1", "user:U7")
+    for broken in ("web:web:s", "web::s:-", "nothing"):
+        with pytest.raises(HistoryError):
+            split_conversation_id(broken)
     assert split_conversation_id("slack:T1:C1:171.5") == ("slack", "T1", "C1", "171.5")
     rec = make_record(Turn(role="user", text="hi", message_id="x", user="U"), "slack:T:C:th")
     assert (rec["platform"], rec["tenant"], rec["channel"], rec["thread"], rec["user"]) == (
