@@ -568,3 +568,30 @@ async def test_sluice_web_off_loopback_starts_with_a_token_and_a_secret(settings
         assert TOKEN not in proc.output() and SECRET not in proc.output()
     finally:
         proc.stop()
+
+
+def test_the_image_and_compose_do_not_expose_the_web_chat_without_sign_in():
+    import re
+
+    from compose_spec import PyCompose
+
+    from bots.web.security import HostRules
+
+    dockerfile = (ROOT / "Dockerfile").read_text("utf-8")
+    assert not re.search(r"SLUICE_WEB_HOST\s*=", dockerfile), "the image must not bind it"
+    compose = PyCompose.from_yaml((ROOT / "docker-compose.yml").read_text("utf-8"))
+    web_service = compose.get_service("web")
+    command = list(web_service.command or [])
+    host = command[command.index("--host") + 1] if "--host" in command else "127.0.0.1"
+    env = dict(web_service.environment or {})
+    if not is_loopback(host):
+        # Off loopback inside the container: it starts only with the sign-in from .env
+        # (test_sluice_web_and_dev_refuse_to_listen_off_loopback_without_sign_in), so it
+        # is not in the default set of services, and no token or secret is baked in.
+        assert set(web_service.profiles or ()) == {"web"}
+        assert not {"SLUICE_WEB_TOKEN", "SLUICE_WEB_SECRET", "SLUICE_WEB_AUTH"} & set(env)
+        allowed = Settings(_env_file=None, web_allowed_hosts=env["SLUICE_WEB_ALLOWED_HOSTS"])
+        rules = HostRules(allowed.web_allowed_hosts)
+        assert rules.allows("127.0.0.1:8080") and rules.allows("web:8080")
+        assert not rules.allows("attacker.example:8080")
+    assert all(str(p).startswith("127.0.0.1:") for p in web_service.ports or ())
