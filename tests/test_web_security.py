@@ -90,6 +90,14 @@ async def test_a_foreign_host_name_is_refused_on_every_route(settings, method, p
         assert await _queued(redis, settings) == 0
 
 
+async def test_the_page_cannot_be_framed_by_another_site(settings):
+    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        async with http.get(base + "/") as r:
+            assert r.status == 200
+            assert "frame-ancestors 'none'" in r.headers["Content-Security-Policy"]
+            assert r.headers["X-Frame-Options"] == "DENY"
+
+
 async def test_allowed_host_names_come_from_the_setting_and_may_pin_a_port(settings):
     custom = settings.model_copy(update={"web_allowed_hosts": ["chat.example.com:8443"]})
     async with web_adapter(custom) as (base, _), aiohttp.ClientSession() as http:

@@ -83,7 +83,7 @@ async def _read_json(request: web.Request) -> dict[str, Any] | web.Response:
     except (json.JSONDecodeError, RecursionError) as e:
         return _error(400, f"Body is not valid JSON: {e}")
     if not isinstance(data, dict):
-        return _error(400, "Body must be a JSON object with 'session' and 'text'.")
+        return _error(400, 'Body must be a JSON object, e.g. {"text": "hello"}.')
     return data
 
 
@@ -357,9 +357,18 @@ async def _pump(redis: ArqRedis, key: str, last_id: str, resp: web.StreamRespons
 
 
 async def index(request: web.Request) -> web.Response:
-    """The chat page."""
+    """The chat page; no other site may frame it."""
     page = resources.files("bots.web").joinpath("static/index.html").read_text("utf-8")
-    return web.Response(text=page, content_type="text/html")
+    return web.Response(
+        text=page,
+        content_type="text/html",
+        headers={
+            "Content-Security-Policy": "frame-ancestors 'none'",
+            "X-Frame-Options": "DENY",
+            "X-Content-Type-Options": "nosniff",
+            "Referrer-Policy": "no-referrer",
+        },
+    )
 
 
 async def healthz(request: web.Request) -> web.Response:
