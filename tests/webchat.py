@@ -102,6 +102,7 @@ class ChatSession:
         self.base = base
         self._session = session
         self.events: list[dict[str, Any]] = []
+        self.refused: str | None = None  # why the event stream was refused, if it was
         self._new = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -128,7 +129,10 @@ class ChatSession:
         async with self.http.get(
             url, headers=self.session.headers(), timeout=aiohttp.ClientTimeout(total=None)
         ) as resp:
-            assert resp.status == 200, await resp.text()
+            if resp.status != 200:
+                self.refused = f"{resp.status} {await resp.text()}"
+                self._new.set()
+                return
             async for raw in resp.content:
                 line = raw.decode().rstrip("\n")
                 if line.startswith("data: "):
@@ -155,6 +159,7 @@ class ChatSession:
         """Wait for the first event of a type (``start``, ``delta``, ``done``) of a message."""
         async with asyncio.timeout(timeout_s):
             while True:
+                assert self.refused is None, f"the event stream was refused: {self.refused}"
                 found = [e for e in self.events_for(message_id) if e["type"] == event_type]
                 if found:
                     return found[0]
