@@ -27,11 +27,12 @@ RUN pip install --no-cache-dir . \
 
 USER 10001:10001
 
-# Bind to all interfaces inside the container; the host decides what is published.
-# Workers serve /metrics and /healthz on 9100 (adapters answer on their own port and
-# set SLUICE_HEALTH_URL to it).
-ENV SLUICE_WEB_HOST=0.0.0.0 \
-    SLUICE_METRICS_HOST=0.0.0.0 \
+# Workers serve /metrics and /healthz on 9100 on all interfaces of the container; the
+# host decides what is published (adapters answer on their own port and set
+# SLUICE_HEALTH_URL to it). The web chat is not bound to all interfaces here: it stays
+# on loopback unless its command says `--host 0.0.0.0`, which it refuses without
+# SLUICE_WEB_AUTH or SLUICE_WEB_TOKEN, and SLUICE_WEB_SECRET (docs/deploy.md).
+ENV SLUICE_METRICS_HOST=0.0.0.0 \
     SLUICE_METRICS_PORT=9100 \
     SLUICE_HEALTH_URL=http://127.0.0.1:9100/healthz
 EXPOSE 8080 3000 9100

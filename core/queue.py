@@ -27,10 +27,15 @@ NOTICE_HEAD_START_MS = 3_600_000
 NOTICE_EXPIRES = timedelta(seconds=60)
 
 
-async def connect_queue(settings: Settings) -> ArqRedis:
-    """A Redis pool that enqueues with Sluice's serializer (not pickle)."""
+async def connect_queue(settings: Settings, *, max_connections: int | None = None) -> ArqRedis:
+    """A Redis pool that enqueues with Sluice's serializer (not pickle).
+
+    ``max_connections`` caps the pool (a request beyond it fails at once with a
+    ``redis.exceptions.ConnectionError``); unset, the pool is unbounded."""
+    rs = redis_settings(settings)
+    rs.max_connections = max_connections
     return await create_pool(
-        redis_settings(settings),
+        rs,
         job_serializer=serialize,
         job_deserializer=deserialize,
         default_queue_name=settings.queue_name,

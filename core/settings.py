@@ -95,8 +95,56 @@ class Settings(BaseSettings):
 
     # SLUICE_* knobs.
     key_prefix: str = Field("sluice", description="Prefix of every Redis key Sluice writes.")
-    web_host: str = Field("127.0.0.1", description="Web chat bind address.")
+    web_host: str = Field(
+        "127.0.0.1",
+        description="Web chat bind address; off loopback the web chat needs SLUICE_WEB_AUTH "
+        "or SLUICE_WEB_TOKEN, and SLUICE_WEB_SECRET.",
+    )
     web_port: int = Field(8080, ge=0, le=65535, description="Web chat port.")
+    web_allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        ["127.0.0.1", "localhost", "[::1]"],
+        description="Comma-separated host names the web chat answers to (`Host` and "
+        "`Origin`); `name` allows any port, `name:port` only that one. Anything else "
+        "gets 421 (DNS rebinding) or 403 (a foreign page).",
+    )
+    web_secret: SecretStr | None = Field(
+        None,
+        description="Key (32+ characters) that signs web chat session cookies (HMAC-SHA256). "
+        "Unset: a random key per process, so sessions end when it restarts and two web "
+        "processes cannot share them; required off loopback.",
+    )
+    web_token: SecretStr | None = Field(
+        None,
+        description="Shared token (16+ characters) the web chat asks for before it opens a "
+        "session (page prompt, or `Authorization: Bearer`). This or SLUICE_WEB_AUTH is "
+        "required off loopback.",
+    )
+    web_auth: str | None = Field(
+        None,
+        description="`module:function` taking the aiohttp request and returning the "
+        "signed-in user's id, or None (refused with 401); may be async. This or "
+        "SLUICE_WEB_TOKEN is required off loopback.",
+    )
+    web_cookie_secure: bool | None = Field(
+        None,
+        description="Mark the session cookie `Secure` (unset: when the request came over "
+        "https, directly or per `X-Forwarded-Proto`).",
+    )
+    web_max_streams_per_session: int = Field(
+        4, ge=1, description="Open reply streams (SSE) one web chat session may hold (429 above)."
+    )
+    web_max_streams_per_ip: int = Field(
+        64,
+        ge=1,
+        description="Open reply streams (SSE) one client address may hold (429 above); "
+        "behind a proxy every client shares the proxy's address.",
+    )
+    web_redis_max_connections: int = Field(
+        512,
+        ge=32,
+        description="Redis connections one web process may open; each open reply stream "
+        "holds one, 16 are kept for sending, so at most this minus 16 streams (503 above).",
+    )
     max_input_chars: int = Field(
         8000,
         ge=1,
@@ -413,6 +461,7 @@ class Settings(BaseSettings):
         "discord_deny_roles",
         "discord_allow_users",
         "discord_deny_users",
+        "web_allowed_hosts",
         mode="before",
     )
     @classmethod

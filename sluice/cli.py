@@ -31,8 +31,14 @@ def main() -> None:
 @click.option(
     "--port", type=int, default=None, help="Web chat port (default SLUICE_WEB_PORT, 8080)."
 )
+@click.option(
+    "--host",
+    default=None,
+    help="Web chat bind address (default SLUICE_WEB_HOST, 127.0.0.1); off loopback it "
+    "needs SLUICE_WEB_AUTH or SLUICE_WEB_TOKEN, and SLUICE_WEB_SECRET.",
+)
 @click.option("--no-browser-hint", is_flag=True, hidden=True)
-def dev(port: int | None, no_browser_hint: bool) -> None:
+def dev(port: int | None, host: str | None, no_browser_hint: bool) -> None:
     """Everything in one process: web chat, a worker, the simulator if no API key.
 
     Uses REDIS_URL, else a Redis on 127.0.0.1:6379, else an embedded Valkey;
@@ -41,7 +47,7 @@ def dev(port: int | None, no_browser_hint: bool) -> None:
     from sluice.dev import run_dev
 
     try:
-        asyncio.run(run_dev(get_settings(), port=port))
+        asyncio.run(run_dev(get_settings(), port=port, host=host))
     except ConfigError as e:
         _fail(e)
     except KeyboardInterrupt:
@@ -65,10 +71,19 @@ def worker(burst: bool) -> None:
 
 
 @main.command()
-@click.option("--host", default=None, help="Bind address (default SLUICE_WEB_HOST).")
+@click.option(
+    "--host",
+    default=None,
+    help="Bind address (default SLUICE_WEB_HOST, 127.0.0.1); off loopback it needs "
+    "SLUICE_WEB_AUTH or SLUICE_WEB_TOKEN, and SLUICE_WEB_SECRET.",
+)
 @click.option("--port", type=int, default=None, help="Port (default SLUICE_WEB_PORT, 8080).")
 def web(host: str | None, port: int | None) -> None:
-    """The web chat adapter alone (workers run separately)."""
+    """The web chat adapter alone (workers run separately).
+
+    A development tool unless configured otherwise: it answers only to
+    SLUICE_WEB_ALLOWED_HOSTS and refuses to listen off loopback without a sign-in.
+    """
     from sluice.dev import run_web
 
     try:

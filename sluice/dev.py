@@ -84,19 +84,33 @@ async def _wait_for_signal() -> None:
 
 
 async def run_web(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
-    """Run the web chat adapter until SIGINT/SIGTERM."""
-    from bots.web.app import create_web_app
-    from core.queue import connect_queue
+    """Run the web chat adapter until SIGINT/SIGTERM.
+
+    Raises:
+        ConfigError: bound off loopback without a sign-in (``SLUICE_WEB_AUTH`` or
+            ``SLUICE_WEB_TOKEN``) and ``SLUICE_WEB_SECRET``, or a bad web setting.
+    """
+    from bots.web.app import connect_web_redis, create_web_app
+    from bots.web.security import check_exposure
 
     setup_logging(settings, process="web")
-    redis = await connect_queue(settings)
+    bind = host or settings.web_host
+    check_exposure(settings, bind)
+    redis = await connect_web_redis(settings)
     try:
         app = create_web_app(settings, redis)
-        async with serve(app, host or settings.web_host, port or settings.web_port) as bound:
-            logger.info("web chat on http://%s:%d", host or settings.web_host, bound)
+        async with serve(app, bind, port or settings.web_port) as bound:
+            logger.info("web chat on http://%s:%d", bind, bound)
             await _wait_for_signal()
     finally:
         await redis.aclose()
+
+
+def _url_host(host: str) -> str:
+    """A bind address as a URL host: IPv6 in brackets, "every interface" as localhost."""
+    if host in ("", "0.0.0.0", "::"):
+        return "localhost"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 @contextlib.asynccontextmanager
@@ -111,14 +125,21 @@ async def _platform_adapters(settings: Settings) -> AsyncIterator[str]:
         yield f"\n  slack:    {where}"
 
 
-async def run_dev(settings: Settings, *, port: int | None = None) -> None:
-    """Everything in one process, for trying Sluice out on one machine."""
-    from bots.web.app import create_web_app
-    from core.queue import connect_queue
+async def run_dev(settings: Settings, *, port: int | None = None, host: str | None = None) -> None:
+    """Everything in one process, for trying Sluice out on one machine.
+
+    Raises:
+        ConfigError: the web chat would be bound off loopback without a sign-in and
+            ``SLUICE_WEB_SECRET`` (checked before anything starts), or a bad setting.
+    """
+    from bots.web.app import connect_web_redis, create_web_app
+    from bots.web.security import check_exposure
     from workers.run import drain
     from workers.settings import create_worker
 
     setup_logging(settings, process="dev")
+    web_host = host or settings.web_host
+    check_exposure(settings, web_host)
     with choose_redis(settings) as (redis_url, redis_desc):
         updates: dict[str, Any] = {"redis_url": redis_url}
         sim_runner = None
@@ -140,20 +161,20 @@ async def run_dev(settings: Settings, *, port: int | None = None) -> None:
 
         # Creates the schema on an empty database; ConfigError on an older one.
         await ensure_schema_at_startup(settings)
-        redis = await connect_queue(settings)
+        redis = await connect_web_redis(settings)
         worker = create_worker(settings, handle_signals=False)
         worker_task = asyncio.create_task(worker.async_run())
         web_port = port if port is not None else settings.web_port
         try:
             async with (
-                serve(create_web_app(settings, redis), settings.web_host, web_port) as bound,
+                serve(create_web_app(settings, redis), web_host, web_port) as bound,
                 _platform_adapters(settings) as adapters_desc,
             ):
                 bot_desc = settings.app or "the built-in assistant"
                 print(
                     f"Sluice dev\n  redis:    {redis_desc}\n  database: {settings.database_url}"
                     f"\n  llm:      {llm_desc}\n  bot:      {bot_desc}{adapters_desc}"
-                    f"\n\n  Open http://{settings.web_host}:{bound}  (Ctrl+C to stop)\n",
+                    f"\n\n  Open http://{_url_host(web_host)}:{bound}  (Ctrl+C to stop)\n",
                     flush=True,
                 )
                 await _wait_for_signal()

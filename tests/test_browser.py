@@ -45,7 +45,7 @@ def _driver(tmp_path: Path):  # type: ignore[no-untyped-def]
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
-def _chat(base: str, tmp_path: Path) -> tuple[str, list[str], str]:
+def _chat(base: str, tmp_path: Path, token: str | None = None) -> tuple[str, list[str], str]:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -54,6 +54,12 @@ def _chat(base: str, tmp_path: Path) -> tuple[str, list[str], str]:
     try:
         driver.get(base)
         wait = WebDriverWait(driver, 30)
+        if token is not None:
+            # The page asks for the access token before it opens a session.
+            field = wait.until(ec.visibility_of_element_located((By.ID, "token")))
+            field.send_keys(token)
+            driver.find_element(By.ID, "signin").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "who"), "session "))
         box = wait.until(ec.element_to_be_clickable((By.ID, "text")))
         box.send_keys("Hello from Chromium")
         driver.find_element(By.ID, "send").click()
@@ -86,3 +92,18 @@ async def test_chromium_sends_a_message_and_sees_the_reply(
     assert done.startswith("Echo: Hello from Chromium")
     partial = {s for s in seen if s and s != done}
     assert partial, "the page should show the reply growing before it is complete"
+
+
+async def test_chromium_signs_in_with_the_access_token_then_chats(
+    settings, llm_sim, worker_process, tmp_path
+):
+    from pydantic import SecretStr
+
+    token = "browser-token-0123456789"
+    llm_sim.configure(tokens=10, token_latency_s=0.02)
+    worker_process({"SLUICE_STREAM_MIN_INTERVAL_S": "0.05"})
+    guarded = settings.model_copy(update={"web_token": SecretStr(token)})
+    async with web_adapter(guarded) as (base, _):
+        user, _seen, done = await asyncio.to_thread(_chat, base, tmp_path, token)
+    assert user == "Hello from Chromium"
+    assert done.startswith("Echo: Hello from Chromium")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
-
 import aiohttp
 import redis as redis_sync
 
@@ -44,9 +42,7 @@ async def test_sluice_dev_serves_the_chat_with_the_simulator(settings, tmp_path)
         assert "the built-in LLM simulator" in out
         assert "redis:    REDIS_URL" in out
         async with aiohttp.ClientSession() as http:
-            async with ChatSession(
-                http, f"http://127.0.0.1:{port}", f"d{uuid.uuid4().hex[:8]}"
-            ) as tab:
+            async with ChatSession(http, f"http://127.0.0.1:{port}") as tab:
                 done = await tab.reply(await tab.send("hello dev"))
         assert done["text"].startswith("Echo: hello dev")
     finally:

@@ -17,7 +17,7 @@ from core.redis import Keys
 from core.traffic import lane_counts, snapshot
 from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
 from tests.traffic_util import done_event, outbox, p95, post, wait_done
-from tests.webchat import web_adapter
+from tests.webchat import open_session, web_adapter, with_web_secret
 
 
 def _session() -> str:
@@ -30,8 +30,8 @@ async def test_two_messages_10ms_apart_are_answered_in_order_and_the_second_sees
     llm_sim.configure(first_token_latency_s=0.3)
     worker_process()
     worker_process()
-    sessions = [_session() for _ in range(3)]
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        sessions = [await open_session(http, base) for _ in range(3)]
         sent: dict[str, tuple[str, str]] = {}
         for session in sessions:
             first = await post(http, base, session, f"first question of {session}")
@@ -59,8 +59,8 @@ async def test_killed_worker_holding_a_conversation_does_not_strand_it(
     env = {"SLUICE_CONVERSATION_LOCK_TTL_S": "2", "SLUICE_JOB_TIMEOUT_S": "5"}
     workers = [worker_process(env), worker_process(env)]
     llm_sim.configure(mode="hang")
-    session = _session()
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+        session = await open_session(http, base)
         first = await post(http, base, session, "a question the dead worker took")
         deadline = time.monotonic() + 10
         while llm_sim.stats()["requests"] < 1:
@@ -90,7 +90,8 @@ async def test_user_over_the_limit_gets_one_notice_per_window_and_no_llm_call(
     limits = {"SLUICE_USER_REQUESTS_PER_WINDOW": "3", "SLUICE_USER_WINDOW_S": "3600"}
     worker_process(limits)
     worker_process(limits)
-    env = {**base_env(), **settings_env(settings), **limits}
+    # One web secret: a session opened at one adapter is taken by the other.
+    env = {**base_env(), **settings_env(with_web_secret(settings)), **limits}
     ports = [free_port(), free_port()]
     adapters = [
         Proc(["web", "--port", str(p)], env, tmp_path / f"web-{i}.log") for i, p in enumerate(ports)
@@ -98,8 +99,10 @@ async def test_user_over_the_limit_gets_one_notice_per_window_and_no_llm_call(
     try:
         for p in ports:
             wait_port(p)
-        session, other = _session(), _session()
         async with aiohttp.ClientSession() as http:
+            first_base = f"http://127.0.0.1:{ports[0]}"
+            session = await open_session(http, first_base)
+            other = await open_session(http, first_base)
             ids = []
             for i in range(8):
                 base = f"http://127.0.0.1:{ports[i % 2]}"
@@ -133,8 +136,8 @@ async def test_fifty_identical_questions_cost_one_llm_call_and_tenants_never_sha
     worker_process(app)
     worker_process(app)
     question = "What are your opening hours?"
-    sessions = [_session() for _ in range(50)]
     async with web_adapter(settings) as (base, queue), aiohttp.ClientSession() as http:
+        sessions = [await open_session(http, base) for _ in range(50)]
         ids = await asyncio.gather(*(post(http, base, s, question) for s in sessions))
         sent = list(zip(sessions, ids, strict=True))
         events = await wait_done(redis, settings.key_prefix, sent, timeout_s=30)
@@ -190,7 +193,7 @@ async def _lane_load(settings, llm_sim, worker_process, redis, mode: str) -> dic
         for i in range(120):
             lane = "high" if i % 8 == 3 else "bulk" if i % 5 == 1 else "default"
             word = {"high": "billing", "bulk": "digest", "default": "question"}[lane]
-            session = _session()
+            session = await open_session(http, base)
             mid = await post(http, base, session, f"{word} number {i}")
             lane_of[mid] = lane
             sent.append((session, mid))
@@ -246,7 +249,7 @@ async def test_breaker_opens_while_the_provider_is_down_and_calls_resume_after(
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
 
         async def ask(text: str) -> dict[str, object]:
-            session = _session()
+            session = await open_session(http, base)
             mid = await post(http, base, session, text)
             got = await wait_done(redis, settings.key_prefix, [(session, mid)], timeout_s=20)
             return done_event(got[mid])
@@ -285,7 +288,7 @@ async def test_shared_budget_keeps_429s_rare_and_answers_every_message(
         sent = []
         started = time.monotonic()
         for i, text in enumerate(texts):
-            session = _session()
+            session = await open_session(http, base)
             sent.append((session, await post(http, base, session, text)))
             delay = started + (i + 1) * 0.05 - time.monotonic()
             if delay > 0:
@@ -318,7 +321,7 @@ async def test_queued_message_shows_its_expected_wait_then_the_answer(
     worker_process(env)
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
         # The first minute's budget is 29 calls (30 x headroom); 4 more wait ~2 s each.
-        sessions = [_session() for _ in range(33)]
+        sessions = [await open_session(http, base) for _ in range(33)]
         ids = await asyncio.gather(*(post(http, base, s, f"q {s}") for s in sessions))
         sent = list(zip(sessions, ids, strict=True))
         events = await wait_done(redis, settings.key_prefix, sent, timeout_s=30)
@@ -337,9 +340,9 @@ async def test_burst_of_quick_messages_from_one_user_is_answered_as_one_turn(
     settings, llm_sim, worker_process, redis
 ):
     worker_process({"SLUICE_APP": "tests.traffic_bot:burst_bot"})
-    session = _session()
     s = settings.model_copy(update={"app": "tests.traffic_bot:burst_bot"})
     async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
+        session = await open_session(http, base)
         burst = []
         for text in ("hi", "I have a question", "about invoices"):
             burst.append(await post(http, base, session, text))
@@ -372,7 +375,7 @@ async def test_provider_down_for_a_minute_opens_the_breaker_and_calls_resume_aft
         sent = []
         started = time.monotonic()
         while time.monotonic() - started < 60:
-            session = _session()
+            session = await open_session(http, base)
             sent.append((session, await post(http, base, session, f"q{len(sent)}")))
             await asyncio.sleep(1.0)
         events = await wait_done(redis, settings.key_prefix, sent, timeout_s=60)
@@ -392,7 +395,7 @@ async def test_provider_down_for_a_minute_opens_the_breaker_and_calls_resume_aft
         # Calls resume once the open period ends.
         deadline = time.monotonic() + 30
         while True:
-            session = _session()
+            session = await open_session(http, base)
             mid = await post(http, base, session, "back?")
             got = await wait_done(redis, settings.key_prefix, [(session, mid)], timeout_s=20)
             if done_event(got[mid])["kind"] == "answer":
@@ -411,10 +414,10 @@ async def test_budget_learns_the_providers_limit_from_its_headers(
     worker_process()
     worker_process()
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        first = _session()
+        first = await open_session(http, base)
         mid = await post(http, base, first, "hello")
         await wait_done(redis, settings.key_prefix, [(first, mid)], timeout_s=20)
-        sessions = [_session() for _ in range(130)]
+        sessions = [await open_session(http, base) for _ in range(130)]
         ids = await asyncio.gather(*(post(http, base, s, f"q {s}") for s in sessions))
         sent = list(zip(sessions, ids, strict=True))
         events = await wait_done(redis, settings.key_prefix, sent, timeout_s=60)
@@ -439,7 +442,7 @@ async def test_message_waiting_for_a_worker_is_told_its_expected_wait_at_once(
     worker_process(env)
     s = settings.model_copy(update={"llm_rpm": 60, "queued_notice_after_s": 2.0})
     async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
-        sessions = [_session() for _ in range(66)]
+        sessions = [await open_session(http, base) for _ in range(66)]
         ids = []
         for session in sessions:  # in order, so that the last ones are last in line
             ids.append(await post(http, base, session, f"q {session}"))

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import aiohttp
 
 from tests.webchat import ChatSession, web_adapter
-
-
-def _session() -> str:
-    return f"s{uuid.uuid4().hex[:16]}"
 
 
 async def test_message_is_answered_by_a_worker_process_streamed_in_pieces(
@@ -19,7 +14,7 @@ async def test_message_is_answered_by_a_worker_process_streamed_in_pieces(
 ):
     worker_process()
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             mid = await tab.send("What is a sluice?")
             done = await tab.reply(mid)
             assert done["kind"] == "answer"
@@ -35,7 +30,7 @@ async def test_second_message_carries_the_first_turn_in_the_prompt(
 ):
     worker_process()
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             first = await tab.reply(await tab.send("My name is Ada."))
             await tab.reply(await tab.send("What is my name?"))
     prompt = llm_sim.requests()[-1]["messages"]
@@ -51,8 +46,8 @@ async def test_two_tabs_are_two_users_with_separate_conversations(
     worker_process()
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
         async with (
-            ChatSession(http, base, _session()) as a,
-            ChatSession(http, base, _session()) as b,
+            ChatSession(http, base) as a,
+            ChatSession(http, base) as b,
         ):
             ma, mb = await asyncio.gather(a.send("alpha question"), b.send("beta question"))
             ra, rb = await asyncio.gather(a.reply(ma), b.reply(mb))
@@ -69,7 +64,7 @@ async def test_long_text_is_truncated_for_the_model_with_a_visible_note(
     worker_process({"SLUICE_MAX_INPUT_CHARS": "100"})
     text = "x" * 250
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             mid = await tab.send(text)
             done = await tab.reply(mid)
             assert "250 characters" in done["text"] and "first 100" in done["text"]
@@ -86,7 +81,7 @@ async def test_simulator_down_gives_a_short_apology_and_the_worker_keeps_running
     worker = worker_process()
     llm_sim.configure(mode="down")
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             done = await tab.reply(await tab.send("hello?"))
             assert done["kind"] == "error"
             assert "try again" in done["text"].lower()
@@ -101,7 +96,7 @@ async def test_hanging_model_times_out_into_an_apology(settings, llm_sim, worker
     worker_process({"SLUICE_LLM_FIRST_TOKEN_TIMEOUT_S": "1", "SLUICE_LLM_RETRIES": "0"})
     llm_sim.configure(mode="hang")
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             done = await tab.reply(await tab.send("are you there?"), timeout_s=15)
     assert done["kind"] == "error"
     assert "try again" in done["text"].lower()
@@ -113,7 +108,7 @@ async def test_stream_cut_halfway_shows_the_partial_answer_marked_as_cut(
     worker_process()
     llm_sim.configure(mode="cut", tokens=20)
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             mid = await tab.send("tell me a story")
             done = await tab.reply(mid)
             assert done["text"].startswith("Echo: tell me a story")

@@ -11,11 +11,15 @@ import aiohttp
 from redis.asyncio import Redis
 
 from core.redis import Keys
+from tests.webchat import WebSession
 
 
-async def post(http: aiohttp.ClientSession, base: str, session: str, text: str) -> str:
-    """Send one message through a web adapter; returns its message id."""
-    async with http.post(f"{base}/api/messages", json={"session": session, "text": text}) as resp:
+async def post(http: aiohttp.ClientSession, base: str, session: WebSession, text: str) -> str:
+    """Send one message through a web adapter with a session from
+    :func:`tests.webchat.open_session`; returns its message id."""
+    async with http.post(
+        f"{base}/api/messages", json={"text": text}, headers=session.headers()
+    ) as resp:
         body = await resp.json()
         assert resp.status == 202, body
         message_id: str = body["message_id"]

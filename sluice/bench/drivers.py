@@ -1,8 +1,9 @@
 """Simulated users: they send the planned messages and time the replies they see.
 
-Sluice: each user is a web chat tab (``POST /api/messages``, replies over SSE from
-``GET /api/events``). Naive: each message is one ``POST`` whose response body
-streams the answer. Times are seconds from the schedule's start (``t0``).
+Sluice: each user is a web chat tab (``POST /api/session`` signed in through the
+bench's hook, ``POST /api/messages``, replies over SSE from ``GET /api/events``).
+Naive: each message is one ``POST`` whose response body streams the answer. Times
+are seconds from the schedule's start (``t0``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import Any
 
 import aiohttp
 
+from bots.web.security import COOKIE as SESSION_COOKIE
+from sluice.bench.bot import BENCH_USER_HEADER
 from sluice.bench.scenarios import Planned
 
 LEAD_S = 2.0  # time to open connections before the first message
@@ -81,15 +84,39 @@ class Progress:
 
 
 def session_id(run_id: str, user: int) -> str:
-    """The web chat session (so the user id) of one simulated user."""
+    """The name of one simulated user: the bench's sign-in hook takes it from the
+    ``X-Bench-User`` header, so its web user id is ``web:<name>``."""
     return f"{run_id}u{user}"
 
 
 def _session(http_limit: int = 0) -> aiohttp.ClientSession:
+    # No shared cookie jar: each simulated user sends its own session cookie.
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=http_limit),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
+        cookie_jar=aiohttp.DummyCookieJar(),
     )
+
+
+async def sign_in(http: aiohttp.ClientSession, base: str, name: str) -> dict[str, str]:
+    """Open a simulated user's web chat session; returns the headers its requests carry
+    (its name for the bench's sign-in hook and its session cookie).
+
+    Raises:
+        aiohttp.ClientError: the adapter refused or did not answer.
+    """
+    who = {BENCH_USER_HEADER: name}
+    async with http.post(f"{base}/api/session", json={}, headers=who) as resp:
+        if resp.status != 200:
+            raise aiohttp.ClientResponseError(
+                resp.request_info, (), status=resp.status, message=await resp.text()
+            )
+        morsel = resp.cookies.get(SESSION_COOKIE)
+        if morsel is None:
+            raise aiohttp.ClientResponseError(
+                resp.request_info, (), status=resp.status, message="no session cookie"
+            )
+        return {**who, "Cookie": f"{SESSION_COOKIE}={morsel.value}"}
 
 
 class SluiceUsers:
@@ -141,12 +168,14 @@ class SluiceUsers:
             self._apply(o, at, event)
             wake.set()
 
-    async def _listen(self, http: aiohttp.ClientSession, session: str, wake: asyncio.Event) -> None:
+    async def _listen(
+        self, http: aiohttp.ClientSession, headers: dict[str, str], wake: asyncio.Event
+    ) -> None:
         last_id = "0-0"
         while True:
-            url = f"{self.base}/api/events?session={session}&since={last_id}"
+            url = f"{self.base}/api/events?since={last_id}"
             with contextlib.suppress(aiohttp.ClientError, OSError):
-                async with http.get(url) as resp:
+                async with http.get(url, headers=headers) as resp:
                     async for raw in resp.content:
                         line = raw.decode().rstrip("\n")
                         if line.startswith("id: "):
@@ -155,13 +184,15 @@ class SluiceUsers:
                             self._event(self.clock.now(), json.loads(line[6:]), wake)
             await asyncio.sleep(0.2)  # the stream ended: reconnect where it left off
 
-    async def _send(self, http: aiohttp.ClientSession, session: str, o: Observation) -> None:
+    async def _send(
+        self, http: aiohttp.ClientSession, headers: dict[str, str], o: Observation
+    ) -> None:
         await self.clock.until(o.planned.at_s)
         o.sent_s = self.clock.now()
         self.progress.sent += 1
         try:
             async with http.post(
-                f"{self.base}/api/messages", json={"session": session, "text": o.planned.text}
+                f"{self.base}/api/messages", json={"text": o.planned.text}, headers=headers
             ) as resp:
                 body = await resp.json(content_type=None)
                 o.ack_s = self.clock.now() - o.sent_s
@@ -180,13 +211,20 @@ class SluiceUsers:
             self._apply(o, at, event)
 
     async def _user(self, http: aiohttp.ClientSession, user: int, obs: list[Observation]) -> None:
-        session = session_id(self.run_id, user)
         await self.clock.until(obs[0].planned.at_s - LEAD_S / 2)
+        try:
+            headers = await sign_in(http, self.base, session_id(self.run_id, user))
+        except (aiohttp.ClientError, OSError):
+            for o in obs:  # no session: every message of this user counts as refused
+                o.kind, o.sent_s, o.done_s = "rejected", self.clock.now(), self.clock.now()
+                self.progress.sent += 1
+                self.progress.finished += 1
+            return
         wake = asyncio.Event()
-        listener = asyncio.create_task(self._listen(http, session, wake))
+        listener = asyncio.create_task(self._listen(http, headers, wake))
         try:
             for o in obs:
-                await self._send(http, session, o)
+                await self._send(http, headers, o)
                 if o.kind is not None:
                     wake.set()
             while not self._finished(obs) and self.clock.now() < self.deadline_s:

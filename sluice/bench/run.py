@@ -25,6 +25,7 @@ from sluice.bench.scenarios import Planned, Scenario, plan
 
 DESIGNS = ("sluice", "naive")
 BENCH_BOT = "sluice.bench.bot:make_bot"
+BENCH_AUTH = "sluice.bench.bot:bench_user"
 
 
 def base_env() -> dict[str, str]:
@@ -205,9 +206,16 @@ async def run_sluice(
             "OPENAI_BASE_URL": f"{sim_url}/v1",
             "SLUICE_KEY_PREFIX": prefix,
             "SLUICE_LOG_LEVEL": "WARNING",
-            # Lane rules: billing questions high, the heavy users' sessions bulk.
+            # Lane rules: billing questions high, the heavy users bulk. The bench's
+            # sign-in hook names each simulated user, so their ids (web:<name>) are known
+            # before their sessions exist.
             "SLUICE_APP": BENCH_BOT,
-            BULK_USERS_ENV: ",".join(session_id(run_id, u) for u in range(sc.heavy_users)),
+            "SLUICE_WEB_AUTH": BENCH_AUTH,
+            BULK_USERS_ENV: ",".join("web:" + session_id(run_id, u) for u in range(sc.heavy_users)),
+            # Every simulated user holds one reply stream (one Redis connection) from
+            # this machine's address; a reconnect may hold a second one for a moment.
+            "SLUICE_WEB_MAX_STREAMS_PER_IP": str(2 * sc.users + 64),
+            "SLUICE_WEB_REDIS_MAX_CONNECTIONS": str(max(512, 2 * sc.users + 80)),
             **(sluice_env or {}),
         }
         metric_urls = []

@@ -35,7 +35,7 @@ class Chat:
             platform="web",
             tenant="web",
             channel=self.tab.session,
-            user=self.tab.session,
+            user=self.tab.session.user,
             message_id=uuid.uuid4().hex,
             text=text,
             ts=time.time(),
@@ -50,5 +50,5 @@ class Chat:
 async def chat(settings: Settings) -> AsyncIterator[Chat]:
     """A web adapter in this process and one open chat tab on it."""
     async with web_adapter(settings) as (base, redis), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, f"s{uuid.uuid4().hex[:16]}") as tab:
+        async with ChatSession(http, base) as tab:
             yield Chat(tab, redis, settings)

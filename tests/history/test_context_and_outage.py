@@ -52,10 +52,10 @@ async def test_follow_up_after_redis_lost_its_data_gets_earlier_turns_from_sql(
 ) -> None:
     fast = {"SLUICE_HISTORY_FLUSH_INTERVAL_S": "1"}
     worker = worker_process(fast)
-    session = f"s{uuid.uuid4().hex[:16]}"
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, session) as tab:
+        async with ChatSession(http, base) as tab:
             first = await tab.reply(await tab.send("My name is Ada."))
+            session = tab.session  # the same browser comes back to it
         await _wait_rows(settings, 2)
         # Redis loses everything (a restart without persistence), workers restart.
         worker.stop()
@@ -141,7 +141,7 @@ async def test_postgres_down_chat_goes_on_backlog_grows_within_bound_then_lands(
     try:
         worker = worker_process(dead)
         async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-            async with ChatSession(http, base, f"s{uuid.uuid4().hex[:16]}") as tab:
+            async with ChatSession(http, base) as tab:
                 for i in range(5):
                     done = await tab.reply(await tab.send(f"question {i} while the db is down"))
                     assert done["kind"] == "answer"
@@ -195,7 +195,7 @@ async def test_backlog_past_the_threshold_is_flushed_before_the_next_interval(
         {"SLUICE_HISTORY_FLUSH_INTERVAL_S": "3600", "SLUICE_HISTORY_FLUSH_THRESHOLD": "4"}
     )
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, f"s{uuid.uuid4().hex[:16]}") as tab:
+        async with ChatSession(http, base) as tab:
             for i in range(3):
                 await tab.reply(await tab.send(f"question {i}"))
     await _wait_rows(settings, 4, timeout_s=15)

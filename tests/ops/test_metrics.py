@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import aiohttp
 
@@ -24,12 +23,12 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
     worker_process({"SLUICE_METRICS_PORT": str(port), "SLUICE_USER_REQUESTS_PER_WINDOW": "4"})
     worker_url = f"http://127.0.0.1:{port}"
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as tab:
+        async with ChatSession(http, base) as tab:
             for text in ("first question", "second question", "third question"):
                 done = await tab.reply(await tab.send(text))
                 assert done["kind"] == "answer"
             # Another user asks the same first question: served from the cache.
-            async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as other:
+            async with ChatSession(http, base) as other:
                 hit = await other.reply(await other.send("first question"))
                 assert hit["kind"] == "answer" and hit["cached"] is True
             llm_sim.configure(mode="429")
@@ -124,7 +123,7 @@ async def test_healthz_answers_503_when_redis_is_gone() -> None:
 
 async def test_adapter_metrics_show_the_backlog_while_no_worker_runs(settings):
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as tab:
+        async with ChatSession(http, base) as tab:
             for i in range(3):
                 await tab.send(f"nobody answers this yet {i}")
         await asyncio.sleep(0.3)

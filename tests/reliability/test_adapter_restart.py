@@ -13,18 +13,19 @@ import pytest
 
 from core.redis import Keys
 from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
+from tests.webchat import WebSession, open_session, with_web_secret
 
 pytestmark = pytest.mark.slow
 
-SESSION = "restart1"
 
-
-async def _send_with_redelivery(http: aiohttp.ClientSession, url: str, text: str) -> str:
+async def _send_with_redelivery(
+    http: aiohttp.ClientSession, url: str, session: WebSession, text: str
+) -> str:
     """Post like a platform does: the same id again until accepted (refused, reset, 5xx)."""
-    body = {"session": SESSION, "text": text, "id": uuid.uuid4().hex}
+    body = {"text": text, "id": uuid.uuid4().hex}
     for _ in range(200):
         try:
-            async with http.post(url, json=body) as resp:
+            async with http.post(url, json=body, headers=session.headers()) as resp:
                 if resp.status == 202:
                     message_id: str = (await resp.json())["message_id"]
                     return message_id
@@ -40,14 +41,18 @@ async def test_adapter_restart_loses_nothing_and_answers_each_message_once(
     # No streamed deltas: the session's outbox (500 events) then holds every answer.
     worker_process({"SLUICE_STREAM_MIN_INTERVAL_S": "60"})
     port = free_port()
-    env = {**base_env(), **settings_env(settings)}
+    # One web secret, so the restarted adapter takes the session the first one issued.
+    env = {**base_env(), **settings_env(with_web_secret(settings))}
     url = f"http://127.0.0.1:{port}/api/messages"
     first = Proc(["web", "--port", str(port)], env, tmp_path / "web1.log")
     wait_port(port)
     async with aiohttp.ClientSession() as http:
+        session = await open_session(http, f"http://127.0.0.1:{port}")
         sends = []
         for i in range(60):
-            sends.append(asyncio.create_task(_send_with_redelivery(http, url, f"message {i}")))
+            sends.append(
+                asyncio.create_task(_send_with_redelivery(http, url, session, f"message {i}"))
+            )
             await asyncio.sleep(0.02)
             if i == 20:
                 first.kill(signal.SIGTERM)
@@ -56,7 +61,7 @@ async def test_adapter_restart_loses_nothing_and_answers_each_message_once(
         accepted = await asyncio.gather(*sends)
     try:
         assert len(set(accepted)) == 60
-        key = Keys(settings.key_prefix).web_outbox(SESSION)
+        key = Keys(settings.key_prefix).web_outbox(session)
         async with asyncio.timeout(60):
             while True:
                 events = [json.loads(f[b"data"]) for _, f in await redis.xrange(key)]

@@ -9,7 +9,6 @@ halfway are in ``tests/test_web_e2e.py``.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections import Counter
 
 import aiohttp
@@ -22,7 +21,7 @@ PER_SESSION = 3
 
 
 async def _send_all(base: str, http: aiohttp.ClientSession, tag: str):
-    tabs = [ChatSession(http, base, f"s{uuid.uuid4().hex[:10]}") for _ in range(SESSIONS)]
+    tabs = [ChatSession(http, base) for _ in range(SESSIONS)]
     for tab in tabs:
         await tab.__aenter__()
     sent: list[tuple[ChatSession, str, str]] = []

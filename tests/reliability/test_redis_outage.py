@@ -19,14 +19,14 @@ async def test_accepted_messages_survive_a_redis_restart_and_new_ones_are_refuse
     valkey, valkey_settings, llm_sim, tmp_path
 ):
     settings = valkey_settings
-    session = f"v{uuid.uuid4().hex[:10]}"
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, session) as tab:
+        async with ChatSession(http, base) as tab:
             # No worker yet: the message waits in the queue.
             accepted = await tab.send("queued before the outage")
             valkey.stop()
-            during = {"session": session, "text": "during", "id": uuid.uuid4().hex}
-            async with http.post(f"{base}/api/messages", json=during) as resp:
+            during = {"text": "during", "id": uuid.uuid4().hex}
+            cookie = tab.session.headers()
+            async with http.post(f"{base}/api/messages", json=during, headers=cookie) as resp:
                 assert resp.status == 503, "a refused message must not look accepted"
                 assert "try again" in (await resp.json())["error"]
             async with http.get(f"{base}/healthz") as resp:
@@ -41,7 +41,7 @@ async def test_accepted_messages_survive_a_redis_restart_and_new_ones_are_refuse
                 assert len([e for e in tab.events_for(accepted) if e["type"] == "done"]) == 1
                 assert done["text"].startswith("Echo: queued before the outage")
                 # The refused message, delivered again, is taken: it was never enqueued.
-                async with http.post(f"{base}/api/messages", json=during) as resp:
+                async with http.post(f"{base}/api/messages", json=during, headers=cookie) as resp:
                     assert resp.status == 202
                     assert "duplicate" not in await resp.json()
                 again = await tab.reply(during["id"], timeout_s=30)
@@ -62,7 +62,7 @@ async def test_a_running_worker_reconnects_after_redis_comes_back(
         await asyncio.sleep(3)
         valkey.start()
         async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-            async with ChatSession(http, base, f"v{uuid.uuid4().hex[:10]}") as tab:
+            async with ChatSession(http, base) as tab:
                 done = await tab.reply(await tab.send("after the outage"), timeout_s=40)
         assert done["text"].startswith("Echo: after the outage")
         assert worker.popen.poll() is None, "the worker must survive the outage"

@@ -171,9 +171,7 @@ async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
                 mention_bot=True,
             )  # fmt: skip
             # Web: an answer, then the model down (an apology), then the model back.
-            async with ChatSession(
-                http, f"http://127.0.0.1:{web_port}", f"s{uuid.uuid4().hex[:10]}"
-            ) as tab:
+            async with ChatSession(http, f"http://127.0.0.1:{web_port}") as tab:
                 web_done = await tab.reply(await tab.send("web question"), timeout_s=30)
                 llm_sim.configure(mode="down")
                 down = await tab.reply(await tab.send("while the model is down"), timeout_s=30)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import uuid
 
 import aiohttp
 import pytest
@@ -14,10 +13,6 @@ from tests.webchat import ChatSession, web_adapter
 # The README promises a killed worker's job is answered again within
 # SLUICE_JOB_TIMEOUT_S + 10 s (arq's in-progress marker) plus the answer's own time.
 JOB_TIMEOUT_S = 5
-
-
-def _session() -> str:
-    return f"r{uuid.uuid4().hex[:12]}"
 
 
 async def _first_delta(tab: ChatSession, mid: str) -> None:
@@ -32,7 +27,7 @@ async def test_worker_sigkilled_mid_stream_the_message_is_answered_once(
     env = {"SLUICE_JOB_TIMEOUT_S": str(JOB_TIMEOUT_S)}
     first = worker_process(env)
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             mid = await tab.send("a long story please")
             await _first_delta(tab, mid)
             first.kill(signal.SIGKILL)
@@ -60,7 +55,7 @@ async def test_a_killed_workers_job_is_handed_back_when_its_heartbeat_stops(
     }
     first = worker_process(env)
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             mid = await tab.send("a long story please")
             await _first_delta(tab, mid)
             first.kill(signal.SIGKILL)
@@ -86,7 +81,7 @@ async def test_sigterm_lets_the_running_reply_finish_and_exits_cleanly(
     llm_sim.configure(tokens=20, token_latency_s=0.1)
     worker = worker_process()
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             mid = await tab.send("finish me")
             await _first_delta(tab, mid)
             worker.kill(signal.SIGTERM)
@@ -103,7 +98,7 @@ async def test_sigterm_past_the_grace_period_hands_the_job_to_another_worker(
     llm_sim.configure(tokens=30, token_latency_s=0.1)
     leaving = worker_process({"SLUICE_SHUTDOWN_GRACE_S": "0.2"})
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, _session()) as tab:
+        async with ChatSession(http, base) as tab:
             mid = await tab.send("hand me over")
             await _first_delta(tab, mid)
             leaving.kill(signal.SIGTERM)
