@@ -36,7 +36,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
@@ -52,6 +52,7 @@ from core.commands import (
 from core.context import MessageContext
 from core.errors import BotDefinitionError
 from core.hooks import AfterHook, BeforeHook, Hook, make_hook, run_after, run_before
+from core.mcp import McpServer, close_servers, connect_servers
 from core.messages import IncomingMessage, Reply
 from core.routing import LaneRule, check_lane
 from core.tools import Tool, ToolFunc, make_tool
@@ -120,6 +121,8 @@ class Bot:
     bare_commands: bool = True
     _commands: dict[str, Command] = field(default_factory=dict, init=False, repr=False)
     _tools: dict[str, Tool] = field(default_factory=dict, init=False, repr=False)
+    _mcp: list[McpServer] = field(default_factory=list, init=False, repr=False)
+    _mcp_tools: dict[str, Tool] = field(default_factory=dict, init=False, repr=False)
     _before: list[Hook] = field(default_factory=list, init=False, repr=False)
     _after: list[Hook] = field(default_factory=list, init=False, repr=False)
     _prompt_fns: list[PromptFunc] = field(default_factory=list, init=False, repr=False)
@@ -231,6 +234,57 @@ class Bot:
 
         return register(fn) if fn is not None else register
 
+    def mcp(
+        self,
+        name: str,
+        *,
+        command: Sequence[str] | None = None,
+        url: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 20.0,
+    ) -> McpServer:
+        """Offer an MCP server's tools to the model, as ``<name>_<tool>``.
+
+        Give ``command`` (a server speaking MCP over stdio, started by each worker) or
+        ``url`` (a streamable HTTP server). Workers connect at start-up and stop with
+        an error that names the server if it does not start within
+        ``connect_timeout_s``; each call is bounded by ``timeout_s``; a server that
+        breaks later only makes its own tools fail (see :mod:`core.mcp`). Needs the
+        ``mcp`` package: ``pip install 'sluice[mcp]'``.
+
+        Raises:
+            BotDefinitionError: a bad name, both or neither of ``command`` and ``url``,
+                or a second server with the same name.
+        """
+        if any(s.name == name for s in self._mcp):
+            raise BotDefinitionError(f"Bot {self.name!r}: two MCP servers are named {name!r}.")
+        server = McpServer(
+            name,
+            command=command,
+            url=url,
+            env=env,
+            call_timeout_s=timeout_s,
+            connect_timeout_s=connect_timeout_s,
+        )
+        self._mcp.append(server)
+        return server
+
+    async def start_mcp(self) -> None:
+        """Connect the MCP servers and offer their tools (workers call this at start-up).
+
+        Raises:
+            ConfigError: a server did not start, or a tool name is taken.
+        """
+        if self._mcp:
+            tools = await connect_servers(self._mcp, set(self._tools))
+            self._mcp_tools = {t.name: t for t in tools}
+
+    async def stop_mcp(self) -> None:
+        """Close the MCP servers' connections (workers call this at shutdown)."""
+        await close_servers(self._mcp)
+        self._mcp_tools = {}
+
     def before(self, fn: B) -> B:
         """Register a hook run before the answer (see :mod:`core.hooks`)."""
         self._before.append(make_hook(fn, "before"))
@@ -272,8 +326,8 @@ class Bot:
 
     @property
     def tools(self) -> dict[str, Tool]:
-        """The registered tools by name."""
-        return dict(self._tools)
+        """The registered tools by name, the connected MCP servers' included."""
+        return {**self._tools, **self._mcp_tools}
 
     @property
     def commands(self) -> dict[str, Command]:

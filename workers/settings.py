@@ -66,6 +66,7 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
             )
         ctx["settings"] = settings
         ctx["bot"] = load_bot(settings.app)
+        await ctx["bot"].start_mcp()
         ctx["keys"] = Keys(settings.key_prefix)
         ctx["db"] = make_engine(settings)
         await ensure_schema_at_startup(settings, ctx["db"])
@@ -108,6 +109,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await factory.close()
     if "llm" in ctx:
         await ctx["llm"].close()
+    if "bot" in ctx:
+        await ctx["bot"].stop_mcp()
     await stop_ops(ctx)
     if "db" in ctx:
         await ctx["db"].dispose()

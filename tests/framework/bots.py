@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from core.bot import Bot, MessageContext
 
@@ -48,3 +49,14 @@ broken_after_bot = Bot(name="broken-after")
 async def explode_after(ctx: MessageContext, reply: object) -> str | None:
     """An after-hook with a bug."""
     raise ValueError("after hook bug")
+
+
+# A bot whose tools come from an MCP server over stdio (tests/framework/mcp_server.py).
+mcp_bot = Bot(name="mcp-test", system_prompt="You use MCP tools.")
+mcp_bot.mcp("calc", command=[sys.executable, "-m", "tests.framework.mcp_server"], timeout_s=1.0)
+
+# A bot whose MCP server cannot start: workers must refuse to start and name it.
+broken_mcp_bot = Bot(name="mcp-broken", system_prompt="Never starts.")
+broken_mcp_bot.mcp(
+    "ghost", command=[sys.executable, "-c", "import sys; sys.exit(3)"], connect_timeout_s=10
+)
