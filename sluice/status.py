@@ -5,6 +5,9 @@ The queue, worker and adapter probes are here. LLM budget, cache and history
 probes belong to the modules that own that state; they are found by import path
 in :data:`PROBES` (a module that does not exist yet shows ``n/a``), or added at run
 time with :func:`register_probe`.
+
+Every row and error is masked with :func:`core.logs.redact` (a flush error can quote a
+``DATABASE_URL`` with its password), and so is the error that ends the command.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from redis.exceptions import RedisError
 from rich.table import Table
 
 from core.heartbeat import live
+from core.logs import redact, register_secret, secret_values
 from core.metrics import lane_snapshot, queue_names
 from core.redis import Keys
 from core.settings import Settings
@@ -128,7 +132,9 @@ def _resolve(probe: str | Probe) -> Probe | None:
 
 
 async def collect(settings: Settings, redis: Redis) -> dict[str, list[Row]]:
-    """Every section's rows; a missing probe gives ``n/a``, a failing one its error."""
+    """Every section's rows, secrets masked; a missing probe gives ``n/a``, a failing
+    one its error."""
+    register_secret(*secret_values(settings))
     out: dict[str, list[Row]] = {}
     for section, spec in PROBES.items():
         probe = _resolve(spec)
@@ -139,6 +145,7 @@ async def collect(settings: Settings, redis: Redis) -> dict[str, list[Row]]:
             out[section] = await probe(settings, redis)
         except (RedisError, OSError) as e:
             out[section] = [("", f"error: {e}")]
+        out[section] = [(redact(name), redact(value)) for name, value in out[section]]
     return out
 
 
@@ -168,5 +175,9 @@ async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
     redis: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     try:
         return await collect(settings, redis)
+    except (RedisError, OSError) as e:
+        # Printed by the command: masked, and without the chain that may quote the URL.
+        register_secret(*secret_values(settings))
+        raise RedisError(f"cannot read the status from Redis: {redact(str(e))}") from None
     finally:
         await redis.aclose()

@@ -198,3 +198,35 @@ def test_a_crash_in_a_process_with_sluice_logging_prints_a_masked_traceback(tmp_
     assert "CRITICAL test sluice: uncaught exception" in err, err
     assert "ValueError: signing with ***" in err and "redis://:***@10.0.0.9:6379" in err
     assert pw not in err + result.stdout and key not in err + result.stdout
+
+
+async def test_a_workspace_token_read_from_the_installation_store_is_masked(tmp_path):
+    from cryptography.fernet import Fernet
+    from slack_sdk.oauth.installation_store import Installation
+
+    from bots.slack.installations import SQLInstallationStore
+
+    s = Settings(
+        _env_file=None,
+        database_url=f"sqlite:///{tmp_path}/installs.db",
+        encryption_key=SecretStr(Fernet.generate_key().decode()),
+    )
+    bot_token, user_token = f"wstoken-{_hex()}", f"wsuser-{_hex()}"  # shapes no pattern knows
+    saver = SQLInstallationStore(s)
+    await saver.async_save(
+        Installation(team_id="TW1", bot_token=bot_token, user_token=user_token, user_id="U1")
+    )
+    await saver.close()
+    assert redact(bot_token) == "***"  # the adapter that stored it masks it
+    # Another process (a worker) that only reads it from the store masks it too.
+    SECRETS.discard(bot_token, user_token)
+    assert redact(bot_token) == bot_token
+    reader = SQLInstallationStore(s)
+    try:
+        found = await reader.async_find_bot(enterprise_id=None, team_id="TW1")
+        assert found is not None and found.bot_token == bot_token
+        line = f"chat.postMessage with {bot_token} for {user_token} failed"
+        assert redact(line) == "chat.postMessage with *** for *** failed"
+    finally:
+        await reader.close()
+        SECRETS.discard(bot_token, user_token)
