@@ -230,3 +230,15 @@ async def test_a_workspace_token_read_from_the_installation_store_is_masked(tmp_
     finally:
         await reader.close()
         SECRETS.discard(bot_token, user_token)
+
+
+def test_a_failed_jobs_exception_is_kept_in_its_arq_result_masked():
+    from core.serializer import deserialize, serialize
+
+    pw = f"pw{_hex()}"
+    error = RuntimeError(f"connect to postgresql://app:{pw}@db.internal/prod failed")
+    stored = serialize({"s": False, "r": error, "t": 1})  # what arq writes for a failed job
+    assert pw.encode() not in stored
+    assert deserialize(stored)["r"] == (
+        "RuntimeError: connect to postgresql://app:***@db.internal/prod failed"
+    )
