@@ -13,8 +13,8 @@ traceback (each chained exception's text too) and the stack. Two nets catch secr
   (also inside ``/webhooks/{app}/{token}`` paths), ``Authorization`` headers and
   ``password=``/``token=``-style pairs.
 
-Uncaught exceptions (``sys.excepthook``, threads) are logged through the same handler,
-so a crash's traceback is masked too.
+Uncaught exceptions (``sys.excepthook``, threads) and warnings are logged through the
+same handler, so a crash's traceback is masked too.
 """
 
 from __future__ import annotations
@@ -248,6 +248,8 @@ def setup_logging(settings: Settings, *, process: str) -> None:
     # Per-request lines from these libraries would drown the ones that matter.
     for noisy in ("httpx", "httpx2", "aiohttp.access", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # A crash's traceback goes through the same masking, not straight to stderr.
+    # A crash's traceback and library warnings go through the same masking, not
+    # straight to stderr.
     sys.excepthook = _log_uncaught
     threading.excepthook = _log_uncaught_in_thread
+    logging.captureWarnings(True)

@@ -171,7 +171,7 @@ def test_settings_secrets_and_url_passwords_are_known_values():
         assert v in values
 
 
-def test_a_crash_in_a_process_with_sluice_logging_prints_a_masked_traceback(tmp_path):
+def test_a_crash_and_a_warning_in_a_process_with_sluice_logging_are_masked(tmp_path):
     pw, key = f"pw{_hex()}", f"signing{_hex()}"
     code = (
         "from core.logs import setup_logging\n"
@@ -180,6 +180,8 @@ def test_a_crash_in_a_process_with_sluice_logging_prints_a_masked_traceback(tmp_
         "setup_logging(s, process='test')\n"
         "def boom():\n"
         f"    raise ValueError('signing with ' + {key!r})\n"
+        "import warnings\n"
+        f"warnings.warn('retrying with password={key}')\n"
         "try:\n"
         "    boom()\n"
         "except ValueError as e:\n"
@@ -197,6 +199,7 @@ def test_a_crash_in_a_process_with_sluice_logging_prints_a_masked_traceback(tmp_
     err = result.stderr
     assert "CRITICAL test sluice: uncaught exception" in err, err
     assert "ValueError: signing with ***" in err and "redis://:***@10.0.0.9:6379" in err
+    assert "WARNING test py.warnings:" in err and "retrying with password=***" in err
     assert pw not in err + result.stdout and key not in err + result.stdout
 
 
