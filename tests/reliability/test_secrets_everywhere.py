@@ -272,6 +272,7 @@ async def test_no_secret_in_logs_status_redis_sql_model_requests_or_replies(
     ).encode()
     # The grep can see what it looks for: each place holds this run's traffic.
     assert b"order_status" in places["redis"] and b"web order?" in places["model requests"]
+    assert b"arq:result:" in places["redis"]  # arq's job results are in the grep
     assert b"Echo: discord order?" in places["discord calls"]
     leaks = [
         f"{name} in {where}"

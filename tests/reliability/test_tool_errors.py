@@ -81,6 +81,7 @@ async def test_a_failing_tools_secrets_reach_neither_the_model_nor_the_user_nor_
         "worker log": log.encode(),
     }
     assert b"order_status" in places["redis (history, jobs, results)"]
+    assert b"arq:result:" in places["redis (history, jobs, results)"]
     leaks = [
         f"{name} in {where}"
         for name, value in {"DSN password": password, "API key": api_key}.items()
