@@ -40,26 +40,41 @@ def _keep_prefix(m: re.Match[str]) -> str:
     return m.group(1) + MASK
 
 
-_PATTERNS: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = [
+# (pattern, replacement, hints): a pattern runs only on text that holds one of its
+# hints (lower-cased), which keeps ordinary lines cheap; no hints means always.
+_PATTERNS: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str], tuple[str, ...]]] = [
     # The password part of a URL: scheme://user:PASSWORD@host, scheme://:PASSWORD@host.
-    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s/@:'\"<>]*:)[^\s/@'\"<>]+(?=@)"), _keep_prefix),
+    (
+        re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s/@:'\"<>]*:)[^\s/@'\"<>]+(?=@)"),
+        _keep_prefix,
+        ("://",),
+    ),
     # Slack bot, user, refresh, rotating and app-level tokens.
-    (re.compile(r"\b((?:xox[a-z](?:\.xox[a-z])?|xapp)-)[A-Za-z0-9-]{6,}"), _keep_prefix),
+    (
+        re.compile(r"\b((?:xox[a-z](?:\.xox[a-z])?|xapp)-)[A-Za-z0-9-]{6,}"),
+        _keep_prefix,
+        ("xox", "xapp-"),
+    ),
     # Slack response_url and incoming webhooks carry their own credentials.
-    (re.compile(r"(https://hooks\.slack\.com/)\S+"), _keep_prefix),
+    (re.compile(r"(https://hooks\.slack\.com/)\S+"), _keep_prefix, ("hooks.slack.com",)),
     # OpenAI keys: sk-..., sk-proj-..., sk-svcacct-...
-    (re.compile(r"\b(sk-)[A-Za-z0-9_\-]{12,}"), _keep_prefix),
+    (re.compile(r"\b(sk-)[A-Za-z0-9_\-]{12,}"), _keep_prefix, ("sk-",)),
     # Discord bot tokens (base64 id . timestamp . hmac) and other JWT-shaped tokens.
-    (re.compile(r"\b[A-Za-z0-9_\-]{20,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{20,}"), MASK),
+    (re.compile(r"\b[A-Za-z0-9_\-]{20,}\.[A-Za-z0-9_\-]{6,}\.[A-Za-z0-9_\-]{20,}"), MASK, ()),
     # Discord interaction tokens ("interaction:" in base64) and the paths that hold them.
-    (re.compile(r"\baW50ZXJhY3Rpb246[A-Za-z0-9_\-]+"), MASK),
-    (re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/\s?#'\"]+"), _keep_prefix),
+    (re.compile(r"\baW50ZXJhY3Rpb246[A-Za-z0-9_\-]+"), MASK, ("aw50zxjhy3rpb246",)),
+    (
+        re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/\s?#'\"]+"),
+        _keep_prefix,
+        ("/webhooks/", "/interactions/"),
+    ),
     # Authorization headers, however they are printed.
     (
         re.compile(
             r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:bearer|bot|basic|token)\s+)[^\s'\",}]+"
         ),
         _keep_prefix,
+        ("authorization",),
     ),
     # key=value and "key": "value" pairs whose key names a secret.
     (
@@ -69,40 +84,111 @@ _PATTERNS: list[tuple[re.Pattern[str], str | Callable[[re.Match[str]], str]]] = 
             r"(?!\*\*\*)[^\s'\",&}]+"
         ),
         _keep_prefix,
+        ("pass", "pwd", "secret", "api_key", "apikey", "token"),
     ),
 ]
 
 
+# A value made only of these characters is matched as a whole run of them (cheap for
+# thousands of run-time tokens); any other value goes into one regular expression.
+_RUN = re.compile(r"[A-Za-z0-9_.\-]+")
+# Run-time values kept (oldest forgotten first): interaction tokens live 15 minutes,
+# and the patterns still catch the shapes of Slack and Discord tokens.
+MAX_RUNTIME_SECRETS = 10_000
+
+
 class SecretRegistry:
-    """The known secret values of this process; thread-safe, append-only."""
+    """The known secret values of this process; thread-safe.
+
+    Values set at start-up (settings) are kept for the life of the process. Values
+    registered at run time (tokens) are kept up to :data:`MAX_RUNTIME_SECRETS`,
+    oldest forgotten first, and matched without recompiling anything per value.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: set[str] = set()
         self._regex: re.Pattern[str] | None = None
+        self._tokens: dict[str, None] = {}  # insertion-ordered: the oldest first
+        self._length_counts: dict[int, int] = {}
+        self._lengths: tuple[int, ...] = ()  # of the tokens, longest first
 
-    def add(self, *values: str | None) -> None:
+    def add(self, *values: str | None, runtime: bool = False) -> None:
         """Remember values to mask (empty and very short ones are ignored)."""
-        fresh = {v for v in values if v and len(v) >= MIN_SECRET_LEN} - self._values
-        if not fresh:
+        wanted = [v for v in values if v and len(v) >= MIN_SECRET_LEN]
+        if not wanted:
             return
         with self._lock:
-            self._values |= fresh
-            # Longest first, so a secret that contains another is masked whole.
-            ordered = sorted(self._values, key=len, reverse=True)
-            self._regex = re.compile("|".join(re.escape(v) for v in ordered))
+            fresh: set[str] = set()
+            for v in wanted:
+                if runtime and _RUN.fullmatch(v):
+                    self._forget_token(v)
+                    self._tokens[v] = None
+                    self._length_counts[len(v)] = self._length_counts.get(len(v), 0) + 1
+                elif v not in self._values:
+                    fresh.add(v)
+            while len(self._tokens) > MAX_RUNTIME_SECRETS:
+                self._forget_token(next(iter(self._tokens)))
+            self._lengths = tuple(sorted(self._length_counts, reverse=True))
+            if fresh:
+                self._values |= fresh
+                self._compile()
 
     def discard(self, *values: str) -> None:
         """Forget values (tests; a secret stays masked for the life of a process)."""
         with self._lock:
             self._values -= set(values)
-            ordered = sorted(self._values, key=len, reverse=True)
-            self._regex = re.compile("|".join(re.escape(v) for v in ordered)) if ordered else None
+            for v in values:
+                self._forget_token(v)
+            self._lengths = tuple(sorted(self._length_counts, reverse=True))
+            self._compile()
+
+    def _forget_token(self, value: str) -> None:
+        if value in self._tokens:
+            del self._tokens[value]
+            left = self._length_counts[len(value)] - 1
+            if left:
+                self._length_counts[len(value)] = left
+            else:
+                del self._length_counts[len(value)]
+
+    def _compile(self) -> None:
+        # Longest first, so a secret that contains another is masked whole.
+        ordered = sorted(self._values, key=len, reverse=True)
+        self._regex = re.compile("|".join(re.escape(v) for v in ordered)) if ordered else None
 
     def mask(self, text: str) -> str:
         """``text`` with every known value replaced by ``***``."""
         regex = self._regex
-        return regex.sub(MASK, text) if regex is not None else text
+        if regex is not None:
+            text = regex.sub(MASK, text)
+        if self._tokens:
+            text = _RUN.sub(self._mask_run, text)
+        return text
+
+    def _mask_run(self, m: re.Match[str]) -> str:
+        run, tokens, lengths = m.group(0), self._tokens, self._lengths
+        if run in tokens:
+            return MASK
+        n = len(run)
+        if not lengths or n <= lengths[-1]:
+            return run
+        # A token glued to other characters ("again<token>", "<token>."): look at each
+        # position for each token length, longest first (a few lengths in practice).
+        out: list[str] = []
+        i = last = 0
+        while i < n:
+            for length in lengths:
+                if length <= n - i and run[i : i + length] in tokens:
+                    out += [run[last:i], MASK]
+                    i = last = i + length
+                    break
+            else:
+                i += 1
+        if not out:
+            return run
+        out.append(run[last:])
+        return "".join(out)
 
 
 SECRETS = SecretRegistry()
@@ -110,7 +196,7 @@ SECRETS = SecretRegistry()
 
 def register_secret(*values: str | None) -> None:
     """Mask these values in every log line from now on (a token learned at run time)."""
-    SECRETS.add(*values)
+    SECRETS.add(*values, runtime=True)
 
 
 def redact(text: str) -> str:
@@ -118,8 +204,10 @@ def redact(text: str) -> str:
     if not text:
         return text
     out = SECRETS.mask(text)
-    for pattern, repl in _PATTERNS:
-        out = pattern.sub(repl, out)
+    lowered = out.lower()
+    for pattern, repl, hints in _PATTERNS:
+        if not hints or any(h in lowered for h in hints):
+            out = pattern.sub(repl, out)
     return out
 
 

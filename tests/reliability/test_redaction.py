@@ -245,3 +245,24 @@ def test_a_failed_jobs_exception_is_kept_in_its_arq_result_masked():
     assert deserialize(stored)["r"] == (
         "RuntimeError: connect to postgresql://app:***@db.internal/prod failed"
     )
+
+
+def test_run_time_tokens_are_masked_in_any_context_and_the_oldest_forgotten_past_the_bound():
+    from core.logs import MAX_RUNTIME_SECRETS
+
+    tokens = [f"rt-{i}-{_hex()}" for i in range(MAX_RUNTIME_SECRETS + 1)]
+    register_secret(*tokens)
+    try:
+        first, last = tokens[0], tokens[-1]
+        for line, shown in (
+            (f"PATCH /webhooks/1/{last}/messages/@original", "/webhooks/1/***/messages"),
+            (f"token={last}&x=1", "token=***&x=1"),
+            (f"it was {last}.", "it was ***."),
+            (f"('{last}', 3)", "('***', 3)"),
+        ):
+            out = redact(line)
+            assert last not in out and shown in out, out
+        assert redact(f"old {first}") == f"old {first}"  # forgotten: the bound holds
+        assert redact(f"{tokens[1]} and {tokens[-2]}") == "*** and ***"
+    finally:
+        SECRETS.discard(*tokens)
