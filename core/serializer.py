@@ -11,6 +11,8 @@ from typing import Any
 
 import msgpack
 
+from core.logs import redact
+
 
 def serialize(obj: dict[str, Any]) -> bytes:
     """Serialize an arq job or result dict."""
@@ -25,7 +27,8 @@ def deserialize(data: bytes) -> dict[str, Any]:
 
 
 def _default(obj: object) -> object:
-    # arq puts exceptions into failed job results; keep their text, not the object.
+    # arq puts exceptions into failed job results, which it keeps in Redis: keep their
+    # text, not the object, with secrets masked (a driver's error can quote its DSN).
     if isinstance(obj, BaseException):
-        return f"{type(obj).__name__}: {obj}"
+        return redact(f"{type(obj).__name__}: {obj}")
     raise TypeError(f"cannot serialize {type(obj).__name__} for a job")

@@ -22,7 +22,11 @@ bot module is imported, naming the function and the fix.
 
 At run time arguments are validated with pydantic; a bad argument, an exception or a
 timeout becomes an *error result* the model reads (``{"error": ...}``), never a
-traceback shown to the user.
+traceback shown to the user. When the tool itself raises, the model reads only
+``{"error": "the tool NAME failed (error id ...)"}``: an exception's text can hold a
+DSN, an internal host name or a key, and the model may quote it to the user. The
+exception, its traceback and the same error id go to the log, masked
+(:mod:`core.logs`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import re
 import time
 import types
 import typing
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin
@@ -237,7 +242,11 @@ class Tool:
 
     async def invoke(self, ctx: MessageContext, raw_arguments: str) -> Any:
         """Call the function with validated arguments (exceptions propagate)."""
-        kwargs = self.parse_arguments(raw_arguments)
+        return await self.call(ctx, self.parse_arguments(raw_arguments))
+
+    async def call(self, ctx: MessageContext, arguments: dict[str, Any]) -> Any:
+        """Call the function with arguments already validated by :meth:`parse_arguments`."""
+        kwargs = dict(arguments)
         if self.context_param:
             kwargs[self.context_param] = ctx
         return await self.fn(**kwargs)
@@ -341,8 +350,9 @@ async def run_tool_call(
     """Run one tool call of the model; ``(result text, ok)``.
 
     Never raises for the tool's own failures: an unknown tool, bad arguments, an
-    exception or a timeout become ``{"error": "..."}`` for the model, and the
-    exception with its traceback goes to the log.
+    exception or a timeout become ``{"error": "..."}`` for the model. For an
+    exception the model reads only that the tool failed and an error id; the
+    exception with its traceback goes to the log under the same id.
     """
     name = str(call.get("name", ""))
     tool = tools.get(name)
@@ -352,17 +362,21 @@ async def run_tool_call(
     limit = min(timeout_s, tool.timeout_s) if tool.timeout_s else timeout_s
     started = time.monotonic()
     try:
-        async with asyncio.timeout(limit):
-            value = await tool.invoke(ctx, str(call.get("arguments") or "{}"))
+        arguments = tool.parse_arguments(str(call.get("arguments") or "{}"))
     except ToolArgumentError as e:
+        # Only about the model's own arguments: it needs the detail to call again.
         logger.warning("tool %s: bad arguments message=%s: %s", name, ctx.message_id, e)
         return json.dumps({"error": f"{name}: {e}"}), False
+    try:
+        async with asyncio.timeout(limit):
+            value = await tool.call(ctx, arguments)
     except TimeoutError:
         logger.warning("tool %s timed out after %.1fs message=%s", name, limit, ctx.message_id)
         return json.dumps({"error": f"{name} did not finish within {limit:.3g} s"}), False
-    except Exception as e:  # the bot author's code: any failure is reported, not raised
-        logger.exception("tool %s raised message=%s", name, ctx.message_id)
-        return json.dumps({"error": f"{name} failed: {type(e).__name__}: {e}"[:500]}), False
+    except Exception:  # the bot author's code: any failure is reported, not raised
+        error_id = uuid.uuid4().hex[:12]
+        logger.exception("tool %s raised message=%s error_id=%s", name, ctx.message_id, error_id)
+        return json.dumps({"error": tool_failed_text(name, error_id)}), False
     text = format_result(value)
     logger.info(
         "tool %s ok in %.0fms message=%s",
@@ -373,3 +387,11 @@ async def run_tool_call(
     if len(text) > max_chars:
         text = text[:max_chars] + f"\n[truncated: the result had {len(text):,} characters]"
     return text, True
+
+
+def tool_failed_text(name: str, error_id: str) -> str:
+    """What the model reads when a tool raised: no exception text, only an id to look up."""
+    return (
+        f"the tool {name} failed (error id {error_id}); "
+        "its details are in the server log, not available here"
+    )

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from core.logs import setup_logging
+from core.logs import redact, redact_url, setup_logging
 from core.settings import Settings
 
 logger = logging.getLogger("sluice.dev")
@@ -171,12 +171,13 @@ async def run_dev(settings: Settings, *, port: int | None = None, host: str | No
                 _platform_adapters(settings) as adapters_desc,
             ):
                 bot_desc = settings.app or "the built-in assistant"
-                print(
-                    f"Sluice dev\n  redis:    {redis_desc}\n  database: {settings.database_url}"
+                banner = (
+                    f"Sluice dev\n  redis:    {redis_desc}\n"
+                    f"  database: {redact_url(settings.database_url)}"
                     f"\n  llm:      {llm_desc}\n  bot:      {bot_desc}{adapters_desc}"
-                    f"\n\n  Open http://{_url_host(web_host)}:{bound}  (Ctrl+C to stop)\n",
-                    flush=True,
+                    f"\n\n  Open http://{_url_host(web_host)}:{bound}  (Ctrl+C to stop)\n"
                 )
+                print(redact(banner), flush=True)  # passwords in URLs show as ***
                 await _wait_for_signal()
         finally:
             await drain(worker, worker_task, grace_s=10)

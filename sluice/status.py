@@ -3,6 +3,9 @@
 Sections come from probes: ``async probe(settings, redis) -> list[(name, value)]``,
 listed in :data:`PROBES`. The queue, worker, adapter and history probes are here;
 the LLM budget and cache probes are :mod:`core.traffic`'s, which owns that state.
+
+Every row and error is masked with :func:`core.logs.redact` (a flush error can quote a
+``DATABASE_URL`` with its password), and so is the error that ends the command.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from rich.table import Table
 
 from core.heartbeat import live
 from core.history import backlog_status
+from core.logs import redact, register_secret, secret_values
 from core.metrics import lane_snapshot, queue_names
 from core.redis import Keys
 from core.settings import Settings
@@ -102,13 +106,15 @@ PROBES: dict[str, Probe] = {
 
 
 async def collect(settings: Settings, redis: Redis) -> dict[str, list[Row]]:
-    """Every section's rows; a probe that fails shows its error in its section."""
+    """Every section's rows, secrets masked; a probe that fails shows its error."""
+    register_secret(*secret_values(settings))
     out: dict[str, list[Row]] = {}
     for section, probe in PROBES.items():
         try:
             out[section] = await probe(settings, redis)
         except (RedisError, OSError) as e:
             out[section] = [("", f"error: {e}")]
+        out[section] = [(redact(name), redact(value)) for name, value in out[section]]
     return out
 
 
@@ -138,5 +144,9 @@ async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
     redis: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
     try:
         return await collect(settings, redis)
+    except (RedisError, OSError) as e:
+        # Printed by the command: masked, and without the chain that may quote the URL.
+        register_secret(*secret_values(settings))
+        raise RedisError(f"cannot read the status from Redis: {redact(str(e))}") from None
     finally:
         await redis.aclose()

@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core import metrics
 from core.errors import ConfigError, HistoryError
 from core.history import make_record, unpack_turn, unpack_values
+from core.logs import redact
 from core.redis import Keys
 from core.settings import Settings
 from core.store import ensure_schema, insert_batch, insert_values, is_postgres
@@ -300,7 +301,7 @@ class Flusher:
         await self.redis.hset(  # type: ignore[misc]
             key,
             mapping={
-                "last_error": error,
+                "last_error": redact(error),  # shown by `sluice status`; kept in Redis
                 "last_error_ts": time.time(),
                 "next_attempt_ts": time.time() + delay,
             },

@@ -34,6 +34,7 @@ import discord
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from bots.discord.interactions import keep_token
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
 from core.messages import IncomingMessage, Platform
@@ -319,6 +320,18 @@ class DiscordIntake:
                     content=DM_REFUSED[refusal], allowed_mentions=discord.AllowedMentions.none()
                 )
                 return False
+        try:
+            # The job carries only a reference: the token stays out of job payloads,
+            # arq's results and key names (bots.discord.interactions).
+            ref = await keep_token(self.queue, self._keys, interaction.token)
+        except (RedisError, OSError) as e:
+            logger.error(
+                "discord cannot reach Redis for /ask interaction=%s: %s", interaction.id, e
+            )
+            await interaction.edit_original_response(
+                content=ASK_FAILED, allowed_mentions=discord.AllowedMentions.none()
+            )
+            return False
         msg = IncomingMessage(
             platform=Platform.DISCORD,
             tenant=str(interaction.guild_id)
@@ -335,10 +348,7 @@ class DiscordIntake:
             text=question.strip(),
             user_name=interaction.user.display_name,
             is_dm=interaction.guild_id is None,
-            meta={
-                "interaction_token": interaction.token,
-                "application_id": str(interaction.application_id),
-            },
+            meta={"interaction": ref, "application_id": str(interaction.application_id)},
         )
         accepted = await self._accept(msg, None)
         if not accepted and not await self._is_duplicate_claimed(msg):

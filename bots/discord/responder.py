@@ -38,9 +38,11 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bots.discord.interactions import forget_token, load_token, token_ref
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from bots.discord.split import split_message
 from core.errors import DeliveryError, DeliveryRetryableError
+from core.logs import register_secret
 from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
 from core.redis import Keys
 from core.settings import Settings
@@ -110,7 +112,15 @@ class DiscordResponder:
         self._last_update = 0.0
         self._typing: asyncio.Task[None] | None = None
         self._refused: DiscordHTTPError | None = None
+        # A reply to /ask: the job holds a reference to the interaction's token, which
+        # _load() reads from Redis (bots.discord.interactions). Jobs enqueued before
+        # the token moved out of the payload still carry it in "interaction_token".
+        self._ref = msg.meta.get("interaction")
         self._token = msg.meta.get("interaction_token")
+        if self._token:
+            register_secret(self._token)
+            self._ref = token_ref(self._token)
+        self._token_unread: RedisError | None = None
         self._app_id = msg.meta.get("application_id")
 
     # --- the Responder protocol ------------------------------------------------------
@@ -118,7 +128,7 @@ class DiscordResponder:
     async def begin(self) -> None:
         """Load what an earlier try posted; show typing until the first text is out."""
         await self._load()
-        if self._done or self._ids or self._token or not self._settings.discord_typing:
+        if self._done or self._ids or self._ref or not self._settings.discord_typing:
             return
         self._typing = asyncio.create_task(self._keep_typing())
 
@@ -197,6 +207,7 @@ class DiscordResponder:
         else:
             self._done = True
             await self._save(done=True)
+            await self._forget_token()
             logger.info(
                 "discord reply delivered tenant=%s channel=%s message=%s job=%s parts=%d",
                 self._msg.tenant,
@@ -249,12 +260,13 @@ class DiscordResponder:
             await self._load()
             if self._ids and self._texts[0].startswith(QUEUED_PREFIX):
                 await self._delete(self._ids[0])
+            await self._forget_token()
         except (DeliveryError, RedisError) as e:
             logger.info("discord queued notice not withdrawn %s: %s", self._context, e)
 
     async def _post_notice(self, text: str) -> None:
         body: dict[str, Any] = {"content": text, "allowed_mentions": NO_MENTIONS}
-        if self._token:
+        if self._ref:
             route = self._webhook_route("PATCH", "@original")
         else:
             # The first part's nonce: the reply's own first post then finds this message.
@@ -271,7 +283,7 @@ class DiscordResponder:
         data = await self._rest.request(route, json=body, best_effort=True, context=self._context)
         if data is None or data.get("content") != text:
             return  # skipped, or the nonce found the reply's first message: it is out
-        message_id = "@original" if self._token else str(data["id"])
+        message_id = "@original" if self._ref else str(data["id"])
         claimed = await self._redis.eval(  # type: ignore[misc]
             _CLAIM_IDS,
             1,
@@ -284,7 +296,7 @@ class DiscordResponder:
             # The reply recorded its message meanwhile, or the job is done.
             self._loaded = False
             await self._load()
-            if self._token and self._texts:
+            if self._ref and self._texts:
                 # @original may now show our notice over the answer: put the answer back.
                 await self._edit("@original", self._texts[0], best_effort=False)
             elif not self._ids:
@@ -325,7 +337,7 @@ class DiscordResponder:
 
     async def _post(self, index: int, text: str, *, best_effort: bool) -> bool:
         shown = text
-        if self._token and index == 0:
+        if self._ref and index == 0:
             # The deferred interaction response is the first part.
             data = await self._rest.request(
                 self._webhook_route("PATCH", "@original"),
@@ -344,12 +356,12 @@ class DiscordResponder:
             reply_to = self._msg.meta.get("reply_to")
             if index == 0 and reply_to:
                 body["message_reference"] = {"message_id": reply_to, "fail_if_not_exists": False}
-            if self._token:
+            if self._ref:
                 route = Route(
                     "POST",
                     "/webhooks/{application_id}/{token}",
-                    self._token,
-                    f"/webhooks/{self._app_id}/{self._token}",
+                    self._ref,
+                    f"/webhooks/{self._app_id}/{self._webhook_token()}",
                 )
                 data = await self._rest.request(
                     route,
@@ -385,7 +397,7 @@ class DiscordResponder:
 
     async def _edit(self, message_id: str, text: str, *, best_effort: bool) -> bool:
         body = {"content": text, "allowed_mentions": NO_MENTIONS}
-        if self._token:
+        if self._ref:
             route = self._webhook_route("PATCH", message_id)
         else:
             route = Route(
@@ -408,12 +420,12 @@ class DiscordResponder:
             await self._save()
 
     async def _delete(self, message_id: str) -> None:
-        if self._token:
+        if self._ref:
             route = Route(
                 "DELETE",
                 "/webhooks/{application_id}/{token}/messages/{message_id}",
-                self._token,
-                f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
+                self._ref,
+                f"/webhooks/{self._app_id}/{self._webhook_token()}/messages/{message_id}",
             )
         else:
             route = Route(
@@ -426,12 +438,34 @@ class DiscordResponder:
             await self._rest.request(route, context=self._context)
 
     def _webhook_route(self, method: str, message_id: str) -> Route:
+        # The bucket is named by the token's reference: no token in Redis key names.
         return Route(
             method,
             "/webhooks/{application_id}/{token}/messages/{message_id}",
-            self._token or "",
-            f"/webhooks/{self._app_id}/{self._token}/messages/{message_id}",
+            self._ref or "",
+            f"/webhooks/{self._app_id}/{self._webhook_token()}/messages/{message_id}",
         )
+
+    def _webhook_token(self) -> str:
+        if self._token_unread is not None:
+            raise DeliveryRetryableError(
+                f"discord cannot read the interaction token {self._context}: {self._token_unread}"
+            )
+        if not self._token:
+            raise DeliveryError(
+                f"discord /ask interaction token expired or missing {self._context} "
+                "(Discord accepts it for 15 minutes)"
+            )
+        return self._token
+
+    async def _forget_token(self) -> None:
+        if not self._ref:
+            return
+        try:
+            await forget_token(self._redis, Keys(self._settings.key_prefix), self._ref)
+        except RedisError as e:
+            # Harmless: the key expires with Discord's 15 minutes anyway.
+            logger.warning("cannot drop the interaction token %s: %s", self._context, e)
 
     @property
     def _context(self) -> str:
@@ -465,6 +499,16 @@ class DiscordResponder:
     # --- state in Redis --------------------------------------------------------------
 
     async def _load(self) -> None:
+        if self._ref and not self._token:
+            try:
+                self._token = await load_token(
+                    self._redis, Keys(self._settings.key_prefix), self._ref
+                )
+                self._token_unread = None
+            except RedisError as e:
+                # Read again by the next _load(); a send before then raises retryable.
+                self._token_unread = e
+                logger.warning("cannot read the interaction token %s: %s", self._context, e)
         if self._loaded:
             return
         self._loaded = True

@@ -48,6 +48,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from core.errors import ConfigError
+from core.logs import register_secret
 from core.redis import Keys
 from core.settings import Settings
 
@@ -227,6 +228,7 @@ class SQLInstallationStore(AsyncInstallationStore):
 
     async def async_save(self, installation: Installation) -> None:
         """Store (or replace) one workspace's installation."""
+        register_secret(installation.bot_token, installation.user_token)  # masked in logs
         await self.create_tables()
         row = {
             "enterprise_id": installation.enterprise_id or "",
@@ -359,6 +361,7 @@ class SQLInstallationStore(AsyncInstallationStore):
             )
             if found is None or not found.bot_token:
                 return None
+            register_secret(found.bot_token, found.user_token)  # masked in logs from now on
             bot = found.to_bot()
             if generation == self._generation:
                 self._bots[key] = (bot, time.monotonic() + self.cache_s)

@@ -7,6 +7,8 @@ import asyncio
 import pytest
 from redis.asyncio import Redis
 
+from bots.discord.interactions import TOKEN_TTL_S, token_key
+from core.redis import Keys
 from core.settings import Settings
 from tests.discord.conftest import (
     CHANNEL,
@@ -186,8 +188,12 @@ async def test_ask_defers_within_three_seconds_and_enqueues(
     assert inter.callback_after_s is not None and inter.callback_after_s < 3.0
     [msg] = await queued(redis, discord_settings)
     assert msg.text == "what time is it?"
-    assert msg.meta["interaction_token"] == inter.token
     assert msg.meta["application_id"] == fake.application_id
+    # The job carries a reference; the token waits in its own short-lived key.
+    assert inter.token not in str(msg.model_dump()) and "interaction_token" not in msg.meta
+    key = token_key(Keys(discord_settings.key_prefix), msg.meta["interaction"])
+    assert await redis.get(key) == inter.token.encode()
+    assert 0 < await redis.ttl(key) <= TOKEN_TTL_S
 
 
 async def test_enqueue_failure_releases_the_dedupe_claim(
