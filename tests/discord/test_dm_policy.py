@@ -8,6 +8,7 @@ import asyncio
 from redis.asyncio import Redis
 
 from bots.discord.intake import DM_REFUSED
+from bots.discord.interactions import token_ref
 from core.history import split_conversation_id
 from core.ratelimit import Limits, RateLimiter
 from core.redis import Keys
@@ -159,7 +160,7 @@ async def test_ask_in_a_dm_follows_the_dm_policy(
     assert refused.original["content"] == DM_REFUSED["members"]
     [msg] = await queued(redis, discord_settings)
     assert (msg.text, msg.tenant) == ("and I?", f"dm-{ALICE['id']}")
-    assert msg.meta["interaction_token"] == taken.token
+    assert msg.meta["interaction"] == token_ref(taken.token)
 
 
 async def test_a_failed_membership_lookup_refuses_for_now_and_is_not_remembered(

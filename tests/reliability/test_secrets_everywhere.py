@@ -203,9 +203,7 @@ async def test_no_secret_in_logs_status_redis_sql_model_requests_or_replies(
                 )
             )
             await discord.send_user_message(CHANNEL, ANN, "discord question", mention_bot=True)
-            async with ChatSession(
-                http, f"http://127.0.0.1:{web_port}", f"s{uuid.uuid4().hex[:10]}"
-            ) as tab:
+            async with ChatSession(http, f"http://127.0.0.1:{web_port}") as tab:
                 web_done = await tab.reply(
                     await tab.send('web order? [[tool:order_status {"order": "W-1"}]]'),
                     timeout_s=60,
