@@ -35,7 +35,7 @@ from core.messages import IncomingMessage, Turn
 from core.queue import connect_queue, enqueue_reply
 from core.redis import Keys
 from core.settings import Settings
-from core.store import RECORD_FIELDS, count_rows, iter_records
+from core.store import RECORD_FIELDS, count_rows, insert_batch, iter_records
 from tests.conftest import Sim
 from tests.helpers import ROOT, Proc, base_env, settings_env
 from tests.history.bots import gate_key
@@ -411,11 +411,6 @@ async def test_a_job_running_during_the_purge_stores_nothing_and_keeps_no_result
     assert not await rds.exists(f"arq:job:{prefix}:{asked.job_id}")
 
     await rds.rpush(gate_key(prefix, gate), "open")
-    await eventually(
-        lambda: f"job={asked.job_id} was purged while it ran" in proc.output(),
-        60,
-        "the purged job to end",
-    )
 
     async def ended() -> bool:
         return not await rds.exists(f"arq:in-progress:{prefix}:{asked.job_id}")
@@ -426,9 +421,10 @@ async def test_a_job_running_during_the_purge_stores_nothing_and_keeps_no_result
     assert await rds.zscore(wsettings.queue_name, f"{prefix}:{asked.job_id}") is None
     # Its turns were dropped (the model did answer after the purge), and its session's
     # outbox and the tenant's cache, written meanwhile, are gone too.
+    data = await everything(rds, prefix)
+    assert {k: v for k, v in data.items() if SECRET in v or alice in v} == {}
+    assert f"job={asked.job_id} was purged while it ran" in proc.output()
     assert "was purged meanwhile: its turns are not stored" in proc.output()
-    dump = await everything(rds, prefix)
-    assert {k: v for k, v in dump.items() if SECRET in v or alice in v} == {}
 
     # The worker goes on: the next message is answered and stored as usual.
     nxt = web_message(bob, "bob after the purge")
@@ -568,4 +564,24 @@ async def test_a_flush_stalled_inside_its_transaction_cannot_commit_purged_rows_
         if doomed:
             await rds.delete(*doomed)
         await rds.aclose()
+        await engine.dispose()
+
+
+async def test_upgrade_from_0002_adds_the_purge_fence_and_a_purge_moves_it(
+    hsettings: Settings,
+) -> None:
+    from core.store import delete_records, fence_epoch, make_engine, schema_status, upgrade
+
+    engine = make_engine(hsettings)
+    try:
+        assert await upgrade(hsettings, engine, revision="0002") == "0002"
+        m = message(1)
+        await insert_batch(engine, [make_record(t, m.conversation_id, m) for t in exchange(m)])
+        assert await upgrade(hsettings, engine) == "0003"
+        assert (await schema_status(engine))[0] == "0003"
+        assert await fence_epoch(engine) == 0
+        assert await count_rows(engine) == (2, 2)  # the rows of 0002 are kept
+        assert await delete_records(engine, user="U1") == 2
+        assert await fence_epoch(engine) == 1
+    finally:
         await engine.dispose()
