@@ -98,6 +98,9 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
             )
             sys.exit(2)
         click.confirm(f"Delete every stored message of {who}?", abort=True)
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
+
     from core.errors import HistoryError
     from core.queue import reply_queues
     from core.store import ensure_schema
@@ -120,6 +123,10 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
         r = asyncio.run(run())
     except (ConfigError, HistoryError, TimeoutError) as e:
         _fail(e)
+    except (SQLAlchemyError, RedisError, OSError) as e:
+        # E.g. SQLite locked by a flush stalled inside its transaction. Each step is
+        # whole (the SQL delete is one transaction), so running it again finishes it.
+        _fail(HistoryError(f"purge stopped part way ({type(e).__name__}: {e}); run it again"))
     click.echo(
         f"purged {who}: {r.sql_rows} SQL rows, {r.backlog_entries} backlog entries, "
         f"{r.hot_turns} hot-window turns, {r.cache_keys} cache keys, "

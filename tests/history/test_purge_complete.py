@@ -585,3 +585,49 @@ async def test_upgrade_from_0002_adds_the_purge_fence_and_a_purge_moves_it(
         assert await fence_epoch(engine) == 1
     finally:
         await engine.dispose()
+
+
+async def test_on_sqlite_a_purge_behind_a_flush_stalled_in_its_transaction_stops_clearly(
+    sqlite_settings: Settings, redis_url: str, tmp_path: Path
+) -> None:
+    """SQLite has one writer: a flush stalled inside its transaction holds the write lock,
+    so the purge cannot delete (or bump the epoch) until it goes on. The purge stops with
+    a clear error; run again after the flush, it finishes the job."""
+    from core.store import ensure_schema, make_engine
+
+    settings = sqlite_settings
+    engine = make_engine(settings)
+    rds: Redis = Redis.from_url(redis_url)
+    log = tmp_path / "flush-before_commit.log"
+    proc = None
+    try:
+        await ensure_schema(settings, engine)
+        history = make_history(rds, settings)
+        for i, user in enumerate(["U1", "U2"]):
+            m = message(i, user=user, text=f"{SECRET} {user}" if user == "U1" else "u2")
+            await history.append(m.conversation_id, exchange(m), origin=m)
+        proc = run_flush_process(settings, log, pause="before_commit:1")
+        await eventually(lambda: "PAUSED" in log.read_text(), 60, "the flush to stall")
+
+        code, out, err = await sluice(settings, "history", "purge", "--user", "U1", "--yes")
+        assert code == 2, out + err
+        assert "purge stopped part way" in err and "run it again" in err
+        assert "Traceback" not in err
+
+        os.kill(proc.pid, signal.SIGCONT)
+        assert await asyncio.to_thread(proc.wait, 120) == 0, log.read_text()
+        assert await user_rows(engine, "U1") == 2  # the flush committed what it held
+        code, out, err = await sluice(settings, "history", "purge", "--user", "U1", "--yes")
+        assert code == 0, err
+        assert await user_rows(engine, "U1") == 0 and await user_rows(engine, "U2") == 2
+        data = await everything(rds, settings.key_prefix)
+        assert {k: v for k, v in data.items() if SECRET in v} == {}
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        doomed = [k async for k in rds.scan_iter(f"{settings.key_prefix}:*")]
+        if doomed:
+            await rds.delete(*doomed)
+        await rds.aclose()
+        await engine.dispose()
