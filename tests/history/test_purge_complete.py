@@ -310,9 +310,9 @@ async def test_tool_turns_of_a_reply_carry_their_user_and_purge_leaves_none_of_t
     assert {t.user for t in turns} == {alice}  # the tool turns too, in Redis ...
 
     async def flushed() -> bool:
-        return await user_rows(engine, alice) == 4
+        return await user_rows(engine, alice) == 4 and await user_rows(engine, bob) == 4
 
-    await eventually(flushed, 60, "the worker's flush to store alice's four turns")
+    await eventually(flushed, 60, "the worker's flush to store both users' four turns")
     stored = [r async for r in iter_records(engine, tenant="web")]
     assert {r["user"] for r in stored if r["conversation_id"] == asked.conversation_id} == {
         alice
@@ -431,9 +431,12 @@ async def test_a_job_running_during_the_purge_stores_nothing_and_keeps_no_result
     assert await enqueue_reply(queue, wsettings, nxt)
     done = await eventually_value(lambda: outbox_done(rds, keys, nxt), 60, "bob's answer")
     assert done["kind"] == "answer"
-    await Flusher(rds, wsettings, engine).run(max_s=10)
-    assert [r async for r in iter_records(engine, user=alice)] == []
-    assert await user_rows(engine, bob) == 2
+
+    async def bob_stored() -> bool:
+        return await user_rows(engine, bob) == 2
+
+    await eventually(bob_stored, 60, "the worker's flush to store bob's turns")
+    assert await user_rows(engine, alice) == 0
     assert "Traceback" not in proc.output()
 
 
