@@ -354,7 +354,13 @@ async def _purge_jobs(
                     continue
                 job_id = reply_job_id(msg["platform"], msg["tenant"], msg["message_id"])
                 session = str(msg.get("channel")) if msg["platform"] == "web" else None
-                mark = json.dumps({"tenant": msg["tenant"], "session": session})
+                mark = json.dumps(
+                    {
+                        "tenant": msg["tenant"],
+                        "session": session,
+                        "conversation": _conversation_id(msg, job_id),
+                    }
+                )
                 await redis.set(keys.purged(job_id), mark, ex=PURGE_MARK_TTL_S)
                 messages.add((msg["platform"], msg["tenant"], msg["message_id"]))
                 result.tenants.add(msg["tenant"])
@@ -398,14 +404,19 @@ async def _drop_job(
                 continue  # a worker started it meanwhile: look again
     if running or arq_id.startswith(f"{keys.prefix}:{NOTICE_JOB}"):
         return not running
+    conversation_id = _conversation_id(msg, job_id)
+    if conversation_id is not None:
+        # As if it had finished: out of the line, and the next message there is woken.
+        await ConversationLock(redis, keys, conversation_id, job_id, 1.0).release()
+    return True
+
+
+def _conversation_id(msg: dict[str, Any], job_id: str) -> str | None:
     try:
-        conversation_id = IncomingMessage.model_validate(msg).conversation_id
+        return IncomingMessage.model_validate(msg).conversation_id
     except ValidationError as e:
         logger.warning("purge: job=%s has no valid message; its line is left: %s", job_id, e)
-        return True
-    # As if it had finished: out of the line, and the next message there is woken.
-    await ConversationLock(redis, keys, conversation_id, job_id, 1.0).release()
-    return True
+        return None
 
 
 async def finish_purged_job(redis: Redis, keys: Keys, arq_id: str) -> bool:
@@ -413,8 +424,8 @@ async def finish_purged_job(redis: Redis, keys: Keys, arq_id: str) -> bool:
     a reply job id, or its ``queued:`` notice); if so, also delete what it left after
     the purge: its delivery state, a reply kept for another attempt, the web outbox
     of its session and its tenant's cached answers (an answer made from the purged
-    message may have been cached meanwhile). The worker then ends the job without a
-    result, even one that asked to be retried."""
+    message may have been cached meanwhile) and its place in its conversation's line.
+    The worker then ends the job without a result, even one that asked to be retried."""
     head = f"{keys.prefix}:"
     if not arq_id.startswith(head):
         return False
@@ -436,6 +447,10 @@ async def finish_purged_job(redis: Redis, keys: Keys, arq_id: str) -> bool:
         doomed += [_str(k) async for k in redis.scan_iter(pattern, count=1000)]
     for i in range(0, len(doomed), 1000):
         await redis.unlink(*doomed[i : i + 1000])
+    if not notice and mark.get("conversation"):
+        # Ended for good even if it was parked or asked for a retry: out of its
+        # conversation's line, so the next message there does not wait for it.
+        await ConversationLock(redis, keys, str(mark["conversation"]), job_id, 1.0).release()
     logger.info("job=%s was purged while it ran: no result or delivery state kept", job_id)
     return True
 
