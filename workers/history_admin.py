@@ -31,7 +31,8 @@ Both also delete:
 - For the matching messages of the last 7 days (:data:`TRACES_SINCE_S`; longer than
   any of these keys live), what their reply jobs left in Redis: the platform delivery
   state (ids and texts of posted parts), a reply kept for another delivery attempt,
-  and arq's job result (which holds the job's arguments, i.e. the message).
+  and arq's results of the job and of its queued notice (which hold the job's
+  arguments, i.e. the message).
 - Web chat outboxes (``{prefix}:web:out:<session>``) of the sessions the user or
   tenant wrote in (all of them for tenant ``web``).
 - Entries of the parked unreadable backlog (``{prefix}:histq:backlog:bad``) that can
@@ -565,6 +566,7 @@ async def _purge_job_traces(
             keys.delivered(job_ids),
             keys.undelivered(job_ids),
             f"{result_key_prefix}{keys.prefix}:{job_ids}",
+            f"{result_key_prefix}{keys.prefix}:{NOTICE_JOB}{job_ids}",
         ):
             doomed += [_str(k) async for k in redis.scan_iter(pattern, count=1000)]
     for platform, tenant, message_id in messages:
@@ -573,6 +575,8 @@ async def _purge_job_traces(
             keys.delivered(job_id),
             keys.undelivered(job_id),
             f"{result_key_prefix}{keys.prefix}:{job_id}",
+            # The queued notice's result holds the message too.
+            f"{result_key_prefix}{keys.prefix}:{NOTICE_JOB}{job_id}",
         ]
     deleted = 0
     for i in range(0, len(doomed), 1000):

@@ -634,3 +634,24 @@ async def test_on_sqlite_a_purge_behind_a_flush_stalled_in_its_transaction_stops
             await rds.delete(*doomed)
         await rds.aclose()
         await engine.dispose()
+
+
+async def test_purge_deletes_arq_results_of_reply_jobs_and_of_their_queued_notices(
+    hsettings: Settings, rds: Redis, engine: AsyncEngine
+) -> None:
+    await populate(rds, hsettings, engine)
+    prefix = hsettings.key_prefix
+    # populate() leaves each reply job's result; the queued notices' results hold the
+    # message as well.
+    for mid, tenant in (("m1", "T1"), ("m2", "T1"), ("m3", "T2")):
+        job = f"reply:slack:{tenant}:{mid}"
+        await rds.set(f"arq:result:{prefix}:queued:{job}", f"args of {mid}")
+    await purge(rds, Keys(prefix), engine, user="U1")
+    left = {k.decode() async for k in rds.scan_iter(f"arq:result:{prefix}:*")}
+    assert left == {
+        f"arq:result:{prefix}:reply:slack:T1:m2",
+        f"arq:result:{prefix}:reply:slack:T1:m4",
+        f"arq:result:{prefix}:queued:reply:slack:T1:m2",
+    }
+    await purge(rds, Keys(prefix), engine, tenant="T1")
+    assert [k async for k in rds.scan_iter(f"arq:result:{prefix}:*")] == []
