@@ -63,7 +63,7 @@ class Keys:
     def purged(self, job_id: str) -> str:
         """Marks a reply job whose message a purge deleted while it was queued or
         running: its history writes and its arq result are dropped (value: JSON
-        ``{"tenant", "session"}``, what its end still has to clear)."""
+        ``{"tenant", "session", "conversation"}``, what its end still has to clear)."""
         return f"{self.prefix}:purged:{job_id}"
 
     # --- History (write-behind) ---
