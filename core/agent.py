@@ -145,6 +145,8 @@ async def run_tool_loop(
                 role="assistant",
                 text=completion.text,
                 message_id=f"{ctx.message_id}:step{result.steps}",
+                # Tool turns carry their user, as answers do, so a purge finds them.
+                user=ctx.user,
                 model=completion.model,
                 tokens_in=completion.tokens_in,
                 tokens_out=completion.tokens_out,
@@ -179,6 +181,7 @@ async def run_tool_loop(
                     role="tool",
                     text=text,
                     message_id=f"{ctx.message_id}:tool:{c['id']}",
+                    user=ctx.user,
                     lane=ctx.lane,
                     tool_call_id=c["id"],
                     tool_name=c["name"],

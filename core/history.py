@@ -53,10 +53,12 @@ _ZSTD = b"A"
 _compressor = zstandard.ZstdCompressor(level=3)
 _decompressor = zstandard.ZstdDecompressor()
 
-# KEYS: hot window, backlog, overflow set, stats hash.
+# KEYS: hot window, backlog, overflow set, stats hash[, the job's purge mark].
 # ARGV: max_turns, ttl_s, backlog_max, conversation_id, n_window, window entries...,
 #       backlog entries...
+# Returns {-1, 0} (nothing written) when a purge marked the job meanwhile.
 _APPEND_LUA = """
+if KEYS[5] and redis.call('EXISTS', KEYS[5]) == 1 then return {-1, 0} end
 local n = tonumber(ARGV[5])
 if n > 0 then
   redis.call('RPUSH', KEYS[1], unpack(ARGV, 6, 5 + n))
@@ -301,6 +303,9 @@ class HotHistory:
 
         ``backlog`` is what goes to the backlog (default: ``turns``); the ``reply`` job
         passes only the answer because it recorded the user's message when it started.
+        With ``origin``, nothing is written once a purge marked its reply job
+        (:meth:`core.redis.Keys.purged`): the check and the write are one script, so a
+        purge either finds these turns or they are never written.
         """
         turns = [storable(t) for t in turns]
         to_record = turns if backlog is None else [storable(t) for t in backlog]
@@ -311,10 +316,11 @@ class HotHistory:
             pack_record(make_record(t, conversation_id, origin), self.compress_min_bytes)
             for t in to_record
         ]
-        await self._run(conversation_id, window, entries)
+        await self._run(conversation_id, window, entries, None if origin is None else origin.job_id)
 
     async def record(self, origin: IncomingMessage, turns: Sequence[Turn]) -> None:
-        """Add turns to the backlog only (not the hot window): a message just accepted."""
+        """Add turns to the backlog only (not the hot window): a message just accepted
+        (nothing, once a purge marked its reply job)."""
         entries = [
             pack_record(
                 make_record(storable(t), origin.conversation_id, origin), self.compress_min_bytes
@@ -322,18 +328,23 @@ class HotHistory:
             for t in turns
         ]
         if entries:
-            await self._run(origin.conversation_id, [], entries)
+            await self._run(origin.conversation_id, [], entries, origin.job_id)
 
-    async def _run(self, conversation_id: str, window: list[bytes], entries: list[bytes]) -> None:
+    async def _run(
+        self, conversation_id: str, window: list[bytes], entries: list[bytes], job_id: str | None
+    ) -> None:
         keys = self._keys
+        script_keys = [
+            keys.history(conversation_id),
+            keys.history_backlog(),
+            keys.history_overflow(),
+            keys.history_stats(),
+        ]
+        if job_id is not None:
+            script_keys.append(keys.purged(job_id))
         try:
             length, added = await self._append(
-                keys=[
-                    keys.history(conversation_id),
-                    keys.history_backlog(),
-                    keys.history_overflow(),
-                    keys.history_stats(),
-                ],
+                keys=script_keys,
                 args=[
                     self.max_turns,
                     self.ttl_s,
@@ -346,6 +357,9 @@ class HotHistory:
             )
         except RedisError as e:
             raise HistoryError(f"cannot append to history of {conversation_id}: {e}") from e
+        if int(length) < 0:
+            logger.info("job=%s was purged meanwhile: its turns are not stored", job_id)
+            return
         if int(added) < 0:
             self._log_overflow(-int(added), int(length))
         if (

@@ -55,6 +55,12 @@ class Keys:
         far (a hash: ``reply``, ``attempts``); see :mod:`workers.delivery`."""
         return f"{self.prefix}:undelivered:{job_id}"
 
+    def purged(self, job_id: str) -> str:
+        """Marks a reply job whose message a purge deleted while it was queued or
+        running: its history writes and its arq result are dropped (value: JSON
+        ``{"tenant", "session", "conversation"}``, what its end still has to clear)."""
+        return f"{self.prefix}:purged:{job_id}"
+
     # --- History (write-behind) ---
     def history_pattern(self) -> str:
         """SCAN pattern matching every hot window."""

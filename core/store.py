@@ -8,6 +8,12 @@ is managed by the Alembic migrations shipped in ``core/migrations``.
 Postgres ``TEXT`` cannot hold NUL characters, so a text containing one is stored
 JSON-encoded with ``text_encoding = 'json'`` (on every database, so that both keep
 the same bytes) and decoded on the way out: what goes in comes back exactly.
+
+A purge fences out flushes that started before it: :func:`delete_records` increments
+the one-row ``history_fence`` table's ``epoch`` in its transaction, and a flush's
+insert (:func:`insert_values` with ``fence=``) compares the epoch it read before it
+read the backlog, inside its own transaction, and rolls back with
+:class:`FlushFenced` when a purge came in between.
 """
 
 from __future__ import annotations
@@ -22,7 +28,17 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import asyncpg
-from sqlalchemy import Index, Table, UniqueConstraint, case, delete, event, func, select
+from sqlalchemy import (
+    Index,
+    Table,
+    UniqueConstraint,
+    case,
+    delete,
+    event,
+    exists,
+    func,
+    select,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, make_url
@@ -83,6 +99,26 @@ class MessageRow(SQLModel, table=True):
 
 
 _table: Table = MessageRow.__table__  # type: ignore[attr-defined]
+
+
+class FenceRow(SQLModel, table=True):
+    """The purge epoch (one row, ``id = 1``; migration 0003): a purge increments it,
+    a flush that read an older one before a purge may not commit."""
+
+    __tablename__ = "history_fence"
+
+    id: int = Field(primary_key=True)
+    epoch: int = 0
+
+
+class FlushFenced(HistoryError):
+    """A purge ran since this flush read the purge epoch; its transaction rolled back
+    (the batch stays in the backlog and is read again by the next flush)."""
+
+
+_FENCE_SELECT = "SELECT epoch FROM history_fence WHERE id = 1"
+_FENCE_BUMP = "UPDATE history_fence SET epoch = epoch + 1 WHERE id = 1"
+_NO_FENCE = "the database has no purge fence (history_fence): run `sluice db upgrade`"
 
 
 class Record(TypedDict):
@@ -470,13 +506,14 @@ async def insert_batch(
     records: Sequence[Record],
     *,
     before_commit: Callable[[], Awaitable[None]] | None = None,
+    fence: int | None = None,
 ) -> int:
     """Insert ``records`` in ONE transaction, skipping those already stored.
 
     See :func:`insert_values`; returns the number of rows actually inserted.
     """
     return await insert_values(
-        engine, [record_values(r) for r in records], before_commit=before_commit
+        engine, [record_values(r) for r in records], before_commit=before_commit, fence=fence
     )
 
 
@@ -485,6 +522,7 @@ async def insert_values(
     rows: Sequence[RecordValues],
     *,
     before_commit: Callable[[], Awaitable[None]] | None = None,
+    fence: int | None = None,
 ) -> int:
     """Insert rows (values in :data:`RECORD_FIELDS` order) in ONE transaction.
 
@@ -493,6 +531,16 @@ async def insert_values(
     ``executemany`` of ``INSERT ... ON CONFLICT DO NOTHING`` in one transaction.
     Returns the number of rows actually inserted. ``before_commit`` is awaited inside
     the transaction, after the insert (the crash tests pause there).
+
+    ``fence``: the purge epoch (:func:`fence_epoch`) read before these rows were read
+    from Redis. It is compared last, inside the transaction (Postgres: ``FOR SHARE``,
+    so a purge's increment waits for this commit and its delete then sees these rows;
+    SQLite: under the write lock the insert took). When a purge came in between, the
+    transaction rolls back and :class:`FlushFenced` is raised.
+
+    Raises:
+        FlushFenced: a purge ran since ``fence`` was read; nothing was written.
+        HistoryError: the insert failed (Postgres).
     """
     cols = _columns(rows)
     if not cols:
@@ -506,6 +554,8 @@ async def insert_values(
                     status: str = await driver.execute(_PG_INSERT, *cols)
                     if before_commit is not None:
                         await before_commit()
+                    if fence is not None:
+                        _check_fence(await driver.fetch(_FENCE_SELECT + " FOR SHARE"), fence)
             except (asyncpg.PostgresError, asyncpg.InterfaceError) as e:
                 raise HistoryError(f"inserting {len(cols[0])} messages failed: {e}") from e
         metrics.DB_TRANSACTIONS.inc()
@@ -515,8 +565,32 @@ async def insert_values(
         result = await conn.exec_driver_sql(_SQLITE_INSERT, tuples)
         if before_commit is not None:
             await before_commit()
+        if fence is not None:
+            _check_fence((await conn.exec_driver_sql(_FENCE_SELECT)).all(), fence)
     metrics.DB_TRANSACTIONS.inc()
     return int(result.rowcount or 0)
+
+
+def _check_fence(rows: Sequence[Any], fence: int) -> None:
+    if not rows:
+        raise HistoryError(_NO_FENCE)
+    if int(rows[0][0]) != fence:
+        raise FlushFenced(
+            f"a purge ran since this flush started (purge epoch {fence} -> {int(rows[0][0])})"
+        )
+
+
+async def fence_epoch(engine: AsyncEngine) -> int:
+    """The current purge epoch; a flush reads it before it reads the backlog.
+
+    Raises:
+        HistoryError: the fence row is missing (the schema predates migration 0003).
+    """
+    async with engine.connect() as conn:
+        rows = (await conn.exec_driver_sql(_FENCE_SELECT)).all()
+    if not rows:
+        raise HistoryError(_NO_FENCE)
+    return int(rows[0][0])
 
 
 async def insert_one_naive(engine: AsyncEngine, record: Record) -> None:
@@ -549,12 +623,37 @@ async def conversation_tail(engine: AsyncEngine, conversation_id: str, n: int) -
     return [row_to_record(r) for r in reversed(rows)]
 
 
+def _of_user(user: str) -> Any:
+    """A user's rows, and the tool-call rows of their messages stored without a user.
+
+    Tool-call turns (``<message_id>:step<n>``, ``<message_id>:tool:<call id>``) carry
+    their user since tool turns were given one; older ones that reached SQL from a hot
+    window (at the backlog bound) have none. They belong to the user whose message id
+    begins theirs, in the same conversation.
+    """
+    parent = _table.alias("parent")
+    p: Any = parent.c
+    legacy_tool_row = (
+        _c.user.is_(None)
+        & _c.tool.is_not(None)
+        & exists().where(
+            p.conversation_id == _c.conversation_id,
+            p.platform == _c.platform,
+            p.tenant == _c.tenant,
+            p.user == user,
+            p.role == "user",
+            func.substr(_c.message_id, 1, func.length(p.message_id) + 1) == p.message_id + ":",
+        )
+    )
+    return (_c.user == user) | legacy_tool_row
+
+
 def _who(user: str | None, tenant: str | None) -> Any:
     if user is None and tenant is None:
         raise ValueError("give a user, a tenant, or both")
     conds = []
     if user is not None:
-        conds.append(_c.user == user)
+        conds.append(_of_user(user))
     if tenant is not None:
         conds.append(_c.tenant == tenant)
     return conds[0] if len(conds) == 1 else conds[0] & conds[1]
@@ -597,6 +696,15 @@ async def user_message_keys(
     return {(r[0], r[1], r[2]) for r in rows}
 
 
+async def web_sessions(engine: AsyncEngine, *, user: str | None, tenant: str | None) -> set[str]:
+    """The web chat sessions (a web message's channel) in which a user and/or tenant
+    has stored messages."""
+    stmt = select(_c.channel).where(_who(user, tenant), _c.platform == "web").distinct()
+    async with engine.connect() as conn:
+        rows = (await conn.execute(stmt)).all()
+    return {r[0] for r in rows}
+
+
 async def tenants_of_user(engine: AsyncEngine, user: str) -> set[str]:
     """Every tenant in which ``user`` has stored messages."""
     async with engine.connect() as conn:
@@ -607,9 +715,22 @@ async def tenants_of_user(engine: AsyncEngine, user: str) -> set[str]:
 async def delete_records(
     engine: AsyncEngine, *, user: str | None = None, tenant: str | None = None
 ) -> int:
-    """Delete every stored message of a user and/or tenant; returns how many."""
+    """Delete every stored message of a user and/or tenant (with the tool-call rows of
+    their messages); returns how many.
+
+    The same transaction first increments the purge epoch (``history_fence``), so a
+    flush that read the backlog before this purge cannot commit afterwards (see
+    :func:`insert_values`).
+
+    Raises:
+        HistoryError: the schema has no purge fence (``sluice db upgrade``).
+    """
+    cond = _who(user, tenant)
     async with engine.begin() as conn:
-        result = await conn.execute(delete(_table).where(_who(user, tenant)))
+        bumped = await conn.exec_driver_sql(_FENCE_BUMP)
+        if not bumped.rowcount:
+            raise HistoryError(_NO_FENCE)
+        result = await conn.execute(delete(_table).where(cond))
     return int(result.rowcount or 0)
 
 

@@ -73,37 +73,66 @@ def export_cmd(user: str | None, tenant: str | None, output: Any) -> None:
 @history.command("purge")
 @click.option("--user", default=None, help="User id (in every tenant unless --tenant is given).")
 @click.option("--tenant", default=None, help="Tenant id.")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--yes", is_flag=True, help="Do not ask for confirmation (required without a terminal)."
+)
 def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
-    """Delete a user's or tenant's messages from SQL, Redis (backlog, hot windows) and cache.
+    """Delete a user's or tenant's messages everywhere: SQL, Redis (backlog, hot windows,
+    queued and running reply jobs, web outboxes, unreadable backlog entries) and cache.
 
     For a user, the cache of every tenant they wrote in is cleared (cache entries
-    cannot be attributed to one user).
+    cannot be attributed to one user). Without a terminal, --yes is required.
     """
     _who(user, tenant)
     who = " in ".join(
         x for x in (f"user {user}" if user else "", f"tenant {tenant}" if tenant else "") if x
     )
     if not yes:
+        if not sys.stdin.isatty():
+            # No one to ask (a script, a pipe, cron): never read an answer from stdin.
+            click.secho(
+                f"error: purge deletes every stored message of {who} and cannot ask for "
+                "confirmation without a terminal; pass --yes to confirm",
+                fg="red",
+                err=True,
+            )
+            sys.exit(2)
         click.confirm(f"Delete every stored message of {who}?", abort=True)
+    from redis.exceptions import RedisError
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from core.errors import HistoryError
+    from core.queue import reply_queues
+    from core.store import ensure_schema
     from workers.history_admin import open_clients, purge
 
     async def run() -> Any:
-        redis, keys, engine = open_clients(get_settings())
+        settings = get_settings()
+        redis, keys, engine = open_clients(settings)
         try:
-            return await purge(redis, keys, engine, user=user, tenant=tenant)
+            # An older schema has no purge fence: stop with the upgrade command.
+            await ensure_schema(settings, engine)
+            return await purge(
+                redis, keys, engine, user=user, tenant=tenant, queues=reply_queues(settings)
+            )
         finally:
             await redis.aclose()
             await engine.dispose()
 
     try:
         r = asyncio.run(run())
-    except ConfigError as e:
+    except (ConfigError, HistoryError, TimeoutError) as e:
         _fail(e)
+    except (SQLAlchemyError, RedisError, OSError) as e:
+        # E.g. SQLite locked by a flush stalled inside its transaction. Each step is
+        # whole (the SQL delete is one transaction), so running it again finishes it.
+        _fail(HistoryError(f"purge stopped part way ({type(e).__name__}: {e}); run it again"))
     click.echo(
         f"purged {who}: {r.sql_rows} SQL rows, {r.backlog_entries} backlog entries, "
         f"{r.hot_turns} hot-window turns, {r.cache_keys} cache keys, "
-        f"{r.job_traces} reply-job keys "
+        f"{r.job_traces} reply-job keys, {r.jobs_queued} queued jobs, "
+        f"{r.jobs_running} running jobs, {r.web_outboxes} web outboxes, "
+        f"{r.bad_entries} unreadable backlog entries "
         f"(tenants: {', '.join(sorted(r.tenants)) or '-'})"
     )
 

@@ -15,6 +15,12 @@ How nothing is lost and nothing is written twice, whatever dies when:
    rolls back and the entries are still pending. Killed after the commit, before the
    ack: the next flush inserts them again and the database ignores them. If a lock
    ever expired under a stalled flusher, the same argument covers two flushers.
+4. A purge cannot be undone by a flush that stalled past its lock: the flush reads
+   the purge epoch (``history_fence``) before it reads the backlog, and each insert
+   transaction compares it before committing (``core.store.insert_values``). A purge
+   increments it in the transaction that deletes the rows, so a flush that started
+   before the purge rolls back (:class:`core.store.FlushFenced`), stops, and leaves
+   its batch pending for the next flush (minus the entries the purge deleted).
 
 When the database fails, the failure count and the time of the next attempt go to
 the stats hash and later runs wait with exponential backoff (capped at
@@ -44,7 +50,14 @@ from core.history import make_record, unpack_turn, unpack_values
 from core.logs import redact
 from core.redis import Keys
 from core.settings import Settings
-from core.store import ensure_schema, insert_batch, insert_values, is_postgres
+from core.store import (
+    FlushFenced,
+    ensure_schema,
+    fence_epoch,
+    insert_batch,
+    insert_values,
+    is_postgres,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +90,7 @@ class FlushResult:
     recovered: int = 0
     skipped: str | None = None
     error: str | None = None
+    fenced: bool = False
     seconds: float = 0.0
 
     def __str__(self) -> str:
@@ -86,6 +100,8 @@ class FlushResult:
             f"read={self.read} inserted={self.inserted} batches={self.batches} "
             f"recovered={self.recovered} in {self.seconds:.2f}s"
         )
+        if self.fenced:
+            s += " fenced (a purge ran meanwhile; the batch is read again next time)"
         return f"{s} error={self.error}" if self.error else s
 
 
@@ -124,6 +140,11 @@ class Flusher:
         renewer = asyncio.create_task(self._keep_lock(token, ttl_ms, lost))
         try:
             await self._flush(result, started, budget, lost)
+        except FlushFenced as e:
+            # Not a database failure: no backoff. What this run had not committed is
+            # still pending (what the purge deleted is gone) and is read again.
+            result.fenced = True
+            logger.warning("history flush stopped: %s; rolled back, nothing written", e)
         except (SQLAlchemyError, OSError, HistoryError) as e:
             result.error = f"{type(e).__name__}: {e}"[:500]
             await self._failed(result.error)
@@ -147,6 +168,9 @@ class Flusher:
         if not self._schema_ok:
             await ensure_schema(self.settings, self.engine)
             self._schema_ok = True
+        # Read before anything is read from Redis: a purge after this point fences
+        # out every insert of this run.
+        fence = await fence_epoch(self.engine)
         await self._ensure_group()
         # Up to `concurrency` batches are written at once, each in its own transaction
         # and acknowledged after its own commit (Postgres; SQLite has a single writer).
@@ -165,7 +189,7 @@ class Flusher:
                     after = _str(entries[-1][0])
                 result.read += len(entries)
                 result.batches += 1
-                in_flight.add(asyncio.create_task(self._write(entries, result.batches)))
+                in_flight.add(asyncio.create_task(self._write(entries, result.batches, fence)))
                 if len(in_flight) >= concurrency:
                     done, in_flight = await asyncio.wait(
                         in_flight, return_when=asyncio.FIRST_COMPLETED
@@ -180,7 +204,7 @@ class Flusher:
             if in_flight:
                 await asyncio.wait(in_flight)
         if not lost.is_set() and time.monotonic() - started < budget:
-            result.recovered = await self._recover_overflow(started, budget)
+            result.recovered = await self._recover_overflow(started, budget, fence)
         await self.redis.hset(  # type: ignore[misc]
             self.keys.history_stats(),
             mapping={
@@ -221,7 +245,9 @@ class Flusher:
             entries.append((entry_id, blob))
         return entries
 
-    async def _write(self, entries: list[tuple[bytes, bytes | None]], batch_no: int) -> int:
+    async def _write(
+        self, entries: list[tuple[bytes, bytes | None]], batch_no: int, fence: int
+    ) -> int:
         records: list[list[Any]] = []
         for entry_id, blob in entries:
             if blob is None:
@@ -240,7 +266,10 @@ class Flusher:
         await self._pause_at("after_read", batch_no)
         t0 = time.monotonic()
         inserted = await insert_values(
-            self.engine, records, before_commit=lambda: self._pause_at("before_commit", batch_no)
+            self.engine,
+            records,
+            before_commit=lambda: self._pause_at("before_commit", batch_no),
+            fence=fence,
         )
         metrics.HISTORY_FLUSH_SECONDS.observe(time.monotonic() - t0)
         metrics.HISTORY_FLUSHED_ROWS.inc(inserted)
@@ -253,7 +282,7 @@ class Flusher:
         await self._pause_at("after_ack", batch_no)
         return inserted
 
-    async def _recover_overflow(self, started: float, budget: float) -> int:
+    async def _recover_overflow(self, started: float, budget: float, fence: int) -> int:
         """Store the hot windows of conversations whose turns missed the backlog."""
         key = self.keys.history_overflow()
         total = 0
@@ -269,7 +298,7 @@ class Flusher:
                     self.keys.history(conversation_id), 0, -1
                 )
                 records = [make_record(unpack_turn(r), conversation_id) for r in raw]
-                total += await insert_batch(self.engine, records)
+                total += await insert_batch(self.engine, records, fence=fence)
                 await self.redis.srem(key, m)  # type: ignore[misc]
             if total:
                 logger.warning(
@@ -379,6 +408,7 @@ async def flush_all(settings: Settings, *, max_s: float = 600.0) -> FlushResult:
             total.inserted += r.inserted
             total.batches += r.batches
             total.recovered += r.recovered
+            total.fenced = total.fenced or r.fenced
             total.error = r.error
             if r.error or (r.read == 0 and r.recovered == 0):
                 break

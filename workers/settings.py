@@ -27,6 +27,7 @@ from arq.constants import in_progress_key_prefix
 from arq.cron import cron
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
+from redis.exceptions import RedisError
 
 from core import metrics
 from core.bot import load_bot
@@ -44,6 +45,7 @@ from core.store import ensure_schema_at_startup, make_engine
 from core.traffic import BUSY_MAX_TRIES, Traffic
 from workers import flush, jobs, traffic_jobs
 from workers.flush import Flusher
+from workers.history_admin import finish_purged_job
 from workers.reaper import reaper_loop, track_finished, track_started
 
 logger = logging.getLogger(__name__)
@@ -337,14 +339,34 @@ class SluiceWorker(Worker):
             await track_started(self.pool, self.ctx["keys"], member, started)
 
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
-        """arq's end of a job try, then forget that this worker runs it."""
-        await super().finish_job(job_id, *args, **kwargs)
+        """arq's end of a job try, then forget that this worker runs it. A job whose
+        message was purged while it ran ends for good, with no result kept (arq's
+        result holds the message)."""
+        if await self._purged(job_id):
+            await super().finish_job(job_id, True, None, None, False, None, None)
+        else:
+            await super().finish_job(job_id, *args, **kwargs)
         await self._forget(job_id)
 
     async def finish_failed_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
-        """arq's end of a job that cannot run, then forget that this worker runs it."""
-        await super().finish_failed_job(job_id, *args, **kwargs)
+        """arq's end of a job that cannot run, then forget that this worker runs it
+        (no result kept if its message was purged)."""
+        if await self._purged(job_id):
+            await super().finish_failed_job(job_id, None)
+        else:
+            await super().finish_failed_job(job_id, *args, **kwargs)
         await self._forget(job_id)
+
+    async def _purged(self, job_id: str) -> bool:
+        keys: Keys | None = self.ctx.get("keys")
+        if keys is None:
+            return False
+        try:
+            return await finish_purged_job(self.pool, keys, job_id)
+        except RedisError as e:
+            # arq's own end of the job needs Redis too and reports it; go on with that.
+            logger.warning("cannot check whether job=%s was purged: %s", job_id, e)
+            return False
 
     async def _forget(self, job_id: str) -> None:
         member = self.ctx.get("worker_member")
