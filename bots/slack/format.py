@@ -23,7 +23,8 @@ _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
 _BULLET = re.compile(r"^(\s*)[-*+]\s+")
 _RULE = re.compile(r"^\s{0,3}([-*_])(\s*\1){2,}\s*$")
 _INLINE_CODE = re.compile(r"`[^`\n]+`")
-_MENTION_MARKUP = re.compile(r"<(?=[!@#])")
+# Inserted after every "<" of streamed Markdown (see safe_markdown).
+ZWSP = "\u200b"
 
 
 def escape(text: str) -> str:
@@ -34,9 +35,15 @@ def escape(text: str) -> str:
 def safe_markdown(text: str) -> str:
     """Markdown for Slack's ``markdown_text`` (native streaming) with no live mentions.
 
-    A zero-width space after ``<`` keeps ``<!here>``, ``<@U123>`` and ``<#C1>`` as text.
+    A zero-width space goes after *every* ``<``, so ``<!here>``, ``<!channel>``,
+    ``<@U123>``, ``<#C1>`` and ``<!subteam^S1>`` stay text. It must be every ``<``,
+    not only one followed by ``!``, ``@`` or ``#``: the answer is streamed in
+    deltas, and a delta that ends with ``<`` cannot see the ``!channel>`` that the
+    next one starts with. Escaping each character alone makes the result
+    independent of where the text is cut: ``safe_markdown(a) + safe_markdown(b) ==
+    safe_markdown(a + b)`` for any ``a`` and ``b``.
     """
-    return _MENTION_MARKUP.sub("<\u200b", text)
+    return text.replace("<", "<" + ZWSP)
 
 
 def _inline(line: str) -> str:
