@@ -161,11 +161,42 @@ def _units(text: str) -> list[str]:
     return units
 
 
+# What a cut must not fall inside: an escaped character (a part ending in "&l" and
+# the next starting with "t;" would show both halves as text) or a link to_mrkdwn made.
+_ATOM = re.compile(r"&(?:amp|lt|gt);|<(?:https?://|mailto:)[^<>\s|]*\|[^<>\n]*>")
+
+
+def _outside_atoms(line: str, cut: int) -> int:
+    """``cut`` moved back to the start of the entity or link it would fall inside.
+
+    A link longer than a whole part cannot be kept whole: it is cut where it is.
+    """
+    for m in _ATOM.finditer(line):
+        if m.start() >= cut:
+            break
+        if m.start() < cut < m.end():
+            return m.start() if m.start() > 0 else cut
+    return cut
+
+
+def _cut_point(line: str, limit: int) -> int:
+    """Where to cut a line longer than ``limit``: the last space in its second half,
+    else at the limit; never inside an entity or link, and never just before a
+    ``````` (the rest becomes a line of its own, which would open a code block)."""
+    space = line.rfind(" ", limit // 2, limit)
+    cut = _outside_atoms(line, limit if space <= 0 else space)
+    alt = cut
+    while line[alt:].lstrip(" ").startswith(FENCE) and alt > limit // 2:
+        alt -= 1
+    if alt != cut and not line[alt:].lstrip(" ").startswith(FENCE):
+        cut = _outside_atoms(line, alt)
+    return cut
+
+
 def _hard_split(line: str, limit: int) -> list[str]:
     pieces: list[str] = []
     while len(line) > limit:
-        cut = line.rfind(" ", limit // 2, limit)
-        cut = limit if cut <= 0 else cut
+        cut = _cut_point(line, limit)
         pieces.append(line[:cut])
         line = line[cut:].lstrip(" ") if cut < limit else line[cut:]
     pieces.append(line)
@@ -211,7 +242,9 @@ def split_message(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:
 
     Cuts at paragraph boundaries first, then at line ends, then at spaces; a code
     block that must be cut is closed at the end of one part and reopened at the
-    start of the next, so every part renders on its own.
+    start of the next, so every part renders on its own. A cut never falls inside
+    an escaped character (``&amp;``, ``&lt;``, ``&gt;``) nor inside a ``<url|label>``
+    link that fits in a part.
     """
     if limit < 32:
         raise ValueError("limit must be at least 32 characters")
