@@ -167,10 +167,8 @@ _ATOM = re.compile(r"&(?:amp|lt|gt);|<(?:https?://|mailto:)[^<>\s|]*\|[^<>\n]*>"
 
 
 def _outside_atoms(line: str, cut: int) -> int:
-    """``cut`` moved back to the start of the entity or link it would fall inside.
-
-    A link longer than a whole part cannot be kept whole: it is cut where it is.
-    """
+    """``cut`` moved back to the start of the entity or link it would fall inside
+    (unless that is the start of the line: then there is nothing before to cut)."""
     for m in _ATOM.finditer(line):
         if m.start() >= cut:
             break
@@ -193,8 +191,22 @@ def _cut_point(line: str, limit: int) -> int:
     return cut
 
 
+_LINK_MRKDWN = re.compile(r"<((?:https?://|mailto:)[^<>\s|]*)\|([^<>\n]*)>")
+
+
+def _unlink_long(line: str, limit: int) -> str:
+    """A link longer than a whole part as ``label (url)``: it cannot stay one piece,
+    and a cut through ``<url|label>`` would show its markup."""
+    return _LINK_MRKDWN.sub(
+        lambda m: f"{m.group(2)} ({m.group(1)})" if len(m.group(0)) > limit else m.group(0),
+        line,
+    )
+
+
 def _hard_split(line: str, limit: int) -> list[str]:
     pieces: list[str] = []
+    if len(line) > limit:
+        line = _unlink_long(line, limit)
     while len(line) > limit:
         cut = _cut_point(line, limit)
         pieces.append(line[:cut])
@@ -244,7 +256,7 @@ def split_message(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:
     block that must be cut is closed at the end of one part and reopened at the
     start of the next, so every part renders on its own. A cut never falls inside
     an escaped character (``&amp;``, ``&lt;``, ``&gt;``) nor inside a ``<url|label>``
-    link that fits in a part.
+    link; a link longer than a whole part becomes ``label (url)``.
     """
     if limit < 32:
         raise ValueError("limit must be at least 32 characters")

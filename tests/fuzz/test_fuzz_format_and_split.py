@@ -50,8 +50,7 @@ def _visible_chars(mrkdwn: str) -> str:
 
 
 @fuzz(300)
-# Settings allow 100 characters at least (SLUICE_SLACK_MESSAGE_LIMIT); every link the
-# strategies make is shorter, so none has to be cut.
+# Settings allow 100 characters at least (SLUICE_SLACK_MESSAGE_LIMIT).
 @given(text=LONG_HOSTILE_TEXT, limit=st.integers(min_value=100, max_value=4000))
 def test_slack_split_of_converted_text_fits_keeps_order_and_stays_inert(
     text: str, limit: int
@@ -60,7 +59,13 @@ def test_slack_split_of_converted_text_fits_keeps_order_and_stays_inert(
     parts = slack_split(mrkdwn, limit)
     assert parts
     assert all(len(p) <= limit for p in parts)
-    assert _visible_chars("".join(parts)) == _visible_chars(mrkdwn)
+    # A link longer than a part is shown as "label (url)" (documented in split_message).
+    expected = re.sub(
+        r"<((?:https?://|mailto:)[^<>\s|]*)\|([^<>\n]*)>",
+        lambda m: f"{m[2]} ({m[1]})" if len(m[0]) > limit else m[0],
+        mrkdwn,
+    )
+    assert _visible_chars("".join(parts)) == _visible_chars(expected)
     for part in parts:
         _no_live_markup(part)
         # Each part renders alone: a code block cut in two is closed and reopened.
@@ -122,6 +127,15 @@ def test_a_link_is_never_cut_in_two_when_it_fits_in_a_part() -> None:
         for part in slack_split(mrkdwn, limit):
             assert len(part) <= limit
             assert "<" not in _LINK.sub("", part), part
+
+
+def test_a_link_longer_than_a_part_becomes_label_and_url() -> None:
+    # Found: a link whose label was 5,000 characters was cut through its markup.
+    mrkdwn = to_mrkdwn("see [" + "x" * 500 + "](https://example.com/a?b=1&c=2) now")
+    parts = slack_split(mrkdwn, 100)
+    assert all(len(p) <= 100 and "<" not in p for p in parts), parts
+    joined = _visible_chars("".join(parts))
+    assert joined == _visible_chars("see " + "x" * 500 + " (https://example.com/a?b=1&amp;c=2) now")
 
 
 def test_a_cut_never_leaves_a_fence_at_the_start_of_a_part_line() -> None:
