@@ -44,6 +44,15 @@ def test_safe_markdown_never_leaves_live_markup_and_hides_nothing(text: str) -> 
     assert out.replace(ZWSP, "") == text.replace(ZWSP, "")
 
 
+def _expected(mrkdwn: str, limit: int) -> str:
+    """``mrkdwn`` with each link longer than a part as "label (url)" (split_message's rule)."""
+    return re.sub(
+        r"<((?:https?://|mailto:)[^<>\s|]*)\|([^<>\n]*)>",
+        lambda m: f"{m[2]} ({m[1]})" if len(m[0]) > limit else m[0],
+        mrkdwn,
+    )
+
+
 def _visible_chars(mrkdwn: str) -> str:
     """What a split may not lose or reorder: everything but whitespace and fences."""
     return re.sub(r"\s|`", "", mrkdwn)
@@ -59,13 +68,7 @@ def test_slack_split_of_converted_text_fits_keeps_order_and_stays_inert(
     parts = slack_split(mrkdwn, limit)
     assert parts
     assert all(len(p) <= limit for p in parts)
-    # A link longer than a part is shown as "label (url)" (documented in split_message).
-    expected = re.sub(
-        r"<((?:https?://|mailto:)[^<>\s|]*)\|([^<>\n]*)>",
-        lambda m: f"{m[2]} ({m[1]})" if len(m[0]) > limit else m[0],
-        mrkdwn,
-    )
-    assert _visible_chars("".join(parts)) == _visible_chars(expected)
+    assert _visible_chars("".join(parts)) == _visible_chars(_expected(mrkdwn, limit))
     for part in parts:
         _no_live_markup(part)
         # Each part renders alone: a code block cut in two is closed and reopened.
@@ -80,9 +83,9 @@ def test_slack_split_never_cuts_inside_an_entity(text: str, limit: int) -> None:
     mrkdwn = to_mrkdwn(text)
     parts = slack_split(mrkdwn, limit)
     # Each part decodes to text on its own: no "&l" | "t;" halves.
-    entities = len(_ENTITY.findall(mrkdwn))
-    assert sum(len(_ENTITY.findall(p)) for p in parts) == entities
-    assert html.unescape("".join(parts)).count("<") == html.unescape(mrkdwn).count("<")
+    expected = _expected(mrkdwn, limit)
+    assert sum(len(_ENTITY.findall(p)) for p in parts) == len(_ENTITY.findall(expected))
+    assert html.unescape("".join(parts)).count("<") == html.unescape(expected).count("<")
 
 
 @fuzz(300)
