@@ -10,7 +10,9 @@ a 4xx whose JSON body says why in ``error``; a well-formed message is accepted
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
+from importlib import resources
 from typing import Any
 
 import aiohttp
@@ -144,3 +146,17 @@ async def test_any_body_is_accepted_or_refused_with_a_reason_never_a_5xx(
     if status == 202:
         assert good is not None, f"accepted a malformed body: {body!r}"
         assert await web.redis.exists(f"arq:job:{answer['job_id']}"), answer
+
+
+def test_the_chat_page_never_renders_text_as_html() -> None:
+    """The web chat's answer to markup in text: the page only ever sets ``textContent``.
+
+    Shown in a real browser by ``tests/test_web_markup_browser.py``; this check keeps a
+    later edit from bringing in an HTML sink.
+    """
+    page = resources.files("bots.web").joinpath("static/index.html").read_text("utf-8")
+    script = page[page.index("<script") :]
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "srcdoc"):
+        assert sink not in script, f"the chat page uses {sink}"
+    # Every text the page shows from an event goes through textContent.
+    assert re.findall(r"\.textContent \+?= e\.text", script)
