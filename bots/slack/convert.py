@@ -37,7 +37,12 @@ _BOLT_IDS = ("enterprise", "team", "user", "channel")
 _BOLT_NESTED = ("event", "item", "assistant_thread", "message", "previous_message")
 
 
-def _bolt_shape_problem(obj: dict[str, Any], where: str, depth: int = 0) -> str | None:
+def _bolt_shape_problem(obj: dict[str, Any], where: str, *, nested: int = 2) -> str | None:
+    """Why Bolt would crash reading ``obj`` (``None``: it would not).
+
+    ``authorizations[0]`` is read like the payload itself, as deep as it goes (as Bolt
+    does); the objects of ``_BOLT_NESTED`` down to ``nested`` levels.
+    """
     for key in _BOLT_IDS:
         value = obj.get(key)
         if value is not None and not isinstance(value, str | dict):
@@ -46,15 +51,14 @@ def _bolt_shape_problem(obj: dict[str, Any], where: str, depth: int = 0) -> str 
     if auths is not None:
         if not isinstance(auths, list) or not all(isinstance(a, dict) for a in auths[:1]):
             return f"{where}'authorizations' must be a list of objects"
-        if auths and (why := _bolt_shape_problem(auths[0], f"{where}authorization ", 9)):
+        if auths and (why := _bolt_shape_problem(auths[0], f"{where}authorization ", nested=0)):
             return why
-    if depth < 2:
-        for key in _BOLT_NESTED:
-            value = obj.get(key)
-            if isinstance(value, dict) and (
-                why := _bolt_shape_problem(value, f"{where}{key} ", depth + 1)
-            ):
-                return why
+    for key in _BOLT_NESTED if nested > 0 else ():
+        value = obj.get(key)
+        if isinstance(value, dict) and (
+            why := _bolt_shape_problem(value, f"{where}{key} ", nested=nested - 1)
+        ):
+            return why
     return None
 
 

@@ -161,9 +161,11 @@ def _units(text: str) -> list[str]:
     return units
 
 
+# A link to_mrkdwn made: <url|label>.
+_LINK_MRKDWN = re.compile(r"<((?:https?://|mailto:)[^<>\s|]*)\|([^<>\n]*)>")
 # What a cut must not fall inside: an escaped character (a part ending in "&l" and
-# the next starting with "t;" would show both halves as text) or a link to_mrkdwn made.
-_ATOM = re.compile(r"&(?:amp|lt|gt);|<(?:https?://|mailto:)[^<>\s|]*\|[^<>\n]*>")
+# the next starting with "t;" would show both halves as text) or a link.
+_ATOM = re.compile(r"&(?:amp|lt|gt);|" + _LINK_MRKDWN.pattern)
 
 
 def _outside_atoms(line: str, cut: int) -> int:
@@ -189,9 +191,6 @@ def _cut_point(line: str, limit: int) -> int:
     if alt != cut and not line[alt:].lstrip(" ").startswith(FENCE):
         cut = _outside_atoms(line, alt)
     return cut
-
-
-_LINK_MRKDWN = re.compile(r"<((?:https?://|mailto:)[^<>\s|]*)\|([^<>\n]*)>")
 
 
 def _unlink_long(line: str, limit: int) -> str:
