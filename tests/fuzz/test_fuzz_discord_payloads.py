@@ -5,7 +5,8 @@ the adapter's own discord.py client parse it (``discord.Message``, as its gatewa
 handler does) and hands it to the adapter's intake (checks, dedupe, enqueue on the
 real Redis). Properties: never an exception; messages from bots are dropped; a DM
 or a mention from a person is queued, with the bot's mention stripped and the rest
-of the text kept.
+of the text kept. ``/ask`` interactions go through the fake gateway and discord.py's
+command tree: each is deferred and queued with its question.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from redis.asyncio import Redis
 from bots.discord.gateway import SluiceClient
 from bots.discord.intake import strip_mention
 from core.settings import Settings
-from tests.discord.conftest import CHANNEL, GUILD, ROLE, queued, running_adapter
+from tests.discord.conftest import CHANNEL, GUILD, ROLE, queued, running_adapter, wait_for
 from tests.fakes.discord_fake import DiscordFake
 from tests.fuzz.strategies import HOSTILE_TEXT, fuzz
 
@@ -129,3 +130,32 @@ async def test_any_discord_message_is_queued_or_dropped_never_a_crash(
         assert msg.user == author_id
         if where != "dm":
             assert msg.tenant == GUILD
+
+
+@fuzz(60)
+@given(question=HOSTILE_TEXT, name=NAME, author_id=SNOWFLAKE, in_guild=st.booleans())
+async def test_any_ask_interaction_is_deferred_and_queued(
+    client: SluiceClient,
+    fake: DiscordFake,
+    redis: Redis,
+    question: str,
+    name: str,
+    author_id: str,
+    in_guild: bool,
+) -> None:
+    """``/ask`` through the fake gateway (INTERACTION_CREATE, discord.py's command tree)."""
+    user = {**DiscordFake.user(author_id, name), "global_name": name}
+    channel = CHANNEL
+    if not in_guild:
+        channel = await fake.dm_channel(str(DM_BASE + next(_ids)), user)
+    inter = await fake.invoke_ask(channel, user, question)
+    await wait_for(lambda: inter.callback_type is not None, timeout_s=20)
+    assert inter.callback_type == 5  # deferred: the answer follows
+
+    async def job() -> list[Any]:
+        return [m for m in await queued(redis, client.settings) if m.message_id == inter.id]
+
+    await wait_for(job, timeout_s=20)
+    [msg] = await job()
+    assert msg.text == question.strip()
+    assert msg.user == author_id
