@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
@@ -26,6 +26,7 @@ from core.messages import IncomingMessage, Reply
 from core.settings import Settings
 from tests.discord.conftest import CHANNEL, GUILD, ROLE
 from tests.fakes.discord_fake import DEFAULT_LIMITS, DiscordFake
+from tests.fuzz.strategies import fuzz
 
 MENTIONS = [
     "@everyone",
@@ -119,11 +120,7 @@ def _replies_to(fake: DiscordFake, msg: IncomingMessage) -> list[dict[str, Any]]
     return sorted(others, key=lambda m: int(m["id"]))
 
 
-@settings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@fuzz(40)
 @given(text=TEXT, cuts=st.lists(st.integers(min_value=1, max_value=3_000), max_size=6))
 async def test_any_answer_cut_anywhere_is_sent_with_every_ping_turned_off(
     factory: DiscordResponderFactory, fake: DiscordFake, text: str, cuts: list[int]

@@ -17,7 +17,7 @@ import re
 from collections.abc import AsyncIterator
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from bots.slack.format import ZWSP, safe_markdown, to_mrkdwn
@@ -25,6 +25,7 @@ from bots.slack.responder import SlackResponderFactory
 from core.messages import IncomingMessage, Reply
 from core.settings import Settings
 from tests.fakes.slack_api import FakeSlackAPI
+from tests.fuzz.strategies import fuzz
 from tests.slack.conftest import TEAM, worker_env
 from tests.slack.conftest import mention as mention_event
 
@@ -133,7 +134,7 @@ def test_safe_markdown_of_two_pieces_is_the_safe_markdown_of_their_join(sample: 
         assert not LIVE.search(joined)
 
 
-@settings(max_examples=300, deadline=None)
+@fuzz(300)
 @given(a=MENTION_TEXT, b=MENTION_TEXT)
 def test_safe_markdown_does_not_depend_on_where_the_text_is_cut(a: str, b: str) -> None:
     assert safe_markdown(a) + safe_markdown(b) == safe_markdown(a + b)
@@ -167,11 +168,7 @@ async def test_an_edited_reply_cut_at_every_position_holds_no_live_mention(facto
         _assert_inert_and_kept(fake_slack, msg, text)
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@fuzz(60)
 @given(
     text=MENTION_TEXT,
     cuts=st.lists(st.integers(min_value=1, max_value=200), max_size=8),
