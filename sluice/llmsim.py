@@ -10,7 +10,8 @@ Endpoints
 ``POST /v1/chat/completions``
     The OpenAI Chat Completions API, streamed (SSE) or not. The answer is
     ``Echo: <last user message>`` followed by filler words picked by a hash of
-    the whole conversation, ``SimConfig.tokens`` words in all. A last user
+    the whole conversation, ``SimConfig.tokens`` words in all (or, when
+    ``SimConfig.script`` is set, exactly those pieces, one streamed chunk each). A last user
     message holding ``[[tool:NAME {json args}]]`` (with ``tools`` in the
     request) is answered with a tool call; once ``tool`` results follow it, the
     answer echoes ``Tool result: <content>``.
@@ -116,6 +117,9 @@ class SimConfig:
     ``cut`` (connection closed halfway, no ``[DONE]``) | ``429`` (all 429)."""
     require_key: str | None = None
     """When set, ``Authorization: Bearer <key>`` must carry exactly this key (else 401)."""
+    script: list[str] | None = None
+    """When set, every text answer is exactly these pieces joined, streamed one piece
+    per chunk (tests use it to cut an answer at a chosen place, e.g. ``["<", "!here>"]``)."""
 
 
 # --------------------------------------------------------------------------- errors
@@ -436,10 +440,11 @@ class _Plan:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    sep: str = " "  # between words; "" for a script, whose pieces are exact
 
     @property
     def text(self) -> str:
-        return " ".join(self.words)
+        return self.sep.join(self.words)
 
 
 def _parse_tool_directives(text: str, conversation: str) -> list[_ToolCall]:
@@ -490,6 +495,8 @@ def _plan(body: dict[str, Any], config: SimConfig) -> _Plan:
             size = sum(len(c.name) + len(c.arguments) for c in calls)
             return _Plan([], calls, "tool_calls", prompt_tokens, max(1, math.ceil(size / 4)))
 
+    if config.script is not None:
+        return _Plan(list(config.script), [], "stop", prompt_tokens, len(config.script), sep="")
     words = ["Echo:", *_collapse(user_text, _ECHO_CHARS).split()]
     if tool_results:
         result = _content_text(tool_results[-1].get("content"))
@@ -600,7 +607,7 @@ def _stream_events(plan: _Plan, writer: _ChunkWriter) -> Iterator[bytes]:
         yield writer.delta('{"role":"assistant","content":"","refusal":null}')
         last = len(plan.words) - 1
         for i, word in enumerate(plan.words):
-            token = word if i == last else word + " "
+            token = word if i == last else word + plan.sep
             yield writer.delta('{"content":' + json.dumps(token) + "}")
     yield writer.delta("{}", plan.finish_reason)
 
@@ -849,6 +856,10 @@ _CONFIG_CHECKS: dict[str, Callable[[Any], bool]] = {
     "seed": _is_int,
     "mode": lambda v: v in MODES,
     "require_key": lambda v: v is None or (isinstance(v, str) and v != ""),
+    "script": lambda v: (
+        v is None
+        or (isinstance(v, list) and 0 < len(v) <= 10_000 and all(isinstance(p, str) for p in v))
+    ),
 }
 
 

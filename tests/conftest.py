@@ -111,6 +111,7 @@ SIM_DEFAULTS: dict[str, Any] = {
     "tpm": None,
     "error_rate": 0.0,
     "mode": "normal",
+    "script": None,
 }
 
 

@@ -157,6 +157,27 @@ async def test_stream_sends_one_chunk_per_token_then_done(sim: Sim) -> None:
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
 
 
+async def test_script_streams_exactly_its_pieces_one_chunk_each(sim: Sim) -> None:
+    pieces = ["Heads up <", "!channel>", " and ", "<@U1>"]
+    await sim.set_config(script=pieces)
+    body = {"model": "m", "messages": user("hi"), "stream": True}
+    async with sim.http.post(sim.url + "/v1/chat/completions", json=body) as resp:
+        raw = (await resp.read()).decode()
+    events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    content = [c["choices"][0]["delta"]["content"] for c in chunks[1:-1]]
+    assert content == pieces
+    answer = await sim.client.chat.completions.create(model="m", messages=user("hi"))
+    assert answer.choices[0].message.content == "".join(pieces)
+    for bad in ({"script": []}, {"script": ["a", 1]}, {"script": "abc"}):
+        async with sim.http.post(sim.url + "/_sim/config", json=bad) as resp:
+            assert resp.status == 400
+    await sim.set_config(script=None)
+    again = await sim.client.chat.completions.create(model="m", messages=user("hi"))
+    assert again.choices[0].message.content.startswith("Echo: hi")
+
+
 async def test_same_conversation_gives_same_answer_and_another_differs(sim: Sim) -> None:
     async def ask(messages: list[Any]) -> str:
         completion = await sim.client.chat.completions.create(model="m", messages=messages)

@@ -30,6 +30,38 @@ _EVENT_STRINGS = (
 _SLACK_TS = re.compile(r"\d{1,12}(\.\d{1,9})?")
 
 
+# Fields Bolt reads to build its context, before any listener runs: each must be a
+# string or an object (Bolt tests "id" in value), and the objects named below are
+# read the same way, one level down (slack_bolt/request/internals.py).
+_BOLT_IDS = ("enterprise", "team", "user", "channel")
+_BOLT_NESTED = ("event", "item", "assistant_thread", "message", "previous_message")
+
+
+def _bolt_shape_problem(obj: dict[str, Any], where: str, *, nested: int = 2) -> str | None:
+    """Why Bolt would crash reading ``obj`` (``None``: it would not).
+
+    ``authorizations[0]`` is read like the payload itself, as deep as it goes (as Bolt
+    does); the objects of ``_BOLT_NESTED`` down to ``nested`` levels.
+    """
+    for key in _BOLT_IDS:
+        value = obj.get(key)
+        if value is not None and not isinstance(value, str | dict):
+            return f"{where}'{key}' must be a string or an object"
+    auths = obj.get("authorizations")
+    if auths is not None:
+        if not isinstance(auths, list) or not all(isinstance(a, dict) for a in auths[:1]):
+            return f"{where}'authorizations' must be a list of objects"
+        if auths and (why := _bolt_shape_problem(auths[0], f"{where}authorization ", nested=0)):
+            return why
+    for key in _BOLT_NESTED if nested > 0 else ():
+        value = obj.get(key)
+        if isinstance(value, dict) and (
+            why := _bolt_shape_problem(value, f"{where}{key} ", nested=nested - 1)
+        ):
+            return why
+    return None
+
+
 def payload_problem(body: dict[str, Any]) -> str | None:
     """Why a signed JSON payload cannot be handled (``None``: it can).
 
@@ -39,6 +71,11 @@ def payload_problem(body: dict[str, Any]) -> str | None:
     kind = body.get("type")
     if not isinstance(kind, str):
         return "the payload has no 'type'"
+    if "event" in body and not isinstance(body["event"], dict):
+        # Bolt's own middleware reads body["event"] as an object whatever the type.
+        return "'event' must be an object"
+    if why := _bolt_shape_problem(body, ""):
+        return why
     if kind != "event_callback":
         return None
     event = body.get("event")
@@ -99,10 +136,11 @@ def is_user_message(event: dict[str, Any], bot_user_id: str | None) -> bool:
 def team_of(body: dict[str, Any]) -> str:
     """The workspace an event or command came from."""
     event = body.get("event") or {}
+    team = body.get("team")
     return str(
         body.get("team_id")
         or event.get("team")
-        or (body.get("team") or {}).get("id", "")
+        or (team.get("id", "") if isinstance(team, dict) else team)
         or (body.get("authorizations") or [{}])[0].get("team_id", "")
     )
 

@@ -23,7 +23,8 @@ _HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
 _BULLET = re.compile(r"^(\s*)[-*+]\s+")
 _RULE = re.compile(r"^\s{0,3}([-*_])(\s*\1){2,}\s*$")
 _INLINE_CODE = re.compile(r"`[^`\n]+`")
-_MENTION_MARKUP = re.compile(r"<(?=[!@#])")
+# Inserted after every "<" of streamed Markdown (see safe_markdown).
+ZWSP = "\u200b"
 
 
 def escape(text: str) -> str:
@@ -34,9 +35,15 @@ def escape(text: str) -> str:
 def safe_markdown(text: str) -> str:
     """Markdown for Slack's ``markdown_text`` (native streaming) with no live mentions.
 
-    A zero-width space after ``<`` keeps ``<!here>``, ``<@U123>`` and ``<#C1>`` as text.
+    A zero-width space goes after *every* ``<``, so ``<!here>``, ``<!channel>``,
+    ``<@U123>``, ``<#C1>`` and ``<!subteam^S1>`` stay text. It must be every ``<``,
+    not only one followed by ``!``, ``@`` or ``#``: the answer is streamed in
+    deltas, and a delta that ends with ``<`` cannot see the ``!channel>`` that the
+    next one starts with. Escaping each character alone makes the result
+    independent of where the text is cut: ``safe_markdown(a) + safe_markdown(b) ==
+    safe_markdown(a + b)`` for any ``a`` and ``b``.
     """
-    return _MENTION_MARKUP.sub("<\u200b", text)
+    return text.replace("<", "<" + ZWSP)
 
 
 def _inline(line: str) -> str:
@@ -154,11 +161,53 @@ def _units(text: str) -> list[str]:
     return units
 
 
+# A link to_mrkdwn made: <url|label>.
+_LINK_MRKDWN = re.compile(r"<((?:https?://|mailto:)[^<>\s|]*)\|([^<>\n]*)>")
+# What a cut must not fall inside: an escaped character (a part ending in "&l" and
+# the next starting with "t;" would show both halves as text) or a link.
+_ATOM = re.compile(r"&(?:amp|lt|gt);|" + _LINK_MRKDWN.pattern)
+
+
+def _outside_atoms(line: str, cut: int) -> int:
+    """``cut`` moved back to the start of the entity or link it would fall inside
+    (unless that is the start of the line: then there is nothing before to cut)."""
+    for m in _ATOM.finditer(line):
+        if m.start() >= cut:
+            break
+        if m.start() < cut < m.end():
+            return m.start() if m.start() > 0 else cut
+    return cut
+
+
+def _cut_point(line: str, limit: int) -> int:
+    """Where to cut a line longer than ``limit``: the last space in its second half,
+    else at the limit; never inside an entity or link, and never just before a
+    ``````` (the rest becomes a line of its own, which would open a code block)."""
+    space = line.rfind(" ", limit // 2, limit)
+    cut = _outside_atoms(line, limit if space <= 0 else space)
+    alt = cut
+    while line[alt:].lstrip(" ").startswith(FENCE) and alt > limit // 2:
+        alt -= 1
+    if alt != cut and not line[alt:].lstrip(" ").startswith(FENCE):
+        cut = _outside_atoms(line, alt)
+    return cut
+
+
+def _unlink_long(line: str, limit: int) -> str:
+    """A link longer than a whole part as ``label (url)``: it cannot stay one piece,
+    and a cut through ``<url|label>`` would show its markup."""
+    return _LINK_MRKDWN.sub(
+        lambda m: f"{m.group(2)} ({m.group(1)})" if len(m.group(0)) > limit else m.group(0),
+        line,
+    )
+
+
 def _hard_split(line: str, limit: int) -> list[str]:
     pieces: list[str] = []
+    if len(line) > limit:
+        line = _unlink_long(line, limit)
     while len(line) > limit:
-        cut = line.rfind(" ", limit // 2, limit)
-        cut = limit if cut <= 0 else cut
+        cut = _cut_point(line, limit)
         pieces.append(line[:cut])
         line = line[cut:].lstrip(" ") if cut < limit else line[cut:]
     pieces.append(line)
@@ -204,7 +253,9 @@ def split_message(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:
 
     Cuts at paragraph boundaries first, then at line ends, then at spaces; a code
     block that must be cut is closed at the end of one part and reopened at the
-    start of the next, so every part renders on its own.
+    start of the next, so every part renders on its own. A cut never falls inside
+    an escaped character (``&amp;``, ``&lt;``, ``&gt;``) nor inside a ``<url|label>``
+    link; a link longer than a whole part becomes ``label (url)``.
     """
     if limit < 32:
         raise ValueError("limit must be at least 32 characters")
