@@ -94,6 +94,8 @@ async def test_any_discord_message_is_queued_or_dropped_never_a_crash(
     }
     if where == "dm":
         payload["channel_id"] = str(DM_BASE + next(_ids))
+        # The default DM policy answers members of a guild the bot shares.
+        fake.add_member(GUILD, author)
     else:
         payload["guild_id"] = GUILD
         payload["member"] = {
@@ -128,8 +130,7 @@ async def test_any_discord_message_is_queued_or_dropped_never_a_crash(
         [msg] = [m for m in await queued(redis, client.settings) if m.message_id == payload["id"]]
         assert msg.text == strip_mention(content, bot_id)
         assert msg.user == author_id
-        if where != "dm":
-            assert msg.tenant == GUILD
+        assert msg.tenant == (f"dm-{author_id}" if where == "dm" else GUILD)
 
 
 @fuzz(60)
@@ -148,6 +149,7 @@ async def test_any_ask_interaction_is_deferred_and_queued(
     channel = CHANNEL
     if not in_guild:
         channel = await fake.dm_channel(str(DM_BASE + next(_ids)), user)
+        fake.add_member(GUILD, user)  # the default DM policy answers members
     inter = await fake.invoke_ask(channel, user, question)
     await wait_for(lambda: inter.callback_type is not None, timeout_s=20)
     assert inter.callback_type == 5  # deferred: the answer follows

@@ -23,9 +23,10 @@ from hypothesis import strategies as st
 
 from core.settings import Settings
 from tests.fuzz.strategies import HOSTILE_TEXT, fuzz
-from tests.webchat import web_adapter
+from tests.webchat import WebSession, open_session, web_adapter
 
-# 400 bad input, 413 too large; 403/415 are the Origin/Host and content-type refusals.
+# 400 bad input, 413 too large; 403/415 are the Origin/Host/foreign-session and
+# content-type refusals.
 REFUSALS = (400, 403, 413, 415)
 
 _SCALAR = (
@@ -49,13 +50,18 @@ def _mostly(good: st.SearchStrategy[Any], bad: st.SearchStrategy[Any]) -> st.Sea
     return st.integers(0, 7).flatmap(lambda i: bad if i == 7 else good)
 
 
+# MINE stands for the session of the request's cookie (filled in per request): a body
+# may name it; naming any other session is refused.
+MINE = "<mine>"
 SESSION = _mostly(
+    st.just(MINE),
     st.text(
         alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-",
         min_size=1,
         max_size=64,
-    ),
-    st.text(max_size=70) | _JSON,
+    )
+    | st.text(max_size=70)
+    | _JSON,
 )
 ID = st.one_of(
     st.none(),
@@ -65,8 +71,8 @@ ID = st.one_of(
 )
 TEXT = st.one_of(HOSTILE_TEXT, HOSTILE_TEXT, st.text(max_size=50), _JSON)
 MESSAGE = st.fixed_dictionaries(
-    {"session": SESSION, "text": TEXT},
-    optional={"id": ID, "extra": _JSON},
+    {"text": TEXT},
+    optional={"session": SESSION, "id": ID, "extra": _JSON},
 )
 BODY = st.one_of(
     MESSAGE.map(lambda m: json.dumps(m).encode()),
@@ -75,11 +81,11 @@ BODY = st.one_of(
     st.binary(max_size=200),
     st.sampled_from(
         [
-            b'{"session": "s1", "text": "\\ud800 lone"}',
-            b'{"session": "s1", "text": NaN}',
-            b'{"session": "s1", "text": "x", "id": Infinity}',
+            b'{"text": "\\ud800 lone"}',
+            b'{"text": NaN}',
+            b'{"text": "x", "id": Infinity}',
             b"[" * 5000 + b"]" * 5000,
-            b'{"session": "s1", "text": "' + b"\\u0000" * 100 + b'"}',
+            b'{"text": "' + b"\\u0000" * 100 + b'"}',
             b"\xef\xbb\xbf{}",
         ]
     ),
@@ -90,28 +96,31 @@ BODY = st.one_of(
 
 
 class Web:
-    def __init__(self, base: str, redis: ArqRedis, http: aiohttp.ClientSession) -> None:
-        self.base, self.redis, self.http = base, redis, http
+    def __init__(
+        self, base: str, redis: ArqRedis, http: aiohttp.ClientSession, session: WebSession
+    ) -> None:
+        self.base, self.redis, self.http, self.session = base, redis, http, session
 
 
 @pytest.fixture
 async def web(settings: Settings) -> AsyncIterator[Web]:
     async with web_adapter(settings) as (base, redis), aiohttp.ClientSession() as http:
-        async with http.get(base + "/") as resp:  # as a page does first (cookies, if any)
+        async with http.get(base + "/") as resp:  # as a page does first
             assert resp.status == 200
-        yield Web(base, redis, http)
+        session = await open_session(http, base, headers={"Origin": base})
+        yield Web(base, redis, http, session)
 
 
-def _well_formed(body: bytes) -> dict[str, Any] | None:
+def _well_formed(body: bytes, mine: str) -> dict[str, Any] | None:
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
-    session, text, mid = data.get("session"), data.get("text"), data.get("id")
+    text, mid = data.get("text"), data.get("id")
     ok_chars = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
-    if not (isinstance(session, str) and 1 <= len(session) <= 64 and set(session) <= ok_chars):
+    if "session" in data and data["session"] != mine:
         return None
     if not isinstance(text, str) or not text.strip():
         return None
@@ -131,7 +140,8 @@ def _well_formed(body: bytes) -> dict[str, Any] | None:
 async def test_any_body_is_accepted_or_refused_with_a_reason_never_a_5xx(
     web: Web, body: bytes
 ) -> None:
-    headers = {"Content-Type": "application/json", "Origin": web.base}
+    body = body.replace(json.dumps(MINE).encode(), json.dumps(web.session).encode())
+    headers = {"Content-Type": "application/json", "Origin": web.base, **web.session.headers()}
     async with web.http.post(web.base + "/api/messages", data=body, headers=headers) as resp:
         status = resp.status
         answer = await resp.json(content_type=None)
@@ -140,7 +150,7 @@ async def test_any_body_is_accepted_or_refused_with_a_reason_never_a_5xx(
     assert isinstance(answer, dict)
     if status != 202:
         assert isinstance(answer.get("error"), str) and answer["error"], answer
-    good = _well_formed(body)
+    good = _well_formed(body, web.session)
     if good is not None:
         assert status == 202, (body, answer)
     if status == 202:
