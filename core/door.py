@@ -37,6 +37,7 @@ from typing import Any
 from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
+from core import metrics
 from core.bot import Bot
 from core.messages import IncomingMessage
 from core.ratelimit import RateLimiter, limits_for, notice_text
@@ -177,6 +178,7 @@ async def admit(
     elif line.wait_s is not None and line.wait_s > settings.max_wait_s:
         reason = "wait over SLUICE_MAX_WAIT_S"
         retry_in = line.wait_s - settings.max_wait_s
+    scope = ""
     if retry_in is not None:
         text = busy_text(max(60.0, retry_in))
     elif bot is None:
@@ -185,10 +187,14 @@ async def admit(
         verdict = await RateLimiter(redis, keys).check(msg, limits_for(settings, bot, msg))
         if verdict.allowed:
             return Admission(True, line)
-        reason = f"over limit {verdict.scope}"
+        scope = verdict.scope or "user"
+        reason = f"over limit {scope}"
         text = notice_text(verdict)
     window = int(now_s) // window_s
     first = await redis.set(notice_key(keys, msg, window_s, window), "1", nx=True, ex=window_s + 1)
+    metrics.DOOR_REFUSALS.labels("limit" if scope else "busy").inc()
+    if scope and first:
+        metrics.RATE_LIMIT_NOTICES.labels(scope).inc()
     logger.info(
         "refused at the door platform=%s tenant=%s message=%s reason=%s wait=%s notice=%s",
         msg.platform,
