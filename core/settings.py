@@ -13,7 +13,13 @@ import unicodedata
 from functools import lru_cache
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -47,7 +53,7 @@ def id_problem(ident: str) -> str | None:
 def _shown(ident: str) -> str:
     """An id for an error message: short, with odd characters escaped."""
     text = ident[:40].encode("unicode_escape").decode("ascii")
-    return repr(text + ("…" if len(ident) > 40 else ""))
+    return f"'{text}'" + ("..." if len(ident) > 40 else "")
 
 
 class Settings(BaseSettings):
@@ -585,7 +591,7 @@ class Settings(BaseSettings):
     def _sane_max_wait(cls, value: float) -> float:
         if not 10 <= value <= 86_400:
             raise ValueError(
-                f"SLUICE_MAX_WAIT_S must be between 10 and 86400 seconds (1 day), not {value}"
+                f"must be between 10 and 86400 seconds (1 day), not {value:g}"
             )
         return value
 
@@ -602,18 +608,36 @@ class Settings(BaseSettings):
         "discord_deny_users",
     )
     @classmethod
-    def _plain_ids(cls, value: list[str], info: ValidationInfo) -> list[str]:
-        name = f"SLUICE_{(info.field_name or '').upper()}"
+    def _plain_ids(cls, value: list[str]) -> list[str]:
         for ident in value:
             problem = id_problem(ident)
             if problem:
-                raise ValueError(f"{name}: the id {_shown(ident)} {problem}")
+                raise ValueError(f"the id {_shown(ident)} {problem}")
         return value
 
     @property
     def queue_name(self) -> str:
         """The arq queue Sluice's reply jobs go to."""
         return f"{self.key_prefix}:queue"
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """A settings validation error as one line per bad setting, named as in the
+    environment (``SLUICE_MAX_WAIT_S: …``), without the value given (it may be a secret)."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        info = Settings.model_fields.get(field)
+        alias = info.validation_alias if info is not None else None
+        if isinstance(alias, AliasChoices):
+            name = str(alias.choices[0])
+        elif field in Settings.model_fields:
+            name = f"SLUICE_{field.upper()}"
+        else:
+            name = field
+        msg = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"{name}: {msg}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
 
 
 @lru_cache(maxsize=1)
