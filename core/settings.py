@@ -545,10 +545,12 @@ class Settings(BaseSettings):
         'JSON list of exactly one lane, e.g. ["high"]; run one worker pool per lane).',
     )
     queued_notice_after_s: float = Field(
-        5.0,
+        1.0,
         ge=0,
+        le=3600,
         description="When a message's expected wait in line exceeds this, the user sees "
-        "'queued, about N s' until the answer starts.",
+        "'Queued: #N in line, about N s' at once, until the answer starts (1 s: with the "
+        "model's first token the first visible response stays within 2 s).",
     )
     max_wait_s: float = Field(
         600.0,
