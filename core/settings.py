@@ -592,9 +592,7 @@ class Settings(BaseSettings):
     @classmethod
     def _sane_max_wait(cls, value: float) -> float:
         if not 10 <= value <= 86_400:
-            raise ValueError(
-                f"must be between 10 and 86400 seconds (1 day), not {value:g}"
-            )
+            raise ValueError(f"must be between 10 and 86400 seconds (1 day), not {value:g}")
         return value
 
     @field_validator(
