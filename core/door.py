@@ -87,28 +87,75 @@ def budget_rate_per_s(settings: Settings, learned: Any) -> float:
     return rpm * settings.llm_budget_headroom / 60
 
 
+# KEYS: lane counters, start-rate hash. ARGV: least sample interval ms.
+# Jobs waiting to start (enqueued - started, all lanes) and the measured start rate
+# (jobs/s): sampled at most once per interval, and only while a backlog lasted through
+# the interval, so it measures what the workers can start, not how few messages came.
+# Returns {waiting, rate}.
+_SLOTS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local raw = redis.call('HGETALL', KEYS[1])
+local started, enqueued = 0, 0
+for i = 1, #raw, 2 do
+  local f, v = raw[i], tonumber(raw[i + 1]) or 0
+  if string.sub(f, 1, 8) == 'started:' then started = started + v
+  elseif string.sub(f, 1, 9) == 'enqueued:' then enqueued = enqueued + v end
+end
+local waiting = math.max(0, enqueued - started)
+local st = redis.call('HMGET', KEYS[2], 't', 'n', 'w', 'r')
+local rate = tonumber(st[4] or '0') or 0
+if not st[1] then
+  redis.call('HSET', KEYS[2], 't', now, 'n', started, 'w', waiting, 'r', tostring(rate))
+elseif now - tonumber(st[1]) >= tonumber(ARGV[1]) then
+  if tonumber(st[3]) > 0 and waiting > 0 then
+    local inst = (started - tonumber(st[2])) * 1000 / (now - tonumber(st[1]))
+    if rate > 0 then rate = 0.5 * rate + 0.5 * inst else rate = inst end
+  end
+  redis.call('HSET', KEYS[2], 't', now, 'n', started, 'w', waiting, 'r', tostring(rate))
+end
+redis.call('EXPIRE', KEYS[2], 3600)
+return {waiting, tostring(rate)}
+"""
+SLOT_SAMPLE_MS = 1000
+
+
 async def estimate_line(
     redis: Redis, keys: Keys, settings: Settings, queue: str, score_ms: int, *, queued: bool
 ) -> Line:
     """The place and expected wait of a job with ``score_ms`` in ``queue`` (already in
     it when ``queued``, about to join it otherwise).
 
-    Jobs ahead: those in the queue scored at or before it (running ones included: under
-    a backlog they wait in the LLM budget's line), plus the budget line's waiters that
-    are no longer in the queue; less what the budget bucket holds now; at the budget's
-    rate. Cached answers need no budget, so this errs long, never short.
+    The place counts the jobs in the queue scored at or before it (running ones
+    included: under a backlog they wait in the LLM budget's line). The wait is the
+    longer of two limits:
+
+    - the LLM budget: (place - 1 - what the bucket holds now) at the budget's rate,
+      plus the time the budget stays closed after a provider 429;
+    - the worker slots: the jobs ahead that have not started yet, at the rate the
+      workers were measured to start jobs while a backlog lasted (``_SLOTS``).
+
+    Cached answers ahead need no budget, so this errs long rather than short.
     """
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcount(queue, "-inf", score_ms)
+        pipe.zcard(queue)
         pipe.hmget(keys.llm("bucket"), ["rl", "lim_r", "blocked"])
         pipe.time()
-        ahead, (level, learned, blocked), now = await pipe.execute()
+        ahead, total, (level, learned, blocked), now = await pipe.execute()
     place = max(1, int(ahead) + (0 if queued else 1))
+    res: list[Any] = await Lua(redis, _SLOTS)(
+        [keys.lanes(), f"{keys.prefix}:door:start-rate"], [SLOT_SAMPLE_MS]
+    )
+    waiting, start_rate = int(res[0]), float(res[1])
+    running = max(0, int(total) - waiting)
+    slot_wait = max(0, place - 1 - running) / start_rate if start_rate > 0 else 0.0
     rate = budget_rate_per_s(settings, learned)
     if rate <= 0:
-        return Line(place, None)
+        return Line(place, slot_wait if start_rate > 0 else None)
     in_bucket = max(0.0, float(level)) if level is not None else rate * 60
-    return Line(place, _closed_s(blocked, now) + max(0.0, place - 1 - in_bucket) / rate)
+    budget_wait = _closed_s(blocked, now) + max(0.0, place - 1 - in_bucket) / rate
+    return Line(place, max(budget_wait, slot_wait))
 
 
 def _closed_s(blocked: Any, now: tuple[int, int]) -> float:

@@ -22,6 +22,13 @@ async def close_budget(redis: Redis, prefix: str, for_s: float) -> None:
     )
 
 
+async def empty_budget(redis: Redis, prefix: str) -> None:
+    """An empty bucket that refills at the budget's rate (no burst to start with)."""
+    sec, usec = await redis.time()
+    now_ms = int(sec) * 1000 + int(usec) // 1000
+    await redis.hset(Keys(prefix).llm("bucket"), mapping={"rl": 0, "ts": now_ms})  # type: ignore[misc]
+
+
 async def open_budget(redis: Redis, prefix: str) -> None:
     """Grant again, with room for a burst."""
     key = Keys(prefix).llm("bucket")

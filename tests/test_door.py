@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.settings import Settings
-from tests.door_util import close_budget, open_budget, until
+from tests.door_util import close_budget, empty_budget, open_budget, until
 from tests.helpers import settings_env
 from tests.traffic_util import done_event, outbox, wait_done
 from tests.webchat import web_adapter
@@ -241,3 +241,57 @@ async def test_cached_answer_is_served_at_the_door_while_the_queue_is_full(
     # The door's message never ran as a reply job (no second answer, no LLM call).
     assert sum(1 for r in llm_sim.requests() if r["messages"][-1]["content"] == question) == 2
     assert [e["type"] for e in events[hit["message_id"]]].count("done") == 1
+
+
+@pytest.mark.slow
+async def test_first_visible_response_under_a_backlog(settings, llm_sim, worker_process, redis):
+    """Measured, not timed: 150 users in ~3 s against an empty LLM budget refilling at
+    ~4 requests/s, 20 reply slots (a backlog of ~35 s). Every message shows text (the
+    queued notice or the answer) before its answer is done; the percentiles of the first
+    visible response (send -> first ``queued``/``delta``/``done`` event) are printed for
+    docs/traffic.md:
+
+    pytest -q -s tests/test_door.py -k first_visible
+    """
+    import asyncio
+    import time
+
+    llm_sim.configure(tokens=3, first_token_latency_s=0.1)
+    s = settings.model_copy(update={"llm_rpm": 240, "worker_max_jobs": 20})
+    worker_process(settings_env(s))
+    await empty_budget(redis, s.key_prefix)
+    sessions = [_session() for _ in range(150)]
+    sent_ms: dict[str, float] = {}
+    async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
+
+        async def send(i: int, session: str) -> tuple[str, str]:
+            await asyncio.sleep(i * 0.02)
+            at = time.time() * 1000
+            body = await _post(http, base, session, f"distinct question {i} {session}")
+            sent_ms[body["message_id"]] = at
+            return session, body["message_id"]
+
+        sent = await asyncio.gather(*(send(i, x) for i, x in enumerate(sessions)))
+        events = await wait_done(redis, s.key_prefix, list(sent), timeout_s=120)
+    first_visible = []
+    notices = 0
+    for _, mid in sent:
+        ev = events[mid]
+        visible = [e for e in ev if e["type"] in ("queued", "delta", "done")]
+        notices += any(e["type"] == "queued" for e in ev)
+        assert done_event(ev)["kind"] == "answer"
+        first_visible.append((visible[0]["at_ms"] - sent_ms[mid]) / 1000)
+        assert visible[0]["at_ms"] <= done_event(ev)["at_ms"]
+    first_visible.sort()
+    full = sorted((done_event(events[m])["at_ms"] - sent_ms[m]) / 1000 for _, m in sent)
+
+    def pct(values: list[float], q: float) -> float:
+        return values[max(0, round(q * len(values)) - 1)]
+
+    print(
+        f"\nfirst visible response p50={pct(first_visible, 0.5):.2f}s "
+        f"p95={pct(first_visible, 0.95):.2f}s p99={pct(first_visible, 0.99):.2f}s; "
+        f"full reply p50={pct(full, 0.5):.1f}s p99={pct(full, 0.99):.1f}s; "
+        f"{notices} of {len(sent)} showed a queued notice"
+    )
+    assert notices > 0, "a backlog formed: later messages must have shown a notice"
