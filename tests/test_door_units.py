@@ -13,6 +13,7 @@ from core.door import (
     answered,
     answered_at_door,
     door_owner,
+    estimate_line,
     let_go,
     line_of_job,
     take_conversation,
@@ -149,3 +150,29 @@ async def test_the_refreshed_line_stops_once_the_answer_is_being_made(settings, 
     # Granted: the answer is being made, the notice is left to it.
     await redis.zrem(keys.llm("waiters"), last.job_id)
     assert await line_of_job(redis, keys, s, s.queue_name, arq_job_id(s, last), last.job_id) is None
+
+
+async def test_the_estimate_counts_worker_slots_at_the_start_rate_measured_in_a_backlog(
+    settings, redis
+):
+    s = settings.model_copy(update={"llm_rpm": 6000})  # the budget is no limit here
+    keys = Keys(s.key_prefix)
+    rate_key = f"{s.key_prefix}:door:start-rate"
+    for i in range(30):  # 10 running, 20 waiting to start
+        await redis.zadd(s.queue_name, {f"{s.key_prefix}:job-{i}": 1_000 + i})
+    await redis.hset(keys.lanes(), mapping={"enqueued:default": 30, "started:default": 10})
+    # No start rate measured yet: the budget's estimate only.
+    line = await estimate_line(redis, keys, s, s.queue_name, 10_000, queued=False)
+    assert (line.place, line.wait_s) == (31, 0.0)
+    # Ten starts in the next second, while the backlog lasted: 10 jobs/s.
+    sec, usec = await redis.time()
+    await redis.hset(rate_key, mapping={"t": int(sec) * 1000 + usec // 1000 - 1000, "w": 20})
+    await redis.hset(keys.lanes(), "started:default", 20)
+    await redis.hset(keys.lanes(), "enqueued:default", 40)
+    for i in range(30, 40):
+        await redis.zadd(s.queue_name, {f"{s.key_prefix}:job-{i}": 1_000 + i})
+    line = await estimate_line(redis, keys, s, s.queue_name, 10_000, queued=False)
+    assert line.place == 41
+    # 40 ahead, 20 of them running: 20 not started yet at ~10/s.
+    assert line.wait_s is not None and 1.5 < line.wait_s < 2.5, line
+    assert 9 < float(await redis.hget(rate_key, "r")) < 11
