@@ -65,6 +65,8 @@ class Line:
 
     place: int
     wait_s: float | None
+    queue_length: int = 0  # jobs in the queue (running ones included)
+    now_s: int = 0  # Redis TIME, seconds
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,10 @@ async def estimate_line(
     slot_wait = max(0, place - 1 - running) / start_rate if start_rate > 0 else 0.0
     rate = budget_rate_per_s(settings, learned)
     if rate <= 0:
-        return Line(place, slot_wait if start_rate > 0 else None)
+        return Line(place, slot_wait if start_rate > 0 else None, int(total), int(now[0]))
     in_bucket = max(0.0, float(level)) if level is not None else rate * 60
     budget_wait = _closed_s(blocked, now) + max(0.0, place - 1 - in_bucket) / rate
-    return Line(place, max(budget_wait, slot_wait))
+    return Line(place, max(budget_wait, slot_wait), int(total), int(now[0]))
 
 
 def _closed_s(blocked: Any, now: tuple[int, int]) -> float:
@@ -209,11 +211,8 @@ async def admit(
     Limits are counted only for an admitted message (one Lua call, check and count).
     Without a loaded bot the limits are left to the worker (not counted here).
     """
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(queue)
-        pipe.time()
-        queued, (now_s, _) = await pipe.execute()
     line = await estimate_line(redis, keys, settings, queue, score_ms, queued=False)
+    queued, now_s = line.queue_length, line.now_s
     window_s = bot_window(settings, bot)
     retry_in: float | None = None
     reason = ""
