@@ -78,6 +78,7 @@ class Admission:
     line: Line
     reason: str = ""
     notice: str | None = None
+    notice_marker: str | None = None  # to take back if the notice cannot be queued
 
 
 def budget_rate_per_s(settings: Settings, learned: Any) -> float:
@@ -191,10 +192,10 @@ async def line_of_job(
     return await estimate_line(redis, keys, settings, queue, int(score), queued=True)
 
 
-def notice_key(keys: Keys, msg: IncomingMessage, window_s: int, window: int) -> str:
-    """The marker that this user got a door notice in this window."""
+def notice_key(keys: Keys, msg: IncomingMessage, reason: str, window: int) -> str:
+    """The marker that this user got a door notice for ``reason`` in this window."""
     ident = f"{msg.platform}:{msg.tenant}:{msg.user}"
-    return keys.limit("user", ident, f"door-notice:{window_s}:{window}")
+    return keys.limit("user", ident, f"door-notice:{reason}:{window}")
 
 
 async def admit(
@@ -236,8 +237,11 @@ async def admit(
         scope = verdict.scope or "user"
         reason = f"over limit {scope}"
         text = notice_text(verdict)
-    window = int(now_s) // window_s
-    first = await redis.set(notice_key(keys, msg, window_s, window), "1", nx=True, ex=window_s + 1)
+    # One notice per user per window of the limit met (a day for tokens per day), for
+    # each reason: a user of a workspace over its limit is told once too.
+    span = 86_400 if scope.endswith(":tokens") else window_s
+    marker = notice_key(keys, msg, f"{scope or 'busy'}:{span}", int(now_s) // span)
+    first = await redis.set(marker, "1", nx=True, ex=span + 1)
     metrics.DOOR_REFUSALS.labels("limit" if scope else "busy").inc()
     if scope and first:
         metrics.RATE_LIMIT_NOTICES.labels(scope).inc()
@@ -250,7 +254,7 @@ async def admit(
         None if line.wait_s is None else round(line.wait_s),
         bool(first),
     )
-    return Admission(False, line, reason, text if first else None)
+    return Admission(False, line, reason, text if first else None, marker if first else None)
 
 
 def bot_window(settings: Settings, bot: Bot | None) -> int:

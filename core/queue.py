@@ -12,7 +12,7 @@ from redis.exceptions import RedisError
 
 from core.bot import Bot, load_bot
 from core.cache import cache_enabled
-from core.door import ADMITTED, Line, admit, bot_window, notice_key
+from core.door import ADMITTED, Line, admit
 from core.errors import BotDefinitionError, QueueError
 from core.lanes import LANES, choose_lane, priority_ms
 from core.messages import IncomingMessage
@@ -82,7 +82,7 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         raise QueueError(f"cannot admit message {msg.message_id}: {e}") from e
     if not admission.admitted:
         if admission.notice is not None:
-            await _refuse(redis, settings, keys, msg, admission.notice)
+            await _refuse(redis, settings, msg, admission.notice, admission.notice_marker)
         return True
     if bot is not None:
         # Counted at the door: the worker's own check must not count it again.
@@ -174,7 +174,7 @@ def notice_queue_name(settings: Settings) -> str:
 
 
 async def _refuse(
-    redis: ArqRedis, settings: Settings, keys: Keys, msg: IncomingMessage, text: str
+    redis: ArqRedis, settings: Settings, msg: IncomingMessage, text: str, marker: str | None
 ) -> None:
     """Queue the refusal notice on the reserved path.
 
@@ -193,9 +193,8 @@ async def _refuse(
         )
     except (RedisError, OSError) as e:
         try:
-            window_s = bot_window(settings, _load_bot(settings))
-            now_s, _ = await redis.time()
-            await redis.delete(notice_key(keys, msg, window_s, int(now_s) // window_s))
+            if marker is not None:
+                await redis.delete(marker)
         except (RedisError, OSError) as e2:
             logger.error("cannot take back the door notice marker of %s: %s", msg.message_id, e2)
         raise QueueError(f"cannot queue the refusal of message {msg.message_id}: {e}") from e

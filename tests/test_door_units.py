@@ -176,3 +176,19 @@ async def test_the_estimate_counts_worker_slots_at_the_start_rate_measured_in_a_
     # 40 ahead, 20 of them running: 20 not started yet at ~10/s.
     assert line.wait_s is not None and 1.5 < line.wait_s < 2.5, line
     assert 9 < float(await redis.hget(rate_key, "r")) < 11
+
+
+async def test_each_user_of_a_workspace_over_its_limit_is_told_once(settings, redis):
+    s = settings.model_copy(update={"tenant_requests_per_window": 2, "user_window_s": 3600})
+    keys = Keys(s.key_prefix)
+    bot = Bot()
+
+    async def door(user: str, mid: str):
+        return await admit(redis, keys, s, bot, _msg(mid, user=user), s.queue_name, 0)
+
+    assert (await door("u1", "a")).admitted and (await door("u2", "b")).admitted
+    third, again, other = await door("u3", "c"), await door("u3", "d"), await door("u4", "e")
+    assert not third.admitted and third.notice is not None
+    assert third.notice.startswith("You've reached this workspace's message limit")
+    assert not again.admitted and again.notice is None
+    assert not other.admitted and other.notice is not None
