@@ -98,7 +98,13 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
             logger.info("message=%s job=%s answered with its burst", msg.message_id, job_id)
             await _withdraw_queued(ctx, msg, job_id)
             return "merged"
-        if await door.answered_at_door(traffic.redis, traffic.keys, job_id):
+        try:
+            done_at_door = await door.answered_at_door(traffic.redis, traffic.keys, job_id)
+        except (RedisError, OSError) as e:
+            # Cannot tell whether the door answered it: never risk a second answer.
+            logger.warning("cannot read the door mark of job=%s: %s", job_id, e)
+            raise Retry(defer=REDIS_RETRY_S) from e
+        if done_at_door:
             # Answered from the cache on the reserved path while this job waited.
             logger.info("message=%s job=%s answered at the door", msg.message_id, job_id)
             return "answered at the door"
