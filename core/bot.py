@@ -290,6 +290,12 @@ class Bot:
         self._before.append(make_hook(fn, "before"))
         return fn
 
+    @property
+    def has_before_hooks(self) -> bool:
+        """Whether before-hooks may rewrite or answer a message (the cache at the door
+        then leaves the message to its reply job, so hooks run once)."""
+        return bool(self._before)
+
     def after(self, fn: A) -> A:
         """Register a hook run on each answer before it is sent (see :mod:`core.hooks`)."""
         self._after.append(make_hook(fn, "after"))

@@ -109,12 +109,14 @@ class Turn(BaseModel):
 QUEUED_PREFIX = "⏳ Queued"
 
 
-def queued_text(wait_s: float) -> str:
+def queued_text(wait_s: float, place: int | None = None) -> str:
     """The notice a chat platform shows while a message waits in line.
 
-    Seconds under 90 s, whole minutes above: "⏳ Queued: about 40 s", "… about 3 min".
+    Seconds under 90 s, whole minutes above: "⏳ Queued: about 40 s", "… about 3 min";
+    with the place in line: "⏳ Queued: #37 in line, about 40 s".
     Responders recognise a message still showing it by :data:`QUEUED_PREFIX`.
     """
+    where = f" #{place:,} in line," if place is not None and place > 0 else ""
     if wait_s < 89.5:
-        return f"{QUEUED_PREFIX}: about {max(1, round(wait_s))} s"
-    return f"{QUEUED_PREFIX}: about {max(2, round(wait_s / 60))} min"
+        return f"{QUEUED_PREFIX}:{where} about {max(1, round(wait_s))} s"
+    return f"{QUEUED_PREFIX}:{where} about {max(2, round(wait_s / 60))} min"

@@ -154,6 +154,12 @@ CACHE_MISSES = Counter("sluice_cache_misses", "Cache lookups that found nothing.
 RATE_LIMIT_NOTICES = Counter(
     "sluice_rate_limit_notices", "Rate-limit notices sent instead of answers.", ["scope"]
 )
+DOOR_REFUSALS = Counter(
+    "sluice_door_refusals",
+    "Messages refused at the door (adapters), by reason: busy (SLUICE_MAX_WAIT_S or "
+    "SLUICE_MAX_QUEUED) or limit.",
+    ["reason"],
+)
 HISTORY_BACKLOG = Gauge("sluice_history_backlog", "Turns in Redis not yet written to SQL.")
 HISTORY_FLUSH_LAG = Gauge(
     "sluice_history_flush_lag_seconds", "Age of the oldest turn not yet written to SQL."
@@ -172,6 +178,8 @@ for _o in ("ok", "rate_limited", "error"):
 for _d in ("in", "out"):
     LLM_TOKENS.labels(_d)
 RATE_LIMIT_NOTICES.labels("user")
+for _r in ("busy", "limit"):
+    DOOR_REFUSALS.labels(_r)
 
 Refresher = Callable[[], Awaitable[None]]
 _refreshers: list[Refresher] = []

@@ -11,7 +11,8 @@ from arq.connections import ArqRedis, create_pool
 from redis.exceptions import RedisError
 
 from core.bot import Bot, load_bot
-from core.budget import estimate_wait_s
+from core.cache import cache_enabled
+from core.door import ADMITTED, Line, admit
 from core.errors import BotDefinitionError, QueueError
 from core.lanes import LANES, choose_lane, lane_queue_name, priority_ms
 from core.messages import IncomingMessage
@@ -22,8 +23,7 @@ from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Ahead of every lane (their head starts are seconds); the notice is stale after a minute.
-NOTICE_HEAD_START_MS = 3_600_000
+# A reserved-path job not started within a minute is stale (the answer may be out).
 NOTICE_EXPIRES = timedelta(seconds=60)
 
 
@@ -53,14 +53,25 @@ def arq_job_id(settings: Settings, msg: IncomingMessage) -> str:
 
 
 async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessage) -> bool:
-    """Enqueue the ``reply`` job for ``msg``, in its lane and its conversation's line.
+    """Admit ``msg`` at the door, then enqueue its ``reply`` job, in its lane and its
+    conversation's line.
+
+    The door (:func:`core.door.admit`) refuses a message when the estimated wait is over
+    ``SLUICE_MAX_WAIT_S``, the queue holds ``SLUICE_MAX_QUEUED`` jobs, or the user or
+    tenant is over a limit (checked and counted in one Lua call). A refused message is
+    not queued; the first refusal of a user in a limit window gets its notice at once
+    on the reserved path (``door_refuse``), later ones in that window none.
 
     The lane comes from the bot's lane rules (:func:`core.lanes.choose_lane`); with
     ``SLUICE_LANE_QUEUES=score`` (default) it sets the job's score in the one queue
     (arrival minus the lane's head start), with ``per-lane`` it picks the lane's queue.
+    An admitted message may also get a reserved-path ``door_check`` job, which answers
+    it from the cache at once or shows the queued notice (:func:`_door_followup`).
 
     Returns ``False`` when a job with the same id already exists (a duplicate
-    delivery), ``True`` when a new job was queued.
+    delivery), ``True`` when the message was handled anew: queued, or refused with
+    its notice (so the adapter acks it and marks it seen; a platform retry of a
+    refused message gets no second notice).
 
     Raises:
         QueueError: Redis could not be reached; the adapter must not ack then, so
@@ -70,6 +81,17 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     msg = with_lane(settings, msg, bot)
     keys = Keys(settings.key_prefix)
     queue, score_ms = queue_slot(settings, msg.lane, int(time.time() * 1000))
+    try:
+        admission = await admit(redis, keys, settings, bot, msg, queue, score_ms)
+    except (RedisError, OSError) as e:
+        raise QueueError(f"cannot admit message {msg.message_id}: {e}") from e
+    if not admission.admitted:
+        if admission.notice is not None:
+            await _refuse(redis, settings, msg, admission.notice, admission.notice_marker)
+        return True
+    if bot is not None:
+        # Counted at the door: the worker's own check must not count it again.
+        msg = msg.model_copy(update={"meta": {**msg.meta, ADMITTED: "1"}})
     try:
         added = await register_arrival(
             redis, keys, msg, keep_text=bot is not None and bot.merge_burst_s > 0
@@ -93,8 +115,8 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
             await redis.hincrby(keys.lanes(), f"enqueued:{msg.lane}", 1)  # type: ignore[misc]
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot enqueue message {msg.message_id}: {e}") from e
-    if job is not None and settings.queued_notice_after_s > 0:
-        await _tell_if_queued(redis, settings, keys, msg, queue, score_ms)
+    if job is not None:
+        await _door_followup(redis, settings, keys, bot, msg, admission.line)
     logger.info(
         "enqueued platform=%s tenant=%s message=%s job=%s lane=%s new=%s",
         msg.platform,
@@ -148,28 +170,78 @@ async def accept_message(
     return True
 
 
-async def _tell_if_queued(
+def notice_queue_name(settings: Settings) -> str:
+    """The reserved queue: queued notices, refusals and cached answers at the door.
+
+    Every worker process serves it with its own slots (``SLUICE_NOTICE_MAX_JOBS``, see
+    :mod:`workers.notices`), so nothing on it waits for a reply job's slot."""
+    return f"{settings.queue_name}:door"
+
+
+async def _refuse(
+    redis: ArqRedis, settings: Settings, msg: IncomingMessage, text: str, marker: str | None
+) -> None:
+    """Queue the refusal notice on the reserved path.
+
+    Raises:
+        QueueError: it could not be queued; the notice marker is taken back, so that
+            the platform's redelivery of the message gets the notice.
+    """
+    try:
+        await redis.enqueue_job(
+            "door_refuse",
+            msg.model_dump(mode="json"),
+            text,
+            _job_id=f"{settings.key_prefix}:refused:{msg.job_id}",
+            _queue_name=notice_queue_name(settings),
+            _expires=NOTICE_EXPIRES,
+        )
+    except (RedisError, OSError) as e:
+        try:
+            if marker is not None:
+                await redis.delete(marker)
+        except (RedisError, OSError) as e2:
+            logger.error("cannot take back the door notice marker of %s: %s", msg.message_id, e2)
+        raise QueueError(f"cannot queue the refusal of message {msg.message_id}: {e}") from e
+
+
+async def _door_followup(
     redis: ArqRedis,
     settings: Settings,
     keys: Keys,
+    bot: Bot | None,
     msg: IncomingMessage,
-    queue: str,
-    score_ms: int,
+    line: Line,
 ) -> None:
-    """When the expected wait passes ``SLUICE_QUEUED_NOTICE_AFTER_S``, queue a tiny
-    ``notify_queued`` job ahead of everything, so the user sees where they stand while
-    the reply job still waits for a worker (responders without ``queued`` skip it)."""
+    """A reserved-path ``door_check`` job for a queued message that may have a cached
+    answer (nothing earlier of its conversation in flight) or whose expected wait passes
+    ``SLUICE_QUEUED_NOTICE_AFTER_S`` (it then shows "Queued: #N in line, about N s").
+    The notice is a courtesy: if it cannot be queued the message still is."""
     try:
-        wait_s = await estimate_wait_s(redis, keys, settings, queue, score_ms)
-        if wait_s is None or wait_s <= settings.queued_notice_after_s:
+        wait_s = line.wait_s
+        notice = (
+            settings.queued_notice_after_s > 0
+            and wait_s is not None
+            and wait_s > settings.queued_notice_after_s
+        )
+        try_cache = bool(
+            bot is not None
+            and bot.merge_burst_s <= 0
+            and not msg.meta.get("command")
+            and cache_enabled(settings, bot, msg)
+            and await redis.zrange(keys.conv_pending(msg.conversation_id), 0, 0)
+            == [msg.job_id.encode()]
+        )
+        if not notice and not try_cache:
             return
         await redis.enqueue_job(
-            "notify_queued",
+            "door_check",
             msg.model_dump(mode="json"),
-            round(wait_s),
-            _job_id=f"{settings.key_prefix}:queued:{msg.job_id}",
-            _queue_name=queue,
-            _defer_until=datetime.fromtimestamp((score_ms - NOTICE_HEAD_START_MS) / 1000, tz=UTC),
+            line.place,
+            round(wait_s) if notice and wait_s is not None else 0,
+            try_cache,
+            _job_id=f"{settings.key_prefix}:door:{msg.job_id}",
+            _queue_name=notice_queue_name(settings),
             _expires=NOTICE_EXPIRES,
         )
     except (RedisError, OSError) as e:

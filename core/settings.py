@@ -9,15 +9,51 @@ Durations end in ``_s``; secrets are :class:`pydantic.SecretStr` so they never p
 from __future__ import annotations
 
 import json
+import unicodedata
 from functools import lru_cache
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def _fixed(name: str) -> AliasChoices:
     return AliasChoices(name, name.lower())
+
+
+MAX_ID_CHARS = 128
+
+
+def id_problem(ident: str) -> str | None:
+    """Why ``ident`` is not a usable user/tenant/channel id, or ``None`` if it is.
+
+    Platform ids are short printable tokens (``U012AB``, ``T0001``, ``123456789``):
+    an id in settings that is empty, longer than 128 characters, or holds spaces,
+    control, format (zero-width, bidi) or unassigned characters, or is not in NFC
+    form, can never match what a platform sends; it is a typo or pasted garbage.
+    """
+    if not ident:
+        return "is empty"
+    if len(ident) > MAX_ID_CHARS:
+        return f"is {len(ident):,} characters long (at most {MAX_ID_CHARS})"
+    if unicodedata.normalize("NFC", ident) != ident:
+        return "is not in Unicode NFC form"
+    for ch in ident:
+        if unicodedata.category(ch)[0] in "CZ":
+            return f"contains the character U+{ord(ch):04X} (space, control or invisible)"
+    return None
+
+
+def _shown(ident: str) -> str:
+    """An id for an error message: short, with odd characters escaped."""
+    text = ident[:40].encode("unicode_escape").decode("ascii")
+    return f"'{text}'" + ("..." if len(ident) > 40 else "")
 
 
 class Settings(BaseSettings):
@@ -582,16 +618,99 @@ class Settings(BaseSettings):
         'JSON list of exactly one lane, e.g. ["high"]; run one worker pool per lane).',
     )
     queued_notice_after_s: float = Field(
-        5.0,
+        1.0,
         ge=0,
+        le=3600,
         description="When a message's expected wait in line exceeds this, the user sees "
-        "'queued, about N s' until the answer starts.",
+        "'Queued: #N in line, about N s' at once, until the answer starts (1 s: with the "
+        "model's first token the first visible response stays within 2 s).",
     )
+    max_wait_s: float = Field(
+        600.0,
+        description="Admission at the door: a message whose estimated wait in line is "
+        "longer than this (10 s to 1 day) is refused at once with 'Very busy right now, "
+        "please try again in about N min' instead of being queued.",
+    )
+    max_queued: int = Field(
+        20_000,
+        ge=100,
+        le=10_000_000,
+        description="Most reply jobs waiting in the queue; beyond it a new message is "
+        "refused at once like one over SLUICE_MAX_WAIT_S (keeps Redis memory bounded).",
+    )
+    notice_max_jobs: int = Field(
+        20,
+        ge=1,
+        le=1000,
+        description="Slots per worker process for the reserved path (queued notices, "
+        "refusals, cached answers at the door), separate from SLUICE_WORKER_MAX_JOBS so "
+        "they never wait behind reply jobs.",
+    )
+    notice_refresh_after_s: float = Field(
+        30.0,
+        ge=5,
+        le=3600,
+        description="A queued notice whose estimate is longer than this is refreshed "
+        "while the message waits.",
+    )
+    notice_refresh_every_s: float = Field(
+        15.0,
+        ge=15,
+        le=600,
+        description="Least time between two refreshes of one queued notice (15 s keeps "
+        "within Slack's and Discord's edit limits).",
+    )
+
+    @field_validator("max_wait_s")
+    @classmethod
+    def _sane_max_wait(cls, value: float) -> float:
+        if not 10 <= value <= 86_400:
+            raise ValueError(f"must be between 10 and 86400 seconds (1 day), not {value:g}")
+        return value
+
+    @field_validator(
+        "admin_users",
+        "admin_tenants",
+        "discord_allow_guilds",
+        "discord_deny_guilds",
+        "discord_allow_channels",
+        "discord_deny_channels",
+        "discord_allow_roles",
+        "discord_deny_roles",
+        "discord_allow_users",
+        "discord_deny_users",
+    )
+    @classmethod
+    def _plain_ids(cls, value: list[str]) -> list[str]:
+        for ident in value:
+            problem = id_problem(ident)
+            if problem:
+                raise ValueError(f"the id {_shown(ident)} {problem}")
+        return value
 
     @property
     def queue_name(self) -> str:
         """The arq queue Sluice's reply jobs go to."""
         return f"{self.key_prefix}:queue"
+
+
+def describe_settings_error(error: ValidationError) -> str:
+    """A settings validation error as one line per bad setting, named as in the
+    environment (``SLUICE_MAX_WAIT_S: …``), without the value given (it may be a secret)."""
+    lines = []
+    for item in error.errors():
+        field = str(item["loc"][0]) if item["loc"] else ""
+        info = Settings.model_fields.get(field)
+        alias = info.validation_alias if info is not None else None
+        if isinstance(alias, AliasChoices):
+            name = str(alias.choices[0])
+        elif field in Settings.model_fields:
+            name = f"SLUICE_{field.upper()}"
+        else:
+            name = field
+        msg = str(item["msg"]).removeprefix("Value error, ")
+        lines.append(f"{name}: {msg}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
 
 
 @lru_cache(maxsize=1)

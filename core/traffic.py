@@ -16,6 +16,7 @@ The reply job calls, in this order:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,6 +37,7 @@ from core.budget import (
     unavailable_text,
 )
 from core.cache import ResponseCache, cache_digest, cache_enabled
+from core.door import ADMITTED
 from core.errors import LLMError, LLMUnavailableError
 from core.lanes import priority_ms
 from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
@@ -213,8 +215,14 @@ class Traffic:
         return True
 
     async def check_limits(self, msg: IncomingMessage) -> Reply | None:
-        """``None`` when ``msg`` may go on, else the notice (or reminder) to send."""
-        verdict = await self.limiter.check(msg, limits_for(self.settings, self.bot, msg))
+        """``None`` when ``msg`` may go on, else the notice (or reminder) to send.
+
+        A message admitted at the door (:data:`core.door.ADMITTED`) was counted there:
+        only the tokens per day are checked again (spent since), nothing is counted."""
+        limits = limits_for(self.settings, self.bot, msg)
+        if msg.meta.get(ADMITTED):
+            limits = dataclasses.replace(limits, user_requests=None, tenant_requests=None)
+        verdict = await self.limiter.check(msg, limits)
         if verdict.allowed:
             return None
         logger.info(
@@ -276,13 +284,31 @@ class Traffic:
 
         if not cache_enabled(self.settings, self.bot, msg):
             return await call(), False
-        digest = cache_digest(msg.tenant, self.bot.name, model, params, messages)
         completion, cached = await self.cache.single_flight(
-            self.cache.key(msg.tenant, digest), job_id, call
+            self._cache_key(msg, model, params, messages), job_id, call
         )
         await self.budget.count("cache_hits" if cached else "cache_misses")
         (metrics.CACHE_HITS if cached else metrics.CACHE_MISSES).inc()
         return completion, cached
+
+    def _cache_key(
+        self, msg: IncomingMessage, model: str, params: dict[str, Any], messages: list[ChatMessage]
+    ) -> str:
+        digest = cache_digest(msg.tenant, self.bot.name, model, params, messages)
+        return self.cache.key(msg.tenant, digest)
+
+    async def cached(
+        self, msg: IncomingMessage, messages: list[ChatMessage], *, model: str, **params: Any
+    ) -> Completion | None:
+        """The cached answer to exactly this request (as :meth:`complete` would find it),
+        without waiting for a leader or calling the model; counted as a hit when found."""
+        if not cache_enabled(self.settings, self.bot, msg):
+            return None
+        hit = await self.cache.get(self._cache_key(msg, model, params, messages))
+        if hit is not None:
+            await self.budget.count("cache_hits")
+            metrics.CACHE_HITS.inc()
+        return hit
 
     async def error_reply(self, error: LLMError, apology: str) -> Reply:
         """The short reply for a failed LLM call: "unavailable" while the breaker is open."""

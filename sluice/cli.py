@@ -6,12 +6,13 @@ import asyncio
 import sys
 
 import click
+from pydantic import ValidationError
 
 from bots.discord.cli import discord_command
 from bots.slack.cli import slack as slack_command
 from core.cache_cli import cache as cache_command
 from core.errors import ConfigError
-from core.settings import get_settings
+from core.settings import describe_settings_error, get_settings
 from sluice.bench.cli import bench
 from sluice.commands import commands_command
 from sluice.opscli import capacity, status
@@ -25,6 +26,12 @@ def _fail(e: Exception) -> None:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Sluice: LLM chat bots on Slack and Discord that survive launch day."""
+    # Bad settings (an odd id, SLUICE_MAX_WAIT_S=0, …) stop every command at once
+    # with one clear line per setting, not a traceback.
+    try:
+        get_settings()
+    except ValidationError as e:
+        _fail(ConfigError(describe_settings_error(e)))
 
 
 @main.command()

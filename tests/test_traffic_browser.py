@@ -55,15 +55,27 @@ async def test_page_shows_queued_wait_and_replaces_it_with_the_answer(
                 await publish(redis, keys, session, event)
             queued = await asyncio.to_thread(_read_bubble, driver, 10, "Queued")
             assert queued.startswith("Queued, about 40 s")
+            # A refreshed estimate with the place in line replaces it.
+            refresh = {"type": "queued", "message_id": "m1", "wait_s": 25, "place": 3}
+            await publish(redis, keys, session, refresh)
+            queued = await asyncio.to_thread(_read_bubble, driver, 10, "#3 in line")
+            assert queued.startswith("Queued, #3 in line, about 25 s")
             await publish(redis, keys, session, {"type": "delta", "message_id": "m1", "text": "Hi"})
             streamed = await asyncio.to_thread(_read_bubble, driver, 10, "Hi")
             assert streamed == "Hi", "the queued text is replaced, not appended to"
+            # A refresh that arrives after the answer started is ignored.
+            late = {"type": "queued", "message_id": "m1", "wait_s": 10, "place": 1}
+            await publish(redis, keys, session, late)
+            more = {"type": "delta", "message_id": "m1", "text": " there"}
+            await publish(redis, keys, session, more)
+            streamed = await asyncio.to_thread(_read_bubble, driver, 10, "there")
+            assert streamed == "Hi there", streamed
             await publish(
                 redis,
                 keys,
                 session,
-                {"type": "done", "message_id": "m1", "text": "Hi there", "kind": "answer"},
+                {"type": "done", "message_id": "m1", "text": "Hi there!", "kind": "answer"},
             )
-            assert await asyncio.to_thread(_read_bubble, driver, 10, "Hi there") == "Hi there"
+            assert await asyncio.to_thread(_read_bubble, driver, 10, "Hi there!") == "Hi there!"
         finally:
             await asyncio.to_thread(driver.quit)

@@ -11,9 +11,11 @@ from typing import Any, TypeVar
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
-from core import metrics
+from core import door, metrics
 from core.agent import Exchange, history_messages, run_tool_loop
 from core.bot import Bot
+from core.cache import cache_enabled
+from core.commands import split_invocation
 from core.context import MessageContext
 from core.errors import (
     DeliveryError,
@@ -96,6 +98,16 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
             logger.info("message=%s job=%s answered with its burst", msg.message_id, job_id)
             await _withdraw_queued(ctx, msg, job_id)
             return "merged"
+        try:
+            done_at_door = await door.answered_at_door(traffic.redis, traffic.keys, job_id)
+        except (RedisError, OSError) as e:
+            # Cannot tell whether the door answered it: never risk a second answer.
+            logger.warning("cannot read the door mark of job=%s: %s", job_id, e)
+            raise Retry(defer=REDIS_RETRY_S) from e
+        if done_at_door:
+            # Answered from the cache on the reserved path while this job waited.
+            logger.info("message=%s job=%s answered at the door", msg.message_id, job_id)
+            return "answered at the door"
         return await answer_message(ctx, turn.msg, job_id, turn.may_run)
 
 
@@ -108,7 +120,11 @@ async def _withdraw_queued(ctx: dict[str, Any], msg: IncomingMessage, job_id: st
 
 
 async def answer_message(
-    ctx: dict[str, Any], msg: IncomingMessage, job_id: str, may_run: bool = True
+    ctx: dict[str, Any],
+    msg: IncomingMessage,
+    job_id: str,
+    may_run: bool = True,
+    door_hit: Completion | None = None,
 ) -> str:
     """Answer one message: context from history, the model, the reply, history again.
 
@@ -144,7 +160,9 @@ async def answer_message(
         elif early is not None:
             reply_, completion = early, None
         else:
-            reply_, completion = await _answer(ctx, msg, responder, mctx, exchange, timing)
+            reply_, completion = await _answer(
+                ctx, msg, responder, mctx, exchange, timing, door_hit
+            )
     except Exception:
         # A bug or an unforeseen failure still ends in a visible reply, never silence;
         # the traceback goes to the log, not to the user.
@@ -333,7 +351,10 @@ async def _answer(
     mctx: MessageContext,
     exchange: Exchange,
     timing: metrics.JobTiming,
+    door_hit: Completion | None = None,
 ) -> tuple[Reply, Completion | None]:
+    """The reply to ``msg``; ``door_hit`` is the cached answer the door found for
+    exactly this request (:func:`cached_at_door`), used instead of the first call."""
     settings: Settings = ctx["settings"]
     bot: Bot = ctx["bot"]
     text = msg.text.strip()
@@ -348,19 +369,8 @@ async def _answer(
     limited = await traffic.check_limits(msg)
     if limited is not None:
         return limited, None
-    note = ""
-    if len(text) > settings.max_input_chars:
-        note = truncation_note(len(text), settings.max_input_chars)
-        text = text[: settings.max_input_chars]
-    history: HotHistory = ctx["history"]
-    n = bot.context_turns if bot.context_turns is not None else settings.context_turns
-    try:
-        earlier = await history.recent(
-            msg.conversation_id, n, exclude={msg.message_id, f"{msg.message_id}:answer"}
-        )
-    except HistoryError:
-        logger.exception("history unavailable for %s; answering without it", msg.message_id)
-        earlier = []
+    note, text = _cut(settings, text)
+    earlier = await _earlier(ctx, msg)
 
     async def on_text(so_far: str) -> None:
         await _deliver(timing, msg.platform, responder.stream(note + so_far))
@@ -370,7 +380,11 @@ async def _answer(
 
     async def call(messages: list[ChatMessage], extra: dict[str, Any]) -> Completion:
         # Through the response cache and the shared LLM budget (core.traffic).
-        nonlocal cached
+        nonlocal cached, door_hit
+        if door_hit is not None:
+            hit, door_hit = door_hit, None
+            cached = True
+            return hit
         async with timing.calling_llm():
             completion, cached = await traffic.complete(
                 msg,
@@ -413,6 +427,67 @@ async def _answer(
     if not completion.text.strip():
         return Reply(text=APOLOGY, kind="error"), completion
     return await bot.finish(mctx, Reply(text=note + completion.text, cached=cached)), completion
+
+
+def _cut(settings: Settings, text: str) -> tuple[str, str]:
+    """The note for a text cut for the model, and the text the model gets."""
+    if len(text) > settings.max_input_chars:
+        return truncation_note(len(text), settings.max_input_chars), text[
+            : settings.max_input_chars
+        ]
+    return "", text
+
+
+async def _earlier(ctx: dict[str, Any], msg: IncomingMessage) -> list[Turn]:
+    """The conversation's earlier turns the model sees with ``msg``."""
+    settings: Settings = ctx["settings"]
+    bot: Bot = ctx["bot"]
+    history: HotHistory = ctx["history"]
+    n = bot.context_turns if bot.context_turns is not None else settings.context_turns
+    try:
+        return await history.recent(
+            msg.conversation_id, n, exclude={msg.message_id, f"{msg.message_id}:answer"}
+        )
+    except HistoryError:
+        logger.exception("history unavailable for %s; answering without it", msg.message_id)
+        return []
+
+
+async def cached_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> Completion | None:
+    """The cached answer to ``msg`` if there is one, for the reserved path; looked up for
+    exactly the request :func:`_answer` would send (same persona, history, text cut and
+    parameters), without running anything of the bot's that may have effects.
+
+    ``None`` (the reply job answers as usual) when the message is empty, a command, or
+    the bot has before-hooks (they may rewrite the text; they run once, in the reply
+    job) or tools, or the cache is off for it.
+    """
+    settings: Settings = ctx["settings"]
+    bot: Bot = ctx["bot"]
+    traffic: Traffic = ctx["traffic"]
+    text = msg.text.strip()
+    if (
+        not text
+        or msg.meta.get("command")
+        or bot.has_before_hooks
+        or bot.tools
+        or bot.merge_burst_s > 0
+        or not cache_enabled(settings, bot, msg)
+        or split_invocation(text, set(bot.commands), bot.bare_commands) is not None
+    ):
+        return None
+    mctx = MessageContext.from_message(msg)
+    mctx.text = text
+    _, text = _cut(settings, text)
+    messages = build_context(bot, await _earlier(ctx, msg), text, await bot.system_prompt_for(mctx))
+    return await traffic.cached(
+        msg,
+        messages,
+        model=bot.model or settings.model,
+        max_tokens=bot.max_tokens or settings.llm_max_tokens,
+        temperature=bot.temperature,
+        **bot.params,
+    )
 
 
 def _first(value: _T | None, default: _T) -> _T:

@@ -43,7 +43,7 @@ from core.serializer import deserialize, serialize
 from core.settings import Settings
 from core.store import ensure_schema_at_startup, make_engine
 from core.traffic import BUSY_MAX_TRIES, Traffic
-from workers import flush, jobs, traffic_jobs
+from workers import flush, jobs, notices, traffic_jobs
 from workers.flush import Flusher
 from workers.history_admin import finish_purged_job
 from workers.reaper import reaper_loop, track_finished, track_started
@@ -97,6 +97,7 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
         await start_ops(ctx, settings)
+        await notices.start_notice_worker(settings, ctx)
         logger.info(
             "worker ready: bot=%s model=%s", ctx["bot"].name, ctx["bot"].model or settings.model
         )
@@ -106,6 +107,7 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
 
 async def on_shutdown(ctx: dict[str, Any]) -> None:
     """Close what :func:`make_startup` opened."""
+    await notices.stop_notice_worker(ctx)
     factories: dict[str, ResponderFactory] = ctx.get("responders", {})
     for factory in factories.values():
         await factory.close()
@@ -220,6 +222,8 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 # re-runs itself against SLUICE_JOB_MAX_TRIES (core.traffic).
                 max_tries=BUSY_MAX_TRIES,
             ),
+            # Served on the reserved queue (workers.notices); here for notices queued
+            # by an older version on the reply queue.
             func(
                 traffic_jobs.notify_queued,
                 name="notify_queued",

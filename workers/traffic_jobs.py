@@ -1,18 +1,74 @@
-"""Small jobs of traffic control. ``notify_queued`` tells a user their message waits."""
+"""The reserved path's jobs: what a user must see at once, whatever the backlog.
+
+They run on the reserved queue (:func:`core.queue.notice_queue_name`), served by a
+second arq loop in every worker process with its own slots (:mod:`workers.notices`), so
+they never wait for a slot that reply jobs hold while they wait for the LLM budget.
+
+- ``door_check``: a message just queued. If nothing earlier of its conversation is in
+  flight and its answer is cached, answer it now (:func:`answer_at_door`); otherwise,
+  when its expected wait passes ``SLUICE_QUEUED_NOTICE_AFTER_S``, show "Queued: #N in
+  line, about N s" and, past ``SLUICE_NOTICE_REFRESH_AFTER_S``, keep it fresh.
+- ``notify_queued``: show or refresh the queued notice with the current estimate; it
+  queues its next refresh (every ``SLUICE_NOTICE_REFRESH_EVERY_S``) until the answer
+  starts.
+- ``door_refuse``: the notice for a message refused at the door.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from datetime import timedelta
 from typing import Any
 
-from core.messages import IncomingMessage
-from workers.jobs import get_responder_factory
+from arq.connections import ArqRedis
+from redis.exceptions import RedisError
+
+from core import door
+from core.errors import DeliveryError
+from core.messages import IncomingMessage, Reply
+from core.queue import NOTICE_EXPIRES, arq_job_id, notice_queue_name, queue_slot
+from core.settings import Settings
+from core.traffic import Traffic
+from workers.jobs import answer_message, cached_at_door, get_responder_factory
 
 logger = logging.getLogger(__name__)
 
+# Refreshes of one notice at most (a wait is bounded by SLUICE_MAX_WAIT_S anyway).
+MAX_REFRESHES = 400
 
-async def notify_queued(ctx: dict[str, Any], payload: dict[str, Any], wait_s: int) -> None:
-    """Show "queued, about ``wait_s`` s" for a message whose reply job still waits.
+
+async def door_check(
+    ctx: dict[str, Any],
+    payload: dict[str, Any],
+    place: int,
+    wait_s: int,
+    try_cache: bool,
+) -> str:
+    """A message just queued: its cached answer now, or its queued notice."""
+    msg = IncomingMessage.model_validate(payload)
+    if try_cache and await answer_at_door(ctx, msg):
+        return "answered"
+    if wait_s > 0:
+        await show_queued(ctx, msg, float(wait_s), place)
+        settings: Settings = ctx["settings"]
+        if wait_s > settings.notice_refresh_after_s:
+            await _next_refresh(ctx, msg, 1)
+        return "notice"
+    return "queued"
+
+
+async def notify_queued(
+    ctx: dict[str, Any],
+    payload: dict[str, Any],
+    wait_s: int,
+    place: int | None = None,
+    refresh: int = 0,
+) -> None:
+    """Show "queued, about ``wait_s`` s" for a message whose reply job still waits;
+    with ``refresh`` > 0, recompute the estimate first and stop once the answer is
+    being made.
 
     Only responders that can replace the notice with the answer have ``queued``
     (web chat, Slack, Discord); for the others this does nothing. The responder is
@@ -20,9 +76,118 @@ async def notify_queued(ctx: dict[str, Any], payload: dict[str, Any], wait_s: in
     in that job's delivery state, where the reply job finds and edits it.
     """
     msg = IncomingMessage.model_validate(payload)
+    if refresh > 0:
+        traffic: Traffic = ctx["traffic"]
+        s = traffic.settings
+        queue, _ = queue_slot(s, msg.lane, 0)
+        line = await door.line_of_job(
+            traffic.redis, traffic.keys, s, queue, arq_job_id(s, msg), msg.job_id
+        )
+        if line is None or line.wait_s is None:
+            return  # the answer is being made (or gone): the notice is left to it
+        await show_queued(ctx, msg, line.wait_s, line.place)
+        if refresh < MAX_REFRESHES:
+            await _next_refresh(ctx, msg, refresh + 1)
+        return
+    await show_queued(ctx, msg, float(wait_s), place)
+
+
+async def show_queued(
+    ctx: dict[str, Any], msg: IncomingMessage, wait_s: float, place: int | None
+) -> None:
+    """The responder's ``queued`` notice, when it has one."""
     factory = await get_responder_factory(ctx, msg.platform)
     responder = factory.responder(msg, msg.job_id)
     show = getattr(responder, "queued", None)
     if show is not None:
-        await show(float(wait_s))
-        logger.info("queued notice message=%s wait=%ds", msg.message_id, wait_s)
+        await show(wait_s, place)
+        logger.info("queued notice message=%s place=%s wait=%.0fs", msg.message_id, place, wait_s)
+
+
+async def _next_refresh(ctx: dict[str, Any], msg: IncomingMessage, n: int) -> None:
+    settings: Settings = ctx["settings"]
+    redis: ArqRedis = ctx["redis"]
+    try:
+        await redis.enqueue_job(
+            "notify_queued",
+            msg.model_dump(mode="json"),
+            0,
+            None,
+            n,
+            _job_id=f"{settings.key_prefix}:queued:{msg.job_id}:{n}",
+            _queue_name=notice_queue_name(settings),
+            _defer_by=timedelta(seconds=settings.notice_refresh_every_s),
+            _expires=NOTICE_EXPIRES + timedelta(seconds=settings.notice_refresh_every_s),
+        )
+    except (RedisError, OSError) as e:
+        logger.warning("queued notice of message=%s not refreshed: %s", msg.message_id, e)
+
+
+async def door_refuse(ctx: dict[str, Any], payload: dict[str, Any], text: str) -> str:
+    """Tell the sender that their message was refused at the door, and why."""
+    msg = IncomingMessage.model_validate(payload)
+    factory = await get_responder_factory(ctx, msg.platform)
+    responder = factory.responder(msg, msg.job_id)
+    try:
+        await responder.begin()
+        await responder.finish(Reply(text=text, kind="notice"))
+    except DeliveryError as e:
+        logger.error(
+            "refusal not delivered platform=%s tenant=%s channel=%s message=%s: %s",
+            msg.platform,
+            msg.tenant,
+            msg.channel,
+            msg.message_id,
+            e,
+        )
+        return "not delivered"
+    logger.info("refusal delivered platform=%s message=%s", msg.platform, msg.message_id)
+    return "refused"
+
+
+async def answer_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> bool:
+    """Answer ``msg`` from the cache on the reserved path, if nothing earlier of its
+    conversation is in flight and the whole request's answer is cached.
+
+    It holds the conversation meanwhile (:func:`core.door.take_conversation`), records
+    both turns in history like any answer, then marks the message answered and frees
+    the conversation in one step, so its reply job ends without a second reply.
+    Returns ``False`` (the reply job answers as usual) otherwise.
+    """
+    traffic: Traffic = ctx["traffic"]
+    redis, keys, settings = traffic.redis, traffic.keys, traffic.settings
+    if not await door.take_conversation(redis, keys, settings, msg):
+        return False
+    renewer = asyncio.create_task(_renew(ctx, msg))
+    answered = False
+    try:
+        hit = await cached_at_door(ctx, msg)
+        if hit is None:
+            return False
+        await answer_message(ctx, msg, msg.job_id, door_hit=hit)
+        queue, _ = queue_slot(settings, msg.lane, 0)
+        answered = await door.answered(redis, keys, msg, queue, arq_job_id(settings, msg))
+        if not answered:
+            logger.warning(
+                "door answer of message=%s outlived its hold on the conversation", msg.message_id
+            )
+        logger.info("answered at the door message=%s job=%s", msg.message_id, msg.job_id)
+        return True
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await renewer
+        if not answered:
+            await asyncio.shield(door.let_go(redis, keys, msg))
+
+
+async def _renew(ctx: dict[str, Any], msg: IncomingMessage) -> None:
+    traffic: Traffic = ctx["traffic"]
+    while True:
+        await asyncio.sleep(traffic.settings.conversation_lock_ttl_s / 3)
+        try:
+            s = traffic.settings
+            if not await door.renew_conversation(traffic.redis, traffic.keys, s, msg):
+                return
+        except (RedisError, OSError) as e:
+            logger.warning("cannot renew the door's hold on message=%s: %s", msg.message_id, e)

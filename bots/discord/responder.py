@@ -217,10 +217,11 @@ class DiscordResponder:
                 len(parts),
             )
 
-    async def queued(self, wait_s: float) -> None:
-        """Show that the message waits in line, about ``wait_s`` seconds.
+    async def queued(self, wait_s: float, place: int | None = None) -> None:
+        """Show that the message waits in line, about ``wait_s`` seconds (``place`` in
+        line when known).
 
-        Posts "⏳ Queued: about N s" as the reply's first message (a Discord reply to
+        Posts "⏳ Queued: #N in line, about N s" as the reply's first message (a Discord reply to
         the user's message; for ``/ask`` the deferred response), or updates the
         notice this job already shows; the reply job's :meth:`stream` and
         :meth:`finish` edit it into the answer. Called by the ``notify_queued`` job
@@ -229,7 +230,7 @@ class DiscordResponder:
         courtesy: sent best effort through the paced REST layer (skipped when the
         channel has no free slot), failures logged, never raised.
         """
-        text = queued_text(wait_s)
+        text = queued_text(wait_s, place)
         try:
             if not self._ids:
                 self._loaded = False  # the reply may have been posted since: look again

@@ -440,10 +440,11 @@ class SlackResponder:
             len(parts),
         )
 
-    async def queued(self, wait_s: float) -> None:
-        """Show that the message waits in line, about ``wait_s`` seconds.
+    async def queued(self, wait_s: float, place: int | None = None) -> None:
+        """Show that the message waits in line, about ``wait_s`` seconds (``place`` in
+        line when known).
 
-        Posts "⏳ Queued: about N s" where the reply will go (or updates the notice
+        Posts "⏳ Queued: #N in line, about N s" where the reply will go (or updates the notice
         this job already shows), recorded in the job's delivery state so that the
         reply's :meth:`stream`/:meth:`finish` edit it into the answer. In an assistant
         thread it sets the thread's status instead. Called by the ``notify_queued``
@@ -459,7 +460,7 @@ class SlackResponder:
                 await self._load()  # the notice or the answer may have been posted since
             if self.done or self.mode == "url" or self._refused is not None:
                 return
-            text = queued_text(wait_s)
+            text = queued_text(wait_s, place)
             if self.msg.meta.get("assistant") and self.thread:
                 if self.ts is None:
                     await self._queued_status(text)

@@ -48,9 +48,13 @@ class WebResponder:
         # A re-run job starts its text again from the beginning.
         await self._emit({"type": "start"})
 
-    async def queued(self, wait_s: float) -> None:
-        """Tell the page the message waits in line (shown until the answer starts)."""
-        await self._emit({"type": "queued", "wait_s": round(wait_s)})
+    async def queued(self, wait_s: float, place: int | None = None) -> None:
+        """Tell the page the message waits in line, ``place`` in line if known (shown
+        until the answer starts; a later call refreshes it)."""
+        event: dict[str, Any] = {"type": "queued", "wait_s": round(wait_s)}
+        if place is not None:
+            event["place"] = place
+        await self._emit(event)
 
     async def withdraw_queued(self) -> None:
         """This message gets no reply of its own (merged into an earlier message's

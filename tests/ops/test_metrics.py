@@ -22,7 +22,11 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
     port = free_port()
     worker_process({"SLUICE_METRICS_PORT": str(port), "SLUICE_USER_REQUESTS_PER_WINDOW": "4"})
     worker_url = f"http://127.0.0.1:{port}"
-    async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
+    # The adapter checks the limits at the door: it needs the same limit as the worker.
+    adapter_settings = settings.model_copy(update={"user_requests_per_window": 4})
+    async with web_adapter(adapter_settings) as (base, _), aiohttp.ClientSession() as http:
+        # The adapter runs in this process: its counters include earlier tests'.
+        web_before = parse_metrics([(await _get(http, f"{base}/metrics"))[1]])
         async with ChatSession(http, base) as tab:
             for text in ("first question", "second question", "third question"):
                 done = await tab.reply(await tab.send(text))
@@ -34,7 +38,8 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
             llm_sim.configure(mode="429")
             refused = await tab.reply(await tab.send("this one hits the provider limit"))
             assert refused["kind"] == "error"
-            # The fifth message of this user in the window: a notice, no LLM call.
+            # The fifth message of this user in the window: refused at the door with a
+            # notice, no reply job, no LLM call.
             over = await tab.reply(await tab.send("one too many"))
             assert over["kind"] == "notice"
         status, web_text = await _get(http, f"{base}/metrics")
@@ -56,15 +61,16 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
     assert 0 < ack_sum / metric_total(web, "sluice_ack_seconds_count", platform="web") < 1.0
 
     w = parse_metrics([worker_text])
-    assert metric_total(w, "sluice_queue_wait_seconds_count", lane="default") == 6
+    # Five reply jobs: the refused fifth message never became one.
+    assert metric_total(w, "sluice_queue_wait_seconds_count", lane="default") == 5
     assert metric_total(w, "sluice_queue_depth", lane="default") == 0
     assert metric_total(w, "sluice_queue_oldest_wait_seconds", lane="default") == 0
     assert metric_total(w, "sluice_job_seconds_count", platform="web", kind="answer") == 4
-    assert metric_total(w, "sluice_job_seconds_count", platform="web", kind="notice") == 1
+    assert metric_total(w, "sluice_job_seconds_count", platform="web", kind="notice") == 0
     assert metric_total(w, "sluice_job_seconds_count", platform="web", kind="error") == 1
-    assert metric_total(w, "sluice_replies_total", platform="web") == 6
-    assert metric_total(w, "sluice_job_overhead_seconds_count", platform="web") == 6
-    assert metric_total(w, "sluice_delivery_seconds_count", platform="web") == 6
+    assert metric_total(w, "sluice_replies_total", platform="web") == 5
+    assert metric_total(w, "sluice_job_overhead_seconds_count", platform="web") == 5
+    assert metric_total(w, "sluice_delivery_seconds_count", platform="web") == 5
     assert metric_total(w, "sluice_delivery_errors_total", platform="web") == 0
     assert metric_total(w, "sluice_llm_calls_total", outcome="ok") == 3
     # llm_retries=1 in the test settings: two attempts, both answered 429.
@@ -81,7 +87,14 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
     assert metric_total(w, "sluice_cache_hits_total") == 1
     # Counted when the answer comes back; the 429'd call never produced one.
     assert metric_total(w, "sluice_cache_misses_total") == 3
-    assert metric_total(w, "sluice_rate_limit_notices_total") == 1
+    # The limit notice was decided at the door: counted by the adapter, not the worker.
+    assert metric_total(w, "sluice_rate_limit_notices_total") == 0
+    for name, labels in (
+        ("sluice_rate_limit_notices_total", {"scope": "user:requests"}),
+        ("sluice_door_refusals_total", {"reason": "limit"}),
+    ):
+        got = metric_total(web, name, **labels) - metric_total(web_before, name, **labels)
+        assert got == 1, name
     for name in (
         "sluice_history_backlog",
         "sluice_history_flush_lag_seconds",

@@ -39,10 +39,13 @@ async def test_adapter_restart_loses_nothing_and_answers_each_message_once(
     settings, llm_sim, worker_process, redis, tmp_path
 ):
     # No streamed deltas: the session's outbox (500 events) then holds every answer.
-    worker_process({"SLUICE_STREAM_MIN_INTERVAL_S": "60"})
+    # One session sends all 60: above the default 20 a window, the door would refuse
+    # them (with one notice), which is not what this test is about.
+    limit = {"SLUICE_USER_REQUESTS_PER_WINDOW": "1000"}
+    worker_process({"SLUICE_STREAM_MIN_INTERVAL_S": "60", **limit})
     port = free_port()
     # One web secret, so the restarted adapter takes the session the first one issued.
-    env = {**base_env(), **settings_env(with_web_secret(settings))}
+    env = {**base_env(), **settings_env(with_web_secret(settings)), **limit}
     url = f"http://127.0.0.1:{port}/api/messages"
     first = Proc(["web", "--port", str(port)], env, tmp_path / "web1.log")
     wait_port(port)

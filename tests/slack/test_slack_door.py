@@ -1,0 +1,54 @@
+"""Slack: the queued notice shows while no worker slot is free, and becomes the answer.
+
+Real adapter, real ``sluice worker`` process, fake Slack Web API, simulator; the one
+reply slot is held by a job waiting for the closed LLM budget (see tests/test_door.py).
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+
+from tests.door_util import close_budget, open_budget, until
+from tests.fakes.slack_api import FakeSlackAPI
+from tests.helpers import unique_slack_ts
+from tests.slack.conftest import mention, worker_env
+
+
+def _in_thread(fake: FakeSlackAPI, ts: str) -> list:
+    return [m for m in fake.replies("C1") if m.thread_ts == ts]
+
+
+async def test_queued_notice_is_posted_while_no_slot_is_free_then_edited_into_the_answer(
+    slack_settings, adapter, worker_process, fake_slack, redis: Redis
+):
+    s = slack_settings.model_copy(
+        update={"llm_rpm": 60, "queued_notice_after_s": 1.0, "worker_max_jobs": 1}
+    )
+    worker_process(worker_env(s))
+    await close_budget(redis, s.key_prefix, 120)
+    first, second = unique_slack_ts(), unique_slack_ts()
+    async with adapter(s) as a:
+        await a.send.event(mention("first in line", first, user="U1"))
+
+        async def slot_held() -> bool:
+            return bool(await redis.zcard(f"{s.key_prefix}:llm:waiters"))
+
+        await until(slot_held, 20, "the only slot held by a job waiting for the budget")
+        await a.send.event(mention("second in line", second, user="U2"))
+        await fake_slack.wait_for(
+            lambda: any(
+                m.text.startswith("⏳ Queued: #2 in line, about")
+                for m in _in_thread(fake_slack, second)
+            ),
+            timeout_s=20,
+        )
+        [notice] = _in_thread(fake_slack, second)
+        await open_budget(redis, s.key_prefix)
+        await fake_slack.wait_for(
+            lambda: any(
+                m.text.startswith("Echo: second in line") for m in _in_thread(fake_slack, second)
+            ),
+            timeout_s=30,
+        )
+    [answer] = _in_thread(fake_slack, second)  # the notice became the answer
+    assert answer.ts == notice.ts and answer.edits >= 1
