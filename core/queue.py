@@ -7,7 +7,7 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core.bot import Bot, load_bot
@@ -16,7 +16,7 @@ from core.errors import BotDefinitionError, QueueError
 from core.lanes import LANES, choose_lane, priority_ms
 from core.messages import IncomingMessage
 from core.ordering import forget_arrival, register_arrival
-from core.redis import Keys, redis_settings
+from core.redis import Keys, connect
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 
@@ -29,8 +29,8 @@ NOTICE_EXPIRES = timedelta(seconds=60)
 
 async def connect_queue(settings: Settings) -> ArqRedis:
     """A Redis pool that enqueues with Sluice's serializer (not pickle)."""
-    return await create_pool(
-        redis_settings(settings),
+    return await connect(
+        settings,
         job_serializer=serialize,
         job_deserializer=deserialize,
         default_queue_name=settings.queue_name,
@@ -117,6 +117,11 @@ async def accept_message(
     ``extra_keys`` are further identities of the same delivery (e.g. Slack's event
     id) that must also count as seen.
 
+    With ``SLUICE_REDIS_WAIT_REPLICAS`` > 0 it returns only once that many replicas
+    hold the job and its markers (Redis ``WAIT``), so a failover right after the ack
+    loses nothing; when they do not confirm in ``SLUICE_REDIS_WAIT_TIMEOUT_MS`` it
+    raises :class:`QueueError` and the adapter does not ack.
+
     Raises:
         QueueError: Redis is unreachable; the adapter must answer with an error so
             that the platform delivers again.
@@ -132,14 +137,31 @@ async def accept_message(
         raise QueueError(f"cannot check message {msg.message_id}: {e}") from e
     if not await enqueue_reply(redis, settings, msg):
         return False
+    wait = settings.redis_wait_replicas
     try:
         async with redis.pipeline(transaction=False) as pipe:
             for marker in markers:
                 pipe.set(marker, b"1", ex=settings.dedupe_ttl_s)
-            await pipe.execute()
+            if wait:
+                # On the markers' own connection: WAIT covers that connection's writes,
+                # and the replication stream is ordered, so the job enqueued before too.
+                pipe.execute_command("WAIT", wait, settings.redis_wait_timeout_ms)
+            results = await pipe.execute()
     except (RedisError, OSError) as e:
+        if wait:
+            raise QueueError(
+                f"cannot confirm message {msg.message_id} on a replica: {e}; not acking"
+            ) from e
         # The job is queued; until its result expires arq still refuses a duplicate.
         logger.warning("dedupe marker not written for message=%s: %s", msg.message_id, e)
+        return True
+    if wait and int(results[-1]) < wait:
+        # Not acked: the platform delivers again, and then either the job is there
+        # (a duplicate, acked) or a failover lost it (enqueued anew).
+        raise QueueError(
+            f"message {msg.message_id}: {results[-1]} of {wait} replica(s) confirmed it "
+            f"within {settings.redis_wait_timeout_ms} ms; not acking"
+        )
     return True
 
 

@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.errors import HistoryError
 from core.history import make_record, split_conversation_id, unpack_record, unpack_turn
 from core.messages import reply_job_id
-from core.redis import Keys, glob_escape
+from core.redis import Keys, client, glob_escape
 from core.settings import Settings
 from core.store import (
     Record,
@@ -292,6 +292,6 @@ def open_clients(settings: Settings) -> tuple[Redis, Keys, AsyncEngine]:
     from core.errors import ConfigError
     from core.store import make_engine
 
-    if not settings.redis_url:
+    if not settings.redis_url and not settings.redis_sentinels:
         raise ConfigError("REDIS_URL is not set (history lives in Redis before SQL)")
-    return Redis.from_url(settings.redis_url), Keys(settings.key_prefix), make_engine(settings)
+    return client(settings), Keys(settings.key_prefix), make_engine(settings)

@@ -29,7 +29,7 @@ from core.messages import IncomingMessage, Reply, Turn
 from core.responder import Responder, ResponderFactory, load_responder_factory
 from core.settings import Settings
 from core.traffic import GAVE_UP, REDIS_RETRY_S, Traffic
-from workers import delivery
+from workers import delivery, reaper
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -155,6 +155,8 @@ async def answer_message(
             job_id,
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
+    if await _superseded(ctx, msg, job_id):
+        return "superseded"
     try:
         await _deliver(timing, msg.platform, responder.finish(reply_))
     except DeliveryRetryableError as e:
@@ -188,6 +190,28 @@ async def answer_message(
         time.monotonic() - started,
     )
     return reply_.kind
+
+
+async def _superseded(ctx: dict[str, Any], msg: IncomingMessage, job_id: str) -> bool:
+    """Whether this try lost the job while its worker was cut off (handed back, see
+    :mod:`workers.reaper`): then another try delivers, and this one must not."""
+    member, arq_id = ctx.get("worker_member"), ctx.get("job_id")
+    if member is None or arq_id is None:
+        return False  # not run by a Sluice worker (tests calling the job directly)
+    try:
+        owns = await reaper.still_owns(ctx["redis"], ctx["keys"], member, arq_id)
+    except (RedisError, OSError) as e:
+        logger.warning("cannot check ownership of job=%s (%s): leaving it to a re-run", job_id, e)
+        owns = False
+    if not owns:
+        logger.warning(
+            "job=%s message=%s was handed back while this worker was cut off: "
+            "not delivering (the worker that took it over does)",
+            job_id,
+            msg.message_id,
+        )
+        ctx.setdefault("superseded_jobs", set()).add(arq_id)
+    return not owns
 
 
 async def deliver_again(

@@ -26,6 +26,7 @@ from typing import Any
 from arq.constants import in_progress_key_prefix
 from arq.cron import cron
 from arq.worker import Worker, func
+from redis.exceptions import RedisError
 
 from core import history as history_module
 from core import metrics
@@ -35,7 +36,7 @@ from core.heartbeat import heartbeating
 from core.history import HotHistory
 from core.llm import OpenAIProvider
 from core.queue import lane_queue_name
-from core.redis import Keys, redis_settings
+from core.redis import Keys, connect_pool, redis_settings
 from core.responder import ResponderFactory
 from core.scripts import Lua
 from core.serializer import deserialize, serialize
@@ -44,7 +45,7 @@ from core.store import ensure_schema_at_startup, make_engine
 from core.traffic import BUSY_MAX_TRIES, Traffic
 from workers import flush, jobs, traffic_jobs
 from workers.flush import Flusher
-from workers.reaper import reaper_loop, track_finished, track_started
+from workers.reaper import claim, reaper_loop, track_finished, track_started
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,7 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
     keys: Keys = ctx["keys"]
     stack = contextlib.AsyncExitStack()
     ctx["ops_stack"] = stack
+    ctx["superseded_jobs"] = set()
     ctx["worker_member"] = await stack.enter_async_context(
         heartbeating(redis, keys, "worker", settings.health_check_interval_s)
     )
@@ -303,6 +305,18 @@ class SluiceWorker(Worker):
         super().__init__(*args, **kwargs)
         self._due: tuple[Any, Lua] | None = None
 
+    async def main(self) -> None:
+        """arq's main loop, on a pool from :func:`core.redis.connect_pool` (which also
+        passes the sentinels' own password on)."""
+        if self._pool is None and self.redis_settings is not None:
+            self._pool = await connect_pool(
+                self.redis_settings,
+                job_serializer=self.job_serializer,
+                job_deserializer=self.job_deserializer,
+                default_queue_name=self.queue_name,
+            )
+        await super().main()
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Start the first due jobs that are not running, as many as there are free slots."""
         free = self.max_jobs - self.job_counter
@@ -320,9 +334,32 @@ class SluiceWorker(Worker):
             started = [j for j in self.tasks if j not in before]
             await track_started(self.pool, self.ctx["keys"], member, started)
 
+    async def run_job(self, job_id: str, score: int) -> None:
+        """Claim the job's delivery (:func:`workers.reaper.claim`), then run it."""
+        member = self.ctx.get("worker_member")
+        if member is not None:
+            try:
+                await claim(self.pool, self.ctx["keys"], member, job_id)
+            except (RedisError, OSError) as e:
+                # Unclaimed, its reply could not be delivered: arq runs it again when
+                # its in-progress marker expires.
+                logger.warning("cannot claim job=%s (%s): leaving it to a later try", job_id, e)
+                return
+        await super().run_job(job_id, score)
+
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
-        """arq's end of a job try, then forget that this worker runs it."""
-        await super().finish_job(job_id, *args, **kwargs)
+        """arq's end of a job try, then forget that this worker runs it.
+
+        A job superseded while this worker was cut off (handed back to the queue,
+        see :mod:`workers.reaper`) is left as it is: its new owner, or the worker that
+        starts it next, finishes it.
+        """
+        superseded: set[str] = self.ctx.get("superseded_jobs", set())
+        if job_id in superseded:
+            superseded.discard(job_id)
+            logger.warning("job=%s was handed back meanwhile: leaving it to its new owner", job_id)
+        else:
+            await super().finish_job(job_id, *args, **kwargs)
         await self._forget(job_id)
 
     async def finish_failed_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
