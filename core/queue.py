@@ -132,11 +132,29 @@ async def accept_message(
     try:
         if await redis.exists(*markers):
             logger.info("duplicate platform=%s message=%s", msg.platform, msg.message_id)
+            if settings.redis_wait_replicas:
+                # The first delivery may not have been confirmed on a replica yet.
+                await _mark_seen(redis, settings, msg, markers)
             return False
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot check message {msg.message_id}: {e}") from e
     if not await enqueue_reply(redis, settings, msg):
+        if settings.redis_wait_replicas:
+            await _mark_seen(redis, settings, msg, markers)
         return False
+    await _mark_seen(redis, settings, msg, markers)
+    return True
+
+
+async def _mark_seen(
+    redis: ArqRedis, settings: Settings, msg: IncomingMessage, markers: list[str]
+) -> None:
+    """Write the dedupe markers; with ``SLUICE_REDIS_WAIT_REPLICAS``, wait until that
+    many replicas hold them and everything written before (the job).
+
+    Raises:
+        QueueError: with ``SLUICE_REDIS_WAIT_REPLICAS``, the replicas did not confirm.
+    """
     wait = settings.redis_wait_replicas
     try:
         async with redis.pipeline(transaction=False) as pipe:
@@ -154,15 +172,14 @@ async def accept_message(
             ) from e
         # The job is queued; until its result expires arq still refuses a duplicate.
         logger.warning("dedupe marker not written for message=%s: %s", msg.message_id, e)
-        return True
+        return
     if wait and int(results[-1]) < wait:
         # Not acked: the platform delivers again, and then either the job is there
-        # (a duplicate, acked) or a failover lost it (enqueued anew).
+        # (a duplicate, confirmed again) or a failover lost it (enqueued anew).
         raise QueueError(
             f"message {msg.message_id}: {results[-1]} of {wait} replica(s) confirmed it "
             f"within {settings.redis_wait_timeout_ms} ms; not acking"
         )
-    return True
 
 
 async def _tell_if_queued(

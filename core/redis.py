@@ -39,6 +39,33 @@ class SluiceRedisSettings(RedisSettings):
     sentinel_password: str | None = None
 
 
+async def _close_sentinel_clients(pool: Any) -> None:
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is not None:
+        for sentinel in manager.sentinels:
+            await sentinel.aclose()
+
+
+class SentinelRedis(Redis):
+    """A ``redis.asyncio.Redis`` on the primary the sentinels name; closing it also
+    closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the client, its pool and the sentinel connections."""
+        await super().aclose(close_connection_pool)
+        await _close_sentinel_clients(self.connection_pool)
+
+
+class SentinelArqRedis(ArqRedis):
+    """arq's pool on the primary the sentinels name (closes the sentinel connections
+    with it)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the pool and the sentinel connections."""
+        await super().aclose(close_connection_pool)
+        await _close_sentinel_clients(self.connection_pool)
+
+
 def parse_sentinels(value: str) -> list[tuple[str, int]]:
     """``host:port,host:port`` as a list of addresses.
 
@@ -140,7 +167,7 @@ async def connect_pool(rs: RedisSettings, **pool_attrs: Any) -> ArqRedis:
     sentinel = _sentinel(rs)
     for attempt in range(rs.conn_retries + 1):
         pool: ArqRedis = sentinel.master_for(
-            rs.sentinel_master, redis_class=ArqRedis, **_master_kwargs(rs)
+            rs.sentinel_master, redis_class=SentinelArqRedis, **_master_kwargs(rs)
         )
         pool.job_serializer = pool_attrs.get("job_serializer")
         pool.job_deserializer = pool_attrs.get("job_deserializer")
@@ -150,7 +177,6 @@ async def connect_pool(rs: RedisSettings, **pool_attrs: Any) -> ArqRedis:
         except (RedisError, OSError, TimeoutError) as e:
             await pool.aclose()
             if attempt == rs.conn_retries:
-                await _close_sentinels(sentinel)
                 raise _no_primary(rs, e) from e
             logger.warning(
                 "no Redis primary from the sentinels for %r yet (%s); retrying in %ss",
@@ -162,11 +188,6 @@ async def connect_pool(rs: RedisSettings, **pool_attrs: Any) -> ArqRedis:
         else:
             return pool
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def _close_sentinels(sentinel: Sentinel) -> None:
-    for s in sentinel.sentinels:
-        await s.aclose()
 
 
 async def connect(settings: Settings, **pool_attrs: Any) -> ArqRedis:
@@ -184,7 +205,7 @@ def client(settings: Settings, **kwargs: Any) -> Redis:
     rs = redis_settings(settings)
     if rs.sentinel:
         primary: Redis = _sentinel(rs).master_for(
-            rs.sentinel_master, **{**_master_kwargs(rs), **kwargs}
+            rs.sentinel_master, redis_class=SentinelRedis, **{**_master_kwargs(rs), **kwargs}
         )
         return primary
     assert settings.redis_url is not None  # redis_settings raised otherwise
@@ -306,6 +327,11 @@ class Keys:
         """The heartbeat member of the worker running an arq job now (see
         :mod:`workers.reaper`: a handed-back job's old worker delivers nothing)."""
         return f"{self.prefix}:job:owner:{job_id}"
+
+    def job_answered(self, job_id: str) -> str:
+        """Set once an arq job's reply reached the platform: a try that runs again
+        (its end was lost with a Redis primary, or it was handed back) answers nothing."""
+        return f"{self.prefix}:job:answered:{job_id}"
 
     def worker_jobs(self, member: str) -> str:
         """The arq job ids a worker (its heartbeat member) is running (a set)."""

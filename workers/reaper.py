@@ -53,13 +53,15 @@ return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
 """
 
 # KEYS: heartbeats, the silent worker's job set. ARGV: member, silent for (s),
-# in-progress key prefix, owner key prefix. Returns the job ids handed back (none if
-# it beat again meanwhile).
+# in-progress key prefix, owner key prefix, 1 = hand back whether silent or not.
+# Returns the job ids handed back (none if it beat again meanwhile).
 _REAP = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) >= now - tonumber(ARGV[2]) then return {} end
+if ARGV[5] ~= '1' and (not score or tonumber(score) >= now - tonumber(ARGV[2])) then
+  return {}
+end
 local jobs = redis.call('SMEMBERS', KEYS[2])
 for _, id in ipairs(jobs) do
   redis.call('DEL', ARGV[3] .. id)
@@ -68,7 +70,7 @@ for _, id in ipairs(jobs) do
   end
 end
 redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[5] ~= '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return jobs
 """
 
@@ -92,10 +94,24 @@ async def track_started(redis: Redis, keys: Keys, member: str, job_ids: list[str
         await pipe.execute()
 
 
-async def claim(redis: Redis, keys: Keys, member: str, job_id: str) -> None:
+# KEYS: the job's owner key, its answered marker. ARGV: member, ttl (s).
+_CLAIM = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return redis.call('EXISTS', KEYS[2])
+"""
+
+
+async def claim(redis: Redis, keys: Keys, member: str, job_id: str) -> bool:
     """``member`` runs ``job_id`` (arq id) now: it owns the job's delivery. Called by
-    the job's own task before the job runs, so no check can come first."""
-    await redis.set(keys.job_owner(job_id), member, ex=JOBS_TTL_S)
+    the job's own task before the job runs, so no check can come first.
+
+    Returns ``True`` when an earlier try already answered the job
+    (``Keys.job_answered``): its reply reached the platform, but its end was lost.
+    """
+    answered = await Lua(redis, _CLAIM)(
+        [keys.job_owner(job_id), keys.job_answered(job_id)], [member, JOBS_TTL_S]
+    )
+    return bool(answered)
 
 
 async def still_owns(redis: Redis, keys: Keys, member: str, job_id: str) -> bool:
@@ -126,7 +142,7 @@ async def reap(redis: Redis, keys: Keys, dead_after_s: float) -> dict[str, list[
             continue
         jobs: list[Any] = await script(
             [keys.heartbeats(), keys.worker_jobs(member)],
-            [member, dead_after_s, in_progress_key_prefix, keys.job_owner("")],
+            [member, dead_after_s, in_progress_key_prefix, keys.job_owner(""), 0],
         )
         if jobs:
             ids = [j.decode() if isinstance(j, bytes) else str(j) for j in jobs]
@@ -138,6 +154,21 @@ async def reap(redis: Redis, keys: Keys, dead_after_s: float) -> dict[str, list[
                 len(ids),
             )
     return out
+
+
+async def hand_back_own(redis: Redis, keys: Keys, member: str) -> list[str]:
+    """Hand back the jobs an earlier incarnation of this process left (a worker that
+    lost Redis mid-job and starts again, :func:`workers.run.run_worker`): they are
+    not running any more, but their in-progress markers would hold them for
+    ``SLUICE_JOB_TIMEOUT_S`` + 10 s. Call before the new worker polls."""
+    jobs: list[Any] = await Lua(redis, _REAP)(
+        [keys.heartbeats(), keys.worker_jobs(member)],
+        [member, 0, in_progress_key_prefix, keys.job_owner(""), 1],
+    )
+    ids = [j.decode() if isinstance(j, bytes) else str(j) for j in jobs]
+    if ids:
+        logger.warning("handing back %d job(s) this worker lost with Redis", len(ids))
+    return ids
 
 
 async def reaper_loop(redis: Redis, keys: Keys, dead_after_s: float, interval_s: float) -> None:

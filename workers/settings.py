@@ -45,7 +45,13 @@ from core.store import ensure_schema_at_startup, make_engine
 from core.traffic import BUSY_MAX_TRIES, Traffic
 from workers import flush, jobs, traffic_jobs
 from workers.flush import Flusher
-from workers.reaper import claim, reaper_loop, track_finished, track_started
+from workers.reaper import (
+    claim,
+    hand_back_own,
+    reaper_loop,
+    track_finished,
+    track_started,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,9 +116,13 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
     stack = contextlib.AsyncExitStack()
     ctx["ops_stack"] = stack
     ctx["superseded_jobs"] = set()
-    ctx["worker_member"] = await stack.enter_async_context(
+    ctx["answered_jobs"] = set()
+    member = await stack.enter_async_context(
         heartbeating(redis, keys, "worker", settings.health_check_interval_s)
     )
+    # Before the first poll: jobs this process ran before it lost Redis go back now.
+    await hand_back_own(redis, keys, member)
+    ctx["worker_member"] = member
     reaper = asyncio.create_task(
         reaper_loop(
             redis,
@@ -339,7 +349,8 @@ class SluiceWorker(Worker):
         member = self.ctx.get("worker_member")
         if member is not None:
             try:
-                await claim(self.pool, self.ctx["keys"], member, job_id)
+                if await claim(self.pool, self.ctx["keys"], member, job_id):
+                    self.ctx["answered_jobs"].add(job_id)
             except (RedisError, OSError) as e:
                 # Unclaimed, its reply could not be delivered: arq runs it again when
                 # its in-progress marker expires.
