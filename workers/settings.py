@@ -271,14 +271,17 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
     }
 
 
-# KEYS: queue. ARGV: now ms, free slots, in-progress key prefix, most ids to look at.
-# The first ``free`` ids due by score whose job is not running already.
+# KEYS: queue. ARGV: now ms (unused: Redis TIME decides, so a worker whose clock is
+# off starts jobs neither early nor late), free slots, in-progress key prefix, most
+# ids to look at. The first ``free`` ids due by score whose job is not running already.
 _DUE_NOT_RUNNING = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local out = {}
 local offset = 0
 local limit = tonumber(ARGV[4])
 while #out < tonumber(ARGV[2]) and offset < limit do
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', offset, 100)
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', offset, 100)
   if #ids == 0 then break end
   for _, id in ipairs(ids) do
     if redis.call('EXISTS', ARGV[3] .. id) == 0 then
