@@ -41,7 +41,8 @@ def _member_of(members: dict[str, float], proc: Proc) -> str | None:
 async def test_workers_with_clocks_30s_off_steal_no_live_job_and_take_none_for_dead(
     settings: Settings, llm_sim: Any, worker_process: Callable[..., Proc], redis: Redis
 ) -> None:
-    # A 14 s answer (under the 20 s LLM timeout): the skewed workers' reapers run many times while it is worked on.
+    # A 14 s answer (under the 20 s LLM timeout): the skewed workers' reapers run
+    # many times while it is worked on.
     llm_sim.configure(tokens=70, token_latency_s=0.2)
     keys = Keys(settings.key_prefix)
     honest = worker_process(ENV)
