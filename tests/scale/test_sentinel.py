@@ -64,7 +64,7 @@ def _assert_clear_start_up_error(code: int, out: str) -> None:
     assert "Traceback" not in out, out
 
 
-def test_sentinels_that_answer_nowhere_stop_worker_and_web_with_a_clear_error(
+def test_sentinels_that_answer_nowhere_stop_every_process_with_a_clear_error(
     settings: Settings, tmp_path: Path
 ) -> None:
     dead = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
@@ -73,6 +73,13 @@ def test_sentinels_that_answer_nowhere_stop_worker_and_web_with_a_clear_error(
     code, out = _run_until_exit(["worker"], env, tmp_path / "worker.log")
     _assert_clear_start_up_error(code, out)
     code, out = _run_until_exit(["web", "--port", "0"], env, tmp_path / "web.log")
+    _assert_clear_start_up_error(code, out)
+    slack_env = {**env, "SLACK_BOT_TOKEN": "xoxb-test", "SLACK_SIGNING_SECRET": "s" * 32}
+    code, out = _run_until_exit(["slack", "--port", "0"], slack_env, tmp_path / "slack.log")
+    _assert_clear_start_up_error(code, out)
+    code, out = _run_until_exit(
+        ["discord"], {**env, "DISCORD_TOKEN": "test-token"}, tmp_path / "discord.log"
+    )
     _assert_clear_start_up_error(code, out)
 
 
