@@ -216,8 +216,8 @@ async def _superseded(ctx: dict[str, Any], msg: IncomingMessage, job_id: str) ->
     """Whether this try lost the job while its worker was cut off (handed back, see
     :mod:`workers.reaper`): then another try delivers, and this one must not."""
     member, arq_id = ctx.get("worker_member"), ctx.get("job_id")
-    if member is None or arq_id is None:
-        return False  # not run by a Sluice worker (tests calling the job directly)
+    if member is None or arq_id is None or arq_id not in ctx.get("claimed_jobs", ()):
+        return False  # not claimed: run by arq's own Worker, or called directly
     try:
         owns = await reaper.still_owns(ctx["redis"], ctx["keys"], member, arq_id)
     except (RedisError, OSError) as e:

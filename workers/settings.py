@@ -115,6 +115,9 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
     keys: Keys = ctx["keys"]
     stack = contextlib.AsyncExitStack()
     ctx["ops_stack"] = stack
+    # Jobs this worker claimed (SluiceWorker.run_job; arq's own CLI runs arq's Worker,
+    # which claims nothing, and then no job checks its ownership).
+    ctx["claimed_jobs"] = set()
     ctx["superseded_jobs"] = set()
     ctx["answered_jobs"] = set()
     member = await stack.enter_async_context(
@@ -354,6 +357,7 @@ class SluiceWorker(Worker):
             try:
                 if await claim(self.pool, self.ctx["keys"], member, job_id):
                     self.ctx["answered_jobs"].add(job_id)
+                self.ctx["claimed_jobs"].add(job_id)
             except (RedisError, OSError) as e:
                 # Unclaimed, its reply could not be delivered: arq runs it again when
                 # its in-progress marker expires.
@@ -382,6 +386,7 @@ class SluiceWorker(Worker):
         await self._forget(job_id)
 
     async def _forget(self, job_id: str) -> None:
+        self.ctx.get("claimed_jobs", set()).discard(job_id)
         member = self.ctx.get("worker_member")
         if member is not None:
             await track_finished(self.pool, self.ctx["keys"], member, job_id)

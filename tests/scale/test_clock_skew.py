@@ -37,6 +37,7 @@ def _member_of(members: dict[str, float], proc: Proc) -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # its 14 s answer must outlast two worker start-ups
 @pytest.mark.timeout(180)
 async def test_workers_with_clocks_30s_off_steal_no_live_job_and_take_none_for_dead(
     settings: Settings, llm_sim: Any, worker_process: Callable[..., Proc], redis: Redis
