@@ -19,15 +19,15 @@ def clear(tenant: str | None) -> None:
     from redis.asyncio import Redis
 
     from core.cache import clear_cache
-    from core.redis import Keys
+    from core.redis import Keys, client
     from core.settings import get_settings
 
     settings = get_settings()
-    if not settings.redis_url:
+    if not settings.redis_url and not settings.redis_sentinels:
         raise click.ClickException("REDIS_URL is not set: point it at your Redis.")
 
     async def run() -> int:
-        redis: Redis = Redis.from_url(settings.redis_url or "")
+        redis: Redis = client(settings)
         try:
             return await clear_cache(redis, Keys(settings.key_prefix), tenant)
         finally:

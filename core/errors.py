@@ -4,7 +4,9 @@
 
     SluiceError
     ├── ConfigError                 settings or environment are wrong; names the fix
-    │   └── BotDefinitionError      the user's bot module (SLUICE_APP) is wrong
+    │   ├── BotDefinitionError      the user's bot module (SLUICE_APP) is wrong
+    │   └── NoPrimaryError          the Redis sentinels name no reachable primary
+    │                               (also a redis ConnectionError: transient mid-run)
     ├── InputError                  a message or request was refused (empty, malformed, too large)
     ├── QueueError                  the job could not be enqueued (Redis unreachable)
     ├── LLMError                    the model call failed
@@ -22,6 +24,8 @@ so that callers handle one tree and the original stays in the traceback.
 
 from __future__ import annotations
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+
 
 class SluiceError(Exception):
     """Base class of every error Sluice raises on purpose."""
@@ -33,6 +37,15 @@ class ConfigError(SluiceError):
 
 class BotDefinitionError(ConfigError):
     """The bot definition named by ``SLUICE_APP`` cannot be used."""
+
+
+class NoPrimaryError(ConfigError, RedisConnectionError):
+    """The Redis sentinels name no primary that answers.
+
+    At start-up a configuration error (wrong sentinels or master name); in a running
+    process also a ``redis.exceptions.ConnectionError``, so that code that retries a
+    lost Redis retries it (a failover is under way).
+    """
 
 
 class InputError(SluiceError):

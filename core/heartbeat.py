@@ -4,6 +4,10 @@ One sorted set per deployment (``Keys.heartbeats()``): member ``<role>:<host>:<p
 (roles: ``worker``, ``adapter:web``, ``adapter:slack``, ``adapter:discord``), score the
 time of the last beat. arq's own health-check key is one per queue, shared by every
 worker, so it cannot count workers; this can.
+
+Beats and ages are in Redis server time (``TIME``), not the host's clock: workers on
+many hosts compare each other's beats (:mod:`workers.reaper`), and a host whose clock
+is off must not make a live worker look silent (see :mod:`core.clock`).
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,20 +23,34 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core import metrics
+from core.clock import redis_now
 from core.metrics import process_ident
-from core.redis import Keys
+from core.redis import Keys, client
+from core.scripts import Lua
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 
-async def beat(redis: Redis, keys: Keys, member: str, max_age_s: float) -> None:
-    """Record one beat of ``member`` and drop members silent for ``max_age_s`` or more."""
-    now = time.time()
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(keys.heartbeats(), {member: now})
-        pipe.zremrangebyscore(keys.heartbeats(), 0, now - max(max_age_s * 10, 3600))
-        await pipe.execute()
+# KEYS: heartbeats. ARGV: member, drop members older than (s). Returns 1 when the
+# member was there already (0: its first beat, or it was taken for dead meanwhile).
+_BEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local known = redis.call('ZSCORE', KEYS[1], ARGV[1])
+redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], 0, now - tonumber(ARGV[2]))
+if known then return 1 end
+return 0
+"""
+
+
+async def beat(redis: Redis, keys: Keys, member: str, max_age_s: float) -> bool:
+    """Record one beat of ``member`` (at Redis server time) and drop members silent
+    for ``max_age_s`` x 10 (at least an hour); ``True`` when ``member`` had beaten
+    before and was not dropped since."""
+    known = await Lua(redis, _BEAT)([keys.heartbeats()], [member, max(max_age_s * 10, 3600)])
+    return bool(known)
 
 
 async def forget(redis: Redis, keys: Keys, member: str) -> None:
@@ -42,8 +59,9 @@ async def forget(redis: Redis, keys: Keys, member: str) -> None:
 
 
 async def live(redis: Redis, keys: Keys, max_age_s: float) -> dict[str, float]:
-    """Members that beat within ``max_age_s``, with the age of their last beat."""
-    now = time.time()
+    """Members that beat within ``max_age_s`` (Redis server time), with the age of
+    their last beat."""
+    now = await redis_now(redis)
     raw = await redis.zrangebyscore(keys.heartbeats(), now - max_age_s, "+inf", withscores=True)
     out: dict[str, float] = {}
     for member, score in raw:
@@ -53,11 +71,18 @@ async def live(redis: Redis, keys: Keys, max_age_s: float) -> dict[str, float]:
 
 
 async def _loop(redis: Redis, keys: Keys, member: str, interval_s: float) -> None:
+    first = True
     while True:
         try:
-            await beat(redis, keys, member, interval_s * 3)
+            known = await beat(redis, keys, member, interval_s * 3)
         except (RedisError, OSError) as e:
             logger.warning("heartbeat of %s failed: %s", member, e)
+        else:
+            if not known and not first:
+                # Cut off for longer than SLUICE_WORKER_DEAD_AFTER_S: a live worker
+                # handed its jobs back (workers.reaper), which it no longer delivers.
+                logger.warning("%s beats again after being taken for dead; rejoining", member)
+            first = False
         await asyncio.sleep(interval_s)
 
 
@@ -97,10 +122,10 @@ async def process_ops(settings: Settings, role: str) -> AsyncIterator[None]:
 
     Opens its own small Redis connection; does nothing without ``REDIS_URL``.
     """
-    if not settings.redis_url:
+    if not settings.redis_url and not settings.redis_sentinels:
         yield
         return
-    redis: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    redis: Redis = client(settings, socket_connect_timeout=2)
     try:
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(

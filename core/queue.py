@@ -7,7 +7,7 @@ import logging
 import time
 from datetime import UTC, datetime, timedelta
 
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core.bot import Bot, load_bot
@@ -17,7 +17,7 @@ from core.errors import BotDefinitionError, QueueError
 from core.lanes import LANES, choose_lane, lane_queue_name, priority_ms
 from core.messages import IncomingMessage
 from core.ordering import forget_arrival, register_arrival
-from core.redis import Keys, redis_settings
+from core.redis import Keys, connect_pool, redis_settings
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 
@@ -28,13 +28,14 @@ NOTICE_EXPIRES = timedelta(seconds=60)
 
 
 async def connect_queue(settings: Settings, *, max_connections: int | None = None) -> ArqRedis:
-    """A Redis pool that enqueues with Sluice's serializer (not pickle).
+    """A Redis pool that enqueues with Sluice's serializer (not pickle), through
+    :func:`core.redis.connect_pool` (so Sentinel is honoured).
 
     ``max_connections`` caps the pool (a request beyond it fails at once with a
     ``redis.exceptions.ConnectionError``); unset, the pool is unbounded."""
     rs = redis_settings(settings)
     rs.max_connections = max_connections
-    return await create_pool(
+    return await connect_pool(
         rs,
         job_serializer=serialize,
         job_deserializer=deserialize,
@@ -144,6 +145,11 @@ async def accept_message(
     ``extra_keys`` are further identities of the same delivery (e.g. Slack's event
     id) that must also count as seen.
 
+    With ``SLUICE_REDIS_WAIT_REPLICAS`` > 0 it returns only once that many replicas
+    hold the job and its markers (Redis ``WAIT``), so a failover right after the ack
+    loses nothing; when they do not confirm in ``SLUICE_REDIS_WAIT_TIMEOUT_MS`` it
+    raises :class:`QueueError` and the adapter does not ack.
+
     Raises:
         QueueError: Redis is unreachable; the adapter must answer with an error so
             that the platform delivers again.
@@ -154,20 +160,54 @@ async def accept_message(
     try:
         if await redis.exists(*markers):
             logger.info("duplicate platform=%s message=%s", msg.platform, msg.message_id)
+            if settings.redis_wait_replicas:
+                # The first delivery may not have been confirmed on a replica yet.
+                await _mark_seen(redis, settings, msg, markers)
             return False
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot check message {msg.message_id}: {e}") from e
     if not await enqueue_reply(redis, settings, msg):
+        if settings.redis_wait_replicas:
+            await _mark_seen(redis, settings, msg, markers)
         return False
+    await _mark_seen(redis, settings, msg, markers)
+    return True
+
+
+async def _mark_seen(
+    redis: ArqRedis, settings: Settings, msg: IncomingMessage, markers: list[str]
+) -> None:
+    """Write the dedupe markers; with ``SLUICE_REDIS_WAIT_REPLICAS``, wait until that
+    many replicas hold them and everything written before (the job).
+
+    Raises:
+        QueueError: with ``SLUICE_REDIS_WAIT_REPLICAS``, the replicas did not confirm.
+    """
+    wait = settings.redis_wait_replicas
     try:
         async with redis.pipeline(transaction=False) as pipe:
             for marker in markers:
                 pipe.set(marker, b"1", ex=settings.dedupe_ttl_s)
-            await pipe.execute()
+            if wait:
+                # On the markers' own connection: WAIT covers that connection's writes,
+                # and the replication stream is ordered, so the job enqueued before too.
+                pipe.execute_command("WAIT", wait, settings.redis_wait_timeout_ms)
+            results = await pipe.execute()
     except (RedisError, OSError) as e:
+        if wait:
+            raise QueueError(
+                f"cannot confirm message {msg.message_id} on a replica: {e}; not acking"
+            ) from e
         # The job is queued; until its result expires arq still refuses a duplicate.
         logger.warning("dedupe marker not written for message=%s: %s", msg.message_id, e)
-    return True
+        return
+    if wait and int(results[-1]) < wait:
+        # Not acked: the platform delivers again, and then either the job is there
+        # (a duplicate, confirmed again) or a failover lost it (enqueued anew).
+        raise QueueError(
+            f"message {msg.message_id}: {results[-1]} of {wait} replica(s) confirmed it "
+            f"within {settings.redis_wait_timeout_ms} ms; not acking"
+        )
 
 
 def notice_queue_name(settings: Settings) -> str:

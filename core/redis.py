@@ -1,26 +1,229 @@
-"""Redis connections and the names of Sluice's keys (in one place, like arq's constants)."""
+"""Redis connections and the names of Sluice's keys (in one place, like arq's constants).
+
+Every Redis client in Sluice comes from this module: :func:`connect` (an arq pool that
+can enqueue) and :func:`client` (a plain ``redis.asyncio.Redis``). Both honour
+``REDIS_URL`` and, when ``SLUICE_REDIS_SENTINELS`` is set, Redis Sentinel: they ask
+the sentinels for the primary of ``SLUICE_REDIS_SENTINEL_MASTER`` and, after a
+failover, connect to the promoted replica on their next connection.
+"""
 
 from __future__ import annotations
 
-from arq.connections import RedisSettings
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
 
-from core.errors import ConfigError
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from redis.asyncio import Redis
+from redis.asyncio.sentinel import Sentinel
+from redis.exceptions import RedisError
+
+from core.errors import ConfigError, NoPrimaryError
 from core.settings import Settings
 
+logger = logging.getLogger(__name__)
 
-def redis_settings(settings: Settings) -> RedisSettings:
-    """arq's connection settings from ``REDIS_URL``."""
-    if not settings.redis_url:
+# Fail fast on a dead Redis rather than arq's default of 5 retries x 1 s.
+CONN_TIMEOUT_S = 2
+CONN_RETRIES = 2
+CONN_RETRY_DELAY_S = 1
+
+
+@dataclass
+class SluiceRedisSettings(RedisSettings):
+    """arq's connection settings plus what arq cannot pass on: the sentinels' own
+    password (arq's CLI, which builds its pool itself, ignores it)."""
+
+    sentinel_password: str | None = None
+
+
+async def _close_sentinel_clients(pool: Any) -> None:
+    manager = getattr(pool, "sentinel_manager", None)
+    if manager is not None:
+        for sentinel in manager.sentinels:
+            await sentinel.aclose()
+
+
+class SentinelRedis(Redis):
+    """A ``redis.asyncio.Redis`` on the primary the sentinels name; closing it also
+    closes its connections to the sentinels."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the client, its pool and the sentinel connections."""
+        await super().aclose(close_connection_pool)
+        await _close_sentinel_clients(self.connection_pool)
+
+
+class SentinelArqRedis(ArqRedis):
+    """arq's pool on the primary the sentinels name (closes the sentinel connections
+    with it)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the pool and the sentinel connections."""
+        await super().aclose(close_connection_pool)
+        await _close_sentinel_clients(self.connection_pool)
+
+
+def parse_sentinels(value: str) -> list[tuple[str, int]]:
+    """``host:port,host:port`` as a list of addresses.
+
+    Raises:
+        ConfigError: an entry is not ``host:port`` with a port in 1..65535.
+    """
+    out: list[tuple[str, int]] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                f"SLUICE_REDIS_SENTINELS: {entry!r} is not host:port "
+                "(e.g. SLUICE_REDIS_SENTINELS=10.0.0.1:26379,10.0.0.2:26379)"
+            )
+        out.append((host, int(port)))
+    if not out:
+        raise ConfigError("SLUICE_REDIS_SENTINELS is set but names no sentinel (host:port,...)")
+    return out
+
+
+def redis_settings(settings: Settings) -> SluiceRedisSettings:
+    """arq's connection settings from ``REDIS_URL`` (or the sentinels)."""
+    if settings.redis_sentinels:
+        url = urlparse(settings.redis_url or "redis://")
+        path = url.path.lstrip("/")
+        rs = SluiceRedisSettings(
+            host=parse_sentinels(settings.redis_sentinels),
+            sentinel=True,
+            sentinel_master=settings.redis_sentinel_master,
+            username=url.username,
+            password=url.password,
+            database=int(path) if path.isdigit() else 0,
+            ssl=url.scheme == "rediss",
+        )
+        if settings.redis_sentinel_password is not None:
+            rs.sentinel_password = settings.redis_sentinel_password.get_secret_value()
+    elif not settings.redis_url:
         raise ConfigError(
             "REDIS_URL is not set: point it at your Redis (e.g. redis://localhost:6379/0), "
             "or use `sluice dev`, which starts an embedded one."
         )
-    rs = RedisSettings.from_dsn(settings.redis_url)
-    # Fail fast on a dead Redis rather than arq's default of 5 retries x 1 s.
-    rs.conn_timeout = 2
-    rs.conn_retries = 2
-    rs.conn_retry_delay = 1
+    else:
+        base = RedisSettings.from_dsn(settings.redis_url)
+        rs = SluiceRedisSettings(**vars(base))
+    rs.conn_timeout = CONN_TIMEOUT_S
+    rs.conn_retries = CONN_RETRIES
+    rs.conn_retry_delay = CONN_RETRY_DELAY_S
     return rs
+
+
+def _sentinel(rs: RedisSettings) -> Sentinel:
+    hosts = rs.host if isinstance(rs.host, list) else [(rs.host, rs.port)]
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_connect_timeout": rs.conn_timeout,
+        "socket_timeout": rs.conn_timeout,
+    }
+    password = getattr(rs, "sentinel_password", None)
+    if password:
+        sentinel_kwargs["password"] = password
+    return Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+
+
+def _master_kwargs(rs: RedisSettings) -> dict[str, Any]:
+    return {
+        "db": rs.database,
+        "username": rs.username,
+        "password": rs.password,
+        "ssl": rs.ssl,
+        "socket_connect_timeout": rs.conn_timeout,
+        "max_connections": rs.max_connections,
+    }
+
+
+def _no_primary(rs: RedisSettings, e: Exception) -> NoPrimaryError:
+    hosts = rs.host if isinstance(rs.host, list) else [(rs.host, rs.port)]
+    names = ", ".join(f"{h}:{p}" for h, p in hosts)
+    return NoPrimaryError(
+        f"Redis Sentinel: none of the sentinels ({names}) names a reachable primary for "
+        f"{rs.sentinel_master!r} ({type(e).__name__}). Check SLUICE_REDIS_SENTINELS and "
+        "SLUICE_REDIS_SENTINEL_MASTER, and that the sentinels and the primary are up."
+    )
+
+
+async def connect_pool(rs: RedisSettings, **pool_attrs: Any) -> ArqRedis:
+    """An arq pool for ``rs``; ``pool_attrs`` set arq's ``job_serializer``,
+    ``job_deserializer``, ``default_queue_name`` (what :func:`arq.create_pool` takes).
+
+    Raises:
+        NoPrimaryError: with Sentinel, the sentinels name no primary that answers
+            (after ``conn_retries`` tries); a :class:`ConfigError` at start-up, a
+            ``redis`` ``ConnectionError`` for code that retries.
+        redis.exceptions.RedisError, OSError: without Sentinel, Redis does not answer.
+    """
+    if not rs.sentinel:
+        return await create_pool(rs, **pool_attrs)
+    sentinel = _sentinel(rs)
+    for attempt in range(rs.conn_retries + 1):
+        pool: ArqRedis = sentinel.master_for(
+            rs.sentinel_master, redis_class=SentinelArqRedis, **_master_kwargs(rs)
+        )
+        pool.job_serializer = pool_attrs.get("job_serializer")
+        pool.job_deserializer = pool_attrs.get("job_deserializer")
+        pool.default_queue_name = pool_attrs.get("default_queue_name", pool.default_queue_name)
+        try:
+            await pool.ping()
+        except (RedisError, OSError, TimeoutError) as e:
+            await pool.aclose()
+            if attempt == rs.conn_retries:
+                raise _no_primary(rs, e) from e
+            logger.warning(
+                "no Redis primary from the sentinels for %r yet (%s); retrying in %ss",
+                rs.sentinel_master,
+                type(e).__name__,
+                rs.conn_retry_delay,
+            )
+            await asyncio.sleep(rs.conn_retry_delay)
+        else:
+            return pool
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def connect(settings: Settings, **pool_attrs: Any) -> ArqRedis:
+    """An arq Redis pool (a ``redis.asyncio.Redis`` that can also enqueue jobs)."""
+    return await connect_pool(redis_settings(settings), **pool_attrs)
+
+
+def client(settings: Settings, **kwargs: Any) -> Redis:
+    """A plain ``redis.asyncio.Redis`` (bytes replies) for ``settings``; ``kwargs``
+    go to the connections (e.g. ``socket_connect_timeout``).
+
+    No connection is made until the first command. With Sentinel, every new
+    connection asks the sentinels for the current primary.
+    """
+    rs = redis_settings(settings)
+    if rs.sentinel:
+        primary: Redis = _sentinel(rs).master_for(
+            rs.sentinel_master, redis_class=SentinelRedis, **{**_master_kwargs(rs), **kwargs}
+        )
+        return primary
+    assert settings.redis_url is not None  # redis_settings raised otherwise
+    client_: Redis = Redis.from_url(settings.redis_url, **kwargs)
+    return client_
+
+
+async def check_primary(settings: Settings) -> None:
+    """With Sentinel, fail at start-up with a clear message when no primary answers.
+
+    Raises:
+        NoPrimaryError: the sentinels name no reachable primary.
+    """
+    if not settings.redis_sentinels:
+        return
+    pool = await connect(settings)
+    await pool.aclose()
 
 
 def glob_escape(text: str) -> str:
@@ -138,6 +341,16 @@ class Keys:
     def heartbeats(self) -> str:
         """Live processes: a sorted set of ``role:host:pid`` scored by the last beat."""
         return f"{self.prefix}:heartbeats"
+
+    def job_owner(self, job_id: str) -> str:
+        """The heartbeat member of the worker running an arq job now (see
+        :mod:`workers.reaper`: a handed-back job's old worker delivers nothing)."""
+        return f"{self.prefix}:job:owner:{job_id}"
+
+    def job_answered(self, job_id: str) -> str:
+        """Set once an arq job's reply reached the platform: a try that runs again
+        (its end was lost with a Redis primary, or it was handed back) answers nothing."""
+        return f"{self.prefix}:job:answered:{job_id}"
 
     def worker_jobs(self, member: str) -> str:
         """The arq job ids a worker (its heartbeat member) is running (a set)."""

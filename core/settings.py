@@ -130,6 +130,38 @@ class Settings(BaseSettings):
     )
 
     # SLUICE_* knobs.
+    # --- Redis Sentinel and durability (core.redis) ---
+    redis_sentinels: str | None = Field(
+        None,
+        description="Redis Sentinel addresses, `host:port,host:port`. When set, every "
+        "process asks them for the primary of SLUICE_REDIS_SENTINEL_MASTER and follows a "
+        "failover; REDIS_URL then gives only the password, user and database number.",
+    )
+    redis_sentinel_master: str = Field(
+        "mymaster", description="The name the sentinels monitor the primary under."
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None, description="Password of the sentinels themselves (`requirepass` in sentinel.conf)."
+    )
+    redis_wait_replicas: int = Field(
+        0,
+        ge=0,
+        description="Replicas that must confirm an accepted message (Redis `WAIT`) before "
+        "the adapter acks it to the platform; 0 = do not wait. With Sentinel, 1 keeps an "
+        "acked message through a failover.",
+    )
+    redis_wait_timeout_ms: int = Field(
+        1000,
+        ge=1,
+        description="Longest `WAIT` for SLUICE_REDIS_WAIT_REPLICAS; when it runs out the "
+        "adapter does not ack, so the platform delivers the message again.",
+    )
+    test_clock_offset_s: float = Field(
+        0.0,
+        description="For tests only: shifts this process's wall clock (`time.time`) by "
+        "this many seconds, to run a worker whose host clock is wrong.",
+    )
+
     key_prefix: str = Field("sluice", description="Prefix of every Redis key Sluice writes.")
     web_host: str = Field(
         "127.0.0.1",

@@ -35,6 +35,10 @@ def _redis_answers(address: tuple[str, int], timeout_s: float = 0.5) -> bool:
 @contextlib.contextmanager
 def choose_redis(settings: Settings) -> Any:
     """Yield (redis_url, description): REDIS_URL, a local Redis, or an embedded Valkey."""
+    if settings.redis_sentinels:
+        # Followed through the sentinels (core.redis); REDIS_URL gives only credentials.
+        yield settings.redis_url, f"Redis Sentinel ({settings.redis_sentinels})"
+        return
     if settings.redis_url:
         yield settings.redis_url, "REDIS_URL"
         return

@@ -137,11 +137,10 @@ def render(sections: dict[str, list[Row]], settings: Settings) -> Table:
 
 async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
     """Connect to ``REDIS_URL`` and collect every section."""
-    from core.redis import redis_settings
+    from core.redis import client
 
-    redis_settings(settings)  # raises ConfigError with a clear message when unset
-    assert settings.redis_url is not None
-    redis: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    # Raises ConfigError with a clear message when REDIS_URL (or the sentinels) is unset.
+    redis: Redis = client(settings, socket_connect_timeout=2)
     try:
         return await collect(settings, redis)
     except (RedisError, OSError) as e:

@@ -18,6 +18,7 @@ from typing import Any
 import click
 
 from core.errors import ConfigError
+from core.redis import client
 from core.settings import get_settings
 
 
@@ -163,11 +164,11 @@ def status_cmd(as_json: bool) -> None:
     from core.redis import Keys
 
     settings = get_settings()
-    if not settings.redis_url:
+    if not settings.redis_url and not settings.redis_sentinels:
         _fail(ConfigError("REDIS_URL is not set"))
 
     async def run() -> Any:
-        redis: Redis = Redis.from_url(settings.redis_url or "")
+        redis: Redis = client(settings)
         try:
             return await backlog_status(
                 redis, Keys(settings.key_prefix), settings.history_backlog_max

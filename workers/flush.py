@@ -391,9 +391,10 @@ async def apply_retention(ctx: dict[str, Any]) -> str:
 
 async def flush_all(settings: Settings, *, max_s: float = 600.0) -> FlushResult:
     """Flush until the backlog is empty (the CLI and the tests' subprocess use this)."""
+    from core.redis import client
     from core.store import make_engine
 
-    redis: Redis = Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+    redis: Redis = client(settings)
     engine = make_engine(settings)
     try:
         flusher = Flusher(redis, settings, engine)

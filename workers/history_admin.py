@@ -84,7 +84,7 @@ from core.history import (
 )
 from core.messages import IncomingMessage, reply_job_id
 from core.ordering import ConversationLock
-from core.redis import Keys, glob_escape
+from core.redis import Keys, client, glob_escape
 from core.serializer import deserialize
 from core.settings import Settings
 from core.store import (
@@ -628,6 +628,6 @@ def open_clients(settings: Settings) -> tuple[Redis, Keys, AsyncEngine]:
     from core.errors import ConfigError
     from core.store import make_engine
 
-    if not settings.redis_url:
+    if not settings.redis_url and not settings.redis_sentinels:
         raise ConfigError("REDIS_URL is not set (history lives in Redis before SQL)")
-    return Redis.from_url(settings.redis_url), Keys(settings.key_prefix), make_engine(settings)
+    return client(settings), Keys(settings.key_prefix), make_engine(settings)

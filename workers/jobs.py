@@ -31,7 +31,7 @@ from core.messages import IncomingMessage, Reply, Turn
 from core.responder import Responder, ResponderFactory, load_responder_factory
 from core.settings import Settings
 from core.traffic import GAVE_UP, REDIS_RETRY_S, Traffic
-from workers import delivery
+from workers import delivery, reaper
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -80,6 +80,12 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     is only delivered: no turn, no model call, no history write.
     """
     msg = IncomingMessage.model_validate(payload)
+    answered: set[str] = ctx.get("answered_jobs", set())
+    if ctx.get("job_id") in answered:
+        # An earlier try delivered the reply and lost only its end (a Redis failover).
+        answered.discard(ctx["job_id"])
+        logger.info("message=%s job=%s was answered by an earlier try", msg.message_id, msg.job_id)
+        return "answered"
     # The message's own job id: what conversation lines, merge markers and responders
     # key on. (arq's id is the same with SLUICE_KEY_PREFIX in front; see core.queue.)
     job_id = msg.job_id
@@ -173,8 +179,11 @@ async def answer_message(
             job_id,
         )
         reply_, completion = Reply(text=APOLOGY, kind="error"), None
+    if await _superseded(ctx, msg, job_id):
+        return "superseded"
     try:
         await _deliver(timing, msg.platform, responder.finish(reply_))
+        await _mark_answered(ctx)
     except DeliveryRetryableError as e:
         # The platform is failing for now: keep the reply, record history at once (the
         # next message's context needs the answer), and deliver it in a later try.
@@ -206,6 +215,47 @@ async def answer_message(
         time.monotonic() - started,
     )
     return reply_.kind
+
+
+async def _mark_answered(ctx: dict[str, Any]) -> None:
+    """Record that this job's reply reached the platform (see ``Keys.job_answered``)."""
+    arq_id = ctx.get("job_id")
+    if arq_id is None or "worker_member" not in ctx:
+        return
+    settings: Settings = ctx["settings"]
+    try:
+        await ctx["redis"].set(ctx["keys"].job_answered(arq_id), b"1", ex=settings.dedupe_ttl_s)
+    except (RedisError, OSError) as e:
+        # The reply is out; only a re-run after a lost end could repeat it.
+        logger.warning("cannot record that job=%s was answered: %s", arq_id, e)
+
+
+async def _superseded(ctx: dict[str, Any], msg: IncomingMessage, job_id: str) -> bool:
+    """Whether this try lost the job while its worker was cut off (handed back, see
+    :mod:`workers.reaper`): then another try delivers, and this one must not."""
+    member, arq_id = ctx.get("worker_member"), ctx.get("job_id")
+    if member is None or arq_id is None or arq_id not in ctx.get("claimed_jobs", ()):
+        return False  # not claimed: run by arq's own Worker, or called directly
+    try:
+        owns = await reaper.still_owns(ctx["redis"], ctx["keys"], member, arq_id)
+    except (RedisError, OSError) as e:
+        logger.warning(
+            "cannot check ownership of job=%s (%s): not delivering, leaving it to a re-run",
+            job_id,
+            e,
+        )
+        owns = False
+    else:
+        if not owns:
+            logger.warning(
+                "job=%s message=%s was handed back while this worker was cut off: "
+                "not delivering (the worker that took it over does)",
+                job_id,
+                msg.message_id,
+            )
+    if not owns:
+        ctx.setdefault("superseded_jobs", set()).add(arq_id)
+    return not owns
 
 
 async def deliver_again(

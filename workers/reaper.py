@@ -13,13 +13,23 @@ place in the queue) and its heartbeat, so only one live worker hands them back.
 A re-run job takes over the conversation's lock (the lock holds the message's job id,
 not the worker) and the responders' delivery state, so it completes the message the
 dead worker had started instead of posting a second one.
+
+A worker taken for dead may only have been cut off (a network partition): when its
+link comes back, its old jobs may still be running. Each started job records its
+owner (``Keys.job_owner``, :func:`claim`); the hand-back deletes it, and the next
+worker to start the job writes its own name. Before the final delivery a job checks
+(:func:`still_owns`) that it is still the owner; a superseded job delivers nothing,
+records no history and leaves arq's job alone (the new owner finishes it).
+
+Silence is measured in Redis server time (``TIME``, inside the script), as the beats
+are (:mod:`core.heartbeat`), so a worker whose clock is off takes no live worker for
+dead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
@@ -35,18 +45,41 @@ logger = logging.getLogger(__name__)
 # long before: this only bounds leftovers).
 JOBS_TTL_S = 7 * 86400
 
-# KEYS: heartbeats, the silent worker's job set. ARGV: member, beat older than (s),
-# in-progress key prefix. Returns the job ids handed back (none if it beat again).
+# KEYS: heartbeats. ARGV: silent for (s). Workers silent that long, by Redis time.
+_SILENT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
+"""
+
+# KEYS: heartbeats, the silent worker's job set. ARGV: member, silent for (s),
+# in-progress key prefix, owner key prefix, 1 = hand back whether silent or not.
+# Returns the job ids handed back (none if it beat again meanwhile).
 _REAP = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) >= tonumber(ARGV[2]) then return {} end
+if ARGV[5] ~= '1' and (not score or tonumber(score) >= now - tonumber(ARGV[2])) then
+  return {}
+end
 local jobs = redis.call('SMEMBERS', KEYS[2])
 for _, id in ipairs(jobs) do
   redis.call('DEL', ARGV[3] .. id)
+  if redis.call('GET', ARGV[4] .. id) == ARGV[1] then
+    redis.call('DEL', ARGV[4] .. id)
+  end
 end
 redis.call('DEL', KEYS[2])
-redis.call('ZREM', KEYS[1], ARGV[1])
+if ARGV[5] ~= '1' then redis.call('ZREM', KEYS[1], ARGV[1]) end
 return jobs
+"""
+
+
+# KEYS: the worker's job set, the job's owner key. ARGV: member, job id.
+_FINISHED = """
+redis.call('SREM', KEYS[1], ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
 """
 
 
@@ -61,16 +94,46 @@ async def track_started(redis: Redis, keys: Keys, member: str, job_ids: list[str
         await pipe.execute()
 
 
+# KEYS: the job's owner key, its answered marker. ARGV: member, ttl (s).
+_CLAIM = """
+redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+return redis.call('EXISTS', KEYS[2])
+"""
+
+
+async def claim(redis: Redis, keys: Keys, member: str, job_id: str) -> bool:
+    """``member`` runs ``job_id`` (arq id) now: it owns the job's delivery. Called by
+    the job's own task before the job runs, so no check can come first.
+
+    Returns ``True`` when an earlier try already answered the job
+    (``Keys.job_answered``): its reply reached the platform, but its end was lost.
+    """
+    answered = await Lua(redis, _CLAIM)(
+        [keys.job_owner(job_id), keys.job_answered(job_id)], [member, JOBS_TTL_S]
+    )
+    return bool(answered)
+
+
+async def still_owns(redis: Redis, keys: Keys, member: str, job_id: str) -> bool:
+    """Whether ``member`` still owns ``job_id`` (arq id): not handed back since it
+    started, and started by no other worker since."""
+    owner = await redis.get(keys.job_owner(job_id))
+    if owner is None:
+        return False
+    return (owner.decode() if isinstance(owner, bytes) else str(owner)) == member
+
+
 async def track_finished(redis: Redis, keys: Keys, member: str, job_id: str) -> None:
     """``member`` no longer runs ``job_id`` (done, failed, retried later or handed back)."""
-    await redis.srem(keys.worker_jobs(member), job_id)  # type: ignore[misc]
+    await Lua(redis, _FINISHED)(
+        [keys.worker_jobs(member), keys.job_owner(job_id)], [member, job_id]
+    )
 
 
 async def reap(redis: Redis, keys: Keys, dead_after_s: float) -> dict[str, list[str]]:
-    """Hand the jobs of every worker silent for ``dead_after_s`` back to the queue;
-    returns them per worker."""
-    cutoff = time.time() - dead_after_s
-    silent = await redis.zrangebyscore(keys.heartbeats(), "-inf", cutoff)
+    """Hand the jobs of every worker silent for ``dead_after_s`` (by Redis server
+    time) back to the queue; returns them per worker."""
+    silent = await Lua(redis, _SILENT)([keys.heartbeats()], [dead_after_s])
     script = Lua(redis, _REAP)
     out: dict[str, list[str]] = {}
     for raw in silent:
@@ -79,7 +142,7 @@ async def reap(redis: Redis, keys: Keys, dead_after_s: float) -> dict[str, list[
             continue
         jobs: list[Any] = await script(
             [keys.heartbeats(), keys.worker_jobs(member)],
-            [member, cutoff, in_progress_key_prefix],
+            [member, dead_after_s, in_progress_key_prefix, keys.job_owner(""), 0],
         )
         if jobs:
             ids = [j.decode() if isinstance(j, bytes) else str(j) for j in jobs]
@@ -91,6 +154,21 @@ async def reap(redis: Redis, keys: Keys, dead_after_s: float) -> dict[str, list[
                 len(ids),
             )
     return out
+
+
+async def hand_back_own(redis: Redis, keys: Keys, member: str) -> list[str]:
+    """Hand back the jobs an earlier incarnation of this process left (a worker that
+    lost Redis mid-job and starts again, :func:`workers.run.run_worker`): they are
+    not running any more, but their in-progress markers would hold them for
+    ``SLUICE_JOB_TIMEOUT_S`` + 10 s. Call before the new worker polls."""
+    jobs: list[Any] = await Lua(redis, _REAP)(
+        [keys.heartbeats(), keys.worker_jobs(member)],
+        [member, 0, in_progress_key_prefix, keys.job_owner(""), 1],
+    )
+    ids = [j.decode() if isinstance(j, bytes) else str(j) for j in jobs]
+    if ids:
+        logger.warning("handing back %d job(s) this worker lost with Redis", len(ids))
+    return ids
 
 
 async def reaper_loop(redis: Redis, keys: Keys, dead_after_s: float, interval_s: float) -> None:

@@ -17,6 +17,8 @@ from typing import Any
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
+from core.clock import skew_local_clock
+from core.errors import NoPrimaryError
 from core.settings import Settings
 from workers.settings import create_worker
 
@@ -53,11 +55,13 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> None:
     connections) with capped backoff until Redis answers again, so a Redis restart
     never needs a worker restart.
     """
+    skew_local_clock(settings.test_clock_offset_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     backoff_s = 1.0
+    first = True
     while not stop.is_set():
         worker = create_worker(settings, handle_signals=False, burst=burst)
         main_task = asyncio.ensure_future(worker.async_run())
@@ -72,6 +76,9 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> None:
         if error is None:
             await worker.close()  # burst mode: the queue is empty
             return
+        if first and isinstance(error, NoPrimaryError):
+            raise error  # wrong sentinels at start-up: a clear error, not a retry loop
+        first = False
         if not isinstance(error, RedisError | OSError):
             raise error
         logger.warning("lost Redis (%s); reconnecting in %.0fs", error, backoff_s)

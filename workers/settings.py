@@ -36,7 +36,7 @@ from core.heartbeat import heartbeating
 from core.history import HotHistory, backlog_status
 from core.lanes import lane_queue_name
 from core.llm import OpenAIProvider
-from core.redis import Keys, redis_settings
+from core.redis import Keys, connect_pool, redis_settings
 from core.responder import ResponderFactory
 from core.scripts import Lua
 from core.serializer import deserialize, serialize
@@ -46,7 +46,13 @@ from core.traffic import BUSY_MAX_TRIES, Traffic
 from workers import flush, jobs, notices, traffic_jobs
 from workers.flush import Flusher
 from workers.history_admin import finish_purged_job
-from workers.reaper import reaper_loop, track_finished, track_started
+from workers.reaper import (
+    claim,
+    hand_back_own,
+    reaper_loop,
+    track_finished,
+    track_started,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,9 +132,17 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
     keys: Keys = ctx["keys"]
     stack = contextlib.AsyncExitStack()
     ctx["ops_stack"] = stack
-    ctx["worker_member"] = await stack.enter_async_context(
+    # Jobs this worker claimed (SluiceWorker.run_job; arq's own CLI runs arq's Worker,
+    # which claims nothing, and then no job checks its ownership).
+    ctx["claimed_jobs"] = set()
+    ctx["superseded_jobs"] = set()
+    ctx["answered_jobs"] = set()
+    member = await stack.enter_async_context(
         heartbeating(redis, keys, "worker", settings.health_check_interval_s)
     )
+    # Before the first poll: jobs this process ran before it lost Redis go back now.
+    await hand_back_own(redis, keys, member)
+    ctx["worker_member"] = member
     reaper = asyncio.create_task(
         reaper_loop(
             redis,
@@ -276,14 +290,17 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
     }
 
 
-# KEYS: queue. ARGV: now ms, free slots, in-progress key prefix, most ids to look at.
-# The first ``free`` ids due by score whose job is not running already.
+# KEYS: queue. ARGV: now ms (arq's clock, as arq's own start check reads it: a job the
+# scan calls due and arq's check does not would be skipped), free slots, in-progress
+# key prefix, most ids to look at. The first ``free`` ids due by score whose job is not
+# running already.
 _DUE_NOT_RUNNING = """
+local now = ARGV[1]
 local out = {}
 local offset = 0
 local limit = tonumber(ARGV[4])
 while #out < tonumber(ARGV[2]) and offset < limit do
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', offset, 100)
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', offset, 100)
   if #ids == 0 then break end
   for _, id in ipairs(ids) do
     if redis.call('EXISTS', ARGV[3] .. id) == 0 then
@@ -320,6 +337,18 @@ class SluiceWorker(Worker):
         super().__init__(*args, **kwargs)
         self._due: tuple[Any, Lua] | None = None
 
+    async def main(self) -> None:
+        """arq's main loop, on a pool from :func:`core.redis.connect_pool` (which also
+        passes the sentinels' own password on)."""
+        if self._pool is None and self.redis_settings is not None:
+            self._pool = await connect_pool(
+                self.redis_settings,
+                job_serializer=self.job_serializer,
+                job_deserializer=self.job_deserializer,
+                default_queue_name=self.queue_name,
+            )
+        await super().main()
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Start the first due jobs that are not running, as many as there are free slots.
 
@@ -342,11 +371,34 @@ class SluiceWorker(Worker):
             started = [j for j in self.tasks if j not in before]
             await track_started(self.pool, self.ctx["keys"], member, started)
 
+    async def run_job(self, job_id: str, score: int) -> None:
+        """Claim the job's delivery (:func:`workers.reaper.claim`), then run it."""
+        member = self.ctx.get("worker_member")
+        if member is not None:
+            try:
+                if await claim(self.pool, self.ctx["keys"], member, job_id):
+                    self.ctx["answered_jobs"].add(job_id)
+                self.ctx["claimed_jobs"].add(job_id)
+            except (RedisError, OSError) as e:
+                # Unclaimed, its reply could not be delivered: arq runs it again when
+                # its in-progress marker expires.
+                logger.warning("cannot claim job=%s (%s): leaving it to a later try", job_id, e)
+                return
+        await super().run_job(job_id, score)
+
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
-        """arq's end of a job try, then forget that this worker runs it. A job whose
-        message was purged while it ran ends for good, with no result kept (arq's
-        result holds the message)."""
-        if await self._purged(job_id):
+        """arq's end of a job try, then forget that this worker runs it.
+
+        A job whose message was purged while it ran ends for good, with no result kept
+        (arq's result holds the message). A job superseded while this worker was cut
+        off (handed back to the queue, see :mod:`workers.reaper`) is left as it is: its
+        new owner, or the worker that starts it next, finishes it.
+        """
+        superseded: set[str] = self.ctx.get("superseded_jobs", set())
+        if job_id in superseded:
+            superseded.discard(job_id)
+            logger.warning("job=%s was handed back meanwhile: leaving it to its new owner", job_id)
+        elif await self._purged(job_id):
             await super().finish_job(job_id, True, None, None, False, None, None)
         else:
             await super().finish_job(job_id, *args, **kwargs)
@@ -373,6 +425,7 @@ class SluiceWorker(Worker):
             return False
 
     async def _forget(self, job_id: str) -> None:
+        self.ctx.get("claimed_jobs", set()).discard(job_id)
         member = self.ctx.get("worker_member")
         if member is not None:
             await track_finished(self.pool, self.ctx["keys"], member, job_id)

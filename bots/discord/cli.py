@@ -31,6 +31,9 @@ def discord_command(invite_url: bool) -> None:
             asyncio.run(print_invite_url(settings))
             return
         setup_logging(settings, process="discord")
+        from core.redis import check_primary
+
+        asyncio.run(check_primary(settings))  # wrong sentinels: one clear line, exit 2
         asyncio.run(run_discord(settings))
     except ConfigError as e:
         click.secho(f"error: {e}", fg="red", err=True)

@@ -66,6 +66,9 @@ def slack(
         return
     setup_logging(settings, process="slack")
     try:
+        from core.redis import check_primary
+
+        asyncio.run(check_primary(settings))  # wrong sentinels: one clear line, exit 2
         asyncio.run(serve(settings, host, settings.slack_port if port is None else port))
     except ConfigError as e:
         click.secho(f"error: {e}", fg="red", err=True)
