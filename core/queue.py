@@ -210,6 +210,25 @@ async def _mark_seen(
         )
 
 
+# The jobs beside a message's reply job ``J`` that carry the message too, by their arq
+# id after ``SLUICE_KEY_PREFIX:``: ``queued:J`` (and its refreshes ``queued:J:N``),
+# ``refused:J`` and ``door:J``.
+SIDE_JOB_KINDS = ("queued", "refused", "door")
+
+
+def side_job_parent(job_id: str) -> str | None:
+    """The reply job id a side job (an arq id without the key prefix) belongs to;
+    ``None`` for a reply job itself."""
+    kind, _, rest = job_id.partition(":")
+    if kind not in SIDE_JOB_KINDS or not rest.startswith("reply:"):
+        return None
+    if kind == "queued":
+        head, _, n = rest.rpartition(":")
+        if n.isdigit() and head.count(":") >= 3:
+            return head
+    return rest
+
+
 def notice_queue_name(settings: Settings) -> str:
     """The reserved queue: queued notices, refusals and cached answers at the door.
 

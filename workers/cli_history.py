@@ -103,7 +103,7 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
     from sqlalchemy.exc import SQLAlchemyError
 
     from core.errors import HistoryError
-    from core.queue import reply_queues
+    from core.queue import notice_queue_name, reply_queues
     from core.store import ensure_schema
     from workers.history_admin import open_clients, purge
 
@@ -114,7 +114,12 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
             # An older schema has no purge fence: stop with the upgrade command.
             await ensure_schema(settings, engine)
             return await purge(
-                redis, keys, engine, user=user, tenant=tenant, queues=reply_queues(settings)
+                redis,
+                keys,
+                engine,
+                user=user,
+                tenant=tenant,
+                queues=[*reply_queues(settings), notice_queue_name(settings)],
             )
         finally:
             await redis.aclose()

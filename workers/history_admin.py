@@ -84,6 +84,7 @@ from core.history import (
 )
 from core.messages import IncomingMessage, reply_job_id
 from core.ordering import ConversationLock
+from core.queue import SIDE_JOB_KINDS, side_job_parent
 from core.redis import Keys, client, glob_escape
 from core.serializer import deserialize
 from core.settings import Settings
@@ -103,8 +104,6 @@ logger = logging.getLogger(__name__)
 
 PURGE_MARK_TTL_S = 86400
 """How long a purged job's mark lives: longer than a job can run or wait for a retry."""
-NOTICE_JOB = "queued:"
-"""The ``notify_queued`` job of a reply job ``J`` has the id ``queued:J`` (core.queue)."""
 
 
 def _matches(rec: Record, user: str | None, tenant: str | None) -> bool:
@@ -240,8 +239,9 @@ async def purge(
 ) -> PurgeResult:
     """Delete a user's or tenant's messages everywhere (see the module docstring).
 
-    ``queues``: every arq queue a reply job can be in (``core.queue.reply_queues``;
-    default: the one queue, ``{prefix}:queue``).
+    ``queues``: every arq queue a reply job or its side jobs can be in
+    (``core.queue.reply_queues`` and ``notice_queue_name``; default: the one queue,
+    ``{prefix}:queue``, and the reserved one, ``{prefix}:queue:door``).
 
     Raises:
         HistoryError: the database has no purge fence (``sluice db upgrade``).
@@ -259,7 +259,7 @@ async def purge(
         await _purge_jobs(
             redis,
             keys,
-            queues or [f"{keys.prefix}:queue"],
+            queues or [f"{keys.prefix}:queue", f"{keys.prefix}:queue:door"],
             user,
             tenant,
             result,
@@ -354,6 +354,17 @@ async def _purge_jobs(
                 ):
                     continue
                 job_id = reply_job_id(msg["platform"], msg["tenant"], msg["message_id"])
+                messages.add((msg["platform"], msg["tenant"], msg["message_id"]))
+                if side_job_parent(arq_id[len(head) :]) is not None:
+                    # A notice, refusal or door check: its payload holds the message.
+                    # Its reply job's mark (if that one runs) is not replaced; a side
+                    # job that runs gets a mark only if there is none.
+                    if not await _drop_job(redis, keys, queue, arq_id, msg, job_id):
+                        side_mark = json.dumps({"tenant": msg["tenant"], "session": None})
+                        await redis.set(
+                            keys.purged(job_id), side_mark, ex=PURGE_MARK_TTL_S, nx=True
+                        )
+                    continue
                 session = str(msg.get("channel")) if msg["platform"] == "web" else None
                 mark = json.dumps(
                     {
@@ -403,7 +414,7 @@ async def _drop_job(
                 break
             except WatchError:
                 continue  # a worker started it meanwhile: look again
-    if running or arq_id.startswith(f"{keys.prefix}:{NOTICE_JOB}"):
+    if running or side_job_parent(arq_id[len(keys.prefix) + 1 :]) is not None:
         return not running
     conversation_id = _conversation_id(msg, job_id)
     if conversation_id is not None:
@@ -431,9 +442,10 @@ async def finish_purged_job(redis: Redis, keys: Keys, arq_id: str) -> bool:
     if not arq_id.startswith(head):
         return False
     job_id = arq_id[len(head) :]
-    notice = job_id.startswith(NOTICE_JOB)
-    if notice:
-        job_id = job_id[len(NOTICE_JOB) :]
+    parent = side_job_parent(job_id)
+    notice = parent is not None
+    if parent is not None:
+        job_id = parent
     raw = await redis.get(keys.purged(job_id))
     if raw is None:
         return False
@@ -566,18 +578,27 @@ async def _purge_job_traces(
             keys.delivered(job_ids),
             keys.undelivered(job_ids),
             f"{result_key_prefix}{keys.prefix}:{job_ids}",
-            f"{result_key_prefix}{keys.prefix}:{NOTICE_JOB}{job_ids}",
         ):
             doomed += [_str(k) async for k in redis.scan_iter(pattern, count=1000)]
-    for platform, tenant, message_id in messages:
-        job_id = reply_job_id(platform, tenant, message_id)
+    wanted = set()
+    for platform, tenant_id, message_id in messages:
+        job_id = reply_job_id(platform, tenant_id, message_id)
+        wanted.add(job_id)
         doomed += [
             keys.delivered(job_id),
             keys.undelivered(job_id),
             f"{result_key_prefix}{keys.prefix}:{job_id}",
-            # The queued notice's result holds the message too.
-            f"{result_key_prefix}{keys.prefix}:{NOTICE_JOB}{job_id}",
         ]
+    # The results of the side jobs (queued notices and their refreshes, refusals, the
+    # door's check) hold the message too: one scan per kind.
+    head = f"{result_key_prefix}{keys.prefix}:"
+    for kind in SIDE_JOB_KINDS:
+        async for k in redis.scan_iter(f"{glob_escape(head)}{kind}:*", count=1000):
+            parent = side_job_parent(_str(k)[len(head) :])
+            if parent is not None and (
+                parent in wanted or (tenant is not None and parent.split(":")[2] == tenant)
+            ):
+                doomed.append(_str(k))
     deleted = 0
     for i in range(0, len(doomed), 1000):
         deleted += int(await redis.unlink(*doomed[i : i + 1000]))
