@@ -18,7 +18,6 @@ platforms' pacing stays in one place.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from typing import Any
 
@@ -95,8 +94,9 @@ async def stop_notice_worker(ctx: dict[str, Any]) -> None:
     for t in worker.tasks.values():
         t.cancel()
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    for t in list(worker.tasks.values()):
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await t
+    # The loop may have ended already (Redis went away: ``crashed`` logged it); its
+    # error must not escape into the worker's shutdown, which then restarts it.
+    await asyncio.gather(task, return_exceptions=True)
+    for outcome in await asyncio.gather(*worker.tasks.values(), return_exceptions=True):
+        if isinstance(outcome, Exception):
+            logger.warning("a notice job ended with an error at shutdown: %s", outcome)

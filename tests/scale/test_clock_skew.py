@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,7 +48,7 @@ async def test_workers_with_clocks_30s_off_steal_no_live_job_and_take_none_for_d
     keys = Keys(settings.key_prefix)
     honest = worker_process(ENV)
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, f"k{uuid.uuid4().hex[:12]}") as tab:
+        async with ChatSession(http, base) as tab:
             mid = await tab.send("a long answer please")
             await tab.wait_for(mid, "delta", timeout_s=30)
             ahead = worker_process({**ENV, "SLUICE_TEST_CLOCK_OFFSET_S": "30"})

@@ -35,6 +35,7 @@ from tests.scale.servers import (
     start_sentinel_group,
     start_servers,
 )
+from tests.webchat import open_session
 
 pytestmark = pytest.mark.sentinel
 
@@ -149,18 +150,22 @@ async def _wait_answered(redis: Any, keys: Keys, sessions: list[str], ids: list[
         missing = [m for m in ids if counts.get(m, 0) == 0]
 
 
-async def _post_until_accepted(base: str, session: str) -> str:
-    """POST a message to the web adapter; a 503 (a pooled connection to the dead
-    primary) is delivered again, as a platform does; returns the message id."""
+async def _post_until_accepted(base: str) -> tuple[str, str]:
+    """Open a web session and POST a message in it; a 503 (a pooled connection to the
+    dead primary) is delivered again, as a platform does; returns the session and the
+    message id."""
     async with aiohttp.ClientSession() as http:
+        session = await open_session(http, base)
         for _ in range(50):
             async with http.post(
-                f"{base}/api/messages", json={"session": session, "text": "after the failover"}
+                f"{base}/api/messages",
+                json={"text": "after the failover"},
+                headers=session.headers(),
             ) as resp:
                 body = await resp.json()
                 if resp.status == 202:
                     message_id: str = body["message_id"]
-                    return message_id
+                    return str(session), message_id
                 assert resp.status == 503, body
             await asyncio.sleep(0.2)
     raise AssertionError("the web adapter refused the message 50 times after the failover")
@@ -240,8 +245,7 @@ async def test_primary_killed_mid_load_loses_no_acked_message_and_answers_none_t
             reader = client(s)
             await _wait_answered(reader, keys, sessions, [m.message_id for m in acked])
             # The web adapter process reconnected too: a message through its HTTP API.
-            session = f"f{uuid.uuid4().hex[:10]}"
-            late = await _post_until_accepted(f"http://127.0.0.1:{web_port}", session)
+            session, late = await _post_until_accepted(f"http://127.0.0.1:{web_port}")
             sessions.append(session)
             deadline = time.monotonic() + 60
             while (await _outbox_dones(reader, keys, [session])).get(late, 0) == 0:
