@@ -37,6 +37,7 @@ from core.llm import OpenAIProvider
 from core.queue import lane_queue_name
 from core.redis import Keys, redis_settings
 from core.responder import ResponderFactory
+from core.schedule import BAND_SHIFT_MS, SWEEP_BATCH, SWEEP_LUA, deadlines_key
 from core.scripts import Lua
 from core.serializer import deserialize, serialize
 from core.settings import Settings
@@ -259,9 +260,14 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
     }
 
 
-# KEYS: queue. ARGV: now ms, free slots, in-progress key prefix, most ids to look at.
-# The first ``free`` ids due by score whose job is not running already.
-_DUE_NOT_RUNNING = """
+# KEYS: queue, its deadline index. ARGV: now ms, free slots, in-progress key prefix,
+# most ids to look at, band shift ms, sweep batch.
+# First the deadline sweep (core.schedule: jobs that turned late move behind the ones
+# still in time), then the first ``free`` ids due by score whose job is not running.
+_DUE_NOT_RUNNING = (
+    SWEEP_LUA
+    + """
+sweep(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[5]), tonumber(ARGV[6]))
 local out = {}
 local offset = 0
 local limit = tonumber(ARGV[4])
@@ -278,6 +284,7 @@ while #out < tonumber(ARGV[2]) and offset < limit do
 end
 return out
 """
+)
 
 # How far down the queue a poll looks past running jobs (they stay in arq's queue
 # until they end, at the head when the queue is long).
@@ -311,7 +318,15 @@ class SluiceWorker(Worker):
         if self._due is None or self._due[0] is not self.pool:
             self._due = (self.pool, Lua(self.pool, _DUE_NOT_RUNNING))
         due: list[bytes] = await self._due[1](
-            [self.queue_name], [int(time.time() * 1000), free, in_progress_key_prefix, SCAN_LIMIT]
+            [self.queue_name, deadlines_key(self.queue_name)],
+            [
+                int(time.time() * 1000),
+                free,
+                in_progress_key_prefix,
+                SCAN_LIMIT,
+                BAND_SHIFT_MS,
+                SWEEP_BATCH,
+            ],
         )
         before = set(self.tasks)
         await super().start_jobs(due)
