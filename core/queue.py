@@ -17,14 +17,16 @@ from core.lanes import LANES, choose_lane
 from core.messages import IncomingMessage
 from core.ordering import forget_arrival, register_arrival
 from core.redis import Keys, redis_settings
-from core.schedule import message_place, place_message, score_of
+from core.schedule import IN_TIME_BAND_MS, message_place, place_message, score_of
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Ahead of every lane (their head starts are seconds); the notice is stale after a minute.
-NOTICE_HEAD_START_MS = 3_600_000
+# Ahead of every lane (their head starts are seconds) and of every in-time reply job,
+# even a late message's notice (core.schedule's bands are 3 h apart at most); the
+# notice is stale after a minute.
+NOTICE_HEAD_START_MS = IN_TIME_BAND_MS + 3_600_000
 NOTICE_EXPIRES = timedelta(seconds=60)
 
 

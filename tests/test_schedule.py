@@ -237,3 +237,18 @@ async def test_a_worker_serves_fair_shares_lanes_and_in_time_messages_first_in_o
     prompts = {r["messages"][-1]["content"]: r["messages"] for r in llm_sim.requests()}
     third = prompts[heavy[2].text]
     assert [m["content"] for m in third if m["role"] == "user"] == [m.text for m in heavy[:3]]
+
+
+async def test_a_late_messages_queued_notice_still_goes_before_every_reply_job(settings, redis):
+    """The notice job is queued ahead of its reply job's score; for a message in the late
+    band that must still be ahead of the in-time band, or the notice would wait for the
+    whole backlog."""
+    s = _s(settings, fair_step_s=60.0, llm_rpm=60, queued_notice_after_s=0.5)
+    await redis.hset(f"{s.key_prefix}:llm:bucket", mapping={"rl": "0", "ts": "0"})
+    msgs = [_msg("a1", user="a"), _msg("b1", user="b"), _msg("c1", user="c")]
+    await _enqueue(s, *msgs, _msg("a2", user="a"))
+    scores = dict(await redis.zrange(s.queue_name, 0, -1, withscores=True))
+    notice = scores.pop(f"{s.key_prefix}:queued:{_msg('a2', user='a').job_id}".encode())
+    replies = [v for k, v in scores.items() if b":queued:" not in k]
+    assert len(replies) == 4
+    assert notice < min(replies)
