@@ -23,9 +23,8 @@ from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# Ahead of every lane (their head starts are seconds) and of every in-time reply job,
-# even a late message's notice (core.schedule's bands are 3 h apart at most); the
-# notice is stale after a minute.
+# Ahead of every reply job (core.schedule's in-time band is 3 h in the past, lane
+# head starts are seconds); the notice is stale after a minute.
 NOTICE_HEAD_START_MS = IN_TIME_BAND_MS + 3_600_000
 NOTICE_EXPIRES = timedelta(seconds=60)
 
@@ -167,7 +166,11 @@ async def _tell_if_queued(
             round(wait_s),
             _job_id=f"{settings.key_prefix}:queued:{msg.job_id}",
             _queue_name=queue,
-            _defer_until=datetime.fromtimestamp((score_ms - NOTICE_HEAD_START_MS) / 1000, tz=UTC),
+            # By arrival, not the reply's score: notices wait for free slots too, and a
+            # late-band message's notice must not queue behind every in-time one's.
+            _defer_until=datetime.fromtimestamp(
+                (time.time() * 1000 - NOTICE_HEAD_START_MS) / 1000, tz=UTC
+            ),
             _expires=NOTICE_EXPIRES,
         )
     except (RedisError, OSError) as e:

@@ -246,9 +246,13 @@ async def test_a_late_messages_queued_notice_still_goes_before_every_reply_job(s
     s = _s(settings, fair_step_s=60.0, llm_rpm=60, queued_notice_after_s=0.5)
     await redis.hset(f"{s.key_prefix}:llm:bucket", mapping={"rl": "0", "ts": "0"})
     msgs = [_msg("a1", user="a"), _msg("b1", user="b"), _msg("c1", user="c")]
-    await _enqueue(s, *msgs, _msg("a2", user="a"))
+    await _enqueue(s, *msgs, _msg("a2", user="a"), _msg("d1", user="d"))
     scores = dict(await redis.zrange(s.queue_name, 0, -1, withscores=True))
     notice = scores.pop(f"{s.key_prefix}:queued:{_msg('a2', user='a').job_id}".encode())
     replies = [v for k, v in scores.items() if b":queued:" not in k]
-    assert len(replies) == 4
+    assert len(replies) == 5
     assert notice < min(replies)
+    # Notices go by arrival: under a backlog they wait for free slots too, and a late
+    # message's notice must not wait behind those of in-time messages sent after it.
+    later = scores[f"{s.key_prefix}:queued:{_msg('d1', user='d').job_id}".encode()]
+    assert notice < later
