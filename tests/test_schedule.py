@@ -11,17 +11,27 @@ import uuid
 from typing import Any
 
 import pytest
-from arq.worker import func
+from arq.worker import Retry, func
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from core.messages import IncomingMessage
 from core.queue import arq_job_id, connect_queue, enqueue_reply
 from core.redis import Keys
-from core.schedule import IN_TIME_BAND_MS, LATE_BAND_MS, deadlines_key, fair_key
+from core.schedule import (
+    BAND_SHIFT_MS,
+    IN_TIME_BAND_MS,
+    LATE_BAND_MS,
+    SWEEP_LUA,
+    deadlines_key,
+    fair_key,
+)
+from core.scripts import Lua
 from core.serializer import deserialize, serialize
 from core.settings import Settings
+from core.traffic import Traffic
 from tests.helpers import wait_until
+from tests.traffic_bot import bot as traffic_bot
 from tests.traffic_util import done_event, wait_done
 from workers.settings import SluiceWorker
 
@@ -256,3 +266,41 @@ async def test_a_late_messages_queued_notice_still_goes_before_every_reply_job(s
     # message's notice must not wait behind those of in-time messages sent after it.
     later = scores[f"{s.key_prefix}:queued:{_msg('d1', user='d').job_id}".encode()]
     assert notice < later
+
+
+async def test_a_parked_in_time_message_lifts_its_late_earlier_one_into_the_in_time_band(
+    settings, redis
+):
+    """Score lending with bands: a late message that an in-time message of the same
+    conversation waits for moves up to the in-time message's score (queue and LLM
+    budget line), or the in-time one would wait behind the whole in-time band."""
+    order = {"order_wait_in_job_s": 0.05, "order_defer_s": 300.0}
+    s = _s(settings, **order)
+    short = _s(settings, target_wait_s=0.4, target_margin_s=0.3, **order)
+    first = _msg("m1", user="u", channel="conv")
+    await _enqueue(short, first)
+    await wait_until(lambda: time.time() > first.ts + 0.2, 5, "the first message to turn late")
+    sweep = Lua(
+        redis,
+        SWEEP_LUA + "return sweep(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), 100)",
+    )
+    moved = await sweep(
+        [s.queue_name, deadlines_key(s.queue_name)], [int(time.time() * 1000), BAND_SHIFT_MS]
+    )
+    assert moved == 1
+    first_id = arq_job_id(s, first)
+    late_score = await redis.zscore(s.queue_name, first_id)
+    assert late_score > time.time() * 1000 - LATE_BAND_MS - 120_000
+    second = _msg("m2", user="v", channel="conv")
+    await _enqueue(s, second)
+    second_score = await redis.zscore(s.queue_name, arq_job_id(s, second))
+    assert second_score < late_score - BAND_SHIFT_MS + 120_000  # in time, well ahead
+
+    traffic = Traffic(redis, s, traffic_bot)
+    with pytest.raises(Retry):
+        async with traffic.in_turn(second, second.job_id):
+            raise AssertionError("the second message must not answer before the first")
+    lifted = await redis.zscore(s.queue_name, first_id)
+    assert lifted <= second_score + 1000
+    lent = float(await redis.get(Keys(s.key_prefix).llm_lent(first.job_id)))
+    assert lent <= second_score + 1000
