@@ -6,6 +6,7 @@ process) or a real ``sluice worker`` process against the simulator.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -304,3 +305,49 @@ async def test_a_parked_in_time_message_lifts_its_late_earlier_one_into_the_in_t
     assert lifted <= second_score + 1000
     lent = float(await redis.get(Keys(s.key_prefix).llm_lent(first.job_id)))
     assert lent <= second_score + 1000
+
+
+release = asyncio.Event()
+
+
+async def _hold(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    started.append(payload["message_id"])
+    await release.wait()
+    return str(payload["message_id"])
+
+
+async def test_late_messages_never_take_the_last_slots_kept_for_in_time_ones(settings, redis):
+    """Five slots, six late messages: the poll starts four and keeps one slot free; a
+    message that can still make its target then starts at once in that slot."""
+    s = _s(settings)
+    short = _s(settings, target_wait_s=0.4, target_margin_s=0.3)
+    late = [_msg(f"late{i}", user=f"u{i}") for i in range(6)]
+    await _enqueue(short, *late)
+    await wait_until(lambda: time.time() > late[-1].ts + 0.2, 5, "the messages to turn late")
+    pool = await connect_queue(s)
+    started.clear()
+    release.clear()
+    worker = SluiceWorker(
+        functions=[func(_hold, name="reply")],
+        queue_name=s.queue_name,
+        redis_pool=pool,
+        max_jobs=5,
+        handle_signals=False,
+        job_serializer=serialize,
+        job_deserializer=deserialize,
+    )
+    try:
+        head = await pool.zrangebyscore(s.queue_name, "-inf", "+inf", start=0, num=1)
+        await worker.start_jobs(head)
+        await wait_until(lambda: len(started) == 4, 10, "four late messages to start")
+        await worker.start_jobs(head)  # the reserved slot stays free for in-time work
+        assert len(worker.tasks) == 4
+        await _enqueue(s, _msg("fresh", user="new"))
+        await worker.start_jobs(head)
+        await wait_until(lambda: "fresh" in started, 10, "the in-time message to start")
+        assert len(worker.tasks) == 5
+        assert sorted(started[:4]) == [f"late{i}" for i in range(4)]
+    finally:
+        release.set()
+        await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        await pool.aclose()
