@@ -61,6 +61,9 @@ def group_numbers(obs: Sequence[Observation]) -> dict[str, Any]:
     return {
         "sent": len(obs),
         "answered": len(answered),
+        # Answers not from the cache: each one cost an LLM call (retries aside).
+        "answered_by_llm": sum(1 for o in answered if not o.cached),
+        "notices": sum(1 for o in obs if o.kind == "notice"),
         "answered_within_60s": answered_within(obs),
         "first_visible_s": first_visible(obs),
         "full_reply_s": quantiles([o.full_s for o in answered if o.full_s is not None]),
@@ -284,7 +287,10 @@ def _users(kind: str, field: str) -> Any:
         if row is None:
             return "-"
         if field == "count":
-            return f"{row['sent']:,} / {row['answered']:,} / {row['answered_within_60s']:,}"
+            return (
+                f"{row['sent']:,} / {row['answered']:,} ({row.get('answered_by_llm', 0):,})"
+                f" / {row['answered_within_60s']:,} / {row.get('notices', 0):,}"
+            )
         return _qv(row[field]) if field == "first_visible_s" else _q(row[field])
 
     return fmt
@@ -294,7 +300,10 @@ USER_ROWS: list[tuple[str, Any]] = [
     row
     for kind in USER_KINDS
     for row in (
-        (f"{kind} users: sent / answered / in 60 s", _users(kind, "count")),
+        (
+            f"{kind} users: sent / answered (by the LLM) / in 60 s / notices",
+            _users(kind, "count"),
+        ),
         ("  first visible p50/p95/p99", _users(kind, "first_visible_s")),
         ("  full reply p50/p95/p99", _users(kind, "full_reply_s")),
     )

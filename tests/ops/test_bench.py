@@ -104,10 +104,15 @@ def test_user_kinds_split_light_and_heavy_senders() -> None:
     obs = [Observation(p, sent_s=p.at_s, first_s=p.at_s + 1, done_s=p.at_s + 2) for p in schedule]
     for o in obs:
         o.kind = "answer"
+    light = [o for o in obs if not o.planned.heavy]
+    light[0].kind = "notice"
+    light[1].cached = True
     groups = by_user_kind(obs)
     assert set(groups) == {"light", "heavy"}
     assert groups["heavy"]["sent"] == sum(p.heavy for p in schedule)
-    assert groups["light"]["answered_within_60s"] == groups["light"]["sent"]
+    assert groups["light"]["answered_within_60s"] == groups["light"]["sent"] - 1
+    assert groups["light"]["answered_by_llm"] == groups["light"]["sent"] - 2
+    assert groups["light"]["notices"] == 1
 
 
 def test_scale_shrinks_users_and_provider_limit_together() -> None:
