@@ -412,8 +412,10 @@ class Settings(BaseSettings):
     order_wait_in_job_s: float = Field(
         2.0,
         ge=0,
-        description="How long a job waits in its worker slot for a busy conversation "
-        "before it steps aside (parks in the queue until the conversation frees).",
+        description="How long a job waits in its worker slot for an earlier message of "
+        "its conversation that is being answered before it steps aside (parks in the "
+        "queue until the conversation frees); for one not started yet it steps aside at "
+        "once.",
     )
     order_defer_s: float = Field(
         5.0,

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from core.messages import IncomingMessage
+from core.ordering import ConversationBusy, acquire_conversation, register_arrival
 from core.queue import arq_job_id, connect_queue, enqueue_reply
 from core.redis import Keys
 from core.schedule import (
@@ -351,3 +352,18 @@ async def test_late_messages_never_take_the_last_slots_kept_for_in_time_ones(set
         release.set()
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
         await pool.aclose()
+
+
+async def test_a_job_whose_earlier_message_has_not_started_steps_aside_at_once(settings, redis):
+    """Waiting in the slot only helps while the earlier message is being answered; an
+    earlier message that has not started (e.g. late while this one is in time) would
+    hold the slot for SLUICE_ORDER_WAIT_IN_JOB_S for nothing."""
+    keys = Keys(settings.key_prefix)
+    s = settings.model_copy(update={"order_wait_in_job_s": 3600.0})
+    first, second = _msg("m1", user="u", channel="c"), _msg("m2", user="u", channel="c")
+    await register_arrival(redis, keys, first)
+    await register_arrival(redis, keys, second)
+    with pytest.raises(ConversationBusy) as busy:
+        # Far below the hour it would otherwise wait in its slot.
+        await asyncio.wait_for(acquire_conversation(redis, keys, s, second, second.job_id), 60)
+    assert busy.value.blocker == first.job_id
