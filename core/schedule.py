@@ -109,9 +109,9 @@ return {string.format('%d', start), string.format('%d', late_at)}
 
 # The deadline sweep, a Lua function that a worker's poll script calls before it picks
 # jobs: sweep(queue, deadline index, now ms, band shift ms, batch). Jobs whose late-at
-# time passed move from the in-time band to the late band. A parked job (score in the
-# future) is looked at again a second later; a job no longer queued (answered)
-# leaves the index. Returns how many moved.
+# time passed move from the in-time band to the late band (never past now). A parked
+# job (score in the future) is looked at again a second later; a job no longer queued
+# (answered) leaves the index. Returns how many moved.
 SWEEP_LUA = """
 local function sweep(queue, index, now, shift, batch)
   local due = redis.call('ZRANGEBYSCORE', index, '-inf', now, 'LIMIT', 0, batch)
@@ -123,9 +123,13 @@ local function sweep(queue, index, now, shift, batch)
     elseif tonumber(score) > now then
       redis.call('ZADD', index, now + 1000, id)
     else
-      redis.call('ZADD', queue, 'XX', tonumber(score) + shift, id)
+      -- Only an in-time score moves (once): a stale entry, e.g. re-added by a duplicate
+      -- delivery, must never push a late job into the future.
+      if tonumber(score) + shift <= now then
+        redis.call('ZADD', queue, 'XX', tonumber(score) + shift, id)
+        moved = moved + 1
+      end
       redis.call('ZREM', index, id)
-      moved = moved + 1
     end
   end
   return moved

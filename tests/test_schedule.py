@@ -367,3 +367,28 @@ async def test_a_job_whose_earlier_message_has_not_started_steps_aside_at_once(s
         # Far below the hour it would otherwise wait in its slot.
         await asyncio.wait_for(acquire_conversation(redis, keys, s, second, second.job_id), 60)
     assert busy.value.blocker == first.job_id
+
+
+async def test_a_duplicate_delivery_never_pushes_a_late_job_out_of_reach(settings, redis):
+    """A platform retry that reaches enqueue_reply again re-lists the message in the
+    deadline index; the next sweep must not move the already-late job a second time
+    (into the future, where arq would not start it for an hour)."""
+    # No fair step: the duplicate would otherwise start 10 s later, late on arrival.
+    short = _s(settings, target_wait_s=0.4, target_margin_s=0.3, fair_step_s=0)
+    msg = _msg("dup", user="u")
+    await _enqueue(short, msg)
+    await wait_until(lambda: time.time() > msg.ts + 0.2, 5, "the message to turn late")
+    sweep = Lua(
+        redis,
+        SWEEP_LUA + "return sweep(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), 100)",
+    )
+    keys = [short.queue_name, deadlines_key(short.queue_name)]
+    assert await sweep(keys, [int(time.time() * 1000), BAND_SHIFT_MS]) == 1
+    pool = await connect_queue(short)
+    try:
+        assert not await enqueue_reply(pool, short, msg)  # the duplicate: no new job
+    finally:
+        await pool.aclose()
+    await wait_until(lambda: time.time() > msg.ts + 0.4, 5, "the duplicate's entry to fall due")
+    assert await sweep(keys, [int(time.time() * 1000), BAND_SHIFT_MS]) == 0
+    assert await redis.zscore(short.queue_name, arq_job_id(short, msg)) < time.time() * 1000
