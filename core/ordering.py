@@ -68,16 +68,17 @@ return added
 )
 
 # KEYS: lock, pending, started, wake; ARGV: job id, lock ttl ms, max wait ms.
-# Returns {1, ''} when the lock is ours, {0, blocker} otherwise.
+# Returns {1, '', 0} when the lock is ours, {0, blocker, held} otherwise: held is 1
+# when the blocker holds the lock (answering now), 0 when it has not started yet.
 _ACQUIRE = (
     _NOW_MS
     + """
 local holder = redis.call('GET', KEYS[1])
 if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, ''}
+  return {1, '', 0}
 end
-if holder then return {0, holder} end
+if holder then return {0, holder, 1} end
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   while true do
     local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
@@ -87,7 +88,7 @@ if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
       redis.call('ZREM', KEYS[2], head[1])
       redis.call('SREM', KEYS[3], head[1])
     else
-      return {0, head[1]}
+      return {0, head[1], 0}
     end
   end
 end
@@ -95,7 +96,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('EXPIRE', KEYS[3], 86400)
 redis.call('HDEL', KEYS[4], ARGV[1])
-return {1, ''}
+return {1, '', 0}
 """
 )
 
@@ -219,8 +220,9 @@ class ConversationLock:
         self._release = Lua(redis, _RELEASE)
         self.lost = False
 
-    async def try_acquire(self, max_wait_s: float) -> tuple[bool, str]:
-        """One attempt; returns (acquired, the job id we wait for)."""
+    async def try_acquire(self, max_wait_s: float) -> tuple[bool, str, bool]:
+        """One attempt; returns (acquired, the job id we wait for, whether that job
+        holds the lock, i.e. is answering now rather than not started yet)."""
         res: list[Any] = await self._acquire(
             [*self._keys[:3], self._keys[4]],
             [self.job_id, self._ttl_ms, int(max_wait_s * 1000)],
@@ -229,7 +231,7 @@ class ConversationLock:
         acquired = int(res[0]) == 1
         if acquired and self._renewer is None:
             self._renewer = asyncio.create_task(self._renew_loop())
-        return acquired, blocker
+        return acquired, blocker, int(res[2]) == 1
 
     async def _renew_loop(self) -> None:
         while True:
@@ -262,18 +264,26 @@ async def acquire_conversation(
 ) -> ConversationLock:
     """Wait (briefly) for the right to answer ``msg``.
 
+    Waits in the slot only while an earlier message is being answered (it may finish
+    soon); an earlier message that has not started yet will not finish within the
+    wait, so the job steps aside at once and lends it its score (:func:`park`). Under
+    a backlog that is common: a user's first message may be late while the second is
+    still in time (:mod:`core.schedule`), and holding the slot would only keep other
+    work from it.
+
     Raises:
-        ConversationBusy: still busy after ``SLUICE_ORDER_WAIT_IN_JOB_S``; re-defer the job.
+        ConversationBusy: still busy after ``SLUICE_ORDER_WAIT_IN_JOB_S``, or waiting
+            for an earlier message that has not started; re-defer the job.
     """
     lock = ConversationLock(
         redis, keys, msg.conversation_id, job_id, settings.conversation_lock_ttl_s
     )
     deadline = time.monotonic() + settings.order_wait_in_job_s
     while True:
-        acquired, blocker = await lock.try_acquire(settings.order_max_wait_s)
+        acquired, blocker, held = await lock.try_acquire(settings.order_max_wait_s)
         if acquired:
             return lock
-        if time.monotonic() >= deadline:
+        if not held or time.monotonic() >= deadline:
             raise ConversationBusy(msg.conversation_id, blocker)
         await asyncio.sleep(POLL_S)
 

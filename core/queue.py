@@ -14,10 +14,11 @@ from core.bot import Bot, load_bot
 from core.cache import cache_enabled
 from core.door import ADMITTED, Line, admit
 from core.errors import BotDefinitionError, QueueError
-from core.lanes import LANES, choose_lane, lane_queue_name, priority_ms
+from core.lanes import LANES, choose_lane, lane_queue_name
 from core.messages import IncomingMessage
 from core.ordering import forget_arrival, register_arrival
 from core.redis import Keys, connect_pool, redis_settings
+from core.schedule import message_place, place_message, score_of
 from core.serializer import deserialize, serialize
 from core.settings import Settings
 
@@ -81,9 +82,11 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     bot = _load_bot(settings)
     msg = with_lane(settings, msg, bot)
     keys = Keys(settings.key_prefix)
-    queue, score_ms = queue_slot(settings, msg.lane, int(time.time() * 1000))
+    arrived_ms = int(time.time() * 1000)
+    # Where it would wait if admitted, for the door's estimate (no place taken yet).
+    queue, estimate_ms = queue_slot_now(settings, msg, arrived_ms)
     try:
-        admission = await admit(redis, keys, settings, bot, msg, queue, score_ms)
+        admission = await admit(redis, keys, settings, bot, msg, queue, estimate_ms)
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot admit message {msg.message_id}: {e}") from e
     if not admission.admitted:
@@ -94,6 +97,8 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         # Counted at the door: the worker's own check must not count it again.
         msg = msg.model_copy(update={"meta": {**msg.meta, ADMITTED: "1"}})
     try:
+        # Only an admitted message takes its place in line (its user's fair clock).
+        queue, score_ms, msg = await queue_slot(redis, settings, msg, arrived_ms)
         added = await register_arrival(
             redis, keys, msg, keep_text=bot is not None and bot.merge_burst_s > 0
         )
@@ -308,12 +313,44 @@ async def _door_followup(
         logger.warning("queued notice not sent for message=%s: %s", msg.message_id, e)
 
 
-def queue_slot(settings: Settings, lane: str, arrived_ms: int) -> tuple[str, int]:
-    """The queue a message of ``lane`` waits in and its score there: arrival minus the
-    lane's head start in the one queue, arrival in its lane's queue (``per-lane``)."""
+async def queue_slot(
+    redis: ArqRedis, settings: Settings, msg: IncomingMessage, arrived_ms: int
+) -> tuple[str, int, IncomingMessage]:
+    """The queue ``msg`` waits in, its score there, and ``msg`` carrying its place.
+
+    Takes the message's place in line (:func:`core.schedule.place_message`: its
+    user's fair-share clock, the deadline index). The score is its fair start less its
+    lane's head start in the one queue (only the fair start in its lane's queue with
+    ``per-lane``), in the in-time band or, when it cannot be answered within
+    ``SLUICE_TARGET_WAIT_S`` anyway, the late band."""
+    queue = _lane_queue(settings, msg.lane)
+    place = await place_message(
+        redis,
+        settings,
+        msg,
+        queue=queue,
+        arq_id=arq_job_id(settings, msg),
+        arrived_ms=arrived_ms,
+    )
+    msg = msg.model_copy(update={"fair_ms": place.fair_ms, "late_at_ms": place.late_at_ms})
+    queue, score_ms = queue_slot_now(settings, msg, arrived_ms)
+    return queue, score_ms, msg
+
+
+def queue_slot_now(settings: Settings, msg: IncomingMessage, now_ms: int) -> tuple[str, int]:
+    """The queue of ``msg``'s job and its score there as of ``now_ms`` (its place, in
+    the band it is in by then); a job that parks goes back to this score."""
+    place = message_place(settings, msg, now_ms)
+    boosted = settings.lane_queues != "per-lane"
+    return _lane_queue(settings, msg.lane), score_of(
+        settings, msg.lane, place, now_ms, boosted=boosted
+    )
+
+
+def _lane_queue(settings: Settings, lane: str) -> str:
     if settings.lane_queues == "per-lane":
-        return lane_queue_name(settings, lane), arrived_ms
-    return settings.queue_name, priority_ms(settings, lane, arrived_ms)
+        return lane_queue_name(settings, lane)
+    return settings.queue_name
 
 
 def reply_queues(settings: Settings) -> list[str]:

@@ -9,6 +9,7 @@ Durations end in ``_s``; secrets are :class:`pydantic.SecretStr` so they never p
 from __future__ import annotations
 
 import json
+import math
 import unicodedata
 from functools import lru_cache
 from typing import Annotated, Literal
@@ -19,6 +20,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -552,8 +554,10 @@ class Settings(BaseSettings):
     order_wait_in_job_s: float = Field(
         2.0,
         ge=0,
-        description="How long a job waits in its worker slot for a busy conversation "
-        "before it steps aside (parks in the queue until the conversation frees).",
+        description="How long a job waits in its worker slot for an earlier message of "
+        "its conversation that is being answered before it steps aside (parks in the "
+        "queue until the conversation frees); for one not started yet it steps aside at "
+        "once.",
     )
     order_defer_s: float = Field(
         5.0,
@@ -720,6 +724,60 @@ class Settings(BaseSettings):
                 raise ValueError(f"the id {_shown(ident)} {problem}")
         return value
 
+    target_wait_s: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="Under overload, a message that can still be answered within this "
+        "many seconds of arriving goes before one that already cannot; late ones are "
+        "still answered, after the ones still in time (0 < x <= 3600).",
+    )
+    target_margin_s: float = Field(
+        5.0,
+        ge=0,
+        description="A message counts as late this long before its target wait passes "
+        "(about the time an answer takes once it starts); less than SLUICE_TARGET_WAIT_S.",
+    )
+    fair_step_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="Fair shares within a lane: each of a user's queued messages moves "
+        "that user's place in line this many seconds later, so under overload a user's "
+        "second message waits behind other users' first ones (0 = off, <= 3600).",
+    )
+    tenant_weights: Annotated[dict[str, float], NoDecode] = Field(
+        default_factory=dict,
+        description="Shares of tenants under overload, e.g. `T1=3,T2=1` (or a JSON "
+        "object): a weight-3 "
+        "tenant's users step through the line three times as fast (SLUICE_FAIR_STEP_S "
+        "divided by the weight). Unlisted tenants weigh 1; weights are positive numbers "
+        "up to 1000.",
+    )
+
+    @field_validator("tenant_weights", mode="before")
+    @classmethod
+    def _parse_weights(cls, value: object) -> object:
+        if isinstance(value, str) and value.lstrip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"tenant weights are not valid JSON: {e}") from e
+        if isinstance(value, str):
+            return parse_tenant_weights(value)
+        if isinstance(value, dict):
+            return parse_tenant_weights(",".join(f"{k}={v}" for k, v in value.items()))
+        return value
+
+    @model_validator(mode="after")
+    def _check_target(self) -> Settings:
+        if self.target_margin_s >= self.target_wait_s:
+            raise ValueError(
+                f"SLUICE_TARGET_MARGIN_S ({self.target_margin_s:g}) must be less than "
+                f"SLUICE_TARGET_WAIT_S ({self.target_wait_s:g})"
+            )
+        return self
+
     @property
     def queue_name(self) -> str:
         """The arq queue Sluice's reply jobs go to."""
@@ -743,6 +801,48 @@ def describe_settings_error(error: ValidationError) -> str:
         msg = str(item["msg"]).removeprefix("Value error, ")
         lines.append(f"{name}: {msg}")
     return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+MAX_TENANT_WEIGHT = 1000.0
+MAX_TENANT_ID_CHARS = 200
+
+
+def parse_tenant_weights(text: str) -> dict[str, float]:
+    """``"T1=3,T2=1"`` as ``{"T1": 3.0, "T2": 1.0}``.
+
+    Raises:
+        ValueError: an entry without ``=``, an empty, over-long or non-printable tenant
+            id, a tenant listed twice, or a weight that is not a positive number up to
+            :data:`MAX_TENANT_WEIGHT`; the message names the entry.
+    """
+    out: dict[str, float] = {}
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            continue
+        tenant, sep, weight_text = item.rpartition("=")
+        tenant = tenant.strip()
+        shown = item[:40] + ("…" if len(item) > 40 else "")
+        if not sep or not tenant:
+            raise ValueError(f"tenant weight {shown!r}: expected TENANT=WEIGHT, e.g. T1=3")
+        if len(tenant) > MAX_TENANT_ID_CHARS or not tenant.isprintable():
+            raise ValueError(
+                f"tenant weight {shown!r}: the tenant id must be 1-{MAX_TENANT_ID_CHARS} "
+                "printable characters"
+            )
+        try:
+            weight = float(weight_text)
+        except ValueError:
+            weight = math.nan
+        if not (0 < weight <= MAX_TENANT_WEIGHT):
+            raise ValueError(
+                f"tenant weight {shown!r}: the weight must be a positive number up to "
+                f"{MAX_TENANT_WEIGHT:g}"
+            )
+        if tenant in out:
+            raise ValueError(f"tenant weight {shown!r}: tenant listed twice")
+        out[tenant] = weight
+    return out
 
 
 @lru_cache(maxsize=1)

@@ -39,7 +39,6 @@ from core.budget import (
 from core.cache import ResponseCache, cache_digest, cache_enabled
 from core.door import ADMITTED
 from core.errors import LLMError, LLMUnavailableError
-from core.lanes import priority_ms
 from core.llm import ChatMessage, Completion, LLMProvider, complete_with_retries
 from core.messages import IncomingMessage, Reply
 from core.ordering import (
@@ -51,10 +50,11 @@ from core.ordering import (
     park,
     was_merged,
 )
-from core.queue import queue_slot, reply_queues
+from core.queue import queue_slot_now, reply_queues
 from core.ratelimit import REMINDER, RateLimiter, limits_for, notice_text
 from core.redis import Keys
 from core.responder import Responder
+from core.schedule import budget_score
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -196,15 +196,14 @@ class Traffic:
         ``False`` if that could not be done (the job is then simply deferred)."""
         s = self.settings
         now_ms = int(time.time() * 1000)
-        arrived_ms = min(now_ms, int(msg.ts * 1000)) if msg.ts > 0 else now_ms
-        queue, score_ms = queue_slot(s, msg.lane, arrived_ms)
+        queue, score_ms = queue_slot_now(s, msg, now_ms)
         try:
             await park(
                 self.redis,
                 self.keys,
                 msg,
                 mine=Slot(queue, f"{s.key_prefix}:{job_id}", score_ms),
-                budget_score_ms=priority_ms(s, msg.lane, arrived_ms),
+                budget_score_ms=budget_score(s, msg, now_ms),
                 arq_id_prefix=f"{s.key_prefix}:",
                 queues=reply_queues(s),
                 park_s=s.order_defer_s,
@@ -264,7 +263,7 @@ class Traffic:
         gate = BudgetGate(
             self.budget,
             member=job_id,
-            priority_ms=priority_ms(self.settings, msg.lane, int(msg.ts * 1000)),
+            priority_ms=budget_score(self.settings, msg, int(time.time() * 1000)),
             est_tokens=estimate_tokens(messages, max_tokens),
             on_queued=on_queued,
         )

@@ -38,6 +38,14 @@ from core.lanes import lane_queue_name
 from core.llm import OpenAIProvider
 from core.redis import Keys, connect_pool, redis_settings
 from core.responder import ResponderFactory
+from core.schedule import (
+    BAND_SHIFT_MS,
+    IN_TIME_BAND_MS,
+    LATE_BAND_MS,
+    SWEEP_BATCH,
+    SWEEP_LUA,
+    deadlines_key,
+)
 from core.scripts import Lua
 from core.serializer import deserialize, serialize
 from core.settings import Settings
@@ -290,28 +298,51 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
     }
 
 
-# KEYS: queue. ARGV: now ms (arq's clock, as arq's own start check reads it: a job the
-# scan calls due and arq's check does not would be skipped), free slots, in-progress
-# key prefix, most ids to look at. The first ``free`` ids due by score whose job is not
-# running already.
-_DUE_NOT_RUNNING = """
-local now = ARGV[1]
+# KEYS: queue, its deadline index. ARGV: now ms, free slots, in-progress key prefix,
+# most ids to look at, band shift ms, sweep batch, slots kept for in-time work, the
+# score from which a reply job is not in the in-time band.
+# First the deadline sweep (core.schedule: jobs that turned late move behind the ones
+# still in time), then the first ``free`` ids due by score whose job is not running;
+# reply jobs past the in-time band (late ones) never take the last ``reserve`` slots.
+_DUE_NOT_RUNNING = (
+    SWEEP_LUA
+    + """
+sweep(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[5]), tonumber(ARGV[6]))
 local out = {}
 local offset = 0
+local free = tonumber(ARGV[2])
 local limit = tonumber(ARGV[4])
-while #out < tonumber(ARGV[2]) and offset < limit do
-  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', offset, 100)
-  if #ids == 0 then break end
-  for _, id in ipairs(ids) do
+local late_room = free - tonumber(ARGV[7])
+local boundary = tonumber(ARGV[8])
+local done = false
+while not done and #out < free and offset < limit do
+  local page = redis.call(
+    'ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', offset, 100)
+  if #page == 0 then break end
+  for i = 1, #page, 2 do
+    local id = page[i]
+    local late = tonumber(page[i + 1]) >= boundary and string.find(id, ':reply:', 1, true)
+    if late and late_room <= 0 then
+      -- Only late reply jobs and later housekeeping follow: leave them for a freer poll.
+      done = true
+      break
+    end
     if redis.call('EXISTS', ARGV[3] .. id) == 0 then
       out[#out + 1] = id
-      if #out >= tonumber(ARGV[2]) then break end
+      if late then late_room = late_room - 1 end
+      if #out >= free then break end
     end
   end
-  offset = offset + #ids
+  offset = offset + #page / 2
 end
 return out
 """
+)
+
+# Share of a worker's slots that late reply jobs never take, so that a new message
+# that can still be answered in time finds a slot at once (a flooder's late messages
+# wait for their conversation in their slots).
+IN_TIME_RESERVE = 0.2
 
 # How far down the queue a poll looks past running jobs (they stay in arq's queue
 # until they end, at the head when the queue is long).
@@ -329,6 +360,11 @@ class SluiceWorker(Worker):
     running than ``queue_read_limit`` no queued job is seen at all. Instead one Lua
     call per poll returns the first due ids that are not running, only as many as fit
     (so a high-lane job enqueued meanwhile does not wait behind a stale batch).
+
+    The same call first runs the deadline sweep (:mod:`core.schedule`), and late reply
+    jobs never take the last :data:`IN_TIME_RESERVE` of the slots: a flooder's late
+    messages cannot fill the worker while new messages that can still be answered in
+    time arrive.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -361,8 +397,21 @@ class SluiceWorker(Worker):
             return
         if self._due is None or self._due[0] is not self.pool:
             self._due = (self.pool, Lua(self.pool, _DUE_NOT_RUNNING))
+        # arq's clock (rounded), as arq's own start check reads it: a job this scan
+        # calls due and arq's check does not would be skipped.
+        now_ms = timestamp_ms()
         due: list[bytes] = await self._due[1](
-            [self.queue_name], [timestamp_ms(), free, in_progress_key_prefix, SCAN_LIMIT]
+            [self.queue_name, deadlines_key(self.queue_name)],
+            [
+                now_ms,
+                free,
+                in_progress_key_prefix,
+                SCAN_LIMIT,
+                BAND_SHIFT_MS,
+                SWEEP_BATCH,
+                int(self.max_jobs * IN_TIME_RESERVE),
+                now_ms - (IN_TIME_BAND_MS + LATE_BAND_MS) // 2,
+            ],
         )
         before = set(self.tasks)
         await super().start_jobs(due)

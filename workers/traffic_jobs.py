@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from core import door
 from core.errors import DeliveryError
 from core.messages import IncomingMessage, Reply
-from core.queue import NOTICE_EXPIRES, arq_job_id, notice_queue_name, queue_slot
+from core.queue import NOTICE_EXPIRES, arq_job_id, notice_queue_name, queue_slot_now
 from core.settings import Settings
 from core.traffic import Traffic
 from workers.jobs import answer_message, cached_at_door, get_responder_factory
@@ -79,7 +79,7 @@ async def notify_queued(
     if refresh > 0:
         traffic: Traffic = ctx["traffic"]
         s = traffic.settings
-        queue, _ = queue_slot(s, msg.lane, 0)
+        queue, _ = queue_slot_now(s, msg, 0)
         line = await door.line_of_job(
             traffic.redis, traffic.keys, s, queue, arq_job_id(s, msg), msg.job_id
         )
@@ -165,7 +165,7 @@ async def answer_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> bool:
         if hit is None:
             return False
         await answer_message(ctx, msg, msg.job_id, door_hit=hit)
-        queue, _ = queue_slot(settings, msg.lane, 0)
+        queue, _ = queue_slot_now(settings, msg, 0)
         answered = await door.answered(redis, keys, msg, queue, arq_job_id(settings, msg))
         if not answered:
             logger.warning(

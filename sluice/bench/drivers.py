@@ -23,6 +23,7 @@ from sluice.bench.bot import BENCH_USER_HEADER
 from sluice.bench.scenarios import Planned
 
 LEAD_S = 2.0  # time to open connections before the first message
+FLOOD_CONCURRENCY = 32  # a flooder's POSTs in flight at once
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Observation:
     ack_s: float | None = None
     first_s: float | None = None
     done_s: float | None = None
+    notice_s: float | None = None  # the first "queued" notice seen (Sluice's web chat)
     kind: str | None = None  # answer | notice | error | rejected; None = no reply seen
     cached: bool = False
     lane: str | None = None  # Sluice: from the 202 body; naive: the planned lane
@@ -49,6 +51,15 @@ class Observation:
         if self.sent_s is None or self.first_s is None:
             return None
         return self.first_s - self.sent_s
+
+    @property
+    def first_visible_s(self) -> float | None:
+        """Send to the first thing the user sees: the answer's first text, a queued
+        notice, or the whole reply (a notice or an error), whichever came first."""
+        if self.sent_s is None:
+            return None
+        seen = [t for t in (self.first_s, self.notice_s, self.done_s) if t is not None]
+        return min(seen) - self.sent_s if seen else None
 
     @property
     def full_s(self) -> float | None:
@@ -149,6 +160,8 @@ class SluiceUsers:
         kind = event.get("type")
         if kind == "delta" and o.first_s is None:
             o.first_s = at
+        elif kind == "queued" and o.notice_s is None:
+            o.notice_s = at
         elif kind == "done" and o.kind is None:
             o.done_s = at
             if o.first_s is None:
@@ -159,7 +172,7 @@ class SluiceUsers:
 
     def _event(self, at: float, event: dict[str, Any], wake: asyncio.Event) -> None:
         mid = event.get("message_id")
-        if not isinstance(mid, str) or event.get("type") not in ("delta", "done"):
+        if not isinstance(mid, str) or event.get("type") not in ("delta", "queued", "done"):
             return
         o = self._by_mid.get(mid)
         if o is None:
@@ -223,7 +236,17 @@ class SluiceUsers:
         wake = asyncio.Event()
         listener = asyncio.create_task(self._listen(http, headers, wake))
         try:
-            for o in obs:
+            if obs[0].planned.flooder:
+                # A flooder does not wait for one POST before the next.
+                gate = asyncio.Semaphore(FLOOD_CONCURRENCY)
+
+                async def send(o: Observation) -> None:
+                    async with gate:
+                        await self._send(http, headers, o)
+
+                await asyncio.gather(*(send(o) for o in obs))
+                wake.set()
+            for o in obs if not obs[0].planned.flooder else ():
                 await self._send(http, headers, o)
                 if o.kind is not None:
                     wake.set()

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.table import Table
 
 from sluice.bench.drivers import Observation
+from sluice.bench.scenarios import USER_KINDS
 
 QUANTILES = (0.5, 0.95, 0.99)
 LANES = ("high", "default", "bulk")
@@ -32,6 +33,50 @@ def quantile(values: Sequence[float], q: float) -> float | None:
 def quantiles(values: Sequence[float]) -> dict[str, float | None]:
     """p50, p95 and p99."""
     return {f"p{round(q * 100)}": quantile(values, q) for q in QUANTILES}
+
+
+IN_TIME_S = 60.0
+
+
+def first_visible(obs: Sequence[Observation]) -> dict[str, float | None]:
+    """p50/p95/p99 of the first visible response (answer text, queued notice or whole
+    reply) over *every* sent message: one that showed nothing counts as never, so a
+    quantile that falls among those is ``None`` (shown as "never")."""
+    values = [o.first_visible_s for o in obs if o.sent_s is not None]
+    xs = [math.inf if v is None else v for v in values]
+    out = quantiles(xs)
+    return {k: None if v is None or math.isinf(v) else v for k, v in out.items()}
+
+
+def answered_within(obs: Sequence[Observation], limit_s: float = IN_TIME_S) -> int:
+    """Messages whose whole answer arrived within ``limit_s`` of sending."""
+    return sum(
+        1 for o in obs if o.kind == "answer" and o.full_s is not None and o.full_s <= limit_s
+    )
+
+
+def group_numbers(obs: Sequence[Observation]) -> dict[str, Any]:
+    """Sent, answered, answered within 60 s, first visible and full reply of a group."""
+    answered = [o for o in obs if o.kind == "answer"]
+    return {
+        "sent": len(obs),
+        "answered": len(answered),
+        # Answers not from the cache: each one cost an LLM call (retries aside).
+        "answered_by_llm": sum(1 for o in answered if not o.cached),
+        "notices": sum(1 for o in obs if o.kind == "notice"),
+        "answered_within_60s": answered_within(obs),
+        "first_visible_s": first_visible(obs),
+        "full_reply_s": quantiles([o.full_s for o in answered if o.full_s is not None]),
+    }
+
+
+def by_user_kind(sent: Sequence[Observation]) -> dict[str, dict[str, Any]]:
+    """The numbers of light users, heavy users (launch-day's 10x senders), the flooder
+    and the heavy tenant's users (the ``flood`` scenario), where there are any."""
+    groups: dict[str, list[Observation]] = {}
+    for o in sent:
+        groups.setdefault(o.planned.kind, []).append(o)
+    return {kind: group_numbers(groups[kind]) for kind in USER_KINDS if kind in groups}
 
 
 def parse_metrics(texts: Iterable[str]) -> list[Sample]:
@@ -104,6 +149,7 @@ def summarize(
     span = (max(ends) - min(o.sent_s for o in sent)) if ends and sent else 0.0  # type: ignore[type-var]
     return {
         "sent": len(sent),
+        "accepted": sum(1 for k in kinds if k != "rejected"),
         "answered": len(answered),
         "errors": sum(1 for k in kinds if k in ("error", "rejected")),
         "rejected": sum(1 for k in kinds if k == "rejected"),
@@ -116,7 +162,10 @@ def summarize(
         "ack_s": quantiles(acks),
         "ttft_s": quantiles(ttft),
         "full_reply_s": quantiles(full),
+        "first_visible_s": first_visible(sent),
+        "answered_within_60s": answered_within(sent),
         "lanes": by_lane(sent),
+        "users": by_user_kind(sent),
         "overhead_s": histogram_quantiles(
             samples, "sluice_job_overhead_seconds", platform=platform
         ),
@@ -157,6 +206,8 @@ def by_lane(sent: list[Observation]) -> dict[str, dict[str, Any]]:
             "errors": sum(1 for o in obs if o.kind in ("error", "rejected")),
             "ttft_s": quantiles([o.ttft_s for o in answered if o.ttft_s is not None]),
             "full_reply_s": quantiles([o.full_s for o in answered if o.full_s is not None]),
+            "first_visible_s": first_visible(obs),
+            "answered_within_60s": answered_within(obs),
         }
     return out
 
@@ -184,6 +235,11 @@ def _q(d: dict[str, float | None]) -> str:
     return " / ".join(_ms(d.get(k)) for k in ("p50", "p95", "p99"))
 
 
+def _qv(d: dict[str, float | None]) -> str:
+    # First visible: None means the quantile fell among messages that showed nothing.
+    return " / ".join("never" if d.get(k) is None else _ms(d.get(k)) for k in ("p50", "p95", "p99"))
+
+
 def _mem(d: dict[str, float | None]) -> str:
     parts = [f"{k} {v:.0f}" for k, v in d.items() if v is not None]
     return ", ".join(parts) + " MiB" if parts else "-"
@@ -202,7 +258,12 @@ def _lane(lane: str, field: str) -> Any:
         if row is None:
             return "-"
         if field == "count":
-            return f"{row['sent']:,} / {row['answered']:,} / {row['errors']:,}"
+            return (
+                f"{row['sent']:,} / {row['answered']:,} / {row['errors']:,}"
+                f" / {row.get('answered_within_60s', 0):,}"
+            )
+        if field == "first_visible_s":
+            return _qv(row[field]) if field in row else "-"
         return _q(row[field])
 
     return fmt
@@ -212,15 +273,46 @@ LANE_ROWS: list[tuple[str, Any]] = [
     row
     for lane in LANES
     for row in (
-        (f"{lane} lane: sent / answered / errors", _lane(lane, "count")),
+        (f"{lane} lane: sent / answered / errors / in 60 s", _lane(lane, "count")),
+        ("  first visible p50/p95/p99", _lane(lane, "first_visible_s")),
         ("  first token p50/p95/p99", _lane(lane, "ttft_s")),
         ("  full reply p50/p95/p99", _lane(lane, "full_reply_s")),
     )
 ]
 
+
+def _users(kind: str, field: str) -> Any:
+    def fmt(s: dict[str, Any]) -> str:
+        row = s.get("users", {}).get(kind)
+        if row is None:
+            return "-"
+        if field == "count":
+            return (
+                f"{row['sent']:,} / {row['answered']:,} ({row.get('answered_by_llm', 0):,})"
+                f" / {row['answered_within_60s']:,} / {row.get('notices', 0):,}"
+            )
+        return _qv(row[field]) if field == "first_visible_s" else _q(row[field])
+
+    return fmt
+
+
+USER_ROWS: list[tuple[str, Any]] = [
+    row
+    for kind in USER_KINDS
+    for row in (
+        (
+            f"{kind} users: sent / answered (by the LLM) / in 60 s / notices",
+            _users(kind, "count"),
+        ),
+        ("  first visible p50/p95/p99", _users(kind, "first_visible_s")),
+        ("  full reply p50/p95/p99", _users(kind, "full_reply_s")),
+    )
+]
+
 ROWS: list[tuple[str, Any]] = [
-    ("messages sent", lambda s: f"{s['sent']:,}"),
+    ("messages sent / accepted", lambda s: f"{s['sent']:,} / {s.get('accepted', s['sent']):,}"),
     ("answered", lambda s: f"{s['answered']:,}"),
+    ("answered within 60 s", lambda s: f"{s.get('answered_within_60s', 0):,}"),
     (
         "errors users saw",
         lambda s: f"{s['errors']:,}" + (f" ({s['rejected']} refused)" if s["rejected"] else ""),
@@ -232,9 +324,11 @@ ROWS: list[tuple[str, Any]] = [
     ("cache hits", lambda s: f"{s['cache_hits']:,}"),
     ("quota use while backlog", _quota),
     ("platform ack p50/p95/p99", lambda s: _q(s["ack_s"])),
+    ("first visible p50/p95/p99", lambda s: _qv(s["first_visible_s"])),
     ("first token p50/p95/p99", lambda s: _q(s["ttft_s"])),
     ("full reply p50/p95/p99", lambda s: _q(s["full_reply_s"])),
     *LANE_ROWS,
+    *USER_ROWS,
     ("framework overhead p50/p95/p99", lambda s: _q(s["overhead_s"])),
     ("  of which queue wait", lambda s: _q(s["queue_wait_s"])),
     ("  of which delivery", lambda s: _q(s["delivery_s"])),
@@ -243,6 +337,12 @@ ROWS: list[tuple[str, Any]] = [
         "Redis commands per message",
         lambda s: (
             f"{s['redis_commands_per_message']:.1f}" if "redis_commands_per_message" in s else "-"
+        ),
+    ),
+    (
+        "Redis used_memory growth (peak)",
+        lambda s: (
+            f"{s['redis_memory_growth_mb']:.1f} MiB" if "redis_memory_growth_mb" in s else "-"
         ),
     ),
     ("answered per second", lambda s: f"{s['answered_per_s']:.1f}"),

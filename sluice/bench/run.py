@@ -115,6 +115,39 @@ async def redis_calls(redis_url: str) -> int:
     return sum(int(v.get("calls", 0)) for v in stats.values() if isinstance(v, dict))
 
 
+async def used_memory(redis_url: str) -> int:
+    """The Redis server's ``used_memory`` in bytes."""
+    redis: Redis = Redis.from_url(redis_url)
+    try:
+        info = await redis.info("memory")
+    finally:
+        await redis.aclose()
+    return int(info["used_memory"])
+
+
+@contextlib.asynccontextmanager
+async def memory_watch(redis_url: str, every_s: float = 0.5) -> AsyncIterator[dict[str, int]]:
+    """Redis ``used_memory`` before the run and its peak during it (``before``, ``peak``,
+    ``after`` in bytes; on a shared Redis other clients' keys count too)."""
+    out = {"before": await used_memory(redis_url)}
+    out["peak"] = out["before"]
+
+    async def sample() -> None:
+        while True:
+            out["peak"] = max(out["peak"], await used_memory(redis_url))
+            await asyncio.sleep(every_s)
+
+    task = asyncio.create_task(sample())
+    try:
+        yield out
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        out["after"] = await used_memory(redis_url)
+        out["peak"] = max(out["peak"], out["after"])
+
+
 async def _drop_prefix(redis_url: str, prefix: str) -> None:
     redis: Redis = Redis.from_url(redis_url)
     try:
@@ -237,7 +270,10 @@ async def run_sluice(
         deadline = max(p.at_s for p in schedule) + sc.drain_timeout_s
         users = SluiceUsers(base, schedule, run_id, deadline)
         calls_before = await redis_calls(redis_url)
-        async with _progress(console, "sluice", users, len(schedule)):
+        async with (
+            memory_watch(redis_url) as redis_memory,
+            _progress(console, "sluice", users, len(schedule)),
+        ):
             obs = await users.run()
         calls = await redis_calls(redis_url) - calls_before
         traffic = await _traffic(redis_url, prefix, sc.rpm)
@@ -263,6 +299,8 @@ async def run_sluice(
         summary["traffic"] = traffic
         summary["quota_use_in_backlog"] = traffic["quota_use_in_backlog"]
         summary["redis_commands"] = calls
+        summary["redis_used_memory"] = redis_memory
+        summary["redis_memory_growth_mb"] = (redis_memory["peak"] - redis_memory["before"]) / 2**20
         summary["redis_commands_per_message"] = calls / max(1, summary["sent"])
         return summary
     finally:

@@ -55,6 +55,14 @@ class Scenario:
     tokens: int = 40
     drain_timeout_s: float = 120.0
     seed: int = 1
+    # The flood scenario: one user sends flood_messages within flood_duration_s from
+    # flood_start_s on, and tenant_users more users (one tenant's) send tenant_factor
+    # times the normal share each.
+    flood_messages: int = 0
+    flood_start_s: float = 20.0
+    flood_duration_s: float = 10.0
+    tenant_users: int = 0
+    tenant_factor: int = 10
 
     def scaled(self, factor: float) -> Scenario:
         """Fewer (or more) users, heavy users and provider capacity; same timing."""
@@ -64,6 +72,8 @@ class Scenario:
             self,
             users=max(1, round(self.users * factor)),
             heavy_users=round(self.heavy_users * factor),
+            tenant_users=round(self.tenant_users * factor),
+            flood_messages=round(self.flood_messages * factor),
             rpm=max(1, round(self.rpm * factor)) if self.rpm else None,
             tpm=max(1, round(self.tpm * factor)) if self.tpm else None,
         )
@@ -72,7 +82,9 @@ class Scenario:
     def total_messages(self) -> int:
         """Messages the schedule sends."""
         light = (self.users - self.heavy_users) * self.messages_per_user
-        return light + self.heavy_users * self.messages_per_user * self.heavy_factor
+        heavy = self.heavy_users * self.messages_per_user * self.heavy_factor
+        tenant = self.tenant_users * self.messages_per_user * self.tenant_factor
+        return light + heavy + tenant + self.flood_messages
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready parameters."""
@@ -105,8 +117,29 @@ TEN_X = replace(LAUNCH_DAY, name="10x", users=10_000, heavy_users=100, drain_tim
 # Placeholder: the history helper's flush benchmark is called instead of a load run.
 FLUSH = replace(LAUNCH_DAY, name="flush")
 SERIALIZER = replace(LAUNCH_DAY, name="serializer")
+# 200 normal users chat (3 messages each in a minute, half the provider's limit) while
+# one user sends 5,000 messages in 10 s and one tenant's 10 users send 10x their share.
+FLOOD = replace(
+    LAUNCH_DAY,
+    name="flood",
+    users=200,
+    messages_per_user=3,
+    duration_s=60,
+    heavy_users=0,
+    flood_messages=5000,
+    flood_start_s=20.0,
+    flood_duration_s=10.0,
+    tenant_users=10,
+    tenant_factor=10,
+    drain_timeout_s=180,
+)
+# The same normal users without the flooder and the heavy tenant: the flood run's yardstick.
+FLOOD_CALM = replace(FLOOD, name="flood-calm", flood_messages=0, tenant_users=0)
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (LAUNCH_DAY, STEADY, TEN_X, FLUSH, SERIALIZER)}
+SCENARIOS: dict[str, Scenario] = {
+    s.name: s for s in (LAUNCH_DAY, STEADY, TEN_X, FLUSH, SERIALIZER, FLOOD, FLOOD_CALM)
+}
+USER_KINDS = ("light", "heavy", "heavy-tenant", "flooder")
 
 
 @dataclass(frozen=True)
@@ -121,6 +154,17 @@ class Planned:
     repeated: bool
     billing: bool = False
     heavy: bool = False
+    flooder: bool = False
+    heavy_tenant: bool = False
+
+    @property
+    def kind(self) -> str:
+        """Which kind of user sent it (one of :data:`USER_KINDS`)."""
+        if self.flooder:
+            return "flooder"
+        if self.heavy_tenant:
+            return "heavy-tenant"
+        return "heavy" if self.heavy else "light"
 
     @property
     def lane(self) -> str:
@@ -135,17 +179,28 @@ def plan(scenario: Scenario) -> list[Planned]:
     """The schedule: each user's messages at sorted random times within the duration.
 
     The first ``heavy_users`` users send ``heavy_factor`` times as many messages.
+    The ``flood`` scenario adds ``tenant_users`` users sending ``tenant_factor`` times
+    as many, and one user sending ``flood_messages`` within ``flood_duration_s``.
     A ``repeat_ratio`` share of messages are common questions (cacheable), a
     ``billing_ratio`` share are billing questions (the ``high`` lane); the rest are
     unique to their user.
     """
     rng = random.Random(scenario.seed)
     out: list[tuple[float, int, int, str, bool, bool]] = []
-    for user in range(scenario.users):
+    tenant_end = scenario.users + scenario.tenant_users
+    for user in range(tenant_end + (1 if scenario.flood_messages else 0)):
         n = scenario.messages_per_user
         if user < scenario.heavy_users:
             n *= scenario.heavy_factor
-        times = sorted(rng.uniform(0, scenario.duration_s) for _ in range(n))
+        elif user >= tenant_end:
+            n = scenario.flood_messages
+        elif user >= scenario.users:
+            n *= scenario.tenant_factor
+        if user >= tenant_end:
+            start, span = scenario.flood_start_s, scenario.flood_duration_s
+        else:
+            start, span = 0.0, scenario.duration_s
+        times = sorted(start + rng.uniform(0, span) for _ in range(n))
         for seq, at in enumerate(times):
             draw = rng.random()
             billing = False
@@ -174,6 +229,8 @@ def plan(scenario: Scenario) -> list[Planned]:
             repeated=r,
             billing=b,
             heavy=u < scenario.heavy_users,
+            heavy_tenant=scenario.users <= u < tenant_end,
+            flooder=u >= tenant_end,
         )
         for i, (at, u, s, t, r, b) in enumerate(out)
     ]

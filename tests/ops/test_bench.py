@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from sluice.bench.report import histogram_quantiles, parse_metrics, quantile
-from sluice.bench.scenarios import LAUNCH_DAY, plan
+from sluice.bench.drivers import Observation
+from sluice.bench.report import (
+    answered_within,
+    by_user_kind,
+    first_visible,
+    histogram_quantiles,
+    parse_metrics,
+    quantile,
+)
+from sluice.bench.scenarios import FLOOD, FLOOD_CALM, LAUNCH_DAY, plan
 from tests.helpers import ROOT, base_env
 
 ROWS = (
@@ -25,6 +33,9 @@ ROWS = (
     "ack_s",
     "ttft_s",
     "full_reply_s",
+    "first_visible_s",
+    "answered_within_60s",
+    "users",
     "lanes",
     "overhead_s",
     "db_transactions",
@@ -47,6 +58,61 @@ def test_launch_day_schedule_matches_the_scenario() -> None:
     for p in schedule:
         per_user[p.user] = per_user.get(p.user, 0) + 1
     assert sorted(per_user.values(), reverse=True)[:11] == [20] * 10 + [2]
+
+
+def test_flood_schedule_has_the_flooder_and_the_heavy_tenant_beside_normal_users() -> None:
+    schedule = plan(FLOOD)
+    assert len(schedule) == FLOOD.total_messages == 200 * 3 + 10 * 30 + 5000
+    flood = [p for p in schedule if p.flooder]
+    assert len(flood) == 5000 and len({p.user for p in flood}) == 1
+    assert all(20 <= p.at_s < 30 for p in flood)
+    tenant = [p for p in schedule if p.heavy_tenant]
+    assert len(tenant) == 300 and len({p.user for p in tenant}) == 10
+    assert sum(p.kind == "light" for p in schedule) == 600
+    calm = plan(FLOOD_CALM)
+    assert len(calm) == 600 and all(p.kind == "light" for p in calm)
+    # The calm run's normal users send exactly what the flood run's normal users send.
+    assert [(p.at_s, p.text) for p in calm] == [
+        (p.at_s, p.text) for p in schedule if p.kind == "light"
+    ]
+
+
+def _obs(
+    at: float, *, first: float | None, notice: float | None, done: float | None
+) -> Observation:
+    planned = plan(LAUNCH_DAY)[0]
+    o = Observation(planned, sent_s=at, first_s=first, notice_s=notice, done_s=done)
+    o.kind = "answer" if done is not None else None
+    return o
+
+
+def test_first_visible_counts_the_queued_notice_and_never_for_silence() -> None:
+    obs = [
+        _obs(0.0, first=30.0, notice=0.5, done=31.0),  # the notice came first
+        _obs(0.0, first=1.0, notice=None, done=2.0),
+        _obs(0.0, first=None, notice=None, done=None),  # saw nothing at all
+    ]
+    fv = first_visible(obs)
+    assert fv["p50"] == 1.0
+    assert fv["p99"] is None  # the 99th percentile fell on the message that showed nothing
+    assert answered_within(obs) == 2  # 31 s is within 60 s, 2 s too; the silent one not
+    assert answered_within(obs, 10) == 1
+
+
+def test_user_kinds_split_light_and_heavy_senders() -> None:
+    schedule = plan(LAUNCH_DAY.scaled(0.1))
+    obs = [Observation(p, sent_s=p.at_s, first_s=p.at_s + 1, done_s=p.at_s + 2) for p in schedule]
+    for o in obs:
+        o.kind = "answer"
+    light = [o for o in obs if not o.planned.heavy]
+    light[0].kind = "notice"
+    light[1].cached = True
+    groups = by_user_kind(obs)
+    assert set(groups) == {"light", "heavy"}
+    assert groups["heavy"]["sent"] == sum(p.heavy for p in schedule)
+    assert groups["light"]["answered_within_60s"] == groups["light"]["sent"] - 1
+    assert groups["light"]["answered_by_llm"] == groups["light"]["sent"] - 2
+    assert groups["light"]["notices"] == 1
 
 
 def test_scale_shrinks_users_and_provider_limit_together() -> None:
@@ -96,6 +162,9 @@ def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_pa
     for name in ("sluice", "naive"):
         s = report["designs"][name]
         assert all(row in s for row in ROWS), name
+        assert s["first_visible_s"]["p50"] <= s["full_reply_s"]["p50"]
+        assert 0 < s["answered_within_60s"] <= s["answered"]
+        assert sum(g["sent"] for g in s["users"].values()) == sent
         assert s["sent"] == sent
         assert s["answered"] + s["errors"] + s["notices"] + s["unanswered"] == s["sent"]
         assert s["unanswered"] == 0, f"{name}: every message gets a reply before the drain ends"
@@ -122,6 +191,8 @@ def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_pa
     assert sluice_lanes == naive_lanes
     assert "quota_use_in_backlog" in report["designs"]["sluice"]
     assert "quota use while backlog" in done.stdout and "high lane" in done.stdout
+    assert "first visible" in done.stdout and "answered within 60 s" in done.stdout
+    assert report["designs"]["sluice"]["redis_memory_growth_mb"] >= 0
     # The naive design commits once per message; Sluice acks before the model answers.
     assert report["designs"]["naive"]["db_transactions"] == sent
     assert report["designs"]["sluice"]["ack_s"]["p50"] < report["designs"]["naive"]["ack_s"]["p50"]
