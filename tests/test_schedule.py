@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from core.messages import IncomingMessage
 from core.ordering import ConversationBusy, acquire_conversation, register_arrival
-from core.queue import arq_job_id, connect_queue, enqueue_reply
+from core.queue import arq_job_id, connect_queue, enqueue_reply, notice_queue_name
 from core.redis import Keys
 from core.schedule import (
     BAND_SHIFT_MS,
@@ -251,23 +251,21 @@ async def test_a_worker_serves_fair_shares_lanes_and_in_time_messages_first_in_o
     assert [m["content"] for m in third if m["role"] == "user"] == [m.text for m in heavy[:3]]
 
 
-async def test_a_late_messages_queued_notice_still_goes_before_every_reply_job(settings, redis):
-    """The notice job is queued ahead of its reply job's score; for a message in the late
-    band that must still be ahead of the in-time band, or the notice would wait for the
-    whole backlog."""
+async def test_a_late_messages_queued_notice_never_waits_behind_reply_jobs(settings, redis):
+    """A late-band message's notice (its door check) is queued on the reserved path,
+    not among the reply jobs, so it does not wait for the backlog, in-time or late; and
+    notices there go by arrival."""
     s = _s(settings, fair_step_s=60.0, llm_rpm=60, queued_notice_after_s=0.5)
     await redis.hset(f"{s.key_prefix}:llm:bucket", mapping={"rl": "0", "ts": "0"})
     msgs = [_msg("a1", user="a"), _msg("b1", user="b"), _msg("c1", user="c")]
     await _enqueue(s, *msgs, _msg("a2", user="a"), _msg("d1", user="d"))
-    scores = dict(await redis.zrange(s.queue_name, 0, -1, withscores=True))
-    notice = scores.pop(f"{s.key_prefix}:queued:{_msg('a2', user='a').job_id}".encode())
-    replies = [v for k, v in scores.items() if b":queued:" not in k]
+    replies = dict(await redis.zrange(s.queue_name, 0, -1, withscores=True))
     assert len(replies) == 5
-    assert notice < min(replies)
-    # Notices go by arrival: under a backlog they wait for free slots too, and a late
-    # message's notice must not wait behind those of in-time messages sent after it.
-    later = scores[f"{s.key_prefix}:queued:{_msg('d1', user='d').job_id}".encode()]
-    assert notice < later
+    assert not [k for k in replies if b":door:" in k or b":queued:" in k]
+    door = dict(await redis.zrange(notice_queue_name(s), 0, -1, withscores=True))
+    late = door[f"{s.key_prefix}:door:{_msg('a2', user='a').job_id}".encode()]
+    later = door[f"{s.key_prefix}:door:{_msg('d1', user='d').job_id}".encode()]
+    assert late <= later
 
 
 async def test_a_parked_in_time_message_lifts_its_late_earlier_one_into_the_in_time_band(
