@@ -9,11 +9,19 @@ Durations end in ``_s``; secrets are :class:`pydantic.SecretStr` so they never p
 from __future__ import annotations
 
 import json
+import os
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
 
 def _fixed(name: str) -> AliasChoices:
@@ -538,6 +546,37 @@ class Settings(BaseSettings):
         description="When a message's expected wait in line exceeds this, the user sees "
         "'queued, about N s' until the answer starts.",
     )
+    secrets_dir: str | None = Field(
+        None,
+        description="Directory of secret files, one per setting, each named like its "
+        "environment variable (e.g. `OPENAI_API_KEY`): a mounted Kubernetes Secret. "
+        "Environment variables and `.env` win over a file; a missing directory is an error.",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then ``.env``, then ``SLUICE_SECRETS_DIR``'s files.
+
+        The directory itself is named by an argument or the environment (not ``.env``).
+        """
+        sources: tuple[PydanticBaseSettingsSource, ...] = (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+        )
+        named = init_settings().get("secrets_dir") or os.environ.get("SLUICE_SECRETS_DIR")
+        if not named:
+            return sources
+        if not Path(str(named)).is_dir():
+            raise ValueError(f"SLUICE_SECRETS_DIR={named} is not a directory")
+        return (*sources, SecretsSettingsSource(settings_cls, secrets_dir=str(named)))
 
     @property
     def queue_name(self) -> str:
