@@ -184,6 +184,8 @@ def worker_process(settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
 REQUIRED_MARKERS = {
     "postgres": "SLUICE_TEST_REQUIRE_POSTGRES",
     "browser": "SLUICE_TEST_REQUIRE_BROWSER",
+    # kubectl, promtool, prometheus, nginx (Debian packages; tests/ops/tools.py)
+    "ops_tools": "SLUICE_TEST_REQUIRE_OPS_TOOLS",
 }
 # Read at import: the autouse fixture scrubs SLUICE_* variables during each test.
 REQUIRED_NOW = {m for m, env in REQUIRED_MARKERS.items() if os.environ.get(env) == "1"}
