@@ -184,7 +184,7 @@ def worker_process(settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
 REQUIRED_MARKERS = {
     "postgres": "SLUICE_TEST_REQUIRE_POSTGRES",
     "browser": "SLUICE_TEST_REQUIRE_BROWSER",
-    # kubectl, promtool, prometheus, nginx (Debian packages; tests/ops/tools.py)
+    # kubectl, promtool, prometheus, nginx, caddy (Debian packages; tests/ops/tools.py)
     "ops_tools": "SLUICE_TEST_REQUIRE_OPS_TOOLS",
 }
 # Read at import: the autouse fixture scrubs SLUICE_* variables during each test.

@@ -1,7 +1,7 @@
-"""The operations tools some tests run: kubectl, promtool, prometheus, nginx.
+"""The operations tools some tests run: kubectl, promtool, prometheus, nginx, caddy.
 
-They are Debian packages (``kubernetes-client``, ``prometheus``, ``nginx-light``), not
-Python ones. A test marked ``ops_tools`` skips when its tool is missing, and CI
+They are Debian packages (``kubernetes-client``, ``prometheus``, ``nginx-light``,
+``caddy``), not Python ones. A test marked ``ops_tools`` skips when its tool is missing, and CI
 (``.ci/run``, which installs them) sets ``SLUICE_TEST_REQUIRE_OPS_TOOLS=1`` so that the
 skip fails the run instead (tests/conftest.py).
 """
@@ -17,6 +17,7 @@ PACKAGES = {
     "promtool": "prometheus",
     "prometheus": "prometheus",
     "nginx": "nginx-light",
+    "caddy": "caddy",
 }
 
 
