@@ -7,11 +7,14 @@ the LLM budget and cache probes are :mod:`core.traffic`'s, which owns that state
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from core.heartbeat import live
@@ -129,14 +132,52 @@ def render(sections: dict[str, list[Row]], settings: Settings) -> Table:
     return t
 
 
-async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
-    """Connect to ``REDIS_URL`` and collect every section."""
+def _connect(settings: Settings) -> Redis:
     from core.redis import redis_settings
 
     redis_settings(settings)  # raises ConfigError with a clear message when unset
     assert settings.redis_url is not None
-    redis: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    client: Redis = Redis.from_url(settings.redis_url, socket_connect_timeout=2)
+    return client
+
+
+async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
+    """Connect to ``REDIS_URL`` and collect every section."""
+    redis = _connect(settings)
     try:
         return await collect(settings, redis)
     finally:
         await redis.aclose()
+
+
+async def watch(
+    settings: Settings,
+    *,
+    interval_s: float,
+    console: Console | None = None,
+    refreshes: int | None = None,
+) -> int:
+    """``sluice status --watch``: redraw the screen every ``interval_s`` seconds.
+
+    On a terminal the table is redrawn in place (:class:`rich.live.Live`); into a pipe or
+    a file each refresh is printed after the last. Runs until cancelled (Ctrl+C), or for
+    ``refreshes`` screens; returns how many were drawn. Redis going away shows as an
+    error in each section, and the screen keeps refreshing until it is back.
+    """
+    console = console or Console()
+    redis = _connect(settings)
+    drawn = 0
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while refreshes is None or drawn < refreshes:
+                screen = render(await collect(settings, redis), settings)
+                if console.is_terminal:
+                    live.update(screen, refresh=True)
+                else:
+                    console.print(screen)
+                drawn += 1
+                if refreshes is None or drawn < refreshes:
+                    await asyncio.sleep(interval_s)
+    finally:
+        await redis.aclose()
+    return drawn
