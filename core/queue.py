@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from arq.connections import ArqRedis, create_pool
 from redis.exceptions import RedisError
 
+from core import tracing
 from core.bot import Bot, load_bot
 from core.budget import estimate_wait_s
 from core.errors import BotDefinitionError, QueueError
@@ -47,6 +48,7 @@ def arq_job_id(settings: Settings, msg: IncomingMessage) -> str:
     return f"{settings.key_prefix}:{msg.job_id}"
 
 
+@tracing.traced_enqueue
 async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessage) -> bool:
     """Enqueue the ``reply`` job for ``msg``, in its lane and its conversation's line.
 
@@ -102,6 +104,7 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     return job is not None
 
 
+@tracing.traced_receive
 async def accept_message(
     redis: ArqRedis, settings: Settings, msg: IncomingMessage, *extra_keys: str
 ) -> bool:

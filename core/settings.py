@@ -546,6 +546,15 @@ class Settings(BaseSettings):
         description="When a message's expected wait in line exceeds this, the user sees "
         "'queued, about N s' until the answer starts.",
     )
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces URL (e.g. `http://otel-collector:4318/v1/traces`): one "
+        "OpenTelemetry trace per message; unset: no tracing. Needs `pip install 'sluice[otel]'`; "
+        "headers such as auth come from `OTEL_EXPORTER_OTLP_HEADERS`.",
+    )
+    otel_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait of one trace export (in the background)."
+    )
     secrets_dir: str | None = Field(
         None,
         description="Directory of secret files, one per setting, each named like its "
