@@ -17,12 +17,17 @@ RUN groupadd --system --gid 10001 sluice \
     && useradd --system --uid 10001 --gid sluice --home-dir /app --shell /usr/sbin/nologin sluice
 
 WORKDIR /app
+# Reproducible: every dependency at the version and hashes of requirements.lock (made by
+# pip-compile --generate-hashes from pyproject.toml; docs/deploy.md), then Sluice itself
+# without resolving anything again.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY core ./core
 COPY workers ./workers
 COPY bots ./bots
 COPY sluice ./sluice
-RUN pip install --no-cache-dir . \
+RUN pip install --no-cache-dir --no-deps . \
     && chown sluice:sluice /app
 
 USER 10001:10001

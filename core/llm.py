@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import httpx2
 import openai
 
-from core import metrics
+from core import metrics, tracing
 from core.errors import (
     LLMError,
     LLMRateLimitedError,
@@ -125,6 +125,7 @@ class OpenAIProvider:
         """Close the HTTP connections."""
         await self.client.close()
 
+    @tracing.traced_llm
     async def complete(
         self,
         messages: Sequence[ChatMessage],

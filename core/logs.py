@@ -333,8 +333,9 @@ def setup_logging(settings: Settings, *, process: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
-    # Per-request lines from these libraries would drown the ones that matter.
-    for noisy in ("httpx", "httpx2", "aiohttp.access", "openai"):
+    # Per-request lines from these libraries would drown the ones that matter; Alembic
+    # logs its plugins and context at every schema check (core.store logs what it did).
+    for noisy in ("httpx", "httpx2", "aiohttp.access", "openai", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # A crash's traceback and library warnings go through the same masking, not
     # straight to stderr.

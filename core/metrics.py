@@ -21,6 +21,7 @@ sluice_job_overhead_seconds        histogram  platform        reply job: queue w
                                                               runs and delivery included)
 sluice_delivery_seconds            histogram  platform        time in responder calls
 sluice_delivery_errors_total       counter    platform        reply job / responders
+sluice_delivery_given_up_total     counter    platform        delivery: retries ran out
 sluice_replies_total               counter    platform, kind  reply job (answer|notice|error)
 sluice_llm_seconds                 histogram  outcome         every LLM call attempt
 sluice_llm_first_token_seconds     histogram  -               successful LLM calls
@@ -28,6 +29,10 @@ sluice_llm_calls_total             counter    outcome         ok | rate_limited 
 sluice_llm_rate_limited_total      counter    -               provider 429 answers
 sluice_llm_tokens_total            counter    direction       in | out
 sluice_llm_budget_waits_total      counter    -               core.budget, jobs in line
+sluice_llm_budget_rpm_limit        gauge      -               workers: SLUICE_LLM_RPM (0: none)
+sluice_llm_budget_tpm_limit        gauge      -               workers: SLUICE_LLM_TPM (0: none)
+sluice_llm_breaker_open_seconds    gauge      -               workers, at scrape time: until
+                                                              the breaker closes (0: closed)
 sluice_cache_hits_total            counter    -               core.cache
 sluice_cache_misses_total          counter    -               core.cache
 sluice_rate_limit_notices_total    counter    scope           core.ratelimit
@@ -129,6 +134,11 @@ DELIVERY_SECONDS = Histogram(
 DELIVERY_ERRORS = Counter(
     "sluice_delivery_errors", "Replies that could not be delivered.", ["platform"]
 )
+DELIVERY_GIVEN_UP = Counter(
+    "sluice_delivery_given_up",
+    "Replies the platform never took after every delivery attempt (kept in history).",
+    ["platform"],
+)
 REPLIES = Counter("sluice_replies", "Replies sent, by kind.", ["platform", "kind"])
 LLM_SECONDS = Histogram(
     "sluice_llm_seconds",
@@ -148,6 +158,15 @@ LLM_TOKENS = Counter(
 )
 LLM_BUDGET_WAITS = Counter(
     "sluice_llm_budget_waits", "Calls that waited for the shared LLM budget."
+)
+LLM_BUDGET_RPM_LIMIT = Gauge(
+    "sluice_llm_budget_rpm_limit", "The shared LLM budget's requests per minute (0: no limit)."
+)
+LLM_BUDGET_TPM_LIMIT = Gauge(
+    "sluice_llm_budget_tpm_limit", "The shared LLM budget's tokens per minute (0: no limit)."
+)
+LLM_BREAKER_OPEN_SECONDS = Gauge(
+    "sluice_llm_breaker_open_seconds", "Seconds until the LLM circuit breaker closes (0: closed)."
 )
 CACHE_HITS = Counter("sluice_cache_hits", "Answers served from the response cache.")
 CACHE_MISSES = Counter("sluice_cache_misses", "Cache lookups that found nothing.")
@@ -173,6 +192,7 @@ DB_TRANSACTIONS = Counter("sluice_db_transactions", "SQL transactions committed.
 # Label sets that exist from the start, so a scrape shows zeros rather than nothing.
 for _p in PLATFORMS:
     DELIVERY_ERRORS.labels(_p)
+    DELIVERY_GIVEN_UP.labels(_p)
 for _o in ("ok", "rate_limited", "error"):
     LLM_CALLS.labels(_o)
 for _d in ("in", "out"):

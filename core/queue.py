@@ -10,6 +10,7 @@ from datetime import UTC, datetime, timedelta
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from core import tracing
 from core.bot import Bot, load_bot
 from core.cache import cache_enabled
 from core.door import ADMITTED, Line, admit
@@ -54,6 +55,7 @@ def arq_job_id(settings: Settings, msg: IncomingMessage) -> str:
     return f"{settings.key_prefix}:{msg.job_id}"
 
 
+@tracing.traced_enqueue
 async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessage) -> bool:
     """Admit ``msg`` at the door, then enqueue its ``reply`` job, in its lane and its
     conversation's line.
@@ -135,6 +137,7 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     return job is not None
 
 
+@tracing.traced_receive
 async def accept_message(
     redis: ArqRedis, settings: Settings, msg: IncomingMessage, *extra_keys: str
 ) -> bool:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import unicodedata
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -22,7 +24,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SecretsSettingsSource,
+    SettingsConfigDict,
+)
 
 
 def _fixed(name: str) -> AliasChoices:
@@ -777,6 +785,47 @@ class Settings(BaseSettings):
                 f"SLUICE_TARGET_WAIT_S ({self.target_wait_s:g})"
             )
         return self
+
+    otel_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP traces URL (e.g. `http://otel-collector:4318/v1/traces`): one "
+        "OpenTelemetry trace per message; unset: no tracing. Needs `pip install 'sluice[otel]'`; "
+        "headers such as auth come from `OTEL_EXPORTER_OTLP_HEADERS`.",
+    )
+    otel_timeout_s: float = Field(
+        5.0, gt=0, description="Longest wait of one trace export (in the background)."
+    )
+    secrets_dir: str | None = Field(
+        None,
+        description="Directory of secret files, one per setting, each named like its "
+        "environment variable (e.g. `OPENAI_API_KEY`): a mounted Kubernetes Secret. "
+        "Environment variables and `.env` win over a file; a missing directory is an error.",
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then ``.env``, then ``SLUICE_SECRETS_DIR``'s files.
+
+        The directory itself is named by an argument or the environment (not ``.env``).
+        """
+        sources: tuple[PydanticBaseSettingsSource, ...] = (
+            init_settings,
+            env_settings,
+            dotenv_settings,
+        )
+        named = init_settings().get("secrets_dir") or os.environ.get("SLUICE_SECRETS_DIR")
+        if not named:
+            return sources
+        if not Path(str(named)).is_dir():
+            raise ValueError(f"SLUICE_SECRETS_DIR={named} is not a directory")
+        return (*sources, SecretsSettingsSource(settings_cls, secrets_dir=str(named)))
 
     @property
     def queue_name(self) -> str:

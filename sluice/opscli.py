@@ -18,7 +18,15 @@ def _fail(e: Exception) -> None:
 
 @click.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the sections as JSON.")
-def status(as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="A live screen, refreshed until Ctrl+C.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=2.0,
+    show_default=True,
+    help="Seconds between two refreshes of --watch.",
+)
+def status(as_json: bool, watch: bool, interval: float) -> None:
     """Queue depth and oldest wait per lane, live workers, adapters, LLM budget, cache, history."""
     from redis.exceptions import RedisError
     from rich.console import Console
@@ -26,8 +34,19 @@ def status(as_json: bool) -> None:
     from core.errors import ConfigError
     from core.settings import get_settings
     from sluice.status import collect_from_settings, render
+    from sluice.status import watch as watch_screen
 
     settings = get_settings()
+    if watch and as_json:
+        _fail(click.UsageError("--watch and --json do not go together"))
+    if watch:
+        try:
+            asyncio.run(watch_screen(settings, interval_s=interval))
+        except (ConfigError, RedisError, OSError) as e:
+            _fail(e)
+        except KeyboardInterrupt:
+            pass
+        return
     try:
         sections = asyncio.run(collect_from_settings(settings))
     except (ConfigError, RedisError, OSError) as e:

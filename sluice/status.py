@@ -10,11 +10,14 @@ Every row and error is masked with :func:`core.logs.redact` (a flush error can q
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from core.heartbeat import live
@@ -135,12 +138,20 @@ def render(sections: dict[str, list[Row]], settings: Settings) -> Table:
     return t
 
 
-async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
-    """Connect to ``REDIS_URL`` and collect every section."""
+def _connect(settings: Settings) -> Redis:
+    """A client for ``settings`` (``REDIS_URL`` or the sentinels).
+
+    Raises:
+        ConfigError: with a clear message when ``REDIS_URL`` (or the sentinels) is unset.
+    """
     from core.redis import client
 
-    # Raises ConfigError with a clear message when REDIS_URL (or the sentinels) is unset.
-    redis: Redis = client(settings, socket_connect_timeout=2)
+    return client(settings, socket_connect_timeout=2)
+
+
+async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
+    """Connect to ``REDIS_URL`` and collect every section."""
+    redis = _connect(settings)
     try:
         return await collect(settings, redis)
     except (RedisError, OSError) as e:
@@ -149,3 +160,36 @@ async def collect_from_settings(settings: Settings) -> dict[str, list[Row]]:
         raise RedisError(f"cannot read the status from Redis: {redact(str(e))}") from None
     finally:
         await redis.aclose()
+
+
+async def watch(
+    settings: Settings,
+    *,
+    interval_s: float,
+    console: Console | None = None,
+    refreshes: int | None = None,
+) -> int:
+    """``sluice status --watch``: redraw the screen every ``interval_s`` seconds.
+
+    On a terminal the table is redrawn in place (:class:`rich.live.Live`); into a pipe or
+    a file each refresh is printed after the last. Runs until cancelled (Ctrl+C), or for
+    ``refreshes`` screens; returns how many were drawn. Redis going away shows as an
+    error in each section, and the screen keeps refreshing until it is back.
+    """
+    console = console or Console()
+    redis = _connect(settings)
+    drawn = 0
+    try:
+        with Live(console=console, auto_refresh=False) as live:
+            while refreshes is None or drawn < refreshes:
+                screen = render(await collect(settings, redis), settings)
+                if console.is_terminal:
+                    live.update(screen, refresh=True)
+                else:
+                    console.print(screen)
+                drawn += 1
+                if refreshes is None or drawn < refreshes:
+                    await asyncio.sleep(interval_s)
+    finally:
+        await redis.aclose()
+    return drawn

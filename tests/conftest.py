@@ -187,6 +187,8 @@ REQUIRED_MARKERS = {
     "browser": "SLUICE_TEST_REQUIRE_BROWSER",
     "sentinel": "SLUICE_TEST_REQUIRE_SENTINEL",
     "netns": "SLUICE_TEST_REQUIRE_NETNS",
+    # kubectl, promtool, prometheus, nginx, caddy (Debian packages; tests/ops/tools.py)
+    "ops_tools": "SLUICE_TEST_REQUIRE_OPS_TOOLS",
 }
 # Read at import: the autouse fixture scrubs SLUICE_* variables during each test.
 REQUIRED_NOW = {m for m, env in REQUIRED_MARKERS.items() if os.environ.get(env) == "1"}

@@ -22,6 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core import metrics
 from core.messages import IncomingMessage, Reply
 from core.redis import Keys
 from core.settings import Settings
@@ -81,6 +82,7 @@ def backoff_s(settings: Settings, attempts: int, retry_after_s: float | None = N
 
 def log_given_up(msg: IncomingMessage, job_id: str, attempts: int, error: Exception) -> None:
     """The one loud line of a reply the platform never took (no text, no secrets)."""
+    metrics.DELIVERY_GIVEN_UP.labels(msg.platform).inc()
     logger.error(
         "reply given up after %d delivery attempts platform=%s tenant=%s channel=%s "
         "message=%s job=%s: %s (the answer is kept in history)",

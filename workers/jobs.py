@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
-from core import door, metrics
+from core import door, metrics, tracing
 from core.agent import Exchange, history_messages, run_tool_loop
 from core.bot import Bot
 from core.cache import cache_enabled
@@ -72,6 +72,7 @@ def build_context(
     return messages
 
 
+@tracing.traced_job
 async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     """Answer one message, in its conversation's turn (one reply at a time per
     conversation, in arrival order; a job whose conversation is busy parks).
@@ -367,6 +368,7 @@ async def _retry_or_give_up(
         logger.warning("cannot drop the undelivered reply of job=%s", job_id, exc_info=True)
 
 
+@tracing.traced_delivery
 async def _deliver(timing: metrics.JobTiming, platform: str, call: Awaitable[None]) -> None:
     """A responder call, timed; a delivery failure is counted, then raised."""
     try:

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from core import metrics
 from core.bot import load_bot
+from core.budget import LLMBudget
 from core.errors import ConfigError
 from core.heartbeat import heartbeating
 from core.history import HotHistory, backlog_status
@@ -170,6 +171,7 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
     for refresher in (
         metrics.queue_refresher(redis, settings),
         _history_refresher(redis, keys, settings),
+        _budget_refresher(redis, keys, settings),
     ):
         metrics.add_refresher(refresher)
         stack.callback(metrics.remove_refresher, refresher)
@@ -193,6 +195,18 @@ def _history_refresher(redis: Any, keys: Keys, settings: Settings) -> metrics.Re
         st = await backlog_status(redis, keys, settings.history_backlog_max)
         metrics.HISTORY_BACKLOG.set(st.length)
         metrics.HISTORY_FLUSH_LAG.set(st.oldest_age_s)
+
+    return refresh
+
+
+def _budget_refresher(redis: Any, keys: Keys, settings: Settings) -> metrics.Refresher:
+    """The shared LLM budget's limits and the breaker, for alerts and the autoscaler."""
+    budget = LLMBudget(redis, keys, settings)
+
+    async def refresh() -> None:
+        metrics.LLM_BUDGET_RPM_LIMIT.set(settings.llm_rpm or 0)
+        metrics.LLM_BUDGET_TPM_LIMIT.set(settings.llm_tpm or 0)
+        metrics.LLM_BREAKER_OPEN_SECONDS.set(await budget.breaker_open_for())
 
     return refresh
 
