@@ -27,7 +27,9 @@ def _fail(e: Exception) -> None:
 def main() -> None:
     """Sluice: LLM chat bots on Slack and Discord that survive launch day."""
     # Bad settings (an odd id, SLUICE_MAX_WAIT_S=0, …) stop every command at once
-    # with one clear line per setting, not a traceback.
+    # with one clear line per setting, not a traceback. Read anew for each invocation
+    # (one per process, but several in a test's CliRunner, each with its own env).
+    get_settings.cache_clear()
     try:
         get_settings()
     except ValidationError as e:

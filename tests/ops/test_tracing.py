@@ -85,7 +85,7 @@ async def test_one_trace_follows_a_message_from_the_adapter_to_each_delivery(
         worker_process({"SLUICE_OTEL_ENDPOINT": url, "OTEL_BSP_SCHEDULE_DELAY": "100"})
         secret_text = f"a private question {uuid.uuid4().hex}"
         async with web_adapter(otel) as (base, _), aiohttp.ClientSession() as http:
-            async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as tab:
+            async with ChatSession(http, base) as tab:
                 done = await tab.reply(await tab.send(secret_text))
                 assert done["kind"] == "answer"
 
@@ -141,7 +141,7 @@ async def test_a_dead_collector_logs_one_warning_and_every_message_is_answered(
         }
     )
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-        async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as tab:
+        async with ChatSession(http, base) as tab:
             for i in range(4):
                 done = await tab.reply(await tab.send(f"question {i}"))
                 assert done["kind"] == "answer"
@@ -181,7 +181,7 @@ async def test_a_collector_that_refuses_every_export_gets_one_warning_in_all(
             }
         )
         async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
-            async with ChatSession(http, base, f"s{uuid.uuid4().hex[:12]}") as tab:
+            async with ChatSession(http, base) as tab:
                 i = 0
                 # One message at a time until three exports were refused.
                 while len(attempts) < 3:
