@@ -159,6 +159,9 @@ def summarize(
         "llm_calls": int(sim_stats.get("requests", 0)),
         "llm_completions": int(sim_stats.get("completions", 0)),
         "cache_hits": sum(1 for o in sent if o.cached),
+        "cache_hit_full_reply_s": quantiles(
+            [o.full_s for o in answered if o.cached and o.full_s is not None]
+        ),
         "ack_s": quantiles(acks),
         "ttft_s": quantiles(ttft),
         "full_reply_s": quantiles(full),
@@ -322,6 +325,10 @@ ROWS: list[tuple[str, Any]] = [
     ("provider 429s", lambda s: f"{s['provider_429s']:,}"),
     ("LLM calls (completed)", lambda s: f"{s['llm_calls']:,} ({s['llm_completions']:,})"),
     ("cache hits", lambda s: f"{s['cache_hits']:,}"),
+    (
+        "  cache hits: full reply p50/p95/p99",
+        lambda s: _q(s["cache_hit_full_reply_s"]) if "cache_hit_full_reply_s" in s else "-",
+    ),
     ("quota use while backlog", _quota),
     ("platform ack p50/p95/p99", lambda s: _q(s["ack_s"])),
     ("first visible p50/p95/p99", lambda s: _qv(s["first_visible_s"])),
