@@ -1,4 +1,4 @@
-"""The door (issue 18): a first visible response at once whatever the backlog, admission
+"""The door: a first visible response at once whatever the backlog, admission
 control before enqueueing, one notice per window, cached answers at the door.
 
 Real Redis, a real ``sluice worker`` process, the web adapter in this process and the
