@@ -63,6 +63,7 @@ class McpServer:
     _stop: asyncio.Event | None = field(default=None, init=False, repr=False)
     _lock: asyncio.Lock | None = field(default=None, init=False, repr=False)
     _last_attempt: float = field(default=0.0, init=False, repr=False)
+    _connections: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         where = f"bot.mcp({self.name!r})"
@@ -113,6 +114,10 @@ class McpServer:
                     tools += listing.tools
                 self._client = client
                 ready.set_result(tools)
+                self._connections += 1
+                if self._connections > 1:
+                    # Logged here: the call that asked for it may have timed out meanwhile.
+                    logger.info("%s connected again", self.where)
                 await self._stop.wait()
         except Exception as e:  # any failure of the server or its transport
             if not ready.done():
@@ -174,7 +179,6 @@ class McpServer:
                     await self.connect()
                 except ConfigError as e:
                     raise McpToolError(str(e)) from e
-                logger.info("%s connected again", self.where)
         return self._client
 
     async def call(self, tool: str, arguments: dict[str, Any]) -> str:
