@@ -40,6 +40,7 @@ from redis.asyncio import Redis
 from core import metrics
 from core.bot import Bot
 from core.messages import IncomingMessage
+from core.ordering import WAKE_HEAD_LUA
 from core.ratelimit import RateLimiter, limits_for, notice_text
 from core.redis import Keys
 from core.scripts import Lua
@@ -292,7 +293,9 @@ return 1
 # job id, arq id, ttl s, in-progress key prefix, lane.
 # Answered: mark it, leave the line, take the reply job out of the queue unless it
 # runs (then it finds the mark), free the conversation and wake the next message.
-_DONE = """
+_DONE = (
+    WAKE_HEAD_LUA
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[6], '1', 'EX', ARGV[4])
 redis.call('ZREM', KEYS[2], ARGV[2])
@@ -303,34 +306,22 @@ if redis.call('EXISTS', ARGV[5] .. ARGV[3]) == 0 and redis.call('ZREM', KEYS[7],
   redis.call('HINCRBY', KEYS[8], 'started:' .. ARGV[6], 1)
 end
 redis.call('DEL', KEYS[1])
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-if head then
-  local w = redis.call('HGET', KEYS[5], head)
-  if w then
-    local v = cjson.decode(w)
-    redis.call('ZADD', v[1], 'XX', v[3], v[2])
-    redis.call('HDEL', KEYS[5], head)
-  end
-end
+wake_head(KEYS[2], KEYS[5])
 return 1
 """
+)
 
 # KEYS: lock, pending, wake. ARGV: owner.
 # Not answered: give the lock back, stay in line, wake the head if it parked.
-_LET_GO = """
+_LET_GO = (
+    WAKE_HEAD_LUA
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-if head then
-  local w = redis.call('HGET', KEYS[3], head)
-  if w then
-    local v = cjson.decode(w)
-    redis.call('ZADD', v[1], 'XX', v[3], v[2])
-    redis.call('HDEL', KEYS[3], head)
-  end
-end
+wake_head(KEYS[2], KEYS[3])
 return 1
 """
+)
 
 
 async def take_conversation(

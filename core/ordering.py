@@ -108,10 +108,28 @@ end
 return 0
 """
 
+# The head of a conversation's line (``pending``), if it parked (an entry in ``wake``),
+# goes back to its place in its queue. Prepended to the scripts that free a conversation.
+WAKE_HEAD_LUA = """
+local function wake_head(pending, wake)
+  local head = redis.call('ZRANGE', pending, 0, 0)[1]
+  if head then
+    local w = redis.call('HGET', wake, head)
+    if w then
+      local v = cjson.decode(w)
+      redis.call('ZADD', v[1], 'XX', v[3], v[2])
+      redis.call('HDEL', wake, head)
+    end
+  end
+end
+"""
+
 # KEYS: lock, pending, started, texts, wake; ARGV: job id.
 # The next message's job, if parked, goes back to its place in its queue. (The queue
 # key comes from the wake entry: fine on one Redis, which is what arq supports.)
-_RELEASE = """
+_RELEASE = (
+    WAKE_HEAD_LUA
+    + """
 redis.call('ZREM', KEYS[2], ARGV[1])
 redis.call('HDEL', KEYS[4], ARGV[1])
 redis.call('SREM', KEYS[3], ARGV[1])
@@ -121,17 +139,10 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('DEL', KEYS[1])
   held = 1
 end
-local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
-if head then
-  local w = redis.call('HGET', KEYS[5], head)
-  if w then
-    local v = cjson.decode(w)
-    redis.call('ZADD', v[1], 'XX', v[3], v[2])
-    redis.call('HDEL', KEYS[5], head)
-  end
-end
+wake_head(KEYS[2], KEYS[5])
 return held
 """
+)
 
 # KEYS: lock, pending, wake, my queue, LLM budget line, the queue(s) a reply can be in...
 # ARGV: job id, arq job id, queue score, park ms, arq id prefix, lent-score key prefix,
