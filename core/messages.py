@@ -46,7 +46,7 @@ class IncomingMessage(BaseModel):
     is_dm: bool = False
     lane: str = "default"
     meta: dict[str, str] = Field(default_factory=dict)
-    # Its place in line, set when it is enqueued (core.schedule): fair start and the
+    # Its place in line, set when it is enqueued (core.traffic.schedule): fair start and the
     # time from which it counts as late, in ms since the epoch.
     fair_ms: int | None = None
     late_at_ms: int | None = None

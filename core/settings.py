@@ -140,7 +140,7 @@ class Settings(BaseSettings):
     )
 
     # SLUICE_* knobs.
-    # --- Redis Sentinel and durability (core.redis) ---
+    # --- Redis Sentinel and durability (core.infra.redis) ---
     redis_sentinels: str | None = Field(
         None,
         description="Redis Sentinel addresses, `host:port,host:port`. When set, every "

@@ -19,9 +19,6 @@ Sluice's command line (``sluice dev``, ``sluice worker``, ...) lives in ``sluice
 
 from __future__ import annotations
 
-from core.bot import DEFAULT_BOT, Bot, load_bot
-from core.commands import CommandUsageError
-from core.context import MessageContext
 from core.errors import (
     BotDefinitionError,
     ConfigError,
@@ -32,10 +29,13 @@ from core.errors import (
     QueueError,
     SluiceError,
 )
+from core.framework.bot import DEFAULT_BOT, Bot, load_bot
+from core.framework.commands import CommandUsageError
+from core.framework.context import MessageContext
+from core.framework.routing import LANES, LaneRule
+from core.framework.tools import Tool, ToolArgumentError
 from core.messages import IncomingMessage, Platform, Reply, Turn
-from core.routing import LANES, LaneRule
 from core.settings import Settings, get_settings
-from core.tools import Tool, ToolArgumentError
 
 __all__ = [
     "DEFAULT_BOT",

@@ -163,12 +163,12 @@ def read_jsonl(path: Path, since_ts: float | None = None) -> dict[int, int]:
 async def read_sql(settings: Settings, since_ts: float | None = None) -> dict[int, int]:
     """Counts per epoch hour of user messages in the ``messages`` table.
 
-    Connects the way the history store does (``core.store.make_engine``: the async
+    Connects the way the history store does (``core.history.store.make_engine``: the async
     driver, ``SLUICE_DB_SCHEMA`` on Postgres).
     """
     from sqlalchemy import text
 
-    from core.store import make_engine
+    from core.history.store import make_engine
 
     engine = make_engine(settings)
     # CAST(... AS INTEGER) / 3600 is integer division on SQLite and Postgres alike.

@@ -10,10 +10,10 @@ from pydantic import ValidationError
 
 from bots.discord.cli import discord_command
 from bots.slack.cli import slack as slack_command
-from core.cache_cli import cache as cache_command
 from core.errors import ConfigError
 from core.settings import describe_settings_error, get_settings
 from sluice.bench.cli import bench
+from sluice.cache_cli import cache as cache_command
 from sluice.commands import commands_command
 from sluice.opscli import capacity, status
 
@@ -67,7 +67,7 @@ def dev(port: int | None, host: str | None, no_browser_hint: bool) -> None:
 @click.option("--burst", is_flag=True, help="Exit once the queue is empty.")
 def worker(burst: bool) -> None:
     """An arq worker answering reply jobs. Run as many as you like, on any hosts."""
-    from core.logs import setup_logging
+    from core.infra.logs import setup_logging
     from workers.run import run_worker
 
     settings = get_settings()
@@ -160,8 +160,8 @@ main.add_command(capacity)
 main.add_command(commands_command)
 main.add_command(cache_command)
 
-# History data management (workers/cli_history.py).
-from workers.cli_history import db, history, usage  # noqa: E402
+# History data management (sluice/history_cli.py).
+from sluice.history_cli import db, history, usage  # noqa: E402
 
 main.add_command(history)
 main.add_command(db)

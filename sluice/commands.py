@@ -11,8 +11,8 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="Print the specs as JSON.")
 def commands_command(as_json: bool) -> None:
     """List the commands of the bot in SLUICE_APP (name, usage, help, arguments)."""
-    from core.bot import load_bot
     from core.errors import ConfigError
+    from core.framework.bot import load_bot
     from core.settings import get_settings
 
     try:

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from core.logs import redact, redact_url, setup_logging
+from core.infra.logs import redact, redact_url, setup_logging
 from core.settings import Settings
 
 logger = logging.getLogger("sluice.dev")
@@ -36,7 +36,7 @@ def _redis_answers(address: tuple[str, int], timeout_s: float = 0.5) -> bool:
 def choose_redis(settings: Settings) -> Any:
     """Yield (redis_url, description): REDIS_URL, a local Redis, or an embedded Valkey."""
     if settings.redis_sentinels:
-        # Followed through the sentinels (core.redis); REDIS_URL gives only credentials.
+        # Followed through the sentinels (core.infra.redis); REDIS_URL gives only credentials.
         yield settings.redis_url, f"Redis Sentinel ({settings.redis_sentinels})"
         return
     if settings.redis_url:
@@ -161,7 +161,7 @@ async def run_dev(settings: Settings, *, port: int | None = None, host: str | No
                 f"{settings.openai_base_url or 'https://api.openai.com/v1'} model {settings.model}"
             )
         settings = settings.model_copy(update=updates)
-        from core.store import ensure_schema_at_startup
+        from core.history.store import ensure_schema_at_startup
 
         # Creates the schema on an empty database; ConfigError on an older one.
         await ensure_schema_at_startup(settings)

@@ -2,9 +2,9 @@
 
 Sections come from probes: ``async probe(settings, redis) -> list[(name, value)]``,
 listed in :data:`PROBES`. The queue, worker, adapter and history probes are here;
-the LLM budget and cache probes are :mod:`core.traffic`'s, which owns that state.
+the LLM budget and cache probes are :mod:`core.traffic.control`'s, which owns that state.
 
-Every row and error is masked with :func:`core.logs.redact` (a flush error can quote a
+Every row and error is masked with :func:`core.infra.logs.redact` (a flush error can quote a
 ``DATABASE_URL`` with its password), and so is the error that ends the command.
 """
 
@@ -20,13 +20,13 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from core.heartbeat import live
-from core.history import backlog_status
-from core.logs import redact, register_secret, secret_values
-from core.metrics import lane_snapshot, queue_names
-from core.redis import Keys
+from core.history.hot import backlog_status
+from core.infra.heartbeat import live
+from core.infra.logs import redact, register_secret, secret_values
+from core.infra.metrics import lane_snapshot, queue_names
+from core.infra.redis import Keys
 from core.settings import Settings
-from core.traffic import budget_probe, cache_probe
+from core.traffic.control import budget_probe, cache_probe
 
 Row = tuple[str, str]
 Probe = Callable[[Settings, Redis], Awaitable[list[Row]]]
@@ -81,7 +81,7 @@ async def adapters_probe(settings: Settings, redis: Redis) -> list[Row]:
 
 
 async def history_probe(settings: Settings, redis: Redis) -> list[Row]:
-    """The write-behind backlog and the last flush (``core.history.backlog_status``)."""
+    """The write-behind backlog and the last flush (``core.history.hot.backlog_status``)."""
     st = await backlog_status(redis, Keys(settings.key_prefix), settings.history_backlog_max)
     last = (
         f"{time.time() - st.last_flush_ts:.0f} s ago" if st.last_flush_ts is not None else "never"
@@ -144,7 +144,7 @@ def _connect(settings: Settings) -> Redis:
     Raises:
         ConfigError: with a clear message when ``REDIS_URL`` (or the sentinels) is unset.
     """
-    from core.redis import client
+    from core.infra.redis import client
 
     return client(settings, socket_connect_timeout=2)
 

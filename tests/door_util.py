@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 
 from redis.asyncio import Redis
 
-from core.redis import Keys
+from core.infra.redis import Keys
 
 
 async def close_budget(redis: Redis, prefix: str, for_s: float) -> None:

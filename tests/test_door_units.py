@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 from arq.constants import in_progress_key_prefix
 
-from core.bot import Bot
-from core.door import (
+from core.framework.bot import Bot
+from core.infra.redis import Keys
+from core.messages import IncomingMessage
+from core.traffic.control import Traffic
+from core.traffic.door import (
     admit,
     answered,
     answered_at_door,
@@ -18,12 +21,9 @@ from core.door import (
     line_of_job,
     take_conversation,
 )
-from core.messages import IncomingMessage
-from core.ordering import acquire_conversation, register_arrival
-from core.queue import arq_job_id, connect_queue, enqueue_reply
-from core.ratelimit import RateLimiter, limits_for
-from core.redis import Keys
-from core.traffic import Traffic
+from core.traffic.ordering import acquire_conversation, register_arrival
+from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
+from core.traffic.ratelimit import RateLimiter, limits_for
 from tests.door_util import close_budget
 
 

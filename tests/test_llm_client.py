@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from core.errors import LLMTransientError
-from core.llm import OpenAIProvider
+from core.llm.client import OpenAIProvider
 from core.settings import Settings
 
 ABORT = b"<abort>"

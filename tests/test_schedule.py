@@ -16,11 +16,15 @@ from arq.worker import Retry, func
 from pydantic import ValidationError
 from redis.asyncio import Redis
 
+from core.infra.redis import Keys
+from core.infra.scripts import Lua
+from core.infra.serializer import deserialize, serialize
 from core.messages import IncomingMessage
-from core.ordering import ConversationBusy, acquire_conversation, register_arrival
-from core.queue import arq_job_id, connect_queue, enqueue_reply, notice_queue_name
-from core.redis import Keys
-from core.schedule import (
+from core.settings import Settings
+from core.traffic.control import Traffic
+from core.traffic.ordering import ConversationBusy, acquire_conversation, register_arrival
+from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply, notice_queue_name
+from core.traffic.schedule import (
     BAND_SHIFT_MS,
     IN_TIME_BAND_MS,
     LATE_BAND_MS,
@@ -28,10 +32,6 @@ from core.schedule import (
     deadlines_key,
     fair_key,
 )
-from core.scripts import Lua
-from core.serializer import deserialize, serialize
-from core.settings import Settings
-from core.traffic import Traffic
 from tests.helpers import wait_until
 from tests.traffic_bot import bot as traffic_bot
 from tests.traffic_util import done_event, wait_done

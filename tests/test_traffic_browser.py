@@ -9,7 +9,7 @@ from pathlib import Path
 from redis.asyncio import Redis
 
 from bots.web.responder import publish
-from core.redis import Keys
+from core.infra.redis import Keys
 from tests.test_browser import _driver, pytestmark  # noqa: F401 - same skip rules
 
 

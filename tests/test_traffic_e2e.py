@@ -11,10 +11,10 @@ import uuid
 import aiohttp
 import pytest
 
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.queue import enqueue_reply
-from core.redis import Keys
-from core.traffic import lane_counts, snapshot
+from core.traffic.control import lane_counts, snapshot
+from core.traffic.queue import enqueue_reply
 from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
 from tests.traffic_util import done_event, outbox, p95, post, wait_done
 from tests.webchat import open_session, web_adapter, with_web_secret

@@ -9,18 +9,18 @@ import pytest
 from arq.worker import Retry
 from click.testing import CliRunner
 
-from core.bot import Bot, LaneRule
-from core.budget import LLMBudget, unavailable_text
-from core.cache import ResponseCache, cache_digest, clear_cache
 from core.errors import LLMRateLimitedError, LLMTransientError, LLMUnavailableError
-from core.lanes import choose_lane, priority_ms
-from core.llm import Completion
+from core.framework.bot import Bot, LaneRule
+from core.infra.redis import Keys
+from core.llm.budget import LLMBudget, unavailable_text
+from core.llm.client import Completion
 from core.messages import IncomingMessage
-from core.ordering import ConversationBusy, acquire_conversation, register_arrival
-from core.queue import arq_job_id, connect_queue, enqueue_reply
-from core.ratelimit import RateLimiter, limits_for
-from core.redis import Keys
-from core.traffic import Traffic
+from core.traffic.cache import ResponseCache, cache_digest, clear_cache
+from core.traffic.control import Traffic
+from core.traffic.lanes import choose_lane, priority_ms
+from core.traffic.ordering import ConversationBusy, acquire_conversation, register_arrival
+from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
+from core.traffic.ratelimit import RateLimiter, limits_for
 from tests.traffic_bot import bot as traffic_bot
 
 

@@ -23,7 +23,7 @@ from pydantic import SecretStr
 from bots.web.app import connect_web_redis, create_web_app
 from bots.web.security import COOKIE, Signer, check_exposure, is_loopback
 from core.errors import ConfigError
-from core.serializer import deserialize
+from core.infra.serializer import deserialize
 from core.settings import Settings
 from sluice.dev import serve
 from tests.helpers import ROOT, base_env, free_port, settings_env, wait_port, wait_until

@@ -12,7 +12,7 @@ from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
-from core.redis import redis_settings
+from core.infra.redis import redis_settings
 from core.settings import Settings
 from workers.settings import SluiceWorker
 

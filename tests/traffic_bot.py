@@ -1,6 +1,6 @@
 """Bots for the traffic tests (``SLUICE_APP=tests.traffic_bot:bot``)."""
 
-from core.bot import Bot, LaneRule
+from core.framework.bot import Bot, LaneRule
 
 bot = Bot(
     name="traffic-test",

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from core.redis import Keys
+from core.infra.redis import Keys
 from tests.webchat import WebSession
 
 

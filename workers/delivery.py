@@ -22,9 +22,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from core import metrics
+from core.infra import metrics
+from core.infra.redis import Keys
 from core.messages import IncomingMessage, Reply
-from core.redis import Keys
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)

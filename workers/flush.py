@@ -17,9 +17,9 @@ How nothing is lost and nothing is written twice, whatever dies when:
    ever expired under a stalled flusher, the same argument covers two flushers.
 4. A purge cannot be undone by a flush that stalled past its lock: the flush reads
    the purge epoch (``history_fence``) before it reads the backlog, and each insert
-   transaction compares it before committing (``core.store.insert_values``). A purge
+   transaction compares it before committing (``core.history.store.insert_values``). A purge
    increments it in the transaction that deletes the rows, so a flush that started
-   before the purge rolls back (:class:`core.store.FlushFenced`), stops, and leaves
+   before the purge rolls back (:class:`core.history.store.FlushFenced`), stops, and leaves
    its batch pending for the next flush (minus the entries the purge deleted).
 
 When the database fails, the failure count and the time of the next attempt go to
@@ -44,13 +44,9 @@ from redis.exceptions import RedisError, ResponseError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core import metrics
 from core.errors import ConfigError, HistoryError
-from core.history import make_record, unpack_turn, unpack_values
-from core.logs import redact
-from core.redis import Keys
-from core.settings import Settings
-from core.store import (
+from core.history.hot import FLUSH_GROUP, make_record, unpack_turn, unpack_values
+from core.history.store import (
     FlushFenced,
     ensure_schema,
     fence_epoch,
@@ -58,10 +54,14 @@ from core.store import (
     insert_values,
     is_postgres,
 )
+from core.infra import metrics
+from core.infra.logs import redact
+from core.infra.redis import Keys
+from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-GROUP = "flush"
+GROUP = FLUSH_GROUP
 CONSUMER = "flusher"
 PAUSE_ENV = "SLUICE_TEST_FLUSH_PAUSE"
 """Test-only: ``<point>:<batch>`` makes a flush print ``PAUSED`` and hang there, so that a
@@ -371,7 +371,7 @@ async def flush_history(ctx: dict[str, Any]) -> str:
 
 async def apply_retention(ctx: dict[str, Any]) -> str:
     """arq job: delete messages older than ``SLUICE_RETENTION_DAYS`` (0 keeps everything)."""
-    from core.store import delete_older_than
+    from core.history.store import delete_older_than
 
     settings: Settings = ctx["settings"]
     if settings.retention_days <= 0:
@@ -391,8 +391,8 @@ async def apply_retention(ctx: dict[str, Any]) -> str:
 
 async def flush_all(settings: Settings, *, max_s: float = 600.0) -> FlushResult:
     """Flush until the backlog is empty (the CLI and the tests' subprocess use this)."""
-    from core.redis import client
-    from core.store import make_engine
+    from core.history.store import make_engine
+    from core.infra.redis import client
 
     redis: Redis = client(settings)
     engine = make_engine(settings)

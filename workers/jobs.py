@@ -11,12 +11,6 @@ from typing import Any, TypeVar
 from arq.worker import Retry
 from redis.exceptions import RedisError
 
-from core import door, metrics, tracing
-from core.agent import Exchange, history_messages, run_tool_loop
-from core.bot import Bot
-from core.cache import cache_enabled
-from core.commands import split_invocation
-from core.context import MessageContext
 from core.errors import (
     DeliveryError,
     DeliveryRetryableError,
@@ -25,12 +19,19 @@ from core.errors import (
     LLMRequestError,
     LLMUnavailableError,
 )
-from core.history import HotHistory
-from core.llm import ChatMessage, Completion, LLMProvider
+from core.framework.agent import Exchange, history_messages, run_tool_loop
+from core.framework.bot import Bot
+from core.framework.commands import split_invocation
+from core.framework.context import MessageContext
+from core.history.hot import HotHistory
+from core.infra import metrics, tracing
+from core.llm.client import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
 from core.responder import Responder, ResponderFactory, load_responder_factory
 from core.settings import Settings
-from core.traffic import GAVE_UP, REDIS_RETRY_S, Traffic
+from core.traffic import door
+from core.traffic.cache import cache_enabled
+from core.traffic.control import GAVE_UP, REDIS_RETRY_S, Traffic
 from workers import delivery, reaper
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
         logger.info("message=%s job=%s was answered by an earlier try", msg.message_id, msg.job_id)
         return "answered"
     # The message's own job id: what conversation lines, merge markers and responders
-    # key on. (arq's id is the same with SLUICE_KEY_PREFIX in front; see core.queue.)
+    # key on. (arq's id is the same with SLUICE_KEY_PREFIX in front; see core.traffic.queue.)
     job_id = msg.job_id
     traffic: Traffic = ctx["traffic"]
     try:
@@ -431,7 +432,7 @@ async def _answer(
     cached = False
 
     async def call(messages: list[ChatMessage], extra: dict[str, Any]) -> Completion:
-        # Through the response cache and the shared LLM budget (core.traffic).
+        # Through the response cache and the shared LLM budget (core.traffic.control).
         nonlocal cached, door_hit
         if door_hit is not None:
             hit, door_hit = door_hit, None

@@ -3,7 +3,7 @@
 Under a backlog every reply slot (``SLUICE_WORKER_MAX_JOBS``) is held by a job waiting in
 the LLM budget's line, so a queued notice run as an ordinary job would wait with them
 (measured: 107 s median on launch day). Instead, notices, door refusals and cached
-answers at the door go to their own queue (:func:`core.queue.notice_queue_name`), served
+answers at the door go to their own queue (:func:`core.traffic.queue.notice_queue_name`), served
 by this loop with its own ``SLUICE_NOTICE_MAX_JOBS`` slots. It shares the process's
 clients (``ctx``: Redis, responders, traffic, history), so it costs no extra
 connections, and it runs wherever the reply worker runs (``sluice worker``, ``sluice
@@ -23,9 +23,9 @@ from typing import Any
 
 from arq.worker import Worker, func
 
-from core.queue import notice_queue_name
-from core.serializer import deserialize, serialize
+from core.infra.serializer import deserialize, serialize
 from core.settings import Settings
+from core.traffic.queue import notice_queue_name
 from workers import traffic_jobs
 
 logger = logging.getLogger(__name__)

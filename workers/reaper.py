@@ -5,7 +5,7 @@ this a SIGKILLed (or OOM-killed, or unplugged) worker's messages wait that long
 (``SLUICE_JOB_TIMEOUT_S`` + 10 s, over three minutes by default) before another
 worker answers them. Every worker records the jobs it runs in a set of its own,
 ``Keys.worker_jobs(member)`` (``member`` is its heartbeat name, see
-:mod:`core.heartbeat`), and looks, at each heartbeat, for workers silent for
+:mod:`core.infra.heartbeat`), and looks, at each heartbeat, for workers silent for
 ``SLUICE_WORKER_DEAD_AFTER_S``: one Lua call takes such a worker's set, deletes the
 in-progress markers of its jobs (arq starts them again at the next poll, in their
 place in the queue) and its heartbeat, so only one live worker hands them back.
@@ -22,7 +22,7 @@ worker to start the job writes its own name. Before the final delivery a job che
 records no history and leaves arq's job alone (the new owner finishes it).
 
 Silence is measured in Redis server time (``TIME``, inside the script), as the beats
-are (:mod:`core.heartbeat`), so a worker whose clock is off takes no live worker for
+are (:mod:`core.infra.heartbeat`), so a worker whose clock is off takes no live worker for
 dead.
 """
 
@@ -36,8 +36,8 @@ from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from core.redis import Keys
-from core.scripts import Lua
+from core.infra.redis import Keys
+from core.infra.scripts import Lua
 
 logger = logging.getLogger(__name__)
 

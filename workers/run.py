@@ -17,8 +17,8 @@ from typing import Any
 from arq.worker import Worker
 from redis.exceptions import RedisError
 
-from core.clock import skew_local_clock
 from core.errors import NoPrimaryError
+from core.infra.clock import skew_local_clock
 from core.settings import Settings
 from workers.settings import create_worker
 

@@ -29,17 +29,23 @@ from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
-from core import metrics
-from core.bot import load_bot
-from core.budget import LLMBudget
 from core.errors import ConfigError
-from core.heartbeat import heartbeating
-from core.history import HotHistory, backlog_status
-from core.lanes import lane_queue_name
-from core.llm import OpenAIProvider
-from core.redis import Keys, connect_pool, redis_settings
+from core.framework.bot import load_bot
+from core.history.admin import finish_purged_job
+from core.history.hot import HotHistory, backlog_status
+from core.history.store import ensure_schema_at_startup, make_engine
+from core.infra import metrics
+from core.infra.heartbeat import heartbeating
+from core.infra.redis import Keys, connect_pool, redis_settings
+from core.infra.scripts import Lua
+from core.infra.serializer import deserialize, serialize
+from core.llm.budget import LLMBudget
+from core.llm.client import OpenAIProvider
 from core.responder import ResponderFactory
-from core.schedule import (
+from core.settings import Settings
+from core.traffic.control import BUSY_MAX_TRIES, Traffic
+from core.traffic.lanes import lane_queue_name
+from core.traffic.schedule import (
     BAND_SHIFT_MS,
     IN_TIME_BAND_MS,
     LATE_BAND_MS,
@@ -47,14 +53,8 @@ from core.schedule import (
     SWEEP_LUA,
     deadlines_key,
 )
-from core.scripts import Lua
-from core.serializer import deserialize, serialize
-from core.settings import Settings
-from core.store import ensure_schema_at_startup, make_engine
-from core.traffic import BUSY_MAX_TRIES, Traffic
 from workers import flush, jobs, notices, traffic_jobs
 from workers.flush import Flusher
-from workers.history_admin import finish_purged_job
 from workers.reaper import (
     claim,
     hand_back_own,
@@ -255,7 +255,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
                 name="reply",
                 timeout=settings.job_timeout_s,
                 # Busy conversations re-defer jobs (an arq try each); Sluice counts real
-                # re-runs itself against SLUICE_JOB_MAX_TRIES (core.traffic).
+                # re-runs itself against SLUICE_JOB_MAX_TRIES (core.traffic.control).
                 max_tries=BUSY_MAX_TRIES,
             ),
             # Served on the reserved queue (workers.notices); here for notices queued
@@ -315,7 +315,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
 # KEYS: queue, its deadline index. ARGV: now ms, free slots, in-progress key prefix,
 # most ids to look at, band shift ms, sweep batch, slots kept for in-time work, the
 # score from which a reply job is not in the in-time band.
-# First the deadline sweep (core.schedule: jobs that turned late move behind the ones
+# First the deadline sweep (core.traffic.schedule: jobs that turned late move behind the ones
 # still in time), then the first ``free`` ids due by score whose job is not running;
 # reply jobs past the in-time band (late ones) never take the last ``reserve`` slots.
 _DUE_NOT_RUNNING = (
@@ -375,7 +375,7 @@ class SluiceWorker(Worker):
     call per poll returns the first due ids that are not running, only as many as fit
     (so a high-lane job enqueued meanwhile does not wait behind a stale batch).
 
-    The same call first runs the deadline sweep (:mod:`core.schedule`), and late reply
+    The same call first runs the deadline sweep (:mod:`core.traffic.schedule`), and late reply
     jobs never take the last :data:`IN_TIME_RESERVE` of the slots: a flooder's late
     messages cannot fill the worker while new messages that can still be answered in
     time arrive.
@@ -388,7 +388,7 @@ class SluiceWorker(Worker):
         self._due: tuple[Any, Lua] | None = None
 
     async def main(self) -> None:
-        """arq's main loop, on a pool from :func:`core.redis.connect_pool` (which also
+        """arq's main loop, on a pool from :func:`core.infra.redis.connect_pool` (which also
         passes the sentinels' own password on)."""
         if self._pool is None and self.redis_settings is not None:
             self._pool = await connect_pool(

@@ -1,6 +1,6 @@
 """The reserved path's jobs: what a user must see at once, whatever the backlog.
 
-They run on the reserved queue (:func:`core.queue.notice_queue_name`), served by a
+They run on the reserved queue (:func:`core.traffic.queue.notice_queue_name`), served by a
 second arq loop in every worker process with its own slots (:mod:`workers.notices`), so
 they never wait for a slot that reply jobs hold while they wait for the LLM budget.
 
@@ -25,12 +25,12 @@ from typing import Any
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
-from core import door
 from core.errors import DeliveryError
 from core.messages import IncomingMessage, Reply
-from core.queue import NOTICE_EXPIRES, arq_job_id, notice_queue_name, queue_slot_now
 from core.settings import Settings
-from core.traffic import Traffic
+from core.traffic import door
+from core.traffic.control import Traffic
+from core.traffic.queue import NOTICE_EXPIRES, arq_job_id, notice_queue_name, queue_slot_now
 from workers.jobs import answer_message, cached_at_door, get_responder_factory
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ async def answer_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> bool:
     """Answer ``msg`` from the cache on the reserved path, if nothing earlier of its
     conversation is in flight and the whole request's answer is cached.
 
-    It holds the conversation meanwhile (:func:`core.door.take_conversation`), records
+    It holds the conversation meanwhile (:func:`core.traffic.door.take_conversation`), records
     both turns in history like any answer, then marks the message answered and frees
     the conversation in one step, so its reply job ends without a second reply.
     Returns ``False`` (the reply job answers as usual) otherwise.

@@ -26,7 +26,7 @@ from typing import Any
 import arq.cli
 import arq.worker
 
-from core.logs import setup_logging
+from core.infra.logs import setup_logging
 from core.settings import get_settings
 from workers.settings import SluiceWorker, worker_settings
 

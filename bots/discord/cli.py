@@ -22,7 +22,7 @@ def discord_command(invite_url: bool) -> None:
 
     from bots.discord.run import print_invite_url, run_discord
     from core.errors import ConfigError
-    from core.logs import setup_logging
+    from core.infra.logs import setup_logging
     from core.settings import get_settings
 
     settings = get_settings()
@@ -31,7 +31,7 @@ def discord_command(invite_url: bool) -> None:
             asyncio.run(print_invite_url(settings))
             return
         setup_logging(settings, process="discord")
-        from core.redis import check_primary
+        from core.infra.redis import check_primary
 
         asyncio.run(check_primary(settings))  # wrong sentinels: one clear line, exit 2
         asyncio.run(run_discord(settings))

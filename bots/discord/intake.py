@@ -37,10 +37,10 @@ from redis.exceptions import RedisError
 from bots.discord.interactions import keep_token
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
+from core.infra.redis import Keys
 from core.messages import IncomingMessage, Platform
-from core.queue import arq_job_id, connect_queue, enqueue_reply
-from core.redis import Keys
 from core.settings import Settings
+from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ carry only an opaque reference (a hash of the token, :func:`token_ref`), the rat
 bucket of its webhook route is named by that reference too, and the token itself sits
 in one key, ``{prefix}:discord:interaction:{ref}``, that expires when Discord stops
 accepting the token and is deleted once the reply is delivered. Every process that
-handles a token registers it with the log redaction (:func:`core.logs.register_secret`).
+handles a token registers it with the log redaction (:func:`core.infra.logs.register_secret`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import hashlib
 
 from redis.asyncio import Redis
 
-from core.logs import register_secret
-from core.redis import Keys
+from core.infra.logs import register_secret
+from core.infra.redis import Keys
 
 # Discord accepts an interaction token for 15 minutes after the interaction.
 TOKEN_TTL_S = 15 * 60

@@ -42,9 +42,9 @@ from bots.discord.interactions import forget_token, load_token, token_ref
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from bots.discord.split import split_message
 from core.errors import DeliveryError, DeliveryRetryableError
-from core.logs import register_secret
+from core.infra.logs import register_secret
+from core.infra.redis import Keys
 from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
-from core.redis import Keys
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)

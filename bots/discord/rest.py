@@ -31,7 +31,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from core.errors import DeliveryError, DeliveryRetryableError
-from core.redis import Keys
+from core.infra.redis import Keys
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import click
 
 from bots.discord.gateway import SluiceClient, invite_url
 from core.errors import ConfigError
-from core.heartbeat import process_ops
+from core.infra.heartbeat import process_ops
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -43,8 +43,8 @@ from bots.slack.installations import InstallRefused, RedisOAuthStateStore, SQLIn
 from bots.slack.intake import Intake
 from bots.slack.listeners import SluiceListeners, register
 from core.errors import ConfigError, QueueError
-from core.heartbeat import process_ops
-from core.metrics import metrics_routes
+from core.infra.heartbeat import process_ops
+from core.infra.metrics import metrics_routes
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)

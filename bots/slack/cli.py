@@ -44,13 +44,13 @@ def slack(
         return
     from bots.slack.app import serve
     from core.errors import ConfigError
-    from core.logs import setup_logging
+    from core.infra.logs import setup_logging
     from core.settings import get_settings
 
     settings = get_settings()
     if manifest:
         from bots.slack.manifest import render_manifest
-        from core.bot import load_bot
+        from core.framework.bot import load_bot
 
         try:
             bot = load_bot(settings.app)
@@ -66,7 +66,7 @@ def slack(
         return
     setup_logging(settings, process="slack")
     try:
-        from core.redis import check_primary
+        from core.infra.redis import check_primary
 
         asyncio.run(check_primary(settings))  # wrong sentinels: one clear line, exit 2
         asyncio.run(serve(settings, host, settings.slack_port if port is None else port))
@@ -99,7 +99,7 @@ def reencrypt_command() -> None:
     """
     from bots.slack.installations import reencrypt
     from core.errors import ConfigError
-    from core.logs import setup_logging
+    from core.infra.logs import setup_logging
     from core.settings import get_settings
 
     settings = get_settings()

@@ -48,8 +48,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from core.errors import ConfigError
-from core.logs import register_secret
-from core.redis import Keys
+from core.infra.logs import register_secret
+from core.infra.redis import Keys
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)

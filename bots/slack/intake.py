@@ -2,7 +2,7 @@
 
 Duplicate deliveries (Slack retries with ``X-Slack-Retry-Num``, late redeliveries,
 one message arriving as both ``app_mention`` and ``message``) are caught twice, by
-:func:`core.queue.accept_message`:
+:func:`core.traffic.queue.accept_message`:
 
 1. The arq job id is derived from (team, channel, ts), and arq creates a job only
    if no job or result with that id exists, inside a WATCH/MULTI transaction. This
@@ -23,10 +23,10 @@ from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core.errors import QueueError
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.queue import accept_message, connect_queue
-from core.redis import Keys
 from core.settings import Settings
+from core.traffic.queue import accept_message, connect_queue
 
 logger = logging.getLogger(__name__)
 

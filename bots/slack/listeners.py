@@ -29,8 +29,8 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.slack.convert import is_user_message, message_from_command, message_from_event
 from bots.slack.intake import Intake
-from core.bot import load_bot
 from core.errors import QueueError
+from core.framework.bot import load_bot
 from core.messages import IncomingMessage
 from core.settings import Settings
 

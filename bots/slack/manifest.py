@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.bot import Bot
+from core.framework.bot import Bot
 
 TEMPLATE = Path(__file__).with_name("manifest.yml")
 PLACEHOLDER_URL = "https://sluice.example.com"

@@ -43,8 +43,8 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.format import safe_markdown, split_message, to_mrkdwn
 from core.errors import DeliveryError, DeliveryRetryableError
+from core.infra.redis import Keys
 from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
-from core.redis import Keys
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -38,12 +38,12 @@ from bots.web.security import (
     new_session_id,
 )
 from core.errors import QueueError
-from core.heartbeat import add_heartbeat
+from core.infra.heartbeat import add_heartbeat
+from core.infra.metrics import ACK_SECONDS, metrics_routes
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.metrics import ACK_SECONDS, metrics_routes
-from core.queue import accept_message, arq_job_id, connect_queue, message_lane
-from core.redis import Keys
 from core.settings import Settings
+from core.traffic.queue import accept_message, arq_job_id, connect_queue, message_lane
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core.infra.redis import Keys
 from core.messages import IncomingMessage, Reply
-from core.redis import Keys
 from core.settings import Settings
 
 OUTBOX_MAXLEN = 500

@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from core.bot import Bot
-from core.routing import LaneRule
+from core.framework.bot import Bot
+from core.framework.routing import LaneRule
 
 if TYPE_CHECKING:
     from aiohttp import web

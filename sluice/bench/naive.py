@@ -26,7 +26,7 @@ from typing import Any
 import openai
 from aiohttp import web
 
-from core import metrics
+from core.infra import metrics
 
 APOLOGY = "Sorry, something went wrong. Please try again."
 CONTEXT_TURNS = 20

@@ -164,10 +164,10 @@ async def _drop_prefix(redis_url: str, prefix: str) -> None:
 
 
 async def _traffic(redis_url: str, prefix: str, rpm: int | None) -> dict[str, Any]:
-    """``core.traffic.snapshot()`` of one run's keys; quota use is measured against the
+    """``core.traffic.control.snapshot()`` of one run's keys; quota use is measured against the
     provider's own limit (the scenario's rpm), not the budget's headroom."""
     from core.settings import get_settings
-    from core.traffic import snapshot
+    from core.traffic.control import snapshot
 
     settings = get_settings().model_copy(
         update={"redis_url": redis_url, "key_prefix": prefix, "llm_rpm": rpm}
@@ -400,7 +400,7 @@ async def run_bench(
 
 
 async def run_flush(redis_url: str, postgres_url: str | None, messages: int) -> Any:
-    """The history flush benchmark (:func:`workers.flush_bench.bench_flush`)."""
-    from workers.flush_bench import bench_flush
+    """The history flush benchmark (:func:`sluice.bench.flush.bench_flush`)."""
+    from sluice.bench.flush import bench_flush
 
     return await bench_flush(redis_url, postgres_url=postgres_url, n=messages)

@@ -1,5 +1,5 @@
 """What ``SLUICE_REDIS_WAIT_REPLICAS`` costs an adapter's ack: the time of
-:func:`core.queue.accept_message` with ``WAIT`` off and on, against a Redis that has
+:func:`core.traffic.queue.accept_message` with ``WAIT`` off and on, against a Redis that has
 a replica.
 
 ``python -m sluice.bench.wait_cost --redis redis://HOST:PORT/0 [--messages N]``
@@ -15,8 +15,8 @@ import time
 import uuid
 
 from core.messages import IncomingMessage
-from core.queue import accept_message, connect_queue
 from core.settings import Settings
+from core.traffic.queue import accept_message, connect_queue
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -18,8 +18,8 @@ with warnings.catch_warnings():
     import discord  # noqa: F401
 
 from bots.discord.gateway import SluiceClient
+from core.infra.serializer import deserialize
 from core.messages import IncomingMessage
-from core.serializer import deserialize
 from core.settings import Settings
 from tests.fakes.discord_fake import DiscordFake
 

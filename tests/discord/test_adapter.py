@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from bots.discord.interactions import TOKEN_TTL_S, token_key
-from core.redis import Keys
+from core.infra.redis import Keys
 from core.settings import Settings
 from tests.discord.conftest import (
     CHANNEL,

@@ -9,10 +9,10 @@ from redis.asyncio import Redis
 
 from bots.discord.intake import DM_REFUSED
 from bots.discord.interactions import token_ref
-from core.history import split_conversation_id
-from core.ratelimit import Limits, RateLimiter
-from core.redis import Keys
+from core.history.hot import split_conversation_id
+from core.infra.redis import Keys
 from core.settings import Settings
+from core.traffic.ratelimit import Limits, RateLimiter
 from tests.discord.conftest import GUILD, ROLE, queued, wait_for
 from tests.fakes.discord_fake import DiscordFake
 

@@ -15,8 +15,8 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.redis import Keys
 from core.settings import Settings
 from tests.discord.conftest import CHANNEL, DM_CHANNEL, GUILD, ROLE, THREAD, running_adapter
 from tests.fakes.discord_fake import DiscordFake

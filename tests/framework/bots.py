@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from core.bot import Bot, MessageContext
+from core.framework.bot import Bot, MessageContext
 
 tool_bot = Bot(name="tool-test", system_prompt="You use tools.")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from core.bot import Bot
+from core.framework.bot import Bot
 
 bot = Bot(name="dup")
 

@@ -12,8 +12,8 @@ import aiohttp
 from arq.connections import ArqRedis
 
 from core.messages import IncomingMessage
-from core.queue import enqueue_reply
 from core.settings import Settings
+from core.traffic.queue import enqueue_reply
 from tests.webchat import ChatSession, web_adapter
 
 

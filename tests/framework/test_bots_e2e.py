@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from core.hooks import HOOK_APOLOGY
+from core.framework.hooks import HOOK_APOLOGY
 from examples.support_bot.bot import CHANNEL_PROMPT, DM_PROMPT, REFUSAL
 from tests.framework.chat import chat
 

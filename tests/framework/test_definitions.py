@@ -7,8 +7,8 @@ from typing import Literal
 
 import pytest
 
-from core.bot import Bot, LaneRule, MessageContext, Reply
 from core.errors import BotDefinitionError
+from core.framework.bot import Bot, LaneRule, MessageContext, Reply
 from core.messages import IncomingMessage
 
 

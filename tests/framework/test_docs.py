@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from core.bot import Bot
+from core.framework.bot import Bot
 from core.settings import Settings
 from sluice.docgen import env_name, render
 from tests.helpers import ROOT
@@ -48,7 +48,7 @@ def _python_block_after(doc: str, marker: str) -> str:
 
 
 async def test_quickstart_bot_loads_and_answers_as_the_page_says(tmp_path):
-    from core.bot import MessageContext, load_bot
+    from core.framework.bot import MessageContext, load_bot
 
     doc = (ROOT / "docs" / "quickstart.md").read_text("utf-8")
     (tmp_path / "quickstart_bot.py").write_text(_python_block_after(doc, "Create `mybot.py`"))

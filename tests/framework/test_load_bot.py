@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from core.bot import DEFAULT_BOT, Bot, load_bot
 from core.errors import BotDefinitionError
+from core.framework.bot import DEFAULT_BOT, Bot, load_bot
 from tests.helpers import ROOT, base_env
 
 
@@ -34,7 +34,9 @@ def test_no_path_gives_the_default_bot():
 
 
 def test_module_in_the_current_folder_and_a_factory_function(tmp_path):
-    name = _module(tmp_path, "from core.bot import Bot\ndef make():\n    return Bot(name='made')\n")
+    name = _module(
+        tmp_path, "from core.framework.bot import Bot\ndef make():\n    return Bot(name='made')\n"
+    )
     assert load_bot(f"{name}:make").name == "made"
 
 
@@ -59,8 +61,8 @@ def test_module_in_the_current_folder_and_a_factory_function(tmp_path):
         ),
         (
             "examples.faq_bot.bot:FAQ",
-            "SLUICE_APP='examples.faq_bot.bot:FAQ' names a list, not a core.bot.Bot: point it "
-            "at a Bot instance or a function returning one.",
+            "SLUICE_APP='examples.faq_bot.bot:FAQ' names a list, not a core.framework.bot.Bot: "
+            "point it at a Bot instance or a function returning one.",
         ),
     ],
 )
@@ -71,7 +73,7 @@ def test_bad_sluice_app_path_names_the_fix(path, message):
 
 
 def test_module_that_fails_to_import_is_reported_with_its_error(tmp_path):
-    name = _module(tmp_path, "from core.bot import Bot\nbot = Bot(name=undefined_name)\n")
+    name = _module(tmp_path, "from core.framework.bot import Bot\nbot = Bot(name=undefined_name)\n")
     with pytest.raises(BotDefinitionError) as err:
         load_bot(f"{name}:bot")
     assert str(err.value) == (

@@ -14,9 +14,9 @@ from pathlib import Path
 import mcp.types
 import pytest
 
-from core.bot import Bot
 from core.errors import BotDefinitionError, ConfigError
-from core.mcp import McpServer, McpToolError, make_mcp_tools
+from core.framework.bot import Bot
+from core.framework.mcp import McpServer, McpToolError, make_mcp_tools
 from sluice.bench.procs import Proc
 from tests.framework.chat import chat
 from tests.helpers import ROOT, base_env, free_port, wait_port, wait_until
@@ -125,7 +125,7 @@ def test_tools_the_model_api_would_reject_are_left_out_with_a_warning(caplog):
         mcp.types.Tool(name="scalar", input_schema={"type": "string"}),
         mcp.types.Tool(name="x" * 70, input_schema={"type": "object"}),
     ]
-    with caplog.at_level(logging.WARNING, logger="core.mcp"):
+    with caplog.at_level(logging.WARNING, logger="core.framework.mcp"):
         tools = make_mcp_tools(server, listed)
     assert [t.name for t in tools] == ["s_ok"]
     assert tools[0].openai_schema()["function"]["parameters"] == {
@@ -159,7 +159,7 @@ def test_model_arguments_must_be_an_object_with_the_required_keys():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     [tool] = make_mcp_tools(server, [mcp.types.Tool(name="t", input_schema=schema)])
     assert tool.parse_arguments('{"a": 1}') == {"a": 1}
-    from core.tools import ToolArgumentError
+    from core.framework.tools import ToolArgumentError
 
     for raw, says in (("[1]", "JSON object"), ("{oops", "not valid JSON"), ("{}", "missing")):
         with pytest.raises(ToolArgumentError, match=says):

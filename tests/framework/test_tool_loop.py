@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from core.agent import history_messages, run_tool_loop
-from core.bot import Bot, MessageContext
-from core.llm import ChatMessage, Completion
+from core.framework.agent import history_messages, run_tool_loop
+from core.framework.bot import Bot, MessageContext
+from core.llm.client import ChatMessage, Completion
 from core.messages import Turn
 
 

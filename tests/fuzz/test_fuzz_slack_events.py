@@ -21,7 +21,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from bots.slack.convert import is_user_message, message_from_event
-from core.redis import Keys
+from core.infra.redis import Keys
 from core.settings import Settings
 from tests.fuzz.strategies import HOSTILE_TEXT, fuzz
 from tests.slack.conftest import BOT_USER, Adapter, running_adapter

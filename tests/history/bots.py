@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from core.bot import Bot
+from core.framework.bot import Bot
 from core.settings import get_settings
 
 purge_bot = Bot(name="purge-test", system_prompt="You use tools.")

@@ -12,9 +12,9 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.redis import Keys
+from core.history.store import make_engine
+from core.infra.redis import Keys
 from core.settings import Settings
-from core.store import make_engine
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -80,7 +80,7 @@ def sqlite_settings(redis_url: str, tmp_path: Path) -> Settings:
 @pytest.fixture
 async def engine(hsettings: Settings) -> AsyncIterator[AsyncEngine]:
     """An engine on the test's database (schema created)."""
-    from core.store import ensure_schema
+    from core.history.store import ensure_schema
 
     eng = make_engine(hsettings)
     await ensure_schema(hsettings, eng)

@@ -7,9 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.history import HotHistory
+from core.history.hot import HotHistory
+from core.infra.redis import Keys
 from core.messages import IncomingMessage, Turn
-from core.redis import Keys
 from core.settings import Settings
 from tests.helpers import ROOT, base_env, settings_env
 

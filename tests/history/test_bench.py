@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
+from sluice.bench.flush import bench_compression, bench_flush
 from tests.history.conftest import PG_URL, postgres_reachable
-from workers.flush_bench import bench_compression, bench_flush
 
 
 async def test_flush_bench_reports_throughput_and_transactions_beside_the_naive_design(

@@ -14,10 +14,10 @@ import pytest
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.history import backlog_status
-from core.redis import Keys
+from core.history.hot import backlog_status
+from core.history.store import count_rows, ensure_schema, iter_records, make_engine
+from core.infra.redis import Keys
 from core.settings import Settings
-from core.store import count_rows, ensure_schema, iter_records, make_engine
 from tests.helpers import Proc, free_port
 from tests.history.conftest import PG_URL, drop_pg_schema, postgres_reachable
 from tests.history.helpers import exchange, make_history, message
@@ -97,7 +97,7 @@ async def test_backlog_bound_keeps_chat_going_and_overflow_is_stored_from_hot_wi
     engine = make_engine(settings)
     try:
         history = make_history(redis, settings)
-        with caplog.at_level(logging.ERROR, logger="core.history"):
+        with caplog.at_level(logging.ERROR, logger="core.history.hot"):
             for i in range(90):  # 180 turns: 80 over the bound
                 m = message(i, channel=f"C{i % 7}")
                 await history.append(m.conversation_id, exchange(m), origin=m)

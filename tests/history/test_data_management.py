@@ -11,10 +11,10 @@ from typing import Any
 from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.history import unpack_record, unpack_turn
-from core.redis import Keys
+from core.history.hot import unpack_record, unpack_turn
+from core.history.store import count_rows, iter_records
+from core.infra.redis import Keys
 from core.settings import Settings
-from core.store import count_rows, iter_records
 from tests.helpers import ROOT, base_env, settings_env
 from tests.history.helpers import exchange, make_history, message
 from workers.flush import Flusher

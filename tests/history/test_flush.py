@@ -14,9 +14,9 @@ from redis.asyncio import Redis
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from core.redis import Keys
+from core.history.store import MessageRow, count_rows
+from core.infra.redis import Keys
 from core.settings import Settings
-from core.store import MessageRow, count_rows
 from tests.history.helpers import buffer_messages, make_history, run_flush_process
 from workers.flush import Flusher
 

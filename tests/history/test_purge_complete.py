@@ -30,12 +30,13 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.errors import HistoryError
-from core.history import make_record, unpack_record, unpack_turn
+from core.history.admin import purge
+from core.history.hot import make_record, unpack_record, unpack_turn
+from core.history.store import RECORD_FIELDS, count_rows, insert_batch, iter_records
+from core.infra.redis import Keys
 from core.messages import IncomingMessage, Turn
-from core.queue import connect_queue, enqueue_reply
-from core.redis import Keys
 from core.settings import Settings
-from core.store import RECORD_FIELDS, count_rows, insert_batch, iter_records
+from core.traffic.queue import connect_queue, enqueue_reply
 from tests.conftest import Sim
 from tests.helpers import ROOT, Proc, base_env, settings_env
 from tests.history.bots import gate_key
@@ -48,7 +49,6 @@ from tests.history.conftest import (
 from tests.history.helpers import exchange, make_history, message, run_flush_process
 from tests.history.test_data_management import SECRET, populate, sluice
 from workers.flush import Flusher
-from workers.history_admin import purge
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -554,7 +554,7 @@ async def test_a_flush_stalled_inside_its_transaction_cannot_commit_purged_rows_
 ) -> None:
     # (On SQLite a flush stalled inside its transaction holds the one write lock: the
     # purge cannot delete anything until it goes on, so there is nothing to race.)
-    from core.store import ensure_schema, make_engine
+    from core.history.store import ensure_schema, make_engine
 
     engine = make_engine(pg_settings)
     rds: Redis = Redis.from_url(redis_url)
@@ -577,7 +577,7 @@ async def test_a_flush_stalled_inside_its_transaction_cannot_commit_purged_rows_
 async def test_upgrade_from_0002_adds_the_purge_fence_and_a_purge_moves_it(
     hsettings: Settings,
 ) -> None:
-    from core.store import delete_records, fence_epoch, make_engine, schema_status, upgrade
+    from core.history.store import delete_records, fence_epoch, make_engine, schema_status, upgrade
 
     engine = make_engine(hsettings)
     try:
@@ -600,7 +600,7 @@ async def test_on_sqlite_a_purge_behind_a_flush_stalled_in_its_transaction_stops
     """SQLite has one writer: a flush stalled inside its transaction holds the write lock,
     so the purge cannot delete (or bump the epoch) until it goes on. The purge stops with
     a clear error; run again after the flush, it finishes the job."""
-    from core.store import ensure_schema, make_engine
+    from core.history.store import ensure_schema, make_engine
 
     settings = sqlite_settings
     engine = make_engine(settings)

@@ -9,8 +9,7 @@ from redis.asyncio import Redis
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.errors import ConfigError
-from core.settings import Settings
-from core.store import (
+from core.history.store import (
     conversation_tail,
     count_rows,
     delete_older_than,
@@ -19,6 +18,7 @@ from core.store import (
     schema_status,
     upgrade,
 )
+from core.settings import Settings
 from tests.history.helpers import exchange, make_history, message
 from workers.flush import Flusher
 
@@ -150,11 +150,11 @@ async def test_a_worker_refuses_an_older_schema_until_sluice_db_upgrade(
 
 
 def test_record_fields_match_the_record_type_and_the_table_columns() -> None:
-    from core.store import COLUMNS, RECORD_FIELDS, Record
+    from core.history.store import COLUMNS, RECORD_FIELDS, Record
 
     assert tuple(Record.__annotations__) == RECORD_FIELDS
     assert (*RECORD_FIELDS[:9], "text_encoding", *RECORD_FIELDS[9:]) == COLUMNS
-    from core.store import MessageRow
+    from core.history.store import MessageRow
 
     assert set(MessageRow.model_fields) == {"id", *COLUMNS}
 
@@ -172,7 +172,7 @@ async def test_an_answer_with_a_lone_surrogate_is_stored_with_a_replacement_char
 
 def test_a_record_without_its_message_takes_place_from_the_conversation_id() -> None:
     from core.errors import HistoryError
-    from core.history import make_record, split_conversation_id
+    from core.history.hot import make_record, split_conversation_id
     from core.messages import Turn
 
     assert split_conversation_id("discord:G1:C1:-") == ("discord", "G1", "C1", None)

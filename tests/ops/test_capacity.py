@@ -85,8 +85,8 @@ def test_mean_of_the_weeks_instead_of_the_busiest(history_file):
 def test_plan_from_the_stored_history_table_matches_the_file(tmp_path):
     import asyncio
 
+    from core.history.store import ensure_schema, insert_batch, make_engine
     from core.settings import Settings
-    from core.store import ensure_schema, insert_batch, make_engine
 
     url = f"sqlite:///{tmp_path}/history.db"
     rows = _history(1)

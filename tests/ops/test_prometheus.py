@@ -23,8 +23,8 @@ import yaml
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.redis import Keys
 from core.settings import Settings
 from tests.helpers import ROOT, free_port, wait_until
 from tests.ops.tools import exported_metric_names, tool

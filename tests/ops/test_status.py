@@ -9,7 +9,7 @@ import sys
 import uuid
 
 from core.messages import IncomingMessage
-from core.queue import connect_queue, enqueue_reply
+from core.traffic.queue import connect_queue, enqueue_reply
 from tests.helpers import ROOT, base_env, settings_env
 
 
@@ -110,7 +110,7 @@ def test_status_without_redis_url_names_the_setting(settings):
 async def test_a_process_without_http_beats_and_serves_healthz_on_the_metrics_port(settings):
     import aiohttp
 
-    from core.heartbeat import process_ops
+    from core.infra.heartbeat import process_ops
     from tests.helpers import free_port
 
     port = free_port()

@@ -12,8 +12,8 @@ from pathlib import Path
 from rich.console import Console
 
 from core.messages import IncomingMessage
-from core.queue import connect_queue, enqueue_reply
 from core.settings import Settings
+from core.traffic.queue import connect_queue, enqueue_reply
 from sluice.status import watch
 from tests.helpers import ROOT, Proc, base_env, settings_env, wait_until
 

@@ -20,7 +20,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
-from core import tracing
+from core.infra import tracing
 from core.settings import Settings
 from tests.helpers import free_port, wait_until
 from tests.webchat import ChatSession, web_adapter

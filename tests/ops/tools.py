@@ -30,14 +30,14 @@ def tool(name: str) -> str:
 
 
 def exported_metric_names() -> set[str]:
-    """Every series name a Sluice process can export (core/metrics.py), as scraped.
+    """Every series name a Sluice process can export (core/infra/metrics.py), as scraped.
 
     Read from the metric objects themselves, not from samples: a labelled metric with
     no label values yet has no samples but is still exported once used.
     """
     from prometheus_client import REGISTRY
 
-    import core.metrics  # noqa: F401  (registers Sluice's metrics)
+    import core.infra.metrics  # noqa: F401  (registers Sluice's metrics)
 
     suffixes = {
         "counter": ("_total", "_created"),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from core.bot import Bot
+from core.framework.bot import Bot
 
 bot = Bot(name="secret-tools", system_prompt="You look up orders.")
 

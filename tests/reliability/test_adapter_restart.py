@@ -11,7 +11,7 @@ from collections import Counter
 import aiohttp
 import pytest
 
-from core.redis import Keys
+from core.infra.redis import Keys
 from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
 from tests.webchat import WebSession, open_session, with_web_secret
 

@@ -11,11 +11,11 @@ from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 from sqlalchemy.exc import OperationalError
 
+from core.history.store import count_rows, make_engine
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.queue import accept_message, connect_queue
-from core.redis import Keys
 from core.settings import Settings
-from core.store import count_rows, make_engine
+from core.traffic.queue import accept_message, connect_queue
 from sluice.bench.procs import Proc
 from tests.helpers import ROOT, base_env, settings_env
 

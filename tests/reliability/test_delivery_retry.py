@@ -14,11 +14,11 @@ from redis.asyncio import Redis
 
 from bots.slack.format import to_mrkdwn
 from bots.slack.responder import SERVER_ERROR_RETRIES
-from core.history import unpack_turn
+from core.history.hot import unpack_turn
+from core.infra.redis import Keys
 from core.messages import IncomingMessage, Turn
-from core.redis import Keys
 from core.settings import Settings
-from core.traffic import GAVE_UP
+from core.traffic.control import GAVE_UP
 from tests.discord.conftest import CHANNEL, GUILD, OTHER_CHANNEL
 from tests.discord.conftest import running_adapter as discord_adapter
 from tests.fakes.discord_fake import DiscordFake

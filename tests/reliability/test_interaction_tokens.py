@@ -14,8 +14,8 @@ from redis.asyncio import Redis
 from bots.discord.interactions import keep_token, token_key
 from bots.discord.responder import DiscordResponderFactory
 from core.errors import DeliveryError
+from core.infra.redis import Keys
 from core.messages import IncomingMessage, Reply
-from core.redis import Keys
 from core.settings import Settings
 from tests.discord import conftest as discord_conftest
 from tests.discord.conftest import CHANNEL, GUILD

@@ -1,7 +1,7 @@
 """The model failing in bulk: 500 storms and 429 storms end, for every message, in exactly
 one reply: the answer (retried while nothing was streamed) or a short apology.
 
-Written against ``core.llm.complete_with_retries`` (SLUICE_LLM_RETRIES, backoff, the
+Written against ``core.llm.client.complete_with_retries`` (SLUICE_LLM_RETRIES, backoff, the
 server's ``retry-after``). The hanging model, the simulator down and a stream cut
 halfway are in ``tests/test_web_e2e.py``.
 """

@@ -11,8 +11,8 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.redis import Keys
 from core.settings import Settings
 from tests.discord.conftest import CHANNEL, GUILD
 from tests.discord.conftest import running_adapter as discord_adapter

@@ -1,4 +1,4 @@
-"""Log redaction (``core.logs``): known secret values and secret-shaped strings are
+"""Log redaction (``core.infra.logs``): known secret values and secret-shaped strings are
 masked in messages, tracebacks (chained exceptions too), stacks, JSON lines and
 uncaught crashes, with the handler ``setup_logging`` installs.
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from pydantic import SecretStr
 
-from core.logs import (
+from core.infra.logs import (
     SECRETS,
     JsonFormatter,
     RedactingFormatter,
@@ -174,7 +174,7 @@ def test_settings_secrets_and_url_passwords_are_known_values():
 def test_a_crash_and_a_warning_in_a_process_with_sluice_logging_are_masked(tmp_path):
     pw, key = f"pw{_hex()}", f"signing{_hex()}"
     code = (
-        "from core.logs import setup_logging\n"
+        "from core.infra.logs import setup_logging\n"
         "from core.settings import Settings\n"
         f"s = Settings(_env_file=None, slack_signing_secret={key!r})\n"
         "setup_logging(s, process='test')\n"
@@ -236,7 +236,7 @@ async def test_a_workspace_token_read_from_the_installation_store_is_masked(tmp_
 
 
 def test_a_failed_jobs_exception_is_kept_in_its_arq_result_masked():
-    from core.serializer import deserialize, serialize
+    from core.infra.serializer import deserialize, serialize
 
     pw = f"pw{_hex()}"
     error = RuntimeError(f"connect to postgresql://app:{pw}@db.internal/prod failed")
@@ -248,7 +248,7 @@ def test_a_failed_jobs_exception_is_kept_in_its_arq_result_masked():
 
 
 def test_run_time_tokens_are_masked_in_any_context_and_the_oldest_forgotten_past_the_bound():
-    from core.logs import MAX_RUNTIME_SECRETS
+    from core.infra.logs import MAX_RUNTIME_SECRETS
 
     tokens = [f"rt-{i}-{_hex()}" for i in range(MAX_RUNTIME_SECRETS + 1)]
     register_secret(*tokens)

@@ -1,7 +1,7 @@
 """Secrets kept: with every token and key set to a distinctive value, a full run (web,
 Slack and Discord answered, the model down for a while, a forged Slack request, a
 delivery refused, a flush to SQL) leaves none of them in any process's output (logs,
-tracebacks, library warnings: the whole stdout/stderr, not only what ``core.logs``
+tracebacks, library warnings: the whole stdout/stderr, not only what ``core.infra.logs``
 filters), in any reply, in the SQL file, in Redis or in ``/metrics``.
 
 OAuth tokens encrypted at rest: ``tests/slack/test_slack_installations.py``.
@@ -20,7 +20,7 @@ from cryptography.fernet import Fernet
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from core.store import count_rows, make_engine
+from core.history.store import count_rows, make_engine
 from tests.discord.conftest import CHANNEL, GUILD
 from tests.fakes.discord_fake import DiscordFake
 from tests.fakes.slack_api import EventSender, FakeSlackAPI

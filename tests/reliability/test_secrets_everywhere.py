@@ -34,8 +34,8 @@ from cryptography.fernet import Fernet
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from core.history.store import count_rows, make_engine
 from core.settings import Settings
-from core.store import count_rows, make_engine
 from tests.discord.conftest import CHANNEL, GUILD
 from tests.fakes.discord_fake import DiscordFake
 from tests.fakes.slack_api import EventSender, FakeSlackAPI

@@ -14,9 +14,9 @@ import time
 
 import pytest
 
+from core.history.store import count_rows, make_engine
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.redis import Keys
-from core.store import count_rows, make_engine
 from tests.fakes.slack_api import FakeSlackAPI
 from tests.helpers import settings_env
 from tests.helpers import unique_slack_ts as _ts

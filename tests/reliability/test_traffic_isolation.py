@@ -12,11 +12,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.bot import Bot
-from core.cache import cache_digest
+from core.framework.bot import Bot
+from core.infra.redis import Keys
 from core.messages import IncomingMessage
-from core.ratelimit import RateLimiter, limits_for
-from core.redis import Keys
+from core.traffic.cache import cache_digest
+from core.traffic.ratelimit import RateLimiter, limits_for
 
 PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -1,5 +1,5 @@
 """An adapter host for the network-namespace test: accepts web messages through
-:func:`core.queue.accept_message`, as the web adapter does, and records each one once
+:func:`core.traffic.queue.accept_message`, as the web adapter does, and records each one once
 it is acknowledged.
 
 ``python -m tests.scale.netns_adapter OUT COUNT RATE SESSIONS TAG`` (settings from the
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from core.errors import QueueError
 from core.messages import IncomingMessage
-from core.queue import accept_message, connect_queue
 from core.settings import Settings
+from core.traffic.queue import accept_message, connect_queue
 
 
 async def main(out: Path, count: int, rate: float, sessions: int, tag: str) -> None:

@@ -1,6 +1,6 @@
 """A worker whose host clock is 30 s off steals no live job (issue 12, faults list).
 
-Heartbeats and dead-worker detection use Redis server time (``core.clock``). Before,
+Heartbeats and dead-worker detection use Redis server time (``core.infra.clock``). Before,
 a worker 30 s ahead took every other worker for silent and handed their running jobs
 back (answered twice); one 30 s behind looked dead to all the others.
 ``SLUICE_TEST_CLOCK_OFFSET_S`` shifts a real worker process's ``time.time``.
@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
-from core.heartbeat import live
-from core.redis import Keys
+from core.infra.heartbeat import live
+from core.infra.redis import Keys
 from core.settings import Settings
 from tests.helpers import Proc
 from tests.webchat import ChatSession, web_adapter

@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from core.heartbeat import live
-from core.redis import Keys
+from core.infra.heartbeat import live
+from core.infra.redis import Keys
 from core.settings import Settings
 from tests.helpers import ROOT, base_env
 from tests.scale.servers import redis_server_binary, start_servers

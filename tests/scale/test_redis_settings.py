@@ -10,10 +10,10 @@ import pytest
 from redis.asyncio import Redis
 
 from core.errors import ConfigError, QueueError
+from core.infra.redis import Keys, parse_sentinels, redis_settings
 from core.messages import IncomingMessage
-from core.queue import accept_message, arq_job_id, connect_queue
-from core.redis import Keys, parse_sentinels, redis_settings
 from core.settings import Settings
+from core.traffic.queue import accept_message, arq_job_id, connect_queue
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ acknowledged message and answers none twice (issue 12, point 4).
 
 Real servers: Debian's ``redis-server`` as primary, replica and three sentinels on
 loopback ports; real ``sluice worker`` and ``sluice web`` processes; the test itself
-accepts messages through :func:`core.queue.accept_message`, as an adapter does, and
+accepts messages through :func:`core.traffic.queue.accept_message`, as an adapter does, and
 counts a message as acknowledged only when that call returned (with
 ``SLUICE_REDIS_WAIT_REPLICAS=1``, after a replica confirmed it).
 """
@@ -23,10 +23,10 @@ import pytest
 from redis.exceptions import RedisError
 
 from core.errors import QueueError
+from core.infra.redis import Keys, client
 from core.messages import IncomingMessage
-from core.queue import accept_message, connect_queue
-from core.redis import Keys, client
 from core.settings import Settings
+from core.traffic.queue import accept_message, connect_queue
 from tests.helpers import Proc, base_env, free_port, settings_env
 from tests.scale.servers import (
     MASTER,

@@ -13,8 +13,8 @@ from arq.connections import ArqRedis
 from pydantic import SecretStr
 
 from bots.slack.app import SlackApp, build_app, web_app
-from core.queue import connect_queue
 from core.settings import Settings
+from core.traffic.queue import connect_queue
 from tests.fakes.slack_api import EventSender, FakeSlackAPI, ResponseURLSink
 from tests.helpers import settings_env
 

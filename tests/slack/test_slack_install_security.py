@@ -24,7 +24,7 @@ from bots.slack.installations import (
     reencrypt,
 )
 from core.errors import ConfigError
-from core.redis import Keys
+from core.infra.redis import Keys
 from core.settings import Settings
 from tests.helpers import base_env, settings_env
 from tests.slack.conftest import BOT_USER, mention, queued_messages

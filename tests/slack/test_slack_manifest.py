@@ -41,7 +41,7 @@ def test_manifest_declares_ask_and_the_socket_mode_flag():
 
 def test_rendered_manifest_has_the_url_and_the_bots_commands():
     from bots.slack.manifest import render_manifest
-    from core.bot import load_bot
+    from core.framework.bot import load_bot
 
     text = render_manifest(load_bot("examples.support_bot.bot:bot"), url="https://bot.example.org/")
     assert "sluice.example.com" not in text
@@ -55,7 +55,7 @@ def test_rendered_manifest_has_the_url_and_the_bots_commands():
 
 def test_socket_mode_manifest_has_no_request_urls():
     from bots.slack.manifest import render_manifest
-    from core.bot import load_bot
+    from core.framework.bot import load_bot
 
     text = render_manifest(load_bot(None), socket_mode=True)
     assert "socket_mode_enabled: true" in text

@@ -1,0 +1,1 @@
+"""Plumbing every process shares: Redis, Lua scripts, clocks, logs, metrics, traces, heartbeats."""

@@ -1,1 +1,0 @@
-"""Alembic migrations of Sluice's SQL schema, run by :func:`core.store.upgrade`."""

@@ -1,0 +1,1 @@
+"""Traffic control: the door, the queue, conversation order, limits, the cache, fair order."""
