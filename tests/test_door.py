@@ -61,7 +61,10 @@ async def test_notice_shows_while_no_worker_slot_is_free_and_its_estimate_is_ref
     await close_budget(redis, s.key_prefix, 120)
     async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
         sessions = [await _session(http, base) for _ in range(3)]
-        ids = [(await _post(http, base, x, f"question of {x}"))["message_id"] for x in sessions]
+        bodies = [await _post(http, base, x, f"question of {x}") for x in sessions]
+        assert [b["refused"] for b in bodies] == [False] * 3, bodies
+        assert all("notice" not in b and "duplicate" not in b for b in bodies), bodies
+        ids = [b["message_id"] for b in bodies]
         # The first message's job holds the only reply slot, waiting for the budget.
         await until(
             lambda: redis.zscore(s.key_prefix + ":llm:waiters", f"reply:web:web:{ids[0]}"),
@@ -116,6 +119,9 @@ async def test_message_over_max_wait_is_refused_at_once_with_one_notice_per_wind
         session = await _session(http, base)
         first = await _post(http, base, session, "are you there?")
         second = await _post(http, base, session, "hello??")
+        # The 202 tells a refusal from an acceptance, and whether its notice follows.
+        assert (first["refused"], first["notice"]) == (True, True), first
+        assert (second["refused"], second["notice"]) == (True, False), second
         events = await wait_done(redis, s.key_prefix, [(session, first["message_id"])], 20)
         notice = done_event(events[first["message_id"]])
         # A platform retry of the refused message is a duplicate: no second notice.
@@ -179,6 +185,8 @@ async def test_flooder_over_the_limit_gets_one_notice_and_admitted_messages_coun
     assert first["kind"] == second["kind"] == "answer"
     assert third["kind"] == "notice"
     assert third["text"].startswith("You've reached your message limit. Please try again in")
+    assert [b["refused"] for b in bodies] == [False, False] + [True] * 6, bodies
+    assert [b["notice"] for b in bodies[2:]] == [True] + [False] * 5, bodies
     for body in bodies[3:]:
         assert not await _refusal_queued(redis, s.key_prefix, body["job_id"])
     assert await redis.hget(f"{s.key_prefix}:lanes", "enqueued:default") == b"2"
