@@ -175,8 +175,8 @@ async def accept_message(
     Returns what became of it (:class:`Accepted`): truthy when the message was new and
     is now queued or was refused at the door (``.refused``), falsy
     (:attr:`Accepted.DUPLICATE`) for a duplicate (a platform retry, a redelivery, the
-    same message under two event types). Duplicates are recognised by a marker that lives ``SLUICE_DEDUPE_TTL_S``
-    (24 h) and, until the marker is written, by arq's refusal of a second job with
+    same message under two event types). Duplicates are recognised by a marker that
+    lives ``SLUICE_DEDUPE_TTL_S`` (24 h) and, until the marker is written, by arq's refusal of a second job with
     the same id, which is atomic. The marker is written only after the job is
     queued, so a message that was not enqueued is never taken for a duplicate.
 

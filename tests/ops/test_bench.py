@@ -12,8 +12,8 @@ import pytest
 from sluice.bench.drivers import Observation
 from sluice.bench.report import (
     answered_within,
-    consistent,
     by_user_kind,
+    consistent,
     first_visible,
     histogram_quantiles,
     parse_metrics,
