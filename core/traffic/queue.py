@@ -19,7 +19,7 @@ from core.infra.serializer import deserialize, serialize
 from core.messages import IncomingMessage
 from core.settings import Settings
 from core.traffic.cache import cache_enabled
-from core.traffic.door import ADMITTED, Line, admit
+from core.traffic.door import ADMITTED, Line, admit, conversation_line
 from core.traffic.lanes import LANES, choose_lane, lane_queue_name
 from core.traffic.ordering import forget_arrival, register_arrival
 from core.traffic.schedule import message_place, place_message, score_of
@@ -176,9 +176,10 @@ async def accept_message(
     is now queued or was refused at the door (``.refused``), falsy
     (:attr:`Accepted.DUPLICATE`) for a duplicate (a platform retry, a redelivery, the
     same message under two event types). Duplicates are recognised by a marker that
-    lives ``SLUICE_DEDUPE_TTL_S`` (24 h) and, until the marker is written, by arq's refusal of a second job with
-    the same id, which is atomic. The marker is written only after the job is
-    queued, so a message that was not enqueued is never taken for a duplicate.
+    lives ``SLUICE_DEDUPE_TTL_S`` (24 h) and, until the marker is written, by arq's
+    refusal of a second job with the same id, which is atomic. The marker is written
+    only after the job is queued, so a message that was not enqueued is never taken
+    for a duplicate.
 
     ``extra_keys`` are further identities of the same delivery (e.g. Slack's event
     id) that must also count as seen.
@@ -314,8 +315,23 @@ async def _door_followup(
     """A reserved-path ``door_check`` job for a queued message that may have a cached
     answer (nothing earlier of its conversation in flight) or whose expected wait passes
     ``SLUICE_QUEUED_NOTICE_AFTER_S`` (it then shows "Queued: #N in line, about N s").
+    A message behind an earlier one of its conversation waits for that one too
+    (:func:`core.traffic.door.conversation_line`), whatever its own place.
     The notice is a courtesy: if it cannot be queued the message still is."""
     try:
+        first_in_line = await redis.zrange(keys.conv_pending(msg.conversation_id), 0, 0) == [
+            msg.job_id.encode()
+        ]
+        if not first_in_line:
+            line = await conversation_line(
+                redis,
+                keys,
+                settings,
+                msg,
+                line,
+                queue=_lane_queue(settings, msg.lane),
+                queues=reply_queues(settings),
+            )
         wait_s = line.wait_s
         notice = (
             settings.queued_notice_after_s > 0
@@ -327,8 +343,7 @@ async def _door_followup(
             and bot.merge_burst_s <= 0
             and not msg.meta.get("command")
             and cache_enabled(settings, bot, msg)
-            and await redis.zrange(keys.conv_pending(msg.conversation_id), 0, 0)
-            == [msg.job_id.encode()]
+            and first_in_line
         )
         if not notice and not try_cache:
             return
