@@ -752,7 +752,9 @@ class Settings(BaseSettings):
         le=3600,
         description="Fair shares within a lane: each of a user's queued messages moves "
         "that user's place in line this many seconds later, so under overload a user's "
-        "second message waits behind other users' first ones (0 = off, <= 3600).",
+        "second message waits behind other users' first ones; a message arriving while "
+        "its user is more than one step ahead is over its share and waits behind every "
+        "message that can still make SLUICE_TARGET_WAIT_S (0 = off, <= 3600).",
     )
     tenant_weights: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,
