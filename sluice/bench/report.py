@@ -40,12 +40,18 @@ IN_TIME_S = 60.0
 
 def first_visible(obs: Sequence[Observation]) -> dict[str, float | None]:
     """p50/p95/p99 of the first visible response (answer text, queued notice or whole
-    reply) over *every* sent message: one that showed nothing counts as never, so a
-    quantile that falls among those is ``None`` (shown as "never")."""
-    values = [o.first_visible_s for o in obs if o.sent_s is not None]
+    reply) over every sent message but the quiet refusals (refused at the door with no
+    notice of their own: the 202 said nothing follows): one that showed nothing counts
+    as never, so a quantile that falls among those is ``None`` (shown as "never")."""
+    values = [
+        o.first_visible_s
+        for o in obs
+        if o.sent_s is not None and not (o.refused and not o.refusal_notice)
+    ]
     xs = [math.inf if v is None else v for v in values]
     out = quantiles(xs)
-    return {k: None if v is None or math.isinf(v) else v for k, v in out.items()}
+    # Between two "never"s the interpolation gives NaN: never too.
+    return {k: None if v is None or math.isinf(v) or math.isnan(v) else v for k, v in out.items()}
 
 
 def answered_within(obs: Sequence[Observation], limit_s: float = IN_TIME_S) -> int:

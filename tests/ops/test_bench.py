@@ -131,6 +131,11 @@ def test_refusals_at_the_door_are_counted_apart_from_lost_messages() -> None:
     assert (s["refused_at_door"], s["refused_quietly"], s["unanswered"]) == (2, 1, 1)
     assert (s["answered"], s["notices"]) == (1, 1)
     assert consistent(s)
+    # The quiet refusal showed nothing by design; the lost one counts as never.
+    for o, at in zip(obs[:2], (0.5, 0.1), strict=True):
+        o.first_s = o.planned.at_s + at
+    fv = first_visible(obs)
+    assert fv["p50"] is not None and fv["p99"] is None
 
 
 def test_scale_shrinks_users_and_provider_limit_together() -> None:
