@@ -17,7 +17,12 @@ from core.settings import Settings
 
 
 class Responder(Protocol):
-    """Delivers one reply: shows progress, streams text, then the final reply."""
+    """Delivers one reply: shows progress, streams text, then the final reply.
+
+    ``begin``, ``stream`` and ``finish`` are required. ``queued`` and
+    ``withdraw_queued`` are optional: a responder that subclasses this protocol
+    inherits their no-op defaults, and callers always call them.
+    """
 
     async def begin(self) -> None:
         """The job started (e.g. show typing or a placeholder)."""
@@ -27,6 +32,20 @@ class Responder(Protocol):
 
     async def finish(self, reply: Reply) -> None:
         """The final reply; delivered exactly once per job."""
+
+    async def queued(self, wait_s: float, place: int | None = None) -> None:
+        """The message waits about ``wait_s`` seconds, ``place`` in line when known.
+
+        The default shows nothing.
+        """
+        return None
+
+    async def withdraw_queued(self) -> None:
+        """Take back the queued notice (the message got no reply of its own).
+
+        The default has nothing to take back.
+        """
+        return None
 
 
 class ResponderFactory(Protocol):

@@ -45,6 +45,7 @@ from core.errors import DeliveryError, DeliveryRetryableError
 from core.infra.logs import register_secret
 from core.infra.redis import Keys
 from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.responder import Responder
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class DiscordResponderFactory:
         return DiscordResponder(self._settings, self._redis, self.rest, msg, job_id)
 
 
-class DiscordResponder:
+class DiscordResponder(Responder):
     """Delivers one reply to Discord: typing, streamed edits, final parts."""
 
     def __init__(

@@ -45,6 +45,7 @@ from bots.slack.format import safe_markdown, split_message, to_mrkdwn
 from core.errors import DeliveryError, DeliveryRetryableError
 from core.infra.redis import Keys
 from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.responder import Responder
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class SlackResponderFactory:
                 await asyncio.sleep(0.2 * 2**failed)
 
 
-class SlackResponder:
+class SlackResponder(Responder):
     """Delivers one job's reply to Slack (see the module docstring)."""
 
     def __init__(self, factory: SlackResponderFactory, msg: IncomingMessage, job_id: str) -> None:
