@@ -1,4 +1,4 @@
-"""A purge leaves nothing behind and nothing comes back (issue 13, point 7).
+"""A purge leaves nothing behind and nothing comes back.
 
 Tool-call turns, queued and running reply jobs, web chat outboxes, the parked
 unreadable backlog, a flush that stalled across the purge, and the ``--yes`` guard.
