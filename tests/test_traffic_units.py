@@ -64,8 +64,7 @@ async def test_lock_of_a_dead_holder_expires_and_the_next_message_goes_on(settin
     await register_arrival(redis, keys, second)
     lock = await acquire_conversation(redis, keys, s, first, first.job_id)
     # Simulate a killed worker: renewal stops, nothing releases.
-    assert lock._renewer is not None
-    lock._renewer.cancel()
+    await lock.lock.stop_renewing()
     started = time.monotonic()
     # Within order_wait_in_job_s (3 s), or acquire_conversation raises ConversationBusy.
     lock2 = await acquire_conversation(redis, keys, s, second, second.job_id)
