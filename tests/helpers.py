@@ -114,6 +114,34 @@ async def wait_until(predicate: Callable[[], object], timeout_s: float, what: st
         await asyncio.sleep(0.05)
 
 
+async def wait_jobs_done(
+    redis: Any, settings: Settings, timeout_s: float = 60.0, *, queues: list[str] | None = None
+) -> None:
+    """Wait until no job of this deployment (``SLUICE_KEY_PREFIX``) is queued, deferred
+    or running: after that no reply, retry or notice can still arrive. The history
+    cron's jobs do not count (a worker queues them all the time)."""
+    names = queues or [settings.queue_name]
+    prefix = f"arq:in-progress:{settings.key_prefix}:"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left: list[str] = []
+        for queue in names:
+            left += [
+                j.decode() if isinstance(j, bytes) else str(j)
+                for j in await redis.zrange(queue, 0, -1)
+            ]
+        left = [j for j in left if not j.startswith("cron:")]
+        left += [
+            k.decode() if isinstance(k, bytes) else str(k)
+            async for k in redis.scan_iter(match=prefix + "*", count=1000)
+        ]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"jobs still queued or running after {timeout_s}s: {left[:5]}")
+        await asyncio.sleep(0.1)
+
+
 def unique_slack_ts() -> str:
     """A unique Slack ts: arq job ids are global on the shared test Redis."""
     return f"{int(time.time())}.{uuid.uuid4().int % 1_000_000:06d}"

@@ -31,6 +31,8 @@ async def test_mention_in_a_channel_is_enqueued_without_the_mention(
     async with adapter():
         sent = await fake.send_user_message(CHANNEL, ALICE, "what is a sluice?", mention_bot=True)
         await wait_for(lambda: queued(redis, discord_settings))
+        # Typing shows while the message waits for a worker (sent after the enqueue).
+        await wait_for(lambda: fake.calls_to("POST", "/channels/{channel_id}/typing"))
     [msg] = await queued(redis, discord_settings)
     assert msg.platform == "discord"
     # In a guild channel each user has their own conversation with the bot.
@@ -40,7 +42,6 @@ async def test_mention_in_a_channel_is_enqueued_without_the_mention(
     assert msg.meta["reply_to"] == sent["id"]
     assert not msg.is_dm
     assert fake.identifies[0]["intents"] & MESSAGE_CONTENT_INTENT == 0
-    # Typing shows while the message waits for a worker.
     assert [c.major for c in fake.calls_to("POST", "/channels/{channel_id}/typing")] == [CHANNEL]
 
 
@@ -177,15 +178,15 @@ async def test_threads_setting_opens_a_thread_for_a_new_conversation(
     assert msg.channel == thread["id"] and "reply_to" not in msg.meta
 
 
-async def test_ask_defers_within_three_seconds_and_enqueues(
+async def test_ask_defers_and_enqueues(
     adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
 ) -> None:
     async with adapter():
         assert [c["name"] for c in fake.commands] == ["ask"]
         inter = await fake.invoke_ask(CHANNEL, ALICE, "what time is it?")
         await wait_for(lambda: queued(redis, discord_settings))
-    assert inter.callback_type == 5  # DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE
-    assert inter.callback_after_s is not None and inter.callback_after_s < 3.0
+    # DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE; the fake, like Discord, refuses it after 3 s.
+    assert inter.callback_type == 5
     [msg] = await queued(redis, discord_settings)
     assert msg.text == "what time is it?"
     assert msg.meta["application_id"] == fake.application_id

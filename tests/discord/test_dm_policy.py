@@ -156,7 +156,7 @@ async def test_ask_in_a_dm_follows_the_dm_policy(
         taken = await fake.invoke_ask("510000000000000042", ALICE, "and I?")
         await wait_for(lambda: refused.original is not None)
         await wait_for(lambda: queued(redis, discord_settings))
-    assert refused.callback_type == 5 and refused.callback_after_s < 3.0
+    assert refused.callback_type == 5  # the fake, like Discord, refuses a callback after 3 s
     assert refused.original["content"] == DM_REFUSED["members"]
     [msg] = await queued(redis, discord_settings)
     assert (msg.text, msg.tenant) == ("and I?", f"dm-{ALICE['id']}")
