@@ -265,6 +265,8 @@ class DiscordIntake:
         if event.is_dm:
             refusal = await self.dm_refusal(event.author_id)
             if refusal is not None:
+                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
+                # Logged once the notice is out (or skipped): the message is done with.
                 logger.info(
                     "discord DM refused message=%s user=%s: policy %s (%s)",
                     event.message_id,
@@ -272,7 +274,6 @@ class DiscordIntake:
                     self.settings.discord_dm_policy,
                     refusal,
                 )
-                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
                 return False
         msg = IncomingMessage(
             platform=Platform.DISCORD,

@@ -9,8 +9,9 @@ role or a user.
 
 Idempotent per job id: the ids of the messages already posted are kept in Redis
 (:class:`core.responder.DeliveryState`, with its policy for a Redis error), so a job
-re-run after a worker died edits them instead of posting again; each post also carries a ``nonce`` with ``enforce_nonce`` so that
-Discord itself drops a second create of the same part.
+re-run after a worker died edits them instead of posting again; each post also
+carries a ``nonce`` with ``enforce_nonce`` so that Discord itself drops a second create
+of the same part.
 
 While the message waits in line, :meth:`DiscordResponder.queued` shows "⏳ Queued:
 about N s" as the reply's first message (for ``/ask``, the deferred response
