@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.settings import Settings
-from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
+from tests.helpers import Proc, base_env, free_port, settings_env, stop_all, wait_port
 
 # Read before any fixture scrubs the environment.
 EXTERNAL_REDIS_URL = os.environ.get("REDIS_URL")
@@ -177,8 +177,7 @@ def worker_process(settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
     try:
         yield start
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)
 
 
 # CI sets these so that a test skipped for a missing service fails the run instead.

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -93,6 +95,22 @@ class Proc(BenchProc):
                 raise RuntimeError(f"sluice {' '.join(self.args)} exited:\n{self.output()[-3000:]}")
             time.sleep(0.05)
         raise TimeoutError(f"{needle!r} not printed in {timeout_s}s:\n{self.output()[-3000:]}")
+
+
+def stop_all(procs: list[Proc], timeout_s: float = 10.0) -> None:
+    """Stop processes together: SIGTERM to all first, then wait for each (SIGKILL after
+    ``timeout_s``), so that their graceful stops overlap instead of adding up."""
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.kill(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill(signal.SIGKILL)
+            proc.popen.wait(5)
+        proc.stop()  # it has exited: this closes its log
 
 
 @contextlib.contextmanager
