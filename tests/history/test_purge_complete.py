@@ -1,4 +1,4 @@
-"""A purge leaves nothing behind and nothing comes back (issue 13, point 7).
+"""A purge leaves nothing behind and nothing comes back.
 
 Tool-call turns, queued and running reply jobs, web chat outboxes, the parked
 unreadable backlog, a flush that stalled across the purge, and the ``--yes`` guard.
@@ -379,14 +379,14 @@ async def test_purge_deletes_queued_jobs_and_the_conversation_goes_on_without_th
     assert done["kind"] == "answer" and "bob in the room" in done["text"]
     mine = f"arq:result:{prefix}:{bobs.job_id}"
 
-    async def with_bobs_result() -> dict[str, Any] | None:
-        found = await arq_keys(rds, "result", prefix)  # arq writes it after the reply
+    async def results() -> dict[str, Any] | None:
+        # arq stores the result once the job returns, after the reply is out.
+        found = await arq_keys(rds, "result", prefix)
         return {"keys": found} if mine in found else None
 
-    results = (await eventually_value(with_bobs_result, 30, "bob's job result"))["keys"]
-    assert results - {f"arq:result:{prefix}:door:{bobs.job_id}"} == {
-        f"arq:result:{prefix}:{bobs.job_id}"
-    }
+    found = await eventually_value(results, 60, "bob's job result")
+    # Bob's door check (his queued notice: he waited behind Alice) may have one too.
+    assert found["keys"] - {f"arq:result:{prefix}:door:{bobs.job_id}"} == {mine}
     hist = await rds.lrange(keys.history(bobs.conversation_id), 0, -1)
     assert [unpack_turn(x).user for x in hist] == [bob, bob]
 
