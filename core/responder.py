@@ -9,9 +9,10 @@ after a worker died must not post a second reply.
 from __future__ import annotations
 
 import importlib
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from core.errors import ConfigError
+from core.framework.agent import ToolProgress
 from core.messages import IncomingMessage, Reply
 from core.settings import Settings
 
@@ -27,6 +28,14 @@ class Responder(Protocol):
 
     async def finish(self, reply: Reply) -> None:
         """The final reply; delivered exactly once per job."""
+
+
+@runtime_checkable
+class ShowsToolProgress(Protocol):
+    """A responder that can show the model's tool calls while it answers."""
+
+    async def tool_progress(self, progress: ToolProgress) -> None:
+        """A tool call started or ended; must not raise (a courtesy to the reader)."""
 
 
 class ResponderFactory(Protocol):
