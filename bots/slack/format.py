@@ -25,6 +25,7 @@ converted by hand. What Sluice still does:
 
 from __future__ import annotations
 
+import html
 import re
 
 FENCE = "```"
@@ -33,18 +34,31 @@ DEFAULT_LIMIT = 12000
 ZWSP = "\u200b"
 
 # "<" as the model may write it: the character, &lt; (any case), or a numeric
-# character reference (CommonMark allows 1-7 decimal or 1-6 hex digits).
-_LT = r"(?:<|&lt;|&#0{0,5}60;|&#x0{0,4}3c;)"
+# character reference (CommonMark allows 1-7 decimal or 1-6 hex digits); the ";" is
+# optional, as HTML parsers read "&lt" and "&#60" too.
+_LT = r"(?:<|&lt;?|&#0{0,5}60;?|&#x0{0,4}3c;?)"
 # "@" likewise.
-_AT = r"(?:@|&commat;|&#0{0,5}64;|&#x0{0,4}40;)"
+_AT = r"(?:@|&commat;?|&#0{0,5}64;?|&#x0{0,4}40;?)"
 # What makes "<" live: "!", "@" or "#" right after it, or "&" (a reference to one).
 _LIVE_LT = re.compile(rf"({_LT})(?=[!@#&])", re.IGNORECASE)
-# A broadcast written without brackets: @here, @channel, @everyone as a whole word.
-_BROADCAST = re.compile(rf"({_AT})(?=(?:here|channel|everyone)(?![\w]))", re.IGNORECASE)
+# An "@" that may start a broadcast: followed by h, c, e or a character reference.
+_AT_CANDIDATE = re.compile(rf"({_AT})(?=[hce&])", re.IGNORECASE)
+_BROADCAST_WORD = re.compile(r"(?:here|channel|everyone)(?!\w)", re.IGNORECASE)
 _WORDS = ("here", "channel", "everyone")
-# A tail that the next characters could still turn into something _LIVE_LT or
-# _BROADCAST changes: a "<", an unfinished or finished reference, an "@" + letters.
-_PENDING = re.compile(rf"(?:<|&[#\w]{{0,32}};?|{_AT}([a-z]{{0,8}}))\Z", re.IGNORECASE)
+# Enough characters after an "@" to hold a broadcast word and the character after
+# it, each letter written as a character reference if need be.
+_LOOKAHEAD = 120
+# A tail that the next characters could still turn into something safe_markdown
+# changes: a "<", a (maybe unfinished) reference, or an "@" and what follows it.
+_PENDING = re.compile(
+    rf"(?:<|&[#\w]{{0,32}};?|{_AT}([\w&#;]{{0,{_LOOKAHEAD}}}))\Z", re.IGNORECASE
+)
+_UNFINISHED_REF = re.compile(r"&[#\w]*\Z")
+
+
+def _broadcast_at(m: re.Match[str]) -> str:
+    after = html.unescape(m.string[m.end() : m.end() + _LOOKAHEAD])
+    return m.group(1) + ZWSP if _BROADCAST_WORD.match(after) else m.group(1)
 
 
 def safe_markdown(text: str) -> str:
@@ -52,10 +66,18 @@ def safe_markdown(text: str) -> str:
 
     ``<`` (or ``&lt;``, ``&#60;``, ``&#x3c;``) followed by ``!``, ``@``, ``#`` or ``&``
     gets a ``ZWSP`` after it, and so does the ``@`` of ``@here``, ``@channel`` and
-    ``@everyone``. Nothing else changes: removing the ``ZWSP`` s gives ``text`` back.
+    ``@everyone`` (also when written with character references). Nothing else
+    changes: removing the ``ZWSP`` s gives ``text`` back.
     """
     text = _LIVE_LT.sub(lambda m: m.group(1) + ZWSP, text)
-    return _BROADCAST.sub(lambda m: m.group(1) + ZWSP, text)
+    return _AT_CANDIDATE.sub(_broadcast_at, text)
+
+
+def _may_become_broadcast(after_at: str) -> bool:
+    """What follows an "@" so far could still become here, channel or everyone (and
+    the character that ends the word)."""
+    shown = html.unescape(_UNFINISHED_REF.sub("", after_at)).lower()
+    return any(w.startswith(shown) for w in _WORDS)
 
 
 def stream_cut(text: str) -> int:
@@ -63,15 +85,18 @@ def stream_cut(text: str) -> int:
 
     The end of ``text`` is held back when the characters that follow could make it
     (part of) a mention: a ``<`` (or a reference that may be one), or an ``@``
-    followed by a beginning of ``here``, ``channel`` or ``everyone``.
+    followed by a beginning of ``here``, ``channel`` or ``everyone``; and so is a
+    ``<`` right before what is held (whether it is live depends on it).
     """
-    m = _PENDING.search(text)
-    if m is None:
-        return len(text)
-    letters = m.group(1)
-    if letters is not None and not any(w.startswith(letters.lower()) for w in _WORDS):
-        return len(text)
-    return m.start()
+    end = len(text)
+    while True:
+        m = _PENDING.search(text, 0, end)
+        if m is None:
+            return end
+        after_at = m.group(1)
+        if after_at is not None and not _may_become_broadcast(after_at):
+            return end
+        end = m.start()
 
 
 # --- splitting -------------------------------------------------------------------

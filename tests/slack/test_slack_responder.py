@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from bots.slack.format import ZWSP
 from bots.slack.responder import SERVER_ERROR_RETRIES, SlackResponderFactory
 from core.errors import DeliveryError, DeliveryRetryableError
 from core.messages import IncomingMessage, Reply
@@ -91,15 +92,20 @@ async def test_top_level_dm_is_posted_then_edited_at_most_once_per_interval(
     assert len(edits) <= (time.monotonic() - started) / slack_settings.slack_edit_interval_s + 1
 
 
-async def test_markdown_is_converted_and_mentions_are_defused(factory, fake_slack):
+async def test_markdown_is_posted_as_markdown_text_and_mentions_are_defused(factory, fake_slack):
     await deliver(
         factory,
         msg("3.1", channel="D1", kind="dm"),
         [],
-        final="**Bold** and [docs](https://example.com) <!channel> <@U2>",
+        final="**Bold** and [docs](https://example.com) <!channel> <@U2> @here `a < b`",
     )
     [reply] = fake_slack.replies("D1")
-    assert reply.text == ("*Bold* and <https://example.com|docs> &lt;!channel&gt; &lt;@U2&gt;")
+    assert reply.markdown
+    assert reply.text == (
+        f"**Bold** and [docs](https://example.com) <{ZWSP}!channel> <{ZWSP}@U2> @{ZWSP}here `a < b`"
+    )
+    [post] = fake_slack.calls_of("chat.postMessage")
+    assert "text" not in post.params and post.params["markdown_text"] == reply.text
 
 
 async def test_stream_closed_by_slack_falls_back_to_chat_update(factory, fake_slack):
@@ -293,7 +299,8 @@ async def test_queued_notice_is_posted_then_edited_into_the_answer(factory, fake
     assert [c.params["text"] for c in fake_slack.calls_of("chat.postMessage")] == [
         "⏳ Queued: about 40 s"
     ]
-    assert fake_slack.calls_of("chat.update")[-1].params["text"] == "Hello there."
+    assert fake_slack.calls_of("chat.update")[-1].params["markdown_text"] == "Hello there."
+    assert reply.markdown
     assert not fake_slack.calls_of("chat.startStream")
 
 
