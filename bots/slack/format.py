@@ -50,9 +50,7 @@ _WORDS = ("here", "channel", "everyone")
 _LOOKAHEAD = 120
 # A tail that the next characters could still turn into something safe_markdown
 # changes: a "<", a (maybe unfinished) reference, or an "@" and what follows it.
-_PENDING = re.compile(
-    rf"(?:<|&[#\w]{{0,32}};?|{_AT}([\w&#;]{{0,{_LOOKAHEAD}}}))\Z", re.IGNORECASE
-)
+_PENDING = re.compile(rf"(?:<|&[#\w]{{0,32}};?|{_AT}([\w&#;]{{0,{_LOOKAHEAD}}}))\Z", re.IGNORECASE)
 _UNFINISHED_REF = re.compile(r"&[#\w]*\Z")
 
 
