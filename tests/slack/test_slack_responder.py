@@ -202,7 +202,7 @@ async def test_rerun_job_edits_its_message_instead_of_posting_again(factory, fak
 
 async def test_long_reply_is_split_into_parts_in_the_thread(factory, fake_slack, slack_settings):
     paragraph = "lorem ipsum dolor sit amet " * 20
-    text = "\n\n".join([paragraph] * 12)
+    text = "\n\n".join([paragraph] * 30)  # about 16,000 characters: two parts
     await deliver(factory, msg("9.1", thread="9.1"), [text[:500], text], final=text)
     replies = fake_slack.replies("C1")
     assert len(replies) >= 2
@@ -213,7 +213,7 @@ async def test_long_reply_is_split_into_parts_in_the_thread(factory, fake_slack,
 
 
 async def test_retried_long_reply_does_not_repost_parts(factory, fake_slack):
-    text = "\n\n".join(["x" * 3000] * 3)
+    text = "\n\n".join(["x" * 11000] * 3)
     m = msg("10.1", channel="D1", kind="dm")
     await deliver(factory, m, [], final=text)
     posts = len(fake_slack.calls_of("chat.postMessage"))
