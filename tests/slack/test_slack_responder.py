@@ -231,6 +231,7 @@ async def test_ask_command_without_channel_access_answers_via_response_url(
     await deliver(factory, m, ["thinking"], final="the answer")
     assert [p["text"] for p in response_sink.posts] == ["the answer"]
     assert response_sink.posts[0]["response_type"] == "in_channel"
+    assert response_sink.posts[0]["blocks"] == [{"type": "markdown", "text": "the answer"}]
 
 
 async def test_unknown_token_is_a_delivery_error(slack_settings, redis, fake_slack):
