@@ -48,6 +48,9 @@ _WORDS = ("here", "channel", "everyone")
 # Enough characters after an "@" to hold a broadcast word and the character after
 # it, each letter written as a character reference if need be.
 _LOOKAHEAD = 120
+_LONGEST_WORD_PLUS_ONE = len("everyone") + 1
+# No tail _PENDING holds is longer than this ("@" as "&#x00040;" and _LOOKAHEAD more).
+_PENDING_MAX = _LOOKAHEAD + 16
 # A tail that the next characters could still turn into something safe_markdown
 # changes: a "<", a (maybe unfinished) reference, or an "@" and what follows it.
 _PENDING = re.compile(rf"(?:<|&[#\w]{{0,32}};?|{_AT}([\w&#;]{{0,{_LOOKAHEAD}}}))\Z", re.IGNORECASE)
@@ -55,7 +58,9 @@ _UNFINISHED_REF = re.compile(r"&[#\w]*\Z")
 
 
 def _broadcast_at(m: re.Match[str]) -> str:
-    after = html.unescape(m.string[m.end() : m.end() + _LOOKAHEAD])
+    after = m.string[m.end() : m.end() + _LOOKAHEAD]
+    if "&" in after[:_LONGEST_WORD_PLUS_ONE]:  # a letter may be a character reference
+        after = html.unescape(after)
     return m.group(1) + ZWSP if _BROADCAST_WORD.match(after) else m.group(1)
 
 
@@ -88,7 +93,7 @@ def stream_cut(text: str) -> int:
     """
     end = len(text)
     while True:
-        m = _PENDING.search(text, 0, end)
+        m = _PENDING.search(text, max(0, end - _PENDING_MAX), end)
         if m is None:
             return end
         after_at = m.group(1)
@@ -199,6 +204,10 @@ def _pack(items: list[str], sep: str, limit: int) -> list[str]:
     return parts
 
 
+# A code block's language ("python", "c++", "objective-c"): repeated when it is reopened.
+_LANGUAGE = re.compile(r"[A-Za-z][\w+#.-]{0,19}")
+
+
 def _split_unit(unit: str, limit: int) -> list[str]:
     lines = unit.split("\n")
     is_code = lines[0].lstrip().startswith(FENCE) and len(lines) > 1
@@ -210,7 +219,7 @@ def _split_unit(unit: str, limit: int) -> list[str]:
     # "```python" is reopened as "```python" (Slack highlights it); an info string
     # too long to repeat in every part becomes the block's first line.
     opener = FENCE
-    if info and " " not in info.strip() and len(info) <= 20:
+    if _LANGUAGE.fullmatch(info.strip()):
         opener = FENCE + info.strip()
     elif info:
         body = [info, *body]
