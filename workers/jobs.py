@@ -30,7 +30,6 @@ from core.messages import IncomingMessage, Reply, Turn
 from core.responder import (
     Responder,
     ResponderFactory,
-    ShowsToolProgress,
     load_responder_factory,
 )
 from core.settings import Settings
@@ -127,9 +126,7 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
 async def _withdraw_queued(ctx: dict[str, Any], msg: IncomingMessage, job_id: str) -> None:
     """A merged message gets no reply of its own: take back its queued notice."""
     factory = await get_responder_factory(ctx, msg.platform)
-    withdraw = getattr(factory.responder(msg, job_id), "withdraw_queued", None)
-    if withdraw is not None:
-        await withdraw()
+    await factory.responder(msg, job_id).withdraw_queued()
 
 
 async def answer_message(
@@ -469,7 +466,7 @@ async def _answer(
             call_timeout_s=settings.tool_call_timeout_s,
             max_result_chars=settings.tool_result_max_chars,
             # Platforms that can show tool calls (Slack: task updates) hear of each.
-            on_tool=responder.tool_progress if isinstance(responder, ShowsToolProgress) else None,
+            on_tool=responder.tool_progress,
         )
     except LLMRequestError as e:
         logger.error("llm refused message=%s: %s", msg.message_id, e)
