@@ -447,7 +447,11 @@ class Settings(BaseSettings):
         "edits; above it only final edits are sent.",
     )
     slack_message_limit: int = Field(
-        3900, ge=100, le=40000, description="Longest Slack message; longer replies are split."
+        12000,
+        ge=100,
+        le=12000,
+        description="Longest Slack message (its markdown_text, at most Slack's 12,000 "
+        "characters); longer replies are split.",
     )
     slack_max_retry_after_s: float = Field(
         30.0,

@@ -27,7 +27,11 @@ from core.history.hot import HotHistory
 from core.infra import metrics, tracing
 from core.llm.client import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
-from core.responder import Responder, ResponderFactory, load_responder_factory
+from core.responder import (
+    Responder,
+    ResponderFactory,
+    load_responder_factory,
+)
 from core.settings import Settings
 from core.traffic import door
 from core.traffic.cache import cache_enabled
@@ -461,6 +465,8 @@ async def _answer(
             timeout_s=_first(bot.tool_timeout_s, settings.tool_timeout_s),
             call_timeout_s=settings.tool_call_timeout_s,
             max_result_chars=settings.tool_result_max_chars,
+            # Platforms that can show tool calls (Slack: task updates) hear of each.
+            on_tool=responder.tool_progress,
         )
     except LLMRequestError as e:
         logger.error("llm refused message=%s: %s", msg.message_id, e)
