@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from core.errors import BotDefinitionError
+from core.framework.admin import admin_commands
 from core.framework.commands import (
     Command,
     CommandFunc,
@@ -70,6 +71,7 @@ COMMAND_APOLOGY = "Sorry, that command failed. Please try again later."
 PromptFunc = Callable[[MessageContext], "str | Awaitable[str | None] | None"]
 LaneFunc = Callable[[MessageContext], "str | None"]
 _PROMPT_KEY_RE = re.compile(r"^(dm|(platform|tenant|channel):.+)$")
+_ADMIN_COMMANDS = admin_commands()
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=CommandFunc)
 T = TypeVar("T", bound=ToolFunc)
@@ -339,6 +341,8 @@ class Bot:
     def commands(self) -> dict[str, Command]:
         """The commands by name, ``help`` included (built in unless you define one)."""
         cmds = dict(self._commands)
+        for name, builtin in _ADMIN_COMMANDS.items():
+            cmds.setdefault(name, builtin)
         if "help" not in cmds:
             if self._help is None:
                 self._help = make_command(self._builtin_help, "help", "List the commands.")
@@ -429,6 +433,8 @@ class Bot:
             return None
         name, args, explicit = found
         cmd = commands[name]
+        if cmd.explicit_only and not explicit:
+            return None
         try:
             cmd.parse(args)
         except CommandUsageError as e:

@@ -181,6 +181,7 @@ class Command:
     fn: CommandFunc
     params: list[_Param] = field(default_factory=list)
     context_param: str | None = None
+    explicit_only: bool = False  # run only as ``/name`` (the built-in admin commands)
 
     @property
     def usage(self) -> str:
