@@ -362,6 +362,11 @@ class DiscordFake:
             self.add_channel(gid, c)
         return guild
 
+    def add_role(self, guild_id: str, role_id: str, *, permissions: int) -> None:
+        """A role with the given permission bits (e.g. ``1 << 5``, Manage Server)."""
+        role = {**self._role(role_id, f"role{role_id}", guild_id), "permissions": str(permissions)}
+        self.guilds[guild_id]["roles"].append(role)
+
     @staticmethod
     def _role(role_id: str, name: str, guild_id: str) -> dict[str, Any]:
         return {
@@ -600,18 +605,23 @@ class DiscordFake:
         reply_to: dict[str, Any] | None = None,
         roles: list[str] = (),  # type: ignore[assignment]
         message_id: str | None = None,
+        ping: bool = True,
+        include_referenced: bool = True,
     ) -> dict[str, Any]:
         """A user posts a message: build MESSAGE_CREATE as Discord would and dispatch it.
 
         ``mention_bot`` puts ``<@bot>`` in front of the content. A reply to a message of
-        the bot mentions the bot too (Discord's default "reply with ping").
+        the bot mentions the bot too (Discord's default "reply with ping"), unless
+        ``ping`` is off. ``include_referenced=False`` leaves ``referenced_message`` out
+        of a reply, as Discord may.
         """
         cid = str(channel_id)
         channel = self.channels.get(cid)
         mentions = []
         if mention_bot:
             content = f"<@{self.bot_id}> {content}"
-        if mention_bot or (reply_to is not None and reply_to["author"]["id"] == self.bot_id):
+        replies_to_bot = reply_to is not None and reply_to["author"]["id"] == self.bot_id
+        if mention_bot or (replies_to_bot and ping):
             mentions.append(self.bot_user)
         msg: dict[str, Any] = {
             "id": message_id or self.snowflake(),
@@ -642,7 +652,8 @@ class DiscordFake:
                 "channel_id": cid,
                 **({"guild_id": msg["guild_id"]} if "guild_id" in msg else {}),
             }
-            msg["referenced_message"] = reply_to
+            if include_referenced:
+                msg["referenced_message"] = reply_to
         self.messages[msg["id"]] = msg
         await self.dispatch("MESSAGE_CREATE", msg)
         return msg
