@@ -118,8 +118,12 @@ async def listen_command(ctx: MessageContext, state: Literal["on", "off"] | None
 def admin_commands() -> dict[str, Command]:
     """The built-in admin commands by name, run only when invoked as ``/name``."""
     out = {}
-    for name, fn in (("model", model_command), ("listen", listen_command)):
+    for name, fn, platforms in (
+        ("model", model_command, None),
+        ("listen", listen_command, frozenset({"discord"})),
+    ):
         cmd = make_command(fn, name, None)
         cmd.explicit_only = True
+        cmd.platforms = platforms
         out[name] = cmd
     return out

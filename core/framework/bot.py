@@ -352,9 +352,14 @@ class Bot:
     async def _builtin_help(self) -> str:
         return help_text(list(self.commands.values()))
 
-    def command_specs(self) -> list[CommandSpec]:
-        """Every command (``help`` included) in a platform-neutral form for registration."""
-        return [c.spec() for c in self.commands.values()]
+    def command_specs(self, platform: str | None = None) -> list[CommandSpec]:
+        """Every command (``help`` included) in a platform-neutral form for registration;
+        with ``platform``, only those offered there (``/listen`` is Discord's)."""
+        return [
+            c.spec()
+            for c in self.commands.values()
+            if platform is None or c.platforms is None or platform in c.platforms
+        ]
 
     def lane_for(self, msg: IncomingMessage) -> str:
         """The lane to enqueue ``msg`` in: ``@bot.lane`` functions, then ``lanes`` rules."""
