@@ -349,8 +349,11 @@ class Bot:
             cmds["help"] = self._help
         return cmds
 
-    async def _builtin_help(self) -> str:
-        return help_text(list(self.commands.values()))
+    async def _builtin_help(self, ctx: MessageContext) -> str:
+        offered = [
+            c for c in self.commands.values() if c.platforms is None or ctx.platform in c.platforms
+        ]
+        return help_text(offered)
 
     def command_specs(self, platform: str | None = None) -> list[CommandSpec]:
         """Every command (``help`` included) in a platform-neutral form for registration;

@@ -9,8 +9,11 @@ from __future__ import annotations
 import json
 
 import aiohttp
+import pytest
 
+from core.infra.redis import Keys
 from core.settings import Settings
+from core.traffic.choices import Choices
 from tests.webchat import ChatSession, web_adapter
 
 ALLOWED = "sim-small,sim-large"
@@ -80,3 +83,19 @@ async def test_without_allowed_models_the_command_says_it_is_off(
         assert "SLUICE_ALLOWED_MODELS" in answer
         await _ask(admin, "hello")
         assert llm_sim.requests()[-1]["model"] == settings.model
+
+
+async def test_a_model_removed_from_the_allow_list_is_no_longer_used(redis, settings) -> None:
+    keys = Keys(settings.key_prefix)
+    before = Choices(redis, keys, ["sim-small", "sim-large"], "default-model")
+    await before.set_model("slack", "T1", None, "sim-large")
+    await before.set_model("slack", "T1", "C1", "sim-small")
+    assert await before.model_for("slack", "T1", "C1") == "sim-small"
+    assert await before.model_for("slack", "T1", "C2") == "sim-large"
+    assert await before.model_for("slack", "T2", "C1") == "default-model"
+    after = Choices(redis, keys, ["sim-large"], "default-model")
+    assert await after.model_for("slack", "T1", "C1") == "sim-large"
+    with pytest.raises(ValueError, match="not an allowed model"):
+        await after.set_model("slack", "T1", "C1", "sim-small")
+    await after.set_model("slack", "T1", None, None)
+    assert await after.model_for("slack", "T1", "C1") == "default-model"
