@@ -285,6 +285,7 @@ class DiscordIntake:
             not_from_a_bot(event, self.settings, bot_id) is None
             and allowed(event, self.settings, bot_id) is None
             and addressed_to_bot(event, self.settings, bot_id) is not None
+            and has_text(event, self.settings, bot_id) is None
         ):
             event = await self._look_further(event, message, bot_id)
         reason = run_checks(event, self.settings, bot_id)
