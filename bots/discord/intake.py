@@ -28,6 +28,7 @@ If enqueueing fails the claim is released, so a replay can still be answered.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -62,6 +63,7 @@ DM_MEMBER_CACHE_S = 300  # a membership verdict is looked up again after this
 DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
 LISTEN_CACHE_S = 5.0  # an admin's /listen reaches every adapter within this
 LISTEN_CACHE_MAX = 10_000
+CLOSE_WAIT_S = 5.0  # how long closing waits for messages being enqueued
 
 
 def dm_tenant(user_id: str) -> str:
@@ -252,6 +254,7 @@ class DiscordIntake:
         self._queue: ArqRedis | None = None
         self.rest: DiscordRest | None = None
         self._listen_cache: dict[str, tuple[float, bool]] = {}
+        self._busy: set[asyncio.Task[object]] = set()
 
     async def start(self) -> None:
         """Connect to Redis (the queue) and open the paced REST client."""
@@ -262,7 +265,11 @@ class DiscordIntake:
             await self.rest.start()
 
     async def close(self) -> None:
-        """Close the REST client and the Redis pool."""
+        """Let messages being enqueued finish (a few seconds at most), then close the
+        REST client and the Redis pool."""
+        busy = {t for t in self._busy if t is not asyncio.current_task()}
+        if busy:
+            await asyncio.wait(busy, timeout=CLOSE_WAIT_S)
         if self.rest is not None:
             await self.rest.close()
             self.rest = None
@@ -279,6 +286,16 @@ class DiscordIntake:
 
     async def on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         """Handle one MESSAGE_CREATE; ``True`` when a reply job was enqueued."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._busy.add(task)
+        try:
+            return await self._on_message(message, me)
+        finally:
+            if task is not None:
+                self._busy.discard(task)
+
+    async def _on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         bot_id = str(me.id)
         event = event_from_message(message, me.id)
         if (
