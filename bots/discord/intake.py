@@ -29,11 +29,13 @@ If enqueueing fails the claim is released, so a replay can still be answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import discord
 from arq.connections import ArqRedis
@@ -63,7 +65,7 @@ DM_MEMBER_CACHE_S = 300  # a membership verdict is looked up again after this
 DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
 LISTEN_CACHE_S = 5.0  # an admin's /listen reaches every adapter within this
 LISTEN_CACHE_MAX = 10_000
-CLOSE_WAIT_S = 5.0  # how long closing waits for messages being enqueued
+CLOSE_WAIT_S = 5.0  # close() waits this long for the events being handled
 
 
 def dm_tenant(user_id: str) -> str:
@@ -254,7 +256,8 @@ class DiscordIntake:
         self._queue: ArqRedis | None = None
         self.rest: DiscordRest | None = None
         self._listen_cache: dict[str, tuple[float, bool]] = {}
-        self._busy: set[asyncio.Task[object]] = set()
+        # The event handlers running now: close() lets them finish before the pools go.
+        self._busy: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Connect to Redis (the queue) and open the paced REST client."""
@@ -265,9 +268,9 @@ class DiscordIntake:
             await self.rest.start()
 
     async def close(self) -> None:
-        """Let messages being enqueued finish (a few seconds at most), then close the
-        REST client and the Redis pool."""
-        busy = {t for t in self._busy if t is not asyncio.current_task()}
+        """Let the events being handled finish (up to a few seconds), then close the REST
+        client and the Redis pool."""
+        busy = [t for t in self._busy if t is not asyncio.current_task()]
         if busy:
             await asyncio.wait(busy, timeout=CLOSE_WAIT_S)
         if self.rest is not None:
@@ -284,16 +287,22 @@ class DiscordIntake:
             raise RuntimeError("DiscordIntake.start() was not awaited")
         return self._queue
 
+    @contextlib.asynccontextmanager
+    async def _handling(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        if task is None:  # not in a task: nothing to wait for at close
+            yield
+            return
+        self._busy.add(task)
+        try:
+            yield
+        finally:
+            self._busy.discard(task)
+
     async def on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         """Handle one MESSAGE_CREATE; ``True`` when a reply job was enqueued."""
-        task = asyncio.current_task()
-        if task is not None:
-            self._busy.add(task)
-        try:
+        async with self._handling():
             return await self._on_message(message, me)
-        finally:
-            if task is not None:
-                self._busy.discard(task)
 
     async def _on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         bot_id = str(me.id)
@@ -314,6 +323,8 @@ class DiscordIntake:
         if event.is_dm:
             refusal = await self.dm_refusal(event.author_id)
             if refusal is not None:
+                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
+                # Logged once the notice is out (or skipped): the message is done with.
                 logger.info(
                     "discord DM refused message=%s user=%s: policy %s (%s)",
                     event.message_id,
@@ -321,7 +332,6 @@ class DiscordIntake:
                     self.settings.discord_dm_policy,
                     refusal,
                 )
-                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
                 return False
         msg = IncomingMessage(
             platform=Platform.DISCORD,
@@ -344,6 +354,10 @@ class DiscordIntake:
         The allow and deny lists apply as to messages; a refused user gets a short
         note only they can see.
         """
+        async with self._handling():
+            return await self._on_ask(interaction, question)
+
+    async def _on_ask(self, interaction: discord.Interaction, question: str) -> bool:
         reason = allowed(event_from_interaction(interaction), self.settings, "")
         if reason is not None:
             logger.info(
