@@ -13,7 +13,15 @@ from redis.asyncio import Redis
 from core.infra.redis import Keys
 from core.settings import Settings
 from core.traffic.choices import Choices
-from tests.discord.conftest import CHANNEL, GUILD, OTHER_CHANNEL, THREAD, queued, wait_for
+from tests.discord.conftest import (
+    CHANNEL,
+    GUILD,
+    OTHER_CHANNEL,
+    THREAD,
+    IntakeLog,
+    queued,
+    wait_for,
+)
 from tests.fakes.discord_fake import DiscordFake
 
 ALICE = DiscordFake.user(630000000000000001, "alice")
@@ -62,42 +70,47 @@ async def test_reply_to_the_bot_with_the_ping_off_is_answered(
 
 
 async def test_reply_without_the_referenced_message_is_checked_over_rest(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     bot_said = said_by(fake, fake.bot_user)
     bob_said = said_by(fake, BOB)
     async with adapter(discord_message_content=True):
         # Discord may leave referenced_message out; the adapter asks whose message it was.
-        await fake.send_user_message(
+        to_bob = await fake.send_user_message(
             CHANNEL, ALICE, "to bob", reply_to=bob_said, ping=False, include_referenced=False
         )
         await fake.send_user_message(
             CHANNEL, ALICE, "to the bot", reply_to=bot_said, ping=False, include_referenced=False
         )
         await wait_for(lambda: queued(redis, discord_settings))
-        await wait_for(lambda: len(fake.calls_to("GET", "/channels/{channel_id}/messages/")) == 2)
+        await intake_log.handled(to_bob)
+    assert len(fake.calls_to("GET", "/channels/{channel_id}/messages/")) == 2
     assert await _texts(redis, discord_settings) == ["to the bot"]
 
 
 async def test_ping_off_reply_without_the_content_intent_cannot_be_read(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     bot_said = said_by(fake, fake.bot_user)
     async with adapter():
         # Discord blanks a reply that does not mention the bot; nothing to answer.
-        await fake.send_user_message(CHANNEL, ALICE, "unseen", reply_to=bot_said, ping=False)
+        unseen = await fake.send_user_message(
+            CHANNEL, ALICE, "unseen", reply_to=bot_said, ping=False
+        )
         await fake.send_user_message(CHANNEL, ALICE, "seen", reply_to=bot_said)
         await wait_for(lambda: queued(redis, discord_settings))
+        await intake_log.handled(unseen)
     assert await _texts(redis, discord_settings) == ["seen"]
 
 
 async def test_listen_channels_setting_answers_without_a_mention(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     async with adapter(discord_message_content=True, discord_listen_channels=[CHANNEL]):
-        await fake.send_user_message(OTHER_CHANNEL, ALICE, "not here")
+        elsewhere = await fake.send_user_message(OTHER_CHANNEL, ALICE, "not here")
         await fake.send_user_message(CHANNEL, ALICE, "hello there")
         await wait_for(lambda: queued(redis, discord_settings))
+        await intake_log.handled(elsewhere)
     [msg] = await queued(redis, discord_settings)
     assert (msg.channel, msg.text) == (CHANNEL, "hello there")
 

@@ -86,12 +86,15 @@ async def test_two_processes_with_different_shard_ranges_each_get_only_their_gui
             to_dm = await fake.send_user_message(dm, ALICE, "a DM")
             await wait_for(lambda: _count(redis, first, 2))
             await wait_for(lambda: _count(redis, second, 1))
-            # Give a wrongly routed event the time to arrive before looking for it.
-            await asyncio.sleep(0.2)
         got_a = {m.message_id for m in await queued(redis, first)}
         got_b = {m.message_id for m in await queued(redis, second)}
         assert got_a == {to_a["id"], to_dm["id"]}  # DMs go to shard 0
         assert got_b == {to_b["id"]}
+        # Each message went out on one shard's connection only.
+        sent = [(shard, i) for shard, event, i in fake.shard_events if event == "MESSAGE_CREATE"]
+        assert sorted(sent) == sorted(
+            [((0, 2), to_a["id"]), ((0, 2), to_dm["id"]), ((1, 2), to_b["id"])]
+        )
     finally:
         await _clean(redis, first, second)
 

@@ -258,6 +258,7 @@ class DiscordFake:
         self.recommended_shards = 1
         self.bucket_groups: dict[str, str] = {}  # route template -> shared bucket name
         self._session_shards: dict[str, tuple[int, int]] = {}
+        self.shard_events: list[tuple[tuple[int, int], str, str]] = []  # (shard, event, id)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -539,6 +540,8 @@ class DiscordFake:
         async with session.lock:
             session.seq += 1
             await session.ws.send_json({"op": 0, "t": event, "s": session.seq, "d": data})
+            if session.shard is not None:
+                self.shard_events.append((session.shard, event, str(data.get("id", ""))))
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         """Send a DISPATCH event to every connected gateway session."""
