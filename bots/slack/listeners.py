@@ -249,7 +249,7 @@ def register(
     )
     app.command(command, middleware=[sluice.select_command, *chain])(sluice.command_accepted)
     # The bot definition's commands (`@bot.command`) as slash commands of their own.
-    for spec in sluice.bot.command_specs():
+    for spec in sluice.bot.command_specs("slack"):
         if f"/{spec.name}" != command:
             app.command(f"/{spec.name}", middleware=[sluice.select_command, *chain])(
                 sluice.command_accepted
