@@ -12,7 +12,7 @@ import importlib
 from typing import Protocol
 
 from core.errors import ConfigError
-from core.messages import IncomingMessage, Reply
+from core.messages import FileRef, IncomingMessage, Reply
 from core.settings import Settings
 
 
@@ -39,6 +39,16 @@ class ResponderFactory(Protocol):
     async def close(self) -> None: ...
 
     def responder(self, msg: IncomingMessage, job_id: str) -> Responder: ...
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a file attached to ``msg`` (see :class:`core.files.attach.FileFetcher`).
+
+        Raises:
+            FileRefusedError: the file cannot be downloaded; the message is safe to show.
+        """
+        ...
 
 
 # Import paths, so that a worker only imports the platform SDKs it uses.

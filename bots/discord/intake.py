@@ -38,7 +38,7 @@ from bots.discord.interactions import keep_token
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Platform
+from core.messages import FileRef, IncomingMessage, Platform
 from core.settings import Settings
 from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
 
@@ -55,6 +55,10 @@ DM_REFUSED = {
 DM_NOTICE_WINDOW_S = 3600  # at most one refusal notice per user per hour
 DM_MEMBER_CACHE_S = 300  # a membership verdict is looked up again after this
 DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
+
+
+# Attachments taken into one job payload (Discord allows 10 per message).
+MAX_FILE_REFS = 50
 
 
 def dm_tenant(user_id: str) -> str:
@@ -82,6 +86,7 @@ class Event:
     mentions_bot: bool = False
     replies_to_bot: bool = False
     in_bot_thread: bool = False
+    attachments: int = 0
 
     @property
     def is_dm(self) -> bool:
@@ -153,8 +158,11 @@ def addressed_to_bot(event: Event, settings: Settings, bot_id: str) -> str | Non
 
 
 def has_text(event: Event, settings: Settings, bot_id: str) -> str | None:
-    """Drop messages whose content Discord did not send (message-content intent off)."""
-    return None if event.content.strip() else "no content (message-content intent off?)"
+    """Drop messages whose content Discord did not send (message-content intent off);
+    a message with attachments and no text is kept."""
+    if event.content.strip() or event.attachments:
+        return None
+    return "no content (message-content intent off?)"
 
 
 CHECKS: tuple[Check, ...] = (not_from_a_bot, allowed, addressed_to_bot, has_text)
@@ -188,7 +196,22 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
         mentions_bot=any(u.id == bot_id for u in message.mentions),
         replies_to_bot=isinstance(ref, discord.Message) and ref.author.id == bot_id,
         in_bot_thread=thread is not None and (thread.owner_id == bot_id or thread.me is not None),
+        attachments=len(message.attachments),
     )
+
+
+def files_of(message: discord.Message) -> list[FileRef]:
+    """References to a message's attachments (downloaded by the worker, never here)."""
+    return [
+        FileRef(
+            id=str(a.id),
+            name=a.filename[:1024] or "file",
+            mimetype=(a.content_type or "")[:255],
+            size=max(0, a.size),
+            url=a.url if len(a.url) <= 4096 else "",
+        )
+        for a in message.attachments[:MAX_FILE_REFS]
+    ]
 
 
 def event_from_interaction(interaction: discord.Interaction) -> Event:
@@ -286,6 +309,7 @@ class DiscordIntake:
             is_dm=event.is_dm,
             ts=message.created_at.timestamp(),
             meta={"reply_to": event.message_id},
+            files=files_of(message),
         )
         return await self._accept(msg, event)
 

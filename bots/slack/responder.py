@@ -42,9 +42,10 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.format import safe_markdown, split_message, to_mrkdwn
-from core.errors import DeliveryError, DeliveryRetryableError
+from core.errors import DeliveryError, DeliveryRetryableError, FileRefusedError
+from core.files.download import download, origin
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.messages import QUEUED_PREFIX, FileRef, IncomingMessage, Reply, queued_text
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -104,6 +105,10 @@ def _header(response: Any, name: str) -> str | None:
     return None
 
 
+# Where Slack serves url_private; tests point SLACK_API_URL's host at a fake instead.
+SLACK_FILE_HOST = "files.slack.com"
+
+
 class SlackResponderFactory:
     """One per worker process: HTTP session, token lookup, per-token Web API clients."""
 
@@ -156,6 +161,40 @@ class SlackResponderFactory:
         if bot is None or not bot.bot_token:
             raise DeliveryError(f"slack workspace {msg.tenant} is not installed")
         return str(bot.bot_token)
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a file shared in Slack (``url_private``, with the workspace's bot
+        token; needs the ``files:read`` scope). The token is sent only to Slack's file
+        host (or the host of ``SLACK_API_URL``), never to a host a redirect names.
+
+        Raises:
+            FileRefusedError: not a Slack file URL, no token, or the download failed.
+        """
+        if self.session is None:
+            raise RuntimeError("SlackResponderFactory.start() was not awaited")
+        host = origin(ref.url)[1]
+        if host not in (SLACK_FILE_HOST, origin(self.settings.slack_api_url)[1]):
+            raise FileRefusedError(f"{ref.name} is not a Slack file, so I did not open it.")
+        try:
+            token = await self.token_for(msg)
+        except DeliveryError as e:
+            raise FileRefusedError(f"{ref.name} could not be downloaded.") from e
+        data, content_type = await download(
+            self.session,
+            ref.url,
+            name=ref.name,
+            max_bytes=max_bytes,
+            timeout_s=timeout_s,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        if content_type.startswith("text/html") and not ref.mimetype.startswith("text/html"):
+            # Slack answers a file request it refuses with its sign-in page.
+            raise FileRefusedError(
+                f"Slack did not let me download {ref.name} (the app may lack the files:read scope)."
+            )
+        return data
 
     def forget(self, team: str) -> None:
         """Drop a cached token (revoked or uninstalled)."""
