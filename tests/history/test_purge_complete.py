@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.errors import HistoryError
 from core.history.admin import purge
 from core.history.hot import make_record, unpack_record, unpack_turn
-from core.history.store import COLUMNS, RECORD_FIELDS, count_rows, insert_batch, iter_records
+from core.history.store import COLUMNS, RECORD_FIELDS, count_rows, iter_records
 from core.infra.redis import Keys
 from core.messages import IncomingMessage, Turn
 from core.settings import Settings

@@ -61,9 +61,7 @@ async def test_a_mention_with_an_image_a_text_file_and_a_pdf_reaches_the_model_w
     files = [
         fake_slack.add_file("chart.png", png(640, 480), "image/png"),
         fake_slack.add_file("notes.txt", b"the launch is on Tuesday", "text/plain"),
-        fake_slack.add_file(
-            "report.pdf", text_pdf("Revenue grew nine percent"), "application/pdf"
-        ),
+        fake_slack.add_file("report.pdf", text_pdf("Revenue grew nine percent"), "application/pdf"),
     ]
     event = {**mention("files-marker-1 what do these say", "500.1"), "files": files}
     async with adapter(settings) as a:
