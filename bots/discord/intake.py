@@ -58,7 +58,7 @@ DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
 
 
 # Attachments taken into one job payload (Discord allows 10 per message).
-MAX_FILE_REFS = 50
+MAX_FILE_REFS = 20
 
 
 def dm_tenant(user_id: str) -> str:

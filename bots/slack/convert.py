@@ -147,7 +147,7 @@ def team_of(body: dict[str, Any]) -> str:
 
 # Files taken into one job payload (Slack allows 10 per message); the worker reads at
 # most SLUICE_FILE_MAX_COUNT of them and names the rest in a notice.
-MAX_FILE_REFS = 50
+MAX_FILE_REFS = 20
 
 
 def _str(value: Any, limit: int) -> str:

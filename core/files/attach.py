@@ -146,7 +146,7 @@ async def _read_one(
         max_bytes=settings.file_max_bytes,
         timeout_s=settings.file_download_timeout_s,
     )
-    part = await asyncio.to_thread(
+    reading = asyncio.to_thread(
         read_file,
         data,
         name=name,
@@ -154,6 +154,12 @@ async def _read_one(
         max_pixels=settings.image_max_pixels,
         max_chars=settings.file_max_chars,
     )
+    try:
+        # A hostile file can take long to parse: the reply does not wait for it past
+        # the download timeout (the thread itself cannot be stopped and ends on its own).
+        part = await asyncio.wait_for(reading, settings.file_download_timeout_s)
+    except TimeoutError as e:
+        raise FileRefusedError(f"{name} took too long to read.") from e
     if isinstance(part, ImagePart) and not vision:
         raise FileRefusedError(NO_VISION.format(name=name))
     return part
