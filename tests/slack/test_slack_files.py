@@ -89,7 +89,9 @@ async def test_a_mention_with_an_image_a_text_file_and_a_pdf_reaches_the_model_w
 async def test_bad_files_each_get_a_clear_notice_and_the_message_is_still_answered(
     slack_settings: Settings, adapter, worker_process, fake_slack: FakeSlackAPI, llm_sim
 ) -> None:
-    settings = slack_settings.model_copy(update={"vision": True, "file_max_bytes": 1_000_000})
+    settings = slack_settings.model_copy(
+        update={"vision": True, "file_max_bytes": 1_000_000, "file_max_count": 10}
+    )
     worker = worker_process(worker_env(settings))
     files = [
         # Declares 200 MB: refused from the declared size, never downloaded.
@@ -98,6 +100,16 @@ async def test_bad_files_each_get_a_clear_notice_and_the_message_is_still_answer
         fake_slack.add_file("broken.pdf", BROKEN_PDF, "application/pdf"),
         # Declares 1 KB but streams 3 MB without a length: stopped at the limit.
         fake_slack.add_file("liar.txt", b"z" * 3_000_000, "text/plain", size=1000, chunked=True),
+        # Another workspace's file: Slack answers the bot token with its sign-in page.
+        fake_slack.add_file("theirs.txt", b"not for you", "text/plain", team_id="T9"),
+        # Not on Slack's file host: the token is never sent there.
+        {
+            "id": "F9",
+            "name": "elsewhere.txt",
+            "mimetype": "text/plain",
+            "size": 5,
+            "url_private": "https://files.example.com/steal.txt",
+        },
     ]
     event = {**mention("files-marker-2 check these", "510.1"), "files": files}
     async with adapter(settings) as a:
@@ -107,6 +119,8 @@ async def test_bad_files_each_get_a_clear_notice_and_the_message_is_still_answer
     assert re.search(r"photo\.png`? is not an image", text), text
     assert re.search(r"broken\.pdf`? could not be read", text), text
     assert re.search(r"liar\.txt`? is too large \(more than 1\.0 MB", text), text
+    assert re.search(r"Slack did not let me download `?theirs\.txt", text), text
+    assert re.search(r"elsewhere\.txt`? is not a Slack file", text), text
     assert files[0]["id"] not in {f.key for f in fake_slack.file_server.fetches}
     [content] = user_contents(llm_sim.requests(), "files-marker-2")
     assert content == "files-marker-2 check these"  # nothing of the refused files
