@@ -174,8 +174,9 @@ class SlackResponderFactory:
         """
         if self.session is None:
             raise RuntimeError("SlackResponderFactory.start() was not awaited")
-        host = origin(ref.url)[1]
-        if host not in (SLACK_FILE_HOST, origin(self.settings.slack_api_url)[1]):
+        # Only Slack's own file host, over HTTPS (or SLACK_API_URL's host and scheme).
+        where = origin(ref.url)[:2]
+        if where not in (("https", SLACK_FILE_HOST), origin(self.settings.slack_api_url)[:2]):
             raise FileRefusedError(f"{ref.name} is not a Slack file, so I did not open it.")
         try:
             token = await self.token_for(msg)

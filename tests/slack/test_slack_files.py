@@ -11,10 +11,14 @@ import re
 import time
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
+from bots.slack.responder import SlackResponderFactory
+from core.errors import FileRefusedError
 from core.history.hot import unpack_turn
 from core.infra.redis import Keys
+from core.messages import FileRef, IncomingMessage
 from core.settings import Settings
 from tests.fakes.slack_api import FakeSlackAPI
 from tests.files.samples import BROKEN_PDF, NOT_AN_IMAGE, png, text_pdf
@@ -148,3 +152,25 @@ async def test_an_image_when_the_model_has_no_vision_gets_a_notice_and_is_not_do
     assert "can't see images" in notice and "Echo:" not in notice
     assert fake_slack.file_server.fetches == []
     assert not [c for c in user_contents(llm_sim.requests(), "dog.png")]
+
+
+async def test_the_bot_token_goes_only_to_slacks_file_host_over_https(
+    slack_settings: Settings,
+) -> None:
+    factory = SlackResponderFactory(slack_settings, redis=None)  # type: ignore[arg-type]
+    await factory.start()
+    msg = IncomingMessage(
+        platform="slack", tenant="T1", channel="C1", user="U1", message_id="C1:9.9", text=""
+    )
+    try:
+        for url in (
+            "http://files.slack.com/files-pri/T1-F1/a.txt",  # the token in clear text
+            "https://files.slack.com.example.net/files-pri/T1-F1/a.txt",
+            "https://example.net/files.slack.com/a.txt",
+            "ftp://files.slack.com/a.txt",
+        ):
+            ref = FileRef(id="F1", name="`a.txt`", mimetype="text/plain", size=3, url=url)
+            with pytest.raises(FileRefusedError, match="is not a Slack file"):
+                await factory.fetch_file(msg, ref, max_bytes=1000, timeout_s=5)
+    finally:
+        await factory.close()
