@@ -159,3 +159,22 @@ def test_a_user_turn_records_file_references_without_the_url(count: int) -> None
         assert turn.files is None
     else:
         assert turn.files is not None and "url" not in turn.files[0].model_dump()
+
+
+async def test_a_merged_burst_keeps_the_files_of_every_message_it_absorbs(
+    redis: Any, settings: Settings
+) -> None:
+    from core.infra.redis import Keys
+    from core.traffic.ordering import absorb_burst, register_arrival
+
+    keys = Keys(settings.key_prefix)
+    first = msg_with(ref(1, "a.txt"), text="first").model_copy(update={"ts": 1000.0})
+    second = msg_with(ref(2, "b.png"), ref(3, "c.pdf"), text="second").model_copy(
+        update={"message_id": "C1:2.0", "ts": 1000.5}
+    )
+    for m in (first, second):
+        assert await register_arrival(redis, keys, m, keep_text=True)
+    merged = await absorb_burst(redis, keys, first, window_s=1.0)
+    assert merged.text == "first\nsecond"
+    assert [f.id for f in merged.files] == ["F1", "F2", "F3"]
+    assert merged.files[1] == second.files[0]  # url and all, ready to download
