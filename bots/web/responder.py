@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from core.errors import FileRefusedError
 from core.infra.redis import Keys
 from core.messages import FileRef, IncomingMessage, Reply
+from core.responder import Responder
 from core.settings import Settings
 
 OUTBOX_MAXLEN = 500
@@ -30,7 +31,7 @@ async def publish(redis: Redis, keys: Keys, session: str, event: dict[str, Any])
         await pipe.execute()
 
 
-class WebResponder:
+class WebResponder(Responder):
     """Streams one answer to one web chat session as ``delta`` events, then ``done``."""
 
     def __init__(self, factory: WebResponderFactory, msg: IncomingMessage, job_id: str) -> None:
