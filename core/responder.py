@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from core.errors import ConfigError, DeliveryRetryableError
 from core.framework.agent import ToolProgress
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Reply
+from core.messages import FileRef, IncomingMessage, Reply
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -75,6 +75,16 @@ class ResponderFactory(Protocol):
     async def close(self) -> None: ...
 
     def responder(self, msg: IncomingMessage, job_id: str) -> Responder: ...
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a file attached to ``msg`` (see :class:`core.files.attach.FileFetcher`).
+
+        Raises:
+            FileRefusedError: the file cannot be downloaded; the message is safe to show.
+        """
+        ...
 
 
 class DeliveryState:

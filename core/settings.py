@@ -295,6 +295,40 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
 
+    # --- Files and images users attach ---
+    vision: bool = Field(
+        False,
+        description="Whether the model reads images: attached images are sent to it as "
+        "image parts (a bot's `vision` overrides it); otherwise they are refused with a "
+        "notice.",
+    )
+    file_max_bytes: int = Field(
+        20_000_000,
+        ge=1024,
+        le=1_000_000_000,
+        description="Largest attached file a worker downloads, in bytes; checked against "
+        "the size the platform declares and again while downloading.",
+    )
+    file_max_count: int = Field(
+        5, ge=0, le=50, description="Files read per message; the rest are refused with a notice."
+    )
+    file_max_chars: int = Field(
+        20_000,
+        ge=100,
+        description="Text taken from a message's text files and PDFs for the model, in "
+        "all; longer text is cut, with a note in the reply.",
+    )
+    image_max_pixels: int = Field(
+        2_000_000,
+        ge=10_000,
+        le=50_000_000,
+        description="Largest image sent to the model, in pixels (width × height); larger "
+        "images are downscaled to it.",
+    )
+    file_download_timeout_s: float = Field(
+        30.0, gt=0, description="Longest download of one attached file."
+    )
+
     # --- Framework: tools ---
     tool_max_steps: int = Field(
         5,

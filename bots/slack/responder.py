@@ -44,10 +44,11 @@ from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
 from bots.slack.format import reply_parts, safe_markdown, stream_cut
-from core.errors import DeliveryError, DeliveryRetryableError
+from core.errors import DeliveryError, DeliveryRetryableError, FileRefusedError
+from core.files.download import download, origin
 from core.framework.agent import ToolProgress
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.messages import QUEUED_PREFIX, FileRef, IncomingMessage, Reply, queued_text
 from core.responder import DeliveryState, Responder
 from core.settings import Settings
 
@@ -115,6 +116,10 @@ def _escape_mrkdwn(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+# Where Slack serves url_private; tests point SLACK_API_URL's host at a fake instead.
+SLACK_FILE_HOST = "files.slack.com"
+
+
 class SlackResponderFactory:
     """One per worker process: HTTP session, token lookup, per-token Web API clients."""
 
@@ -167,6 +172,41 @@ class SlackResponderFactory:
         if bot is None or not bot.bot_token:
             raise DeliveryError(f"slack workspace {msg.tenant} is not installed")
         return str(bot.bot_token)
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a file shared in Slack (``url_private``, with the workspace's bot
+        token; needs the ``files:read`` scope). The token is sent only to Slack's file
+        host (or the host of ``SLACK_API_URL``), never to a host a redirect names.
+
+        Raises:
+            FileRefusedError: not a Slack file URL, no token, or the download failed.
+        """
+        if self.session is None:
+            raise RuntimeError("SlackResponderFactory.start() was not awaited")
+        # Only Slack's own file host, over HTTPS (or SLACK_API_URL's host and scheme).
+        where = origin(ref.url)[:2]
+        if where not in (("https", SLACK_FILE_HOST), origin(self.settings.slack_api_url)[:2]):
+            raise FileRefusedError(f"{ref.name} is not a Slack file, so I did not open it.")
+        try:
+            token = await self.token_for(msg)
+        except DeliveryError as e:
+            raise FileRefusedError(f"{ref.name} could not be downloaded.") from e
+        data, content_type = await download(
+            self.session,
+            ref.url,
+            name=ref.name,
+            max_bytes=max_bytes,
+            timeout_s=timeout_s,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        if content_type.startswith("text/html") and not ref.mimetype.startswith("text/html"):
+            # Slack answers a file request it refuses with its sign-in page.
+            raise FileRefusedError(
+                f"Slack did not let me download {ref.name} (the app may lack the files:read scope)."
+            )
+        return data
 
     def forget(self, team: str) -> None:
         """Drop a cached token (revoked or uninstalled)."""

@@ -90,7 +90,7 @@ def history_messages(turns: Sequence[Turn]) -> list[ChatMessage]:
     Tool calls are sent back only as whole groups (the assistant turn that asked and a
     result for each call), because the API rejects a tool result without its call; a
     group cut by the context window is left out, as are turns stored without their
-    tool data.
+    tool data. A user turn's attached files are named, not sent again.
     """
     out: list[ChatMessage] = []
     i = 0
@@ -111,10 +111,20 @@ def history_messages(turns: Sequence[Turn]) -> list[ChatMessage]:
                 )
             i = j
             continue
-        if turn.role == "user" or (turn.role == "assistant" and turn.text):
-            out.append({"role": turn.role, "content": turn.text})
+        if turn.role == "user":
+            out.append({"role": "user", "content": turn.text + _attached_note(turn)})
+        elif turn.role == "assistant" and turn.text:
+            out.append({"role": "assistant", "content": turn.text})
         i += 1
     return out
+
+
+def _attached_note(turn: Turn) -> str:
+    """An earlier user turn's files, by name: their content is not sent again."""
+    if not turn.files:
+        return ""
+    names = ", ".join(f"{f.name} ({f.mimetype or 'file'})" for f in turn.files)
+    return f"\n[Attached earlier: {names}]"
 
 
 def assistant_tool_message(text: str, calls: Sequence[dict[str, Any]]) -> ChatMessage:

@@ -107,6 +107,8 @@ class Bot:
             ``tenant_tokens_per_day``, ``user_window_s``); ``None`` as a value lifts it.
         merge_burst_s: When > 0, messages one user sends within this many seconds of
             each other in a conversation are answered as one turn.
+        vision: Whether the model reads images (attached images become image parts);
+            ``None`` means the ``SLUICE_VISION`` setting.
     """
 
     name: str = "assistant"
@@ -137,6 +139,8 @@ class Bot:
     no_cache_channels: frozenset[str] = frozenset()
     limits: dict[str, int | None] = field(default_factory=dict)
     merge_burst_s: float = 0.0
+    # --- Files users attach ---
+    vision: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():

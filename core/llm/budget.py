@@ -199,10 +199,28 @@ def unavailable_text(retry_in_s: float | None) -> str:
     return f"The assistant is unavailable right now; please try again in {minutes} {unit}."
 
 
+# What one image part counts against a TPM limit: OpenAI's cost of a 1024x1024 image
+# at high detail (85 + 4 tiles * 170).
+IMAGE_TOKENS = 765
+
+
 def estimate_tokens(messages: Sequence[ChatMessage], max_tokens: int) -> int:
-    """What a request counts against a TPM limit: ~4 characters a token, plus max_tokens."""
-    chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-    return math.ceil(chars / 4) + max_tokens
+    """What a request counts against a TPM limit: ~4 characters a token, plus
+    :data:`IMAGE_TOKENS` per image part, plus max_tokens."""
+    chars = images = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") == "image_url":
+                    images += 1
+                elif isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+    return math.ceil(chars / 4) + images * IMAGE_TOKENS + max_tokens
 
 
 def _header_int(headers: dict[str, str], name: str) -> int:

@@ -23,6 +23,8 @@ from urllib.parse import parse_qs
 import aiohttp
 from aiohttp import web
 
+from tests.fakes.files import FileServer, Served
+
 
 @dataclass
 class TokenInfo:
@@ -89,6 +91,7 @@ class FakeSlackAPI:
         self.app_tokens: set[str] = set()
         self.socket_acks: dict[str, dict[str, Any]] = {}
         self._sockets: list[web.WebSocketResponse] = []
+        self.file_server = FileServer()
 
     @property
     def url(self) -> str:
@@ -150,6 +153,7 @@ class FakeSlackAPI:
         app.router.add_post("/api/{method}", self._handle)
         app.router.add_get("/api/{method}", self._handle)
         app.router.add_get("/link", self._socket)
+        app.router.add_get("/files-pri/{team}/{file_id}/{name}", self._file)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -165,6 +169,43 @@ class FakeSlackAPI:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    # --- Files (url_private) ---------------------------------------------------------
+
+    def add_file(
+        self,
+        name: str,
+        data: bytes,
+        mimetype: str,
+        *,
+        team_id: str = "T1",
+        size: int | None = None,
+        chunked: bool = False,
+        redirect_to: str | None = None,
+    ) -> dict[str, Any]:
+        """Serve a file at a ``url_private`` (bot token of ``team_id`` required) and
+        return the file object an event carries. ``size`` is the declared size (the
+        true one by default); ``chunked`` sends the body without a length."""
+        file_id = f"F{next(self._ts):08d}"
+        self.file_server.add(
+            file_id, Served(data, mimetype or "application/octet-stream", chunked, redirect_to)
+        )
+        return {
+            "id": file_id,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": name.rsplit(".", 1)[-1],
+            "size": len(data) if size is None else size,
+            "url_private": f"http://127.0.0.1:{self.port}/files-pri/{team_id}/{file_id}/{name}",
+            "mode": "hosted",
+        }
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        info = self.tokens.get(auth.removeprefix("Bearer "))
+        allowed = info is not None and info.team_id == request.match_info["team"]
+        return await self.file_server.serve(request, request.match_info["file_id"], allowed=allowed)
 
     # --- Socket Mode ---------------------------------------------------------------
 

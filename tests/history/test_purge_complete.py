@@ -32,7 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.errors import HistoryError
 from core.history.admin import purge
 from core.history.hot import make_record, unpack_record, unpack_turn
-from core.history.store import RECORD_FIELDS, count_rows, insert_batch, iter_records
+from core.history.store import COLUMNS, RECORD_FIELDS, count_rows, iter_records
 from core.infra.redis import Keys
 from core.messages import IncomingMessage, Turn
 from core.settings import Settings
@@ -587,6 +587,18 @@ async def test_a_flush_stalled_inside_its_transaction_cannot_commit_purged_rows_
         await engine.dispose()
 
 
+async def _insert_at_0002(engine: AsyncEngine, records: list[Any]) -> None:
+    """Insert rows with the columns schema 0002 has (later revisions add more)."""
+    from sqlalchemy import text
+
+    cols = [c for c in COLUMNS if c != "files"]
+    quoted = ", ".join(f'"{c}"' for c in cols)
+    sql = text(f"INSERT INTO messages ({quoted}) VALUES ({', '.join(':' + c for c in cols)})")
+    async with engine.begin() as conn:
+        for rec in records:
+            await conn.execute(sql, {**rec, "text_encoding": None})
+
+
 async def test_upgrade_from_0002_adds_the_purge_fence_and_a_purge_moves_it(
     hsettings: Settings,
 ) -> None:
@@ -596,9 +608,9 @@ async def test_upgrade_from_0002_adds_the_purge_fence_and_a_purge_moves_it(
     try:
         assert await upgrade(hsettings, engine, revision="0002") == "0002"
         m = message(1)
-        await insert_batch(engine, [make_record(t, m.conversation_id, m) for t in exchange(m)])
-        assert await upgrade(hsettings, engine) == "0003"
-        assert (await schema_status(engine))[0] == "0003"
+        await _insert_at_0002(engine, [make_record(t, m.conversation_id, m) for t in exchange(m)])
+        assert await upgrade(hsettings, engine) == "0005"
+        assert (await schema_status(engine))[0] == "0005"
         assert await fence_epoch(engine) == 0
         assert await count_rows(engine) == (2, 2)  # the rows of 0002 are kept
         assert await delete_records(engine, user="U1") == 2
