@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from core.errors import LLMUnavailableError
 from core.infra.redis import Keys
+from core.llm.budget import LLMBudget
 from core.llm.client import Completion
 from core.llm.pool import ProviderPool, pool_snapshot
 from core.settings import Settings, describe_settings_error, parse_providers
@@ -342,6 +343,26 @@ async def test_status_shows_each_provider_budget_and_breaker_but_no_key(
     assert "calls 3" in rows["b"] and "breaker closed" in rows["b"]
     assert rows["b (other)"].startswith("5 rpm")
     assert "secret" not in done.stdout and "sk-" not in done.stdout
+
+
+async def test_without_providers_there_is_no_pool_and_a_fallback_model_keeps_the_one_budget(
+    settings, llm_sim, redis, make_pool
+):
+    keys = Keys(settings.key_prefix)
+    assert ProviderPool.from_settings(redis, keys, settings) is None
+    with_fallback = settings.model_copy(update={"fallback_model": "sluice-sim"})
+    pool = ProviderPool.from_settings(redis, keys, with_fallback)
+    assert pool is not None
+    try:
+        assert [(m.name, m.models) for m in pool.members] == [
+            ("default", (settings.model, "sluice-sim"))
+        ]
+        out = await ask(pool, model=settings.model, fallback="sluice-sim")
+        assert out.model == settings.model
+        # The very budget (keys) a worker without a pool uses.
+        assert (await LLMBudget(redis, keys, settings).stats())["calls"] == 1
+    finally:
+        await pool.close()
 
 
 # --------------------------------------------------------------------------- bad input
