@@ -142,10 +142,11 @@ FLOOD = replace(
 FLOOD_CALM = replace(FLOOD, name="flood-calm", flood_messages=0, tenant_users=0)
 
 # Launch-day against two simulators of 300 rpm each (one pool) instead of one of 600;
-# and the same with the second simulator killed 20 s into the run.
+# and the same with the second simulator killed 20 s into the run (the survivor's 300 rpm
+# then answers the rest: a longer drain).
 LAUNCH_DAY_POOL = replace(LAUNCH_DAY, name="launch-day-pool", providers=2)
 LAUNCH_DAY_POOL_KILL = replace(
-    LAUNCH_DAY_POOL, name="launch-day-pool-kill", kill_provider_at_s=20.0, drain_timeout_s=240
+    LAUNCH_DAY_POOL, name="launch-day-pool-kill", kill_provider_at_s=20.0, drain_timeout_s=480
 )
 
 SCENARIOS: dict[str, Scenario] = {
