@@ -336,7 +336,9 @@ async def test_status_shows_each_provider_budget_and_breaker_but_no_key(
         timeout=60,
     )
     assert done.returncode == 0, done.stderr
-    rows = dict(json.loads(done.stdout)["Providers"])
+    status = json.loads(done.stdout)
+    assert dict(status["LLM budget"]) == {"provider pool": "2 providers: see Providers"}
+    rows = dict(status["Providers"])
     assert set(rows) == {"a", "b", "b (other)"}
     assert rows["a"].startswith("300 rpm") and "breaker open for" in rows["a"]
     assert "failures 1" in rows["a"]

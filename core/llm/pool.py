@@ -301,10 +301,12 @@ class ProviderPool:
                     delay,
                 )
                 await asyncio.sleep(delay)
+            tried = False
             for i, name in enumerate(models):
                 more_models = i + 1 < len(models)
                 failed: set[str] = set()
                 while (choice := await self.choose(name, failed)) is not None:
+                    tried = True
                     member, wait_s = choice
                     if more_models and wait_s > self._settings.llm_budget_wait_s:
                         logger.info(
@@ -348,11 +350,14 @@ class ProviderPool:
                             member.name,
                         )
                     return out
+            if not tried:
+                break  # every breaker is open: the short "unavailable" reply, at once
         if isinstance(last, LLMRequestError) and not shown:
             raise last
         retry_in = await self.breaker_open_for(model)
+        why = f"failed: {last}" if last is not None else "has its breaker open"
         raise LLMUnavailableError(
-            f"every provider of {model!r} failed: {last}", retry_in, partial_text=shown
+            f"every provider of {model!r} {why}", retry_in, partial_text=shown
         )
 
     @staticmethod

@@ -115,6 +115,8 @@ def _pct(value: float | None) -> str:
 
 async def budget_probe(settings: Settings, redis: Redis) -> list[tuple[str, str]]:
     """``sluice status`` rows for the shared LLM budget and the breaker."""
+    if settings.providers:
+        return [("provider pool", f"{len(settings.providers)} providers: see Providers")]
     snap = await snapshot(redis, settings)
     llm = snap["llm"]
     limit = f"{settings.llm_rpm or 'unlimited'} rpm, {settings.llm_tpm or 'unlimited'} tpm"
