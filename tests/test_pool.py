@@ -24,11 +24,14 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from core.errors import LLMUnavailableError
+from core.framework.bot import Bot
 from core.infra.redis import Keys
 from core.llm.budget import LLMBudget
 from core.llm.client import Completion
 from core.llm.pool import ProviderPool, pool_snapshot
+from core.messages import IncomingMessage, Reply
 from core.settings import Settings, describe_settings_error, parse_providers
+from core.traffic.control import Traffic
 from tests.conftest import SIM_DEFAULTS, Sim
 from tests.helpers import ROOT, Proc, base_env, free_port, settings_env, wait_port
 from tests.traffic_util import done_event, outbox, post, wait_done
@@ -218,6 +221,55 @@ async def test_the_fallback_model_answers_when_no_provider_of_the_model_can(
     assert out.model == "small"
     assert [r["model"] for r in sim_b.requests()] == ["small"]
     assert [r["model"] for r in llm_sim.requests()] == ["big-model"]
+
+
+class _Shown:
+    """Where a reply goes in this test: what was streamed and the final reply."""
+
+    def __init__(self) -> None:
+        self.streamed: list[str] = []
+        self.final: Reply | None = None
+
+    async def begin(self) -> None:
+        return None
+
+    async def stream(self, text: str) -> None:
+        self.streamed.append(text)
+
+    async def finish(self, reply: Reply) -> None:
+        self.final = reply
+
+
+async def test_a_bots_fallback_model_wins_over_the_setting_in_the_reply_path(
+    settings, llm_sim, sim_b, make_pool, redis
+):
+    llm_sim.configure(mode="down")
+    pooled = with_pool(
+        settings,
+        [
+            entry("a", llm_sim.url, models=("big",)),
+            entry("b", sim_b.url, models=("small", "setting-fallback")),
+        ],
+        fallback_model="setting-fallback",
+    )
+    pool = make_pool(pooled)
+    traffic = Traffic(redis, pooled, Bot(name="t", fallback_model="small"), pool=pool)
+    msg = IncomingMessage(
+        platform="web", tenant="web", channel="c1", user="u1", message_id=uuid.uuid4().hex,
+        text="hi",
+    )  # fmt: skip
+    completion, cached = await traffic.complete(
+        msg,
+        msg.job_id,
+        _Shown(),
+        pool.clients["a"],
+        [{"role": "user", "content": "hi"}],
+        model="big",
+        on_text=None,
+        max_tokens=20,
+    )
+    assert completion.model == "small" and not cached
+    assert [r["model"] for r in sim_b.requests()] == ["small"]
 
 
 async def test_every_provider_failing_gives_up_with_the_breaker_wait(
