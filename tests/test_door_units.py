@@ -164,11 +164,13 @@ async def test_the_estimate_counts_worker_slots_at_the_start_rate_measured_in_a_
     # No start rate measured yet: the budget's estimate only.
     line = await estimate_line(redis, keys, s, s.queue_name, 10_000, queued=False)
     assert (line.place, line.wait_s) == (31, 0.0)
-    # Ten starts in the next second, while the backlog lasted: 10 jobs/s.
+    # A thousand starts in the last 100 s, while the backlog lasted: 10 jobs/s (over
+    # 100 s, so that a slow test process does not move the measured rate).
     sec, usec = await redis.time()
-    await redis.hset(rate_key, mapping={"t": int(sec) * 1000 + usec // 1000 - 1000, "w": 20})
-    await redis.hset(keys.lanes(), "started:default", 20)
-    await redis.hset(keys.lanes(), "enqueued:default", 40)
+    now_ms = int(sec) * 1000 + usec // 1000
+    await redis.hset(rate_key, mapping={"t": now_ms - 100_000, "n": 10, "w": 20})
+    await redis.hset(keys.lanes(), "started:default", 1010)
+    await redis.hset(keys.lanes(), "enqueued:default", 1030)
     for i in range(30, 40):
         await redis.zadd(s.queue_name, {f"{s.key_prefix}:job-{i}": 1_000 + i})
     line = await estimate_line(redis, keys, s, s.queue_name, 10_000, queued=False)

@@ -122,9 +122,7 @@ async def reply(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
 async def _withdraw_queued(ctx: dict[str, Any], msg: IncomingMessage, job_id: str) -> None:
     """A merged message gets no reply of its own: take back its queued notice."""
     factory = await get_responder_factory(ctx, msg.platform)
-    withdraw = getattr(factory.responder(msg, job_id), "withdraw_queued", None)
-    if withdraw is not None:
-        await withdraw()
+    await factory.responder(msg, job_id).withdraw_queued()
 
 
 async def answer_message(

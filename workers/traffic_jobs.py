@@ -95,13 +95,10 @@ async def notify_queued(
 async def show_queued(
     ctx: dict[str, Any], msg: IncomingMessage, wait_s: float, place: int | None
 ) -> None:
-    """The responder's ``queued`` notice, when it has one."""
+    """The responder's ``queued`` notice."""
     factory = await get_responder_factory(ctx, msg.platform)
-    responder = factory.responder(msg, msg.job_id)
-    show = getattr(responder, "queued", None)
-    if show is not None:
-        await show(wait_s, place)
-        logger.info("queued notice message=%s place=%s wait=%.0fs", msg.message_id, place, wait_s)
+    await factory.responder(msg, msg.job_id).queued(wait_s, place)
+    logger.info("queued notice message=%s place=%s wait=%.0fs", msg.message_id, place, wait_s)
 
 
 async def _next_refresh(ctx: dict[str, Any], msg: IncomingMessage, n: int) -> None:

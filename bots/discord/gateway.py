@@ -96,9 +96,9 @@ async def sync_commands(tree: app_commands.CommandTree[discord.Client]) -> None:
 class SluiceClient(discord.Client):
     """A discord.py client that enqueues conversations for Sluice's workers."""
 
-    def __init__(self, settings: Settings, **options: object) -> None:
+    def __init__(self, settings: Settings, **options: Any) -> None:
         use_api_url(settings)
-        super().__init__(intents=intents(settings), max_messages=None, **options)  # type: ignore[arg-type]
+        super().__init__(intents=intents(settings), max_messages=None, **options)
         self.settings = settings
         self.intake = DiscordIntake(settings, guild_ids=lambda: [str(g.id) for g in self.guilds])
         self.tree = app_commands.CommandTree(self)

@@ -25,10 +25,13 @@ If enqueueing fails the claim is released, so a replay can still be answered.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import discord
 from arq.connections import ArqRedis
@@ -55,6 +58,7 @@ DM_REFUSED = {
 DM_NOTICE_WINDOW_S = 3600  # at most one refusal notice per user per hour
 DM_MEMBER_CACHE_S = 300  # a membership verdict is looked up again after this
 DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
+CLOSE_WAIT_S = 5.0  # close() waits this long for the events being handled
 
 
 def dm_tenant(user_id: str) -> str:
@@ -228,6 +232,8 @@ class DiscordIntake:
         self._keys = Keys(settings.key_prefix)
         self._queue: ArqRedis | None = None
         self.rest: DiscordRest | None = None
+        # The event handlers running now: close() lets them finish before the pools go.
+        self._busy: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Connect to Redis (the queue) and open the paced REST client."""
@@ -237,7 +243,11 @@ class DiscordIntake:
             await self.rest.start()
 
     async def close(self) -> None:
-        """Close the REST client and the Redis pool."""
+        """Let the events being handled finish (up to a few seconds), then close the REST
+        client and the Redis pool."""
+        busy = [t for t in self._busy if t is not asyncio.current_task()]
+        if busy:
+            await asyncio.wait(busy, timeout=CLOSE_WAIT_S)
         if self.rest is not None:
             await self.rest.close()
             self.rest = None
@@ -252,8 +262,24 @@ class DiscordIntake:
             raise RuntimeError("DiscordIntake.start() was not awaited")
         return self._queue
 
+    @contextlib.asynccontextmanager
+    async def _handling(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        if task is None:  # not in a task: nothing to wait for at close
+            yield
+            return
+        self._busy.add(task)
+        try:
+            yield
+        finally:
+            self._busy.discard(task)
+
     async def on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         """Handle one MESSAGE_CREATE; ``True`` when a reply job was enqueued."""
+        async with self._handling():
+            return await self._on_message(message, me)
+
+    async def _on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         bot_id = str(me.id)
         event = event_from_message(message, me.id)
         reason = run_checks(event, self.settings, bot_id)
@@ -265,6 +291,8 @@ class DiscordIntake:
         if event.is_dm:
             refusal = await self.dm_refusal(event.author_id)
             if refusal is not None:
+                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
+                # Logged once the notice is out (or skipped): the message is done with.
                 logger.info(
                     "discord DM refused message=%s user=%s: policy %s (%s)",
                     event.message_id,
@@ -272,7 +300,6 @@ class DiscordIntake:
                     self.settings.discord_dm_policy,
                     refusal,
                 )
-                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
                 return False
         msg = IncomingMessage(
             platform=Platform.DISCORD,
@@ -295,6 +322,10 @@ class DiscordIntake:
         The allow and deny lists apply as to messages; a refused user gets a short
         note only they can see.
         """
+        async with self._handling():
+            return await self._on_ask(interaction, question)
+
+    async def _on_ask(self, interaction: discord.Interaction, question: str) -> bool:
         reason = allowed(event_from_interaction(interaction), self.settings, "")
         if reason is not None:
             logger.info(

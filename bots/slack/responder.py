@@ -16,8 +16,9 @@ database). Each job gets a :class:`SlackResponder`:
   and network errors retried a few times; past that, progress updates stop (the answer
   goes on) and ``finish()`` raises ``DeliveryRetryableError``, so that the job delivers
   the kept reply again later (``workers.delivery``).
-- What was posted (message ts, extra parts, done) is kept in Redis under the job id,
-  so a re-run job edits its message instead of posting a second one.
+- What was posted (message ts, extra parts, done) is kept in Redis under the job id
+  (:class:`core.responder.DeliveryState`, with its policy for a Redis error), so a
+  re-run job edits its message instead of posting a second one.
 - While a message waits in line, :meth:`SlackResponder.queued` posts "⏳ Queued: about
   N s" where the reply will go; the reply job finds it in the same Redis state and
   edits it into the answer (so a message that waited is answered by edits, not by a
@@ -45,6 +46,7 @@ from bots.slack.format import safe_markdown, split_message, to_mrkdwn
 from core.errors import DeliveryError, DeliveryRetryableError
 from core.infra.redis import Keys
 from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.responder import DeliveryState, Responder
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -220,7 +222,7 @@ class SlackResponderFactory:
                 await asyncio.sleep(0.2 * 2**failed)
 
 
-class SlackResponder:
+class SlackResponder(Responder):
     """Delivers one job's reply to Slack (see the module docstring)."""
 
     def __init__(self, factory: SlackResponderFactory, msg: IncomingMessage, job_id: str) -> None:
@@ -228,7 +230,10 @@ class SlackResponder:
         self.settings = factory.settings
         self.msg = msg
         self.job_id = job_id
-        self.state_key = factory.keys.delivered(job_id)
+        self.state = DeliveryState(
+            factory.redis, factory.keys, job_id, factory.settings.dedupe_ttl_s
+        )
+        self.state_key = self.state.key
         self.limit = self.settings.slack_message_limit
         self.thread = msg.meta.get("reply_thread") or msg.thread
         self.ts: str | None = None
@@ -254,14 +259,7 @@ class SlackResponder:
         return await self.f.call(self.msg.tenant, getattr(client, name), **kwargs)
 
     async def _load(self) -> None:
-        try:
-            raw = await cast("Awaitable[dict[Any, Any]]", self.f.redis.hgetall(self.state_key))
-        except RedisError as e:
-            raise DeliveryRetryableError(f"cannot read delivery state: {e}") from e
-        state = {
-            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-            for k, v in raw.items()
-        }
+        state = await self.state.read()
         self._loaded = True
         self.ts = state.get("ts")
         self.mode = state.get("mode") or ("post" if self.ts else None)
@@ -273,13 +271,7 @@ class SlackResponder:
             self.mode = "restream"
 
     async def _save(self, **fields: str) -> None:
-        try:
-            async with self.f.redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self.state_key, mapping=fields)
-                pipe.expire(self.state_key, self.settings.dedupe_ttl_s)
-                await pipe.execute()
-        except RedisError:
-            logger.warning("could not record delivery job=%s", self.job_id, exc_info=True)
+        await self.state.save(fields)
 
     async def _claim(self, ts: str, mode: str, *, notice: bool = False) -> str | None:
         """Record ``ts`` as this job's message; the ts recorded earlier if there is one."""

@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from core.infra.redis import Keys
 from core.messages import IncomingMessage, Reply
+from core.responder import Responder
 from core.settings import Settings
 
 OUTBOX_MAXLEN = 500
@@ -29,7 +30,7 @@ async def publish(redis: Redis, keys: Keys, session: str, event: dict[str, Any])
         await pipe.execute()
 
 
-class WebResponder:
+class WebResponder(Responder):
     """Streams one answer to one web chat session as ``delta`` events, then ``done``."""
 
     def __init__(self, factory: WebResponderFactory, msg: IncomingMessage, job_id: str) -> None:

@@ -427,23 +427,3 @@ class BudgetGate:
     async def after_failure(self, error: LLMError) -> None:
         """Report a failed call."""
         await self.budget.failed(error)
-
-
-async def estimate_wait_s(
-    redis: Redis, keys: Keys, settings: Settings, queue: str, score_ms: int
-) -> float | None:
-    """Expected wait of a job just enqueued with ``score_ms``, when the LLM budget is
-    what limits: the jobs ahead of it in the queue (running ones included), less what
-    the bucket holds now, at the budget's rate. ``None`` when no rate is known."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcount(queue, "-inf", score_ms)
-        pipe.hmget(keys.llm("bucket"), ["rl", "lim_r"])
-        ahead, (level, learned) = await pipe.execute()
-    rpm = settings.llm_rpm or 0
-    if learned is not None and (rpm == 0 or 0 < int(learned) < rpm):
-        rpm = int(learned)
-    rate_per_s = rpm * settings.llm_budget_headroom / 60
-    if rate_per_s <= 0:
-        return None
-    in_bucket = max(0.0, float(level)) if level is not None else rpm * settings.llm_budget_headroom
-    return max(0.0, int(ahead) - 1 - in_bucket) / rate_per_s

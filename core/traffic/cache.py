@@ -18,7 +18,6 @@ A bot opts out with ``Bot(cache_answers=False)``, a channel with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -31,8 +30,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from core.framework.bot import Bot
+from core.infra.lock import OwnerLock
 from core.infra.redis import Keys, glob_escape
-from core.infra.scripts import Lua
 from core.llm.client import ChatMessage, Completion
 from core.messages import IncomingMessage
 from core.settings import Settings
@@ -41,16 +40,6 @@ logger = logging.getLogger(__name__)
 
 LOCK_TTL_MS = 10_000
 _WS = re.compile(r"\s+")
-
-# KEYS: lock. ARGV: owner, ttl ms.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 def _norm_text(text: str) -> str:
@@ -104,8 +93,6 @@ class ResponseCache:
         self._keys = keys
         self._ttl_s = settings.cache_ttl_s
         self._max_wait_s = settings.llm_budget_wait_s + settings.llm_timeout_s * 2
-        self._renew_lock = Lua(redis, _RENEW)
-        self._unlock = Lua(redis, _UNLOCK)
 
     def key(self, tenant: str, digest: str) -> str:
         """The Redis key of one cached answer."""
@@ -138,46 +125,31 @@ class ResponseCache:
         Returns ``(completion, from_cache)``. Errors of ``compute`` propagate to the
         caller that ran it; the waiters then try again themselves.
         """
-        lock = f"{key}:lock"
+        lock = OwnerLock(self._redis, f"{key}:lock", owner, LOCK_TTL_MS, what="cache")
         deadline = time.monotonic() + self._max_wait_s
         delay = 0.02
         while True:
             hit = await self.get(key)
             if hit is not None:
                 return hit, True
-            if await self._redis.set(lock, owner, px=LOCK_TTL_MS, nx=True):
-                # The previous leader may have stored the answer and unlocked between
-                # our miss above and taking the lock: look once more before calling.
-                hit = await self.get(key)
-                if hit is not None:
-                    await self._unlock([lock], [owner])
-                    return hit, True
-                return await self._lead(key, lock, owner, compute), False
+            if await lock.acquire():
+                try:
+                    # The previous leader may have stored the answer and unlocked between
+                    # our miss above and taking the lock: look once more before calling.
+                    hit = await self.get(key)
+                    if hit is not None:
+                        return hit, True
+                    completion = await compute()
+                    if cacheable(completion):
+                        await self.put(key, completion)
+                    return completion, False
+                finally:
+                    await lock.release()
             if time.monotonic() > deadline:
                 # The leader is far too slow; answer on our own rather than wait on.
                 return await compute(), False
             await asyncio.sleep(delay)
             delay = min(0.2, delay * 1.5)
-
-    async def _lead(
-        self, key: str, lock: str, owner: str, compute: Callable[[], Awaitable[Completion]]
-    ) -> Completion:
-        renewer = asyncio.create_task(self._renew(lock, owner))
-        try:
-            completion = await compute()
-            if cacheable(completion):
-                await self.put(key, completion)
-            return completion
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            await asyncio.shield(self._unlock([lock], [owner]))
-
-    async def _renew(self, lock: str, owner: str) -> None:
-        while True:
-            await asyncio.sleep(LOCK_TTL_MS / 3000)
-            await self._renew_lock([lock], [owner, LOCK_TTL_MS])
 
 
 async def clear_cache(redis: Redis, keys: Keys, tenant: str | None = None) -> int:

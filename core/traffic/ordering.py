@@ -30,7 +30,6 @@ is dropped from the line as a safety net (its job still answers when it runs).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -38,8 +37,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from core.infra.lock import OwnerLock
 from core.infra.redis import Keys
 from core.infra.scripts import Lua
 from core.messages import IncomingMessage
@@ -99,14 +98,6 @@ redis.call('HDEL', KEYS[4], ARGV[1])
 return {1, '', 0}
 """
 )
-
-# KEYS: lock; ARGV: job id, ttl ms.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
 
 # The head of a conversation's line (``pending``), if it parked (an entry in ``wake``),
 # goes back to its place in its queue. Prepended to the scripts that free a conversation.
@@ -225,11 +216,13 @@ class ConversationLock:
         self.conversation_id = conversation_id
         self.job_id = job_id
         self._ttl_ms = max(1, int(ttl_s * 1000))
-        self._renewer: asyncio.Task[None] | None = None
+        # Taken and freed by this module's scripts (with the line beside it); renewed
+        # and reported lost by the one owner-token lock primitive.
+        self.lock = OwnerLock(
+            redis, self._keys[0], job_id, self._ttl_ms, what=f"conversation {conversation_id}"
+        )
         self._acquire = Lua(redis, _ACQUIRE)
-        self._renew = Lua(redis, _RENEW)
         self._release = Lua(redis, _RELEASE)
-        self.lost = False
 
     async def try_acquire(self, max_wait_s: float) -> tuple[bool, str, bool]:
         """One attempt; returns (acquired, the job id we wait for, whether that job
@@ -240,33 +233,13 @@ class ConversationLock:
         )
         blocker = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
         acquired = int(res[0]) == 1
-        if acquired and self._renewer is None:
-            self._renewer = asyncio.create_task(self._renew_loop())
+        if acquired:
+            self.lock.start_renewing()
         return acquired, blocker, int(res[2]) == 1
-
-    async def _renew_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._ttl_ms / 3000)
-            try:
-                ok = await self._renew(self._keys[:1], [self.job_id, self._ttl_ms])
-            except (RedisError, OSError) as e:
-                # Keep trying: the lock outlives a short outage by its TTL.
-                logger.warning("cannot renew lock of %s: %s", self.conversation_id, e)
-                continue
-            if not ok:
-                self.lost = True
-                logger.warning(
-                    "lock of conversation %s lost by job %s", self.conversation_id, self.job_id
-                )
-                return
 
     async def release(self) -> None:
         """Stop renewing, leave the line and free the conversation for the next message."""
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await self.lock.stop_renewing()
         await asyncio.shield(self._release(self._keys, [self.job_id]))
 
 

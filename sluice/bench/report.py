@@ -146,7 +146,8 @@ def summarize(
     full = [o.full_s for o in answered if o.full_s is not None]
     acks = [o.ack_s for o in sent if o.ack_s is not None]
     ends = [o.done_s for o in sent if o.done_s is not None]
-    span = (max(ends) - min(o.sent_s for o in sent)) if ends and sent else 0.0  # type: ignore[type-var]
+    starts = [o.sent_s for o in sent if o.sent_s is not None]
+    span = (max(ends) - min(starts)) if ends and starts else 0.0
     return {
         "sent": len(sent),
         "accepted": sum(1 for k in kinds if k != "rejected"),

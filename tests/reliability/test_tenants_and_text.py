@@ -18,7 +18,7 @@ from core.history.store import count_rows, make_engine
 from core.infra.redis import Keys
 from core.messages import IncomingMessage
 from tests.fakes.slack_api import FakeSlackAPI
-from tests.helpers import settings_env
+from tests.helpers import settings_env, wait_jobs_done
 from tests.helpers import unique_slack_ts as _ts
 from tests.slack.conftest import mention, message
 
@@ -136,7 +136,7 @@ async def test_pings_control_and_bidi_text_echoed_by_the_model_never_ping_anyone
             ev = message(HOSTILE, ts, channel="DHOST", channel_type="im")
         assert (await a.send.event(ev))[0] == 200
         await _answered(fake_slack, "Echo: @everyone")
-        await asyncio.sleep(0.5)
+        await wait_jobs_done(redis, slack_settings, 60)  # the reply is complete
     # The model saw the text as the user wrote it (the simulator echoes it back) ...
     prompt = _prompt_for(llm_sim, HOSTILE)
     assert "<!channel>" in prompt and "\u202e" in prompt and "\u200b" in prompt

@@ -1,4 +1,4 @@
-"""Mentions the model writes stay inert over the whole streamed text (issue 13, point 1).
+"""Mentions the model writes stay inert over the whole streamed text.
 
 Slack's native stream receives the answer in deltas (``chat.startStream`` →
 ``appendStream`` → ``stopStream``); what Slack finally shows is their
