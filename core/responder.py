@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.errors import ConfigError, DeliveryRetryableError
+from core.framework.agent import ToolProgress
 from core.infra.redis import Keys
 from core.messages import IncomingMessage, Reply
 from core.settings import Settings
@@ -52,6 +53,14 @@ class Responder(Protocol):
         """Take back the queued notice (the message got no reply of its own).
 
         The default has nothing to take back.
+        """
+        return None
+
+    async def tool_progress(self, progress: ToolProgress) -> None:
+        """A tool call of the model started or ended; must not raise (a courtesy to
+        the reader).
+
+        The default shows nothing.
         """
         return None
 

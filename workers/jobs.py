@@ -27,10 +27,15 @@ from core.history.hot import HotHistory
 from core.infra import metrics, tracing
 from core.llm.client import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
-from core.responder import Responder, ResponderFactory, load_responder_factory
+from core.responder import (
+    Responder,
+    ResponderFactory,
+    load_responder_factory,
+)
 from core.settings import Settings
 from core.traffic import door
 from core.traffic.cache import cache_enabled
+from core.traffic.choices import Choices
 from core.traffic.control import GAVE_UP, REDIS_RETRY_S, Traffic
 from workers import delivery, reaper
 
@@ -384,7 +389,7 @@ async def _before_hooks(
     """Run the bot's before-hooks first of all: text they rewrite (e.g. masked personal
     data) replaces the message's, so only the rewritten text is ever recorded, sent to
     the model or stored. A ``Reply`` from a hook answers the message instead."""
-    mctx = MessageContext.from_message(msg)
+    mctx = _context(ctx, msg)
     text = mctx.text = msg.text.strip()
     if not text:
         return msg, mctx, None
@@ -393,6 +398,21 @@ async def _before_hooks(
     if mctx.text != text:
         msg = msg.model_copy(update={"text": mctx.text})
     return msg, mctx, early
+
+
+def _context(ctx: dict[str, Any], msg: IncomingMessage) -> MessageContext:
+    """The context of ``msg`` with what only the worker knows: admin, the choices store."""
+    settings: Settings = ctx["settings"]
+    mctx = MessageContext.from_message(msg)
+    mctx.is_admin = mctx.is_admin or msg.user in settings.admin_users
+    mctx.choices = ctx["choices"]
+    return mctx
+
+
+async def _model_for(ctx: dict[str, Any], msg: IncomingMessage) -> str:
+    """The model for ``msg``: the channel's or tenant's choice (``/model``), else the default."""
+    choices: Choices = ctx["choices"]
+    return await choices.model_for(msg.platform, msg.tenant, msg.channel)
 
 
 async def _answer(
@@ -428,6 +448,7 @@ async def _answer(
 
     provider: LLMProvider = ctx["llm"]
     cached = False
+    model = await _model_for(ctx, msg)
 
     async def call(messages: list[ChatMessage], extra: dict[str, Any]) -> Completion:
         # Through the response cache and the shared LLM budget (core.traffic.control).
@@ -443,7 +464,7 @@ async def _answer(
                 responder,
                 provider,
                 messages,
-                model=bot.model or settings.model,
+                model=model,
                 on_text=on_text,
                 max_tokens=bot.max_tokens or settings.llm_max_tokens,
                 temperature=bot.temperature,
@@ -461,6 +482,8 @@ async def _answer(
             timeout_s=_first(bot.tool_timeout_s, settings.tool_timeout_s),
             call_timeout_s=settings.tool_call_timeout_s,
             max_result_chars=settings.tool_result_max_chars,
+            # Platforms that can show tool calls (Slack: task updates) hear of each.
+            on_tool=responder.tool_progress,
         )
     except LLMRequestError as e:
         logger.error("llm refused message=%s: %s", msg.message_id, e)
@@ -527,14 +550,14 @@ async def cached_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> Completio
         or split_invocation(text, set(bot.commands), bot.bare_commands) is not None
     ):
         return None
-    mctx = MessageContext.from_message(msg)
+    mctx = _context(ctx, msg)
     mctx.text = text
     _, text = _cut(settings, text)
     messages = build_context(bot, await _earlier(ctx, msg), text, await bot.system_prompt_for(mctx))
     return await traffic.cached(
         msg,
         messages,
-        model=bot.model or settings.model,
+        model=await _model_for(ctx, msg),
         max_tokens=bot.max_tokens or settings.llm_max_tokens,
         temperature=bot.temperature,
         **bot.params,

@@ -6,8 +6,11 @@ each returning the reason to drop it or ``None``:
 
 1. :func:`not_from_a_bot` — the bot itself and other bots are ignored.
 2. :func:`allowed` — the allow and deny lists of guilds, channels, roles and users.
-3. :func:`addressed_to_bot` — a DM, a mention, a reply to the bot, or a message in
-   a thread the bot is in; anything else is not for us.
+3. :func:`addressed_to_bot` — a DM, a mention, a reply to one of the bot's messages
+   (with the reply ping on or off), a message in a thread the bot is in, or a
+   message in a channel where the bot listens without a mention
+   (``SLUICE_DISCORD_LISTEN_CHANNELS`` or an admin's ``/listen on``); anything else is
+   not for us.
 4. :func:`has_text` — without the message-content intent Discord blanks messages
    that do not mention the bot (e.g. plain messages in a thread); nothing to answer.
 
@@ -29,8 +32,9 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import discord
@@ -43,6 +47,7 @@ from core.errors import DeliveryError, QueueError
 from core.infra.redis import Keys
 from core.messages import IncomingMessage, Platform
 from core.settings import Settings
+from core.traffic.choices import Choices
 from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
 
 logger = logging.getLogger(__name__)
@@ -58,6 +63,8 @@ DM_REFUSED = {
 DM_NOTICE_WINDOW_S = 3600  # at most one refusal notice per user per hour
 DM_MEMBER_CACHE_S = 300  # a membership verdict is looked up again after this
 DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
+LISTEN_CACHE_S = 5.0  # an admin's /listen reaches every adapter within this
+LISTEN_CACHE_MAX = 10_000
 CLOSE_WAIT_S = 5.0  # close() waits this long for the events being handled
 
 
@@ -86,6 +93,9 @@ class Event:
     mentions_bot: bool = False
     replies_to_bot: bool = False
     in_bot_thread: bool = False
+    listening: bool = False  # the bot answers this channel without a mention
+    is_admin: bool = False  # the author may manage the server (``/model``, ``/listen``)
+    reply_to_id: str | None = None  # the message this one replies to, if any
 
     @property
     def is_dm(self) -> bool:
@@ -151,7 +161,13 @@ def allowed(event: Event, settings: Settings, bot_id: str) -> str | None:
 
 def addressed_to_bot(event: Event, settings: Settings, bot_id: str) -> str | None:
     """Keep DMs, mentions, replies to the bot and messages in the bot's threads."""
-    if event.is_dm or event.mentions_bot or event.replies_to_bot or event.in_bot_thread:
+    if (
+        event.is_dm
+        or event.mentions_bot
+        or event.replies_to_bot
+        or event.in_bot_thread
+        or event.listening
+    ):
         return None
     return "not addressed to the bot"
 
@@ -179,6 +195,7 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
     thread = channel if isinstance(channel, discord.Thread) else None
     ref = message.reference.resolved if message.reference else None
     roles = getattr(message.author, "roles", [])
+    perms = getattr(message.author, "guild_permissions", None)
     return Event(
         message_id=str(message.id),
         author_id=str(message.author.id),
@@ -192,6 +209,12 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
         mentions_bot=any(u.id == bot_id for u in message.mentions),
         replies_to_bot=isinstance(ref, discord.Message) and ref.author.id == bot_id,
         in_bot_thread=thread is not None and (thread.owner_id == bot_id or thread.me is not None),
+        is_admin=bool(perms is not None and perms.manage_guild),
+        reply_to_id=str(message.reference.message_id)
+        if message.type == discord.MessageType.reply
+        and message.reference is not None
+        and message.reference.message_id is not None
+        else None,
     )
 
 
@@ -232,6 +255,7 @@ class DiscordIntake:
         self._keys = Keys(settings.key_prefix)
         self._queue: ArqRedis | None = None
         self.rest: DiscordRest | None = None
+        self._listen_cache: dict[str, tuple[float, bool]] = {}
         # The event handlers running now: close() lets them finish before the pools go.
         self._busy: set[asyncio.Task[Any]] = set()
 
@@ -239,6 +263,7 @@ class DiscordIntake:
         """Connect to Redis (the queue) and open the paced REST client."""
         if self._queue is None:
             self._queue = await connect_queue(self.settings)
+            self._choices = Choices(self._queue, self._keys)
             self.rest = DiscordRest(self.settings, self._queue)
             await self.rest.start()
 
@@ -282,6 +307,13 @@ class DiscordIntake:
     async def _on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         bot_id = str(me.id)
         event = event_from_message(message, me.id)
+        if (
+            not_from_a_bot(event, self.settings, bot_id) is None
+            and allowed(event, self.settings, bot_id) is None
+            and addressed_to_bot(event, self.settings, bot_id) is not None
+            and has_text(event, self.settings, bot_id) is None
+        ):
+            event = await self._look_further(event, message, bot_id)
         reason = run_checks(event, self.settings, bot_id)
         if reason is not None:
             logger.debug(
@@ -312,7 +344,7 @@ class DiscordIntake:
             user_name=event.author_name,
             is_dm=event.is_dm,
             ts=message.created_at.timestamp(),
-            meta={"reply_to": event.message_id},
+            meta={"reply_to": event.message_id, **({"admin": "1"} if event.is_admin else {})},
         )
         return await self._accept(msg, event)
 
@@ -387,6 +419,65 @@ class DiscordIntake:
                 content=ASK_FAILED, allowed_mentions=discord.AllowedMentions.none()
             )
         return accepted
+
+    async def _look_further(self, event: Event, message: discord.Message, bot_id: str) -> Event:
+        """For a message not plainly addressed to the bot: does the channel listen without
+        a mention, or does it reply to a bot message Discord did not include?"""
+        if event.reply_to_id is not None and message.reference is not None:
+            resolved = message.reference.resolved
+            if resolved is None and await self._is_own_message(event, bot_id):
+                return replace(event, replies_to_bot=True)
+        if not event.is_dm and await self._listening(event):
+            return replace(event, listening=True)
+        return event
+
+    async def _is_own_message(self, event: Event, bot_id: str) -> bool:
+        """Whether the replied-to message is the bot's, asked over REST (Discord may
+        leave ``referenced_message`` out of the event)."""
+        assert self.rest is not None and event.reply_to_id is not None
+        route = Route(
+            "GET",
+            "/channels/{channel_id}/messages/{message_id}",
+            event.channel_id,
+            f"/channels/{event.channel_id}/messages/{event.reply_to_id}",
+        )
+        try:
+            data = await self.rest.request(
+                route, context=f"channel={event.channel_id} message={event.message_id}"
+            )
+        except DeliveryError as e:
+            logger.info(
+                "discord cannot read the replied-to message channel=%s message=%s: %s",
+                event.channel_id,
+                event.message_id,
+                e,
+            )
+            return False
+        author = data.get("author") if isinstance(data, dict) else None
+        return isinstance(author, dict) and str(author.get("id")) == bot_id
+
+    async def _listening(self, event: Event) -> bool:
+        """Whether the bot answers ``event``'s channel (or the thread's parent) unasked."""
+        channels = [event.channel_id] + ([event.parent_id] if event.parent_id else [])
+        if set(channels) & set(self.settings.discord_listen_channels):
+            return True
+        now = time.monotonic()
+        for channel in channels:
+            cached = self._listen_cache.get(channel)
+            if cached is None or cached[0] <= now:
+                try:
+                    on = await self._choices.listening(
+                        Platform.DISCORD, event.guild_id or "", channel
+                    )
+                except (RedisError, OSError) as e:
+                    logger.warning("discord cannot read /listen channel=%s: %s", channel, e)
+                    return False
+                if len(self._listen_cache) >= LISTEN_CACHE_MAX:
+                    self._listen_cache.clear()
+                cached = self._listen_cache[channel] = (now + LISTEN_CACHE_S, on)
+            if cached[1]:
+                return True
+        return False
 
     async def dm_refusal(self, user_id: str) -> str | None:
         """Why a DM from ``user_id`` is refused under the DM policy, or ``None``.

@@ -11,13 +11,15 @@ When either bound is reached, the model is called once more with
 ``tool_choice="none"`` and must answer with what it has; calls it asked for but that
 were not run get an error result saying why. The model is reached only through the
 ``call`` function the worker passes in, so retries, budgets and caches around each
-model call stay in one place.
+model call stay in one place. ``on_tool``, if given, hears each call start and end
+(:class:`ToolProgress`), e.g. to show it on the platform while the answer streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,38 @@ from core.framework.tools import Tool, run_tool_call
 from core.llm.client import ChatMessage, Completion
 from core.messages import Turn
 
+logger = logging.getLogger(__name__)
+
 CallModel = Callable[[list[ChatMessage], dict[str, Any]], Awaitable[Completion]]
+
+
+@dataclass(frozen=True)
+class ToolProgress:
+    """A tool call starting or ending, for ``run_tool_loop(on_tool=...)``.
+
+    Attributes:
+        call_id: The model's id of the call (unique within the answer).
+        name: The tool's name as the model called it.
+        status: ``in_progress`` when it starts, then ``complete`` or ``error``.
+    """
+
+    call_id: str
+    name: str
+    status: str
+
+
+OnTool = Callable[[ToolProgress], Awaitable[None]]
+
+
+async def _tell(on_tool: OnTool | None, progress: list[ToolProgress]) -> None:
+    """Pass progress to ``on_tool``; showing progress never stops the answer."""
+    if on_tool is None:
+        return
+    for p in progress:
+        try:
+            await on_tool(p)
+        except Exception:
+            logger.warning("tool progress not shown call=%s", p.call_id, exc_info=True)
 
 
 @dataclass
@@ -110,6 +143,7 @@ async def run_tool_loop(
     timeout_s: float,
     call_timeout_s: float,
     max_result_chars: int,
+    on_tool: OnTool | None = None,
 ) -> ToolLoopResult:
     """Answer ``messages``, running the tools the model asks for (see the module docstring).
 
@@ -164,6 +198,7 @@ async def run_tool_loop(
                 for _ in calls
             ]
         else:
+            await _tell(on_tool, [ToolProgress(c["id"], c["name"], "in_progress") for c in calls])
             outputs = list(
                 await asyncio.gather(
                     *(
@@ -174,6 +209,13 @@ async def run_tool_loop(
                     )
                 )
             )
+        await _tell(
+            on_tool,
+            [
+                ToolProgress(c["id"], c["name"], "complete" if ok else "error")
+                for c, (_text, ok) in zip(calls, outputs, strict=True)
+            ],
+        )
         for c, (text, _ok) in zip(calls, outputs, strict=True):
             sent.append({"role": "tool", "tool_call_id": c["id"], "content": text})
             result.turns.append(
