@@ -88,6 +88,8 @@ class Bot:
         system_prompt: The persona sent first in every conversation (the default
             when neither ``system_prompts`` nor a ``@bot.prompt`` function decide).
         model: Model id; ``None`` means the ``SLUICE_MODEL`` setting.
+        fallback_model: Model to answer with when no provider serving ``model`` can
+            (see ``SLUICE_PROVIDERS``); ``None`` means the ``SLUICE_FALLBACK_MODEL`` setting.
         temperature: Sampling temperature; ``None`` leaves the provider's default.
         max_tokens: Longest answer in tokens; ``None`` means ``SLUICE_LLM_MAX_TOKENS``.
         context_turns: Earlier turns sent with each message; ``None`` means the setting.
@@ -114,6 +116,7 @@ class Bot:
     name: str = "assistant"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     model: str | None = None
+    fallback_model: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
     context_turns: int | None = None

@@ -270,6 +270,16 @@ def _quota(s: dict[str, Any]) -> str:
     return "no budget backlog" if v is None else f"{v:.0%}"
 
 
+def _providers(s: dict[str, Any]) -> str:
+    pool = s.get("providers")
+    if not pool:
+        return "-"
+    return ", ".join(
+        f"{name} {p['completions']:,}" + (" (killed)" if p.get("killed") else "")
+        for name, p in pool.items()
+    )
+
+
 def _lane(lane: str, field: str) -> Any:
     def fmt(s: dict[str, Any]) -> str:
         row = s.get("lanes", {}).get(lane)
@@ -349,6 +359,7 @@ ROWS: list[tuple[str, Any]] = [
         lambda s: _q(s["cache_hit_full_reply_s"]) if "cache_hit_full_reply_s" in s else "-",
     ),
     ("quota use while backlog", _quota),
+    ("answers per provider (pool)", lambda s: _providers(s)),
     ("platform ack p50/p95/p99", lambda s: _q(s["ack_s"])),
     ("first visible p50/p95/p99", lambda s: _qv(s["first_visible_s"])),
     ("first token p50/p95/p99", lambda s: _q(s["ttft_s"])),

@@ -253,3 +253,35 @@ def test_serializer_scenario_measures_both_formats(tmp_path):
     for row in numbers.values():
         assert row["bytes"] > 100 and row["serialize_us"] > 0 and row["deserialize_us"] > 0
     assert numbers["msgpack"]["bytes"] < numbers["json"]["bytes"]
+
+
+def test_pool_bench_with_a_simulator_killed_midway_shows_no_errors(
+    redis_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    env = {**base_env(), "REDIS_URL": redis_url, "COLUMNS": "160"}
+    args = [
+        "bench", "--scenario", "launch-day-pool-kill", "--scale", "0.02", "--duration", "6",
+        "--kill-provider-at", "3", "--drain-timeout", "60", "--workers", "1",
+        "--design", "sluice", "--out", str(out),
+        # Two simulators of 300 rpm: the provider is not the bottleneck of 20 users.
+        "--rpm", "600",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sluice", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "killed llm-sim-1" in done.stdout
+    s = json.loads((out / "launch-day-pool-kill.json").read_text())["designs"]["sluice"]
+    assert s["errors"] == 0 and s["unanswered"] == 0, (s["errors"], s["unanswered"])
+    assert s["answered"] + s["notices"] == s["sent"]
+    providers = s["providers"]
+    assert set(providers) == {"sim0", "sim1"}
+    assert providers["sim1"]["killed"] and not providers["sim0"]["killed"]
+    assert providers["sim0"]["completions"] > 0
+    assert "answers per provider (pool)" in done.stdout
