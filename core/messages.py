@@ -124,3 +124,26 @@ def queued_text(wait_s: float, place: int | None = None) -> str:
     if wait_s < 89.5:
         return f"{QUEUED_PREFIX}:{where} about {max(1, round(wait_s))} s"
     return f"{QUEUED_PREFIX}:{where} about {max(2, round(wait_s / 60))} min"
+
+
+Vote = Literal["up", "down"]
+
+
+class Feedback(BaseModel):
+    """A 👍/👎 vote of one user on one answer (``@bot.on_feedback`` receives it).
+
+    ``message_id`` is the id of the message the answer replied to (the answer is
+    stored in history as ``<message_id>:answer``). ``previous`` is the user's earlier
+    vote on the same answer, if they changed it; a user has one vote per answer.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    platform: str
+    tenant: str
+    channel: str
+    message_id: str
+    user: str
+    vote: Vote
+    ts: float = Field(default_factory=time.time)
+    previous: Vote | None = None

@@ -41,6 +41,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
+from bots.slack.blocks import answer_blocks, feedback_actions
 from bots.slack.format import safe_markdown, split_message, to_mrkdwn
 from core.errors import DeliveryError, DeliveryRetryableError
 from core.infra.redis import Keys
@@ -241,6 +242,7 @@ class SlackResponder:
         self._client: AsyncWebClient | None = None
         self._refused: DeliveryError | None = None  # e.g. channel gone: finish() reports it
         self._stream_failing = False  # Slack kept failing a progress update: finish() only
+        self._feedback_shown = False  # stopStream carried the feedback buttons
 
     # --- helpers -----------------------------------------------------------------
 
@@ -418,17 +420,20 @@ class SlackResponder:
         fresh = self.ts is None and self.mode != "url"
         if fresh:
             await self._open(reply.text, stream=False, shown=parts[0])
+        buttons = reply.kind == "answer" and self.settings.feedback_buttons
         if self.mode == "url":
             await self._respond_url(parts)
         else:
             if self.mode == "stream":
-                await self._stop(reply.text, parts)
+                await self._stop(reply.text, parts, feedback=buttons)
             elif not fresh:
                 if self.mode == "restream":
                     await self._quietly_stop()
                 await self._may_edit(final=True)
                 await self._edit(parts[0])
             await self._post_rest(parts)
+            if buttons and not self._feedback_shown:
+                await self._show_feedback(parts)
         self.done = True
         await self._save(done="1")
         logger.info(
@@ -609,8 +614,9 @@ class SlackResponder:
             self.mode = "post"
             await self._save(mode="post")
 
-    async def _stop(self, text: str, parts: list[str]) -> None:
-        """End the native stream with the rest of the text (or edit if Slack closed it)."""
+    async def _stop(self, text: str, parts: list[str], *, feedback: bool = False) -> None:
+        """End the native stream with the rest of the text (or edit if Slack closed it);
+        with ``feedback``, the 👍/👎 buttons go under the streamed text."""
         # The final text continues the stream unless it is too long for one message or
         # differs from what was streamed (e.g. an apology after a failed model call).
         fits = len(text) <= self.limit and text.startswith(self.streamed)
@@ -618,6 +624,8 @@ class SlackResponder:
         kwargs: dict[str, Any] = {"channel": self.msg.channel, "ts": self.ts}
         if delta:
             kwargs["markdown_text"] = safe_markdown(delta)
+        if feedback and fits:
+            kwargs["blocks"] = feedback_actions(self.msg.message_id)
         try:
             await self._call("chat_stopStream", **kwargs)
             stopped = True
@@ -629,6 +637,28 @@ class SlackResponder:
             self.mode = "post"
             await self._may_edit(final=True)
             await self._edit(parts[0])
+        elif "blocks" in kwargs:
+            self._feedback_shown = True
+
+    async def _show_feedback(self, parts: list[str]) -> None:
+        """Edit the answer's last message to carry the 👍/👎 buttons under its text.
+
+        A courtesy: the answer is already out, so a failure is logged, not raised.
+        """
+        last = len(parts) - 1
+        ts = self.parts.get(last) if last else self.ts
+        if not ts:
+            return
+        try:
+            await self._call(
+                "chat_update",
+                channel=self.msg.channel,
+                ts=ts,
+                text=parts[last],
+                blocks=answer_blocks(parts[last], self.msg.message_id),
+            )
+        except (SlackApiError, DeliveryError) as e:
+            logger.info("slack feedback buttons not shown job=%s: %s", self.job_id, e)
 
     async def _quietly_stop(self) -> None:
         try:

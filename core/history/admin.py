@@ -75,6 +75,7 @@ from redis.exceptions import WatchError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.errors import HistoryError
+from core.history.feedback import delete_votes, votes_of
 from core.history.hot import (
     FLUSH_GROUP,
     ZSTD_MAGIC,
@@ -172,7 +173,9 @@ async def export_records(
     """Everything stored about a user or tenant, each with its ``source``.
 
     SQL first (oldest first), then what the backlog holds and SQL does not yet, then
-    hot-window turns found in neither (turns kept only there at the backlog bound).
+    hot-window turns found in neither (turns kept only there at the backlog bound),
+    then the feedback votes the user cast (every vote in the tenant), each with
+    ``"kind": "feedback"``.
     """
     if user is None and tenant is None:
         raise ValueError("give a user, a tenant, or both")
@@ -194,6 +197,9 @@ async def export_records(
                 if record_key(rec) not in seen:
                     seen.add(record_key(rec))
                     yield {"source": "hot", **rec}
+    # Feedback: the 👍/👎 votes the user cast (or every vote in the tenant).
+    for vote in await votes_of(engine, user=user, tenant=tenant):
+        yield {"source": "sql", **vote}
 
 
 TRACES_SINCE_S = 7 * 86400
@@ -214,6 +220,7 @@ class PurgeResult:
     jobs_queued: int = 0
     jobs_running: int = 0
     web_outboxes: int = 0
+    feedback_votes: int = 0
     tenants: set[str] = field(default_factory=set)
 
 
@@ -280,6 +287,7 @@ async def purge(
         # Also increments the purge epoch: a flush that stalled past its lock and
         # read the backlog before this point can no longer commit.
         result.sql_rows = await delete_records(engine, user=user, tenant=tenant)
+        result.feedback_votes = await delete_votes(engine, user=user, tenant=tenant)
         result.job_traces = await _purge_job_traces(redis, keys, messages, tenant)
 
         async for key, conversation_id in _hot_windows(redis, keys, tenant):

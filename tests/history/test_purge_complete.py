@@ -584,7 +584,7 @@ async def test_upgrade_from_0002_adds_the_purge_fence_and_a_purge_moves_it(
         assert await upgrade(hsettings, engine, revision="0002") == "0002"
         m = message(1)
         await insert_batch(engine, [make_record(t, m.conversation_id, m) for t in exchange(m)])
-        assert await upgrade(hsettings, engine) == "0003"
+        assert await upgrade(hsettings, engine, revision="0003") == "0003"
         assert (await schema_status(engine))[0] == "0003"
         assert await fence_epoch(engine) == 0
         assert await count_rows(engine) == (2, 2)  # the rows of 0002 are kept
