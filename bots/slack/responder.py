@@ -242,7 +242,8 @@ class SlackResponder:
         self._client: AsyncWebClient | None = None
         self._refused: DeliveryError | None = None  # e.g. channel gone: finish() reports it
         self._stream_failing = False  # Slack kept failing a progress update: finish() only
-        self._feedback_shown = False  # stopStream carried the feedback buttons
+        self._feedback_shown = False  # the answer's last message carries the buttons
+        self._buttons_under: str | None = None  # the text whose message gets them
 
     # --- helpers -----------------------------------------------------------------
 
@@ -421,6 +422,9 @@ class SlackResponder:
         if fresh:
             await self._open(reply.text, stream=False, shown=parts[0])
         buttons = reply.kind == "answer" and self.settings.feedback_buttons
+        if buttons:
+            # The last part's final post or edit carries the buttons (no extra call).
+            self._buttons_under = parts[-1]
         if self.mode == "url":
             await self._respond_url(parts)
         else:
@@ -567,8 +571,10 @@ class SlackResponder:
         kwargs: dict[str, Any] = {"channel": self.msg.channel, "text": shown or self._preview(text)}
         if self.thread:
             kwargs["thread_ts"] = self.thread
+        kwargs = self._with_buttons(kwargs)
         try:
             resp = await self._call("chat_postMessage", **kwargs)
+            self._feedback_shown |= "blocks" in kwargs
         except SlackApiError as e:
             error = str(e.response.get("error", ""))
             if self.msg.meta.get("response_url") and error in _NOT_IN_CHANNEL:
@@ -640,10 +646,17 @@ class SlackResponder:
         elif "blocks" in kwargs:
             self._feedback_shown = True
 
-    async def _show_feedback(self, parts: list[str]) -> None:
-        """Edit the answer's last message to carry the 👍/👎 buttons under its text.
+    def _with_buttons(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` of a post or edit, with the feedback buttons if it shows the last
+        part of a final answer (set by :meth:`finish`)."""
+        if self._buttons_under is not None and kwargs["text"] == self._buttons_under:
+            return {**kwargs, "blocks": answer_blocks(kwargs["text"], self.msg.message_id)}
+        return kwargs
 
-        A courtesy: the answer is already out, so a failure is logged, not raised.
+    async def _show_feedback(self, parts: list[str]) -> None:
+        """Edit the answer's last message to carry the 👍/👎 buttons under its text, when
+        no final post or edit carried them (e.g. the last part was posted by an earlier
+        try). A courtesy: the answer is out, so a failure is logged, not raised.
         """
         last = len(parts) - 1
         ts = self.parts.get(last) if last else self.ts
@@ -668,10 +681,12 @@ class SlackResponder:
         self.mode = "post"
 
     async def _edit(self, text: str, *, notice: bool = False) -> None:
+        kwargs = self._with_buttons({"channel": self.msg.channel, "ts": self.ts, "text": text})
         try:
-            await self._call("chat_update", channel=self.msg.channel, ts=self.ts, text=text)
+            await self._call("chat_update", **kwargs)
         except SlackApiError as e:
             raise DeliveryError(f"chat.update failed: {e.response.get('error')}") from e
+        self._feedback_shown |= "blocks" in kwargs
         if self.notice and not notice:
             self.notice = False
             await self._save(notice="0")
@@ -683,8 +698,11 @@ class SlackResponder:
             kwargs: dict[str, Any] = {"channel": self.msg.channel, "text": part}
             if self.thread:
                 kwargs["thread_ts"] = self.thread
+            if i == len(parts) - 1:
+                kwargs = self._with_buttons(kwargs)
             try:
                 resp = await self._call("chat_postMessage", **kwargs)
+                self._feedback_shown |= "blocks" in kwargs
             except SlackApiError as e:
                 raise DeliveryError(f"chat.postMessage failed: {e.response.get('error')}") from e
             self.parts[i] = str(resp["ts"])
