@@ -34,6 +34,7 @@ import discord
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from bots.discord import feedback as feedback_buttons
 from bots.discord.interactions import keep_token
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
@@ -356,6 +357,19 @@ class DiscordIntake:
                 content=ASK_FAILED, allowed_mentions=discord.AllowedMentions.none()
             )
         return accepted
+
+    async def on_interaction(self, interaction: discord.Interaction) -> bool:
+        """Component interactions: a click on a 👍/👎 button under an answer is
+        acknowledged and its vote queued (:mod:`bots.discord.feedback`); ``True`` when
+        it was. Other interactions are left to their handlers."""
+        if not feedback_buttons.is_feedback_click(interaction):
+            return False
+        tenant = (
+            str(interaction.guild_id)
+            if interaction.guild_id
+            else dm_tenant(str(interaction.user.id))
+        )
+        return await feedback_buttons.on_click(interaction, self.queue, self.settings, tenant)
 
     async def dm_refusal(self, user_id: str) -> str | None:
         """Why a DM from ``user_id`` is refused under the DM policy, or ``None``.

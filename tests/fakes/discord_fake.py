@@ -647,6 +647,52 @@ class DiscordFake:
         await self.dispatch("INTERACTION_CREATE", data)
         return inter
 
+    # --- message components (buttons) -----------------------------------------------
+
+    async def click_button(
+        self,
+        message: dict[str, Any],
+        user: dict[str, Any],
+        custom_id: str,
+        *,
+        roles: list[str] = (),  # type: ignore[assignment]
+    ) -> Interaction:
+        """A user clicks a button of ``message``: dispatch a MESSAGE_COMPONENT
+        INTERACTION_CREATE carrying ``custom_id`` (which need not be one the message
+        has: a forged click)."""
+        cid = str(message["channel_id"])
+        channel = self.channels[cid]
+        iid = self.snowflake()
+        token = "itoken-" + hashlib.sha1(iid.encode()).hexdigest()
+        data: dict[str, Any] = {
+            "id": iid,
+            "application_id": self.application_id,
+            "type": 3,
+            "token": token,
+            "version": 1,
+            "channel_id": cid,
+            "channel": {"id": cid, "type": channel["type"], "name": channel.get("name", "")},
+            "message": self._public(message),
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "app_permissions": EVERYONE_PERMISSIONS,
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": "1"},
+            "attachment_size_limit": 8388608,
+        }
+        if "guild_id" in channel:
+            data["guild_id"] = channel["guild_id"]
+            data["guild_locale"] = "en-US"
+            data["member"] = {**self.member(user, roles), "permissions": EVERYONE_PERMISSIONS}
+            data["context"] = 0
+        else:
+            data["user"] = user
+            data["context"] = 1
+        inter = Interaction(iid, token, cid, time.monotonic())
+        self.interactions[token] = inter
+        await self.dispatch("INTERACTION_CREATE", data)
+        return inter
+
     # --- faults and statistics -------------------------------------------------------
 
     def fail(self, method: str, path_regex: str, status: int, *, times: int = 1) -> None:
@@ -888,7 +934,7 @@ class DiscordFake:
             "pinned": False,
             "type": 0,
             "flags": 0,
-            "components": [],
+            "components": body.get("components") or [],
             "allowed_mentions": body.get("allowed_mentions"),
             "edits": 0,
             "edit_history": [content],
@@ -944,6 +990,8 @@ class DiscordFake:
                 return self._error(400, "content: Must be 2000 or fewer in length.", 50035)
             msg["content"] = content
             msg["edit_history"].append(content)
+        if "components" in body:
+            msg["components"] = body["components"] or []
         msg["edits"] += 1
         msg["edited_timestamp"] = _now_iso()
         msg["allowed_mentions"] = body.get("allowed_mentions")
