@@ -147,3 +147,32 @@ class Feedback(BaseModel):
     vote: Vote
     ts: float = Field(default_factory=time.time)
     previous: Vote | None = None
+
+
+class ThreadMessage(BaseModel):
+    """One earlier message of a thread, as read from the platform for context.
+
+    ``text`` is plain text with the platform's markup made inert (mentions become
+    ``@name`` text); ``author`` is the platform's user id; ``is_bot`` marks a bot's
+    message (this one's or another's).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    author: str
+    text: str
+    ts: float
+    is_bot: bool = False
+
+
+class FetchedThread(BaseModel):
+    """What a platform returned for a thread: its earlier messages, oldest first.
+
+    ``total`` is how many earlier messages the thread has, when the platform says
+    (else how many were read); ``complete`` is ``False`` when reading stopped at
+    ``SLUICE_THREAD_CONTEXT_FETCH_MAX`` with more left.
+    """
+
+    messages: list[ThreadMessage]
+    total: int
+    complete: bool = True

@@ -9,10 +9,10 @@ after a worker died must not post a second reply.
 from __future__ import annotations
 
 import importlib
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from core.errors import ConfigError
-from core.messages import IncomingMessage, Reply
+from core.messages import FetchedThread, IncomingMessage, Reply
 from core.settings import Settings
 
 
@@ -39,6 +39,24 @@ class ResponderFactory(Protocol):
     async def close(self) -> None: ...
 
     def responder(self, msg: IncomingMessage, job_id: str) -> Responder: ...
+
+
+@runtime_checkable
+class ThreadReader(Protocol):
+    """A responder factory that can read a thread's earlier messages (Slack, Discord).
+
+    Used once per thread, the first time the bot is mentioned in it
+    (:mod:`core.history.threads`); the result is cached in Redis for every worker.
+    """
+
+    async def fetch_thread(self, msg: IncomingMessage, max_messages: int) -> FetchedThread:
+        """The messages before ``msg`` in its thread (or reply chain), oldest first,
+        at most ``max_messages`` read from the platform.
+
+        Raises:
+            ThreadUnavailable: the platform refused for now (rate limit) or failed.
+        """
+        ...
 
 
 # Import paths, so that a worker only imports the platform SDKs it uses.

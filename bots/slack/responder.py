@@ -41,11 +41,12 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
+from bots.slack import threads
 from bots.slack.blocks import answer_blocks, feedback_actions
 from bots.slack.format import safe_markdown, split_message, to_mrkdwn
 from core.errors import DeliveryError, DeliveryRetryableError
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.messages import QUEUED_PREFIX, FetchedThread, IncomingMessage, Reply, queued_text
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -157,6 +158,14 @@ class SlackResponderFactory:
         if bot is None or not bot.bot_token:
             raise DeliveryError(f"slack workspace {msg.tenant} is not installed")
         return str(bot.bot_token)
+
+    async def fetch_thread(self, msg: IncomingMessage, max_messages: int) -> FetchedThread:
+        """The messages before ``msg`` in its thread (:mod:`bots.slack.threads`).
+
+        Raises:
+            ThreadUnavailable: out of budget, rate limited, or Slack refused.
+        """
+        return await threads.fetch_thread(self, msg, max_messages)
 
     def forget(self, team: str) -> None:
         """Drop a cached token (revoked or uninstalled)."""
