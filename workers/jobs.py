@@ -560,7 +560,7 @@ async def cached_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> Completio
     thread = None
     if threads.wants_context(settings, msg):
         thread = await threads.cached(traffic.redis, traffic.keys, msg)
-        if thread is None and not earlier:
+        if thread is None:
             return None  # the thread is not read yet: the reply job reads it
     messages = build_context(bot, earlier, text, await bot.system_prompt_for(mctx), thread)
     return await traffic.cached(

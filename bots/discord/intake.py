@@ -209,6 +209,19 @@ def event_from_interaction(interaction: discord.Interaction) -> Event:
     )
 
 
+def context_meta(message: discord.Message, event: Event) -> dict[str, str]:
+    """What tells the worker to read earlier messages for context
+    (:mod:`core.history.threads`): in a thread, the thread; in reply to someone else's
+    message, that reply chain (``context_of``). Replies to the bot's own messages are
+    a conversation it has seen."""
+    if event.parent_id is not None:
+        return {"thread_context": "1"}
+    ref = message.reference
+    if ref is not None and ref.message_id is not None and not event.replies_to_bot:
+        return {"thread_context": "1", "context_of": str(ref.message_id)}
+    return {}
+
+
 def strip_mention(text: str, bot_id: str) -> str:
     """The text without mentions of the bot (``<@id>`` and ``<@!id>``)."""
     return re.sub(rf"<@!?{re.escape(bot_id)}>", "", text).strip()
@@ -286,7 +299,7 @@ class DiscordIntake:
             user_name=event.author_name,
             is_dm=event.is_dm,
             ts=message.created_at.timestamp(),
-            meta={"reply_to": event.message_id},
+            meta={"reply_to": event.message_id, **context_meta(message, event)},
         )
         return await self._accept(msg, event)
 

@@ -38,6 +38,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bots.discord import threads
 from bots.discord.feedback import feedback_components
 from bots.discord.interactions import forget_token, load_token, token_ref
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
@@ -45,7 +46,7 @@ from bots.discord.split import split_message
 from core.errors import DeliveryError, DeliveryRetryableError
 from core.infra.logs import register_secret
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.messages import QUEUED_PREFIX, FetchedThread, IncomingMessage, Reply, queued_text
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,15 @@ class DiscordResponderFactory:
     async def close(self) -> None:
         """Close the HTTP session."""
         await self.rest.close()
+
+    async def fetch_thread(self, msg: IncomingMessage, max_messages: int) -> FetchedThread:
+        """The messages before ``msg`` in its thread or reply chain
+        (:mod:`bots.discord.threads`).
+
+        Raises:
+            ThreadUnavailable: Discord refused or kept failing.
+        """
+        return await threads.fetch_thread(self.rest, msg, max_messages)
 
     def responder(self, msg: IncomingMessage, job_id: str) -> DiscordResponder:
         """The responder for one job."""

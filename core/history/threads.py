@@ -63,6 +63,13 @@ class _Budget:
     max_chars: int
 
 
+def context_id(msg: IncomingMessage) -> str:
+    """What the cache is keyed by: the conversation, or one reply chain in it
+    (``meta["context_of"]``, the message replied to)."""
+    ref = msg.meta.get("context_of")
+    return f"{msg.conversation_id}:{ref}" if ref else msg.conversation_id
+
+
 def wants_context(settings: Settings, msg: IncomingMessage) -> bool:
     """Whether ``msg`` may have earlier thread messages the bot has not seen."""
     return settings.thread_context and msg.meta.get("thread_context") == "1"
@@ -120,16 +127,16 @@ def view(fetched: FetchedThread, budget: _Budget) -> ThreadView | None:
 async def cached(redis: Redis, keys: Keys, msg: IncomingMessage) -> ThreadView | None:
     """The thread's view if a worker already read it (no platform call)."""
     try:
-        raw = await redis.get(keys.thread_context(msg.conversation_id))
+        raw = await redis.get(keys.thread_context(context_id(msg)))
     except (RedisError, OSError) as e:
-        logger.warning("thread context unreadable conversation=%s: %s", msg.conversation_id, e)
+        logger.warning("thread context unreadable conversation=%s: %s", context_id(msg), e)
         return None
     if raw is None:
         return None
     try:
         return ThreadView.model_validate_json(raw)
     except ValidationError:
-        logger.warning("thread context malformed conversation=%s", msg.conversation_id)
+        logger.warning("thread context malformed conversation=%s", context_id(msg))
         return None
 
 
@@ -153,10 +160,11 @@ async def thread_view(
     found = await cached(redis, keys, msg)
     if found is not None:
         return (found if found.system_text else None), ""
-    conv = msg.conversation_id
+    conv = context_id(msg)
     try:
         retry = bool(await redis.exists(keys.thread_context_retry(conv)))
-        if seen_before and not retry:
+        # A reply chain is read whatever the conversation saw (it is cached on its own).
+        if seen_before and not retry and "context_of" not in msg.meta:
             return None, ""
         mine = bool(await redis.set(keys.thread_context_lock(conv), "1", nx=True, ex=LOCK_S))
     except (RedisError, OSError) as e:
@@ -176,7 +184,7 @@ async def thread_view(
 async def _read(
     redis: Redis, keys: Keys, settings: Settings, msg: IncomingMessage, reader: ThreadReader
 ) -> tuple[ThreadView | None, str]:
-    conv = msg.conversation_id
+    conv = context_id(msg)
     started = time.monotonic()
     try:
         fetched = await reader.fetch_thread(msg, settings.thread_context_fetch_max)
@@ -231,7 +239,7 @@ async def _wait_for_other(
         if found is not None:
             return (found, "") if found.system_text else (None, "")
         try:
-            if not await redis.exists(keys.thread_context_lock(msg.conversation_id)):
+            if not await redis.exists(keys.thread_context_lock(context_id(msg))):
                 break  # the reader gave up (its read failed)
         except (RedisError, OSError):
             break

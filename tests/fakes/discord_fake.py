@@ -63,6 +63,7 @@ _ROUTES: list[tuple[str, str, str]] = [
         r"/channels/(?P<major>\d+)/messages/\d+",
         "GET /channels/{channel_id}/messages/{message_id}",
     ),
+    ("GET", r"/channels/(?P<major>\d+)/messages", "GET /channels/{channel_id}/messages"),
     ("POST", r"/channels/(?P<major>\d+)/typing", "POST /channels/{channel_id}/typing"),
     (
         "POST",
@@ -646,6 +647,62 @@ class DiscordFake:
         self.interactions[token] = inter
         await self.dispatch("INTERACTION_CREATE", data)
         return inter
+
+    # --- channel history (GET /channels/{id}/messages) ---------------------------------
+
+    def add_history(
+        self, channel_id: int | str, author: dict[str, Any], content: str, **extra: Any
+    ) -> dict[str, Any]:
+        """A message that was already in the channel (no gateway event): it shows in
+        the channel's history and can be fetched."""
+        msg: dict[str, Any] = {
+            "id": self.snowflake(),
+            "channel_id": str(channel_id),
+            "author": author,
+            "content": content,
+            "timestamp": _now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+            "components": [],
+            **extra,
+        }
+        channel = self.channels.get(str(channel_id)) or {}
+        if "guild_id" in channel:
+            msg["guild_id"] = channel["guild_id"]
+        self.messages[msg["id"]] = msg
+        return msg
+
+    async def _r_get_channels_channel_id_messages(
+        self, request: web.Request, call: Call
+    ) -> web.Response:
+        """Newest first; ``before`` (exclusive) and ``limit`` (1-100), as Discord."""
+        if call.major not in self.channels:
+            return self._error(404, "Unknown Channel", 10003)
+        try:
+            limit = int(request.query.get("limit", "50"))
+            before = int(request.query.get("before", str(1 << 63)))
+        except ValueError:
+            return self._error(400, "Invalid Form Body", 50035)
+        if not 1 <= limit <= 100:
+            return self._error(400, "Invalid Form Body", 50035)
+        found = sorted(
+            (
+                m
+                for m in self.messages.values()
+                if m["channel_id"] == call.major and int(m["id"]) < before
+            ),
+            key=lambda m: int(m["id"]),
+            reverse=True,
+        )
+        return _json([self._public(m) for m in found[:limit]])
 
     # --- message components (buttons) -----------------------------------------------
 
