@@ -138,7 +138,8 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
         f"{r.hot_turns} hot-window turns, {r.cache_keys} cache keys, "
         f"{r.job_traces} reply-job keys, {r.jobs_queued} queued jobs, "
         f"{r.jobs_running} running jobs, {r.web_outboxes} web outboxes, "
-        f"{r.bad_entries} unreadable backlog entries, {r.feedback_votes} feedback votes "
+        f"{r.bad_entries} unreadable backlog entries, {r.feedback_votes} feedback votes, "
+        f"{r.thread_contexts} cached threads "
         f"(tenants: {', '.join(sorted(r.tenants)) or '-'})"
     )
 

@@ -221,6 +221,7 @@ class PurgeResult:
     jobs_running: int = 0
     web_outboxes: int = 0
     feedback_votes: int = 0
+    thread_contexts: int = 0
     tenants: set[str] = field(default_factory=set)
 
 
@@ -304,6 +305,7 @@ async def purge(
                 if split_conversation_id(_str(m))[1] == tenant:
                     await redis.srem(keys.history_overflow(), m)  # type: ignore[misc]
         result.web_outboxes = await _purge_web_outboxes(redis, keys, user, tenant, sessions)
+        result.thread_contexts = await _purge_thread_contexts(redis, keys, user, tenant)
         for t in sorted(result.tenants):
             batch = [k async for k in redis.scan_iter(keys.cache_pattern(t), count=1000)]
             for i in range(0, len(batch), 1000):
@@ -312,6 +314,30 @@ async def purge(
         if _str(await redis.get(keys.history_flush_lock()) or b"") == token:
             await redis.delete(keys.history_flush_lock())
     return result
+
+
+async def _purge_thread_contexts(
+    redis: Redis, keys: Keys, user: str | None, tenant: str | None
+) -> int:
+    """Drop cached thread context (:mod:`core.history.threads`) of the tenant, or that
+    quotes the user (other people's messages go with it; the thread is read again)."""
+    removed = 0
+    async for raw_key in redis.scan_iter(keys.thread_context("*"), count=1000):
+        key = _str(raw_key)
+        conversation = key.removeprefix(keys.thread_context(""))
+        for kind in ("lock:", "retry:"):
+            conversation = conversation.removeprefix(kind)
+        parts = conversation.split(":")
+        if len(parts) < 4:
+            continue
+        if tenant is not None and parts[1] != tenant:
+            continue
+        if user is not None:
+            body = _str(await redis.get(key) or b"")
+            if f"[user {user}]" not in body and f"[bot {user}]" not in body:
+                continue
+        removed += int(await redis.unlink(key))
+    return removed
 
 
 def _job_message(blob: bytes) -> tuple[str, dict[str, Any]] | None:
