@@ -373,7 +373,14 @@ async def test_purge_deletes_queued_jobs_and_the_conversation_goes_on_without_th
     worker()
     done = await eventually_value(lambda: outbox_done(rds, keys, bobs), 60, "bob's answer")
     assert done["kind"] == "answer" and "bob in the room" in done["text"]
-    assert await arq_keys(rds, "result", prefix) == {f"arq:result:{prefix}:{bobs.job_id}"}
+
+    async def results() -> dict[str, Any] | None:
+        # arq stores the result after the job returns, a moment after the outbox.
+        found = await arq_keys(rds, "result", prefix)
+        return {"keys": found} if found else None
+
+    found = await eventually_value(results, 30, "bob's job result")
+    assert found["keys"] == {f"arq:result:{prefix}:{bobs.job_id}"}
     hist = await rds.lrange(keys.history(bobs.conversation_id), 0, -1)
     assert [unpack_turn(x).user for x in hist] == [bob, bob]
 
