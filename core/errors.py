@@ -16,7 +16,8 @@
     │   ├── LLMRequestError         4xx other than 429: retrying cannot help
     │   └── LLMUnavailableError     retries ran out or the circuit breaker is open
     ├── DeliveryError               the reply could not be delivered to the platform
-    │   └── DeliveryRetryableError  429/5xx from the platform: worth retrying
+    │   ├── DeliveryRetryableError  429/5xx from the platform: worth retrying
+    │   └── ThreadUnavailable       a thread's earlier messages cannot be read now
     └── HistoryError                history could not be read or written
 
 Low-level errors (redis, openai, aiohttp) are wrapped with ``raise ... from e``
@@ -111,3 +112,8 @@ class DeliveryRetryableError(DeliveryError):
 
 class HistoryError(SluiceError):
     """History could not be read or written."""
+
+
+class ThreadUnavailable(DeliveryError):
+    """A thread's earlier messages could not be read from the platform for now (its
+    rate limit, an error); the message is answered without them, with a note."""

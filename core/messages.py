@@ -158,3 +158,55 @@ def queued_text(wait_s: float, place: int | None = None) -> str:
     if wait_s < 89.5:
         return f"{QUEUED_PREFIX}:{where} about {max(1, round(wait_s))} s"
     return f"{QUEUED_PREFIX}:{where} about {max(2, round(wait_s / 60))} min"
+
+
+Vote = Literal["up", "down"]
+
+
+class Feedback(BaseModel):
+    """A 👍/👎 vote of one user on one answer (``@bot.on_feedback`` receives it).
+
+    ``message_id`` is the id of the message the answer replied to (the answer is
+    stored in history as ``<message_id>:answer``). ``previous`` is the user's earlier
+    vote on the same answer, if they changed it; a user has one vote per answer.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    platform: str
+    tenant: str
+    channel: str
+    message_id: str
+    user: str
+    vote: Vote
+    ts: float = Field(default_factory=time.time)
+    previous: Vote | None = None
+
+
+class ThreadMessage(BaseModel):
+    """One earlier message of a thread, as read from the platform for context.
+
+    ``text`` is plain text with the platform's markup made inert (mentions become
+    ``@name`` text); ``author`` is the platform's user id; ``is_bot`` marks a bot's
+    message (this one's or another's).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    author: str
+    text: str
+    ts: float
+    is_bot: bool = False
+
+
+class FetchedThread(BaseModel):
+    """What a platform returned for a thread: its earlier messages, oldest first.
+
+    ``total`` is how many earlier messages the thread has, when the platform says
+    (else how many were read); ``complete`` is ``False`` when reading stopped at
+    ``SLUICE_THREAD_CONTEXT_FETCH_MAX`` with more left.
+    """
+
+    messages: list[ThreadMessage]
+    total: int
+    complete: bool = True

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -19,7 +19,7 @@ from redis.exceptions import RedisError
 from core.errors import ConfigError, DeliveryRetryableError
 from core.framework.agent import ToolProgress
 from core.infra.redis import Keys
-from core.messages import FileRef, IncomingMessage, Reply
+from core.messages import FetchedThread, FileRef, IncomingMessage, Reply
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -137,6 +137,24 @@ class DeliveryState:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@runtime_checkable
+class ThreadReader(Protocol):
+    """A responder factory that can read a thread's earlier messages (Slack, Discord).
+
+    Used once per thread, the first time the bot is mentioned in it
+    (:mod:`core.history.threads`); the result is cached in Redis for every worker.
+    """
+
+    async def fetch_thread(self, msg: IncomingMessage, max_messages: int) -> FetchedThread:
+        """The messages before ``msg`` in its thread (or reply chain), oldest first,
+        at most ``max_messages`` read from the platform.
+
+        Raises:
+            ThreadUnavailable: the platform refused for now (rate limit) or failed.
+        """
+        ...
 
 
 # Import paths, so that a worker only imports the platform SDKs it uses.

@@ -497,6 +497,50 @@ class Settings(BaseSettings):
         8000, ge=100, description="Longest tool result sent to the model; longer is cut."
     )
 
+    # --- Thread context and feedback (Slack, Discord) ---
+    thread_context: bool = Field(
+        True,
+        description="The first time the bot is mentioned in a Slack or Discord thread (or a "
+        "Discord reply chain) it has not seen, read the earlier messages once and give them "
+        "to the model as context.",
+    )
+    thread_context_max_messages: int = Field(
+        100,
+        ge=1,
+        le=1000,
+        description="Most earlier thread messages given to the model: the first one and the "
+        "newest; a longer thread is cut, with a note.",
+    )
+    thread_context_max_chars: int = Field(
+        16000,
+        ge=500,
+        description="Most characters of earlier thread messages given to the model (about "
+        "4 characters a token); older messages beyond it are left out, with a note.",
+    )
+    thread_context_fetch_max: int = Field(
+        1000,
+        ge=1,
+        le=20000,
+        description="Most messages read from the platform for one thread (Slack pages of "
+        "200, Discord pages of 100).",
+    )
+    thread_context_ttl_s: int = Field(
+        7 * 86400,
+        ge=60,
+        description="How long a thread's fetched messages are kept in Redis, shared by all "
+        "workers.",
+    )
+    slack_replies_per_minute: int = Field(
+        50,
+        ge=1,
+        description="conversations.replies calls per workspace per minute, across all "
+        "workers: 50 for Marketplace apps (tier 3); set 1 for apps outside the Marketplace "
+        "(Slack's limit for them is 1 call a minute of 15 messages).",
+    )
+    feedback_buttons: bool = Field(
+        True, description="Show 👍/👎 buttons under every answer on Slack and Discord."
+    )
+
     # --- Operations (metrics, health, status) ---
     metrics_port: int | None = Field(
         None,

@@ -24,7 +24,9 @@ from core.framework.agent import Exchange, history_messages, run_tool_loop
 from core.framework.bot import Bot
 from core.framework.commands import split_invocation
 from core.framework.context import MessageContext
+from core.history import threads
 from core.history.hot import HotHistory
+from core.history.threads import ThreadView
 from core.infra import metrics, tracing
 from core.llm.client import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
@@ -74,11 +76,15 @@ def build_context(
     text: str,
     system_prompt: str | None = None,
     attachments: Attachments | None = None,
+    thread: ThreadView | None = None,
 ) -> list[ChatMessage]:
-    """The messages sent to the model: persona, earlier turns, the new message (with
-    the text and images of its attached files)."""
+    """The messages sent to the model: persona, the thread's earlier messages (read
+    from the platform, :mod:`core.history.threads`), earlier turns, the new message
+    (with the text and images of its attached files)."""
     system = system_prompt if system_prompt is not None else bot.system_prompt
     messages: list[ChatMessage] = [{"role": "system", "content": system}]
+    if thread is not None and thread.system_text:
+        messages.append({"role": "system", "content": thread.system_text})
     messages.extend(history_messages(history))
     content = attachments.user_content(text) if attachments is not None else text
     messages.append({"role": "user", "content": content})
@@ -454,6 +460,8 @@ async def _answer(
         return Reply(text=attachments.note().strip(), kind="notice"), None
     note = (attachments.note() if attachments is not None else "") + note
     earlier = await _earlier(ctx, msg)
+    thread, thread_note = await _thread(ctx, msg, earlier)
+    note = thread_note + note
 
     async def on_text(so_far: str) -> None:
         await _deliver(timing, msg.platform, responder.stream(note + so_far))
@@ -487,7 +495,9 @@ async def _answer(
     try:
         done = await run_tool_loop(
             call,
-            build_context(bot, earlier, text, await bot.system_prompt_for(mctx), attachments),
+            build_context(
+                bot, earlier, text, await bot.system_prompt_for(mctx), attachments, thread
+            ),
             bot.tools,
             mctx,
             max_steps=_first(bot.tool_max_steps, settings.tool_max_steps),
@@ -550,6 +560,19 @@ async def _earlier(ctx: dict[str, Any], msg: IncomingMessage) -> list[Turn]:
         return []
 
 
+async def _thread(
+    ctx: dict[str, Any], msg: IncomingMessage, earlier: list[Turn]
+) -> tuple[ThreadView | None, str]:
+    """The thread's earlier messages for the model, and the note for the reply."""
+    if not threads.wants_context(ctx["settings"], msg):
+        return None, ""
+    traffic: Traffic = ctx["traffic"]
+    factory = await get_responder_factory(ctx, msg.platform)
+    return await threads.thread_view(
+        traffic.redis, traffic.keys, ctx["settings"], msg, factory, seen_before=bool(earlier)
+    )
+
+
 async def cached_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> Completion | None:
     """The cached answer to ``msg`` if there is one, for the reserved path; looked up for
     exactly the request :func:`_answer` would send (same persona, history, text cut and
@@ -578,7 +601,13 @@ async def cached_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> Completio
     mctx = _context(ctx, msg)
     mctx.text = text
     _, text = _cut(settings, text)
-    messages = build_context(bot, await _earlier(ctx, msg), text, await bot.system_prompt_for(mctx))
+    earlier = await _earlier(ctx, msg)
+    thread = None
+    if threads.wants_context(settings, msg):
+        thread = await threads.cached(traffic.redis, traffic.keys, msg)
+        if thread is None:
+            return None  # the thread is not read yet: the reply job reads it
+    messages = build_context(bot, earlier, text, await bot.system_prompt_for(mctx), thread=thread)
     return await traffic.cached(
         msg,
         messages,

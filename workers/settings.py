@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from core.errors import ConfigError
 from core.framework.bot import load_bot
 from core.history.admin import finish_purged_job
+from core.history.feedback import FEEDBACK_JOB
 from core.history.hot import HotHistory, backlog_status
 from core.history.store import ensure_schema_at_startup, make_engine
 from core.infra import metrics
@@ -55,7 +56,7 @@ from core.traffic.schedule import (
     SWEEP_LUA,
     deadlines_key,
 )
-from workers import flush, jobs, notices, traffic_jobs
+from workers import feedback, flush, jobs, notices, traffic_jobs
 from workers.flush import Flusher
 from workers.reaper import (
     claim,
@@ -288,6 +289,12 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
             # History jobs time out with the reply job: arq keeps a killed worker's
             # job "in progress" for the longest timeout of ALL functions + 10 s, so a
             # longer timeout here would delay re-running a killed reply job.
+            func(
+                feedback.feedback,
+                name=FEEDBACK_JOB,
+                timeout=min(30, settings.job_timeout_s),
+                max_tries=feedback.MAX_TRIES,
+            ),
             func(
                 flush.flush_history,
                 name="flush_history",

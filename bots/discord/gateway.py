@@ -134,6 +134,10 @@ class SluiceClient(discord.Client):
         if self.user is not None:
             await self.intake.on_message(message, self.user)
 
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Clicks on the feedback buttons (``/ask`` goes to the command tree)."""
+        await self.intake.on_interaction(interaction)
+
     async def close(self) -> None:
         """Disconnect, then close Redis and the REST session."""
         await super().close()

@@ -41,6 +41,7 @@ import discord
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from bots.discord import feedback as feedback_buttons
 from bots.discord.interactions import keep_token
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
@@ -258,6 +259,19 @@ def event_from_interaction(interaction: discord.Interaction) -> Event:
     )
 
 
+def context_meta(message: discord.Message, event: Event) -> dict[str, str]:
+    """What tells the worker to read earlier messages for context
+    (:mod:`core.history.threads`): in a thread, the thread; in reply to someone else's
+    message, that reply chain (``context_of``). Replies to the bot's own messages are
+    a conversation it has seen."""
+    if event.parent_id is not None:
+        return {"thread_context": "1"}
+    ref = message.reference
+    if ref is not None and ref.message_id is not None and not event.replies_to_bot:
+        return {"thread_context": "1", "context_of": str(ref.message_id)}
+    return {}
+
+
 def strip_mention(text: str, bot_id: str) -> str:
     """The text without mentions of the bot (``<@id>`` and ``<@!id>``)."""
     return re.sub(rf"<@!?{re.escape(bot_id)}>", "", text).strip()
@@ -367,7 +381,11 @@ class DiscordIntake:
             user_name=event.author_name,
             is_dm=event.is_dm,
             ts=message.created_at.timestamp(),
-            meta={"reply_to": event.message_id, **({"admin": "1"} if event.is_admin else {})},
+            meta={
+                "reply_to": event.message_id,
+                **({"admin": "1"} if event.is_admin else {}),
+                **context_meta(message, event),
+            },
             files=files_of(message),
         )
         return await self._accept(msg, event)
@@ -502,6 +520,19 @@ class DiscordIntake:
             if cached[1]:
                 return True
         return False
+
+    async def on_interaction(self, interaction: discord.Interaction) -> bool:
+        """Component interactions: a click on a 👍/👎 button under an answer is
+        acknowledged and its vote queued (:mod:`bots.discord.feedback`); ``True`` when
+        it was. Other interactions are left to their handlers."""
+        if not feedback_buttons.is_feedback_click(interaction):
+            return False
+        tenant = (
+            str(interaction.guild_id)
+            if interaction.guild_id
+            else dm_tenant(str(interaction.user.id))
+        )
+        return await feedback_buttons.on_click(interaction, self.queue, self.settings, tenant)
 
     async def dm_refusal(self, user_id: str) -> str | None:
         """Why a DM from ``user_id`` is refused under the DM policy, or ``None``.

@@ -206,6 +206,9 @@ def message_from_event(
         meta["reply_thread"] = thread
     if kind == "assistant":
         meta["assistant"] = "1"
+    if kind == "mention" and thread_ts and thread_ts != ts:
+        # Mentioned inside a thread: its earlier messages may be new to the bot.
+        meta["thread_context"] = "1"
     enterprise = body.get("enterprise_id") or event.get("enterprise")
     if enterprise:
         meta["enterprise_id"] = str(enterprise)

@@ -19,6 +19,7 @@ same chain.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -30,11 +31,13 @@ from slack_sdk.oauth.installation_store.async_installation_store import AsyncIns
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bots.slack.assistant import THINKING, build_assistant
+from bots.slack.blocks import FEEDBACK_ACTION
 from bots.slack.convert import is_user_message, message_from_command, message_from_event
 from bots.slack.intake import Intake
-from core.errors import QueueError
+from core.errors import InputError, QueueError
 from core.framework.bot import load_bot
-from core.messages import IncomingMessage
+from core.history import feedback
+from core.messages import Feedback, IncomingMessage, Platform
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -189,6 +192,30 @@ class SluiceListeners:
         """Ack ``/ask`` so that the question shows in the channel."""
         await ack(response_type="in_channel")
 
+    async def feedback_clicked(self, ack: Any, body: dict[str, Any]) -> None:
+        """A 👍/👎 button under an answer: ack at once, then queue the vote.
+
+        The button's value names the answered message; it is checked
+        (:func:`core.history.feedback.parse_vote`) against the workspace, channel and
+        user of the signed click, and a malformed one is logged and dropped.
+        """
+        await ack()
+        try:
+            fb = feedback_from_action(body)
+        except InputError as e:
+            logger.warning("slack feedback dropped: %s", e)
+            return
+        try:
+            await feedback.enqueue(await self.intake.redis(), self.settings, fb)
+        except QueueError as e:
+            logger.error(
+                "slack feedback lost tenant=%s message=%s: %s", fb.tenant, fb.message_id, e
+            )
+            return
+        logger.info(
+            "slack feedback queued tenant=%s message=%s vote=%s", fb.tenant, fb.message_id, fb.vote
+        )
+
     async def uninstalled(self, context: AsyncBoltContext) -> None:
         """``app_uninstalled``: forget the workspace's tokens."""
         if self.installation_store is None:
@@ -208,6 +235,33 @@ class SluiceListeners:
         await self.installation_store.async_delete_bot(
             enterprise_id=context.enterprise_id, team_id=context.team_id
         )
+
+
+def feedback_from_action(body: dict[str, Any]) -> Feedback:
+    """The vote of a ``block_actions`` click on a feedback button.
+
+    Raises:
+        InputError: the click is malformed (missing or hostile ids).
+    """
+    actions = body.get("actions")
+    action = actions[0] if isinstance(actions, list) and actions else None
+    if not isinstance(action, dict):
+        raise InputError("no action in the click")
+    action_id = str(action.get("action_id") or "")
+    vote = action_id.removeprefix(FEEDBACK_ACTION + "_")
+
+    def ident(key: str) -> str:
+        value = body.get(key)
+        return str(value.get("id") or "") if isinstance(value, dict) else ""
+
+    return feedback.parse_vote(
+        platform=Platform.SLACK,
+        tenant=ident("team"),
+        channel=ident("channel"),
+        user=ident("user"),
+        vote=vote,
+        message_id=str(action.get("value") or "")[:256],
+    )
 
 
 def register(
@@ -257,6 +311,7 @@ def register(
     # Assistant threads: Bolt's AsyncAssistant (it claims their events before the
     # listeners above see them).
     app.use(build_assistant(sluice, sluice.intake, settings.slack_thread_ttl_s))
+    app.action(re.compile(rf"^{FEEDBACK_ACTION}_(up|down)$"))(sluice.feedback_clicked)
     app.event("app_uninstalled")(sluice.uninstalled)
     app.event("tokens_revoked")(sluice.tokens_revoked)
     return sluice

@@ -43,12 +43,21 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
+from bots.slack import threads
+from bots.slack.blocks import answer_blocks, feedback_actions
 from bots.slack.format import reply_parts, safe_markdown, stream_cut
 from core.errors import DeliveryError, DeliveryRetryableError, FileRefusedError
 from core.files.download import download, origin
 from core.framework.agent import ToolProgress
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, FileRef, IncomingMessage, Reply, queued_text
+from core.messages import (
+    QUEUED_PREFIX,
+    FetchedThread,
+    FileRef,
+    IncomingMessage,
+    Reply,
+    queued_text,
+)
 from core.responder import DeliveryState, Responder
 from core.settings import Settings
 
@@ -208,6 +217,14 @@ class SlackResponderFactory:
             )
         return data
 
+    async def fetch_thread(self, msg: IncomingMessage, max_messages: int) -> FetchedThread:
+        """The messages before ``msg`` in its thread (:mod:`bots.slack.threads`).
+
+        Raises:
+            ThreadUnavailable: out of budget, rate limited, or Slack refused.
+        """
+        return await threads.fetch_thread(self, msg, max_messages)
+
     def forget(self, team: str) -> None:
         """Drop a cached token (revoked or uninstalled)."""
         if self._store is not None:
@@ -295,6 +312,8 @@ class SlackResponder(Responder):
         self._client: AsyncWebClient | None = None
         self._refused: DeliveryError | None = None  # e.g. channel gone: finish() reports it
         self._stream_failing = False  # Slack kept failing a progress update: finish() only
+        self._feedback_shown = False  # the answer's last message carries the buttons
+        self._buttons_under: str | None = None  # the text whose message gets them
 
     # --- helpers -----------------------------------------------------------------
 
@@ -459,17 +478,23 @@ class SlackResponder(Responder):
         fresh = self.ts is None and self.mode != "url"
         if fresh:
             await self._open(reply.text, stream=False, shown=parts[0])
+        buttons = reply.kind == "answer" and self.settings.feedback_buttons
+        if buttons:
+            # The last part's final post or edit carries the buttons (no extra call).
+            self._buttons_under = parts[-1]
         if self.mode == "url":
             await self._respond_url(parts)
         else:
             if self.mode == "stream":
-                await self._stop(reply.text, parts)
+                await self._stop(reply.text, parts, feedback=buttons)
             elif not fresh:
                 if self.mode == "restream":
                     await self._quietly_stop()
                 await self._may_edit(final=True)
                 await self._edit(parts[0])
             await self._post_rest(parts)
+            if buttons and not self._feedback_shown:
+                await self._show_feedback(parts)
         self.done = True
         await self._save(done="1")
         logger.info(
@@ -644,8 +669,10 @@ class SlackResponder(Responder):
         }
         if self.thread:
             kwargs["thread_ts"] = self.thread
+        kwargs = self._with_buttons(kwargs)
         try:
             resp = await self._call("chat_postMessage", **kwargs)
+            self._feedback_shown |= "blocks" in kwargs
         except SlackApiError as e:
             error = str(e.response.get("error", ""))
             if self.msg.meta.get("response_url") and error in _NOT_IN_CHANNEL:
@@ -734,8 +761,9 @@ class SlackResponder(Responder):
             self.mode = "post"
             await self._save(mode="post")
 
-    async def _stop(self, text: str, parts: list[str]) -> None:
-        """End the native stream with the rest of the text (or edit if Slack closed it)."""
+    async def _stop(self, text: str, parts: list[str], *, feedback: bool = False) -> None:
+        """End the native stream with the rest of the text (or edit if Slack closed it);
+        with ``feedback``, the 👍/👎 buttons go under the streamed text."""
         # The final text continues the stream unless it is too long for one message or
         # differs from what was streamed (e.g. an apology after a failed model call).
         fits = len(safe_markdown(text)) <= self.limit and text.startswith(self.streamed)
@@ -743,6 +771,8 @@ class SlackResponder(Responder):
         kwargs: dict[str, Any] = {"channel": self.msg.channel, "ts": self.ts}
         if delta:
             kwargs["markdown_text"] = safe_markdown(delta)
+        if feedback and fits:
+            kwargs["blocks"] = feedback_actions(self.msg.message_id)
         try:
             await self._call("chat_stopStream", **kwargs)
             stopped = True
@@ -754,6 +784,43 @@ class SlackResponder(Responder):
             self.mode = "post"
             await self._may_edit(final=True)
             await self._edit(parts[0])
+        elif "blocks" in kwargs:
+            self._feedback_shown = True
+
+    def _with_buttons(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """``kwargs`` of a post or edit, with the feedback buttons if it shows the last
+        part of a final answer (set by :meth:`finish`)."""
+        markdown = kwargs.get("markdown_text")
+        if self._buttons_under is None or markdown != self._buttons_under:
+            return kwargs
+        # ``markdown_text`` cannot go with ``blocks``: the text moves into a markdown
+        # block above the buttons, and ``text`` is the notification's fallback.
+        rest = {k: v for k, v in kwargs.items() if k != "markdown_text"}
+        return {
+            **rest,
+            "text": _escape_mrkdwn(markdown),
+            "blocks": answer_blocks(markdown, self.msg.message_id),
+        }
+
+    async def _show_feedback(self, parts: list[str]) -> None:
+        """Edit the answer's last message to carry the 👍/👎 buttons under its text, when
+        no final post or edit carried them (e.g. the last part was posted by an earlier
+        try). A courtesy: the answer is out, so a failure is logged, not raised.
+        """
+        last = len(parts) - 1
+        ts = self.parts.get(last) if last else self.ts
+        if not ts:
+            return
+        try:
+            await self._call(
+                "chat_update",
+                channel=self.msg.channel,
+                ts=ts,
+                text=_escape_mrkdwn(parts[last]),
+                blocks=answer_blocks(parts[last], self.msg.message_id),
+            )
+        except (SlackApiError, DeliveryError) as e:
+            logger.info("slack feedback buttons not shown job=%s: %s", self.job_id, e)
 
     async def _quietly_stop(self) -> None:
         try:
@@ -763,15 +830,16 @@ class SlackResponder(Responder):
         self.mode = "post"
 
     async def _edit(self, text: str, *, notice: bool = False) -> None:
+        kwargs: dict[str, Any] = {"channel": self.msg.channel, "ts": self.ts}
+        if notice:  # Sluice's own plain text
+            kwargs["text"] = text
+        else:
+            kwargs = self._with_buttons({**kwargs, "markdown_text": text})
         try:
-            if notice:  # Sluice's own plain text
-                await self._call("chat_update", channel=self.msg.channel, ts=self.ts, text=text)
-            else:
-                await self._call(
-                    "chat_update", channel=self.msg.channel, ts=self.ts, markdown_text=text
-                )
+            await self._call("chat_update", **kwargs)
         except SlackApiError as e:
             raise DeliveryError(f"chat.update failed: {e.response.get('error')}") from e
+        self._feedback_shown |= "blocks" in kwargs
         if self.notice and not notice:
             self.notice = False
             await self._save(notice="0")
@@ -783,8 +851,11 @@ class SlackResponder(Responder):
             kwargs: dict[str, Any] = {"channel": self.msg.channel, "markdown_text": part}
             if self.thread:
                 kwargs["thread_ts"] = self.thread
+            if i == len(parts) - 1:
+                kwargs = self._with_buttons(kwargs)
             try:
                 resp = await self._call("chat_postMessage", **kwargs)
+                self._feedback_shown |= "blocks" in kwargs
             except SlackApiError as e:
                 raise DeliveryError(f"chat.postMessage failed: {e.response.get('error')}") from e
             self.parts[i] = str(resp["ts"])

@@ -56,7 +56,7 @@ from core.framework.hooks import AfterHook, BeforeHook, Hook, make_hook, run_aft
 from core.framework.mcp import McpServer, close_servers, connect_servers
 from core.framework.routing import LaneRule, check_lane
 from core.framework.tools import Tool, ToolFunc, make_tool
-from core.messages import IncomingMessage, Reply
+from core.messages import Feedback, IncomingMessage, Reply
 
 __all__ = ["DEFAULT_BOT", "Bot", "LaneRule", "MessageContext", "Reply", "load_bot"]
 
@@ -77,6 +77,8 @@ C = TypeVar("C", bound=CommandFunc)
 T = TypeVar("T", bound=ToolFunc)
 B = TypeVar("B", bound=BeforeHook)
 A = TypeVar("A", bound=AfterHook)
+FeedbackHook = Callable[[Feedback], Awaitable[None]]
+FH = TypeVar("FH", bound=FeedbackHook)
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Bot:
     _mcp_tools: dict[str, Tool] = field(default_factory=dict, init=False, repr=False)
     _before: list[Hook] = field(default_factory=list, init=False, repr=False)
     _after: list[Hook] = field(default_factory=list, init=False, repr=False)
+    _feedback: list[FeedbackHook] = field(default_factory=list, init=False, repr=False)
     _prompt_fns: list[PromptFunc] = field(default_factory=list, init=False, repr=False)
     _lane_fns: list[LaneFunc] = field(default_factory=list, init=False, repr=False)
     _help: Command | None = field(default=None, init=False, repr=False)
@@ -309,6 +312,39 @@ class Bot:
         """Register a hook run on each answer before it is sent (:mod:`core.framework.hooks`)."""
         self._after.append(make_hook(fn, "after"))
         return fn
+
+    def on_feedback(self, fn: FH) -> FH:
+        """Register ``async def fn(feedback: Feedback) -> None``, run by a worker after
+        a user's 👍/👎 on an answer is recorded (again when they change their vote;
+        not when they click the same vote twice). A failing hook is logged; the vote
+        stays recorded.
+
+        Raises:
+            BotDefinitionError: ``fn`` is not an ``async def``.
+        """
+        hook: FeedbackHook = fn
+        if not inspect.iscoroutinefunction(hook):
+            raise BotDefinitionError(
+                f"@bot.on_feedback needs an `async def {getattr(fn, '__name__', 'hook')}"
+                "(feedback: Feedback) -> None`"
+            )
+        self._feedback.append(hook)
+        return fn
+
+    async def run_feedback_hooks(self, feedback: Feedback) -> None:
+        """Run the ``@bot.on_feedback`` hooks, each on its own: one failing does not
+        stop the others (the failure is logged with its traceback)."""
+        for hook in self._feedback:
+            try:
+                await hook(feedback)
+            except Exception:
+                # User code: whatever it raises is logged and the next hook runs.
+                logger.exception(
+                    "on_feedback hook %s failed tenant=%s message=%s",
+                    getattr(hook, "__name__", "hook"),
+                    feedback.tenant,
+                    feedback.message_id,
+                )
 
     def prompt(self, fn: F) -> F:
         """Register a function ``(ctx) -> str | None`` choosing the system prompt.

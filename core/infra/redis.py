@@ -300,6 +300,22 @@ class Keys:
         viewing) and whether its title was set."""
         return f"{self.prefix}:slack:assistant:{channel}:{thread_ts}"
 
+    def thread_context(self, conversation_id: str) -> str:
+        """A thread's earlier messages read from the platform (JSON, shared by workers)."""
+        return f"{self.prefix}:thread:{conversation_id}"
+
+    def thread_context_lock(self, conversation_id: str) -> str:
+        """Held by the one worker reading a thread (single flight)."""
+        return f"{self.prefix}:thread:lock:{conversation_id}"
+
+    def thread_context_retry(self, conversation_id: str) -> str:
+        """Set when reading a thread failed: the next message in it tries again."""
+        return f"{self.prefix}:thread:retry:{conversation_id}"
+
+    def slack_replies_budget(self, team: str, minute: int) -> str:
+        """conversations.replies calls of a workspace in one clock minute."""
+        return f"{self.prefix}:slack:replies:{team}:{minute}"
+
     def slack_pace(self, channel: str, ts: str) -> str:
         """Held while one Slack message may not be edited again (one edit per interval)."""
         return f"{self.prefix}:slack:pace:{channel}:{ts}"

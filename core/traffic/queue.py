@@ -396,6 +396,11 @@ def queue_slot_now(settings: Settings, msg: IncomingMessage, now_ms: int) -> tup
     )
 
 
+def default_reply_queue(settings: Settings) -> str:
+    """The queue of the default lane: side jobs (e.g. ``feedback``) go there."""
+    return _lane_queue(settings, "default")
+
+
 def _lane_queue(settings: Settings, lane: str) -> str:
     if settings.lane_queues == "per-lane":
         return lane_queue_name(settings, lane)

@@ -75,6 +75,7 @@ _ROUTES: list[tuple[str, str, str]] = [
         r"/channels/(?P<major>\d+)/messages/\d+",
         "GET /channels/{channel_id}/messages/{message_id}",
     ),
+    ("GET", r"/channels/(?P<major>\d+)/messages", "GET /channels/{channel_id}/messages"),
     ("POST", r"/channels/(?P<major>\d+)/typing", "POST /channels/{channel_id}/typing"),
     (
         "POST",
@@ -749,6 +750,108 @@ class DiscordFake:
         await self.dispatch("INTERACTION_CREATE", data)
         return inter
 
+    # --- channel history (GET /channels/{id}/messages) ---------------------------------
+
+    def add_history(
+        self, channel_id: int | str, author: dict[str, Any], content: str, **extra: Any
+    ) -> dict[str, Any]:
+        """A message that was already in the channel (no gateway event): it shows in
+        the channel's history and can be fetched."""
+        msg: dict[str, Any] = {
+            "id": self.snowflake(),
+            "channel_id": str(channel_id),
+            "author": author,
+            "content": content,
+            "timestamp": _now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+            "components": [],
+            **extra,
+        }
+        channel = self.channels.get(str(channel_id)) or {}
+        if "guild_id" in channel:
+            msg["guild_id"] = channel["guild_id"]
+        self.messages[msg["id"]] = msg
+        return msg
+
+    async def _r_get_channels_channel_id_messages(
+        self, request: web.Request, call: Call
+    ) -> web.Response:
+        """Newest first; ``before`` (exclusive) and ``limit`` (1-100), as Discord."""
+        if call.major not in self.channels:
+            return self._error(404, "Unknown Channel", 10003)
+        try:
+            limit = int(request.query.get("limit", "50"))
+            before = int(request.query.get("before", str(1 << 63)))
+        except ValueError:
+            return self._error(400, "Invalid Form Body", 50035)
+        if not 1 <= limit <= 100:
+            return self._error(400, "Invalid Form Body", 50035)
+        found = sorted(
+            (
+                m
+                for m in self.messages.values()
+                if m["channel_id"] == call.major and int(m["id"]) < before
+            ),
+            key=lambda m: int(m["id"]),
+            reverse=True,
+        )
+        return _json([self._public(m) for m in found[:limit]])
+
+    # --- message components (buttons) -----------------------------------------------
+
+    async def click_button(
+        self,
+        message: dict[str, Any],
+        user: dict[str, Any],
+        custom_id: str,
+        *,
+        roles: list[str] = (),  # type: ignore[assignment]
+    ) -> Interaction:
+        """A user clicks a button of ``message``: dispatch a MESSAGE_COMPONENT
+        INTERACTION_CREATE carrying ``custom_id`` (which need not be one the message
+        has: a forged click)."""
+        cid = str(message["channel_id"])
+        channel = self.channels[cid]
+        iid = self.snowflake()
+        token = "itoken-" + hashlib.sha1(iid.encode()).hexdigest()
+        data: dict[str, Any] = {
+            "id": iid,
+            "application_id": self.application_id,
+            "type": 3,
+            "token": token,
+            "version": 1,
+            "channel_id": cid,
+            "channel": {"id": cid, "type": channel["type"], "name": channel.get("name", "")},
+            "message": self._public(message),
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "app_permissions": EVERYONE_PERMISSIONS,
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": "1"},
+            "attachment_size_limit": 8388608,
+        }
+        if "guild_id" in channel:
+            data["guild_id"] = channel["guild_id"]
+            data["guild_locale"] = "en-US"
+            data["member"] = {**self.member(user, roles), "permissions": EVERYONE_PERMISSIONS}
+            data["context"] = 0
+        else:
+            data["user"] = user
+            data["context"] = 1
+        inter = Interaction(iid, token, cid, time.monotonic())
+        self.interactions[token] = inter
+        await self.dispatch("INTERACTION_CREATE", data)
+        return inter
+
     # --- faults and statistics -------------------------------------------------------
 
     def fail(self, method: str, path_regex: str, status: int, *, times: int = 1) -> None:
@@ -1023,7 +1126,7 @@ class DiscordFake:
             "pinned": False,
             "type": 0,
             "flags": 0,
-            "components": [],
+            "components": body.get("components") or [],
             "allowed_mentions": body.get("allowed_mentions"),
             "edits": 0,
             "edit_history": [content],
@@ -1079,6 +1182,8 @@ class DiscordFake:
                 return self._error(400, "content: Must be 2000 or fewer in length.", 50035)
             msg["content"] = content
             msg["edit_history"].append(content)
+        if "components" in body:
+            msg["components"] = body["components"] or []
         msg["edits"] += 1
         msg["edited_timestamp"] = _now_iso()
         msg["allowed_mentions"] = body.get("allowed_mentions")

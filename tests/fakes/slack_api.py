@@ -92,6 +92,9 @@ class FakeSlackAPI:
         self.socket_acks: dict[str, dict[str, Any]] = {}
         self._sockets: list[web.WebSocketResponse] = []
         self.file_server = FileServer()
+        # Threads (conversations.replies): see "threads" below.
+        self.thread_history: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self.replies_per_minute: int | None = None
 
     @property
     def url(self) -> str:
@@ -291,7 +294,13 @@ class FakeSlackAPI:
         handler = getattr(self, "_m_" + method.replace(".", "_"), None)
         if handler is None:
             return web.json_response({"ok": False, "error": "unknown_method"})
-        result: dict[str, Any] = handler(token, info, params)
+        result = handler(token, info, params)
+        if isinstance(result, _Failure):
+            return web.json_response(
+                {"ok": False, "error": result.error},
+                status=result.status,
+                headers={"Retry-After": str(result.retry_after_s)},
+            )
         return web.json_response(result)
 
     # --- methods -----------------------------------------------------------------
@@ -356,14 +365,15 @@ class FakeSlackAPI:
         if not params.get("text") and not params.get("blocks") and not params.get("markdown_text"):
             return {"ok": False, "error": "no_text"}
         ts = self._next_ts()
+        block_md = _markdown_blocks(params)
         msg = Message(
             channel,
             ts,
-            params.get("markdown_text") or params.get("text", ""),
+            params.get("markdown_text") or block_md or params.get("text", ""),
             token,
             thread_ts=params.get("thread_ts"),
             team_id=info.team_id,
-            markdown="markdown_text" in params,
+            markdown="markdown_text" in params or block_md is not None,
         )
         self.messages[(channel, ts)] = msg
         return {
@@ -388,6 +398,8 @@ class FakeSlackAPI:
             return problem
         if "markdown_text" in params:
             msg.text, msg.markdown = params["markdown_text"], True
+        elif (block_md := _markdown_blocks(params)) is not None:
+            msg.text, msg.markdown = block_md, True  # blocks are shown instead of text
         elif "text" in params:
             msg.text, msg.markdown = params["text"], False
         msg.edits += 1
@@ -490,11 +502,62 @@ class FakeSlackAPI:
         channel = params.get("channel", "")
         return {"ok": True, "channel": {"id": channel, "is_im": channel.startswith("D")}}
 
+    # --- threads (conversations.replies) ---------------------------------------------
+
+    def add_thread(self, channel: str, thread_ts: str, messages: list[dict[str, Any]]) -> None:
+        """A thread of ``channel``: its parent (``ts == thread_ts``) and replies, as
+        conversations.replies returns them (``user``/``bot_id``, ``text``, ``ts``)."""
+        parent = {**messages[0], "thread_ts": thread_ts, "reply_count": len(messages) - 1}
+        self.thread_history[(channel, thread_ts)] = [
+            parent,
+            *({**m, "thread_ts": thread_ts} for m in messages[1:]),
+        ]
+
+    def _m_conversations_replies(self, token: str, info: TokenInfo, params: dict[str, Any]) -> Any:
+        """Cursor-paged (``limit``, ``cursor``), ``latest`` exclusive; with
+        ``replies_per_minute`` set, calls over it in 60 s answer 429 (``Retry-After: 60``),
+        as Slack does for apps outside the Marketplace."""
+        if self.replies_per_minute is not None:
+            now = time.monotonic()
+            recent = [c for c in self.calls_of("conversations.replies") if now - c.at < 60]
+            if len(recent) > self.replies_per_minute:
+                return _Failure(status=429, error="ratelimited", times=1, retry_after_s=60)
+        found = self.thread_history.get((params.get("channel", ""), params.get("ts", "")))
+        if found is None:
+            return {"ok": False, "error": "thread_not_found"}
+        latest = params.get("latest")
+        if latest:
+            found = [m for m in found if float(m["ts"]) < float(latest)]
+        limit = max(1, min(int(params.get("limit") or 1000), 1000))
+        start = int(params.get("cursor") or 0)
+        page = found[start : start + limit]
+        more = start + limit < len(found)
+        return {
+            "ok": True,
+            "messages": page,
+            "has_more": more,
+            "response_metadata": {"next_cursor": str(start + limit) if more else ""},
+        }
+
 
 # --- markdown_text and streamed chunks (chat.postMessage/update, the stream) -----------
 
 MARKDOWN_LIMIT = 12000
 TASK_STATUSES = frozenset({"pending", "in_progress", "complete", "error"})
+
+
+def _markdown_blocks(params: dict[str, Any]) -> str | None:
+    """The text of a message's ``markdown`` blocks (Slack shows blocks, not ``text``),
+    or None when it has none."""
+    blocks = params.get("blocks")
+    if isinstance(blocks, str):
+        blocks = json.loads(blocks)
+    texts = [
+        b["text"]
+        for b in blocks or []
+        if isinstance(b, dict) and b.get("type") == "markdown" and isinstance(b.get("text"), str)
+    ]
+    return "".join(texts) if texts else None
 
 
 def _markdown_problem(params: dict[str, Any]) -> dict[str, Any] | None:
