@@ -475,13 +475,13 @@ class SlackResponder(Responder):
         if self._refused is not None:
             raise self._refused
         parts = reply_parts(reply.text, self.limit)
-        fresh = self.ts is None and self.mode != "url"
-        if fresh:
-            await self._open(reply.text, stream=False, shown=parts[0])
         buttons = reply.kind == "answer" and self.settings.feedback_buttons
         if buttons:
             # The last part's final post or edit carries the buttons (no extra call).
             self._buttons_under = parts[-1]
+        fresh = self.ts is None and self.mode != "url"
+        if fresh:
+            await self._open(reply.text, stream=False, shown=parts[0])
         if self.mode == "url":
             await self._respond_url(parts)
         else:

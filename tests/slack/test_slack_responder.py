@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -92,7 +94,13 @@ async def test_top_level_dm_is_posted_then_edited_at_most_once_per_interval(
     assert len(edits) <= (time.monotonic() - started) / slack_settings.slack_edit_interval_s + 1
 
 
-async def test_markdown_is_posted_as_markdown_text_and_mentions_are_defused(factory, fake_slack):
+def _blocks(params: dict[str, Any]) -> list[dict[str, Any]]:
+    """A call's ``blocks`` (slack_sdk may send them as a JSON string)."""
+    blocks = params["blocks"]
+    return json.loads(blocks) if isinstance(blocks, str) else list(blocks)
+
+
+async def test_markdown_is_posted_as_markdown_and_mentions_are_defused(factory, fake_slack):
     await deliver(
         factory,
         msg("3.1", channel="D1", kind="dm"),
@@ -105,7 +113,11 @@ async def test_markdown_is_posted_as_markdown_text_and_mentions_are_defused(fact
         f"**Bold** and [docs](https://example.com) <{ZWSP}!channel> <{ZWSP}@U2> @{ZWSP}here `a < b`"
     )
     [post] = fake_slack.calls_of("chat.postMessage")
-    assert "text" not in post.params and post.params["markdown_text"] == reply.text
+    # With the feedback buttons, the Markdown goes in a markdown block above them, and
+    # ``text`` is only the notification's fallback, escaped for mrkdwn (inert too).
+    assert "markdown_text" not in post.params
+    assert _blocks(post.params)[0] == {"type": "markdown", "text": reply.text}
+    assert "<" not in post.params["text"] and "&lt;​!channel&gt;" in post.params["text"]
 
 
 async def test_stream_closed_by_slack_falls_back_to_chat_update(factory, fake_slack):
@@ -300,7 +312,10 @@ async def test_queued_notice_is_posted_then_edited_into_the_answer(factory, fake
     assert [c.params["text"] for c in fake_slack.calls_of("chat.postMessage")] == [
         "⏳ Queued: about 40 s"
     ]
-    assert fake_slack.calls_of("chat.update")[-1].params["markdown_text"] == "Hello there."
+    # The answer's Markdown, in a markdown block above the feedback buttons.
+    blocks = _blocks(fake_slack.calls_of("chat.update")[-1].params)
+    assert blocks[0] == {"type": "markdown", "text": "Hello there."}
+    assert [b["type"] for b in blocks] == ["markdown", "actions"]
     assert reply.markdown
     assert not fake_slack.calls_of("chat.startStream")
 
