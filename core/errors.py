@@ -8,6 +8,7 @@
     │   └── NoPrimaryError          the Redis sentinels name no reachable primary
     │                               (also a redis ConnectionError: transient mid-run)
     ├── InputError                  a message or request was refused (empty, malformed, too large)
+    │   └── FileRefusedError        an attached file cannot be used; says why, safe to show
     ├── QueueError                  the job could not be enqueued (Redis unreachable)
     ├── LLMError                    the model call failed
     │   ├── LLMTransientError       timeout, connection error, 5xx: worth retrying
@@ -15,7 +16,8 @@
     │   ├── LLMRequestError         4xx other than 429: retrying cannot help
     │   └── LLMUnavailableError     retries ran out or the circuit breaker is open
     ├── DeliveryError               the reply could not be delivered to the platform
-    │   └── DeliveryRetryableError  429/5xx from the platform: worth retrying
+    │   ├── DeliveryRetryableError  429/5xx from the platform: worth retrying
+    │   └── ThreadUnavailable       a thread's earlier messages cannot be read now
     └── HistoryError                history could not be read or written
 
 Low-level errors (redis, openai, aiohttp) are wrapped with ``raise ... from e``
@@ -50,6 +52,14 @@ class NoPrimaryError(ConfigError, RedisConnectionError):
 
 class InputError(SluiceError):
     """Input was refused; ``str(err)`` is safe to show to whoever sent it."""
+
+
+class FileRefusedError(InputError):
+    """An attached file was refused (too large, not what it claims, unreadable, no vision).
+
+    ``str(err)`` is a short reason that is safe to show to the user who sent the file
+    (no URLs, no tokens).
+    """
 
 
 class QueueError(SluiceError):
@@ -102,3 +112,8 @@ class DeliveryRetryableError(DeliveryError):
 
 class HistoryError(SluiceError):
     """History could not be read or written."""
+
+
+class ThreadUnavailable(DeliveryError):
+    """A thread's earlier messages could not be read from the platform for now (its
+    rate limit, an error); the message is answered without them, with a note."""

@@ -22,6 +22,36 @@ class Platform(StrEnum):
     DISCORD = "discord"
 
 
+class StoredFile(BaseModel):
+    """What history keeps of a file a user sent: a reference, never its bytes.
+
+    ``id`` is the platform's id of the file (a Slack file id, a Discord attachment id);
+    ``size`` is the size the platform declared, in bytes.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(max_length=255)
+    name: str = Field(max_length=1024)
+    mimetype: str = Field(default="", max_length=255)
+    size: int = Field(default=0, ge=0)
+
+
+class FileRef(StoredFile):
+    """A file attached to an incoming message, as the job payload carries it.
+
+    The worker downloads it from ``url`` (see :mod:`core.files`); the payload never
+    carries the bytes. ``url`` is empty when the platform gave none (then the file is
+    refused with a notice).
+    """
+
+    url: str = Field(default="", max_length=4096)
+
+    def stored(self) -> StoredFile:
+        """The reference history keeps (no URL: platform file URLs can be capabilities)."""
+        return StoredFile(id=self.id, name=self.name, mimetype=self.mimetype, size=self.size)
+
+
 class IncomingMessage(BaseModel):
     """One accepted user message, as enqueued for a worker.
 
@@ -29,7 +59,8 @@ class IncomingMessage(BaseModel):
     caches, limits and history. ``thread`` is ``None`` when the conversation is the
     whole channel (a DM, the web chat). ``meta`` carries what the platform's responder
     needs to reply (for example a Slack ``response_url`` or a Discord interaction id);
-    it is never logged and never stored in history.
+    it is never logged and never stored in history. ``files`` are references to the
+    files the user attached (downloaded by the worker, never carried in the payload).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -46,6 +77,7 @@ class IncomingMessage(BaseModel):
     is_dm: bool = False
     lane: str = "default"
     meta: dict[str, str] = Field(default_factory=dict)
+    files: list[FileRef] = Field(default_factory=list)
     # Its place in line, set when it is enqueued (core.traffic.schedule): fair start and the
     # time from which it counts as late, in ms since the epoch.
     fair_ms: int | None = None
@@ -88,7 +120,8 @@ class Turn(BaseModel):
 
     An assistant turn that asked for tools has ``tool_calls`` (``{id, name,
     arguments}`` each); each result is a ``role="tool"`` turn with ``tool_call_id``
-    and ``tool_name``.
+    and ``tool_name``. A user turn lists the files the user attached in ``files``
+    (references only: name, type, size, platform id).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -108,6 +141,7 @@ class Turn(BaseModel):
     tool_calls: list[dict[str, str]] | None = None
     tool_call_id: str | None = None
     tool_name: str | None = None
+    files: list[StoredFile] | None = None
 
 
 QUEUED_PREFIX = "⏳ Queued"
@@ -124,3 +158,55 @@ def queued_text(wait_s: float, place: int | None = None) -> str:
     if wait_s < 89.5:
         return f"{QUEUED_PREFIX}:{where} about {max(1, round(wait_s))} s"
     return f"{QUEUED_PREFIX}:{where} about {max(2, round(wait_s / 60))} min"
+
+
+Vote = Literal["up", "down"]
+
+
+class Feedback(BaseModel):
+    """A 👍/👎 vote of one user on one answer (``@bot.on_feedback`` receives it).
+
+    ``message_id`` is the id of the message the answer replied to (the answer is
+    stored in history as ``<message_id>:answer``). ``previous`` is the user's earlier
+    vote on the same answer, if they changed it; a user has one vote per answer.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    platform: str
+    tenant: str
+    channel: str
+    message_id: str
+    user: str
+    vote: Vote
+    ts: float = Field(default_factory=time.time)
+    previous: Vote | None = None
+
+
+class ThreadMessage(BaseModel):
+    """One earlier message of a thread, as read from the platform for context.
+
+    ``text`` is plain text with the platform's markup made inert (mentions become
+    ``@name`` text); ``author`` is the platform's user id; ``is_bot`` marks a bot's
+    message (this one's or another's).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    author: str
+    text: str
+    ts: float
+    is_bot: bool = False
+
+
+class FetchedThread(BaseModel):
+    """What a platform returned for a thread: its earlier messages, oldest first.
+
+    ``total`` is how many earlier messages the thread has, when the platform says
+    (else how many were read); ``complete`` is ``False`` when reading stopped at
+    ``SLUICE_THREAD_CONTEXT_FETCH_MAX`` with more left.
+    """
+
+    messages: list[ThreadMessage]
+    total: int
+    complete: bool = True

@@ -11,14 +11,15 @@ from __future__ import annotations
 import importlib
 import logging
 from collections.abc import Awaitable, Mapping
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.errors import ConfigError, DeliveryRetryableError
+from core.framework.agent import ToolProgress
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Reply
+from core.messages import FetchedThread, FileRef, IncomingMessage, Reply
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ class Responder(Protocol):
         """
         return None
 
+    async def tool_progress(self, progress: ToolProgress) -> None:
+        """A tool call of the model started or ended; must not raise (a courtesy to
+        the reader).
+
+        The default shows nothing.
+        """
+        return None
+
 
 class ResponderFactory(Protocol):
     """One per platform per worker process."""
@@ -66,6 +75,16 @@ class ResponderFactory(Protocol):
     async def close(self) -> None: ...
 
     def responder(self, msg: IncomingMessage, job_id: str) -> Responder: ...
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a file attached to ``msg`` (see :class:`core.files.attach.FileFetcher`).
+
+        Raises:
+            FileRefusedError: the file cannot be downloaded; the message is safe to show.
+        """
+        ...
 
 
 class DeliveryState:
@@ -118,6 +137,24 @@ class DeliveryState:
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@runtime_checkable
+class ThreadReader(Protocol):
+    """A responder factory that can read a thread's earlier messages (Slack, Discord).
+
+    Used once per thread, the first time the bot is mentioned in it
+    (:mod:`core.history.threads`); the result is cached in Redis for every worker.
+    """
+
+    async def fetch_thread(self, msg: IncomingMessage, max_messages: int) -> FetchedThread:
+        """The messages before ``msg`` in its thread (or reply chain), oldest first,
+        at most ``max_messages`` read from the platform.
+
+        Raises:
+            ThreadUnavailable: the platform refused for now (rate limit) or failed.
+        """
+        ...
 
 
 # Import paths, so that a worker only imports the platform SDKs it uses.

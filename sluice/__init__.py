@@ -34,7 +34,7 @@ from core.framework.commands import CommandUsageError
 from core.framework.context import MessageContext
 from core.framework.routing import LANES, LaneRule
 from core.framework.tools import Tool, ToolArgumentError
-from core.messages import IncomingMessage, Platform, Reply, Turn
+from core.messages import Feedback, IncomingMessage, Platform, Reply, Turn, Vote
 from core.settings import Settings, get_settings
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "ConfigError",
     "DeliveryError",
     "DeliveryRetryableError",
+    "Feedback",
     "IncomingMessage",
     "InputError",
     "LLMError",
@@ -59,6 +60,7 @@ __all__ = [
     "Tool",
     "ToolArgumentError",
     "Turn",
+    "Vote",
     "get_settings",
     "load_bot",
 ]

@@ -138,7 +138,8 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
         f"{r.hot_turns} hot-window turns, {r.cache_keys} cache keys, "
         f"{r.job_traces} reply-job keys, {r.jobs_queued} queued jobs, "
         f"{r.jobs_running} running jobs, {r.web_outboxes} web outboxes, "
-        f"{r.bad_entries} unreadable backlog entries "
+        f"{r.bad_entries} unreadable backlog entries, {r.feedback_votes} feedback votes, "
+        f"{r.thread_contexts} cached threads "
         f"(tenants: {', '.join(sorted(r.tenants)) or '-'})"
     )
 
@@ -222,15 +223,18 @@ def upgrade_cmd() -> None:
 @click.option("--json", "as_json", is_flag=True, help="JSON lines instead of a table.")
 def usage(days: int, tenant: str | None, user: str | None, as_json: bool) -> None:
     """Tokens and messages per user and tenant per day (UTC), from SQL."""
+    from core.history.feedback import vote_counts
     from core.history.store import make_engine
     from core.history.store import usage as usage_rows
 
-    async def run() -> list[Any]:
+    async def run() -> list[dict[str, Any]]:
         engine = make_engine(get_settings())
         try:
-            return list(await usage_rows(engine, days=days, tenant=tenant, user=user))
+            found = await usage_rows(engine, days=days, tenant=tenant, user=user)
+            votes = await vote_counts(engine, days=days, tenant=tenant, user=user)
         finally:
             await engine.dispose()
+        return with_votes([dict(r) for r in found], votes)
 
     try:
         rows = asyncio.run(run())
@@ -246,6 +250,8 @@ def usage(days: int, tenant: str | None, user: str | None, as_json: bool) -> Non
     table = Table(title=f"Usage, last {days} days (UTC)")
     for col in ("day", "tenant", "user", "messages", "answers", "tokens in", "tokens out"):
         table.add_column(col, justify="right" if col[0] in "amt" and col != "tenant" else "left")
+    table.add_column("👍", justify="right")
+    table.add_column("👎", justify="right")
     for r in rows:
         table.add_row(
             r["day"],
@@ -255,5 +261,34 @@ def usage(days: int, tenant: str | None, user: str | None, as_json: bool) -> Non
             f"{r['answers']:,}",
             f"{r['tokens_in']:,}",
             f"{r['tokens_out']:,}",
+            f"{r['up']:,}",
+            f"{r['down']:,}",
         )
     Console().print(table)
+
+
+def with_votes(
+    rows: list[dict[str, Any]], votes: dict[tuple[str, str, str], tuple[int, int]]
+) -> list[dict[str, Any]]:
+    """Usage rows with each user's 👍/👎 votes of the day (``up``, ``down``); a user who
+    only voted that day gets a row of their own. Newest day first, as ``usage``."""
+    left = dict(votes)
+    for r in rows:
+        r["up"], r["down"] = left.pop((r["day"], r["tenant"], r["user"] or ""), (0, 0))
+    for (day, tenant, user), (up, down) in left.items():
+        rows.append(
+            {
+                "day": day,
+                "tenant": tenant,
+                "user": user,
+                "messages": 0,
+                "answers": 0,
+                "tokens_in": 0,
+                "tokens_out": 0,
+                "up": up,
+                "down": down,
+            }
+        )
+    rows.sort(key=lambda r: (r["tenant"], r["user"] or ""))
+    rows.sort(key=lambda r: r["day"], reverse=True)
+    return rows

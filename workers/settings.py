@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from core.errors import ConfigError
 from core.framework.bot import load_bot
 from core.history.admin import finish_purged_job
+from core.history.feedback import FEEDBACK_JOB
 from core.history.hot import HotHistory, backlog_status
 from core.history.store import ensure_schema_at_startup, make_engine
 from core.infra import metrics
@@ -41,8 +42,10 @@ from core.infra.scripts import Lua
 from core.infra.serializer import deserialize, serialize
 from core.llm.budget import LLMBudget
 from core.llm.client import OpenAIProvider
+from core.llm.pool import ProviderPool, pool_budgets
 from core.responder import ResponderFactory
 from core.settings import Settings
+from core.traffic.choices import Choices
 from core.traffic.control import BUSY_MAX_TRIES, Traffic
 from core.traffic.lanes import lane_queue_name
 from core.traffic.schedule import (
@@ -53,7 +56,7 @@ from core.traffic.schedule import (
     SWEEP_LUA,
     deadlines_key,
 )
-from workers import flush, jobs, notices, traffic_jobs
+from workers import feedback, flush, jobs, notices, traffic_jobs
 from workers.flush import Flusher
 from workers.reaper import (
     claim,
@@ -108,7 +111,16 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         )
         ctx["flusher"] = Flusher(ctx["redis"], settings, ctx["db"])
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
-        ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"])
+        ctx["pool"] = ProviderPool.from_settings(
+            ctx["redis"], ctx["keys"], settings, default_base_url=llm_base_url
+        )
+        ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"], pool=ctx["pool"])
+        ctx["choices"] = Choices(
+            ctx["redis"],
+            ctx["keys"],
+            settings.allowed_models,
+            ctx["bot"].model or settings.model,
+        )
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
         await start_ops(ctx, settings)
@@ -128,6 +140,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await factory.close()
     if "llm" in ctx:
         await ctx["llm"].close()
+    if ctx.get("pool") is not None:
+        await ctx["pool"].close()
     if "bot" in ctx:
         await ctx["bot"].stop_mcp()
     await stop_ops(ctx)
@@ -207,6 +221,12 @@ def _budget_refresher(redis: Any, keys: Keys, settings: Settings) -> metrics.Ref
         metrics.LLM_BUDGET_RPM_LIMIT.set(settings.llm_rpm or 0)
         metrics.LLM_BUDGET_TPM_LIMIT.set(settings.llm_tpm or 0)
         metrics.LLM_BREAKER_OPEN_SECONDS.set(await budget.breaker_open_for())
+        # Each provider of the pool (SLUICE_PROVIDERS): its breaker, by name.
+        for b in await pool_budgets(redis, keys, settings):
+            if b.model is None:
+                metrics.LLM_PROVIDER_BREAKER_OPEN_SECONDS.labels(b.provider).set(
+                    await b.budget.breaker_open_for()
+                )
 
     return refresh
 
@@ -269,6 +289,12 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
             # History jobs time out with the reply job: arq keeps a killed worker's
             # job "in progress" for the longest timeout of ALL functions + 10 s, so a
             # longer timeout here would delay re-running a killed reply job.
+            func(
+                feedback.feedback,
+                name=FEEDBACK_JOB,
+                timeout=min(30, settings.job_timeout_s),
+                max_tries=feedback.MAX_TRIES,
+            ),
             func(
                 flush.flush_history,
                 name="flush_history",

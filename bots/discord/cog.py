@@ -49,6 +49,11 @@ class SluiceCog(commands.Cog, name="Sluice"):
             return
         await self.intake.on_message(message, self.bot.user)
 
+    @commands.Cog.listener()
+    async def on_interaction(self, interaction: discord.Interaction) -> None:
+        """Clicks on Sluice's feedback buttons under its answers."""
+        await self.intake.on_interaction(interaction)
+
     @app_commands.command(name="ask", description="Ask the bot a question.")
     @app_commands.describe(question="What do you want to know?")
     async def ask(self, interaction: discord.Interaction, question: str) -> None:

@@ -6,8 +6,11 @@ each returning the reason to drop it or ``None``:
 
 1. :func:`not_from_a_bot` — the bot itself and other bots are ignored.
 2. :func:`allowed` — the allow and deny lists of guilds, channels, roles and users.
-3. :func:`addressed_to_bot` — a DM, a mention, a reply to the bot, or a message in
-   a thread the bot is in; anything else is not for us.
+3. :func:`addressed_to_bot` — a DM, a mention, a reply to one of the bot's messages
+   (with the reply ping on or off), a message in a thread the bot is in, or a
+   message in a channel where the bot listens without a mention
+   (``SLUICE_DISCORD_LISTEN_CHANNELS`` or an admin's ``/listen on``); anything else is
+   not for us.
 4. :func:`has_text` — without the message-content intent Discord blanks messages
    that do not mention the bot (e.g. plain messages in a thread); nothing to answer.
 
@@ -29,20 +32,23 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import discord
 from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
+from bots.discord import feedback as feedback_buttons
 from bots.discord.interactions import keep_token
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Platform
+from core.messages import FileRef, IncomingMessage, Platform
 from core.settings import Settings
+from core.traffic.choices import Choices
 from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
 
 logger = logging.getLogger(__name__)
@@ -58,7 +64,13 @@ DM_REFUSED = {
 DM_NOTICE_WINDOW_S = 3600  # at most one refusal notice per user per hour
 DM_MEMBER_CACHE_S = 300  # a membership verdict is looked up again after this
 DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
+LISTEN_CACHE_S = 5.0  # an admin's /listen reaches every adapter within this
+LISTEN_CACHE_MAX = 10_000
 CLOSE_WAIT_S = 5.0  # close() waits this long for the events being handled
+
+
+# Attachments taken into one job payload (Discord allows 10 per message).
+MAX_FILE_REFS = 20
 
 
 def dm_tenant(user_id: str) -> str:
@@ -86,6 +98,10 @@ class Event:
     mentions_bot: bool = False
     replies_to_bot: bool = False
     in_bot_thread: bool = False
+    listening: bool = False  # the bot answers this channel without a mention
+    is_admin: bool = False  # the author may manage the server (``/model``, ``/listen``)
+    reply_to_id: str | None = None  # the message this one replies to, if any
+    attachments: int = 0
 
     @property
     def is_dm(self) -> bool:
@@ -151,14 +167,23 @@ def allowed(event: Event, settings: Settings, bot_id: str) -> str | None:
 
 def addressed_to_bot(event: Event, settings: Settings, bot_id: str) -> str | None:
     """Keep DMs, mentions, replies to the bot and messages in the bot's threads."""
-    if event.is_dm or event.mentions_bot or event.replies_to_bot or event.in_bot_thread:
+    if (
+        event.is_dm
+        or event.mentions_bot
+        or event.replies_to_bot
+        or event.in_bot_thread
+        or event.listening
+    ):
         return None
     return "not addressed to the bot"
 
 
 def has_text(event: Event, settings: Settings, bot_id: str) -> str | None:
-    """Drop messages whose content Discord did not send (message-content intent off)."""
-    return None if event.content.strip() else "no content (message-content intent off?)"
+    """Drop messages whose content Discord did not send (message-content intent off);
+    a message with attachments and no text is kept."""
+    if event.content.strip() or event.attachments:
+        return None
+    return "no content (message-content intent off?)"
 
 
 CHECKS: tuple[Check, ...] = (not_from_a_bot, allowed, addressed_to_bot, has_text)
@@ -179,6 +204,7 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
     thread = channel if isinstance(channel, discord.Thread) else None
     ref = message.reference.resolved if message.reference else None
     roles = getattr(message.author, "roles", [])
+    perms = getattr(message.author, "guild_permissions", None)
     return Event(
         message_id=str(message.id),
         author_id=str(message.author.id),
@@ -192,7 +218,28 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
         mentions_bot=any(u.id == bot_id for u in message.mentions),
         replies_to_bot=isinstance(ref, discord.Message) and ref.author.id == bot_id,
         in_bot_thread=thread is not None and (thread.owner_id == bot_id or thread.me is not None),
+        is_admin=bool(perms is not None and perms.manage_guild),
+        reply_to_id=str(message.reference.message_id)
+        if message.type == discord.MessageType.reply
+        and message.reference is not None
+        and message.reference.message_id is not None
+        else None,
+        attachments=len(message.attachments),
     )
+
+
+def files_of(message: discord.Message) -> list[FileRef]:
+    """References to a message's attachments (downloaded by the worker, never here)."""
+    return [
+        FileRef(
+            id=str(a.id),
+            name=a.filename[:1024] or "file",
+            mimetype=(a.content_type or "")[:255],
+            size=max(0, a.size),
+            url=a.url if len(a.url) <= 4096 else "",
+        )
+        for a in message.attachments[:MAX_FILE_REFS]
+    ]
 
 
 def event_from_interaction(interaction: discord.Interaction) -> Event:
@@ -210,6 +257,19 @@ def event_from_interaction(interaction: discord.Interaction) -> Event:
         parent_id=str(thread.parent_id) if thread else None,
         role_ids=frozenset(str(r.id) for r in roles),
     )
+
+
+def context_meta(message: discord.Message, event: Event) -> dict[str, str]:
+    """What tells the worker to read earlier messages for context
+    (:mod:`core.history.threads`): in a thread, the thread; in reply to someone else's
+    message, that reply chain (``context_of``). Replies to the bot's own messages are
+    a conversation it has seen."""
+    if event.parent_id is not None:
+        return {"thread_context": "1"}
+    ref = message.reference
+    if ref is not None and ref.message_id is not None and not event.replies_to_bot:
+        return {"thread_context": "1", "context_of": str(ref.message_id)}
+    return {}
 
 
 def strip_mention(text: str, bot_id: str) -> str:
@@ -232,6 +292,7 @@ class DiscordIntake:
         self._keys = Keys(settings.key_prefix)
         self._queue: ArqRedis | None = None
         self.rest: DiscordRest | None = None
+        self._listen_cache: dict[str, tuple[float, bool]] = {}
         # The event handlers running now: close() lets them finish before the pools go.
         self._busy: set[asyncio.Task[Any]] = set()
 
@@ -239,6 +300,7 @@ class DiscordIntake:
         """Connect to Redis (the queue) and open the paced REST client."""
         if self._queue is None:
             self._queue = await connect_queue(self.settings)
+            self._choices = Choices(self._queue, self._keys)
             self.rest = DiscordRest(self.settings, self._queue)
             await self.rest.start()
 
@@ -282,6 +344,13 @@ class DiscordIntake:
     async def _on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         bot_id = str(me.id)
         event = event_from_message(message, me.id)
+        if (
+            not_from_a_bot(event, self.settings, bot_id) is None
+            and allowed(event, self.settings, bot_id) is None
+            and addressed_to_bot(event, self.settings, bot_id) is not None
+            and has_text(event, self.settings, bot_id) is None
+        ):
+            event = await self._look_further(event, message, bot_id)
         reason = run_checks(event, self.settings, bot_id)
         if reason is not None:
             logger.debug(
@@ -312,7 +381,12 @@ class DiscordIntake:
             user_name=event.author_name,
             is_dm=event.is_dm,
             ts=message.created_at.timestamp(),
-            meta={"reply_to": event.message_id},
+            meta={
+                "reply_to": event.message_id,
+                **({"admin": "1"} if event.is_admin else {}),
+                **context_meta(message, event),
+            },
+            files=files_of(message),
         )
         return await self._accept(msg, event)
 
@@ -387,6 +461,78 @@ class DiscordIntake:
                 content=ASK_FAILED, allowed_mentions=discord.AllowedMentions.none()
             )
         return accepted
+
+    async def _look_further(self, event: Event, message: discord.Message, bot_id: str) -> Event:
+        """For a message not plainly addressed to the bot: does the channel listen without
+        a mention, or does it reply to a bot message Discord did not include?"""
+        if event.reply_to_id is not None and message.reference is not None:
+            resolved = message.reference.resolved
+            if resolved is None and await self._is_own_message(event, bot_id):
+                return replace(event, replies_to_bot=True)
+        if not event.is_dm and await self._listening(event):
+            return replace(event, listening=True)
+        return event
+
+    async def _is_own_message(self, event: Event, bot_id: str) -> bool:
+        """Whether the replied-to message is the bot's, asked over REST (Discord may
+        leave ``referenced_message`` out of the event)."""
+        assert self.rest is not None and event.reply_to_id is not None
+        route = Route(
+            "GET",
+            "/channels/{channel_id}/messages/{message_id}",
+            event.channel_id,
+            f"/channels/{event.channel_id}/messages/{event.reply_to_id}",
+        )
+        try:
+            data = await self.rest.request(
+                route, context=f"channel={event.channel_id} message={event.message_id}"
+            )
+        except DeliveryError as e:
+            logger.info(
+                "discord cannot read the replied-to message channel=%s message=%s: %s",
+                event.channel_id,
+                event.message_id,
+                e,
+            )
+            return False
+        author = data.get("author") if isinstance(data, dict) else None
+        return isinstance(author, dict) and str(author.get("id")) == bot_id
+
+    async def _listening(self, event: Event) -> bool:
+        """Whether the bot answers ``event``'s channel (or the thread's parent) unasked."""
+        channels = [event.channel_id] + ([event.parent_id] if event.parent_id else [])
+        if set(channels) & set(self.settings.discord_listen_channels):
+            return True
+        now = time.monotonic()
+        for channel in channels:
+            cached = self._listen_cache.get(channel)
+            if cached is None or cached[0] <= now:
+                try:
+                    on = await self._choices.listening(
+                        Platform.DISCORD, event.guild_id or "", channel
+                    )
+                except (RedisError, OSError) as e:
+                    logger.warning("discord cannot read /listen channel=%s: %s", channel, e)
+                    return False
+                if len(self._listen_cache) >= LISTEN_CACHE_MAX:
+                    self._listen_cache.clear()
+                cached = self._listen_cache[channel] = (now + LISTEN_CACHE_S, on)
+            if cached[1]:
+                return True
+        return False
+
+    async def on_interaction(self, interaction: discord.Interaction) -> bool:
+        """Component interactions: a click on a 👍/👎 button under an answer is
+        acknowledged and its vote queued (:mod:`bots.discord.feedback`); ``True`` when
+        it was. Other interactions are left to their handlers."""
+        if not feedback_buttons.is_feedback_click(interaction):
+            return False
+        tenant = (
+            str(interaction.guild_id)
+            if interaction.guild_id
+            else dm_tenant(str(interaction.user.id))
+        )
+        return await feedback_buttons.on_click(interaction, self.queue, self.settings, tenant)
 
     async def dm_refusal(self, user_id: str) -> str | None:
         """Why a DM from ``user_id`` is refused under the DM policy, or ``None``.

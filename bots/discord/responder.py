@@ -36,16 +36,27 @@ import logging
 import time
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from bots.discord import threads
+from bots.discord.feedback import feedback_components
 from bots.discord.interactions import forget_token, load_token, token_ref
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from bots.discord.split import split_message
-from core.errors import DeliveryError, DeliveryRetryableError
+from core.errors import DeliveryError, DeliveryRetryableError, FileRefusedError
+from core.files.download import download, origin
 from core.infra.logs import register_secret
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.messages import (
+    QUEUED_PREFIX,
+    FetchedThread,
+    FileRef,
+    IncomingMessage,
+    Reply,
+    queued_text,
+)
 from core.responder import DeliveryState, Responder
 from core.settings import Settings
 
@@ -67,6 +78,10 @@ return 0
 """
 
 
+# Where Discord serves attachments.
+DISCORD_FILE_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+
+
 class DiscordResponderFactory:
     """Creates one :class:`DiscordResponder` per job; holds the shared REST client."""
 
@@ -76,14 +91,49 @@ class DiscordResponderFactory:
         self._settings = settings
         self._redis = redis
         self.rest = DiscordRest(settings, redis)
+        # Attachments come from Discord's CDN, without the bot token: a session of its own.
+        self._files: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the HTTP session."""
+        """Open the HTTP sessions."""
         await self.rest.start()
+        if self._files is None:
+            self._files = aiohttp.ClientSession()
 
     async def close(self) -> None:
-        """Close the HTTP session."""
+        """Close the HTTP sessions."""
         await self.rest.close()
+        if self._files is not None:
+            await self._files.close()
+            self._files = None
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a message attachment from Discord's CDN (or the host of
+        ``DISCORD_API_URL``, for a proxy or a test fake); no token is sent.
+
+        Raises:
+            FileRefusedError: not a Discord attachment URL, or the download failed.
+        """
+        if self._files is None:
+            raise RuntimeError("DiscordResponderFactory.start() was not awaited")
+        hosts = {*DISCORD_FILE_HOSTS, origin(self._settings.discord_api_url)[1]}
+        if origin(ref.url)[1] not in hosts:
+            raise FileRefusedError(f"{ref.name} is not a Discord attachment, so I did not open it.")
+        data, _ = await download(
+            self._files, ref.url, name=ref.name, max_bytes=max_bytes, timeout_s=timeout_s
+        )
+        return data
+
+    async def fetch_thread(self, msg: IncomingMessage, max_messages: int) -> FetchedThread:
+        """The messages before ``msg`` in its thread or reply chain
+        (:mod:`bots.discord.threads`).
+
+        Raises:
+            ThreadUnavailable: Discord refused or kept failing.
+        """
+        return await threads.fetch_thread(self.rest, msg, max_messages)
 
     def responder(self, msg: IncomingMessage, job_id: str) -> DiscordResponder:
         """The responder for one job."""
@@ -125,6 +175,8 @@ class DiscordResponder(Responder):
             self._ref = token_ref(self._token)
         self._token_unread: RedisError | None = None
         self._app_id = msg.meta.get("application_id")
+        self._buttons_under: str | None = None  # the final answer's last part
+        self._buttons_shown = False
 
     # --- the Responder protocol ------------------------------------------------------
 
@@ -176,11 +228,16 @@ class DiscordResponder(Responder):
             logger.info("discord reply already delivered job=%s", self._job_id)
             return
         parts = _parts(reply.text) or ["…"]
+        if reply.kind == "answer" and self._settings.feedback_buttons:
+            # The post or edit that shows the last part carries the 👍/👎 buttons.
+            self._buttons_under = parts[-1]
         try:
             if self._refused is not None:
                 raise self._refused
             await self._sync(parts, best_effort=False)
             await self._delete_extra(len(parts))
+            if self._buttons_under is not None and not self._buttons_shown:
+                await self._show_buttons(parts[-1])
         except DiscordHTTPError as e:
             # Missing permissions or a deleted channel: retrying cannot help.
             logger.error(
@@ -344,18 +401,20 @@ class DiscordResponder(Responder):
             # The deferred interaction response is the first part.
             data = await self._rest.request(
                 self._webhook_route("PATCH", "@original"),
-                json={"content": text, "allowed_mentions": NO_MENTIONS},
+                json=self._with_buttons({"content": text, "allowed_mentions": NO_MENTIONS}),
                 best_effort=best_effort,
                 context=self._context,
             )
             message_id = "@original"
         else:
-            body: dict[str, Any] = {
-                "content": text,
-                "allowed_mentions": NO_MENTIONS,
-                "nonce": _nonce(self._job_id, index),
-                "enforce_nonce": True,
-            }
+            body: dict[str, Any] = self._with_buttons(
+                {
+                    "content": text,
+                    "allowed_mentions": NO_MENTIONS,
+                    "nonce": _nonce(self._job_id, index),
+                    "enforce_nonce": True,
+                }
+            )
             reply_to = self._msg.meta.get("reply_to")
             if index == 0 and reply_to:
                 body["message_reference"] = {"message_id": reply_to, "fail_if_not_exists": False}
@@ -398,8 +457,24 @@ class DiscordResponder(Responder):
         await self._save()
         return True
 
+    def _with_buttons(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with the feedback buttons when it shows the final answer's last part."""
+        if self._buttons_under is not None and body["content"] == self._buttons_under:
+            self._buttons_shown = True
+            return {**body, "components": feedback_components(self._msg.message_id)}
+        return body
+
+    async def _show_buttons(self, last: str) -> None:
+        """Add the buttons to the last message when no final post or edit carried them
+        (its text was already shown by a streamed update). A courtesy: a failure is
+        logged; the answer is out."""
+        try:
+            await self._edit(self._ids[-1], last, best_effort=False)
+        except DeliveryError as e:
+            logger.info("discord feedback buttons not shown job=%s: %s", self._job_id, e)
+
     async def _edit(self, message_id: str, text: str, *, best_effort: bool) -> bool:
-        body = {"content": text, "allowed_mentions": NO_MENTIONS}
+        body = self._with_buttons({"content": text, "allowed_mentions": NO_MENTIONS})
         if self._ref:
             route = self._webhook_route("PATCH", message_id)
         else:

@@ -55,6 +55,8 @@ BOT_SCOPES = [
     "channels:history",
     "chat:write",
     "commands",
+    # Files users share with the bot: the worker downloads url_private (core.files).
+    "files:read",
     "groups:history",
     "im:history",
     "im:write",
@@ -281,7 +283,11 @@ def _body_problem(body: bytes, content_type: str) -> str | None:
         form = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
         if "payload" in form:
             data = json.loads(form["payload"][0])
-            return None if isinstance(data, dict) else "'payload' must be a JSON object"
+            return (
+                payload_problem(data)
+                if isinstance(data, dict)
+                else "'payload' must be a JSON object"
+            )
         if "command" in form:
             missing = [k for k in _COMMAND_FIELDS if not (form.get(k) or [""])[0]]
             if missing:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from core.errors import BotDefinitionError
+from core.framework.admin import admin_commands
 from core.framework.commands import (
     Command,
     CommandFunc,
@@ -55,7 +56,7 @@ from core.framework.hooks import AfterHook, BeforeHook, Hook, make_hook, run_aft
 from core.framework.mcp import McpServer, close_servers, connect_servers
 from core.framework.routing import LaneRule, check_lane
 from core.framework.tools import Tool, ToolFunc, make_tool
-from core.messages import IncomingMessage, Reply
+from core.messages import Feedback, IncomingMessage, Reply
 
 __all__ = ["DEFAULT_BOT", "Bot", "LaneRule", "MessageContext", "Reply", "load_bot"]
 
@@ -70,11 +71,14 @@ COMMAND_APOLOGY = "Sorry, that command failed. Please try again later."
 PromptFunc = Callable[[MessageContext], "str | Awaitable[str | None] | None"]
 LaneFunc = Callable[[MessageContext], "str | None"]
 _PROMPT_KEY_RE = re.compile(r"^(dm|(platform|tenant|channel):.+)$")
+_ADMIN_COMMANDS = admin_commands()
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=CommandFunc)
 T = TypeVar("T", bound=ToolFunc)
 B = TypeVar("B", bound=BeforeHook)
 A = TypeVar("A", bound=AfterHook)
+FeedbackHook = Callable[[Feedback], Awaitable[None]]
+FH = TypeVar("FH", bound=FeedbackHook)
 
 
 @dataclass
@@ -86,6 +90,8 @@ class Bot:
         system_prompt: The persona sent first in every conversation (the default
             when neither ``system_prompts`` nor a ``@bot.prompt`` function decide).
         model: Model id; ``None`` means the ``SLUICE_MODEL`` setting.
+        fallback_model: Model to answer with when no provider serving ``model`` can
+            (see ``SLUICE_PROVIDERS``); ``None`` means the ``SLUICE_FALLBACK_MODEL`` setting.
         temperature: Sampling temperature; ``None`` leaves the provider's default.
         max_tokens: Longest answer in tokens; ``None`` means ``SLUICE_LLM_MAX_TOKENS``.
         context_turns: Earlier turns sent with each message; ``None`` means the setting.
@@ -105,11 +111,14 @@ class Bot:
             ``tenant_tokens_per_day``, ``user_window_s``); ``None`` as a value lifts it.
         merge_burst_s: When > 0, messages one user sends within this many seconds of
             each other in a conversation are answered as one turn.
+        vision: Whether the model reads images (attached images become image parts);
+            ``None`` means the ``SLUICE_VISION`` setting.
     """
 
     name: str = "assistant"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     model: str | None = None
+    fallback_model: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
     context_turns: int | None = None
@@ -125,6 +134,7 @@ class Bot:
     _mcp_tools: dict[str, Tool] = field(default_factory=dict, init=False, repr=False)
     _before: list[Hook] = field(default_factory=list, init=False, repr=False)
     _after: list[Hook] = field(default_factory=list, init=False, repr=False)
+    _feedback: list[FeedbackHook] = field(default_factory=list, init=False, repr=False)
     _prompt_fns: list[PromptFunc] = field(default_factory=list, init=False, repr=False)
     _lane_fns: list[LaneFunc] = field(default_factory=list, init=False, repr=False)
     _help: Command | None = field(default=None, init=False, repr=False)
@@ -135,6 +145,8 @@ class Bot:
     no_cache_channels: frozenset[str] = frozenset()
     limits: dict[str, int | None] = field(default_factory=dict)
     merge_burst_s: float = 0.0
+    # --- Files users attach ---
+    vision: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():
@@ -301,6 +313,39 @@ class Bot:
         self._after.append(make_hook(fn, "after"))
         return fn
 
+    def on_feedback(self, fn: FH) -> FH:
+        """Register ``async def fn(feedback: Feedback) -> None``, run by a worker after
+        a user's 👍/👎 on an answer is recorded (again when they change their vote;
+        not when they click the same vote twice). A failing hook is logged; the vote
+        stays recorded.
+
+        Raises:
+            BotDefinitionError: ``fn`` is not an ``async def``.
+        """
+        hook: FeedbackHook = fn
+        if not inspect.iscoroutinefunction(hook):
+            raise BotDefinitionError(
+                f"@bot.on_feedback needs an `async def {getattr(fn, '__name__', 'hook')}"
+                "(feedback: Feedback) -> None`"
+            )
+        self._feedback.append(hook)
+        return fn
+
+    async def run_feedback_hooks(self, feedback: Feedback) -> None:
+        """Run the ``@bot.on_feedback`` hooks, each on its own: one failing does not
+        stop the others (the failure is logged with its traceback)."""
+        for hook in self._feedback:
+            try:
+                await hook(feedback)
+            except Exception:
+                # User code: whatever it raises is logged and the next hook runs.
+                logger.exception(
+                    "on_feedback hook %s failed tenant=%s message=%s",
+                    getattr(hook, "__name__", "hook"),
+                    feedback.tenant,
+                    feedback.message_id,
+                )
+
     def prompt(self, fn: F) -> F:
         """Register a function ``(ctx) -> str | None`` choosing the system prompt.
 
@@ -339,18 +384,28 @@ class Bot:
     def commands(self) -> dict[str, Command]:
         """The commands by name, ``help`` included (built in unless you define one)."""
         cmds = dict(self._commands)
+        for name, builtin in _ADMIN_COMMANDS.items():
+            cmds.setdefault(name, builtin)
         if "help" not in cmds:
             if self._help is None:
                 self._help = make_command(self._builtin_help, "help", "List the commands.")
             cmds["help"] = self._help
         return cmds
 
-    async def _builtin_help(self) -> str:
-        return help_text(list(self.commands.values()))
+    async def _builtin_help(self, ctx: MessageContext) -> str:
+        offered = [
+            c for c in self.commands.values() if c.platforms is None or ctx.platform in c.platforms
+        ]
+        return help_text(offered)
 
-    def command_specs(self) -> list[CommandSpec]:
-        """Every command (``help`` included) in a platform-neutral form for registration."""
-        return [c.spec() for c in self.commands.values()]
+    def command_specs(self, platform: str | None = None) -> list[CommandSpec]:
+        """Every command (``help`` included) in a platform-neutral form for registration;
+        with ``platform``, only those offered there (``/listen`` is Discord's)."""
+        return [
+            c.spec()
+            for c in self.commands.values()
+            if platform is None or c.platforms is None or platform in c.platforms
+        ]
 
     def lane_for(self, msg: IncomingMessage) -> str:
         """The lane to enqueue ``msg`` in: ``@bot.lane`` functions, then ``lanes`` rules."""
@@ -429,6 +484,8 @@ class Bot:
             return None
         name, args, explicit = found
         cmd = commands[name]
+        if cmd.explicit_only and not explicit:
+            return None
         try:
             cmd.parse(args)
         except CommandUsageError as e:

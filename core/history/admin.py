@@ -75,6 +75,7 @@ from redis.exceptions import WatchError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from core.errors import HistoryError
+from core.history.feedback import delete_votes, votes_of
 from core.history.hot import (
     FLUSH_GROUP,
     ZSTD_MAGIC,
@@ -173,7 +174,9 @@ async def export_records(
     """Everything stored about a user or tenant, each with its ``source``.
 
     SQL first (oldest first), then what the backlog holds and SQL does not yet, then
-    hot-window turns found in neither (turns kept only there at the backlog bound).
+    hot-window turns found in neither (turns kept only there at the backlog bound),
+    then the feedback votes the user cast (every vote in the tenant), each with
+    ``"kind": "feedback"``.
     """
     if user is None and tenant is None:
         raise ValueError("give a user, a tenant, or both")
@@ -195,6 +198,9 @@ async def export_records(
                 if record_key(rec) not in seen:
                     seen.add(record_key(rec))
                     yield {"source": "hot", **rec}
+    # Feedback: the 👍/👎 votes the user cast (or every vote in the tenant).
+    for vote in await votes_of(engine, user=user, tenant=tenant):
+        yield {"source": "sql", **vote}
 
 
 TRACES_SINCE_S = 7 * 86400
@@ -215,6 +221,8 @@ class PurgeResult:
     jobs_queued: int = 0
     jobs_running: int = 0
     web_outboxes: int = 0
+    feedback_votes: int = 0
+    thread_contexts: int = 0
     tenants: set[str] = field(default_factory=set)
 
 
@@ -284,6 +292,7 @@ async def purge(
         # Also increments the purge epoch: a flush that stalled past its lock and
         # read the backlog before this point can no longer commit.
         result.sql_rows = await delete_records(engine, user=user, tenant=tenant)
+        result.feedback_votes = await delete_votes(engine, user=user, tenant=tenant)
         result.job_traces = await _purge_job_traces(redis, keys, messages, tenant)
 
         async for key, conversation_id in _hot_windows(redis, keys, tenant):
@@ -300,6 +309,7 @@ async def purge(
                 if split_conversation_id(_str(m))[1] == tenant:
                     await redis.srem(keys.history_overflow(), m)  # type: ignore[misc]
         result.web_outboxes = await _purge_web_outboxes(redis, keys, user, tenant, sessions)
+        result.thread_contexts = await _purge_thread_contexts(redis, keys, user, tenant)
         for t in sorted(result.tenants):
             batch = [k async for k in redis.scan_iter(keys.cache_pattern(t), count=1000)]
             for i in range(0, len(batch), 1000):
@@ -307,6 +317,30 @@ async def purge(
     finally:
         await lock.release()
     return result
+
+
+async def _purge_thread_contexts(
+    redis: Redis, keys: Keys, user: str | None, tenant: str | None
+) -> int:
+    """Drop cached thread context (:mod:`core.history.threads`) of the tenant, or that
+    quotes the user (other people's messages go with it; the thread is read again)."""
+    removed = 0
+    async for raw_key in redis.scan_iter(keys.thread_context("*"), count=1000):
+        key = _str(raw_key)
+        conversation = key.removeprefix(keys.thread_context(""))
+        for kind in ("lock:", "retry:"):
+            conversation = conversation.removeprefix(kind)
+        parts = conversation.split(":")
+        if len(parts) < 4:
+            continue
+        if tenant is not None and parts[1] != tenant:
+            continue
+        if user is not None:
+            body = _str(await redis.get(key) or b"")
+            if f"[user {user}]" not in body and f"[bot {user}]" not in body:
+                continue
+        removed += int(await redis.unlink(key))
+    return removed
 
 
 def _job_message(blob: bytes) -> tuple[str, dict[str, Any]] | None:

@@ -295,6 +295,27 @@ class Keys:
         """Marks a Slack thread the bot answers in (follow-ups need no mention)."""
         return f"{self.prefix}:slack:thread:{team}:{channel}:{thread_ts}"
 
+    def slack_assistant(self, channel: str, thread_ts: str) -> str:
+        """Hash of one Slack assistant thread: its context (the channel the user is
+        viewing) and whether its title was set."""
+        return f"{self.prefix}:slack:assistant:{channel}:{thread_ts}"
+
+    def thread_context(self, conversation_id: str) -> str:
+        """A thread's earlier messages read from the platform (JSON, shared by workers)."""
+        return f"{self.prefix}:thread:{conversation_id}"
+
+    def thread_context_lock(self, conversation_id: str) -> str:
+        """Held by the one worker reading a thread (single flight)."""
+        return f"{self.prefix}:thread:lock:{conversation_id}"
+
+    def thread_context_retry(self, conversation_id: str) -> str:
+        """Set when reading a thread failed: the next message in it tries again."""
+        return f"{self.prefix}:thread:retry:{conversation_id}"
+
+    def slack_replies_budget(self, team: str, minute: int) -> str:
+        """conversations.replies calls of a workspace in one clock minute."""
+        return f"{self.prefix}:slack:replies:{team}:{minute}"
+
     def slack_pace(self, channel: str, ts: str) -> str:
         """Held while one Slack message may not be edited again (one edit per interval)."""
         return f"{self.prefix}:slack:pace:{channel}:{ts}"
@@ -328,6 +349,10 @@ class Keys:
         """A lowered global rate after a global 429 (expires)."""
         return f"{self.prefix}:discord:global:learned"
 
+    def discord_route_bucket(self, route: str) -> str:
+        """The ``X-RateLimit-Bucket`` Discord named for a route (learned from responses)."""
+        return f"{self.prefix}:discord:route:{route}"
+
     def discord_dm_member(self, user_id: str) -> str:
         """Whether a user may DM the bot under the ``members`` DM policy ("1"/"0", expires)."""
         return f"{self.prefix}:discord:dm:member:{user_id}"
@@ -335,6 +360,12 @@ class Keys:
     def discord_dm_notice(self, user_id: str) -> str:
         """Set while a user who was refused in DMs has had their notice (one per window)."""
         return f"{self.prefix}:discord:dm:notice:{user_id}"
+
+    # --- Choices admins make per tenant or channel (/model, /listen) ---
+    def choice(self, what: str, platform: str, tenant: str, channel: str | None = None) -> str:
+        """One admin choice (``what``: ``model``, ``listen``) for a tenant or one channel."""
+        where = f"{platform}:{tenant}" + (f":{channel}" if channel is not None else "")
+        return f"{self.prefix}:choice:{what}:{where}"
 
     # --- Operations (metrics, status) ---
 

@@ -22,6 +22,16 @@ What it does, like Discord:
   any second; interaction and webhook routes are exempt) answered with
   ``"global": true``.
 - Faults: :meth:`DiscordFake.fail` makes matching calls answer 403, 5xx, ... .
+
+Sharding and scoped limits (see the "sharding" and "scoped rate limits" sections):
+
+- IDENTIFY with ``shard: [id, count]`` makes a shard session: its READY names the
+  shard and lists only its guilds, and it gets only the events of guilds with
+  ``(guild_id >> 22) % count == id`` (DMs go to shard 0), as Discord routes them.
+  ``GET /gateway/bot`` recommends :attr:`DiscordFake.recommended_shards`.
+- :attr:`DiscordFake.bucket_groups` makes several routes share one bucket (one
+  ``X-RateLimit-Bucket`` hash), as Discord does; :meth:`DiscordFake.limit_once`
+  answers a 429 with a given ``X-RateLimit-Scope`` (``user``, ``global``, ``shared``).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.fakes.files import FileServer, Served
 
 DISCORD_EPOCH_MS = 1420070400000
 MESSAGE_CONTENT_INTENT = 1 << 15
@@ -63,6 +75,7 @@ _ROUTES: list[tuple[str, str, str]] = [
         r"/channels/(?P<major>\d+)/messages/\d+",
         "GET /channels/{channel_id}/messages/{message_id}",
     ),
+    ("GET", r"/channels/(?P<major>\d+)/messages", "GET /channels/{channel_id}/messages"),
     ("POST", r"/channels/(?P<major>\d+)/typing", "POST /channels/{channel_id}/typing"),
     (
         "POST",
@@ -180,6 +193,7 @@ class _Fault:
     status: int
     times: int
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,6 +217,7 @@ class _Session:
         self.intents = intents
         self.seq = 0
         self.lock = asyncio.Lock()
+        self.shard: tuple[int, int] | None = None  # (id, count) when IDENTIFY named one
 
 
 class DiscordFake:
@@ -243,6 +258,11 @@ class DiscordFake:
         self._ids = itertools.count(random.randrange(1 << 22))
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.recommended_shards = 1
+        self.bucket_groups: dict[str, str] = {}  # route template -> shared bucket name
+        self._session_shards: dict[str, tuple[int, int]] = {}
+        self.shard_events: list[tuple[tuple[int, int], str, str]] = []  # (shard, event, id)
+        self.file_server = FileServer()  # attachments (the CDN)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -258,6 +278,7 @@ class DiscordFake:
         app = web.Application()
         app.router.add_get("/gateway-ws", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        app.router.add_get("/attachments/{channel_id}/{attachment_id}/{name}", self._attachment)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -346,6 +367,11 @@ class DiscordFake:
         for c in channels:
             self.add_channel(gid, c)
         return guild
+
+    def add_role(self, guild_id: str, role_id: str, *, permissions: int) -> None:
+        """A role with the given permission bits (e.g. ``1 << 5``, Manage Server)."""
+        role = {**self._role(role_id, f"role{role_id}", guild_id), "permissions": str(permissions)}
+        self.guilds[guild_id]["roles"].append(role)
 
     @staticmethod
     def _role(role_id: str, name: str, guild_id: str) -> dict[str, Any]:
@@ -463,6 +489,7 @@ class DiscordFake:
                 elif op == 6:
                     session = _Session(ws, payload["d"]["session_id"], self._last_intents())
                     session.seq = payload["d"].get("seq") or 0
+                    session.shard = self._session_shards.get(session.session_id)
                     self._sessions.append(session)
                     # Events "missed" while away are replayed before RESUMED.
                     for event, data in self._replay:
@@ -485,6 +512,14 @@ class DiscordFake:
         session = _Session(
             ws, hashlib.sha1(self.snowflake().encode()).hexdigest(), int(data.get("intents", 0))
         )
+        try:
+            session.shard = self._shard_of_identify(data)
+        except ValueError:
+            await ws.close(code=4010, message=b"Invalid shard.")
+            return None
+        if session.shard is not None:
+            self._session_shards[session.session_id] = session.shard
+        guilds = [g for g in self.guilds.values() if self._gets(session, g["id"])]
         self._sessions.append(session)
         await self._send(
             session,
@@ -492,16 +527,16 @@ class DiscordFake:
             {
                 "v": 10,
                 "user": {**self.bot_user, "verified": True, "mfa_enabled": False, "flags": 0},
-                "guilds": [{"id": g, "unavailable": True} for g in self.guilds],
+                "guilds": [{"id": g["id"], "unavailable": True} for g in guilds],
                 "session_id": session.session_id,
                 "resume_gateway_url": self.gateway_url,
                 "application": {"id": self.application_id, "flags": 0},
-                "shard": [0, 1],
+                "shard": list(session.shard or (0, 1)),
                 "private_channels": [],
                 "relationships": [],
             },
         )
-        for guild in self.guilds.values():
+        for guild in guilds:
             await self._send(session, "GUILD_CREATE", guild)
         self.connected.set()
         return session
@@ -510,12 +545,42 @@ class DiscordFake:
         async with session.lock:
             session.seq += 1
             await session.ws.send_json({"op": 0, "t": event, "s": session.seq, "d": data})
+            if session.shard is not None:
+                self.shard_events.append((session.shard, event, str(data.get("id", ""))))
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         """Send a DISPATCH event to every connected gateway session."""
         for session in list(self._sessions):
+            if not self._gets(session, data.get("guild_id")):
+                continue
             with contextlib.suppress(ConnectionResetError):
                 await self._send(session, event, self._seen(session, event, data))
+
+    # --- sharding --------------------------------------------------------------------
+
+    @staticmethod
+    def shard_of(guild_id: int | str, shard_count: int) -> int:
+        """The shard that gets a guild's events (Discord's formula)."""
+        return (int(guild_id) >> 22) % shard_count
+
+    @staticmethod
+    def _shard_of_identify(data: dict[str, Any]) -> tuple[int, int] | None:
+        shard = data.get("shard")
+        if not isinstance(shard, list) or len(shard) != 2:
+            return None
+        shard_id, count = int(shard[0]), int(shard[1])
+        if not 0 <= shard_id < count:
+            raise ValueError(f"IDENTIFY with an invalid shard {shard}")
+        return shard_id, count
+
+    def _gets(self, session: _Session, guild_id: object) -> bool:
+        """Whether ``session`` receives events of ``guild_id`` (``None``: a DM, shard 0)."""
+        if session.shard is None:
+            return True
+        shard_id, count = session.shard
+        if guild_id is None:
+            return shard_id == 0
+        return self.shard_of(str(guild_id), count) == shard_id
 
     def _seen(self, session: _Session, event: str, data: dict[str, Any]) -> dict[str, Any]:
         return self._as_seen_by(session, data) if event == "MESSAGE_CREATE" else data
@@ -548,18 +613,24 @@ class DiscordFake:
         reply_to: dict[str, Any] | None = None,
         roles: list[str] = (),  # type: ignore[assignment]
         message_id: str | None = None,
+        ping: bool = True,
+        include_referenced: bool = True,
+        attachments: list[dict[str, Any]] = (),  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """A user posts a message: build MESSAGE_CREATE as Discord would and dispatch it.
 
         ``mention_bot`` puts ``<@bot>`` in front of the content. A reply to a message of
-        the bot mentions the bot too (Discord's default "reply with ping").
+        the bot mentions the bot too (Discord's default "reply with ping"), unless
+        ``ping`` is off. ``include_referenced=False`` leaves ``referenced_message`` out
+        of a reply, as Discord may.
         """
         cid = str(channel_id)
         channel = self.channels.get(cid)
         mentions = []
         if mention_bot:
             content = f"<@{self.bot_id}> {content}"
-        if mention_bot or (reply_to is not None and reply_to["author"]["id"] == self.bot_id):
+        replies_to_bot = reply_to is not None and reply_to["author"]["id"] == self.bot_id
+        if mention_bot or (replies_to_bot and ping):
             mentions.append(self.bot_user)
         msg: dict[str, Any] = {
             "id": message_id or self.snowflake(),
@@ -572,7 +643,7 @@ class DiscordFake:
             "mention_everyone": False,
             "mentions": mentions,
             "mention_roles": [],
-            "attachments": [],
+            "attachments": list(attachments),
             "embeds": [],
             "pinned": False,
             "type": 0,
@@ -590,10 +661,42 @@ class DiscordFake:
                 "channel_id": cid,
                 **({"guild_id": msg["guild_id"]} if "guild_id" in msg else {}),
             }
-            msg["referenced_message"] = reply_to
+            if include_referenced:
+                msg["referenced_message"] = reply_to
         self.messages[msg["id"]] = msg
         await self.dispatch("MESSAGE_CREATE", msg)
         return msg
+
+    # --- Attachments (the CDN) ------------------------------------------------------------
+
+    def add_attachment(
+        self,
+        channel_id: int | str,
+        filename: str,
+        data: bytes,
+        content_type: str | None,
+        *,
+        size: int | None = None,
+        chunked: bool = False,
+    ) -> dict[str, Any]:
+        """Serve a file as Discord's CDN would and return the attachment object for
+        :meth:`send_user_message` (``size`` is the declared size, the true one by default)."""
+        aid = self.snowflake()
+        self.file_server.add(aid, Served(data, content_type or "application/octet-stream", chunked))
+        url = f"http://127.0.0.1:{self.port}/attachments/{channel_id}/{aid}/{filename}"
+        attachment: dict[str, Any] = {
+            "id": aid,
+            "filename": filename,
+            "size": len(data) if size is None else size,
+            "url": url,
+            "proxy_url": url,
+        }
+        if content_type is not None:
+            attachment["content_type"] = content_type
+        return attachment
+
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
+        return await self.file_server.serve(request, request.match_info["attachment_id"])
 
     async def dm_channel(self, channel_id: int | str, user: dict[str, Any]) -> str:
         """A DM channel between ``user`` and the bot."""
@@ -647,6 +750,108 @@ class DiscordFake:
         await self.dispatch("INTERACTION_CREATE", data)
         return inter
 
+    # --- channel history (GET /channels/{id}/messages) ---------------------------------
+
+    def add_history(
+        self, channel_id: int | str, author: dict[str, Any], content: str, **extra: Any
+    ) -> dict[str, Any]:
+        """A message that was already in the channel (no gateway event): it shows in
+        the channel's history and can be fetched."""
+        msg: dict[str, Any] = {
+            "id": self.snowflake(),
+            "channel_id": str(channel_id),
+            "author": author,
+            "content": content,
+            "timestamp": _now_iso(),
+            "edited_timestamp": None,
+            "tts": False,
+            "mention_everyone": False,
+            "mentions": [],
+            "mention_roles": [],
+            "attachments": [],
+            "embeds": [],
+            "pinned": False,
+            "type": 0,
+            "flags": 0,
+            "components": [],
+            **extra,
+        }
+        channel = self.channels.get(str(channel_id)) or {}
+        if "guild_id" in channel:
+            msg["guild_id"] = channel["guild_id"]
+        self.messages[msg["id"]] = msg
+        return msg
+
+    async def _r_get_channels_channel_id_messages(
+        self, request: web.Request, call: Call
+    ) -> web.Response:
+        """Newest first; ``before`` (exclusive) and ``limit`` (1-100), as Discord."""
+        if call.major not in self.channels:
+            return self._error(404, "Unknown Channel", 10003)
+        try:
+            limit = int(request.query.get("limit", "50"))
+            before = int(request.query.get("before", str(1 << 63)))
+        except ValueError:
+            return self._error(400, "Invalid Form Body", 50035)
+        if not 1 <= limit <= 100:
+            return self._error(400, "Invalid Form Body", 50035)
+        found = sorted(
+            (
+                m
+                for m in self.messages.values()
+                if m["channel_id"] == call.major and int(m["id"]) < before
+            ),
+            key=lambda m: int(m["id"]),
+            reverse=True,
+        )
+        return _json([self._public(m) for m in found[:limit]])
+
+    # --- message components (buttons) -----------------------------------------------
+
+    async def click_button(
+        self,
+        message: dict[str, Any],
+        user: dict[str, Any],
+        custom_id: str,
+        *,
+        roles: list[str] = (),  # type: ignore[assignment]
+    ) -> Interaction:
+        """A user clicks a button of ``message``: dispatch a MESSAGE_COMPONENT
+        INTERACTION_CREATE carrying ``custom_id`` (which need not be one the message
+        has: a forged click)."""
+        cid = str(message["channel_id"])
+        channel = self.channels[cid]
+        iid = self.snowflake()
+        token = "itoken-" + hashlib.sha1(iid.encode()).hexdigest()
+        data: dict[str, Any] = {
+            "id": iid,
+            "application_id": self.application_id,
+            "type": 3,
+            "token": token,
+            "version": 1,
+            "channel_id": cid,
+            "channel": {"id": cid, "type": channel["type"], "name": channel.get("name", "")},
+            "message": self._public(message),
+            "data": {"custom_id": custom_id, "component_type": 2},
+            "app_permissions": EVERYONE_PERMISSIONS,
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": "1"},
+            "attachment_size_limit": 8388608,
+        }
+        if "guild_id" in channel:
+            data["guild_id"] = channel["guild_id"]
+            data["guild_locale"] = "en-US"
+            data["member"] = {**self.member(user, roles), "permissions": EVERYONE_PERMISSIONS}
+            data["context"] = 0
+        else:
+            data["user"] = user
+            data["context"] = 1
+        inter = Interaction(iid, token, cid, time.monotonic())
+        self.interactions[token] = inter
+        await self.dispatch("INTERACTION_CREATE", data)
+        return inter
+
     # --- faults and statistics -------------------------------------------------------
 
     def fail(self, method: str, path_regex: str, status: int, *, times: int = 1) -> None:
@@ -657,6 +862,36 @@ class DiscordFake:
             400: {"message": "Thread is archived", "code": 50083},
         }.get(status, {"message": "Internal Server Error", "code": 0})
         self._faults.append(_Fault(method, re.compile(path_regex), status, times, body))
+
+    # --- scoped rate limits ----------------------------------------------------------
+
+    def limit_once(
+        self,
+        method: str,
+        path_regex: str,
+        *,
+        scope: str,
+        retry_after: float,
+        times: int = 1,
+    ) -> None:
+        """The next ``times`` matching calls answer 429 with ``X-RateLimit-Scope: scope``.
+
+        ``shared`` is a limit on the resource shared by everyone (it does not count
+        against the app); ``global`` the app's global limit; ``user`` the app's bucket.
+        """
+        body = {
+            "message": "You are being rate limited.",
+            "retry_after": retry_after,
+            "global": scope == "global",
+            "code": 0,
+        }
+        headers = {
+            "Retry-After": str(max(1, int(retry_after + 0.999))),
+            "X-RateLimit-Scope": scope,
+        }
+        if scope == "global":
+            headers["X-RateLimit-Global"] = "true"
+        self._faults.append(_Fault(method, re.compile(path_regex), 429, times, body, headers))
 
     def calls_to(self, method: str, route_prefix: str = "") -> list[Call]:
         """Recorded calls with that method whose route template starts as given."""
@@ -737,7 +972,9 @@ class DiscordFake:
         for fault in self._faults:
             if fault.times > 0 and fault.method == call.method and fault.pattern.search(call.path):
                 fault.times -= 1
-                return _json(fault.body, status=fault.status)
+                resp = _json(fault.body, status=fault.status)
+                resp.headers.update(fault.headers)
+                return resp
         now = time.monotonic()
         if not webhook:
             while self._global_window and now - self._global_window[0] >= 1.0:
@@ -759,11 +996,12 @@ class DiscordFake:
         return None
 
     def _bucket(self, call: Call) -> _Bucket:
-        key = f"{call.route}:{call.major}"
+        group = self.bucket_groups.get(call.route, call.route)
+        key = f"{group}:{call.major}"
         bucket = self._buckets.get(key)
         if bucket is None:
             limit, window = self.limits.get(call.route, _FALLBACK_LIMIT)
-            bucket = _Bucket(limit, window, key_hash=hashlib.md5(call.route.encode()).hexdigest())
+            bucket = _Bucket(limit, window, key_hash=hashlib.md5(group.encode()).hexdigest())
             self._buckets[key] = bucket
         return bucket
 
@@ -846,7 +1084,7 @@ class DiscordFake:
         return _json(
             {
                 "url": self.gateway_url,
-                "shards": 1,
+                "shards": self.recommended_shards,
                 "session_start_limit": {
                     "total": 1000,
                     "remaining": 999,
@@ -888,7 +1126,7 @@ class DiscordFake:
             "pinned": False,
             "type": 0,
             "flags": 0,
-            "components": [],
+            "components": body.get("components") or [],
             "allowed_mentions": body.get("allowed_mentions"),
             "edits": 0,
             "edit_history": [content],
@@ -944,6 +1182,8 @@ class DiscordFake:
                 return self._error(400, "content: Must be 2000 or fewer in length.", 50035)
             msg["content"] = content
             msg["edit_history"].append(content)
+        if "components" in body:
+            msg["components"] = body["components"] or []
         msg["edits"] += 1
         msg["edited_timestamp"] = _now_iso()
         msg["allowed_mentions"] = body.get("allowed_mentions")

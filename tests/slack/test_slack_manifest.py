@@ -62,3 +62,16 @@ def test_socket_mode_manifest_has_no_request_urls():
     assert "request_url" not in text
     assert "url: " not in text
     assert "command: /ask" in text
+
+
+def test_manifest_enables_interactivity_for_the_feedback_buttons():
+    from bots.slack.manifest import render_manifest
+    from core.framework.bot import load_bot
+
+    text = MANIFEST.read_text()
+    assert re.search(r"interactivity:\n\s+is_enabled: true\n\s+request_url: \S+/slack/events", text)
+    # Thread context reads conversations.replies: the *:history scopes cover it.
+    for scope in ("channels:history", "groups:history", "im:history", "mpim:history"):
+        assert f"- {scope}" in text
+    socket = render_manifest(load_bot(None), socket_mode=True)
+    assert "is_enabled: true" in socket and "request_url" not in socket
