@@ -171,7 +171,8 @@ def worker_process(settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
         proc = Proc(["worker"], env, tmp_path / f"worker-{len(procs)}.log")
         procs.append(proc)
         if wait:
-            proc.wait_for_output("worker ready")
+            # Generous: a worker starting beside a busy suite (and MCP servers) is slow.
+            proc.wait_for_output("worker ready", timeout_s=90)
         return proc
 
     try:

@@ -5,16 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import re
+import warnings
 from typing import Any
 
 import pytest
 
-from bots.discord.responder import DiscordResponder
 from bots.slack.responder import SlackResponder
 from bots.web.responder import WebResponder
 from core.messages import IncomingMessage, Reply
 from core.responder import Responder
 from tests.helpers import ROOT
+
+with warnings.catch_warnings():
+    # discord.py imports the stdlib's audioop (voice support), deprecated in 3.11+.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from bots.discord.responder import DiscordResponder
 from workers.jobs import _withdraw_queued
 from workers.traffic_jobs import show_queued
 
