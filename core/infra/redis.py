@@ -416,3 +416,8 @@ class Keys:
     def cache(self, tenant: str, digest: str) -> str:
         """One cached answer."""
         return f"{self.cache_prefix(tenant)}{digest}"
+
+    def cache_done(self, cache_key: str) -> str:
+        """Wake-ups for callers waiting on the answer under ``cache_key`` (a list;
+        outside the cache's key layout, so clearing the cache does not count it)."""
+        return f"{self.prefix}:cache-done:{cache_key.removeprefix(self.prefix + ':')}"
