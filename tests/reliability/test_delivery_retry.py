@@ -140,7 +140,7 @@ async def test_slack_platform_that_never_recovers_gives_up_loudly_and_keeps_hist
     ts = _ts()
     async with adapter(slack_settings) as a:
         await a.send.event(mention("never delivered", ts))
-        await _until(lambda: _lines(worker, "reply given up"), 40, "the give-up log")
+        await _until(lambda: _lines(worker, "reply given up"), 80, "the give-up log")
         # The worker goes on: a DM (posted and edited, no stream) is answered.
         await a.send.event(message("still here", _ts(), channel="D7", channel_type="im"))
         await fake_slack.wait_for(
@@ -213,7 +213,7 @@ async def test_discord_final_edit_failing_past_retries_completes_the_same_messag
                 for m in fake.bot_messages(CHANNEL)
             )
 
-        await _until(done, 40, "the final edit")
+        await _until(done, 80, "the final edit")
         await asyncio.sleep(1.0)
     assert len(_lines(worker, "reply not delivered yet")) == 2, worker.output()[-3000:]
     [answer] = await _wait_answers(redis, discord_e2e, msg)
@@ -239,7 +239,7 @@ async def test_discord_platform_that_never_recovers_gives_up_loudly_and_keeps_hi
         sent = await fake.send_user_message(
             CHANNEL, DiscordFake.user(user_id, "bo"), "never delivered", mention_bot=True
         )
-        await _until(lambda: _lines(worker, "reply given up"), 40, "the give-up log")
+        await _until(lambda: _lines(worker, "reply given up"), 80, "the give-up log")
         # The worker goes on: a message in another channel is answered.
         await fake.send_user_message(
             OTHER_CHANNEL, DiscordFake.user(user_id, "bo"), "still here", mention_bot=True
