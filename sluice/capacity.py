@@ -259,9 +259,10 @@ class Shape:
     provider_rpm: float = 600.0
 
 
-# Measured on 2026-12-04 (docs/benchmarks.md, "Event-driven waiting"): launch-day at
-# scale 0.3, 2 workers, embedded Valkey.
-MEASURED = MessageCosts(worker_cpu_ms=0.0, redis_commands=0.0, redis_cpu_us=0.0)
+# Measured on 2026-12-05 (docs/benchmarks.md, "Event-driven waiting"), on the busy
+# 2-core machine: worker CPU from one worker at --rpm 0 (1,200 messages, CPU-bound);
+# Redis commands and CPU from launch-day at --scale 0.3 (2 workers, a Valkey of its own).
+MEASURED = MessageCosts(worker_cpu_ms=11.2, redis_commands=408.0, redis_cpu_us=6620.0)
 LAUNCH_DAY = Shape()
 
 
