@@ -375,3 +375,29 @@ async def test_callers_waiting_for_a_cached_answer_are_woken_by_the_leader(
     results = await asyncio.wait_for(asyncio.gather(*callers), 60)
     assert calls == 1
     assert sorted(cached for _, cached in results) == [False] + [True] * 5
+
+
+def test_the_arq_cli_worker_blocks_when_idle_too(redis_url, monkeypatch):
+    """``arq workers.worker.WorkerSettings`` builds the same worker as ``sluice worker``:
+    arq hands on only its own Worker's arguments, so the idle block is passed by hand."""
+    import importlib
+
+    import arq.cli
+    import arq.worker
+
+    from core.settings import get_settings
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("SLUICE_WORKER_IDLE_BLOCK_S", "2.5")
+    get_settings.cache_clear()
+    # The entry module points arq's create_worker at its own; put arq's back after.
+    monkeypatch.setattr(arq.worker, "create_worker", arq.worker.create_worker)
+    monkeypatch.setattr(arq.cli, "create_worker", arq.cli.create_worker)
+    try:
+        entry = importlib.import_module("workers.worker")
+        entry = importlib.reload(entry)
+        worker = entry.create_arq_worker(entry.WorkerSettings)
+        assert isinstance(worker, SluiceWorker)
+        assert worker.idle_block_s == 2.5
+    finally:
+        get_settings.cache_clear()
