@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
@@ -100,6 +101,11 @@ class Settings(BaseSettings):
     )
     model: str = Field(
         "gpt-4o-mini", validation_alias=_fixed("SLUICE_MODEL"), description="Default model."
+    )
+    allowed_models: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Comma-separated models an admin may choose per tenant or channel with "
+        "`/model` (empty: the command is off and every conversation uses the default).",
     )
     app: str | None = Field(
         None,
@@ -300,6 +306,40 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
 
+    # --- Files and images users attach ---
+    vision: bool = Field(
+        False,
+        description="Whether the model reads images: attached images are sent to it as "
+        "image parts (a bot's `vision` overrides it); otherwise they are refused with a "
+        "notice.",
+    )
+    file_max_bytes: int = Field(
+        20_000_000,
+        ge=1024,
+        le=1_000_000_000,
+        description="Largest attached file a worker downloads, in bytes; checked against "
+        "the size the platform declares and again while downloading.",
+    )
+    file_max_count: int = Field(
+        5, ge=0, le=50, description="Files read per message; the rest are refused with a notice."
+    )
+    file_max_chars: int = Field(
+        20_000,
+        ge=100,
+        description="Text taken from a message's text files and PDFs for the model, in "
+        "all; longer text is cut, with a note in the reply.",
+    )
+    image_max_pixels: int = Field(
+        2_000_000,
+        ge=10_000,
+        le=50_000_000,
+        description="Largest image sent to the model, in pixels (width × height); larger "
+        "images are downscaled to it.",
+    )
+    file_download_timeout_s: float = Field(
+        30.0, gt=0, description="Longest download of one attached file."
+    )
+
     # --- Framework: tools ---
     tool_max_steps: int = Field(
         5,
@@ -458,7 +498,11 @@ class Settings(BaseSettings):
         "edits; above it only final edits are sent.",
     )
     slack_message_limit: int = Field(
-        3900, ge=100, le=40000, description="Longest Slack message; longer replies are split."
+        12000,
+        ge=100,
+        le=12000,
+        description="Longest Slack message (its markdown_text, at most Slack's 12,000 "
+        "characters); longer replies are split.",
     )
     slack_max_retry_after_s: float = Field(
         30.0,
@@ -540,6 +584,26 @@ class Settings(BaseSettings):
     discord_retries: int = Field(
         3, ge=0, description="Retries of a Discord REST call after a 5xx or network error."
     )
+    discord_shards: str | None = Field(
+        None,
+        description="Gateway shards for this process: `auto` (Discord's recommended count, "
+        "all in this process) or `FIRST-LAST/COUNT`, e.g. `0-3/16` for shards 0..3 of 16 "
+        "(unset: one connection, no sharding).",
+    )
+    discord_listen_channels: Annotated[list[str], NoDecode] = Field(
+        [],
+        description="Comma-separated channel ids where the bot answers every message "
+        "without a mention (needs SLUICE_DISCORD_MESSAGE_CONTENT); admins add more with "
+        "`/listen on`.",
+    )
+
+    @field_validator("discord_shards")
+    @classmethod
+    def _shard_spec(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_shards(value)  # raises ValueError with the reason
+        return value.strip()
 
     @field_validator(
         "discord_allow_guilds",
@@ -550,6 +614,8 @@ class Settings(BaseSettings):
         "discord_deny_roles",
         "discord_allow_users",
         "discord_deny_users",
+        "discord_listen_channels",
+        "allowed_models",
         "web_allowed_hosts",
         mode="before",
     )
@@ -734,6 +800,8 @@ class Settings(BaseSettings):
         "discord_deny_roles",
         "discord_allow_users",
         "discord_deny_users",
+        "discord_listen_channels",
+        "allowed_models",
     )
     @classmethod
     def _plain_ids(cls, value: list[str]) -> list[str]:
@@ -763,7 +831,9 @@ class Settings(BaseSettings):
         le=3600,
         description="Fair shares within a lane: each of a user's queued messages moves "
         "that user's place in line this many seconds later, so under overload a user's "
-        "second message waits behind other users' first ones (0 = off, <= 3600).",
+        "second message waits behind other users' first ones; a message arriving while "
+        "its user is more than one step ahead is over its share and waits behind every "
+        "message that can still make SLUICE_TARGET_WAIT_S (0 = off, <= 3600).",
     )
     tenant_weights: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,
@@ -842,6 +912,33 @@ class Settings(BaseSettings):
     def queue_name(self) -> str:
         """The arq queue Sluice's reply jobs go to."""
         return f"{self.key_prefix}:queue"
+
+
+def parse_shards(text: str) -> tuple[list[int], int] | None:
+    """``SLUICE_DISCORD_SHARDS``: ``None`` for ``auto``, else (shard ids, shard count).
+
+    ``0-3/16`` is shards 0, 1, 2 and 3 of 16; ``5/16`` is shard 5 alone.
+
+    Raises:
+        ValueError: not ``auto`` nor ``FIRST-LAST/COUNT`` with 0 <= FIRST <= LAST < COUNT.
+    """
+    spec = text.strip().lower()
+    if spec == "auto":
+        return None
+    m = re.fullmatch(r"(\d+)(?:-(\d+))?/(\d+)", spec)
+    if m is None:
+        raise ValueError(
+            f"{text!r} is not a shard range: use `auto`, or `FIRST-LAST/COUNT` such as `0-3/16`"
+        )
+    first = int(m.group(1))
+    last = int(m.group(2)) if m.group(2) is not None else first
+    count = int(m.group(3))
+    if count < 1 or not 0 <= first <= last < count:
+        raise ValueError(
+            f"{text!r}: shards {first}..{last} are not within 0..{count - 1} (COUNT is the "
+            "total number of shards of the bot, the same in every process)"
+        )
+    return list(range(first, last + 1)), count
 
 
 def describe_settings_error(error: ValidationError) -> str:

@@ -70,9 +70,9 @@ async def serve(app: web.Application, host: str, port: int) -> AsyncIterator[int
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = port
-    server = site._server
-    if server is not None and getattr(server, "sockets", None):
-        bound = server.sockets[0].getsockname()[1]
+    for address in runner.addresses:
+        bound = int(address[1])
+        break
     try:
         yield bound
     finally:

@@ -159,9 +159,12 @@ def capacity(
         else:
             click.echo(model_markdown())
         return
-    if per_worker is None and bench_json is None:
+    if per_worker is not None:
+        rate = per_worker
+    elif bench_json is not None:
+        rate = per_worker_rate_from_bench(bench_json)
+    else:
         raise click.UsageError("give --per-worker RATE or --bench REPORT.json")
-    rate = per_worker if per_worker is not None else per_worker_rate_from_bench(bench_json)  # type: ignore[arg-type]
     since = time.time() - weeks * 7 * 86400
     if from_file is not None:
         counts = read_jsonl(from_file, since_ts=None)

@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from core.settings import Settings
-from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
+from tests.helpers import Proc, base_env, free_port, settings_env, stop_all, wait_port
 
 # Read before any fixture scrubs the environment.
 EXTERNAL_REDIS_URL = os.environ.get("REDIS_URL")
@@ -177,8 +177,7 @@ def worker_process(settings: Settings, tmp_path: Path) -> Iterator[Callable[...,
     try:
         yield start
     finally:
-        for proc in procs:
-            proc.stop()
+        stop_all(procs)
 
 
 # CI sets these so that a test skipped for a missing service fails the run instead.
@@ -211,9 +210,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 # Load and timing tests: run alone (`make test` runs them after the parallel part), so
 # that the 2-core machine's other test processes cannot push them past their deadlines.
 SERIAL_TESTS = {
-    "test_two_hundred_events_at_once_are_all_acked_within_3s",
-    "test_multi_workspace_burst_is_acked_within_3s",
-    "test_two_hundred_events_at_once_are_acked_fast_and_all_answered",
     "test_300_users_in_one_channel_all_answered_within_rate_limits",
     "test_scaled_down_bench_report_is_complete_and_adds_up",
     "test_shared_budget_keeps_429s_rare_and_answers_every_message",

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -95,6 +97,22 @@ class Proc(BenchProc):
         raise TimeoutError(f"{needle!r} not printed in {timeout_s}s:\n{self.output()[-3000:]}")
 
 
+def stop_all(procs: list[Proc], timeout_s: float = 10.0) -> None:
+    """Stop processes together: SIGTERM to all first, then wait for each (SIGKILL after
+    ``timeout_s``), so that their graceful stops overlap instead of adding up."""
+    for proc in procs:
+        if proc.popen.poll() is None:
+            proc.kill(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in procs:
+        try:
+            proc.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill(signal.SIGKILL)
+            proc.popen.wait(5)
+        proc.stop()  # it has exited: this closes its log
+
+
 @contextlib.contextmanager
 def running(args: list[str], env: dict[str, str], log_path: Path) -> Iterator[Proc]:
     """Run a ``sluice`` subprocess for the duration of a block."""
@@ -112,6 +130,34 @@ async def wait_until(predicate: Callable[[], object], timeout_s: float, what: st
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.05)
+
+
+async def wait_jobs_done(
+    redis: Any, settings: Settings, timeout_s: float = 60.0, *, queues: list[str] | None = None
+) -> None:
+    """Wait until no job of this deployment (``SLUICE_KEY_PREFIX``) is queued, deferred
+    or running: after that no reply, retry or notice can still arrive. The history
+    cron's jobs do not count (a worker queues them all the time)."""
+    names = queues or [settings.queue_name]
+    prefix = f"arq:in-progress:{settings.key_prefix}:"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left: list[str] = []
+        for queue in names:
+            left += [
+                j.decode() if isinstance(j, bytes) else str(j)
+                for j in await redis.zrange(queue, 0, -1)
+            ]
+        left = [j for j in left if not j.startswith("cron:")]
+        left += [
+            k.decode() if isinstance(k, bytes) else str(k)
+            async for k in redis.scan_iter(match=prefix + "*", count=1000)
+        ]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"jobs still queued or running after {timeout_s}s: {left[:5]}")
+        await asyncio.sleep(0.1)
 
 
 def unique_slack_ts() -> str:

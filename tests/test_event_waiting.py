@@ -343,40 +343,6 @@ async def _blocked(redis: Redis) -> int:
     return sum(c.get("cmd") == "blpop" and "b" in c.get("flags", "") for c in clients)
 
 
-async def test_callers_waiting_for_a_cached_answer_are_woken_by_the_leader(
-    settings, redis, monkeypatch
-):
-    """Identical requests wait for the one computing the answer; its unlock wakes one,
-    which passes the wake-up on. Their own fallback is an hour."""
-    from core.llm.client import Completion
-    from core.traffic import cache as cache_module
-    from core.traffic.cache import ResponseCache
-
-    monkeypatch.setattr(cache_module, "WAITER_FALLBACK_S", 3600.0)
-    cache = ResponseCache(redis, Keys(settings.key_prefix), settings)
-    release = asyncio.Event()
-    calls = 0
-
-    async def compute() -> Completion:
-        nonlocal calls
-        calls += 1
-        await release.wait()
-        return Completion(text="answer", model="m", finish_reason="stop")
-
-    key = cache.key("t1", "w" * 64)
-    blocked_before = await _blocked(redis)
-    callers = [asyncio.create_task(cache.single_flight(key, f"j{i}", compute)) for i in range(6)]
-
-    async def all_wait() -> bool:
-        return await _blocked(redis) >= blocked_before + 5
-
-    await _until_async(all_wait, 30, "five callers blocked behind the leader")
-    release.set()
-    results = await asyncio.wait_for(asyncio.gather(*callers), 60)
-    assert calls == 1
-    assert sorted(cached for _, cached in results) == [False] + [True] * 5
-
-
 def test_the_arq_cli_worker_blocks_when_idle_too(redis_url, monkeypatch):
     """``arq workers.worker.WorkerSettings`` builds the same worker as ``sluice worker``:
     arq hands on only its own Worker's arguments, so the idle block is passed by hand."""

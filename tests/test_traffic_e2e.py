@@ -71,16 +71,18 @@ async def test_killed_worker_holding_a_conversation_does_not_strand_it(
         holder.kill(signal.SIGKILL)
         holder.popen.wait(5)
         llm_sim.configure(mode="normal")
-        started = time.monotonic()
         second = await post(http, base, session, "are you there?")
         events = await wait_done(redis, settings.key_prefix, [(session, second)], timeout_s=20)
-        assert done_event(events[second])["kind"] == "answer"
-        # The conversation's lock freed ~2 s after the kill, not after the job timeout.
-        assert time.monotonic() - started < 8
+        second_done = done_event(events[second])
+        assert second_done["kind"] == "answer"
         assert f"message={second}" in survivor.output()
         # The killed job itself is run again by arq once its in-progress marker expires.
         events = await wait_done(redis, settings.key_prefix, [(session, first)], timeout_s=40)
-        assert done_event(events[first])["kind"] == "answer"
+        first_done = done_event(events[first])
+        assert first_done["kind"] == "answer"
+        # The conversation's lock freed when its TTL ran out after the kill, not when
+        # the killed job came back: the second message was answered before that re-run.
+        assert second_done["at_ms"] < first_done["at_ms"]
 
 
 @pytest.mark.slow
@@ -312,7 +314,6 @@ async def test_shared_budget_keeps_429s_rare_and_answers_every_message(
     print(
         f"offered in {offered_s:.1f}s, all answered in {total_s:.1f}s; sim {stats}; budget {budget}"
     )
-    assert offered_s < 21
     assert kinds.count("answer") == 400
     assert stats["rate_limited"] <= 0.02 * stats["requests"]
 

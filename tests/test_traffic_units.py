@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import pytest
 from arq.worker import Retry
@@ -63,11 +64,11 @@ async def test_lock_of_a_dead_holder_expires_and_the_next_message_goes_on(settin
     await register_arrival(redis, keys, second)
     lock = await acquire_conversation(redis, keys, s, first, first.job_id)
     # Simulate a killed worker: renewal stops, nothing releases.
-    assert lock._renewer is not None
-    lock._renewer.cancel()
+    await lock.lock.stop_renewing()
     started = time.monotonic()
+    # Within order_wait_in_job_s (3 s), or acquire_conversation raises ConversationBusy.
     lock2 = await acquire_conversation(redis, keys, s, second, second.job_id)
-    assert 0.3 < time.monotonic() - started < 2.5
+    assert time.monotonic() - started > 0.3, "the dead holder's lock was not honoured"
     await lock2.release()
 
 
@@ -203,7 +204,7 @@ async def test_budget_serves_the_line_by_priority_within_the_rate(settings, redi
     elapsed = time.monotonic() - started
     assert order == ["high", "default", "bulk"]
     # 120 rpm = one every 0.5 s, after the 0.2 s the 429 asked for.
-    assert 1.2 < elapsed < 2.5
+    assert elapsed > 1.2
     stats = await budget.stats()
     assert stats["calls"] == 4 and stats["calls_in_backlog"] >= 2 and stats["rate_limited"] == 1
 
@@ -272,7 +273,7 @@ async def test_budget_learns_the_limit_from_headers_and_only_lowers_the_bucket(s
     started = time.monotonic()
     for i in range(4):
         await budget.acquire(f"m{i}", 0, 1)
-    assert 0.3 < time.monotonic() - started < 1.5
+    assert time.monotonic() - started > 0.3
     headers["x-ratelimit-remaining-requests"] = "90"
     await budget.succeeded(Completion(text="a", model="m", headers=headers))
     bucket = await redis.hget(f"{settings.key_prefix}:llm:bucket", "rl")
@@ -280,14 +281,26 @@ async def test_budget_learns_the_limit_from_headers_and_only_lowers_the_bucket(s
 
 
 async def test_budget_holds_requests_to_the_tokens_per_minute(settings, redis):
-    s = settings.model_copy(update={"llm_tpm": 600, "llm_budget_headroom": 1.0})
+    s = settings.model_copy(
+        update={"llm_tpm": 600, "llm_budget_headroom": 1.0, "queued_notice_after_s": 0}
+    )
     budget = LLMBudget(redis, Keys(settings.key_prefix), s)
+    told: list[tuple[str, float]] = []
+
+    def on_queued(name: str) -> Callable[[float], Awaitable[None]]:
+        async def tell(wait_s: float) -> None:
+            told.append((name, wait_s))
+
+        return tell
+
     started = time.monotonic()
     for i in range(3):
-        await budget.acquire(f"m{i}", 0, 200)
-    assert time.monotonic() - started < 0.2
-    await budget.acquire("m3", 0, 20)  # 600 tpm = 10 tokens/s: ~2 s for 20 tokens
-    assert 1.5 < time.monotonic() - started < 3.0
+        await budget.acquire(f"m{i}", 0, 200, on_queued(f"m{i}"))
+    # Granted at the first ask: none of the three was put in line.
+    assert told == []
+    await budget.acquire("m3", 0, 20, on_queued("m3"))  # 600 tpm = 10 tokens/s: ~2 s
+    assert [name for name, _ in told] == ["m3"] and told[0][1] > 0, told
+    assert time.monotonic() - started > 1.5
 
 
 async def test_a_waiting_message_lends_its_lane_and_is_woken_at_its_place(settings, redis):

@@ -2,7 +2,7 @@
 
 The simulator streams a scripted answer whose tags are cut between chunks; the page
 must show it as text (no element created, no script run) while it streams and when
-it is done (issue 13, point 1: the web chat's side of "markup stays inert").
+it is done (the web chat's side of "markup stays inert").
 """
 
 from __future__ import annotations

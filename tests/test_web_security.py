@@ -1,4 +1,4 @@
-"""The web chat is a development tool unless configured otherwise (issue 13, point 2).
+"""The web chat is a development tool unless configured otherwise.
 
 Over real HTTP against the real adapter: foreign Host and Origin names are refused,
 bodies must be JSON, sessions are server-issued and bound to a signed cookie, reply

@@ -55,6 +55,7 @@ from core.history.store import (
     is_postgres,
 )
 from core.infra import metrics
+from core.infra.lock import OwnerLock
 from core.infra.logs import redact
 from core.infra.redis import Keys
 from core.settings import Settings
@@ -67,17 +68,6 @@ PAUSE_ENV = "SLUICE_TEST_FLUSH_PAUSE"
 """Test-only: ``<point>:<batch>`` makes a flush print ``PAUSED`` and hang there, so that a
 test can SIGKILL it; points are ``after_read``, ``before_commit``, ``after_commit``,
 ``after_ack``."""
-
-_RENEW_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
-_RELEASE_LUA = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
 
 
 @dataclass
@@ -114,8 +104,6 @@ class Flusher:
         self.engine = engine
         self.keys = Keys(settings.key_prefix)
         self._schema_ok = False
-        self._renew = redis.register_script(_RENEW_LUA)
-        self._release = redis.register_script(_RELEASE_LUA)
         self._pause = _parse_pause(os.environ.get(PAUSE_ENV))
 
     def job_budget_s(self) -> float:
@@ -130,16 +118,19 @@ class Flusher:
         if not ignore_backoff and await self._backing_off():
             result.skipped = "backing off after database errors"
             return result
-        token = uuid.uuid4().hex
-        ttl_ms = int(self.settings.history_flush_lock_ttl_s * 1000)
-        lock = self.keys.history_flush_lock()
-        if not await self.redis.set(lock, token, nx=True, px=ttl_ms):
+        lock = OwnerLock(
+            self.redis,
+            self.keys.history_flush_lock(),
+            uuid.uuid4().hex,
+            int(self.settings.history_flush_lock_ttl_s * 1000),
+            what="history flush",
+        )
+        if not await lock.acquire():
             result.skipped = "another flush is running"
             return result
-        lost = asyncio.Event()
-        renewer = asyncio.create_task(self._keep_lock(token, ttl_ms, lost))
         try:
-            await self._flush(result, started, budget, lost)
+            # A lost lock (expired, taken by another flush) stops the run after its batch.
+            await self._flush(result, started, budget, lock.lost)
         except FlushFenced as e:
             # Not a database failure: no backoff. What this run had not committed is
             # still pending (what the purge deleted is gone) and is read again.
@@ -153,10 +144,8 @@ class Flusher:
             result.error = f"Redis: {e}"[:500]
             logger.warning("history flush interrupted by Redis: %s", e)
         finally:
-            renewer.cancel()
-            await asyncio.wait([renewer])
             try:
-                await asyncio.shield(self._release(keys=[lock], args=[token]))
+                await lock.release()
             except RedisError as e:
                 logger.warning("could not release the flush lock (it expires by itself): %s", e)
             result.seconds = time.monotonic() - started
@@ -305,19 +294,6 @@ class Flusher:
                     "history flush: stored %d overflowed messages from hot windows", total
                 )
         return total
-
-    async def _keep_lock(self, token: str, ttl_ms: int, lost: asyncio.Event) -> None:
-        while True:
-            await asyncio.sleep(ttl_ms / 3000)
-            try:
-                ok = await self._renew(keys=[self.keys.history_flush_lock()], args=[token, ttl_ms])
-            except RedisError as e:
-                logger.warning("could not renew the flush lock: %s", e)
-                continue
-            if not ok:
-                logger.warning("the flush lock expired; stopping after this batch")
-                lost.set()
-                return
 
     async def _backing_off(self) -> bool:
         raw: Any = await self.redis.hget(self.keys.history_stats(), "next_attempt_ts")  # type: ignore[misc]

@@ -43,6 +43,7 @@ from core.llm.budget import LLMBudget
 from core.llm.client import OpenAIProvider
 from core.responder import ResponderFactory
 from core.settings import Settings
+from core.traffic.choices import Choices
 from core.traffic.control import BUSY_MAX_TRIES, Traffic
 from core.traffic.lanes import lane_queue_name
 from core.traffic.queue import reply_queues
@@ -110,6 +111,12 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         ctx["flusher"] = Flusher(ctx["redis"], settings, ctx["db"])
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
         ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"])
+        ctx["choices"] = Choices(
+            ctx["redis"],
+            ctx["keys"],
+            settings.allowed_models,
+            ctx["bot"].model or settings.model,
+        )
         ctx["responders"] = {}
         ctx["responders_lock"] = asyncio.Lock()
         await start_ops(ctx, settings)

@@ -6,6 +6,12 @@ the content of DMs and of messages that mention the bot (a reply to the bot ment
 it unless the user turned the ping off). ``SLUICE_DISCORD_MESSAGE_CONTENT=true``
 asks for it (enable it in the developer portal first), which is needed to read
 plain messages in threads the bot is in.
+
+Sharding (Discord requires it from 2,500 guilds): ``SLUICE_DISCORD_SHARDS=auto`` runs
+every shard Discord recommends in this process (discord.py's ``AutoShardedClient``);
+``FIRST-LAST/COUNT`` (e.g. ``0-3/16``) runs only those shards, so several processes
+share the guilds (:func:`make_client`). Discord sends each guild's events to the shard
+``(guild_id >> 22) % COUNT`` and DMs to shard 0.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import yarl
 from discord import app_commands
 
 from bots.discord.intake import DiscordIntake
-from core.settings import Settings
+from core.settings import Settings, parse_shards
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +102,9 @@ async def sync_commands(tree: app_commands.CommandTree[discord.Client]) -> None:
 class SluiceClient(discord.Client):
     """A discord.py client that enqueues conversations for Sluice's workers."""
 
-    def __init__(self, settings: Settings, **options: object) -> None:
+    def __init__(self, settings: Settings, **options: Any) -> None:
         use_api_url(settings)
-        super().__init__(intents=intents(settings), max_messages=None, **options)  # type: ignore[arg-type]
+        super().__init__(intents=intents(settings), max_messages=None, **options)
         self.settings = settings
         self.intake = DiscordIntake(settings, guild_ids=lambda: [str(g.id) for g in self.guilds])
         self.tree = app_commands.CommandTree(self)
@@ -132,3 +138,20 @@ class SluiceClient(discord.Client):
         """Disconnect, then close Redis and the REST session."""
         await super().close()
         await self.intake.close()
+
+
+class ShardedSluiceClient(SluiceClient, discord.AutoShardedClient):
+    """:class:`SluiceClient` on several gateway shards (``SLUICE_DISCORD_SHARDS``)."""
+
+
+def make_client(settings: Settings, **options: Any) -> SluiceClient:
+    """The adapter's client: sharded as ``SLUICE_DISCORD_SHARDS`` says, else one connection."""
+    if settings.discord_shards is None:
+        return SluiceClient(settings, **options)
+    shards = parse_shards(settings.discord_shards)
+    if shards is not None:
+        options["shard_ids"], options["shard_count"] = shards
+        logger.info("discord shards %s of %d in this process", shards[0], shards[1])
+    else:
+        logger.info("discord shards: as many as Discord recommends, all in this process")
+    return ShardedSluiceClient(settings, **options)

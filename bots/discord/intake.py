@@ -6,8 +6,11 @@ each returning the reason to drop it or ``None``:
 
 1. :func:`not_from_a_bot` — the bot itself and other bots are ignored.
 2. :func:`allowed` — the allow and deny lists of guilds, channels, roles and users.
-3. :func:`addressed_to_bot` — a DM, a mention, a reply to the bot, or a message in
-   a thread the bot is in; anything else is not for us.
+3. :func:`addressed_to_bot` — a DM, a mention, a reply to one of the bot's messages
+   (with the reply ping on or off), a message in a thread the bot is in, or a
+   message in a channel where the bot listens without a mention
+   (``SLUICE_DISCORD_LISTEN_CHANNELS`` or an admin's ``/listen on``); anything else is
+   not for us.
 4. :func:`has_text` — without the message-content intent Discord blanks messages
    that do not mention the bot (e.g. plain messages in a thread); nothing to answer.
 
@@ -25,10 +28,14 @@ If enqueueing fails the claim is released, so a replay can still be answered.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import discord
 from arq.connections import ArqRedis
@@ -38,8 +45,9 @@ from bots.discord.interactions import keep_token
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Platform
+from core.messages import FileRef, IncomingMessage, Platform
 from core.settings import Settings
+from core.traffic.choices import Choices
 from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
 
 logger = logging.getLogger(__name__)
@@ -55,6 +63,13 @@ DM_REFUSED = {
 DM_NOTICE_WINDOW_S = 3600  # at most one refusal notice per user per hour
 DM_MEMBER_CACHE_S = 300  # a membership verdict is looked up again after this
 DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
+LISTEN_CACHE_S = 5.0  # an admin's /listen reaches every adapter within this
+LISTEN_CACHE_MAX = 10_000
+CLOSE_WAIT_S = 5.0  # close() waits this long for the events being handled
+
+
+# Attachments taken into one job payload (Discord allows 10 per message).
+MAX_FILE_REFS = 20
 
 
 def dm_tenant(user_id: str) -> str:
@@ -82,6 +97,10 @@ class Event:
     mentions_bot: bool = False
     replies_to_bot: bool = False
     in_bot_thread: bool = False
+    listening: bool = False  # the bot answers this channel without a mention
+    is_admin: bool = False  # the author may manage the server (``/model``, ``/listen``)
+    reply_to_id: str | None = None  # the message this one replies to, if any
+    attachments: int = 0
 
     @property
     def is_dm(self) -> bool:
@@ -147,14 +166,23 @@ def allowed(event: Event, settings: Settings, bot_id: str) -> str | None:
 
 def addressed_to_bot(event: Event, settings: Settings, bot_id: str) -> str | None:
     """Keep DMs, mentions, replies to the bot and messages in the bot's threads."""
-    if event.is_dm or event.mentions_bot or event.replies_to_bot or event.in_bot_thread:
+    if (
+        event.is_dm
+        or event.mentions_bot
+        or event.replies_to_bot
+        or event.in_bot_thread
+        or event.listening
+    ):
         return None
     return "not addressed to the bot"
 
 
 def has_text(event: Event, settings: Settings, bot_id: str) -> str | None:
-    """Drop messages whose content Discord did not send (message-content intent off)."""
-    return None if event.content.strip() else "no content (message-content intent off?)"
+    """Drop messages whose content Discord did not send (message-content intent off);
+    a message with attachments and no text is kept."""
+    if event.content.strip() or event.attachments:
+        return None
+    return "no content (message-content intent off?)"
 
 
 CHECKS: tuple[Check, ...] = (not_from_a_bot, allowed, addressed_to_bot, has_text)
@@ -175,6 +203,7 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
     thread = channel if isinstance(channel, discord.Thread) else None
     ref = message.reference.resolved if message.reference else None
     roles = getattr(message.author, "roles", [])
+    perms = getattr(message.author, "guild_permissions", None)
     return Event(
         message_id=str(message.id),
         author_id=str(message.author.id),
@@ -188,7 +217,28 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
         mentions_bot=any(u.id == bot_id for u in message.mentions),
         replies_to_bot=isinstance(ref, discord.Message) and ref.author.id == bot_id,
         in_bot_thread=thread is not None and (thread.owner_id == bot_id or thread.me is not None),
+        is_admin=bool(perms is not None and perms.manage_guild),
+        reply_to_id=str(message.reference.message_id)
+        if message.type == discord.MessageType.reply
+        and message.reference is not None
+        and message.reference.message_id is not None
+        else None,
+        attachments=len(message.attachments),
     )
+
+
+def files_of(message: discord.Message) -> list[FileRef]:
+    """References to a message's attachments (downloaded by the worker, never here)."""
+    return [
+        FileRef(
+            id=str(a.id),
+            name=a.filename[:1024] or "file",
+            mimetype=(a.content_type or "")[:255],
+            size=max(0, a.size),
+            url=a.url if len(a.url) <= 4096 else "",
+        )
+        for a in message.attachments[:MAX_FILE_REFS]
+    ]
 
 
 def event_from_interaction(interaction: discord.Interaction) -> Event:
@@ -228,16 +278,24 @@ class DiscordIntake:
         self._keys = Keys(settings.key_prefix)
         self._queue: ArqRedis | None = None
         self.rest: DiscordRest | None = None
+        self._listen_cache: dict[str, tuple[float, bool]] = {}
+        # The event handlers running now: close() lets them finish before the pools go.
+        self._busy: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         """Connect to Redis (the queue) and open the paced REST client."""
         if self._queue is None:
             self._queue = await connect_queue(self.settings)
+            self._choices = Choices(self._queue, self._keys)
             self.rest = DiscordRest(self.settings, self._queue)
             await self.rest.start()
 
     async def close(self) -> None:
-        """Close the REST client and the Redis pool."""
+        """Let the events being handled finish (up to a few seconds), then close the REST
+        client and the Redis pool."""
+        busy = [t for t in self._busy if t is not asyncio.current_task()]
+        if busy:
+            await asyncio.wait(busy, timeout=CLOSE_WAIT_S)
         if self.rest is not None:
             await self.rest.close()
             self.rest = None
@@ -252,10 +310,33 @@ class DiscordIntake:
             raise RuntimeError("DiscordIntake.start() was not awaited")
         return self._queue
 
+    @contextlib.asynccontextmanager
+    async def _handling(self) -> AsyncIterator[None]:
+        task = asyncio.current_task()
+        if task is None:  # not in a task: nothing to wait for at close
+            yield
+            return
+        self._busy.add(task)
+        try:
+            yield
+        finally:
+            self._busy.discard(task)
+
     async def on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         """Handle one MESSAGE_CREATE; ``True`` when a reply job was enqueued."""
+        async with self._handling():
+            return await self._on_message(message, me)
+
+    async def _on_message(self, message: discord.Message, me: discord.abc.User) -> bool:
         bot_id = str(me.id)
         event = event_from_message(message, me.id)
+        if (
+            not_from_a_bot(event, self.settings, bot_id) is None
+            and allowed(event, self.settings, bot_id) is None
+            and addressed_to_bot(event, self.settings, bot_id) is not None
+            and has_text(event, self.settings, bot_id) is None
+        ):
+            event = await self._look_further(event, message, bot_id)
         reason = run_checks(event, self.settings, bot_id)
         if reason is not None:
             logger.debug(
@@ -265,6 +346,8 @@ class DiscordIntake:
         if event.is_dm:
             refusal = await self.dm_refusal(event.author_id)
             if refusal is not None:
+                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
+                # Logged once the notice is out (or skipped): the message is done with.
                 logger.info(
                     "discord DM refused message=%s user=%s: policy %s (%s)",
                     event.message_id,
@@ -272,7 +355,6 @@ class DiscordIntake:
                     self.settings.discord_dm_policy,
                     refusal,
                 )
-                await self._dm_notice(event.channel_id, event.author_id, DM_REFUSED[refusal])
                 return False
         msg = IncomingMessage(
             platform=Platform.DISCORD,
@@ -285,7 +367,8 @@ class DiscordIntake:
             user_name=event.author_name,
             is_dm=event.is_dm,
             ts=message.created_at.timestamp(),
-            meta={"reply_to": event.message_id},
+            meta={"reply_to": event.message_id, **({"admin": "1"} if event.is_admin else {})},
+            files=files_of(message),
         )
         return await self._accept(msg, event)
 
@@ -295,6 +378,10 @@ class DiscordIntake:
         The allow and deny lists apply as to messages; a refused user gets a short
         note only they can see.
         """
+        async with self._handling():
+            return await self._on_ask(interaction, question)
+
+    async def _on_ask(self, interaction: discord.Interaction, question: str) -> bool:
         reason = allowed(event_from_interaction(interaction), self.settings, "")
         if reason is not None:
             logger.info(
@@ -356,6 +443,65 @@ class DiscordIntake:
                 content=ASK_FAILED, allowed_mentions=discord.AllowedMentions.none()
             )
         return accepted
+
+    async def _look_further(self, event: Event, message: discord.Message, bot_id: str) -> Event:
+        """For a message not plainly addressed to the bot: does the channel listen without
+        a mention, or does it reply to a bot message Discord did not include?"""
+        if event.reply_to_id is not None and message.reference is not None:
+            resolved = message.reference.resolved
+            if resolved is None and await self._is_own_message(event, bot_id):
+                return replace(event, replies_to_bot=True)
+        if not event.is_dm and await self._listening(event):
+            return replace(event, listening=True)
+        return event
+
+    async def _is_own_message(self, event: Event, bot_id: str) -> bool:
+        """Whether the replied-to message is the bot's, asked over REST (Discord may
+        leave ``referenced_message`` out of the event)."""
+        assert self.rest is not None and event.reply_to_id is not None
+        route = Route(
+            "GET",
+            "/channels/{channel_id}/messages/{message_id}",
+            event.channel_id,
+            f"/channels/{event.channel_id}/messages/{event.reply_to_id}",
+        )
+        try:
+            data = await self.rest.request(
+                route, context=f"channel={event.channel_id} message={event.message_id}"
+            )
+        except DeliveryError as e:
+            logger.info(
+                "discord cannot read the replied-to message channel=%s message=%s: %s",
+                event.channel_id,
+                event.message_id,
+                e,
+            )
+            return False
+        author = data.get("author") if isinstance(data, dict) else None
+        return isinstance(author, dict) and str(author.get("id")) == bot_id
+
+    async def _listening(self, event: Event) -> bool:
+        """Whether the bot answers ``event``'s channel (or the thread's parent) unasked."""
+        channels = [event.channel_id] + ([event.parent_id] if event.parent_id else [])
+        if set(channels) & set(self.settings.discord_listen_channels):
+            return True
+        now = time.monotonic()
+        for channel in channels:
+            cached = self._listen_cache.get(channel)
+            if cached is None or cached[0] <= now:
+                try:
+                    on = await self._choices.listening(
+                        Platform.DISCORD, event.guild_id or "", channel
+                    )
+                except (RedisError, OSError) as e:
+                    logger.warning("discord cannot read /listen channel=%s: %s", channel, e)
+                    return False
+                if len(self._listen_cache) >= LISTEN_CACHE_MAX:
+                    self._listen_cache.clear()
+                cached = self._listen_cache[channel] = (now + LISTEN_CACHE_S, on)
+            if cached[1]:
+                return True
+        return False
 
     async def dm_refusal(self, user_id: str) -> str | None:
         """Why a DM from ``user_id`` is refused under the DM policy, or ``None``.

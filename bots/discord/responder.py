@@ -8,9 +8,10 @@ follow-ups. Text over 2000 characters becomes several messages
 role or a user.
 
 Idempotent per job id: the ids of the messages already posted are kept in Redis
-(``Keys.delivered``), so a job re-run after a worker died edits them instead of
-posting again; each post also carries a ``nonce`` with ``enforce_nonce`` so that
-Discord itself drops a second create of the same part.
+(:class:`core.responder.DeliveryState`, with its policy for a Redis error), so a job
+re-run after a worker died edits them instead of posting again; each post also
+carries a ``nonce`` with ``enforce_nonce`` so that Discord itself drops a second create
+of the same part.
 
 While the message waits in line, :meth:`DiscordResponder.queued` shows "⏳ Queued:
 about N s" as the reply's first message (for ``/ask``, the deferred response
@@ -35,16 +36,19 @@ import logging
 import time
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bots.discord.interactions import forget_token, load_token, token_ref
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from bots.discord.split import split_message
-from core.errors import DeliveryError, DeliveryRetryableError
+from core.errors import DeliveryError, DeliveryRetryableError, FileRefusedError
+from core.files.download import download, origin
 from core.infra.logs import register_secret
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.messages import QUEUED_PREFIX, FileRef, IncomingMessage, Reply, queued_text
+from core.responder import DeliveryState, Responder
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,10 @@ return 0
 """
 
 
+# Where Discord serves attachments.
+DISCORD_FILE_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+
+
 class DiscordResponderFactory:
     """Creates one :class:`DiscordResponder` per job; holds the shared REST client."""
 
@@ -74,21 +82,47 @@ class DiscordResponderFactory:
         self._settings = settings
         self._redis = redis
         self.rest = DiscordRest(settings, redis)
+        # Attachments come from Discord's CDN, without the bot token: a session of its own.
+        self._files: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the HTTP session."""
+        """Open the HTTP sessions."""
         await self.rest.start()
+        if self._files is None:
+            self._files = aiohttp.ClientSession()
 
     async def close(self) -> None:
-        """Close the HTTP session."""
+        """Close the HTTP sessions."""
         await self.rest.close()
+        if self._files is not None:
+            await self._files.close()
+            self._files = None
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a message attachment from Discord's CDN (or the host of
+        ``DISCORD_API_URL``, for a proxy or a test fake); no token is sent.
+
+        Raises:
+            FileRefusedError: not a Discord attachment URL, or the download failed.
+        """
+        if self._files is None:
+            raise RuntimeError("DiscordResponderFactory.start() was not awaited")
+        hosts = {*DISCORD_FILE_HOSTS, origin(self._settings.discord_api_url)[1]}
+        if origin(ref.url)[1] not in hosts:
+            raise FileRefusedError(f"{ref.name} is not a Discord attachment, so I did not open it.")
+        data, _ = await download(
+            self._files, ref.url, name=ref.name, max_bytes=max_bytes, timeout_s=timeout_s
+        )
+        return data
 
     def responder(self, msg: IncomingMessage, job_id: str) -> DiscordResponder:
         """The responder for one job."""
         return DiscordResponder(self._settings, self._redis, self.rest, msg, job_id)
 
 
-class DiscordResponder:
+class DiscordResponder(Responder):
     """Delivers one reply to Discord: typing, streamed edits, final parts."""
 
     def __init__(
@@ -104,7 +138,8 @@ class DiscordResponder:
         self._rest = rest
         self._msg = msg
         self._job_id = job_id
-        self._key = Keys(settings.key_prefix).delivered(job_id)
+        self._state = DeliveryState(redis, Keys(settings.key_prefix), job_id, settings.dedupe_ttl_s)
+        self._key = self._state.key
         self._ids: list[str] = []
         self._texts: list[str] = []
         self._done = False
@@ -255,8 +290,7 @@ class DiscordResponder:
         """This message gets no reply of its own (merged into a later message's):
         delete its queued notice, and keep a late ``notify_queued`` from posting one."""
         try:
-            await self._redis.hset(self._key, "done", "1")  # type: ignore[misc]
-            await self._redis.expire(self._key, self._settings.dedupe_ttl_s)
+            await self._state.save({"done": "1"})
             self._loaded = False
             await self._load()
             if self._ids and self._texts[0].startswith(QUEUED_PREFIX):
@@ -512,13 +546,8 @@ class DiscordResponder:
                 logger.warning("cannot read the interaction token %s: %s", self._context, e)
         if self._loaded:
             return
+        state = await self._state.read()
         self._loaded = True
-        try:
-            raw: dict[Any, Any] = await self._redis.hgetall(self._key)  # type: ignore[misc]
-        except RedisError as e:
-            logger.warning("cannot read delivery state job=%s: %s", self._job_id, e)
-            return
-        state = {_s(k): _s(v) for k, v in raw.items()}
         if "ids" in state:
             self._ids = json.loads(state["ids"])
             self._texts = json.loads(state.get("texts", "[]"))
@@ -528,13 +557,7 @@ class DiscordResponder:
         mapping = {"ids": json.dumps(self._ids), "texts": json.dumps(self._texts)}
         if done:
             mapping["done"] = "1"
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(self._key, mapping=mapping)
-                pipe.expire(self._key, self._settings.dedupe_ttl_s)
-                await pipe.execute()
-        except RedisError as e:
-            logger.warning("cannot store delivery state job=%s: %s", self._job_id, e)
+        await self._state.save(mapping)
 
 
 def _parts(text: str) -> list[str]:
@@ -544,7 +567,3 @@ def _parts(text: str) -> list[str]:
 def _nonce(job_id: str, index: int) -> str:
     # Discord nonces are at most 25 characters.
     return hashlib.sha256(f"{job_id}:{index}".encode()).hexdigest()[:25]
-
-
-def _s(v: Any) -> str:
-    return v.decode() if isinstance(v, bytes) else str(v)

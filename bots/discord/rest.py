@@ -16,6 +16,19 @@ it lives in Redis and two Lua scripts read and update it atomically.
   the pool's global rate for 30 s: something else is using the same token's budget
   (the host bot in plugin mode, say).
 
+Buckets are named as Discord names them: every response carries ``X-RateLimit-Bucket``,
+a hash that several routes may share. The route -> hash mapping is learned from
+responses and kept in Redis (``{prefix}:discord:route:{method template}``, a day) and in
+each process; a bucket's state is then keyed by hash and major id, so routes that
+share a bucket share one budget. Until a route's hash is known its bucket is keyed by
+the route itself.
+
+A 429's ``X-RateLimit-Scope`` says whose limit it was: ``global`` (or ``"global":
+true``) pauses every request of the pool; ``user`` is the bucket's; ``shared`` is a
+limit of the resource shared with everyone else (a busy channel): the bucket waits it
+out, but it does not count as the bot's own 429 (no global pause, no lowered rate;
+:attr:`RateLimitStats.shared_limited`, with its own retry cap).
+
 Clocks come from Redis ``TIME`` so workers on different hosts agree.
 """
 
@@ -24,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +60,8 @@ _GLOBAL_SPAN_MS = 1100
 _LEARN_MS = 30_000
 _MAX_429_RETRIES = 5
 _USER_AGENT = "DiscordBot (https://github.com/sluice, 0.1) Sluice"
+_ROUTE_BUCKET_TTL_S = 86_400
+_BUCKET_HASH_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 _ACQUIRE = """
 local t = redis.call('TIME')
@@ -160,9 +176,14 @@ class Route:
     path: str
 
     @property
+    def key(self) -> str:
+        """The route without its parameters: ``METHOD /template``."""
+        return f"{self.method} {self.template}"
+
+    @property
     def bucket(self) -> str:
-        """The rate-limit bucket this call counts against."""
-        return f"{self.method} {self.template}:{self.major}"
+        """The rate-limit bucket of this call until Discord names it (by route)."""
+        return f"{self.key}:{self.major}"
 
     @property
     def global_exempt(self) -> bool:
@@ -178,6 +199,7 @@ class RateLimitStats:
         self.limited = 0
         self.waited_s = 0.0
         self.skipped = 0
+        self.shared_limited = 0  # 429s of a limit shared with others (scope "shared")
 
 
 class DiscordRest:
@@ -198,6 +220,7 @@ class DiscordRest:
         self._update = redis.register_script(_UPDATE)
         self._limited = redis.register_script(_LIMITED)
         self._slot = 0
+        self._route_buckets: dict[str, str] = {}  # route key -> Discord's bucket hash
         self.stats = RateLimitStats()
 
     async def start(self) -> None:
@@ -214,14 +237,39 @@ class DiscordRest:
             await self._session.close()
             self._session = None
 
+    async def bucket_of(self, route: Route) -> str:
+        """The bucket ``route`` counts against: Discord's hash and the major id once
+        learned (from this process or, through Redis, any other), else the route."""
+        known = self._route_buckets.get(route.key)
+        if known is None:
+            raw = await self._redis.get(self._keys.discord_route_bucket(route.key))
+            if raw is not None:
+                known = self._route_buckets[route.key] = (
+                    raw.decode() if isinstance(raw, bytes) else str(raw)
+                )
+        return f"{known}:{route.major}" if known else route.bucket
+
+    async def _learn_bucket(self, route: Route, resp: aiohttp.ClientResponse) -> None:
+        name = resp.headers.get("X-RateLimit-Bucket")
+        if name is None or self._route_buckets.get(route.key) == name:
+            return
+        if not _BUCKET_HASH_RE.match(name):
+            logger.debug("odd X-RateLimit-Bucket on %s; ignored", route.key)
+            return
+        self._route_buckets[route.key] = name
+        await self._redis.set(
+            self._keys.discord_route_bucket(route.key), name, ex=_ROUTE_BUCKET_TTL_S
+        )
+
     async def _wait_for_slot(self, route: Route, *, best_effort: bool) -> bool:
         """Reserve a request slot; ``False`` when ``best_effort`` and none is free now."""
         while True:
             self._slot += 1
+            bucket = await self.bucket_of(route)
             wait_ms = int(
                 await self._acquire(
                     keys=[
-                        self._keys.discord_bucket(route.bucket),
+                        self._keys.discord_bucket(bucket),
                         self._keys.discord_global(),
                         self._keys.discord_global_pause(),
                         self._keys.discord_global_learned(),
@@ -272,7 +320,7 @@ class DiscordRest:
         headers = {"Content-Type": "application/json"}
         if not route.global_exempt and self._token:
             headers["Authorization"] = f"Bot {self._token}"
-        failures = limited = 0
+        failures = limited = shared = 0
         max_failures = 0 if best_effort else self._settings.discord_retries
         while True:
             if not await self._wait_for_slot(route, best_effort=best_effort):
@@ -288,6 +336,8 @@ class DiscordRest:
                     self.stats.requests += 1
                     body = await _body(resp)
                     status = resp.status
+                    scope = _scope(resp, body) if status == 429 else ""
+                    await self._learn_bucket(route, resp)
                     await self._note_headers(route, resp)
             except (aiohttp.ClientError, TimeoutError) as e:
                 failures += 1
@@ -300,11 +350,17 @@ class DiscordRest:
             if 200 <= status < 300:
                 return body
             if status == 429:
-                limited += 1
-                self.stats.limited += 1
-                retry_after_s = await self._note_429(route, body)
-                logger.warning(
-                    "discord 429 %s %s %s; retry in %.2fs",
+                if scope == "shared":
+                    shared += 1
+                    self.stats.shared_limited += 1
+                else:
+                    limited += 1
+                    self.stats.limited += 1
+                retry_after_s = await self._note_429(route, body, is_global=scope == "global")
+                logger.log(
+                    logging.INFO if scope == "shared" else logging.WARNING,
+                    "discord 429 (%s) %s %s %s; retry in %.2fs",
+                    scope,
                     route.method,
                     route.template,
                     context,
@@ -312,7 +368,7 @@ class DiscordRest:
                 )
                 if best_effort:
                     return None
-                if limited > _MAX_429_RETRIES:
+                if limited > _MAX_429_RETRIES or shared > _MAX_429_RETRIES:
                     raise DeliveryRetryableError(
                         f"discord {route.method} {route.template} {context}: rate limited",
                         retry_after_s=retry_after_s,
@@ -353,19 +409,20 @@ class DiscordRest:
             logger.debug("unreadable rate-limit headers on %s", route.template)
             return
         await self._update(
-            keys=[self._keys.discord_bucket(route.bucket)],
+            keys=[self._keys.discord_bucket(await self.bucket_of(route))],
             args=[limit, remaining, reset_after_ms, _MARGIN_MS],
         )
 
-    async def _note_429(self, route: Route, body: Any) -> float:
+    async def _note_429(self, route: Route, body: Any, *, is_global: bool) -> float:
         retry_after_s = 1.0
-        is_global = False
         if isinstance(body, dict):
-            retry_after_s = float(body.get("retry_after", 1.0))
-            is_global = bool(body.get("global", False))
+            try:
+                retry_after_s = max(float(body.get("retry_after", 1.0)), 0.0)
+            except (TypeError, ValueError):
+                logger.debug("unreadable retry_after on %s", route.key)
         await self._limited(
             keys=[
-                self._keys.discord_bucket(route.bucket),
+                self._keys.discord_bucket(await self.bucket_of(route)),
                 self._keys.discord_global_pause(),
                 self._keys.discord_global(),
                 self._keys.discord_global_learned(),
@@ -379,6 +436,18 @@ class DiscordRest:
             ],
         )
         return retry_after_s
+
+
+def _scope(resp: aiohttp.ClientResponse, body: Any) -> str:
+    """Whose limit a 429 is: ``global``, ``shared`` or ``user`` (the bucket's)."""
+    scope = resp.headers.get("X-RateLimit-Scope", "").lower()
+    if (
+        scope == "global"
+        or resp.headers.get("X-RateLimit-Global", "").lower() == "true"
+        or (isinstance(body, dict) and body.get("global") is True)
+    ):
+        return "global"
+    return "shared" if scope == "shared" else "user"
 
 
 async def _body(resp: aiohttp.ClientResponse) -> Any:

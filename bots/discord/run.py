@@ -9,7 +9,7 @@ import signal
 import aiohttp
 import click
 
-from bots.discord.gateway import SluiceClient, invite_url
+from bots.discord.gateway import invite_url, make_client
 from core.errors import ConfigError
 from core.infra.heartbeat import process_ops
 from core.settings import Settings
@@ -49,7 +49,7 @@ async def print_invite_url(settings: Settings) -> None:
 async def run_discord(settings: Settings) -> None:
     """Connect and serve until SIGINT/SIGTERM."""
     token = _token(settings)
-    client = SluiceClient(settings)
+    client = make_client(settings)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -55,6 +55,8 @@ BOT_SCOPES = [
     "channels:history",
     "chat:write",
     "commands",
+    # Files users share with the bot: the worker downloads url_private (core.files).
+    "files:read",
     "groups:history",
     "im:history",
     "im:write",
@@ -403,6 +405,7 @@ async def _running(settings: Settings, host: str, port: int) -> AsyncIterator[st
         from slack_bolt.adapter.socket_mode.aiohttp import AsyncSocketModeHandler
 
         handler = AsyncSocketModeHandler(slack.bolt, settings.slack_app_token.get_secret_value())
+        # slack_bolt leaves the Socket Mode handler's methods unannotated.
         await handler.connect_async()  # type: ignore[no-untyped-call]
         logger.info("slack adapter (Socket Mode) connected")
         try:

@@ -25,7 +25,7 @@ def render_manifest(bot: Bot, *, url: str | None = None, socket_mode: bool = Fal
     text = TEMPLATE.read_text("utf-8")
     base = (url or PLACEHOLDER_URL).rstrip("/")
     entries = []
-    for spec in bot.command_specs():
+    for spec in bot.command_specs("slack"):
         if spec.name == "ask":
             continue
         hint = spec.usage.split(" ", 1)[1] if " " in spec.usage else ""

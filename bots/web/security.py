@@ -24,6 +24,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -104,7 +105,7 @@ def load_auth_hook(spec: str) -> AuthHook:
     hook = getattr(module, attr, None)
     if not callable(hook):
         raise ConfigError(f"SLUICE_WEB_AUTH={spec}: {module_name} has no function {attr!r}.")
-    return hook  # type: ignore[no-any-return]
+    return cast(AuthHook, hook)
 
 
 def parse_host(value: str) -> tuple[str, int | None] | None:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
 from core.errors import BotDefinitionError
+from core.framework.admin import admin_commands
 from core.framework.commands import (
     Command,
     CommandFunc,
@@ -70,6 +71,7 @@ COMMAND_APOLOGY = "Sorry, that command failed. Please try again later."
 PromptFunc = Callable[[MessageContext], "str | Awaitable[str | None] | None"]
 LaneFunc = Callable[[MessageContext], "str | None"]
 _PROMPT_KEY_RE = re.compile(r"^(dm|(platform|tenant|channel):.+)$")
+_ADMIN_COMMANDS = admin_commands()
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C", bound=CommandFunc)
 T = TypeVar("T", bound=ToolFunc)
@@ -105,6 +107,8 @@ class Bot:
             ``tenant_tokens_per_day``, ``user_window_s``); ``None`` as a value lifts it.
         merge_burst_s: When > 0, messages one user sends within this many seconds of
             each other in a conversation are answered as one turn.
+        vision: Whether the model reads images (attached images become image parts);
+            ``None`` means the ``SLUICE_VISION`` setting.
     """
 
     name: str = "assistant"
@@ -135,6 +139,8 @@ class Bot:
     no_cache_channels: frozenset[str] = frozenset()
     limits: dict[str, int | None] = field(default_factory=dict)
     merge_burst_s: float = 0.0
+    # --- Files users attach ---
+    vision: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():
@@ -339,18 +345,28 @@ class Bot:
     def commands(self) -> dict[str, Command]:
         """The commands by name, ``help`` included (built in unless you define one)."""
         cmds = dict(self._commands)
+        for name, builtin in _ADMIN_COMMANDS.items():
+            cmds.setdefault(name, builtin)
         if "help" not in cmds:
             if self._help is None:
                 self._help = make_command(self._builtin_help, "help", "List the commands.")
             cmds["help"] = self._help
         return cmds
 
-    async def _builtin_help(self) -> str:
-        return help_text(list(self.commands.values()))
+    async def _builtin_help(self, ctx: MessageContext) -> str:
+        offered = [
+            c for c in self.commands.values() if c.platforms is None or ctx.platform in c.platforms
+        ]
+        return help_text(offered)
 
-    def command_specs(self) -> list[CommandSpec]:
-        """Every command (``help`` included) in a platform-neutral form for registration."""
-        return [c.spec() for c in self.commands.values()]
+    def command_specs(self, platform: str | None = None) -> list[CommandSpec]:
+        """Every command (``help`` included) in a platform-neutral form for registration;
+        with ``platform``, only those offered there (``/listen`` is Discord's)."""
+        return [
+            c.spec()
+            for c in self.commands.values()
+            if platform is None or c.platforms is None or platform in c.platforms
+        ]
 
     def lane_for(self, msg: IncomingMessage) -> str:
         """The lane to enqueue ``msg`` in: ``@bot.lane`` functions, then ``lanes`` rules."""
@@ -429,6 +445,8 @@ class Bot:
             return None
         name, args, explicit = found
         cmd = commands[name]
+        if cmd.explicit_only and not explicit:
+            return None
         try:
             cmd.parse(args)
         except CommandUsageError as e:

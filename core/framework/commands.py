@@ -181,6 +181,8 @@ class Command:
     fn: CommandFunc
     params: list[_Param] = field(default_factory=list)
     context_param: str | None = None
+    explicit_only: bool = False  # run only as ``/name`` (the built-in admin commands)
+    platforms: frozenset[str] | None = None  # where it is offered (``None``: everywhere)
 
     @property
     def usage(self) -> str:

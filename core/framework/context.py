@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.messages import IncomingMessage
+from core.traffic.choices import Choices
 
 
 @dataclass
@@ -36,6 +37,10 @@ class MessageContext:
         message_id: The platform's id of the message.
         text: The text being answered; before-hooks may have rewritten it.
         command: The name of the command being run, if any.
+        is_admin: The user may change the bot's settings here (``/model``, ``/listen``):
+            listed in ``SLUICE_ADMIN_USERS``, or a Discord member with *Manage Server*.
+        choices: The per-tenant and per-channel choices (model, listening) when the
+            message is answered by a worker, else ``None``.
         state: Scratch space shared by the hooks, the command or tools of one message
             (e.g. a before-hook stores a flag that an after-hook reads).
     """
@@ -51,6 +56,8 @@ class MessageContext:
     is_dm: bool = False
     lane: str = "default"
     command: str | None = None
+    is_admin: bool = False
+    choices: Choices | None = None
     state: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -67,6 +74,7 @@ class MessageContext:
             lane=msg.lane,
             message_id=msg.message_id,
             text=msg.text,
+            is_admin=msg.meta.get("admin") == "1",
         )
 
     @property

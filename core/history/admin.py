@@ -93,6 +93,7 @@ from core.history.store import (
     user_message_keys,
     web_sessions,
 )
+from core.infra.lock import OwnerLock
 from core.infra.redis import Keys, client, glob_escape
 from core.infra.serializer import deserialize
 from core.messages import IncomingMessage, reply_job_id
@@ -217,14 +218,17 @@ class PurgeResult:
     tenants: set[str] = field(default_factory=set)
 
 
-async def _hold_flush_lock(redis: Redis, keys: Keys, timeout_s: float = 120.0) -> str:
-    token = f"purge-{uuid.uuid4().hex}"
+async def _hold_flush_lock(redis: Redis, keys: Keys, timeout_s: float = 120.0) -> OwnerLock:
+    """The history flush lock, held (and renewed) by this purge until released."""
+    lock = OwnerLock(
+        redis, keys.history_flush_lock(), f"purge-{uuid.uuid4().hex}", 300_000, what="purge"
+    )
     deadline = time.monotonic() + timeout_s
-    while not await redis.set(keys.history_flush_lock(), token, nx=True, px=300_000):
+    while not await lock.acquire():
         if time.monotonic() > deadline:
             raise TimeoutError("a flush has held the lock for too long; try again")
         await asyncio.sleep(0.2)
-    return token
+    return lock
 
 
 async def purge(
@@ -250,7 +254,7 @@ async def purge(
     if user is None and tenant is None:
         raise ValueError("give a user, a tenant, or both")
     result = PurgeResult()
-    token = await _hold_flush_lock(redis, keys)
+    lock = await _hold_flush_lock(redis, keys)
     try:
         messages: set[tuple[str, str, str]] = set()
         sessions: set[str] = set()
@@ -301,8 +305,7 @@ async def purge(
             for i in range(0, len(batch), 1000):
                 result.cache_keys += int(await redis.unlink(*batch[i : i + 1000]))
     finally:
-        if _str(await redis.get(keys.history_flush_lock()) or b"") == token:
-            await redis.delete(keys.history_flush_lock())
+        await lock.release()
     return result
 
 

@@ -295,6 +295,11 @@ class Keys:
         """Marks a Slack thread the bot answers in (follow-ups need no mention)."""
         return f"{self.prefix}:slack:thread:{team}:{channel}:{thread_ts}"
 
+    def slack_assistant(self, channel: str, thread_ts: str) -> str:
+        """Hash of one Slack assistant thread: its context (the channel the user is
+        viewing) and whether its title was set."""
+        return f"{self.prefix}:slack:assistant:{channel}:{thread_ts}"
+
     def slack_pace(self, channel: str, ts: str) -> str:
         """Held while one Slack message may not be edited again (one edit per interval)."""
         return f"{self.prefix}:slack:pace:{channel}:{ts}"
@@ -328,6 +333,10 @@ class Keys:
         """A lowered global rate after a global 429 (expires)."""
         return f"{self.prefix}:discord:global:learned"
 
+    def discord_route_bucket(self, route: str) -> str:
+        """The ``X-RateLimit-Bucket`` Discord named for a route (learned from responses)."""
+        return f"{self.prefix}:discord:route:{route}"
+
     def discord_dm_member(self, user_id: str) -> str:
         """Whether a user may DM the bot under the ``members`` DM policy ("1"/"0", expires)."""
         return f"{self.prefix}:discord:dm:member:{user_id}"
@@ -335,6 +344,12 @@ class Keys:
     def discord_dm_notice(self, user_id: str) -> str:
         """Set while a user who was refused in DMs has had their notice (one per window)."""
         return f"{self.prefix}:discord:dm:notice:{user_id}"
+
+    # --- Choices admins make per tenant or channel (/model, /listen) ---
+    def choice(self, what: str, platform: str, tenant: str, channel: str | None = None) -> str:
+        """One admin choice (``what``: ``model``, ``listen``) for a tenant or one channel."""
+        where = f"{platform}:{tenant}" + (f":{channel}" if channel is not None else "")
+        return f"{self.prefix}:choice:{what}:{where}"
 
     # --- Operations (metrics, status) ---
 
@@ -416,8 +431,3 @@ class Keys:
     def cache(self, tenant: str, digest: str) -> str:
         """One cached answer."""
         return f"{self.cache_prefix(tenant)}{digest}"
-
-    def cache_done(self, cache_key: str) -> str:
-        """Wake-ups for callers waiting on the answer under ``cache_key`` (a list;
-        outside the cache's key layout, so clearing the cache does not count it)."""
-        return f"{self.prefix}:cache-done:{cache_key.removeprefix(self.prefix + ':')}"

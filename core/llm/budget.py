@@ -271,10 +271,28 @@ def unavailable_text(retry_in_s: float | None) -> str:
     return f"The assistant is unavailable right now; please try again in {minutes} {unit}."
 
 
+# What one image part counts against a TPM limit: OpenAI's cost of a 1024x1024 image
+# at high detail (85 + 4 tiles * 170).
+IMAGE_TOKENS = 765
+
+
 def estimate_tokens(messages: Sequence[ChatMessage], max_tokens: int) -> int:
-    """What a request counts against a TPM limit: ~4 characters a token, plus max_tokens."""
-    chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-    return math.ceil(chars / 4) + max_tokens
+    """What a request counts against a TPM limit: ~4 characters a token, plus
+    :data:`IMAGE_TOKENS` per image part, plus max_tokens."""
+    chars = images = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") == "image_url":
+                    images += 1
+                elif isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+    return math.ceil(chars / 4) + images * IMAGE_TOKENS + max_tokens
 
 
 def _text(value: Any) -> str:
@@ -550,23 +568,3 @@ class BudgetGate:
     async def after_failure(self, error: LLMError) -> None:
         """Report a failed call."""
         await self.budget.failed(error)
-
-
-async def estimate_wait_s(
-    redis: Redis, keys: Keys, settings: Settings, queue: str, score_ms: int
-) -> float | None:
-    """Expected wait of a job just enqueued with ``score_ms``, when the LLM budget is
-    what limits: the jobs ahead of it in the queue (running ones included), less what
-    the bucket holds now, at the budget's rate. ``None`` when no rate is known."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcount(queue, "-inf", score_ms)
-        pipe.hmget(keys.llm("bucket"), ["rl", "lim_r"])
-        ahead, (level, learned) = await pipe.execute()
-    rpm = settings.llm_rpm or 0
-    if learned is not None and (rpm == 0 or 0 < int(learned) < rpm):
-        rpm = int(learned)
-    rate_per_s = rpm * settings.llm_budget_headroom / 60
-    if rate_per_s <= 0:
-        return None
-    in_bucket = max(0.0, float(level)) if level is not None else rpm * settings.llm_budget_headroom
-    return max(0.0, int(ahead) - 1 - in_bucket) / rate_per_s

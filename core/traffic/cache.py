@@ -18,7 +18,6 @@ A bot opts out with ``Bot(cache_answers=False)``, a channel with
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -31,8 +30,8 @@ from typing import Any
 from redis.asyncio import Redis
 
 from core.framework.bot import Bot
+from core.infra.lock import OwnerLock
 from core.infra.redis import Keys, glob_escape
-from core.infra.scripts import Lua
 from core.llm.client import ChatMessage, Completion
 from core.messages import IncomingMessage
 from core.settings import Settings
@@ -41,26 +40,6 @@ logger = logging.getLogger(__name__)
 
 LOCK_TTL_MS = 10_000
 _WS = re.compile(r"\s+")
-
-# KEYS: lock. ARGV: owner, ttl ms.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-"""
-# KEYS: lock, its waiters' wake list. ARGV: owner.
-# The leader is done (answer stored, or failed): one waiter wakes, and passes it on.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('DEL', KEYS[1])
-  redis.call('RPUSH', KEYS[2], '1')
-  redis.call('PEXPIRE', KEYS[2], 30000)
-  return 1
-end
-return 0
-"""
-# A waiter for a leader's answer looks again on its own at least this often (a leader
-# that died: its lock expires after LOCK_TTL_MS).
-WAITER_FALLBACK_S = 2.0
 
 
 def _norm_text(text: str) -> str:
@@ -114,8 +93,6 @@ class ResponseCache:
         self._keys = keys
         self._ttl_s = settings.cache_ttl_s
         self._max_wait_s = settings.llm_budget_wait_s + settings.llm_timeout_s * 2
-        self._renew_lock = Lua(redis, _RENEW)
-        self._unlock = Lua(redis, _UNLOCK)
 
     def key(self, tenant: str, digest: str) -> str:
         """The Redis key of one cached answer."""
@@ -145,65 +122,34 @@ class ResponseCache:
     ) -> tuple[Completion, bool]:
         """The cached answer, or ``compute()``'s, computed once for concurrent callers.
 
-        Callers that find another one computing block on ``Keys.cache_done(key)``: the leader's
-        unlock wakes one, which passes the wake-up on when it finds the answer (or
-        takes the lead when the leader failed).
-
         Returns ``(completion, from_cache)``. Errors of ``compute`` propagate to the
         caller that ran it; the waiters then try again themselves.
         """
-        lock = f"{key}:lock"
-        done = self._keys.cache_done(key)
+        lock = OwnerLock(self._redis, f"{key}:lock", owner, LOCK_TTL_MS, what="cache")
         deadline = time.monotonic() + self._max_wait_s
-        woken = False
+        delay = 0.02
         while True:
             hit = await self.get(key)
             if hit is not None:
-                if woken:
-                    # Pass the leader's wake-up on to the next waiter.
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        pipe.rpush(done, b"1")
-                        pipe.pexpire(done, 30_000)
-                        await pipe.execute()
                 return hit, True
-            if await self._redis.set(lock, owner, px=LOCK_TTL_MS, nx=True):
-                # The previous leader may have stored the answer and unlocked between
-                # our miss above and taking the lock: look once more before calling.
-                hit = await self.get(key)
-                if hit is not None:
-                    await self._unlock([lock, done], [owner])
-                    return hit, True
-                return await self._lead(key, lock, owner, compute), False
-            left_s = deadline - time.monotonic()
-            if left_s <= 0:
+            if await lock.acquire():
+                try:
+                    # The previous leader may have stored the answer and unlocked between
+                    # our miss above and taking the lock: look once more before calling.
+                    hit = await self.get(key)
+                    if hit is not None:
+                        return hit, True
+                    completion = await compute()
+                    if cacheable(completion):
+                        await self.put(key, completion)
+                    return completion, False
+                finally:
+                    await lock.release()
+            if time.monotonic() > deadline:
                 # The leader is far too slow; answer on our own rather than wait on.
                 return await compute(), False
-            # Woken when the leader unlocks (its answer is stored, or it failed).
-            popped = await self._redis.blpop(  # type: ignore[misc]
-                [done],
-                timeout=max(0.01, min(left_s, WAITER_FALLBACK_S)),  # type: ignore[arg-type]
-            )
-            woken = popped is not None
-
-    async def _lead(
-        self, key: str, lock: str, owner: str, compute: Callable[[], Awaitable[Completion]]
-    ) -> Completion:
-        renewer = asyncio.create_task(self._renew(lock, owner))
-        try:
-            completion = await compute()
-            if cacheable(completion):
-                await self.put(key, completion)
-            return completion
-        finally:
-            renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await renewer
-            await asyncio.shield(self._unlock([lock, self._keys.cache_done(key)], [owner]))
-
-    async def _renew(self, lock: str, owner: str) -> None:
-        while True:
-            await asyncio.sleep(LOCK_TTL_MS / 3000)
-            await self._renew_lock([lock], [owner, LOCK_TTL_MS])
+            await asyncio.sleep(delay)
+            delay = min(0.2, delay * 1.5)
 
 
 async def clear_cache(redis: Redis, keys: Keys, tenant: str | None = None) -> int:

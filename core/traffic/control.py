@@ -256,9 +256,7 @@ class Traffic:
         max_tokens = int(params.get("max_tokens") or self.settings.llm_max_tokens)
 
         async def on_queued(wait_s: float) -> None:
-            show = getattr(responder, "queued", None)
-            if show is not None:
-                await show(wait_s)
+            await responder.queued(wait_s)
 
         gate = BudgetGate(
             self.budget,

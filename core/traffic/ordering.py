@@ -30,7 +30,6 @@ is dropped from the line as a safety net (its job still answers when it runs).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -40,9 +39,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from core.infra.lock import OwnerLock
 from core.infra.redis import Keys
 from core.infra.scripts import Lua
-from core.messages import IncomingMessage
+from core.messages import FileRef, IncomingMessage
 from core.settings import Settings
 from core.traffic.wake import WAKE_WORKERS_LUA
 
@@ -102,14 +102,6 @@ redis.call('HDEL', KEYS[4], ARGV[1])
 return {1, '', 0}
 """
 )
-
-# KEYS: lock; ARGV: job id, ttl ms.
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
 
 # The head of a conversation's line (``pending``), if it parked (an entry in ``wake``),
 # goes back to its place in its queue, and an idle worker of that queue wakes
@@ -209,7 +201,11 @@ async def register_arrival(
     """
     summary = ""
     if keep_text:
-        summary = json.dumps({"user": msg.user, "text": msg.text, "ts": msg.ts})
+        fields: dict[str, Any] = {"user": msg.user, "text": msg.text, "ts": msg.ts}
+        if msg.files:
+            # File references (never bytes), so that a merged burst keeps its files.
+            fields["files"] = [f.model_dump() for f in msg.files]
+        summary = json.dumps(fields)
     cid = msg.conversation_id
     added = await Lua(redis, _REGISTER)(
         [keys.conv_pending(cid), keys.conv_texts(cid)], [msg.job_id, PENDING_TTL_S, summary]
@@ -237,11 +233,13 @@ class ConversationLock:
         self.conversation_id = conversation_id
         self.job_id = job_id
         self._ttl_ms = max(1, int(ttl_s * 1000))
-        self._renewer: asyncio.Task[None] | None = None
+        # Taken and freed by this module's scripts (with the line beside it); renewed
+        # and reported lost by the one owner-token lock primitive.
+        self.lock = OwnerLock(
+            redis, self._keys[0], job_id, self._ttl_ms, what=f"conversation {conversation_id}"
+        )
         self._acquire = Lua(redis, _ACQUIRE)
-        self._renew = Lua(redis, _RENEW)
         self._release = Lua(redis, _RELEASE)
-        self.lost = False
 
     async def try_acquire(self, max_wait_s: float) -> tuple[bool, str, bool]:
         """One attempt; returns (acquired, the job id we wait for, whether that job
@@ -252,33 +250,13 @@ class ConversationLock:
         )
         blocker = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
         acquired = int(res[0]) == 1
-        if acquired and self._renewer is None:
-            self._renewer = asyncio.create_task(self._renew_loop())
+        if acquired:
+            self.lock.start_renewing()
         return acquired, blocker, int(res[2]) == 1
-
-    async def _renew_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._ttl_ms / 3000)
-            try:
-                ok = await self._renew(self._keys[:1], [self.job_id, self._ttl_ms])
-            except (RedisError, OSError) as e:
-                # Keep trying: the lock outlives a short outage by its TTL.
-                logger.warning("cannot renew lock of %s: %s", self.conversation_id, e)
-                continue
-            if not ok:
-                self.lost = True
-                logger.warning(
-                    "lock of conversation %s lost by job %s", self.conversation_id, self.job_id
-                )
-                return
 
     async def release(self) -> None:
         """Stop renewing, leave the line and free the conversation for the next message."""
-        if self._renewer is not None:
-            self._renewer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._renewer
-            self._renewer = None
+        await self.lock.stop_renewing()
         await asyncio.shield(self._release(self._keys, [self.job_id]))
 
 
@@ -418,7 +396,7 @@ async def absorb_burst(
     cid = msg.conversation_id
     pending, texts = keys.conv_pending(cid), keys.conv_texts(cid)
     absorb = Lua(redis, _ABSORB)
-    parts, last_ts = [msg.text], msg.ts
+    parts, last_ts, files = [msg.text], msg.ts, list(msg.files)
     while True:
         await asyncio.sleep(max(0.0, last_ts + window_s - time.time()))
         later: list[Any] = await redis.zrange(pending, 0, -1)
@@ -437,6 +415,7 @@ async def absorb_burst(
                 break
             if await absorb([pending, texts, keys.merged(jid)], [jid, msg.job_id]):
                 parts.append(info["text"])
+                files.extend(FileRef.model_validate(f) for f in info.get("files") or ())
                 last_ts = info["ts"]
                 grew = True
         if not grew:
@@ -444,4 +423,4 @@ async def absorb_burst(
     if len(parts) == 1:
         return msg
     logger.info("merged %d messages into %s", len(parts), msg.message_id)
-    return msg.model_copy(update={"text": "\n".join(parts)})
+    return msg.model_copy(update={"text": "\n".join(parts), "files": files})

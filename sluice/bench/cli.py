@@ -8,6 +8,7 @@ import shlex
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -145,7 +146,7 @@ def bench(
         return
 
     sc = SCENARIOS[scenario].scaled(scale)
-    overrides = {
+    overrides: dict[str, Any] = {
         "users": users,
         "messages_per_user": messages,
         "duration_s": duration,

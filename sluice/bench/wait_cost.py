@@ -27,7 +27,7 @@ def _pct(values: list[float], q: float) -> float:
 async def measure(redis_url: str, messages: int, wait_replicas: int) -> dict[str, float]:
     """Accept ``messages`` messages one after another; ack times in ms."""
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         redis_url=redis_url,
         key_prefix=f"wc{uuid.uuid4().hex[:8]}",
         redis_wait_replicas=wait_replicas,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable
@@ -105,3 +106,30 @@ async def wait_for(predicate: Callable[[], Any], timeout_s: float = 5.0) -> None
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+class IntakeLog:
+    """The adapter's decision on each message, as it logs it (drop, refusal, duplicate,
+    failed enqueue: each names ``message=<id>``)."""
+
+    def __init__(self, caplog: pytest.LogCaptureFixture) -> None:
+        self._caplog = caplog
+
+    def decided(self, message_id: str) -> bool:
+        needle = f"message={message_id} "
+        return any(
+            r.name == "bots.discord.intake" and needle in r.getMessage() + " "
+            for r in self._caplog.records
+        )
+
+    async def handled(self, *sent: dict[str, Any], timeout_s: float = 10.0) -> None:
+        """Wait until the adapter logged its decision on each of ``sent`` (messages it
+        does not enqueue): after that, nothing more comes of them."""
+        await wait_for(lambda: all(self.decided(str(m["id"])) for m in sent), timeout_s)
+
+
+@pytest.fixture
+def intake_log(caplog: pytest.LogCaptureFixture) -> IntakeLog:
+    """Waits on the Discord adapter's per-message log lines (debug level included)."""
+    caplog.set_level(logging.DEBUG, logger="bots.discord.intake")
+    return IntakeLog(caplog)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from redis.asyncio import Redis
 
@@ -17,6 +15,7 @@ from tests.discord.conftest import (
     OTHER_CHANNEL,
     ROLE,
     THREAD,
+    IntakeLog,
     queued,
     wait_for,
 )
@@ -31,6 +30,8 @@ async def test_mention_in_a_channel_is_enqueued_without_the_mention(
     async with adapter():
         sent = await fake.send_user_message(CHANNEL, ALICE, "what is a sluice?", mention_bot=True)
         await wait_for(lambda: queued(redis, discord_settings))
+        # Typing shows while the message waits for a worker (sent after the enqueue).
+        await wait_for(lambda: fake.calls_to("POST", "/channels/{channel_id}/typing"))
     [msg] = await queued(redis, discord_settings)
     assert msg.platform == "discord"
     # In a guild channel each user has their own conversation with the bot.
@@ -40,18 +41,17 @@ async def test_mention_in_a_channel_is_enqueued_without_the_mention(
     assert msg.meta["reply_to"] == sent["id"]
     assert not msg.is_dm
     assert fake.identifies[0]["intents"] & MESSAGE_CONTENT_INTENT == 0
-    # Typing shows while the message waits for a worker.
     assert [c.major for c in fake.calls_to("POST", "/channels/{channel_id}/typing")] == [CHANNEL]
 
 
 async def test_plain_channel_message_is_not_for_the_bot(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     async with adapter():
-        await fake.send_user_message(CHANNEL, ALICE, "just chatting")
+        chat = await fake.send_user_message(CHANNEL, ALICE, "just chatting")
         await fake.send_user_message(CHANNEL, ALICE, "hey bot", mention_bot=True)
         await wait_for(lambda: queued(redis, discord_settings))
-        await asyncio.sleep(0.1)
+        await intake_log.handled(chat)
     assert [m.text for m in await queued(redis, discord_settings)] == ["hey bot"]
 
 
@@ -105,11 +105,11 @@ async def test_direct_message_is_a_conversation_in_the_users_own_dm_tenant(
 
 
 async def test_thread_message_needs_message_content_and_is_its_own_conversation(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     async with adapter():
-        await fake.send_user_message(THREAD, ALICE, "no intent: content is blank")
-        await asyncio.sleep(0.2)
+        blank = await fake.send_user_message(THREAD, ALICE, "no intent: content is blank")
+        await intake_log.handled(blank)
     assert await queued(redis, discord_settings) == []
     async with adapter(discord_message_content=True):
         await fake.send_user_message(THREAD, ALICE, "in the thread")
@@ -120,48 +120,52 @@ async def test_thread_message_needs_message_content_and_is_its_own_conversation(
 
 
 async def test_same_message_create_twice_enqueues_one_job(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     async with adapter():
         sent = await fake.send_user_message(CHANNEL, ALICE, "once", mention_bot=True)
         await fake.dispatch("MESSAGE_CREATE", sent)  # a replay after a resume
         await wait_for(lambda: queued(redis, discord_settings))
-        await asyncio.sleep(0.2)
+        await intake_log.handled(sent)  # one of the two is logged as the duplicate
     assert len(await queued(redis, discord_settings)) == 1
     marker = await redis.ttl(f"{discord_settings.key_prefix}:dedupe:discord:{sent['id']}")
     assert marker > 86000
 
 
 async def test_own_and_other_bots_messages_are_ignored(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     async with adapter():
-        await fake.send_user_message(CHANNEL, OTHER_BOT, "beep", mention_bot=True)
-        await fake.send_user_message(CHANNEL, fake.bot_user, "me", mention_bot=True)
+        beep = await fake.send_user_message(CHANNEL, OTHER_BOT, "beep", mention_bot=True)
+        me = await fake.send_user_message(CHANNEL, fake.bot_user, "me", mention_bot=True)
         await fake.send_user_message(CHANNEL, ALICE, "human", mention_bot=True)
         await wait_for(lambda: queued(redis, discord_settings))
-        await asyncio.sleep(0.2)
+        await intake_log.handled(beep, me)
     assert [m.text for m in await queued(redis, discord_settings)] == ["human"]
 
 
 async def test_allow_and_deny_lists_filter_users_channels_and_roles(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     async with adapter(
         discord_deny_users=[BOB["id"]], discord_allow_channels=[CHANNEL], discord_allow_roles=[ROLE]
     ):
-        await fake.send_user_message(CHANNEL, BOB, "denied user", mention_bot=True, roles=[ROLE])
-        await fake.send_user_message(
-            OTHER_CHANNEL, ALICE, "other channel", mention_bot=True, roles=[ROLE]
-        )
-        await fake.send_user_message(CHANNEL, ALICE, "no role", mention_bot=True)
+        refused = [
+            await fake.send_user_message(
+                CHANNEL, BOB, "denied user", mention_bot=True, roles=[ROLE]
+            ),
+            await fake.send_user_message(
+                OTHER_CHANNEL, ALICE, "other channel", mention_bot=True, roles=[ROLE]
+            ),
+            await fake.send_user_message(CHANNEL, ALICE, "no role", mention_bot=True),
+        ]
         await fake.send_user_message(CHANNEL, ALICE, "welcome", mention_bot=True, roles=[ROLE])
         await wait_for(lambda: queued(redis, discord_settings))
-        await asyncio.sleep(0.2)
+        await intake_log.handled(*refused)
     assert [m.text for m in await queued(redis, discord_settings)] == ["welcome"]
     async with adapter(discord_deny_guilds=[GUILD]):
-        await fake.send_user_message(CHANNEL, ALICE, "guild denied", mention_bot=True)
-        await asyncio.sleep(0.3)
+        denied = await fake.send_user_message(CHANNEL, ALICE, "guild denied", mention_bot=True)
+        await intake_log.handled(denied)
     assert [m.text for m in await queued(redis, discord_settings)] == ["welcome"]
 
 
@@ -177,15 +181,15 @@ async def test_threads_setting_opens_a_thread_for_a_new_conversation(
     assert msg.channel == thread["id"] and "reply_to" not in msg.meta
 
 
-async def test_ask_defers_within_three_seconds_and_enqueues(
+async def test_ask_defers_and_enqueues(
     adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
 ) -> None:
     async with adapter():
         assert [c["name"] for c in fake.commands] == ["ask"]
         inter = await fake.invoke_ask(CHANNEL, ALICE, "what time is it?")
         await wait_for(lambda: queued(redis, discord_settings))
-    assert inter.callback_type == 5  # DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE
-    assert inter.callback_after_s is not None and inter.callback_after_s < 3.0
+    # DEFERRED_CHANNEL_MESSAGE_WITH_SOURCE; the fake, like Discord, refuses it after 3 s.
+    assert inter.callback_type == 5
     [msg] = await queued(redis, discord_settings)
     assert msg.text == "what time is it?"
     assert msg.meta["application_id"] == fake.application_id
@@ -197,7 +201,7 @@ async def test_ask_defers_within_three_seconds_and_enqueues(
 
 
 async def test_enqueue_failure_releases_the_dedupe_claim(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     async with adapter() as client:
         queue = client.intake.queue
@@ -207,7 +211,7 @@ async def test_enqueue_failure_releases_the_dedupe_claim(
 
         queue.enqueue_job = broken  # type: ignore[method-assign]
         sent = await fake.send_user_message(CHANNEL, ALICE, "lost?", mention_bot=True)
-        await asyncio.sleep(0.3)
+        await intake_log.handled(sent)  # "discord enqueue failed message=…"
         key = f"{discord_settings.key_prefix}:dedupe:discord:{sent['id']}"
         assert not await redis.exists(key)
         del queue.enqueue_job  # the instance attribute; back to the real method
@@ -231,7 +235,7 @@ async def test_ask_from_a_denied_user_gets_a_private_refusal_and_no_job(
 
 
 async def test_events_replayed_after_a_gateway_resume_are_not_enqueued_twice(
-    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings
+    adapter, fake: DiscordFake, redis: Redis, discord_settings: Settings, intake_log: IntakeLog
 ) -> None:
     async with adapter():
         sent = await fake.send_user_message(CHANNEL, ALICE, "before", mention_bot=True)
@@ -240,7 +244,7 @@ async def test_events_replayed_after_a_gateway_resume_are_not_enqueued_twice(
         await wait_for(lambda: fake.resumes == 1)
         await fake.send_user_message(CHANNEL, ALICE, "after", mention_bot=True)
         await wait_for(lambda: _count(redis, discord_settings, 2))
-        await asyncio.sleep(0.2)
+        await intake_log.handled(sent)  # the replay, logged as a duplicate
     assert [m.text for m in await queued(redis, discord_settings)] == ["before", "after"]
 
 

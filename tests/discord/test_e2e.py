@@ -7,6 +7,7 @@ gateway and REST API. Each conversation kind gets exactly one reply, streamed by
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -20,7 +21,7 @@ from core.messages import IncomingMessage
 from core.settings import Settings
 from tests.discord.conftest import CHANNEL, DM_CHANNEL, GUILD, ROLE, THREAD, running_adapter
 from tests.fakes.discord_fake import DiscordFake
-from tests.helpers import Proc
+from tests.helpers import Proc, wait_jobs_done
 
 ALICE = DiscordFake.user(610000000000000001, "alice")
 
@@ -63,23 +64,9 @@ _current: list[DiscordFake] = []
 
 
 async def settled(redis: Redis, settings: Settings, timeout_s: float = 20.0) -> None:
-    """Wait until none of this test's reply jobs is queued or running (workers idle)."""
-    fake = _current[0]
-    ids = {m["id"] for m in fake.messages.values() if m["author"]["id"] != fake.bot_id}
-    ids |= {i.id for i in fake.interactions.values()}
-    deadline = time.monotonic() + timeout_s
-    while True:
-        queued = await redis.zcard(settings.queue_name)
-        running = [
-            k
-            async for k in redis.scan_iter(match="arq:in-progress:reply:discord:*")
-            if k.decode().rsplit(":", 1)[1] in ids
-        ]
-        if not queued and not running:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"jobs still pending: {queued} queued, {running}")
-        await asyncio.sleep(0.05)
+    """Wait until none of this test's jobs is queued or running (workers idle): after
+    that no reply can still arrive."""
+    await wait_jobs_done(redis, settings, timeout_s)
 
 
 def _contents() -> list[str]:
@@ -121,8 +108,7 @@ async def test_mention_reply_dm_thread_and_ask_each_get_one_streamed_reply(
                 for e in expected
             )
         )
-        await settled(redis, e2e_settings)
-        await asyncio.sleep(0.5)  # nothing else arrives
+        await settled(redis, e2e_settings)  # nothing else can arrive after this
 
     for channel, sent, text in [
         (CHANNEL, mention, "first question"),
@@ -133,23 +119,34 @@ async def test_mention_reply_dm_thread_and_ask_each_get_one_streamed_reply(
         [got] = await replies(fake, channel, sent["id"])
         assert got["content"].startswith(f"Echo: {text}")
         assert len(got["edit_history"]) > 1, "streamed by edits"
-    assert inter.callback_type == 5 and inter.callback_after_s < 3.0
+    assert inter.callback_type == 5  # the fake, like Discord, refuses a callback after 3 s
     assert len(inter.original["edit_history"]) > 1
     assert inter.followups == []
     assert len(fake.bot_messages()) == 5  # 4 replies + the /ask response, nothing more
 
 
 async def test_same_message_delivered_twice_gets_one_reply(
-    fake: DiscordFake, e2e_settings: Settings, discord_worker: Callable[..., Proc], redis: Redis
+    fake: DiscordFake,
+    e2e_settings: Settings,
+    discord_worker: Callable[..., Proc],
+    redis: Redis,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="bots.discord.intake")
     discord_worker()
+
+    def duplicates() -> int:
+        line = f"discord duplicate message={sent['id']} "
+        return sum(line in r.getMessage() for r in caplog.records)
+
     async with running_adapter(e2e_settings, fake):
         sent = await fake.send_user_message(CHANNEL, ALICE, "only once", mention_bot=True)
         await fake.dispatch("MESSAGE_CREATE", sent)
+        await until(lambda: duplicates() == 1)
         await until(lambda: len(fake.bot_messages(CHANNEL)) == 1)
-        await asyncio.sleep(1.0)
+        await settled(redis, e2e_settings)
         await fake.dispatch("MESSAGE_CREATE", sent)  # a late replay after a resume
-        await asyncio.sleep(1.0)
+        await until(lambda: duplicates() == 2)
         await settled(redis, e2e_settings)
     assert len(fake.bot_messages(CHANNEL)) == 1
 
@@ -275,7 +272,6 @@ async def test_existing_commands_bot_loads_the_extension_and_both_work(
         )
         await until(lambda: any(m["content"] == "pong" for m in fake.bot_messages(CHANNEL)))
         await settled(redis, e2e_settings)
-        await asyncio.sleep(0.5)
     finally:
         await bot.close()
         await task

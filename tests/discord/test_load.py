@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
+from redis.asyncio import Redis
 
 from core.settings import Settings
 from tests.discord.conftest import CHANNEL, running_adapter
 from tests.fakes.discord_fake import DiscordFake
-from tests.helpers import Proc, settings_env
+from tests.helpers import Proc, settings_env, wait_jobs_done
 
 
 @pytest.mark.slow
@@ -82,7 +83,11 @@ async def _load(
             assert time.monotonic() < deadline, f"{len(by_ref)} of {users} answered"
             await asyncio.sleep(0.2)
         elapsed = time.monotonic() - started
-        await asyncio.sleep(1.0)
+        redis = Redis.from_url(s.redis_url)
+        try:
+            await wait_jobs_done(redis, s, 60)  # every job has ended: nothing more comes
+        finally:
+            await redis.aclose()
         assert answered()  # and nothing more arrived
     rest_calls = [
         c

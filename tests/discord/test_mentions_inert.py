@@ -1,4 +1,4 @@
-"""Mentions the model writes never ping on Discord, however the answer is cut (issue 13, point 1).
+"""Mentions the model writes never ping on Discord, however the answer is cut.
 
 Discord has no escaping to get wrong chunk by chunk: every edit carries the whole
 text so far, and every message the responder sends or edits says

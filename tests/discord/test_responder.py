@@ -16,6 +16,7 @@ from core.messages import IncomingMessage, Reply
 from core.settings import Settings
 from tests.discord.conftest import CHANNEL, GUILD
 from tests.fakes.discord_fake import DiscordFake
+from tests.helpers import free_port
 
 USER_MSG = "700000000000000001"
 
@@ -328,3 +329,22 @@ async def test_withdrawn_notice_of_a_merged_message_is_deleted_and_not_posted_ag
     await factory.responder(msg, msg.job_id).queued(30)  # a late notify job
     assert not fake.bot_messages(CHANNEL)
     assert _message_posts(fake) == 1
+
+
+async def test_unreadable_delivery_state_fails_the_try_retryably_and_posts_nothing(
+    discord_settings: Settings, fake: DiscordFake
+) -> None:
+    """One policy with Slack's (core.responder.DeliveryState): a responder that cannot
+    read what it already posted does not post; the job tries again later."""
+    dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", socket_connect_timeout=1)
+    f = DiscordResponderFactory(discord_settings, dead)
+    try:
+        responder = f.responder(incoming(), incoming().job_id)
+        with pytest.raises(DeliveryRetryableError, match="cannot read delivery state"):
+            await responder.begin()
+        with pytest.raises(DeliveryRetryableError, match="cannot read delivery state"):
+            await responder.finish(Reply(text="an answer"))
+    finally:
+        await f.close()
+        await dead.aclose()
+    assert fake.bot_messages(CHANNEL) == []

@@ -73,7 +73,6 @@ async def test_global_429_pauses_every_worker_then_all_requests_succeed(
     fake.global_limit = 4  # a tighter global limit than the settings expect
     fake.limits["POST /channels/{channel_id}/messages"] = (50, 1.0)
     workers = [DiscordRest(discord_settings, redis) for _ in range(2)]
-    started = time.monotonic()
     try:
         results = await asyncio.gather(
             *[
@@ -86,13 +85,11 @@ async def test_global_429_pauses_every_worker_then_all_requests_succeed(
     finally:
         for w in workers:
             await w.close()
-    elapsed = time.monotonic() - started
     assert len(results) == 12 and all(r["id"] for r in results)
     limited = Counter(c.body["content"] for c in fake.calls if c.is_global_429)
     assert limited, "the tight global limit was reached"
     # Requests already in flight meet the 429; after it the pool slows down.
     assert max(limited.values()) <= 2
-    assert elapsed < 8.0
 
 
 async def test_best_effort_request_is_skipped_when_the_bucket_is_busy(

@@ -22,6 +22,16 @@ What it does, like Discord:
   any second; interaction and webhook routes are exempt) answered with
   ``"global": true``.
 - Faults: :meth:`DiscordFake.fail` makes matching calls answer 403, 5xx, ... .
+
+Sharding and scoped limits (see the "sharding" and "scoped rate limits" sections):
+
+- IDENTIFY with ``shard: [id, count]`` makes a shard session: its READY names the
+  shard and lists only its guilds, and it gets only the events of guilds with
+  ``(guild_id >> 22) % count == id`` (DMs go to shard 0), as Discord routes them.
+  ``GET /gateway/bot`` recommends :attr:`DiscordFake.recommended_shards`.
+- :attr:`DiscordFake.bucket_groups` makes several routes share one bucket (one
+  ``X-RateLimit-Bucket`` hash), as Discord does; :meth:`DiscordFake.limit_once`
+  answers a 429 with a given ``X-RateLimit-Scope`` (``user``, ``global``, ``shared``).
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import WSMsgType, web
+
+from tests.fakes.files import FileServer, Served
 
 DISCORD_EPOCH_MS = 1420070400000
 MESSAGE_CONTENT_INTENT = 1 << 15
@@ -180,6 +192,7 @@ class _Fault:
     status: int
     times: int
     body: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -203,6 +216,7 @@ class _Session:
         self.intents = intents
         self.seq = 0
         self.lock = asyncio.Lock()
+        self.shard: tuple[int, int] | None = None  # (id, count) when IDENTIFY named one
 
 
 class DiscordFake:
@@ -243,6 +257,11 @@ class DiscordFake:
         self._ids = itertools.count(random.randrange(1 << 22))
         self._runner: web.AppRunner | None = None
         self.port = 0
+        self.recommended_shards = 1
+        self.bucket_groups: dict[str, str] = {}  # route template -> shared bucket name
+        self._session_shards: dict[str, tuple[int, int]] = {}
+        self.shard_events: list[tuple[tuple[int, int], str, str]] = []  # (shard, event, id)
+        self.file_server = FileServer()  # attachments (the CDN)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -258,6 +277,7 @@ class DiscordFake:
         app = web.Application()
         app.router.add_get("/gateway-ws", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        app.router.add_get("/attachments/{channel_id}/{attachment_id}/{name}", self._attachment)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -346,6 +366,11 @@ class DiscordFake:
         for c in channels:
             self.add_channel(gid, c)
         return guild
+
+    def add_role(self, guild_id: str, role_id: str, *, permissions: int) -> None:
+        """A role with the given permission bits (e.g. ``1 << 5``, Manage Server)."""
+        role = {**self._role(role_id, f"role{role_id}", guild_id), "permissions": str(permissions)}
+        self.guilds[guild_id]["roles"].append(role)
 
     @staticmethod
     def _role(role_id: str, name: str, guild_id: str) -> dict[str, Any]:
@@ -463,6 +488,7 @@ class DiscordFake:
                 elif op == 6:
                     session = _Session(ws, payload["d"]["session_id"], self._last_intents())
                     session.seq = payload["d"].get("seq") or 0
+                    session.shard = self._session_shards.get(session.session_id)
                     self._sessions.append(session)
                     # Events "missed" while away are replayed before RESUMED.
                     for event, data in self._replay:
@@ -485,6 +511,14 @@ class DiscordFake:
         session = _Session(
             ws, hashlib.sha1(self.snowflake().encode()).hexdigest(), int(data.get("intents", 0))
         )
+        try:
+            session.shard = self._shard_of_identify(data)
+        except ValueError:
+            await ws.close(code=4010, message=b"Invalid shard.")
+            return None
+        if session.shard is not None:
+            self._session_shards[session.session_id] = session.shard
+        guilds = [g for g in self.guilds.values() if self._gets(session, g["id"])]
         self._sessions.append(session)
         await self._send(
             session,
@@ -492,16 +526,16 @@ class DiscordFake:
             {
                 "v": 10,
                 "user": {**self.bot_user, "verified": True, "mfa_enabled": False, "flags": 0},
-                "guilds": [{"id": g, "unavailable": True} for g in self.guilds],
+                "guilds": [{"id": g["id"], "unavailable": True} for g in guilds],
                 "session_id": session.session_id,
                 "resume_gateway_url": self.gateway_url,
                 "application": {"id": self.application_id, "flags": 0},
-                "shard": [0, 1],
+                "shard": list(session.shard or (0, 1)),
                 "private_channels": [],
                 "relationships": [],
             },
         )
-        for guild in self.guilds.values():
+        for guild in guilds:
             await self._send(session, "GUILD_CREATE", guild)
         self.connected.set()
         return session
@@ -510,12 +544,42 @@ class DiscordFake:
         async with session.lock:
             session.seq += 1
             await session.ws.send_json({"op": 0, "t": event, "s": session.seq, "d": data})
+            if session.shard is not None:
+                self.shard_events.append((session.shard, event, str(data.get("id", ""))))
 
     async def dispatch(self, event: str, data: dict[str, Any]) -> None:
         """Send a DISPATCH event to every connected gateway session."""
         for session in list(self._sessions):
+            if not self._gets(session, data.get("guild_id")):
+                continue
             with contextlib.suppress(ConnectionResetError):
                 await self._send(session, event, self._seen(session, event, data))
+
+    # --- sharding --------------------------------------------------------------------
+
+    @staticmethod
+    def shard_of(guild_id: int | str, shard_count: int) -> int:
+        """The shard that gets a guild's events (Discord's formula)."""
+        return (int(guild_id) >> 22) % shard_count
+
+    @staticmethod
+    def _shard_of_identify(data: dict[str, Any]) -> tuple[int, int] | None:
+        shard = data.get("shard")
+        if not isinstance(shard, list) or len(shard) != 2:
+            return None
+        shard_id, count = int(shard[0]), int(shard[1])
+        if not 0 <= shard_id < count:
+            raise ValueError(f"IDENTIFY with an invalid shard {shard}")
+        return shard_id, count
+
+    def _gets(self, session: _Session, guild_id: object) -> bool:
+        """Whether ``session`` receives events of ``guild_id`` (``None``: a DM, shard 0)."""
+        if session.shard is None:
+            return True
+        shard_id, count = session.shard
+        if guild_id is None:
+            return shard_id == 0
+        return self.shard_of(str(guild_id), count) == shard_id
 
     def _seen(self, session: _Session, event: str, data: dict[str, Any]) -> dict[str, Any]:
         return self._as_seen_by(session, data) if event == "MESSAGE_CREATE" else data
@@ -548,18 +612,24 @@ class DiscordFake:
         reply_to: dict[str, Any] | None = None,
         roles: list[str] = (),  # type: ignore[assignment]
         message_id: str | None = None,
+        ping: bool = True,
+        include_referenced: bool = True,
+        attachments: list[dict[str, Any]] = (),  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """A user posts a message: build MESSAGE_CREATE as Discord would and dispatch it.
 
         ``mention_bot`` puts ``<@bot>`` in front of the content. A reply to a message of
-        the bot mentions the bot too (Discord's default "reply with ping").
+        the bot mentions the bot too (Discord's default "reply with ping"), unless
+        ``ping`` is off. ``include_referenced=False`` leaves ``referenced_message`` out
+        of a reply, as Discord may.
         """
         cid = str(channel_id)
         channel = self.channels.get(cid)
         mentions = []
         if mention_bot:
             content = f"<@{self.bot_id}> {content}"
-        if mention_bot or (reply_to is not None and reply_to["author"]["id"] == self.bot_id):
+        replies_to_bot = reply_to is not None and reply_to["author"]["id"] == self.bot_id
+        if mention_bot or (replies_to_bot and ping):
             mentions.append(self.bot_user)
         msg: dict[str, Any] = {
             "id": message_id or self.snowflake(),
@@ -572,7 +642,7 @@ class DiscordFake:
             "mention_everyone": False,
             "mentions": mentions,
             "mention_roles": [],
-            "attachments": [],
+            "attachments": list(attachments),
             "embeds": [],
             "pinned": False,
             "type": 0,
@@ -590,10 +660,42 @@ class DiscordFake:
                 "channel_id": cid,
                 **({"guild_id": msg["guild_id"]} if "guild_id" in msg else {}),
             }
-            msg["referenced_message"] = reply_to
+            if include_referenced:
+                msg["referenced_message"] = reply_to
         self.messages[msg["id"]] = msg
         await self.dispatch("MESSAGE_CREATE", msg)
         return msg
+
+    # --- Attachments (the CDN) ------------------------------------------------------------
+
+    def add_attachment(
+        self,
+        channel_id: int | str,
+        filename: str,
+        data: bytes,
+        content_type: str | None,
+        *,
+        size: int | None = None,
+        chunked: bool = False,
+    ) -> dict[str, Any]:
+        """Serve a file as Discord's CDN would and return the attachment object for
+        :meth:`send_user_message` (``size`` is the declared size, the true one by default)."""
+        aid = self.snowflake()
+        self.file_server.add(aid, Served(data, content_type or "application/octet-stream", chunked))
+        url = f"http://127.0.0.1:{self.port}/attachments/{channel_id}/{aid}/{filename}"
+        attachment: dict[str, Any] = {
+            "id": aid,
+            "filename": filename,
+            "size": len(data) if size is None else size,
+            "url": url,
+            "proxy_url": url,
+        }
+        if content_type is not None:
+            attachment["content_type"] = content_type
+        return attachment
+
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
+        return await self.file_server.serve(request, request.match_info["attachment_id"])
 
     async def dm_channel(self, channel_id: int | str, user: dict[str, Any]) -> str:
         """A DM channel between ``user`` and the bot."""
@@ -657,6 +759,36 @@ class DiscordFake:
             400: {"message": "Thread is archived", "code": 50083},
         }.get(status, {"message": "Internal Server Error", "code": 0})
         self._faults.append(_Fault(method, re.compile(path_regex), status, times, body))
+
+    # --- scoped rate limits ----------------------------------------------------------
+
+    def limit_once(
+        self,
+        method: str,
+        path_regex: str,
+        *,
+        scope: str,
+        retry_after: float,
+        times: int = 1,
+    ) -> None:
+        """The next ``times`` matching calls answer 429 with ``X-RateLimit-Scope: scope``.
+
+        ``shared`` is a limit on the resource shared by everyone (it does not count
+        against the app); ``global`` the app's global limit; ``user`` the app's bucket.
+        """
+        body = {
+            "message": "You are being rate limited.",
+            "retry_after": retry_after,
+            "global": scope == "global",
+            "code": 0,
+        }
+        headers = {
+            "Retry-After": str(max(1, int(retry_after + 0.999))),
+            "X-RateLimit-Scope": scope,
+        }
+        if scope == "global":
+            headers["X-RateLimit-Global"] = "true"
+        self._faults.append(_Fault(method, re.compile(path_regex), 429, times, body, headers))
 
     def calls_to(self, method: str, route_prefix: str = "") -> list[Call]:
         """Recorded calls with that method whose route template starts as given."""
@@ -737,7 +869,9 @@ class DiscordFake:
         for fault in self._faults:
             if fault.times > 0 and fault.method == call.method and fault.pattern.search(call.path):
                 fault.times -= 1
-                return _json(fault.body, status=fault.status)
+                resp = _json(fault.body, status=fault.status)
+                resp.headers.update(fault.headers)
+                return resp
         now = time.monotonic()
         if not webhook:
             while self._global_window and now - self._global_window[0] >= 1.0:
@@ -759,11 +893,12 @@ class DiscordFake:
         return None
 
     def _bucket(self, call: Call) -> _Bucket:
-        key = f"{call.route}:{call.major}"
+        group = self.bucket_groups.get(call.route, call.route)
+        key = f"{group}:{call.major}"
         bucket = self._buckets.get(key)
         if bucket is None:
             limit, window = self.limits.get(call.route, _FALLBACK_LIMIT)
-            bucket = _Bucket(limit, window, key_hash=hashlib.md5(call.route.encode()).hexdigest())
+            bucket = _Bucket(limit, window, key_hash=hashlib.md5(group.encode()).hexdigest())
             self._buckets[key] = bucket
         return bucket
 
@@ -846,7 +981,7 @@ class DiscordFake:
         return _json(
             {
                 "url": self.gateway_url,
-                "shards": 1,
+                "shards": self.recommended_shards,
                 "session_start_limit": {
                     "total": 1000,
                     "remaining": 999,

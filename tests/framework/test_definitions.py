@@ -331,7 +331,14 @@ async def _async_noop() -> str:
 
 def test_command_specs_are_platform_neutral():
     specs = {s.name: s.as_dict() for s in _weather_bot().command_specs()}
-    assert set(specs) == {"weather", "alert", "help"}
+    assert set(specs) == {"weather", "alert", "model", "listen", "help"}
+    # /listen is Discord's; Slack's registration leaves it out.
+    assert {s.name for s in _weather_bot().command_specs("slack")} == {
+        "weather",
+        "alert",
+        "model",
+        "help",
+    }
     assert specs["weather"] == {
         "name": "weather",
         "description": "Forecast for a city.",

@@ -79,7 +79,13 @@ def test_sluice_commands_lists_the_bot_commands(monkeypatch):
         get_settings.cache_clear()
     assert text.exit_code == 0, text.output
     assert "/ticket <summary>\n    Open a support ticket." in text.output
-    assert [c["name"] for c in json.loads(as_json.output)] == ["ticket", "status", "help"]
+    assert [c["name"] for c in json.loads(as_json.output)] == [
+        "ticket",
+        "status",
+        "model",
+        "listen",
+        "help",
+    ]
 
 
 def test_readme_settings_table_is_current():

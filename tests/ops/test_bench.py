@@ -13,10 +13,12 @@ from sluice.bench.drivers import Observation
 from sluice.bench.report import (
     answered_within,
     by_user_kind,
+    consistent,
     first_visible,
     histogram_quantiles,
     parse_metrics,
     quantile,
+    summarize,
 )
 from sluice.bench.scenarios import FLOOD, FLOOD_CALM, LAUNCH_DAY, plan
 from tests.helpers import ROOT, base_env
@@ -27,6 +29,8 @@ ROWS = (
     "errors",
     "notices",
     "unanswered",
+    "refused_at_door",
+    "refused_quietly",
     "provider_429s",
     "llm_calls",
     "cache_hits",
@@ -115,6 +119,25 @@ def test_user_kinds_split_light_and_heavy_senders() -> None:
     assert groups["light"]["notices"] == 1
 
 
+def test_refusals_at_the_door_are_counted_apart_from_lost_messages() -> None:
+    schedule = plan(LAUNCH_DAY.scaled(0.01))[:4]
+    obs = [Observation(p, sent_s=p.at_s) for p in schedule]
+    obs[0].kind, obs[0].done_s = "answer", obs[0].planned.at_s + 1
+    obs[1].refused, obs[1].refusal_notice = True, True  # its notice came
+    obs[1].kind, obs[1].done_s = "notice", obs[1].planned.at_s + 0.1
+    obs[2].refused = True  # told earlier in the window: nothing follows
+    # obs[3]: accepted and never answered, which is a loss.
+    s = summarize(obs, samples=[], platform="web", sim_stats={}, memory_mb={}, workers=1)
+    assert (s["refused_at_door"], s["refused_quietly"], s["unanswered"]) == (2, 1, 1)
+    assert (s["answered"], s["notices"]) == (1, 1)
+    assert consistent(s)
+    # The quiet refusal showed nothing by design; the lost one counts as never.
+    for o, at in zip(obs[:2], (0.5, 0.1), strict=True):
+        o.first_s = o.planned.at_s + at
+    fv = first_visible(obs)
+    assert fv["p50"] is not None and fv["p99"] is None
+
+
 def test_scale_shrinks_users_and_provider_limit_together() -> None:
     small = LAUNCH_DAY.scaled(0.1)
     assert (small.users, small.heavy_users, small.rpm) == (100, 1, 60)
@@ -166,7 +189,8 @@ def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_pa
         assert 0 < s["answered_within_60s"] <= s["answered"]
         assert sum(g["sent"] for g in s["users"].values()) == sent
         assert s["sent"] == sent
-        assert s["answered"] + s["errors"] + s["notices"] + s["unanswered"] == s["sent"]
+        told = s["answered"] + s["errors"] + s["notices"] + s["unanswered"]
+        assert told + s["refused_quietly"] == s["sent"]
         assert s["unanswered"] == 0, f"{name}: every message gets a reply before the drain ends"
         assert s["answered"] > 0
         assert s["llm_calls"] >= s["answered"]

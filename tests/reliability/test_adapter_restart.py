@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from core.infra.redis import Keys
-from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
+from tests.helpers import Proc, base_env, free_port, settings_env, wait_jobs_done, wait_port
 from tests.webchat import WebSession, open_session, with_web_secret
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,7 @@ async def test_adapter_restart_loses_nothing_and_answers_each_message_once(
                 if set(done) >= set(accepted):
                     break
                 await asyncio.sleep(0.2)
-        await asyncio.sleep(1)
+        await wait_jobs_done(redis, settings, 60)  # a second answer would be out by now
         events = [json.loads(f[b"data"]) for _, f in await redis.xrange(key)]
         done = Counter(e["message_id"] for e in events if e["type"] == "done")
         assert set(done) == set(accepted)

@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from bots.slack.format import to_mrkdwn
+from bots.slack.format import safe_markdown
 from bots.slack.responder import SERVER_ERROR_RETRIES
 from core.history.hot import unpack_turn
 from core.infra.redis import Keys
@@ -23,7 +23,7 @@ from tests.discord.conftest import CHANNEL, GUILD, OTHER_CHANNEL
 from tests.discord.conftest import running_adapter as discord_adapter
 from tests.fakes.discord_fake import DiscordFake
 from tests.fakes.slack_api import FakeSlackAPI
-from tests.helpers import Proc, settings_env
+from tests.helpers import Proc, settings_env, wait_jobs_done
 from tests.helpers import unique_slack_ts as _ts
 from tests.helpers import wait_until as _until
 from tests.slack.conftest import mention, message
@@ -95,7 +95,7 @@ async def test_slack_final_delivery_failing_past_retries_is_delivered_once_later
         await fake_slack.wait_for(
             lambda: [m for m in fake_slack.replies("C1") if not m.streaming], timeout_s=40
         )
-        await asyncio.sleep(1.0)
+        await wait_jobs_done(redis, slack_settings, 60)  # no later try can add a reply now
         [reply] = fake_slack.replies("C1")
         started_streams = len(fake_slack.calls_of("chat.startStream"))
         # A follow-up in the thread sees the answer once in its context.
@@ -109,7 +109,7 @@ async def test_slack_final_delivery_failing_past_retries_is_delivered_once_later
     assert answer.text.startswith("Echo: deliver me later")
     context = llm_sim.requests()[-1]["messages"]
     assert [m["content"] for m in context if m["role"] == "assistant"] == [answer.text]
-    assert reply.text == to_mrkdwn(answer.text), "the whole answer, in the streamed message"
+    assert reply.text == safe_markdown(answer.text), "the whole answer, in the streamed message"
     assert reply.thread_ts == ts
     assert started_streams == 1
     assert not fake_slack.calls_of("chat.postMessage"), "no second message"
@@ -151,7 +151,7 @@ async def test_slack_platform_that_never_recovers_gives_up_loudly_and_keeps_hist
             ],
             timeout_s=20,
         )
-        await asyncio.sleep(0.5)
+        await wait_jobs_done(redis, slack_settings, 60)  # no later try can add a reply now
     [line] = _lines(worker, "reply given up")
     assert "after 2 delivery attempts" in line
     for part in ("platform=slack", "tenant=T1", "channel=C1", f"message=C1:{ts}", _job(ts)):
@@ -214,7 +214,7 @@ async def test_discord_final_edit_failing_past_retries_completes_the_same_messag
             )
 
         await _until(done, 80, "the final edit")
-        await asyncio.sleep(1.0)
+        await wait_jobs_done(redis, discord_e2e, 60)  # no later try can add a reply now
     assert len(_lines(worker, "reply not delivered yet")) == 2, worker.output()[-3000:]
     [answer] = await _wait_answers(redis, discord_e2e, msg)
     [posted] = fake.bot_messages(CHANNEL)

@@ -8,12 +8,12 @@ halfway are in ``tests/test_web_e2e.py``.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 
 import aiohttp
 import pytest
 
+from tests.helpers import wait_jobs_done, wait_until
 from tests.webchat import ChatSession, web_adapter
 
 SESSIONS = 5
@@ -32,10 +32,11 @@ async def _send_all(base: str, http: aiohttp.ClientSession, tag: str):
     return tabs, sent
 
 
-async def _outcomes(tabs, sent, timeout_s: float) -> list[dict]:
+async def _outcomes(tabs, sent, timeout_s: float, redis, settings) -> list[dict]:
     try:
         finals = [await tab.reply(mid, timeout_s=timeout_s) for tab, mid, _ in sent]
-        await asyncio.sleep(1.0)  # a second reply would show up here
+        # Every job has ended (no retry left queued): a second reply cannot come later.
+        await wait_jobs_done(redis, settings, timeout_s)
         for tab, mid, _ in sent:
             dones = [e for e in tab.events_for(mid) if e["type"] == "done"]
             assert len(dones) == 1, f"{mid}: {len(dones)} replies"
@@ -60,13 +61,13 @@ def _check(finals: list[dict], sent) -> Counter:
 
 @pytest.mark.slow
 async def test_500_storm_every_message_gets_one_answer_or_one_apology(
-    settings, llm_sim, worker_process
+    settings, llm_sim, worker_process, redis
 ):
     worker_process({"SLUICE_LLM_RETRIES": "3"})
     llm_sim.configure(error_rate=0.6)
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
         tabs, sent = await _send_all(base, http, "storm")
-        finals = await _outcomes(tabs, sent, timeout_s=60)
+        finals = await _outcomes(tabs, sent, 60, redis, settings)
     kinds = _check(finals, sent)
     assert kinds["answer"] >= 1, "retries get most answers through"
     stats = llm_sim.stats()
@@ -75,27 +76,28 @@ async def test_500_storm_every_message_gets_one_answer_or_one_apology(
 
 @pytest.mark.slow
 async def test_429_storm_waits_out_retry_after_then_answers_each_message_once(
-    settings, llm_sim, worker_process
+    settings, llm_sim, worker_process, redis
 ):
     worker_process({"SLUICE_LLM_RETRIES": "4"})
     llm_sim.configure(mode="429")
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
         tabs, sent = await _send_all(base, http, "limited")
-        await asyncio.sleep(2.0)
+        # The storm lasts until calls were refused and tried again.
+        await wait_until(lambda: llm_sim.stats()["rate_limited"] >= 2, 30, "two 429s")
         llm_sim.configure(mode="normal")  # the provider recovers
-        finals = await _outcomes(tabs, sent, timeout_s=60)
+        finals = await _outcomes(tabs, sent, 60, redis, settings)
     kinds = _check(finals, sent)
     assert kinds["answer"] == len(sent), kinds
 
 
 async def test_429_storm_that_never_ends_gives_one_short_apology_each(
-    settings, llm_sim, worker_process
+    settings, llm_sim, worker_process, redis
 ):
     worker_process({"SLUICE_LLM_RETRIES": "1"})
     llm_sim.configure(mode="429")
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
         tabs, sent = await _send_all(base, http, "refused")
-        finals = await _outcomes(tabs, sent, timeout_s=40)
+        finals = await _outcomes(tabs, sent, 40, redis, settings)
     kinds = _check(finals, sent)
     assert kinds == Counter({"error": len(sent)})
     assert llm_sim.stats()["completions"] == 0

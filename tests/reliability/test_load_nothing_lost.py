@@ -22,7 +22,7 @@ from pydantic import SecretStr
 
 from tests.fakes.discord_fake import DiscordFake
 from tests.fakes.slack_api import EventSender, FakeSlackAPI
-from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
+from tests.helpers import Proc, base_env, free_port, settings_env, wait_jobs_done, wait_port
 from tests.slack.conftest import BOT_TOKEN, SIGNING_SECRET, message
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
@@ -63,7 +63,7 @@ async def _send_discord(fake: DiscordFake, run: str) -> list[dict]:
 
 
 async def test_a_thousand_users_on_slack_and_a_thousand_on_discord_are_each_answered_once(
-    settings, llm_sim, tmp_path: Path
+    settings, llm_sim, redis, tmp_path: Path
 ):
     llm_sim.configure(tokens=3, first_token_latency_s=0.01, token_latency_s=0.005)
     run = settings.key_prefix[-6:]
@@ -133,7 +133,8 @@ async def test_a_thousand_users_on_slack_and_a_thousand_on_discord_are_each_answ
             )
             await asyncio.sleep(0.5)
         all_answered_s = time.monotonic() - started
-        await asyncio.sleep(2.0)  # late duplicates would show up now
+        # Every job has ended: a late duplicate would be in the fakes' records now.
+        await wait_jobs_done(redis, s, 60)
     finally:
         for proc in procs:
             proc.stop()

@@ -18,7 +18,7 @@ from tests.discord.conftest import CHANNEL, GUILD
 from tests.discord.conftest import running_adapter as discord_adapter
 from tests.fakes.discord_fake import DiscordFake
 from tests.fakes.slack_api import FakeSlackAPI
-from tests.helpers import Proc, settings_env
+from tests.helpers import Proc, settings_env, wait_jobs_done
 from tests.helpers import unique_slack_ts as _ts
 from tests.helpers import wait_until as _until
 from tests.slack.conftest import BOT_TOKEN, SIGNING_SECRET, mention, message
@@ -32,7 +32,7 @@ def _final(fake: FakeSlackAPI, prefix: str) -> list:
 
 @pytest.mark.slow
 async def test_slack_worker_sigkilled_mid_reply_answers_once_by_editing_its_message(
-    slack_settings, adapter, worker_process, fake_slack, llm_sim
+    slack_settings, adapter, worker_process, fake_slack, llm_sim, redis
 ):
     llm_sim.configure(tokens=30, token_latency_s=0.1)
     env = {**settings_env(slack_settings), "SLUICE_JOB_TIMEOUT_S": str(JOB_TIMEOUT_S)}
@@ -63,7 +63,7 @@ async def test_slack_worker_sigkilled_mid_reply_answers_once_by_editing_its_mess
             ),
             timeout_s=JOB_TIMEOUT_S + 10 + 20,
         )
-        await asyncio.sleep(1.0)
+        await wait_jobs_done(redis, slack_settings, 60)  # nothing can be posted after this
     assert len(fake_slack.replies("C1")) == 1, "one message in the thread"
     assert len(fake_slack.replies("D7")) == 1, "one message in the DM"
     dm_posts = [c for c in fake_slack.calls_of("chat.postMessage") if c.params["channel"] == "D7"]
@@ -137,7 +137,7 @@ async def test_slack_reply_target_gone_ends_the_job_logs_the_channel_and_keeps_h
         # No crash loop: the worker answers the next message elsewhere.
         await a.send.event(mention("still here", _ts(), channel="C2"))
         await fake_slack.wait_for(lambda: _final(fake_slack, "Echo: still here"), timeout_s=20)
-        await asyncio.sleep(0.5)
+        await wait_jobs_done(redis, slack_settings, 60)  # nothing can be posted after this
     log = worker.output()
     assert "channel=CGONE" in log and error in log
     assert worker.popen.poll() is None
@@ -185,7 +185,7 @@ async def test_discord_channel_gone_or_thread_archived_ends_the_job_and_keeps_hi
             mention_bot=True,
         )  # fmt: skip
         await _until(lambda: f"status={status}" in worker.output(), 20, "the refusal log")
-        await asyncio.sleep(1.0)
+        await wait_jobs_done(redis, discord_settings_e2e, 60)  # nothing can be posted after this
     log = worker.output()
     assert f"channel={CHANNEL}" in log and code in log
     assert worker.popen.poll() is None
@@ -209,7 +209,7 @@ async def test_discord_channel_gone_or_thread_archived_ends_the_job_and_keeps_hi
 
 @pytest.mark.slow
 async def test_discord_worker_sigkilled_mid_reply_answers_once_by_editing_its_message(
-    fake: DiscordFake, discord_settings_e2e: Settings, worker_process, llm_sim
+    fake: DiscordFake, discord_settings_e2e: Settings, worker_process, llm_sim, redis: Redis
 ):
     llm_sim.configure(tokens=30, token_latency_s=0.1)
     env = {**settings_env(discord_settings_e2e), "SLUICE_JOB_TIMEOUT_S": str(JOB_TIMEOUT_S)}
@@ -233,7 +233,7 @@ async def test_discord_worker_sigkilled_mid_reply_answers_once_by_editing_its_me
             ]
 
         await _until(lambda: final() and llm_sim.stats()["completions"] >= 2, 40, "the re-run")
-        await asyncio.sleep(1.5)
+        await wait_jobs_done(redis, discord_settings_e2e, 60)  # nothing can be posted after this
     assert len(fake.bot_messages(CHANNEL)) == 1, "the re-run edits the killed worker's message"
     posts = fake.calls_to("POST", "/channels/{channel_id}/messages")
     # When the kill lands between Discord creating the message and the worker saving

@@ -1,4 +1,4 @@
-"""A worker whose host clock is 30 s off steals no live job (issue 12, faults list).
+"""A worker whose host clock is 30 s off steals no live job.
 
 Heartbeats and dead-worker detection use Redis server time (``core.infra.clock``). Before,
 a worker 30 s ahead took every other worker for silent and handed their running jobs

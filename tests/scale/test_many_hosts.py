@@ -1,4 +1,4 @@
-"""Workers on many hosts (issue 12, point 3): three worker hosts and an adapter host,
+"""Workers on many hosts: three worker hosts and an adapter host,
 each a Linux network namespace with its own address, share one Redis, one Postgres and
 the LLM simulator on the host side. Mid-load one worker host is cut off (its link
 down): its jobs are handed back after the heartbeat window and answered once; when its

@@ -1,5 +1,5 @@
 """Redis Sentinel: clear start-up errors, and a primary killed mid-load loses no
-acknowledged message and answers none twice (issue 12, point 4).
+acknowledged message and answers none twice.
 
 Real servers: Debian's ``redis-server`` as primary, replica and three sentinels on
 loopback ports; real ``sluice worker`` and ``sluice web`` processes; the test itself

@@ -17,7 +17,7 @@ async def test_faq_example_answers_a_slack_mention_by_calling_its_tool(
     async with adapter(settings) as a:
         question = 'How do I install it? [[tool:faq_lookup {"question": "install"}]]'
         await a.send.event(mention(question, "700.1"))
-        [reply] = await wait_reply(fake_slack, "Echo: How do I install it?")
+        [reply] = await wait_reply(fake_slack, "Echo: How do I install it?", settings)
     assert reply.channel == "C1" and reply.thread_ts == "700.1"
     assert "Tool result: Q: How do I install Sluice?" in reply.text
     offered = [t["function"]["name"] for t in llm_sim.requests()[0]["tools"]]
