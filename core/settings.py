@@ -405,7 +405,18 @@ class Settings(BaseSettings):
         100, ge=1, description="Concurrent jobs per worker process (jobs mostly wait on I/O)."
     )
     worker_poll_delay_s: float = Field(
-        0.05, gt=0, description="How often an idle worker polls the queue."
+        0.05,
+        gt=0,
+        description="How often a worker with work polls the queue for more (an idle "
+        "worker blocks instead: SLUICE_WORKER_IDLE_BLOCK_S).",
+    )
+    worker_idle_block_s: float = Field(
+        1.0,
+        ge=0,
+        le=30,
+        description="The longest an idle worker blocks on its queue's wake list before it "
+        "polls anyway (enqueuers wake it at once; this only bounds the delay when a "
+        "wake-up is lost). 0: poll every SLUICE_WORKER_POLL_DELAY_S instead of blocking.",
     )
     job_timeout_s: int = Field(180, ge=5, description="A reply job is abandoned after this.")
     job_max_tries: int = Field(

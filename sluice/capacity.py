@@ -222,3 +222,135 @@ def render_plan(plan: Plan) -> Any:
         f"{plan.depth_per_worker:.1f} x workers (replies would wait > {plan.target_wait_s:g} s)."
     )
     return Group(grid, notes)
+
+
+# --------------------------------------------------------------------------- sizing
+
+
+@dataclass(frozen=True)
+class MessageCosts:
+    """What one message costs the shared engine and the workers, as measured by
+    ``sluice bench`` (the numbers and their commands are in ``docs/benchmarks.md``,
+    "Event-driven waiting"). The one source of these constants: ``docs/deploy.md``'s
+    capacity table and ``sluice capacity --model`` are computed from them."""
+
+    worker_cpu_ms: float
+    """Worker process CPU (user + system) per answered message."""
+    redis_commands: float
+    """Redis commands per message (``INFO commandstats``, Lua scripts' own included)."""
+    redis_cpu_us: float
+    """Redis server CPU per message (``INFO cpu``)."""
+    sql_rows: float = 2.0
+    """Rows the history flush writes per message (the user's turn and the answer)."""
+    postgres_rows_per_s: float = 58_400.0
+    """One Postgres's rows per second in the flush's batches (``docs/deploy.md``)."""
+    core_share: float = 0.7
+    """How much of a core (a worker process's, or Redis's one main thread) to plan on."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A load's shape: launch day is 1,000 users sending 2,180 messages in a minute (10
+    of them 10x), 30% repeated questions, against a provider allowing 600 requests a
+    minute."""
+
+    messages_per_user_per_s: float = 2180 / 1000 / 60
+    cache_hit_ratio: float = 0.3
+    provider_rpm: float = 600.0
+
+
+# Measured on 2026-12-05 (docs/benchmarks.md, "Event-driven waiting"), on the busy
+# 2-core machine: worker CPU from one worker at --rpm 0 (1,200 messages, CPU-bound);
+# Redis commands and CPU from launch-day at --scale 0.3 (2 workers, a Valkey of its own).
+MEASURED = MessageCosts(worker_cpu_ms=11.2, redis_commands=408.0, redis_cpu_us=6620.0)
+LAUNCH_DAY = Shape()
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """What ``users`` in ``shape`` need, and which limit binds first."""
+
+    users: int
+    messages_per_s: float
+    llm_calls_per_min: float
+    workers: int
+    redis_commands_per_s: float
+    redis_cores: float
+    postgres_rows_per_s: float
+    postgres_share: float
+    provider_share: float
+    first_limit: str
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return dict(vars(self))
+
+
+def size_for(users: int, costs: MessageCosts = MEASURED, shape: Shape = LAUNCH_DAY) -> Sizing:
+    """Workers, Redis and Postgres for ``users`` in ``shape`` at ``costs``.
+
+    Each limit's share of what it can give: the provider's quota (LLM calls a minute
+    over ``provider_rpm``), one Redis (its main thread's CPU over ``core_share`` of a
+    core) and one Postgres (flushed rows over ``postgres_rows_per_s``). The largest
+    share is the limit that comes first; over 1 it is already passed. Workers scale
+    out (``ceil(messages/s x CPU per message / core_share)``), so they are not a limit.
+    """
+    rate = users * shape.messages_per_user_per_s
+    calls_per_min = rate * (1 - shape.cache_hit_ratio) * 60
+    redis_cores = rate * costs.redis_cpu_us / 1e6
+    rows = rate * costs.sql_rows
+    shares = {
+        "provider": calls_per_min / shape.provider_rpm,
+        "redis": redis_cores / costs.core_share,
+        "postgres": rows / costs.postgres_rows_per_s,
+    }
+    return Sizing(
+        users=users,
+        messages_per_s=rate,
+        llm_calls_per_min=calls_per_min,
+        workers=max(1, math.ceil(rate * costs.worker_cpu_ms / 1000 / costs.core_share - 1e-9)),
+        redis_commands_per_s=rate * costs.redis_commands,
+        redis_cores=redis_cores,
+        postgres_rows_per_s=rows,
+        postgres_share=shares["postgres"],
+        provider_share=shares["provider"],
+        first_limit=max(shares, key=lambda k: shares[k]),
+    )
+
+
+def users_at_limit(costs: MessageCosts = MEASURED, shape: Shape = LAUNCH_DAY) -> dict[str, int]:
+    """How many users in ``shape`` each shared limit carries on its own (one Redis,
+    one Postgres, the provider's quota)."""
+    per_user = shape.messages_per_user_per_s
+    return {
+        "provider": int(shape.provider_rpm / 60 / (1 - shape.cache_hit_ratio) / per_user),
+        "redis": int(costs.core_share / (per_user * costs.redis_cpu_us / 1e6)),
+        "postgres": int(costs.postgres_rows_per_s / (per_user * costs.sql_rows)),
+    }
+
+
+MODEL_USERS = (10_000, 100_000, 1_000_000)
+
+
+def model_markdown(costs: MessageCosts = MEASURED, shape: Shape = LAUNCH_DAY) -> str:
+    """The capacity table of ``docs/deploy.md`` (a test checks the page holds it)."""
+    lines = [
+        "| users | messages/s | LLM calls/min needed | workers | Redis commands/s "
+        "| Redis CPU (cores) | Postgres rows/s | first limit |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for users in MODEL_USERS:
+        z = size_for(users, costs, shape)
+        lines.append(
+            f"| {users:,} | {z.messages_per_s:,.0f} | {z.llm_calls_per_min:,.0f} "
+            f"| {z.workers:,} | {z.redis_commands_per_s:,.0f} | {z.redis_cores:.2f} "
+            f"| {z.postgres_rows_per_s:,.0f} | {z.first_limit} |"
+        )
+    limits = users_at_limit(costs, shape)
+    lines.append("")
+    lines.append(
+        f"One of each carries, on its own: the provider's {shape.provider_rpm:,.0f} "
+        f"requests/min **{limits['provider']:,} users**, one Redis "
+        f"**{limits['redis']:,} users**, one Postgres **{limits['postgres']:,} users**."
+    )
+    return "\n".join(lines) + "\n"

@@ -109,6 +109,12 @@ def status(as_json: bool, watch: bool, interval: float) -> None:
     show_default=True,
     help="Longest acceptable queue wait (seconds) for the autoscaler signal.",
 )
+@click.option(
+    "--model",
+    is_flag=True,
+    help="Instead of a plan from history: workers, Redis and Postgres for 10k, 100k and "
+    "1M users in launch day's shape, from the measured cost of a message.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def capacity(
     from_file: Path | None,
@@ -120,9 +126,11 @@ def capacity(
     lead_hours: int,
     min_workers: int,
     target_wait: float,
+    model: bool,
     as_json: bool,
 ) -> None:
-    """Worker counts to run per hour of the week, from history and measured throughput."""
+    """Worker counts to run per hour of the week, from history and measured throughput;
+    or, with --model, what 10k, 100k and 1M users need and which limit comes first."""
     from rich.console import Console
 
     from core.settings import get_settings
@@ -135,6 +143,22 @@ def capacity(
         render_plan,
     )
 
+    if model:
+        from sluice.capacity import MODEL_USERS, model_markdown, size_for, users_at_limit
+
+        if as_json:
+            click.echo(
+                json.dumps(
+                    {
+                        "sizes": [size_for(u).as_dict() for u in MODEL_USERS],
+                        "users_at_limit": users_at_limit(),
+                    },
+                    indent=1,
+                )
+            )
+        else:
+            click.echo(model_markdown())
+        return
     if per_worker is not None:
         rate = per_worker
     elif bench_json is not None:

@@ -21,12 +21,13 @@ import asyncio
 import logging
 from typing import Any
 
-from arq.worker import Worker, func
+from arq.worker import func
 
 from core.infra.serializer import deserialize, serialize
 from core.settings import Settings
 from core.traffic.queue import notice_queue_name
 from workers import traffic_jobs
+from workers.poll import BlockingPoll
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,10 @@ def notice_functions(settings: Settings) -> list[Any]:
     ]
 
 
-def notice_worker(settings: Settings, ctx: dict[str, Any]) -> Worker:
-    """The reserved loop over the process's pool and ``ctx`` (not started)."""
-    return Worker(
+def notice_worker(settings: Settings, ctx: dict[str, Any]) -> BlockingPoll:
+    """The reserved loop over the process's pool and ``ctx`` (not started); idle, it
+    blocks on its queue's wake list (:mod:`workers.poll`)."""
+    return BlockingPoll(
         functions=notice_functions(settings),
         queue_name=notice_queue_name(settings),
         redis_pool=ctx["redis"],
@@ -53,6 +55,7 @@ def notice_worker(settings: Settings, ctx: dict[str, Any]) -> Worker:
         handle_signals=False,
         max_jobs=settings.notice_max_jobs,
         poll_delay=settings.worker_poll_delay_s,
+        idle_block_s=settings.worker_idle_block_s,
         job_timeout=min(NOTICE_JOB_TIMEOUT_S, settings.job_timeout_s),
         max_tries=1,
         keep_result=60,

@@ -16,10 +16,11 @@ dead worker had started instead of posting a second one.
 
 A worker taken for dead may only have been cut off (a network partition): when its
 link comes back, its old jobs may still be running. Each started job records its
-owner (``Keys.job_owner``, :func:`claim`); the hand-back deletes it, and the next
-worker to start the job writes its own name. Before the final delivery a job checks
-(:func:`still_owns`) that it is still the owner; a superseded job delivers nothing,
-records no history and leaves arq's job alone (the new owner finishes it).
+owner (``Keys.job_owner``, set by the start script of :mod:`workers.poll`); the
+hand-back deletes it, and the next worker to start the job writes its own name.
+Before the final delivery a job checks (:func:`still_owns`) that it is still the
+owner; a superseded job delivers nothing, records no history and leaves arq's job
+alone (the new owner finishes it).
 
 Silence is measured in Redis server time (``TIME``, inside the script), as the beats
 are (:mod:`core.infra.heartbeat`), so a worker whose clock is off takes no live worker for
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
@@ -52,7 +54,8 @@ local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[1]))
 """
 
-# KEYS: heartbeats, the silent worker's job set. ARGV: member, silent for (s),
+# KEYS: heartbeats, the silent worker's job set, the running-job indexes of the queues
+# (workers.poll). ARGV: member, silent for (s),
 # in-progress key prefix, owner key prefix, 1 = hand back whether silent or not.
 # Returns the job ids handed back (none if it beat again meanwhile).
 _REAP = """
@@ -65,6 +68,7 @@ end
 local jobs = redis.call('SMEMBERS', KEYS[2])
 for _, id in ipairs(jobs) do
   redis.call('DEL', ARGV[3] .. id)
+  for i = 3, #KEYS do redis.call('ZREM', KEYS[i], id) end
   if redis.call('GET', ARGV[4] .. id) == ARGV[1] then
     redis.call('DEL', ARGV[4] .. id)
   end
@@ -75,43 +79,14 @@ return jobs
 """
 
 
-# KEYS: the worker's job set, the job's owner key. ARGV: member, job id.
+# KEYS: the worker's job set, the job's owner key, its queue's running-job index.
+# ARGV: member, job id.
 _FINISHED = """
 redis.call('SREM', KEYS[1], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
 if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
 return 1
 """
-
-
-async def track_started(redis: Redis, keys: Keys, member: str, job_ids: list[str]) -> None:
-    """Note that ``member`` runs ``job_ids`` (arq ids)."""
-    if not job_ids:
-        return
-    key = keys.worker_jobs(member)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.sadd(key, *job_ids)
-        pipe.expire(key, JOBS_TTL_S)
-        await pipe.execute()
-
-
-# KEYS: the job's owner key, its answered marker. ARGV: member, ttl (s).
-_CLAIM = """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-return redis.call('EXISTS', KEYS[2])
-"""
-
-
-async def claim(redis: Redis, keys: Keys, member: str, job_id: str) -> bool:
-    """``member`` runs ``job_id`` (arq id) now: it owns the job's delivery. Called by
-    the job's own task before the job runs, so no check can come first.
-
-    Returns ``True`` when an earlier try already answered the job
-    (``Keys.job_answered``): its reply reached the platform, but its end was lost.
-    """
-    answered = await Lua(redis, _CLAIM)(
-        [keys.job_owner(job_id), keys.job_answered(job_id)], [member, JOBS_TTL_S]
-    )
-    return bool(answered)
 
 
 async def still_owns(redis: Redis, keys: Keys, member: str, job_id: str) -> bool:
@@ -123,16 +98,20 @@ async def still_owns(redis: Redis, keys: Keys, member: str, job_id: str) -> bool
     return (owner.decode() if isinstance(owner, bytes) else str(owner)) == member
 
 
-async def track_finished(redis: Redis, keys: Keys, member: str, job_id: str) -> None:
-    """``member`` no longer runs ``job_id`` (done, failed, retried later or handed back)."""
+async def track_finished(redis: Redis, keys: Keys, member: str, job_id: str, running: str) -> None:
+    """``member`` no longer runs ``job_id`` (done, failed, retried later or handed
+    back); it leaves ``running``, its queue's running-job index (:mod:`workers.poll`)."""
     await Lua(redis, _FINISHED)(
-        [keys.worker_jobs(member), keys.job_owner(job_id)], [member, job_id]
+        [keys.worker_jobs(member), keys.job_owner(job_id), running], [member, job_id]
     )
 
 
-async def reap(redis: Redis, keys: Keys, dead_after_s: float) -> dict[str, list[str]]:
+async def reap(
+    redis: Redis, keys: Keys, dead_after_s: float, running: Sequence[str] = ()
+) -> dict[str, list[str]]:
     """Hand the jobs of every worker silent for ``dead_after_s`` (by Redis server
-    time) back to the queue; returns them per worker."""
+    time) back to the queue; returns them per worker. ``running``: the running-job
+    indexes of the queues (:func:`workers.poll.running_key`), which the jobs leave."""
     silent = await Lua(redis, _SILENT)([keys.heartbeats()], [dead_after_s])
     script = Lua(redis, _REAP)
     out: dict[str, list[str]] = {}
@@ -141,7 +120,7 @@ async def reap(redis: Redis, keys: Keys, dead_after_s: float) -> dict[str, list[
         if not member.startswith("worker:"):
             continue
         jobs: list[Any] = await script(
-            [keys.heartbeats(), keys.worker_jobs(member)],
+            [keys.heartbeats(), keys.worker_jobs(member), *running],
             [member, dead_after_s, in_progress_key_prefix, keys.job_owner(""), 0],
         )
         if jobs:
@@ -156,13 +135,15 @@ async def reap(redis: Redis, keys: Keys, dead_after_s: float) -> dict[str, list[
     return out
 
 
-async def hand_back_own(redis: Redis, keys: Keys, member: str) -> list[str]:
+async def hand_back_own(
+    redis: Redis, keys: Keys, member: str, running: Sequence[str] = ()
+) -> list[str]:
     """Hand back the jobs an earlier incarnation of this process left (a worker that
     lost Redis mid-job and starts again, :func:`workers.run.run_worker`): they are
     not running any more, but their in-progress markers would hold them for
     ``SLUICE_JOB_TIMEOUT_S`` + 10 s. Call before the new worker polls."""
     jobs: list[Any] = await Lua(redis, _REAP)(
-        [keys.heartbeats(), keys.worker_jobs(member)],
+        [keys.heartbeats(), keys.worker_jobs(member), *running],
         [member, 0, in_progress_key_prefix, keys.job_owner(""), 1],
     )
     ids = [j.decode() if isinstance(j, bytes) else str(j) for j in jobs]
@@ -171,11 +152,17 @@ async def hand_back_own(redis: Redis, keys: Keys, member: str) -> list[str]:
     return ids
 
 
-async def reaper_loop(redis: Redis, keys: Keys, dead_after_s: float, interval_s: float) -> None:
+async def reaper_loop(
+    redis: Redis,
+    keys: Keys,
+    dead_after_s: float,
+    interval_s: float,
+    running: Sequence[str] = (),
+) -> None:
     """:func:`reap` every ``interval_s`` until cancelled."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            await reap(redis, keys, dead_after_s)
+            await reap(redis, keys, dead_after_s, running)
         except (RedisError, OSError) as e:
             logger.warning("cannot look for silent workers: %s", e)

@@ -48,22 +48,23 @@ from core.settings import Settings
 from core.traffic.choices import Choices
 from core.traffic.control import BUSY_MAX_TRIES, Traffic
 from core.traffic.lanes import lane_queue_name
+from core.traffic.queue import reply_queues
 from core.traffic.schedule import (
     BAND_SHIFT_MS,
     IN_TIME_BAND_MS,
     LATE_BAND_MS,
     SWEEP_BATCH,
-    SWEEP_LUA,
     deadlines_key,
 )
+from core.traffic.wake import wake_workers
 from workers import feedback, flush, jobs, notices, traffic_jobs
 from workers.flush import Flusher
+from workers.poll import START_DUE_LUA, BlockingPoll, running_key
 from workers.reaper import (
-    claim,
+    JOBS_TTL_S,
     hand_back_own,
     reaper_loop,
     track_finished,
-    track_started,
 )
 
 logger = logging.getLogger(__name__)
@@ -155,8 +156,8 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
     keys: Keys = ctx["keys"]
     stack = contextlib.AsyncExitStack()
     ctx["ops_stack"] = stack
-    # Jobs this worker claimed (SluiceWorker.run_job; arq's own CLI runs arq's Worker,
-    # which claims nothing, and then no job checks its ownership).
+    # Jobs this worker claimed (SluiceWorker.start_due; a worker without a heartbeat
+    # member claims nothing, and then no job checks its ownership).
     ctx["claimed_jobs"] = set()
     ctx["superseded_jobs"] = set()
     ctx["answered_jobs"] = set()
@@ -164,7 +165,8 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
         heartbeating(redis, keys, "worker", settings.health_check_interval_s)
     )
     # Before the first poll: jobs this process ran before it lost Redis go back now.
-    await hand_back_own(redis, keys, member)
+    running = [running_key(q) for q in {worker_queue(settings), *reply_queues(settings)}]
+    await hand_back_own(redis, keys, member, running)
     ctx["worker_member"] = member
     reaper = asyncio.create_task(
         reaper_loop(
@@ -173,6 +175,7 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
             # A live worker beats every interval: never take one missed beat for death.
             max(settings.worker_dead_after_s, 3 * settings.health_check_interval_s),
             settings.health_check_interval_s,
+            running,
         )
     )
 
@@ -326,6 +329,7 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
         "on_shutdown": on_shutdown,
         "max_jobs": settings.worker_max_jobs,
         "poll_delay": settings.worker_poll_delay_s,
+        "idle_block_s": settings.worker_idle_block_s,
         "job_timeout": settings.job_timeout_s,
         "max_tries": settings.job_max_tries,
         # A short, fixed result lifetime: results are not read, but while one exists
@@ -338,47 +342,6 @@ def worker_settings(settings: Settings, *, llm_base_url: str | None = None) -> d
     }
 
 
-# KEYS: queue, its deadline index. ARGV: now ms, free slots, in-progress key prefix,
-# most ids to look at, band shift ms, sweep batch, slots kept for in-time work, the
-# score from which a reply job is not in the in-time band.
-# First the deadline sweep (core.traffic.schedule: jobs that turned late move behind the ones
-# still in time), then the first ``free`` ids due by score whose job is not running;
-# reply jobs past the in-time band (late ones) never take the last ``reserve`` slots.
-_DUE_NOT_RUNNING = (
-    SWEEP_LUA
-    + """
-sweep(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[5]), tonumber(ARGV[6]))
-local out = {}
-local offset = 0
-local free = tonumber(ARGV[2])
-local limit = tonumber(ARGV[4])
-local late_room = free - tonumber(ARGV[7])
-local boundary = tonumber(ARGV[8])
-local done = false
-while not done and #out < free and offset < limit do
-  local page = redis.call(
-    'ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'WITHSCORES', 'LIMIT', offset, 100)
-  if #page == 0 then break end
-  for i = 1, #page, 2 do
-    local id = page[i]
-    local late = tonumber(page[i + 1]) >= boundary and string.find(id, ':reply:', 1, true)
-    if late and late_room <= 0 then
-      -- Only late reply jobs and later housekeeping follow: leave them for a freer poll.
-      done = true
-      break
-    end
-    if redis.call('EXISTS', ARGV[3] .. id) == 0 then
-      out[#out + 1] = id
-      if late then late_room = late_room - 1 end
-      if #out >= free then break end
-    end
-  end
-  offset = offset + #page / 2
-end
-return out
-"""
-)
-
 # Share of a worker's slots that late reply jobs never take, so that a new message
 # that can still be answered in time finds a slot at once (a flooder's late messages
 # wait for their conversation in their slots).
@@ -389,17 +352,18 @@ IN_TIME_RESERVE = 0.2
 SCAN_LIMIT = 20_000
 
 
-class SluiceWorker(Worker):
+class SluiceWorker(BlockingPoll):
     """An arq worker that starts the best-scored jobs that are not running yet, as many
-    as it has free slots.
+    as it has free slots, and blocks while idle (:mod:`workers.poll`).
 
     arq reads up to ``queue_read_limit`` job ids by score and then checks each with a
     WATCH transaction, waiting for a slot for each in turn. Running jobs stay in the
     queue until they end, and under a backlog they are the best-scored ids, so that
     read is mostly running jobs: four round trips each per poll, and with more jobs
     running than ``queue_read_limit`` no queued job is seen at all. Instead one Lua
-    call per poll returns the first due ids that are not running, only as many as fit
-    (so a high-lane job enqueued meanwhile does not wait behind a stale batch).
+    call per poll (:data:`workers.poll.START_DUE_LUA`) starts the first due ids that
+    are not running, only as many as fit (so a high-lane job enqueued meanwhile does
+    not wait behind a stale batch), skipping running ones through an index.
 
     The same call first runs the deadline sweep (:mod:`core.traffic.schedule`), and late reply
     jobs never take the last :data:`IN_TIME_RESERVE` of the slots: a flooder's late
@@ -408,10 +372,11 @@ class SluiceWorker(Worker):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        # arq's own read only tells whether anything is due: one id is enough.
+        # arq's own read is not used (the poll is one Lua call): one id at most.
         kwargs.setdefault("queue_read_limit", 1)
         super().__init__(*args, **kwargs)
         self._due: tuple[Any, Lua] | None = None
+        self._answered: set[str] = set()
 
     async def main(self) -> None:
         """arq's main loop, on a pool from :func:`core.infra.redis.connect_pool` (which also
@@ -425,23 +390,54 @@ class SluiceWorker(Worker):
             )
         await super().main()
 
+    async def _poll_iteration(self) -> None:
+        """arq's poll iteration, with :meth:`start_due` instead of arq's read and start,
+        then the idle wait (:class:`workers.poll.BlockingPoll`)."""
+        self._picked = 0
+        self._next_due_ms = None
+        if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+            await self.start_due()
+        if self.allow_abort_jobs:
+            await self._cancel_aborted_jobs()
+        for job_id, t in list(self.tasks.items()):
+            if t.done():
+                del self.tasks[job_id]
+                # arq's own loop does the same: errors in run_job surface here
+                t.result()
+        await self.heart_beat()
+        if self.idle_block_s > 0 and not self.burst and self.allow_pick_jobs:
+            await self._idle_wait()
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """Start the first due jobs that are not running, as many as there are free slots.
+        """Start the first due jobs that are not running (``job_ids`` is arq's read:
+        nothing is done when it is empty)."""
+        if job_ids:
+            await self.start_due()
+
+    async def start_due(self) -> int:
+        """Start the first due jobs that are not running, as many as there are free
+        slots; returns how many started.
 
         "Due" is judged by arq's own clock reading (:func:`arq.utils.timestamp_ms`, which
         rounds to the millisecond): arq scores a job it enqueues that way, and a
         truncated reading left a job enqueued in the same millisecond not due yet.
         """
         free = self.max_jobs - self.job_counter
-        if free <= 0 or not job_ids:
-            return
+        if free <= 0:
+            return 0
         if self._due is None or self._due[0] is not self.pool:
-            self._due = (self.pool, Lua(self.pool, _DUE_NOT_RUNNING))
-        # arq's clock (rounded), as arq's own start check reads it: a job this scan
-        # calls due and arq's check does not would be skipped.
+            self._due = (self.pool, Lua(self.pool, START_DUE_LUA))
+        keys: Keys | None = self.ctx.get("keys")
+        member: str | None = self.ctx.get("worker_member")
+        owned = keys is not None and member is not None
         now_ms = timestamp_ms()
-        due: list[bytes] = await self._due[1](
-            [self.queue_name, deadlines_key(self.queue_name)],
+        res: list[Any] = await self._due[1](
+            [
+                self.queue_name,
+                deadlines_key(self.queue_name),
+                running_key(self.queue_name),
+                keys.worker_jobs(member) if keys is not None and member is not None else "",
+            ],
             [
                 now_ms,
                 free,
@@ -451,29 +447,32 @@ class SluiceWorker(Worker):
                 SWEEP_BATCH,
                 int(self.max_jobs * IN_TIME_RESERVE),
                 now_ms - (IN_TIME_BAND_MS + LATE_BAND_MS) // 2,
+                int(self.in_progress_timeout_s * 1000),
+                member if member is not None and owned else "",
+                keys.job_owner("") if keys is not None else "",
+                keys.job_answered("") if keys is not None else "",
+                JOBS_TTL_S,
             ],
         )
-        before = set(self.tasks)
-        await super().start_jobs(due)
-        member = self.ctx.get("worker_member")
-        if member is not None:
-            started = [j for j in self.tasks if j not in before]
-            await track_started(self.pool, self.ctx["keys"], member, started)
-
-    async def run_job(self, job_id: str, score: int) -> None:
-        """Claim the job's delivery (:func:`workers.reaper.claim`), then run it."""
-        member = self.ctx.get("worker_member")
-        if member is not None:
-            try:
-                if await claim(self.pool, self.ctx["keys"], member, job_id):
-                    self.ctx["answered_jobs"].add(job_id)
+        next_due = int(float(res[-1]))
+        self._next_due_ms = next_due if next_due >= 0 else None
+        started = 0
+        for i in range(0, len(res) - 1, 3):
+            raw = res[i]
+            job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+            score = int(float(res[i + 1]))
+            if owned:
                 self.ctx["claimed_jobs"].add(job_id)
-            except (RedisError, OSError) as e:
-                # Unclaimed, its reply could not be delivered: arq runs it again when
-                # its in-progress marker expires.
-                logger.warning("cannot claim job=%s (%s): leaving it to a later try", job_id, e)
-                return
-        await super().run_job(job_id, score)
+                if int(res[i + 2]):
+                    self.ctx["answered_jobs"].add(job_id)
+            await self.sem.acquire()
+            self.job_counter += 1
+            t = self.loop.create_task(self.run_job(job_id, score))
+            t.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = t
+            started += 1
+        self._picked = started
+        return started
 
     async def finish_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
         """arq's end of a job try, then forget that this worker runs it.
@@ -492,6 +491,11 @@ class SluiceWorker(Worker):
         else:
             await super().finish_job(job_id, *args, **kwargs)
         await self._forget(job_id)
+        finished = args[0] if args else kwargs.get("finish", True)
+        if not finished:
+            # Tried again later (a re-defer, a retry): an idle worker, maybe this one,
+            # blocks until it falls due instead of until its fallback.
+            await wake_workers(self.pool, self.queue_name)
 
     async def finish_failed_job(self, job_id: str, *args: Any, **kwargs: Any) -> None:
         """arq's end of a job that cannot run, then forget that this worker runs it
@@ -517,7 +521,11 @@ class SluiceWorker(Worker):
         self.ctx.get("claimed_jobs", set()).discard(job_id)
         member = self.ctx.get("worker_member")
         if member is not None:
-            await track_finished(self.pool, self.ctx["keys"], member, job_id)
+            await track_finished(
+                self.pool, self.ctx["keys"], member, job_id, running_key(self.queue_name)
+            )
+        else:
+            await self.pool.zrem(running_key(self.queue_name), job_id)
 
 
 def create_worker(settings: Settings, **overrides: Any) -> Worker:

@@ -62,7 +62,14 @@ _arq_create_worker = arq.worker.create_worker
 def create_arq_worker(settings_cls: Any, **kwargs: Any) -> arq.worker.Worker:
     """arq's ``create_worker``, but a :class:`SluiceWorker` for :data:`WorkerSettings`."""
     if settings_cls is WorkerSettings:
-        return SluiceWorker(**{**arq.worker.get_kwargs(settings_cls), **kwargs})
+        # arq passes on only its own Worker's arguments; the idle block is Sluice's.
+        return SluiceWorker(
+            **{
+                **arq.worker.get_kwargs(settings_cls),
+                "idle_block_s": _KWARGS["idle_block_s"],
+                **kwargs,
+            }
+        )
     return _arq_create_worker(settings_cls, **kwargs)
 
 

@@ -410,6 +410,11 @@ class Keys:
         ``[queue, arq job id, score]``, read by the lock's release)."""
         return f"{self.prefix}:conv:wake:{conversation_id}"
 
+    def conv_freed(self, conversation_id: str) -> str:
+        """A token pushed whenever a conversation's lock is given back; a job waiting
+        in its slot for the lock blocks on it (``core.traffic.ordering``)."""
+        return f"{self.conv_wake(conversation_id)}:freed"
+
     def merged(self, job_id: str) -> str:
         """Marks a message answered as part of an earlier message's burst."""
         return f"{self.prefix}:merged:{job_id}"

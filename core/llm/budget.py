@@ -30,13 +30,16 @@ waited), ``tokens`` (prompt + completion tokens used), ``rate_limited`` (429s me
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from core.errors import LLMError, LLMRateLimitedError, LLMTransientError, LLMUnavailableError
 from core.infra import metrics
@@ -48,19 +51,46 @@ from core.settings import Settings
 logger = logging.getLogger(__name__)
 
 STALE_WAITER_MS = 5000
+# The head of the line looks again at least this often.
 MAX_POLL_S = 1.0
+# A waiter behind the head is woken when it becomes the head; it looks again on its own
+# after this (a fallback: a wake-up lost, or a lent priority that moved it up).
+WAITER_BLOCK_S = 10.0
+# How often a process marks its waiters alive and looks for a blocked head.
+REFRESH_S = 1.0
+
+# Wake the head of the line (a waiter blocked in its process, see LLMBudget): push its
+# name to its process's wake list. KEYS[2]: waiters, KEYS[9]: waiter -> process token.
+_WAKE_HEAD = """
+local function wake_head()
+  local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+  if head == nil or head == ARGV[1] then return end
+  local proc = redis.call('HGET', KEYS[9], head)
+  if proc then
+    local key = KEYS[10] .. proc
+    redis.call('RPUSH', key, head)
+    redis.call('EXPIRE', key, 60)
+  end
+end
+"""
 
 # KEYS: bucket, waiters, seen, stats, breaker-open, breaker-half-open, breaker-probe,
-#       the member's lent priority (core.traffic.ordering.park).
-# ARGV: member, priority, rpm (0: unknown), tpm, est tokens, stale ms, headroom, probe ms.
+#       the member's lent priority (core.traffic.ordering.park), waiter -> process,
+#       the wake lists' prefix.
+# ARGV: member, priority, rpm (0: unknown), tpm, est tokens, stale ms, headroom, probe ms,
+#       this process's token.
 # Returns {status, wait_ms, rank, interval_ms}: status 1 granted, 0 wait, -1 breaker open.
-_ACQUIRE = """
+_ACQUIRE = (
+    _WAKE_HEAD
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local open_ttl = redis.call('PTTL', KEYS[5])
 if open_ttl > 0 then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HDEL', KEYS[3], ARGV[1])
+  redis.call('HDEL', KEYS[9], ARGV[1])
+  wake_head()
   return {-1, open_ttl, 0, 0}
 end
 if redis.call('EXISTS', KEYS[6]) == 1 then
@@ -69,6 +99,8 @@ if redis.call('EXISTS', KEYS[6]) == 1 then
   if probe and probe ~= ARGV[1] then
     redis.call('ZREM', KEYS[2], ARGV[1])
     redis.call('HDEL', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[9], ARGV[1])
+    wake_head()
     return {-1, math.max(1000, redis.call('PTTL', KEYS[7])), 0, 0}
   end
   if not probe then redis.call('SET', KEYS[7], ARGV[1], 'PX', ARGV[8]) end
@@ -102,6 +134,8 @@ local lent = tonumber(redis.call('GET', KEYS[8]) or ARGV[2])
 if lent < prio then prio = lent end
 redis.call('ZADD', KEYS[2], 'LT', prio, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], now)
+redis.call('HSET', KEYS[9], ARGV[1], ARGV[9])
+local dropped = false
 while true do
   local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
   if head == nil or head == ARGV[1] then break end
@@ -109,7 +143,10 @@ while true do
   if now - seen <= tonumber(ARGV[6]) then break end
   redis.call('ZREM', KEYS[2], head)
   redis.call('HDEL', KEYS[3], head)
+  redis.call('HDEL', KEYS[9], head)
+  dropped = true
 end
+if dropped then wake_head() end
 local rank = redis.call('ZRANK', KEYS[2], ARGV[1])
 local status = 0
 local wait = 0
@@ -123,8 +160,10 @@ else
     if tpm > 0 then tl = tl - est end
     redis.call('ZREM', KEYS[2], ARGV[1])
     redis.call('HDEL', KEYS[3], ARGV[1])
+    redis.call('HDEL', KEYS[9], ARGV[1])
     redis.call('HINCRBY', KEYS[4], 'calls', 1)
     if n > 1 then redis.call('HINCRBY', KEYS[4], 'calls_in_backlog', 1) end
+    wake_head()
   else
     if rpm > 0 and rl < 1 then wait = math.max(wait, (1 - rl) * 60000 / rpm) end
     if tpm > 0 and tl < est then wait = math.max(wait, (est - tl) * 60000 / tpm) end
@@ -140,6 +179,39 @@ local interval = 0
 if rpm > 0 then interval = 60000 / rpm end
 if tpm > 0 then interval = math.max(interval, est * 60000 / tpm) end
 return {status, math.ceil(wait), rank, math.ceil(interval)}
+"""
+)
+
+# KEYS: waiters, seen, waiter -> process, the wake lists' prefix (for wake_head).
+# ARGV: member. Leaves the line (a wait that gave up); the next head is woken.
+_LEAVE = (
+    _WAKE_HEAD.replace("KEYS[9]", "KEYS[3]")
+    .replace("KEYS[10]", "KEYS[4]")
+    .replace("KEYS[2]", "KEYS[1]")
+    + """
+local head = redis.call('ZRANGE', KEYS[1], 0, 0)[1]
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+if head == ARGV[1] then wake_head() end
+return 1
+"""
+)
+
+# KEYS: seen, waiters. ARGV: members waiting in this process.
+# Marks them alive (Redis time); returns {head of the line, ms since it was last seen}.
+_REFRESH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local fields = {}
+for _, m in ipairs(ARGV) do
+  fields[#fields + 1] = m
+  fields[#fields + 1] = now
+end
+if #fields > 0 then redis.call('HSET', KEYS[1], unpack(fields)) end
+local head = redis.call('ZRANGE', KEYS[2], 0, 0)[1]
+if head == nil then return {'', 0} end
+return {head, now - tonumber(redis.call('HGET', KEYS[1], head) or '0')}
 """
 
 # KEYS: bucket, stats, fails, half-open, probe.
@@ -223,6 +295,10 @@ def estimate_tokens(messages: Sequence[ChatMessage], max_tokens: int) -> int:
     return math.ceil(chars / 4) + images * IMAGE_TOKENS + max_tokens
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _header_int(headers: dict[str, str], name: str) -> int:
     try:
         return int(float(headers[name]))
@@ -244,8 +320,17 @@ class LLMBudget:
         self._fails = keys.llm("breaker:fails")
         self._half = keys.llm("breaker:half-open")
         self._probe = keys.llm("breaker:probe")
+        self._procs = keys.llm("waiter-procs")
+        self._wake_prefix = keys.llm("wake:")
         self._keys = keys
+        # This process's waiters: woken through one wake list per process.
+        self._proc = uuid.uuid4().hex
+        self._local: dict[str, asyncio.Event] = {}
+        self._blocked: set[str] = set()
+        self._listener: asyncio.Task[None] | None = None
         self._acquire = Lua(redis, _ACQUIRE)
+        self._leave_line = Lua(redis, _LEAVE)
+        self._refresh = Lua(redis, _REFRESH)
         self._success = Lua(redis, _SUCCESS)
         self._rate_limited = Lua(redis, _RATE_LIMITED)
         self._failure = Lua(redis, _FAILURE)
@@ -298,6 +383,24 @@ class LLMBudget:
             LLMUnavailableError: the breaker is open, or the wait passed
                 ``SLUICE_LLM_BUDGET_WAIT_S``.
         """
+        woken = asyncio.Event()
+        self._local[member] = woken
+        if self._listener is None or self._listener.done():
+            self._listener = asyncio.create_task(self._listen(), name="sluice-llm-budget-wake")
+        try:
+            return await self._wait_in_line(member, priority_ms, est_tokens, on_queued, woken)
+        finally:
+            self._local.pop(member, None)
+            self._blocked.discard(member)
+
+    async def _wait_in_line(
+        self,
+        member: str,
+        priority_ms: int,
+        est_tokens: int,
+        on_queued: Callable[[float], Awaitable[None]] | None,
+        woken: asyncio.Event,
+    ) -> float:
         s = self._settings
         started = time.monotonic()
         told = False
@@ -310,9 +413,12 @@ class LLMBudget:
             self._half,
             self._probe,
             self._keys.llm_lent(member),
+            self._procs,
+            self._wake_prefix,
         ]
         probe_ms = int((s.llm_timeout_s + 5) * 1000)
         while True:
+            woken.clear()
             res: list[Any] = await self._acquire(
                 keys,
                 [
@@ -324,6 +430,7 @@ class LLMBudget:
                     STALE_WAITER_MS,
                     s.llm_budget_headroom,
                     probe_ms,
+                    self._proc,
                 ],
             )
             status, wait_ms, rank, interval_ms = (int(x) for x in res)
@@ -344,14 +451,57 @@ class LLMBudget:
             if on_queued is not None and not told and expected_s > s.queued_notice_after_s:
                 told = True
                 await on_queued(expected_s)
-            delay = wait_ms / 1000 if rank == 0 else expected_s / 2
-            await asyncio.sleep(min(MAX_POLL_S, max(0.005, delay)))
+            if rank == 0:
+                # The head: the bucket has its request in wait_ms.
+                self._blocked.discard(member)
+                delay = min(MAX_POLL_S, max(0.005, wait_ms / 1000))
+            else:
+                # Behind the head: woken when it becomes the head (see _listen).
+                self._blocked.add(member)
+                delay = max(0.005, min(WAITER_BLOCK_S, s.llm_budget_wait_s - waited + 0.01))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), delay)
+
+    async def _listen(self) -> None:
+        """Wake this process's waiters while it has any: names pushed to its wake list
+        (the head changed), and, once a second, mark them alive in the line (one call
+        for all) and wake a blocked one that is the head, or the first one when the
+        head's process stopped marking it (dead: that waiter's call drops it)."""
+        wake_key = self._wake_prefix + self._proc
+        last_refresh = 0.0
+        while self._local:
+            try:
+                popped: Any = await self._redis.blpop(  # type: ignore[misc]
+                    [wake_key],
+                    timeout=REFRESH_S,  # type: ignore[arg-type]  # Redis takes fractions
+                )
+                if popped:
+                    self._wake(_text(popped[1]))
+                if time.monotonic() - last_refresh < REFRESH_S or not self._local:
+                    continue
+                last_refresh = time.monotonic()
+                head_raw, age_ms = await self._refresh(
+                    [self._seen, self._waiters], list(self._local)
+                )
+                head = _text(head_raw)
+                if head in self._blocked:
+                    self._wake(head)
+                elif head and head not in self._local and int(age_ms) > STALE_WAITER_MS:
+                    self._wake(next(iter(self._local)))
+            except (RedisError, OSError) as e:
+                # Waiters still look again on their own (WAITER_BLOCK_S).
+                logger.warning("llm budget: cannot wait for wake-ups: %s", e)
+                await asyncio.sleep(REFRESH_S)
+
+    def _wake(self, member: str) -> None:
+        event = self._local.get(member)
+        if event is not None:
+            event.set()
 
     async def _leave(self, member: str) -> None:
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.zrem(self._waiters, member)
-            pipe.hdel(self._seen, member)
-            await pipe.execute()
+        await self._leave_line(
+            [self._waiters, self._seen, self._procs, self._wake_prefix], [member]
+        )
 
     async def succeeded(self, completion: Completion) -> None:
         """Correct the bucket from the answer's headers; count tokens; reset the breaker."""

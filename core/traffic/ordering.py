@@ -37,17 +37,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from core.infra.lock import OwnerLock
 from core.infra.redis import Keys
 from core.infra.scripts import Lua
 from core.messages import FileRef, IncomingMessage
 from core.settings import Settings
+from core.traffic.wake import WAKE_WORKERS_LUA
 
 logger = logging.getLogger(__name__)
 
 PENDING_TTL_S = 86400
 POLL_S = 0.03
+# A job waiting in its slot for a conversation's lock looks again at least this often.
+FREED_FALLBACK_S = 0.5
 
 _NOW_MS = "local t = redis.call('TIME') local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
@@ -100,20 +104,29 @@ return {1, '', 0}
 )
 
 # The head of a conversation's line (``pending``), if it parked (an entry in ``wake``),
-# goes back to its place in its queue. Prepended to the scripts that free a conversation.
-WAKE_HEAD_LUA = """
+# goes back to its place in its queue, and an idle worker of that queue wakes
+# (core.traffic.wake). Prepended to the scripts that free a conversation.
+WAKE_HEAD_LUA = (
+    WAKE_WORKERS_LUA
+    + """
 local function wake_head(pending, wake)
+  -- A job waiting in its slot for this lock (acquire_conversation) goes now.
+  local freed = wake .. ':freed'
+  redis.call('RPUSH', freed, '1')
+  redis.call('LTRIM', freed, -1, -1)
+  redis.call('PEXPIRE', freed, 10000)
   local head = redis.call('ZRANGE', pending, 0, 0)[1]
   if head then
     local w = redis.call('HGET', wake, head)
     if w then
       local v = cjson.decode(w)
-      redis.call('ZADD', v[1], 'XX', v[3], v[2])
+      if redis.call('ZADD', v[1], 'XX', 'CH', v[3], v[2]) > 0 then wake_workers(v[1]) end
       redis.call('HDEL', wake, head)
     end
   end
 end
 """
+)
 
 # KEYS: lock, pending, started, texts, wake; ARGV: job id.
 # The next message's job, if parked, goes back to its place in its queue. (The queue
@@ -267,13 +280,25 @@ async def acquire_conversation(
         redis, keys, msg.conversation_id, job_id, settings.conversation_lock_ttl_s
     )
     deadline = time.monotonic() + settings.order_wait_in_job_s
+    freed = keys.conv_freed(msg.conversation_id)
     while True:
         acquired, blocker, held = await lock.try_acquire(settings.order_max_wait_s)
         if acquired:
             return lock
-        if not held or time.monotonic() >= deadline:
+        left_s = deadline - time.monotonic()
+        if not held or left_s <= 0:
             raise ConversationBusy(msg.conversation_id, blocker)
-        await asyncio.sleep(POLL_S)
+        # Woken when the lock is given back (wake_head pushes a token); looks again on
+        # its own after FREED_FALLBACK_S (a token taken by another waiter, a lock that
+        # expired instead of being given back).
+        try:
+            await redis.blpop(  # type: ignore[misc]
+                [freed],
+                timeout=max(0.01, min(left_s, FREED_FALLBACK_S)),  # type: ignore[arg-type]
+            )
+        except (RedisError, OSError) as e:
+            logger.warning("cannot wait for conversation %s: %s", msg.conversation_id, e)
+            await asyncio.sleep(POLL_S)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from core.traffic.door import ADMITTED, Line, admit, conversation_line
 from core.traffic.lanes import LANES, choose_lane, lane_queue_name
 from core.traffic.ordering import forget_arrival, register_arrival
 from core.traffic.schedule import message_place, place_message, score_of
+from core.traffic.wake import push_wake, wake_workers
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +150,10 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
             # A duplicate of a message already answered: not waiting in line.
             await forget_arrival(redis, keys, msg)
         if job is not None:
-            await redis.hincrby(keys.lanes(), f"enqueued:{msg.lane}", 1)  # type: ignore[misc]
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.hincrby(keys.lanes(), f"enqueued:{msg.lane}", 1)
+                push_wake(pipe, queue)
+                await pipe.execute()
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot enqueue message {msg.message_id}: {e}") from e
     if job is not None:
@@ -295,6 +299,7 @@ async def _refuse(
             _queue_name=notice_queue_name(settings),
             _expires=NOTICE_EXPIRES,
         )
+        await wake_workers(redis, notice_queue_name(settings))
     except (RedisError, OSError) as e:
         try:
             if marker is not None:
@@ -357,6 +362,7 @@ async def _door_followup(
             _queue_name=notice_queue_name(settings),
             _expires=NOTICE_EXPIRES,
         )
+        await wake_workers(redis, notice_queue_name(settings))
     except (RedisError, OSError) as e:
         # The message itself is queued; only the courtesy notice is lost.
         logger.warning("queued notice not sent for message=%s: %s", msg.message_id, e)

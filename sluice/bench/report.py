@@ -377,6 +377,22 @@ ROWS: list[tuple[str, Any]] = [
         ),
     ),
     (
+        "  top commands (per message)",
+        lambda s: _top_commands(s),
+    ),
+    (
+        "Redis CPU per message",
+        lambda s: (
+            f"{s['redis_cpu_us_per_message']:.0f} µs" if "redis_cpu_us_per_message" in s else "-"
+        ),
+    ),
+    (
+        "worker CPU per message",
+        lambda s: (
+            f"{s['worker_cpu_ms_per_message']:.2f} ms" if "worker_cpu_ms_per_message" in s else "-"
+        ),
+    ),
+    (
         "Redis used_memory growth (peak)",
         lambda s: (
             f"{s['redis_memory_growth_mb']:.1f} MiB" if "redis_memory_growth_mb" in s else "-"
@@ -385,6 +401,13 @@ ROWS: list[tuple[str, Any]] = [
     ("answered per second", lambda s: f"{s['answered_per_s']:.1f}"),
     ("peak memory", lambda s: _mem(s["peak_memory_mb"])),
 ]
+
+
+def _top_commands(s: dict[str, Any], n: int = 5) -> str:
+    by_command: dict[str, int] = s.get("redis_commands_by_command") or {}
+    sent = max(1, int(s.get("sent", 0)))
+    top = list(by_command.items())[:n]
+    return ", ".join(f"{k} {v / sent:.1f}" for k, v in top) if top else "-"
 
 
 def table(report: dict[str, Any]) -> Table:

@@ -21,7 +21,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sluice.bench import report
 from sluice.bench.bot import BULK_USERS_ENV
 from sluice.bench.drivers import NaiveUsers, SluiceUsers, session_id
-from sluice.bench.procs import Proc, free_port, own_peak_rss_mb, peak_rss_mb, wait_http
+from sluice.bench.procs import (
+    Proc,
+    free_port,
+    own_peak_rss_mb,
+    peak_rss_mb,
+    proc_cpu_s,
+    wait_http,
+)
 from sluice.bench.scenarios import Planned, Scenario, plan
 
 DESIGNS = ("sluice", "naive")
@@ -107,14 +114,36 @@ async def _scrape(urls: list[str]) -> list[report.Sample]:
     return report.parse_metrics(texts)
 
 
-async def redis_calls(redis_url: str) -> int:
-    """Commands the Redis server has run since it started (``INFO commandstats``)."""
+async def redis_command_stats(redis_url: str) -> dict[str, int]:
+    """Calls per command since the server started (``INFO commandstats``; the commands
+    a Lua script runs count too, each under its own name)."""
     redis: Redis = Redis.from_url(redis_url)
     try:
         stats = await redis.info("commandstats")
     finally:
         await redis.aclose()
-    return sum(int(v.get("calls", 0)) for v in stats.values() if isinstance(v, dict))
+    return {
+        str(k).removeprefix("cmdstat_"): int(v.get("calls", 0))
+        for k, v in stats.items()
+        if isinstance(v, dict)
+    }
+
+
+async def redis_cpu_s(redis_url: str) -> float:
+    """CPU seconds the Redis server has used since it started (``INFO cpu``, user +
+    system, every thread)."""
+    redis: Redis = Redis.from_url(redis_url)
+    try:
+        info = await redis.info("cpu")
+    finally:
+        await redis.aclose()
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def command_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Calls per command between two :func:`redis_command_stats` readings, most first."""
+    delta = {k: v - before.get(k, 0) for k, v in after.items()}
+    return dict(sorted(((k, v) for k, v in delta.items() if v > 0), key=lambda kv: -kv[1]))
 
 
 async def used_memory(redis_url: str) -> int:
@@ -348,7 +377,10 @@ async def run_sluice(
 
         deadline = max(p.at_s for p in schedule) + sc.drain_timeout_s
         users = SluiceUsers(base, schedule, run_id, deadline)
-        calls_before = await redis_calls(redis_url)
+        calls_before = await redis_command_stats(redis_url)
+        redis_cpu_before = await redis_cpu_s(redis_url)
+        worker_procs = [p for p in run.procs if p.name.startswith("worker-")]
+        worker_cpu_before = sum(proc_cpu_s(p.pid) for p in worker_procs)
         killed: dict[str, Any] = {}
         async with (
             memory_watch(redis_url) as redis_memory,
@@ -356,7 +388,10 @@ async def run_sluice(
             _kill_later(sc, sims, killed, console),
         ):
             obs = await users.run()
-        calls = await redis_calls(redis_url) - calls_before
+        by_command = command_delta(calls_before, await redis_command_stats(redis_url))
+        calls = sum(by_command.values())
+        redis_cpu = await redis_cpu_s(redis_url) - redis_cpu_before
+        worker_cpu = sum(proc_cpu_s(p.pid) for p in worker_procs) - worker_cpu_before
         traffic = await _traffic(redis_url, prefix, sc.rpm)
         samples = await _scrape(metric_urls)
         per_sim = [
@@ -398,6 +433,12 @@ async def run_sluice(
         summary["redis_used_memory"] = redis_memory
         summary["redis_memory_growth_mb"] = (redis_memory["peak"] - redis_memory["before"]) / 2**20
         summary["redis_commands_per_message"] = calls / max(1, summary["sent"])
+        summary["redis_commands_by_command"] = by_command
+        # Redis CPU over the run, per message sent (on a shared Redis, others' too).
+        summary["redis_cpu_us_per_message"] = redis_cpu * 1e6 / max(1, summary["sent"])
+        # The workers' CPU (user + system) over the run, per message answered.
+        summary["worker_cpu_s"] = worker_cpu
+        summary["worker_cpu_ms_per_message"] = worker_cpu * 1000 / max(1, summary["answered"])
         return summary
     finally:
         run.stop()

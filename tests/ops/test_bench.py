@@ -217,6 +217,13 @@ def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_pa
     assert "quota use while backlog" in done.stdout and "high lane" in done.stdout
     assert "first visible" in done.stdout and "answered within 60 s" in done.stdout
     assert report["designs"]["sluice"]["redis_memory_growth_mb"] >= 0
+    # The command count, per command (the Lua scripts' own commands included), adds up.
+    sluice = report["designs"]["sluice"]
+    assert sum(sluice["redis_commands_by_command"].values()) == sluice["redis_commands"] > 0
+    assert sluice["redis_commands_per_message"] == sluice["redis_commands"] / sent
+    assert "evalsha" in sluice["redis_commands_by_command"]
+    assert sluice["worker_cpu_ms_per_message"] > 0 and sluice["redis_cpu_us_per_message"] > 0
+    assert "top commands (per message)" in done.stdout and "worker CPU per message" in done.stdout
     # The naive design commits once per message; Sluice acks before the model answers.
     assert report["designs"]["naive"]["db_transactions"] == sent
     assert report["designs"]["sluice"]["ack_s"]["p50"] < report["designs"]["naive"]["ack_s"]["p50"]

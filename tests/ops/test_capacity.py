@@ -152,3 +152,40 @@ def test_empty_history_plans_the_minimum_everywhere():
     assert set(plan.workers) == {2}
     assert hour_of_week(dt.datetime(2026, 11, 2, 0, 30, tzinfo=dt.UTC).timestamp()) == 0
     assert hour_of_week(dt.datetime(2026, 11, 8, 23, 59, tzinfo=dt.UTC).timestamp()) == 167
+
+
+def test_the_capacity_model_in_the_deploy_guide_is_computed_from_the_measured_costs():
+    """docs/deploy.md's table is exactly what ``sluice capacity --model`` prints, from
+    the one set of measured constants (``sluice.capacity.MEASURED``)."""
+    from sluice.capacity import model_markdown
+
+    page = (Path(__file__).parents[2] / "docs" / "deploy.md").read_text("utf-8")
+    table = model_markdown()
+    assert table in page, "regenerate the table: sluice capacity --model"
+    result = CliRunner().invoke(main, ["capacity", "--model"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == table.strip()
+
+
+def test_capacity_model_arithmetic_and_the_first_limit():
+    from sluice.capacity import LAUNCH_DAY, MessageCosts, Shape, size_for, users_at_limit
+
+    costs = MessageCosts(worker_cpu_ms=10.0, redis_commands=100.0, redis_cpu_us=200.0)
+    z = size_for(30_000, costs, LAUNCH_DAY)
+    rate = 30_000 * 2180 / 1000 / 60
+    assert z.messages_per_s == pytest.approx(rate)
+    assert z.workers == math.ceil(rate * 10 / 1000 / 0.7)
+    assert z.redis_commands_per_s == pytest.approx(rate * 100)
+    assert z.redis_cores == pytest.approx(rate * 200e-6)
+    assert z.postgres_rows_per_s == pytest.approx(rate * 2)
+    assert z.llm_calls_per_min == pytest.approx(rate * 0.7 * 60)
+    # At 600 requests a minute the provider is long past its quota: it binds first.
+    assert z.first_limit == "provider" and z.provider_share > 1
+    # With a quota sized far beyond the load, Redis is next.
+    roomy = Shape(provider_rpm=1e9)
+    assert size_for(30_000, costs, roomy).first_limit == "redis"
+    limits = users_at_limit(costs, roomy)
+    assert size_for(limits["redis"], costs, roomy).redis_cores <= 0.7 + 1e-9
+    assert size_for(limits["redis"] + 100, costs, roomy).redis_cores > 0.7
+    json_out = CliRunner().invoke(main, ["capacity", "--model", "--json"])
+    assert json_out.exit_code == 0 and json.loads(json_out.output)["sizes"][0]["users"] == 10_000
