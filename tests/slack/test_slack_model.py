@@ -37,10 +37,10 @@ async def test_slash_model_lets_admins_choose_the_channels_model(
     async with adapter(slack_settings) as a:
         status, _ = await a.send.command(_slash("sim-small", "U2", "trig-1"))
         assert status == 200
-        await wait_reply(fake_slack, "Sorry, only admins can change the model")
+        await wait_reply(fake_slack, "Sorry, only admins can change the model", slack_settings)
         status, _ = await a.send.command(_slash("sim-large", "U1", "trig-2"))
         assert status == 200
-        await wait_reply(fake_slack, "Model for this channel is now `sim-large`")
+        await wait_reply(fake_slack, "Model for this channel is now `sim-large`", slack_settings)
         await a.send.event(mention("which model now?", "400.1", user="U2"))
-        await wait_reply(fake_slack, "Echo: which model now?")
+        await wait_reply(fake_slack, "Echo: which model now?", slack_settings)
     assert llm_sim.requests()[-1]["model"] == "sim-large"
