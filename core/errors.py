@@ -8,6 +8,7 @@
     │   └── NoPrimaryError          the Redis sentinels name no reachable primary
     │                               (also a redis ConnectionError: transient mid-run)
     ├── InputError                  a message or request was refused (empty, malformed, too large)
+    │   └── FileRefusedError        an attached file cannot be used; says why, safe to show
     ├── QueueError                  the job could not be enqueued (Redis unreachable)
     ├── LLMError                    the model call failed
     │   ├── LLMTransientError       timeout, connection error, 5xx: worth retrying
@@ -50,6 +51,14 @@ class NoPrimaryError(ConfigError, RedisConnectionError):
 
 class InputError(SluiceError):
     """Input was refused; ``str(err)`` is safe to show to whoever sent it."""
+
+
+class FileRefusedError(InputError):
+    """An attached file was refused (too large, not what it claims, unreadable, no vision).
+
+    ``str(err)`` is a short reason that is safe to show to the user who sent the file
+    (no URLs, no tokens).
+    """
 
 
 class QueueError(SluiceError):

@@ -22,6 +22,36 @@ class Platform(StrEnum):
     DISCORD = "discord"
 
 
+class StoredFile(BaseModel):
+    """What history keeps of a file a user sent: a reference, never its bytes.
+
+    ``id`` is the platform's id of the file (a Slack file id, a Discord attachment id);
+    ``size`` is the size the platform declared, in bytes.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str = Field(max_length=255)
+    name: str = Field(max_length=1024)
+    mimetype: str = Field(default="", max_length=255)
+    size: int = Field(default=0, ge=0)
+
+
+class FileRef(StoredFile):
+    """A file attached to an incoming message, as the job payload carries it.
+
+    The worker downloads it from ``url`` (see :mod:`core.files`); the payload never
+    carries the bytes. ``url`` is empty when the platform gave none (then the file is
+    refused with a notice).
+    """
+
+    url: str = Field(default="", max_length=4096)
+
+    def stored(self) -> StoredFile:
+        """The reference history keeps (no URL: platform file URLs can be capabilities)."""
+        return StoredFile(id=self.id, name=self.name, mimetype=self.mimetype, size=self.size)
+
+
 class IncomingMessage(BaseModel):
     """One accepted user message, as enqueued for a worker.
 
@@ -29,7 +59,8 @@ class IncomingMessage(BaseModel):
     caches, limits and history. ``thread`` is ``None`` when the conversation is the
     whole channel (a DM, the web chat). ``meta`` carries what the platform's responder
     needs to reply (for example a Slack ``response_url`` or a Discord interaction id);
-    it is never logged and never stored in history.
+    it is never logged and never stored in history. ``files`` are references to the
+    files the user attached (downloaded by the worker, never carried in the payload).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -46,6 +77,7 @@ class IncomingMessage(BaseModel):
     is_dm: bool = False
     lane: str = "default"
     meta: dict[str, str] = Field(default_factory=dict)
+    files: list[FileRef] = Field(default_factory=list)
     # Its place in line, set when it is enqueued (core.traffic.schedule): fair start and the
     # time from which it counts as late, in ms since the epoch.
     fair_ms: int | None = None
@@ -88,7 +120,8 @@ class Turn(BaseModel):
 
     An assistant turn that asked for tools has ``tool_calls`` (``{id, name,
     arguments}`` each); each result is a ``role="tool"`` turn with ``tool_call_id``
-    and ``tool_name``.
+    and ``tool_name``. A user turn lists the files the user attached in ``files``
+    (references only: name, type, size, platform id).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -108,6 +141,7 @@ class Turn(BaseModel):
     tool_calls: list[dict[str, str]] | None = None
     tool_call_id: str | None = None
     tool_name: str | None = None
+    files: list[StoredFile] | None = None
 
 
 QUEUED_PREFIX = "⏳ Queued"

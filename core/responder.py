@@ -17,8 +17,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from core.errors import ConfigError, DeliveryRetryableError
+from core.framework.agent import ToolProgress
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Reply
+from core.messages import FileRef, IncomingMessage, Reply
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ class Responder(Protocol):
         """
         return None
 
+    async def tool_progress(self, progress: ToolProgress) -> None:
+        """A tool call of the model started or ended; must not raise (a courtesy to
+        the reader).
+
+        The default shows nothing.
+        """
+        return None
+
 
 class ResponderFactory(Protocol):
     """One per platform per worker process."""
@@ -66,6 +75,16 @@ class ResponderFactory(Protocol):
     async def close(self) -> None: ...
 
     def responder(self, msg: IncomingMessage, job_id: str) -> Responder: ...
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a file attached to ``msg`` (see :class:`core.files.attach.FileFetcher`).
+
+        Raises:
+            FileRefusedError: the file cannot be downloaded; the message is safe to show.
+        """
+        ...
 
 
 class DeliveryState:

@@ -12,13 +12,16 @@ import json
 import math
 import os
 import re
+import tomllib
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AliasChoices,
+    BaseModel,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -65,6 +68,148 @@ def _shown(ident: str) -> str:
     """An id for an error message: short, with odd characters escaped."""
     text = ident[:40].encode("unicode_escape").decode("ascii")
     return f"'{text}'" + ("..." if len(ident) > 40 else "")
+
+
+class ModelLimits(BaseModel):
+    """A model's own limits at one provider (when they differ from the provider's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+
+
+class ProviderConfig(BaseModel):
+    """One entry of ``SLUICE_PROVIDERS``: an OpenAI-compatible endpoint in the pool."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    base_url: str
+    api_key: SecretStr | None = None
+    api_key_env: str | None = None
+    models: list[str]
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    weight: float = 1.0
+    model_limits: dict[str, ModelLimits] = Field(default_factory=dict)
+
+    def serves(self, model: str) -> bool:
+        """Whether this provider answers ``model``."""
+        return model in self.models
+
+
+PROVIDER_NAME_CHARS = 40
+
+
+def parse_providers(value: object, where: str) -> list[ProviderConfig]:
+    """Provider entries from parsed JSON/TOML (a list of objects).
+
+    Raises:
+        ValueError: a clear message that names the entry (its position and name) and
+            what is wrong with it; never the key itself.
+    """
+    if isinstance(value, list) and all(isinstance(v, ProviderConfig) for v in value):
+        return list(value)
+    if not isinstance(value, list):
+        raise ValueError(f"{where or 'providers'}: expected a list of provider objects")
+    out: list[ProviderConfig] = []
+    for i, raw in enumerate(value, start=1):
+        label = f"{where}: provider #{i}" if where else f"provider #{i}"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{label}: expected an object, not {type(raw).__name__}")
+        name = raw.get("name")
+        if isinstance(name, str) and name:
+            label += f" ({_shown(name)})"
+        problem = _provider_problem(raw)
+        if problem:
+            raise ValueError(f"{label}: {problem}")
+        try:
+            out.append(ProviderConfig.model_validate(raw))
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in item['loc'])}: {item['msg']}" for item in e.errors()
+            )
+            raise ValueError(f"{label}: {problems}") from None
+    return out
+
+
+def _provider_problem(raw: dict[str, Any]) -> str | None:
+    """What is wrong with one provider entry, or ``None``."""
+    name = raw.get("name")
+    if not isinstance(name, str) or not name:
+        return "missing its name"
+    if len(name) > PROVIDER_NAME_CHARS or not all(c.isalnum() or c in "-_." for c in name):
+        return f"the name must be 1-{PROVIDER_NAME_CHARS} letters, digits, '-', '_' or '.'"
+    url = raw.get("base_url")
+    if not url:
+        return "missing its base_url"
+    if not str(url).startswith(("http://", "https://")):
+        return "base_url must start with http:// or https://"
+    if not raw.get("api_key") and not raw.get("api_key_env"):
+        return (
+            "missing its key (api_key, or api_key_env naming a variable or a file in "
+            'SLUICE_SECRETS_DIR; use "none" for an endpoint without keys)'
+        )
+    models = raw.get("models")
+    if (
+        not isinstance(models, list)
+        or not models
+        or not all(isinstance(m, str) and m for m in models)
+    ):
+        return "missing its models (a non-empty list of model names)"
+    weight = raw.get("weight", 1.0)
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, int | float)
+        or not 0 < weight <= MAX_TENANT_WEIGHT
+    ):
+        return f"weight must be a number above 0 (up to {MAX_TENANT_WEIGHT:g})"
+    for model in raw.get("model_limits") or {}:
+        if model not in models:
+            return f"model_limits names {_shown(str(model))}, which is not in its models"
+    return None
+
+
+def read_providers_file(path: str) -> object:
+    """The ``providers`` list of a JSON file (a list, or ``{"providers": [...]}``) or a
+    TOML file (``[[providers]]`` tables)."""
+    file = Path(path)
+    where = f"SLUICE_PROVIDERS_FILE={path}"
+    try:
+        text = file.read_text("utf-8")
+    except OSError as e:
+        raise ValueError(f"{where}: cannot read it ({e.strerror})") from None
+    try:
+        if file.suffix.lower() == ".toml":
+            data: object = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+    except (ValueError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(
+            f"{where}: not valid {file.suffix.lstrip('.').upper() or 'JSON'}: {e}"
+        ) from None
+    if isinstance(data, dict):
+        data = data.get("providers")
+    return data
+
+
+def _key_from_env(entry: ProviderConfig, secrets_dir: str | None) -> SecretStr:
+    """The key a provider entry names with ``api_key_env``: that environment variable, or
+    the file of that name in ``SLUICE_SECRETS_DIR``."""
+    name = entry.api_key_env or ""
+    value = os.environ.get(name)
+    if value is None and secrets_dir and name and "/" not in name and name not in (".", ".."):
+        path = Path(secrets_dir) / name
+        if path.is_file():
+            value = path.read_text("utf-8").strip()
+    if not value:
+        where = f" or a file in SLUICE_SECRETS_DIR={secrets_dir}" if secrets_dir else ""
+        raise ValueError(
+            f"SLUICE_PROVIDERS: provider {entry.name!r}: api_key_env names {name!r}, but "
+            f"no such environment variable{where} is set"
+        )
+    return SecretStr(value)
 
 
 class Settings(BaseSettings):
@@ -295,6 +440,40 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Write logs as JSON lines.")
 
+    # --- Files and images users attach ---
+    vision: bool = Field(
+        False,
+        description="Whether the model reads images: attached images are sent to it as "
+        "image parts (a bot's `vision` overrides it); otherwise they are refused with a "
+        "notice.",
+    )
+    file_max_bytes: int = Field(
+        20_000_000,
+        ge=1024,
+        le=1_000_000_000,
+        description="Largest attached file a worker downloads, in bytes; checked against "
+        "the size the platform declares and again while downloading.",
+    )
+    file_max_count: int = Field(
+        5, ge=0, le=50, description="Files read per message; the rest are refused with a notice."
+    )
+    file_max_chars: int = Field(
+        20_000,
+        ge=100,
+        description="Text taken from a message's text files and PDFs for the model, in "
+        "all; longer text is cut, with a note in the reply.",
+    )
+    image_max_pixels: int = Field(
+        2_000_000,
+        ge=10_000,
+        le=50_000_000,
+        description="Largest image sent to the model, in pixels (width × height); larger "
+        "images are downscaled to it.",
+    )
+    file_download_timeout_s: float = Field(
+        30.0, gt=0, description="Longest download of one attached file."
+    )
+
     # --- Framework: tools ---
     tool_max_steps: int = Field(
         5,
@@ -453,7 +632,11 @@ class Settings(BaseSettings):
         "edits; above it only final edits are sent.",
     )
     slack_message_limit: int = Field(
-        3900, ge=100, le=40000, description="Longest Slack message; longer replies are split."
+        12000,
+        ge=100,
+        le=12000,
+        description="Longest Slack message (its markdown_text, at most Slack's 12,000 "
+        "characters); longer replies are split.",
     )
     slack_max_retry_after_s: float = Field(
         30.0,
@@ -782,7 +965,9 @@ class Settings(BaseSettings):
         le=3600,
         description="Fair shares within a lane: each of a user's queued messages moves "
         "that user's place in line this many seconds later, so under overload a user's "
-        "second message waits behind other users' first ones (0 = off, <= 3600).",
+        "second message waits behind other users' first ones; a message arriving while "
+        "its user is more than one step ahead is over its share and waits behind every "
+        "message that can still make SLUICE_TARGET_WAIT_S (0 = off, <= 3600).",
     )
     tenant_weights: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,
@@ -825,6 +1010,58 @@ class Settings(BaseSettings):
     otel_timeout_s: float = Field(
         5.0, gt=0, description="Longest wait of one trace export (in the background)."
     )
+    providers: Annotated[list[ProviderConfig], NoDecode] = Field(
+        default_factory=list,
+        description="Several OpenAI-compatible endpoints as one pool (a JSON list): each "
+        "entry has `name`, `base_url`, `api_key` (or `api_key_env`: a variable's or a "
+        "SLUICE_SECRETS_DIR file's name), `models`, and optionally `rpm`, `tpm`, `weight` "
+        "(default 1) and `model_limits` (`{model: {rpm, tpm}}`). Unset: one provider "
+        "from OPENAI_API_KEY / OPENAI_BASE_URL and SLUICE_LLM_RPM / SLUICE_LLM_TPM.",
+    )
+    providers_file: str | None = Field(
+        None,
+        description="A JSON or TOML file (`[[providers]]`) with more provider entries, "
+        "as in SLUICE_PROVIDERS.",
+    )
+    fallback_model: str | None = Field(
+        None,
+        description="Model to answer with when every provider serving the bot's model "
+        "failed, has its breaker open or has no room (a bot's `fallback_model` wins).",
+    )
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _parse_providers(cls, value: object) -> object:
+        if isinstance(value, str):
+            if not value.strip():
+                return []
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"not valid JSON: {e}") from e
+        return parse_providers(value, "")
+
+    @model_validator(mode="after")
+    def _load_providers(self) -> Settings:
+        entries = list(self.providers)
+        if self.providers_file:
+            entries += parse_providers(
+                read_providers_file(self.providers_file),
+                f"SLUICE_PROVIDERS_FILE={self.providers_file}",
+            )
+        seen: set[str] = set()
+        for entry in entries:
+            if entry.name in seen:
+                raise ValueError(
+                    f"SLUICE_PROVIDERS: provider {entry.name!r} is listed twice "
+                    "(names must be unique)"
+                )
+            seen.add(entry.name)
+            if entry.api_key is None:
+                entry.api_key = _key_from_env(entry, self.secrets_dir)
+        self.providers = entries
+        return self
+
     secrets_dir: str | None = Field(
         None,
         description="Directory of secret files, one per setting, each named like its "
@@ -905,7 +1142,7 @@ def describe_settings_error(error: ValidationError) -> str:
         else:
             name = field
         msg = str(item["msg"]).removeprefix("Value error, ")
-        lines.append(f"{name}: {msg}")
+        lines.append(f"{name}: {msg}" if name else msg)
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 

@@ -58,6 +58,8 @@ def _type(field: FieldInfo) -> str:
 
 def _default(field: FieldInfo) -> str:
     value = field.default
+    if value is PydanticUndefined and field.default_factory is not None:
+        return "empty"
     if value is PydanticUndefined:
         return "required"
     if value is None:

@@ -14,7 +14,9 @@ Endpoints
     ``SimConfig.script`` is set, exactly those pieces, one streamed chunk each). A last user
     message holding ``[[tool:NAME {json args}]]`` (with ``tools`` in the
     request) is answered with a tool call; once ``tool`` results follow it, the
-    answer echoes ``Tool result: <content>``.
+    answer echoes ``Tool result: <content>``. Image parts (``image_url`` with a
+    ``data:image/...;base64,`` URL) are checked and decoded; the echo names each image
+    of the last user message as ``[image WxH]`` (``/_sim/stats`` counts them).
 ``GET /v1/models``
     A couple of model ids.
 ``GET /_sim/stats``, ``GET /_sim/requests?limit=N``, ``POST /_sim/config``, ``POST /_sim/reset``
@@ -32,16 +34,18 @@ is full again (OpenAI duration format: ``1s``, ``6m0s``, ``250ms``), and a 429's
 ``retry-after``/``retry-after-ms`` is the time until the denied request would
 fit. A request costs one request and ``ceil(prompt chars / 4) + (max tokens or
 SimConfig.tokens)`` tokens, where prompt chars are the characters of the
-messages' text content. Denied requests cost nothing. Changing a limit at
-runtime starts a fresh, full bucket.
+messages' text content, plus 765 tokens per image part. Denied requests cost
+nothing. Changing a limit at runtime starts a fresh, full bucket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import hmac
+import io
 import json
 import logging
 import math
@@ -71,6 +75,9 @@ MODELS = ("sluice-sim", "gpt-4o-mini")
 REQUEST_LOG_SIZE = 1000
 _LOGGED_BODY_MAX_CHARS = 256 * 1024
 _ECHO_CHARS = 200
+# What an image part costs (OpenAI's price of a 1024x1024 image at high detail).
+IMAGE_TOKENS = 765
+_DATA_URL = re.compile(r"data:image/(png|jpeg|gif|webp);base64,([A-Za-z0-9+/=\s]+)", re.S)
 _TOOL_RESULT_CHARS = 500
 _ARGS_PIECE_CHARS = 8
 _SHUTDOWN_TIMEOUT_S = 2.0
@@ -304,6 +311,7 @@ class _Stats:
     tool_calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    images: int = 0
     active: int = 0
     max_active: int = 0
 
@@ -384,6 +392,8 @@ def _validate(body: Any) -> dict[str, Any]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise _ApiError(400, f"Invalid 'messages[{i}]': expected an object with a 'role'.")
+        if isinstance(message.get("content"), list):
+            _validate_parts(message["content"], i)
     if "model" in body and not isinstance(body["model"], str):
         raise _ApiError(400, "Invalid 'model': expected a string.")
     if not isinstance(body.get("stream", False), bool | None):
@@ -394,6 +404,62 @@ def _validate(body: Any) -> dict[str, Any]:
     _positive_int(body, "max_tokens")
     _positive_int(body, "max_completion_tokens")
     return body
+
+
+def _validate_parts(parts: list[Any], i: int) -> None:
+    """Content parts as the API takes them: text, or an image as a URL or data URL."""
+    for j, part in enumerate(parts):
+        where = f"messages[{i}].content[{j}]"
+        if not isinstance(part, dict) or part.get("type") not in ("text", "image_url"):
+            raise _ApiError(400, f"Invalid '{where}': expected a 'text' or 'image_url' part.")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise _ApiError(400, f"Invalid '{where}.text': expected a string.")
+        if part["type"] == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else None
+            if not isinstance(url, str):
+                raise _ApiError(400, f"Invalid '{where}.image_url': expected an object with a url.")
+            if url.startswith("data:") and _image_size(url) is None:
+                raise _ApiError(
+                    400, f"Invalid image in '{where}': the data URL is not a supported image."
+                )
+
+
+def _image_size(url: str) -> tuple[int, int] | None:
+    """Width and height of the image in a ``data:`` URL; ``None`` if it is not one."""
+    match = _DATA_URL.fullmatch(url)
+    if match is None:
+        return None
+    try:
+        data = base64.b64decode(match.group(2), validate=False)
+        from PIL import Image, UnidentifiedImageError
+
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width, image.height
+    except (ValueError, OSError, UnidentifiedImageError):
+        return None
+
+
+def _images(content: Any) -> list[tuple[int, int]]:
+    """Sizes of the data-URL images of a message's content (remote URLs count 0x0)."""
+    if not isinstance(content, list):
+        return []
+    out = []
+    for part in content:
+        if isinstance(part, dict) and part.get("type") == "image_url":
+            url = str(part["image_url"]["url"])
+            out.append(_image_size(url) or (0, 0) if url.startswith("data:") else (0, 0))
+    return out
+
+
+def _image_count(messages: list[dict[str, Any]]) -> int:
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for p in m["content"]
+        if p.get("type") == "image_url"
+    )
 
 
 async def _read_body(request: web.Request) -> dict[str, Any]:
@@ -441,6 +507,7 @@ class _Plan:
     prompt_tokens: int
     completion_tokens: int
     sep: str = " "  # between words; "" for a script, whose pieces are exact
+    images: int = 0  # image parts in the request
 
     @property
     def text(self) -> str:
@@ -481,7 +548,8 @@ def _last_user_index(messages: list[dict[str, Any]]) -> int:
 def _plan(body: dict[str, Any], config: SimConfig) -> _Plan:
     messages: list[dict[str, Any]] = body["messages"]
     prompt_chars = sum(len(_content_text(m.get("content"))) for m in messages)
-    prompt_tokens = max(1, math.ceil(prompt_chars / 4))
+    images = _image_count(messages)
+    prompt_tokens = max(1, math.ceil(prompt_chars / 4)) + IMAGE_TOKENS * images
     conversation = json.dumps(messages, sort_keys=True, separators=(",", ":"))
     conv_hash = _digest(f"{config.seed}:{conversation}")
     last_user = _last_user_index(messages)
@@ -493,11 +561,15 @@ def _plan(body: dict[str, Any], config: SimConfig) -> _Plan:
         calls = _parse_tool_directives(user_text, conv_hash)
         if calls:
             size = sum(len(c.name) + len(c.arguments) for c in calls)
-            return _Plan([], calls, "tool_calls", prompt_tokens, max(1, math.ceil(size / 4)))
+            return _Plan(
+                [], calls, "tool_calls", prompt_tokens, max(1, math.ceil(size / 4)), images=images
+            )
 
     if config.script is not None:
-        return _Plan(list(config.script), [], "stop", prompt_tokens, len(config.script), sep="")
+        return _Plan(list(config.script), [], "stop", prompt_tokens, len(config.script), "", images)
     words = ["Echo:", *_collapse(user_text, _ECHO_CHARS).split()]
+    if last_user >= 0:
+        words += [f"[image {w}x{h}]" for w, h in _images(messages[last_user].get("content"))]
     if tool_results:
         result = _content_text(tool_results[-1].get("content"))
         words += ["Tool", "result:", *_collapse(result, _TOOL_RESULT_CHARS).split()]
@@ -507,14 +579,15 @@ def _plan(body: dict[str, Any], config: SimConfig) -> _Plan:
     finish = "stop"
     if limit is not None and limit < len(words):
         words, finish = words[:limit], "length"
-    return _Plan(words, [], finish, prompt_tokens, len(words))
+    return _Plan(words, [], finish, prompt_tokens, len(words), images=images)
 
 
 def _token_estimate(body: dict[str, Any], config: SimConfig) -> int:
     """prompt chars / 4 + (max_completion_tokens | max_tokens | SimConfig.tokens)."""
     chars = sum(len(_content_text(m.get("content"))) for m in body["messages"])
     limit = _positive_int(body, "max_completion_tokens") or _positive_int(body, "max_tokens")
-    return math.ceil(chars / 4) + (limit if limit is not None else config.tokens)
+    images = IMAGE_TOKENS * _image_count(body["messages"])
+    return math.ceil(chars / 4) + images + (limit if limit is not None else config.tokens)
 
 
 def _usage(plan: _Plan) -> dict[str, Any]:
@@ -676,6 +749,7 @@ def _count_answer(state: _SimState, plan: _Plan) -> None:
     stats = state.stats
     stats.completions += 1
     stats.tool_calls += len(plan.tool_calls)
+    stats.images += plan.images
     stats.prompt_tokens += plan.prompt_tokens
     stats.completion_tokens += plan.completion_tokens
 
@@ -801,7 +875,28 @@ def _log_request(state: _SimState, body: dict[str, Any]) -> None:
             }
         )
     else:
-        state.log.append(body)
+        state.log.append(_without_image_data(body))
+
+
+def _without_image_data(body: dict[str, Any]) -> dict[str, Any]:
+    """The body as logged: each image data URL replaced by a short summary."""
+    if not _image_count(body["messages"]):
+        return body
+    messages = []
+    for m in body["messages"]:
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for p in content:
+                url = p.get("image_url", {}).get("url", "") if p.get("type") == "image_url" else ""
+                if url.startswith("data:"):
+                    size = _image_size(url)
+                    shown = f"{url[:30]}… ({len(url):,} chars, {size[0]}x{size[1]})" if size else ""
+                    p = {**p, "image_url": {**p["image_url"], "url": shown}}
+                parts.append(p)
+            m = {**m, "content": parts}
+        messages.append(m)
+    return {**body, "messages": messages}
 
 
 async def _models(request: web.Request) -> web.Response:

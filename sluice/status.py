@@ -26,7 +26,7 @@ from core.infra.logs import redact, register_secret, secret_values
 from core.infra.metrics import lane_snapshot, queue_names
 from core.infra.redis import Keys
 from core.settings import Settings
-from core.traffic.control import budget_probe, cache_probe
+from core.traffic.control import budget_probe, cache_probe, providers_probe
 
 Row = tuple[str, str]
 Probe = Callable[[Settings, Redis], Awaitable[list[Row]]]
@@ -103,6 +103,7 @@ PROBES: dict[str, Probe] = {
     "Workers": workers_probe,
     "Adapters": adapters_probe,
     "LLM budget": budget_probe,
+    "Providers": providers_probe,
     "Cache": cache_probe,
     "History": history_probe,
 }

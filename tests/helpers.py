@@ -47,9 +47,18 @@ def settings_env(settings: Settings) -> dict[str, str]:
         elif isinstance(value, list | dict):
             import json
 
-            value = json.dumps(value)
+            value = json.dumps(value, default=_jsonable)
         env[key] = str(value)
     return env
+
+
+def _jsonable(value: Any) -> Any:
+    """Nested settings (e.g. ``SLUICE_PROVIDERS`` entries) as JSON, secrets revealed."""
+    if hasattr(value, "get_secret_value"):
+        return value.get_secret_value()
+    if hasattr(value, "model_dump"):
+        return value.model_dump(exclude_none=True)
+    raise TypeError(f"cannot pass {type(value).__name__} to a subprocess")
 
 
 def base_env() -> dict[str, str]:

@@ -61,7 +61,10 @@ async def test_notice_shows_while_no_worker_slot_is_free_and_its_estimate_is_ref
     await close_budget(redis, s.key_prefix, 120)
     async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
         sessions = [await _session(http, base) for _ in range(3)]
-        ids = [(await _post(http, base, x, f"question of {x}"))["message_id"] for x in sessions]
+        bodies = [await _post(http, base, x, f"question of {x}") for x in sessions]
+        assert [b["refused"] for b in bodies] == [False] * 3, bodies
+        assert all("notice" not in b and "duplicate" not in b for b in bodies), bodies
+        ids = [b["message_id"] for b in bodies]
         # The first message's job holds the only reply slot, waiting for the budget.
         await until(
             lambda: redis.zscore(s.key_prefix + ":llm:waiters", f"reply:web:web:{ids[0]}"),
@@ -106,6 +109,46 @@ async def test_notice_shows_while_no_worker_slot_is_free_and_its_estimate_is_ref
         assert kinds.index("queued") < kinds.index("start"), kinds
 
 
+async def test_message_behind_an_earlier_one_of_its_conversation_shows_a_notice_at_once(
+    settings, llm_sim, worker_process, redis
+):
+    """A high-lane question right after a slow default-lane one of the same user: by
+    its own score it is first in line (no wait of its own, a free slot and a full
+    budget), yet it cannot start before the earlier answer is done. It shows a queued
+    notice while the earlier answer is still being made, and the answers keep order."""
+    s = _door_settings(settings, app="tests.traffic_bot:bot", worker_max_jobs=4)
+    llm_sim.configure(first_token_latency_s=4.0)
+    worker_process(settings_env(s))
+    async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
+        session = await _session(http, base)
+        first = await _post(http, base, session, "a slow first question")
+
+        async def asked() -> bool:
+            return bool(llm_sim.stats()["requests"] >= 1)
+
+        await until(asked, 20, "the first question at the model")
+        second = await _post(http, base, session, "an urgent billing question")
+        assert (first["lane"], second["lane"]) == ("default", "high")
+        sent = [(session, first["message_id"]), (session, second["message_id"])]
+        events = await wait_done(redis, s.key_prefix, sent, timeout_s=40)
+    first_done = done_event(events[first["message_id"]])
+    later = events[second["message_id"]]
+    kinds = [e["type"] for e in later]
+    assert "queued" in kinds, kinds
+    assert kinds.index("queued") < kinds.index("start") < kinds.index("done"), kinds
+    notice = next(e for e in later if e["type"] == "queued")
+    assert notice["at_ms"] < first_done["at_ms"], (notice, first_done)
+    assert notice["wait_s"] >= s.order_wait_in_job_s  # one earlier answer to wait for
+    assert done_event(later)["kind"] == "answer"
+    # No notice for the first: it was first in line with nothing to wait for.
+    assert "queued" not in [e["type"] for e in events[first["message_id"]]]
+    prompts = {r["messages"][-1]["content"]: r["messages"] for r in llm_sim.requests()}
+    assert [m["content"] for m in prompts["an urgent billing question"][1:3]] == [
+        "a slow first question",
+        first_done["text"],
+    ]
+
+
 async def test_message_over_max_wait_is_refused_at_once_with_one_notice_per_window(
     settings, llm_sim, worker_process, redis
 ):
@@ -116,6 +159,9 @@ async def test_message_over_max_wait_is_refused_at_once_with_one_notice_per_wind
         session = await _session(http, base)
         first = await _post(http, base, session, "are you there?")
         second = await _post(http, base, session, "hello??")
+        # The 202 tells a refusal from an acceptance, and whether its notice follows.
+        assert (first["refused"], first["notice"]) == (True, True), first
+        assert (second["refused"], second["notice"]) == (True, False), second
         events = await wait_done(redis, s.key_prefix, [(session, first["message_id"])], 20)
         notice = done_event(events[first["message_id"]])
         # A platform retry of the refused message is a duplicate: no second notice.
@@ -179,6 +225,8 @@ async def test_flooder_over_the_limit_gets_one_notice_and_admitted_messages_coun
     assert first["kind"] == second["kind"] == "answer"
     assert third["kind"] == "notice"
     assert third["text"].startswith("You've reached your message limit. Please try again in")
+    assert [b["refused"] for b in bodies] == [False, False] + [True] * 6, bodies
+    assert [b["notice"] for b in bodies[2:]] == [True] + [False] * 5, bodies
     for body in bodies[3:]:
         assert not await _refusal_queued(redis, s.key_prefix, body["job_id"])
     assert await redis.hget(f"{s.key_prefix}:lanes", "enqueued:default") == b"2"

@@ -22,7 +22,7 @@ from core.traffic.door import (
     take_conversation,
 )
 from core.traffic.ordering import acquire_conversation, register_arrival
-from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
+from core.traffic.queue import Accepted, accept_message, arq_job_id, connect_queue, enqueue_reply
 from core.traffic.ratelimit import RateLimiter, limits_for
 from tests.door_util import close_budget
 
@@ -194,3 +194,48 @@ async def test_each_user_of_a_workspace_over_its_limit_is_told_once(settings, re
     assert third.notice.startswith("You've reached this workspace's message limit")
     assert not again.admitted and again.notice is None
     assert not other.admitted and other.notice is not None
+
+
+async def test_a_flood_refused_at_the_door_leaves_only_its_dedupe_markers(settings, redis):
+    """Redis memory stays bounded under a flood: one user sends 1,000 messages against
+    a limit of 5 per window. Five are queued, the first refusal gets its notice job and
+    the rest are refused quietly; every refused message leaves only its small dedupe
+    marker (24 h), and nothing else grows with the flood."""
+    s = settings.model_copy(
+        update={
+            "app": "tests.traffic_bot:bot",
+            "user_requests_per_window": 5,
+            "user_window_s": 3600,
+        }
+    )
+    keys = Keys(s.key_prefix)
+    pool = await connect_queue(s)
+    try:
+        outcomes = [
+            await accept_message(pool, s, _msg(f"f{i}", channel="flood", text=f"spam {i}"))
+            for i in range(1000)
+        ]
+    finally:
+        await pool.aclose()
+    assert outcomes[:5] == [Accepted.QUEUED] * 5
+    assert outcomes[5] is Accepted.REFUSED
+    assert set(outcomes[6:]) == {Accepted.REFUSED_QUIETLY}
+    assert all(o.refused for o in outcomes[5:])
+    found = [k.decode() async for k in redis.scan_iter(match=f"*{s.key_prefix}:*", count=1000)]
+    markers = [k for k in found if k.startswith(keys.dedupe("web", ""))]
+    others = [k for k in found if k not in set(markers)]
+    assert len(markers) == 1000  # each delivery is marked seen, so a retry is a duplicate
+    # Five reply jobs (with their door checks: four wait behind the first), one
+    # refusal notice job, and a fixed handful of counters, clocks and lines.
+    jobs = [k.split(":", 3)[3] for k in others if k.startswith("arq:job:")]
+    assert sorted(j.split(":", 1)[0] for j in jobs if not j.startswith("door:")) == [
+        "refused",
+        *["reply"] * 5,
+    ], jobs
+    assert len([j for j in jobs if j.startswith("door:")]) <= 5, jobs
+    assert len(others) < 30, others
+    marker_bytes = [await redis.memory_usage(k) or 0 for k in markers[:50]]
+    assert max(marker_bytes) < 200, marker_bytes
+    other_bytes = sum([await redis.memory_usage(k) or 0 for k in others])
+    assert other_bytes < 64 * 1024, other_bytes
+    assert await redis.zcard(s.queue_name) == 5

@@ -98,6 +98,27 @@ async def test_a_users_clock_key_is_short_whatever_the_ids(settings, redis):
     assert await redis.exists(key)
 
 
+async def test_messages_over_a_users_share_wait_behind_everyone_in_time(settings, redis):
+    """Under overload a user with more than one step of messages waiting ahead is over
+    its share: its further messages go behind every message that can still make its
+    target (the late band), so a heavy sender's extras do not take the quota from
+    light users' messages. Still queued, still answered later, in fair order."""
+    s = _s(settings)
+    heavy = [_msg(f"h{i}", user="heavy") for i in range(1, 5)]
+    await _enqueue(s, *heavy)
+    await _enqueue(s, _msg("l1", user="light1"))
+    now_ms = time.time() * 1000
+    in_time, late = [], []
+    for m in [*heavy, _msg("l1", user="light1")]:
+        score = await redis.zscore(s.queue_name, arq_job_id(s, m))
+        (late if score > now_ms - LATE_BAND_MS - 120_000 else in_time).append(m.message_id)
+    # The first two (no more than one step ahead) are in time, like the light user's.
+    assert in_time == ["h1", "h2", "l1"] and late == ["h3", "h4"]
+    assert await _queue_order(redis, s) == ["h1", "l1", "h2", "h3", "h4"]
+    index = {i.decode() for i in await redis.zrange(deadlines_key(s.queue_name), 0, -1)}
+    assert index == {arq_job_id(s, m) for m in (heavy[0], heavy[1], _msg("l1", user="light1"))}
+
+
 async def test_tenants_share_by_weight(settings, redis):
     s = _s(settings, tenant_weights={"big": 3.0})
     big = [_msg(f"b{i}", user="ub", tenant="big") for i in range(1, 5)]
@@ -221,9 +242,10 @@ async def test_a_worker_serves_fair_shares_lanes_and_in_time_messages_first_in_o
 ):
     """One real worker with one slot, so the queue's order is the order served: a
     billing question first (high lane), then everyone's first message, then the heavy
-    user's later ones (three in one conversation, answered in order, each seeing the
-    one before), and last the message that had already missed its target, still
-    answered."""
+    user's second one; then the late ones in fair order, still answered: the message
+    that had already missed its target, and the heavy user's messages over its share
+    (three of the five in one conversation, answered in order, each seeing the one
+    before)."""
     s = _s(settings)
     short = _s(settings, target_wait_s=0.4, target_margin_s=0.3)
     run = uuid.uuid4().hex[:6]
@@ -243,7 +265,7 @@ async def test_a_worker_serves_fair_shares_lanes_and_in_time_messages_first_in_o
     )
     assert all(done_event(events[m.message_id])["kind"] == "answer" for m in everything)
     asked = [r["messages"][-1]["content"] for r in llm_sim.requests()]
-    expected = [high, heavy[0], *light, *heavy[1:], old]
+    expected = [high, heavy[0], *light, heavy[1], old, *heavy[2:]]
     assert asked == [m.text for m in expected]
     # The conversation's later messages saw the earlier answers.
     prompts = {r["messages"][-1]["content"]: r["messages"] for r in llm_sim.requests()}

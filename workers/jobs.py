@@ -19,6 +19,7 @@ from core.errors import (
     LLMRequestError,
     LLMUnavailableError,
 )
+from core.files.attach import Attachments, read_attachments
 from core.framework.agent import Exchange, history_messages, run_tool_loop
 from core.framework.bot import Bot
 from core.framework.commands import split_invocation
@@ -27,7 +28,11 @@ from core.history.hot import HotHistory
 from core.infra import metrics, tracing
 from core.llm.client import ChatMessage, Completion, LLMProvider
 from core.messages import IncomingMessage, Reply, Turn
-from core.responder import Responder, ResponderFactory, load_responder_factory
+from core.responder import (
+    Responder,
+    ResponderFactory,
+    load_responder_factory,
+)
 from core.settings import Settings
 from core.traffic import door
 from core.traffic.cache import cache_enabled
@@ -64,13 +69,19 @@ async def get_responder_factory(ctx: dict[str, Any], platform: str) -> Responder
 
 
 def build_context(
-    bot: Bot, history: list[Turn], text: str, system_prompt: str | None = None
+    bot: Bot,
+    history: list[Turn],
+    text: str,
+    system_prompt: str | None = None,
+    attachments: Attachments | None = None,
 ) -> list[ChatMessage]:
-    """The messages sent to the model: persona, earlier turns, the new message."""
+    """The messages sent to the model: persona, earlier turns, the new message (with
+    the text and images of its attached files)."""
     system = system_prompt if system_prompt is not None else bot.system_prompt
     messages: list[ChatMessage] = [{"role": "system", "content": system}]
     messages.extend(history_messages(history))
-    messages.append({"role": "user", "content": text})
+    content = attachments.user_content(text) if attachments is not None else text
+    messages.append({"role": "user", "content": content})
     return messages
 
 
@@ -426,7 +437,7 @@ async def _answer(
     bot: Bot = ctx["bot"]
     text = msg.text.strip()
     # A platform command (meta["command"]) may come without arguments.
-    if not text and not msg.meta.get("command"):
+    if not text and not msg.meta.get("command") and not msg.files:
         return Reply(text=EMPTY_NOTICE, kind="notice"), None
     # A command is answered without the model.
     command_reply = await bot.run_command(mctx, msg.meta.get("command"))
@@ -437,6 +448,11 @@ async def _answer(
     if limited is not None:
         return limited, None
     note, text = _cut(settings, text)
+    attachments = await _attachments(ctx, msg)
+    if attachments is not None and not attachments.used and not text:
+        # Every file was refused and there is nothing else to answer.
+        return Reply(text=attachments.note().strip(), kind="notice"), None
+    note = (attachments.note() if attachments is not None else "") + note
     earlier = await _earlier(ctx, msg)
 
     async def on_text(so_far: str) -> None:
@@ -471,13 +487,15 @@ async def _answer(
     try:
         done = await run_tool_loop(
             call,
-            build_context(bot, earlier, text, await bot.system_prompt_for(mctx)),
+            build_context(bot, earlier, text, await bot.system_prompt_for(mctx), attachments),
             bot.tools,
             mctx,
             max_steps=_first(bot.tool_max_steps, settings.tool_max_steps),
             timeout_s=_first(bot.tool_timeout_s, settings.tool_timeout_s),
             call_timeout_s=settings.tool_call_timeout_s,
             max_result_chars=settings.tool_result_max_chars,
+            # Platforms that can show tool calls (Slack: task updates) hear of each.
+            on_tool=responder.tool_progress,
         )
     except LLMRequestError as e:
         logger.error("llm refused message=%s: %s", msg.message_id, e)
@@ -495,6 +513,17 @@ async def _answer(
     if not completion.text.strip():
         return Reply(text=APOLOGY, kind="error"), completion
     return await bot.finish(mctx, Reply(text=note + completion.text, cached=cached)), completion
+
+
+async def _attachments(ctx: dict[str, Any], msg: IncomingMessage) -> Attachments | None:
+    """The message's files, downloaded and read (``None`` when it has none)."""
+    if not msg.files:
+        return None
+    settings: Settings = ctx["settings"]
+    bot: Bot = ctx["bot"]
+    factory = await get_responder_factory(ctx, msg.platform)
+    vision = bot.vision if bot.vision is not None else settings.vision
+    return await read_attachments(factory, msg, settings, vision=vision)
 
 
 def _cut(settings: Settings, text: str) -> tuple[str, str]:
@@ -528,7 +557,8 @@ async def cached_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> Completio
 
     ``None`` (the reply job answers as usual) when the message is empty, a command, or
     the bot has before-hooks (they may rewrite the text; they run once, in the reply
-    job) or tools, or the cache is off for it.
+    job) or tools, it has files (they are downloaded in the reply job), or the cache is
+    off for it.
     """
     settings: Settings = ctx["settings"]
     bot: Bot = ctx["bot"]
@@ -536,6 +566,7 @@ async def cached_at_door(ctx: dict[str, Any], msg: IncomingMessage) -> Completio
     text = msg.text.strip()
     if (
         not text
+        or msg.files
         or msg.meta.get("command")
         or bot.has_before_hooks
         or bot.tools
@@ -570,6 +601,7 @@ def _user_turn(msg: IncomingMessage) -> Turn:
         ts=msg.ts,
         user=msg.user,
         lane=msg.lane,
+        files=[f.stored() for f in msg.files] or None,
     )
 
 

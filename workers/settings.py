@@ -41,6 +41,7 @@ from core.infra.scripts import Lua
 from core.infra.serializer import deserialize, serialize
 from core.llm.budget import LLMBudget
 from core.llm.client import OpenAIProvider
+from core.llm.pool import ProviderPool, pool_budgets
 from core.responder import ResponderFactory
 from core.settings import Settings
 from core.traffic.choices import Choices
@@ -109,7 +110,10 @@ def make_startup(settings: Settings, llm_base_url: str | None = None) -> Any:
         )
         ctx["flusher"] = Flusher(ctx["redis"], settings, ctx["db"])
         ctx["llm"] = OpenAIProvider(settings, base_url=llm_base_url)
-        ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"])
+        ctx["pool"] = ProviderPool.from_settings(
+            ctx["redis"], ctx["keys"], settings, default_base_url=llm_base_url
+        )
+        ctx["traffic"] = Traffic(ctx["redis"], settings, ctx["bot"], pool=ctx["pool"])
         ctx["choices"] = Choices(
             ctx["redis"],
             ctx["keys"],
@@ -135,6 +139,8 @@ async def on_shutdown(ctx: dict[str, Any]) -> None:
         await factory.close()
     if "llm" in ctx:
         await ctx["llm"].close()
+    if ctx.get("pool") is not None:
+        await ctx["pool"].close()
     if "bot" in ctx:
         await ctx["bot"].stop_mcp()
     await stop_ops(ctx)
@@ -214,6 +220,12 @@ def _budget_refresher(redis: Any, keys: Keys, settings: Settings) -> metrics.Ref
         metrics.LLM_BUDGET_RPM_LIMIT.set(settings.llm_rpm or 0)
         metrics.LLM_BUDGET_TPM_LIMIT.set(settings.llm_tpm or 0)
         metrics.LLM_BREAKER_OPEN_SECONDS.set(await budget.breaker_open_for())
+        # Each provider of the pool (SLUICE_PROVIDERS): its breaker, by name.
+        for b in await pool_budgets(redis, keys, settings):
+            if b.model is None:
+                metrics.LLM_PROVIDER_BREAKER_OPEN_SECONDS.labels(b.provider).set(
+                    await b.budget.breaker_open_for()
+                )
 
     return refresh
 

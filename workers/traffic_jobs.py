@@ -30,7 +30,13 @@ from core.messages import IncomingMessage, Reply
 from core.settings import Settings
 from core.traffic import door
 from core.traffic.control import Traffic
-from core.traffic.queue import NOTICE_EXPIRES, arq_job_id, notice_queue_name, queue_slot_now
+from core.traffic.queue import (
+    NOTICE_EXPIRES,
+    arq_job_id,
+    notice_queue_name,
+    queue_slot_now,
+    reply_queues,
+)
 from workers.jobs import answer_message, cached_at_door, get_responder_factory
 
 logger = logging.getLogger(__name__)
@@ -80,11 +86,19 @@ async def notify_queued(
         traffic: Traffic = ctx["traffic"]
         s = traffic.settings
         queue, _ = queue_slot_now(s, msg, 0)
-        line = await door.line_of_job(
+        own = await door.line_of_job(
             traffic.redis, traffic.keys, s, queue, arq_job_id(s, msg), msg.job_id
         )
-        if line is None or line.wait_s is None:
-            return  # the answer is being made (or gone): the notice is left to it
+        if own is None:
+            if not await door.waiting_for_turn(traffic.redis, traffic.keys, msg):
+                return  # the answer is being made (or gone): the notice is left to it
+            own = door.Line(1, 0.0)  # started, but an earlier message goes first
+        # Behind an earlier message of its conversation (maybe parked): that one's wait.
+        line = await door.conversation_line(
+            traffic.redis, traffic.keys, s, msg, own, queue=queue, queues=reply_queues(s)
+        )
+        if line.wait_s is None:
+            return
         await show_queued(ctx, msg, line.wait_s, line.place)
         if refresh < MAX_REFRESHES:
             await _next_refresh(ctx, msg, refresh + 1)

@@ -45,7 +45,7 @@ from bots.discord.interactions import keep_token
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from core.errors import DeliveryError, QueueError
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Platform
+from core.messages import FileRef, IncomingMessage, Platform
 from core.settings import Settings
 from core.traffic.choices import Choices
 from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
@@ -66,6 +66,10 @@ DM_MAX_GUILD_LOOKUPS = 10  # guilds asked per verdict (allowed guilds first)
 LISTEN_CACHE_S = 5.0  # an admin's /listen reaches every adapter within this
 LISTEN_CACHE_MAX = 10_000
 CLOSE_WAIT_S = 5.0  # close() waits this long for the events being handled
+
+
+# Attachments taken into one job payload (Discord allows 10 per message).
+MAX_FILE_REFS = 20
 
 
 def dm_tenant(user_id: str) -> str:
@@ -96,6 +100,7 @@ class Event:
     listening: bool = False  # the bot answers this channel without a mention
     is_admin: bool = False  # the author may manage the server (``/model``, ``/listen``)
     reply_to_id: str | None = None  # the message this one replies to, if any
+    attachments: int = 0
 
     @property
     def is_dm(self) -> bool:
@@ -173,8 +178,11 @@ def addressed_to_bot(event: Event, settings: Settings, bot_id: str) -> str | Non
 
 
 def has_text(event: Event, settings: Settings, bot_id: str) -> str | None:
-    """Drop messages whose content Discord did not send (message-content intent off)."""
-    return None if event.content.strip() else "no content (message-content intent off?)"
+    """Drop messages whose content Discord did not send (message-content intent off);
+    a message with attachments and no text is kept."""
+    if event.content.strip() or event.attachments:
+        return None
+    return "no content (message-content intent off?)"
 
 
 CHECKS: tuple[Check, ...] = (not_from_a_bot, allowed, addressed_to_bot, has_text)
@@ -215,7 +223,22 @@ def event_from_message(message: discord.Message, bot_id: int) -> Event:
         and message.reference is not None
         and message.reference.message_id is not None
         else None,
+        attachments=len(message.attachments),
     )
+
+
+def files_of(message: discord.Message) -> list[FileRef]:
+    """References to a message's attachments (downloaded by the worker, never here)."""
+    return [
+        FileRef(
+            id=str(a.id),
+            name=a.filename[:1024] or "file",
+            mimetype=(a.content_type or "")[:255],
+            size=max(0, a.size),
+            url=a.url if len(a.url) <= 4096 else "",
+        )
+        for a in message.attachments[:MAX_FILE_REFS]
+    ]
 
 
 def event_from_interaction(interaction: discord.Interaction) -> Event:
@@ -345,6 +368,7 @@ class DiscordIntake:
             is_dm=event.is_dm,
             ts=message.created_at.timestamp(),
             meta={"reply_to": event.message_id, **({"admin": "1"} if event.is_admin else {})},
+            files=files_of(message),
         )
         return await self._accept(msg, event)
 

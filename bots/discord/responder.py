@@ -36,16 +36,18 @@ import logging
 import time
 from typing import Any
 
+import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from bots.discord.interactions import forget_token, load_token, token_ref
 from bots.discord.rest import DiscordHTTPError, DiscordRest, Route
 from bots.discord.split import split_message
-from core.errors import DeliveryError, DeliveryRetryableError
+from core.errors import DeliveryError, DeliveryRetryableError, FileRefusedError
+from core.files.download import download, origin
 from core.infra.logs import register_secret
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.messages import QUEUED_PREFIX, FileRef, IncomingMessage, Reply, queued_text
 from core.responder import DeliveryState, Responder
 from core.settings import Settings
 
@@ -67,6 +69,10 @@ return 0
 """
 
 
+# Where Discord serves attachments.
+DISCORD_FILE_HOSTS = frozenset({"cdn.discordapp.com", "media.discordapp.net"})
+
+
 class DiscordResponderFactory:
     """Creates one :class:`DiscordResponder` per job; holds the shared REST client."""
 
@@ -76,14 +82,40 @@ class DiscordResponderFactory:
         self._settings = settings
         self._redis = redis
         self.rest = DiscordRest(settings, redis)
+        # Attachments come from Discord's CDN, without the bot token: a session of its own.
+        self._files: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        """Open the HTTP session."""
+        """Open the HTTP sessions."""
         await self.rest.start()
+        if self._files is None:
+            self._files = aiohttp.ClientSession()
 
     async def close(self) -> None:
-        """Close the HTTP session."""
+        """Close the HTTP sessions."""
         await self.rest.close()
+        if self._files is not None:
+            await self._files.close()
+            self._files = None
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a message attachment from Discord's CDN (or the host of
+        ``DISCORD_API_URL``, for a proxy or a test fake); no token is sent.
+
+        Raises:
+            FileRefusedError: not a Discord attachment URL, or the download failed.
+        """
+        if self._files is None:
+            raise RuntimeError("DiscordResponderFactory.start() was not awaited")
+        hosts = {*DISCORD_FILE_HOSTS, origin(self._settings.discord_api_url)[1]}
+        if origin(ref.url)[1] not in hosts:
+            raise FileRefusedError(f"{ref.name} is not a Discord attachment, so I did not open it.")
+        data, _ = await download(
+            self._files, ref.url, name=ref.name, max_bytes=max_bytes, timeout_s=timeout_s
+        )
+        return data
 
     def responder(self, msg: IncomingMessage, job_id: str) -> DiscordResponder:
         """The responder for one job."""

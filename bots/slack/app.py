@@ -55,6 +55,8 @@ BOT_SCOPES = [
     "channels:history",
     "chat:write",
     "commands",
+    # Files users share with the bot: the worker downloads url_private (core.files).
+    "files:read",
     "groups:history",
     "im:history",
     "im:write",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from core.messages import IncomingMessage, Platform
+from core.messages import FileRef, IncomingMessage, Platform
 
 # Message subtypes that are a person writing something new; every other subtype
 # (message_changed, message_deleted, bot_message, channel_join, …) is ignored.
@@ -145,6 +145,45 @@ def team_of(body: dict[str, Any]) -> str:
     )
 
 
+# Files taken into one job payload (Slack allows 10 per message); the worker reads at
+# most SLUICE_FILE_MAX_COUNT of them and names the rest in a notice.
+MAX_FILE_REFS = 20
+
+
+def _str(value: Any, limit: int) -> str:
+    return value[:limit] if isinstance(value, str) else ""
+
+
+def files_from_event(event: dict[str, Any]) -> list[FileRef]:
+    """References to the files shared with a message (``event["files"]``), never bytes.
+
+    A file Slack did not share with the app in full (Slack Connect's
+    ``file_access: check_file_info``, no ``url_private``) keeps an empty URL: the
+    worker refuses it with a notice. Entries that are not objects are ignored.
+    """
+    files = event.get("files")
+    if not isinstance(files, list):
+        return []
+    refs = []
+    for f in files[:MAX_FILE_REFS]:
+        if not isinstance(f, dict):
+            continue
+        url = _str(f.get("url_private"), 4097)
+        size = f.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            size = 0
+        refs.append(
+            FileRef(
+                id=_str(f.get("id"), 255),
+                name=_str(f.get("name"), 1024) or _str(f.get("title"), 1024) or "file",
+                mimetype=_str(f.get("mimetype"), 255),
+                size=size,
+                url=url if len(url) <= 4096 and url.startswith(("https://", "http://")) else "",
+            )
+        )
+    return refs
+
+
 def message_from_event(
     body: dict[str, Any], bot_user_id: str | None, *, kind: str
 ) -> IncomingMessage:
@@ -183,6 +222,7 @@ def message_from_event(
         ts=float(ts),
         is_dm=is_dm,
         meta=meta,
+        files=files_from_event(event),
     )
 
 

@@ -1,134 +1,108 @@
-"""Model Markdown to Slack ``mrkdwn``, and long replies split within Slack's limits.
+"""The model's Markdown, made safe for Slack's ``markdown_text`` and split within its limit.
 
-The model writes CommonMark-ish Markdown; Slack renders its own ``mrkdwn``
-(``*bold*``, ``_italic_``, ``~strike~``, ``<url|text>``). ``&``, ``<`` and ``>`` are
-escaped everywhere, so nothing the model writes can become a live ``<!channel>``,
-``<!here>``, ``<!everyone>``, user ping or link it did not write as a Markdown link.
+Replies go to Slack as Markdown (``markdown_text`` of ``chat.postMessage``,
+``chat.update`` and the native stream): Slack renders it itself, so nothing is
+converted by hand. What Sluice still does:
+
+- **Mentions stay inert.** :func:`safe_markdown` puts a zero-width space (``ZWSP``)
+  inside every ``<!channel>``, ``<!here>``, ``<!everyone>``, ``<!subteam^…>``,
+  ``<@U…>``, ``<#C…>``, ``<!date…>`` (also written with ``&lt;`` or a numeric
+  character reference for ``<``) and every ``@here``, ``@channel``, ``@everyone``,
+  so the model cannot ping anyone. Only those spots change: code keeps its ``<`` and
+  ``@`` (``a < b``, ``@decorator``) and can be copied as written.
+- **Streaming cannot join a mention across two deltas.** Whether a ``<`` needs the
+  space depends on the next character, which the next delta brings. A streamed delta
+  is therefore sent only up to :func:`stream_cut`: a tail that could still become a
+  mention (``<``, ``&lt``, ``@ever``) waits for the next delta (or the end). For a
+  cut there, escaping the pieces equals escaping the whole:
+  ``safe_markdown(a[:k]) + safe_markdown(a[k:] + b) == safe_markdown(a + b)`` with
+  ``k = stream_cut(a)``.
+- **Long replies are split** (:func:`split_message`) at Slack's limit (12,000
+  characters for ``markdown_text``): at paragraphs, then lines, then spaces; a code
+  block cut in two is closed and reopened with its language; a cut never falls
+  inside a Markdown link, a character reference or an escaped mention.
 """
 
 from __future__ import annotations
 
+import html
 import re
 
 FENCE = "```"
-# Slack cuts text at 40,000 characters but shows long messages poorly; 3,900 leaves
-# room under the 4,000 characters that chat.update and blocks accept.
-DEFAULT_LIMIT = 3900
-
-_LINK = re.compile(r"!?\[([^\]\n]+)\]\(((?:https?://|mailto:)[^)\s]+)\)")
-_BOLD = re.compile(r"(\*\*|__)(?=\S)(.+?)(?<=\S)\1")
-_ITALIC_STAR = re.compile(r"(?<![*\w])\*(?=\S)([^*\n]+?)(?<=\S)\*(?![*\w])")
-_STRIKE = re.compile(r"~~(?=\S)(.+?)(?<=\S)~~")
-_HEADING = re.compile(r"^\s{0,3}#{1,6}\s+(.*?)\s*#*\s*$")
-_BULLET = re.compile(r"^(\s*)[-*+]\s+")
-_RULE = re.compile(r"^\s{0,3}([-*_])(\s*\1){2,}\s*$")
-_INLINE_CODE = re.compile(r"`[^`\n]+`")
-# Inserted after every "<" of streamed Markdown (see safe_markdown).
+# Slack's limit for markdown_text (chat.postMessage, chat.update, the stream).
+DEFAULT_LIMIT = 12000
 ZWSP = "\u200b"
 
+# "<" as the model may write it: the character, &lt; (any case), or a numeric
+# character reference (CommonMark allows 1-7 decimal or 1-6 hex digits); the ";" is
+# optional, as HTML parsers read "&lt" and "&#60" too.
+_LT = r"(?:<|&lt;?|&#0{0,5}60;?|&#x0{0,4}3c;?)"
+# "@" likewise.
+_AT = r"(?:@|&commat;?|&#0{0,5}64;?|&#x0{0,4}40;?)"
+# What makes "<" live: "!", "@" or "#" right after it, or "&" (a reference to one).
+_LIVE_LT = re.compile(rf"({_LT})(?=[!@#&])", re.IGNORECASE)
+# An "@" that may start a broadcast: followed by h, c, e or a character reference.
+_AT_CANDIDATE = re.compile(rf"({_AT})(?=[hce&])", re.IGNORECASE)
+_BROADCAST_WORD = re.compile(r"(?:here|channel|everyone)(?!\w)", re.IGNORECASE)
+_WORDS = ("here", "channel", "everyone")
+# Enough characters after an "@" to hold a broadcast word and the character after
+# it, each letter written as a character reference if need be.
+_LOOKAHEAD = 120
+_LONGEST_WORD_PLUS_ONE = len("everyone") + 1
+# No tail _PENDING holds is longer than this ("@" as "&#x00040;" and _LOOKAHEAD more).
+_PENDING_MAX = _LOOKAHEAD + 16
+# A tail that the next characters could still turn into something safe_markdown
+# changes: a "<", a (maybe unfinished) reference, or an "@" and what follows it.
+_PENDING = re.compile(rf"(?:<|&[#\w]{{0,32}};?|{_AT}([\w&#;]{{0,{_LOOKAHEAD}}}))\Z", re.IGNORECASE)
+_UNFINISHED_REF = re.compile(r"&[#\w]*\Z")
 
-def escape(text: str) -> str:
-    """Escape the three characters Slack treats as markup."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+def _broadcast_at(m: re.Match[str]) -> str:
+    after = m.string[m.end() : m.end() + _LOOKAHEAD]
+    if "&" in after[:_LONGEST_WORD_PLUS_ONE]:  # a letter may be a character reference
+        after = html.unescape(after)
+    return m.group(1) + ZWSP if _BROADCAST_WORD.match(after) else m.group(1)
 
 
 def safe_markdown(text: str) -> str:
-    """Markdown for Slack's ``markdown_text`` (native streaming) with no live mentions.
+    """``text`` with a zero-width space inside every mention Slack would make live.
 
-    A zero-width space goes after *every* ``<``, so ``<!here>``, ``<!channel>``,
-    ``<@U123>``, ``<#C1>`` and ``<!subteam^S1>`` stay text. It must be every ``<``,
-    not only one followed by ``!``, ``@`` or ``#``: the answer is streamed in
-    deltas, and a delta that ends with ``<`` cannot see the ``!channel>`` that the
-    next one starts with. Escaping each character alone makes the result
-    independent of where the text is cut: ``safe_markdown(a) + safe_markdown(b) ==
-    safe_markdown(a + b)`` for any ``a`` and ``b``.
+    ``<`` (or ``&lt;``, ``&#60;``, ``&#x3c;``) followed by ``!``, ``@``, ``#`` or ``&``
+    gets a ``ZWSP`` after it, and so does the ``@`` of ``@here``, ``@channel`` and
+    ``@everyone`` (also when written with character references). Nothing else
+    changes: removing the ``ZWSP`` s gives ``text`` back.
     """
-    return text.replace("<", "<" + ZWSP)
+    text = _LIVE_LT.sub(lambda m: m.group(1) + ZWSP, text)
+    return _AT_CANDIDATE.sub(_broadcast_at, text)
 
 
-def _inline(line: str) -> str:
-    """Convert the inline Markdown of one line (outside code) to mrkdwn."""
-    codes: list[str] = []
-
-    def keep_code(m: re.Match[str]) -> str:
-        codes.append(escape(m.group(0)))
-        return f"\x00{len(codes) - 1}\x00"
-
-    line = _INLINE_CODE.sub(keep_code, line)
-    links: list[str] = []
-
-    def keep_link(m: re.Match[str]) -> str:
-        label = escape(m.group(1)).replace("|", "¦")
-        url = escape(m.group(2)).replace("|", "%7C")
-        links.append(f"<{url}|{label}>")
-        return f"\x02{len(links) - 1}\x02"
-
-    line = _LINK.sub(keep_link, line)
-    line = escape(line)
-    line = _BOLD.sub(lambda m: f"\x01{m.group(2)}\x01", line)
-    line = _ITALIC_STAR.sub(r"_\1_", line)
-    line = _STRIKE.sub(r"~\1~", line)
-    line = line.replace("\x01", "*")
-    line = re.sub("\x02(\\d+)\x02", lambda m: links[int(m.group(1))], line)
-    return re.sub("\x00(\\d+)\x00", lambda m: codes[int(m.group(1))], line)
+def _may_become_broadcast(after_at: str) -> bool:
+    """What follows an "@" so far could still become here, channel or everyone (and
+    the character that ends the word)."""
+    shown = html.unescape(_UNFINISHED_REF.sub("", after_at)).lower()
+    return any(w.startswith(shown) for w in _WORDS)
 
 
-def _line(line: str) -> str:
-    heading = _HEADING.match(line)
-    if heading:
-        inner = heading.group(1).replace("**", "").replace("__", "")
-        return f"*{_inline(inner)}*" if inner else ""
-    if _RULE.match(line):
-        return "──────────"
-    quote = ""
-    stripped = line.lstrip()
-    if stripped.startswith(">"):
-        # Slack's quote marker must stay a literal ">" at the start of the line.
-        quote, line = "> ", stripped.lstrip(">").lstrip()
-    bullet = _BULLET.match(line)
-    if bullet:
-        depth = len(bullet.group(1).expandtabs(4)) // 2
-        line = "    " * depth + "• " + line[bullet.end() :]
-    return quote + _inline(line)
+def stream_cut(text: str) -> int:
+    """How much of ``text`` can be escaped and sent now, with more text to follow.
 
-
-def _is_table_row(line: str) -> bool:
-    stripped = line.strip()
-    return stripped.startswith("|") and stripped.count("|") >= 2
-
-
-def to_mrkdwn(markdown: str) -> str:
-    """Convert Markdown to Slack mrkdwn.
-
-    Fenced code blocks are kept (the language is dropped); Markdown tables, which
-    Slack cannot render, become code blocks so that their columns stay aligned.
+    The end of ``text`` is held back when the characters that follow could make it
+    (part of) a mention: a ``<`` (or a reference that may be one), or an ``@``
+    followed by a beginning of ``here``, ``channel`` or ``everyone``; and so is a
+    ``<`` right before what is held (whether it is live depends on it).
     """
-    out: list[str] = []
-    in_code = in_table = False
-    for line in markdown.replace("\r\n", "\n").split("\n"):
-        if not in_code and _is_table_row(line) != in_table:
-            in_table = not in_table
-            out.append(FENCE)
-        if in_table:
-            out.append(escape(line))
-            continue
-        if line.lstrip().startswith(FENCE):
-            if not in_code:
-                in_code = True
-                out.append(FENCE)
-                rest = line.lstrip()[3:]
-                # "```python" opens a block; "```code```" on one line is inline.
-                if rest.rstrip().endswith(FENCE) and len(rest.strip()) > 3:
-                    out[-1] = FENCE + escape(rest.rstrip()[:-3]) + FENCE
-                    in_code = False
-            else:
-                in_code = False
-                out.append(FENCE)
-            continue
-        out.append(escape(line) if in_code else _line(line))
-    if in_code or in_table:
-        out.append(FENCE)
-    return "\n".join(out)
+    end = len(text)
+    while True:
+        m = _PENDING.search(text, max(0, end - _PENDING_MAX), end)
+        if m is None:
+            return end
+        after_at = m.group(1)
+        if after_at is not None and not _may_become_broadcast(after_at):
+            return end
+        end = m.start()
+
+
+# --- splitting -------------------------------------------------------------------
 
 
 def _units(text: str) -> list[str]:
@@ -161,15 +135,16 @@ def _units(text: str) -> list[str]:
     return units
 
 
-# A link to_mrkdwn made: <url|label>.
-_LINK_MRKDWN = re.compile(r"<((?:https?://|mailto:)[^<>\s|]*)\|([^<>\n]*)>")
-# What a cut must not fall inside: an escaped character (a part ending in "&l" and
-# the next starting with "t;" would show both halves as text) or a link.
-_ATOM = re.compile(r"&(?:amp|lt|gt);|" + _LINK_MRKDWN.pattern)
+# A Markdown link or image: [label](url).
+_LINK = re.compile(r"!?\[([^\]\n]*)\]\(([^)\s]*)\)")
+# What a cut must not fall inside: a character reference (its halves would show as
+# text), an escaped mention (a cut between "<" and its ZWSP would be harmless, but
+# keeps "<" with what follows) or a link.
+_ATOM = re.compile(rf"&[#\w]{{1,32}};|{_LT}{ZWSP}|{_AT}{ZWSP}|" + _LINK.pattern, re.IGNORECASE)
 
 
 def _outside_atoms(line: str, cut: int) -> int:
-    """``cut`` moved back to the start of the entity or link it would fall inside
+    """``cut`` moved back to the start of the atom it would fall inside
     (unless that is the start of the line: then there is nothing before to cut)."""
     for m in _ATOM.finditer(line):
         if m.start() >= cut:
@@ -181,8 +156,8 @@ def _outside_atoms(line: str, cut: int) -> int:
 
 def _cut_point(line: str, limit: int) -> int:
     """Where to cut a line longer than ``limit``: the last space in its second half,
-    else at the limit; never inside an entity or link, and never just before a
-    ``````` (the rest becomes a line of its own, which would open a code block)."""
+    else at the limit; never inside an atom, and never just before a ``````` (the
+    rest becomes a line of its own, which would open a code block)."""
     space = line.rfind(" ", limit // 2, limit)
     cut = _outside_atoms(line, limit if space <= 0 else space)
     alt = cut
@@ -194,10 +169,9 @@ def _cut_point(line: str, limit: int) -> int:
 
 
 def _unlink_long(line: str, limit: int) -> str:
-    """A link longer than a whole part as ``label (url)``: it cannot stay one piece,
-    and a cut through ``<url|label>`` would show its markup."""
-    return _LINK_MRKDWN.sub(
-        lambda m: f"{m.group(2)} ({m.group(1)})" if len(m.group(0)) > limit else m.group(0),
+    """A link longer than a whole part as ``label (url)``: it cannot stay one piece."""
+    return _LINK.sub(
+        lambda m: f"{m.group(1)} ({m.group(2)})" if len(m.group(0)) > limit else m.group(0),
         line,
     )
 
@@ -230,32 +204,38 @@ def _pack(items: list[str], sep: str, limit: int) -> list[str]:
     return parts
 
 
+# A code block's language ("python", "c++", "objective-c"): repeated when it is reopened.
+_LANGUAGE = re.compile(r"[A-Za-z][\w+#.-]{0,19}")
+
+
 def _split_unit(unit: str, limit: int) -> list[str]:
     lines = unit.split("\n")
     is_code = lines[0].lstrip().startswith(FENCE) and len(lines) > 1
     if not is_code:
         pieces = [p for line in lines for p in _hard_split(line, limit)]
         return _pack(pieces, "\n", limit)
-    opener = FENCE
     body = lines[1:-1] if lines[-1].strip() == FENCE else lines[1:]
-    first = lines[0].strip()[len(FENCE) :]
-    if first:
-        # Slack shows text after the opening fence as code (to_mrkdwn already dropped
-        # Markdown's language tags): keep it, or a cut would lose it.
-        body = [first, *body]
+    info = lines[0].strip()[len(FENCE) :]
+    # "```python" is reopened as "```python" (Slack highlights it); an info string
+    # too long to repeat in every part becomes the block's first line.
+    opener = FENCE
+    if _LANGUAGE.fullmatch(info.strip()):
+        opener = FENCE + info.strip()
+    elif info:
+        body = [info, *body]
     budget = limit - len(opener) - len(FENCE) - 2
     pieces = [p for line in body for p in _hard_split(line, budget)]
     return [f"{opener}\n{chunk}\n{FENCE}" for chunk in _pack(pieces, "\n", budget)]
 
 
 def split_message(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:
-    """Split ``text`` into parts of at most ``limit`` characters.
+    """Split ``text`` (Markdown) into parts of at most ``limit`` characters.
 
     Cuts at paragraph boundaries first, then at line ends, then at spaces; a code
-    block that must be cut is closed at the end of one part and reopened at the
-    start of the next, so every part renders on its own. A cut never falls inside
-    an escaped character (``&amp;``, ``&lt;``, ``&gt;``) nor inside a ``<url|label>``
-    link; a link longer than a whole part becomes ``label (url)``.
+    block that must be cut is closed at the end of one part and reopened (with its
+    language) at the start of the next, so every part renders on its own. A cut never
+    falls inside a character reference (``&amp;``), an escaped mention or a
+    ``[label](url)`` link; a link longer than a whole part becomes ``label (url)``.
     """
     if limit < 32:
         raise ValueError("limit must be at least 32 characters")
@@ -265,3 +245,9 @@ def split_message(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:
     for unit in _units(text):
         pieces.extend([unit] if len(unit) <= limit else _split_unit(unit, limit))
     return _pack(pieces, "\n\n", limit) or [""]
+
+
+def reply_parts(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:
+    """The model's ``text`` as the ``markdown_text`` of Slack messages: mention-safe
+    (:func:`safe_markdown`), then split (:func:`split_message`) within ``limit``."""
+    return split_message(safe_markdown(text), limit)

@@ -11,7 +11,9 @@ answers 503 so that Slack delivers again).
 A middleware that does not call ``next()`` and returns nothing hands the event on to
 the app's other listeners, so Sluice only claims the messages it answers. The
 listeners themselves only do cheap Web API calls after the ack (an "is thinking…"
-status, suggested prompts); the model is called by workers, never here.
+status, suggested prompts); the model is called by workers, never here. Assistant
+threads go through Bolt's ``AsyncAssistant`` (:mod:`bots.slack.assistant`), with the
+same chain.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.oauth.installation_store.async_installation_store import AsyncInstallationStore
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bots.slack.assistant import THINKING, build_assistant
 from bots.slack.convert import is_user_message, message_from_command, message_from_event
 from bots.slack.intake import Intake
 from core.errors import QueueError
@@ -39,7 +42,6 @@ logger = logging.getLogger(__name__)
 Next = Callable[[], Awaitable[Any]]
 LaneRule = Callable[[IncomingMessage], str]
 
-THINKING = "is thinking…"
 DEFAULT_PROMPTS: list[dict[str, str]] = [
     {"title": "Summarise", "message": "Summarise the key points of a topic I'll paste."},
     {"title": "Explain", "message": "Explain a concept to me in simple terms."},
@@ -86,10 +88,18 @@ class SluiceListeners:
         context[_MSG] = message_from_event(body, context.bot_user_id, kind="mention")
         await next()
 
+    async def select_assistant(
+        self, body: dict[str, Any], context: AsyncBoltContext, next: Next
+    ) -> None:
+        """A user's message in an assistant thread (``AsyncAssistant`` matched it)."""
+        context[_MSG] = message_from_event(body, context.bot_user_id, kind="assistant")
+        await next()
+
     async def select_message(
         self, body: dict[str, Any], context: AsyncBoltContext, next: Next
     ) -> BoltResponse | None:
-        """DMs, assistant-thread messages and follow-ups in the bot's threads."""
+        """DMs, follow-ups in the bot's threads, and DM thread messages the assistant
+        middleware passed on (e.g. a ``thread_broadcast``)."""
         event: dict[str, Any] = body["event"]
         thread_ts = event.get("thread_ts")
         if event.get("channel_type") == "im":
@@ -179,24 +189,6 @@ class SluiceListeners:
         """Ack ``/ask`` so that the question shows in the channel."""
         await ack(response_type="in_channel")
 
-    async def thread_started(self, event: dict[str, Any], client: AsyncWebClient) -> None:
-        """An assistant thread opened: offer suggested prompts."""
-        thread = event.get("assistant_thread") or {}
-        channel, thread_ts = thread.get("channel_id"), thread.get("thread_ts")
-        if not channel or not thread_ts:
-            return
-        try:
-            await client.assistant_threads_setSuggestedPrompts(
-                channel_id=channel, thread_ts=thread_ts, prompts=self.prompts
-            )
-        except SlackApiError as e:
-            logger.warning(
-                "setSuggestedPrompts failed channel=%s: %s", channel, e.response.get("error")
-            )
-
-    async def context_changed(self) -> None:
-        """The user switched channels beside an assistant thread: nothing to do."""
-
     async def uninstalled(self, context: AsyncBoltContext) -> None:
         """``app_uninstalled``: forget the workspace's tokens."""
         if self.installation_store is None:
@@ -231,7 +223,8 @@ def register(
     """Add Sluice's listeners to an existing Bolt ``AsyncApp`` (plugin mode).
 
     The app keeps its own listeners: Sluice claims only mentions, DMs, assistant
-    threads, follow-ups in threads it answers, and ``command``. Other messages
+    threads (through a Bolt ``AsyncAssistant`` added with ``app.use``), follow-ups in
+    threads it answers, and ``command``. Other messages
     reach the app's listeners as before. The bot definition named by ``SLUICE_APP``
     supplies the lane rules (unless ``lane`` is given) and its commands, each
     registered as a slash command (``/name``) beside ``command``. Workers
@@ -261,8 +254,9 @@ def register(
             app.command(f"/{spec.name}", middleware=[sluice.select_command, *chain])(
                 sluice.command_accepted
             )
-    app.event("assistant_thread_started")(sluice.thread_started)
-    app.event("assistant_thread_context_changed")(sluice.context_changed)
+    # Assistant threads: Bolt's AsyncAssistant (it claims their events before the
+    # listeners above see them).
+    app.use(build_assistant(sluice, sluice.intake, settings.slack_thread_ttl_s))
     app.event("app_uninstalled")(sluice.uninstalled)
     app.event("tokens_revoked")(sluice.tokens_revoked)
     return sluice

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
@@ -42,10 +43,12 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.web.async_slack_response import AsyncSlackResponse
 
-from bots.slack.format import safe_markdown, split_message, to_mrkdwn
-from core.errors import DeliveryError, DeliveryRetryableError
+from bots.slack.format import reply_parts, safe_markdown, stream_cut
+from core.errors import DeliveryError, DeliveryRetryableError, FileRefusedError
+from core.files.download import download, origin
+from core.framework.agent import ToolProgress
 from core.infra.redis import Keys
-from core.messages import QUEUED_PREFIX, IncomingMessage, Reply, queued_text
+from core.messages import QUEUED_PREFIX, FileRef, IncomingMessage, Reply, queued_text
 from core.responder import DeliveryState, Responder
 from core.settings import Settings
 
@@ -84,6 +87,8 @@ _NOT_STREAMING = frozenset(
         "cant_update_message",
     }
 )
+# What a tool's name or call id may show: the characters OpenAI allows in tool names.
+_TOOL_NAME = re.compile(r"[^A-Za-z0-9_.\-]")
 _NOT_IN_CHANNEL = frozenset({"not_in_channel", "channel_not_found", "is_archived"})
 # Record a posted message's ts unless the job's state already has one (a queued
 # notice and the reply may both post: the first to record wins, the other deletes
@@ -104,6 +109,15 @@ def _header(response: Any, name: str) -> str | None:
         if key.lower() == name.lower():
             return str(value[0] if isinstance(value, list) else value)
     return None
+
+
+def _escape_mrkdwn(text: str) -> str:
+    """The three characters Slack's ``text`` field treats as markup, escaped."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# Where Slack serves url_private; tests point SLACK_API_URL's host at a fake instead.
+SLACK_FILE_HOST = "files.slack.com"
 
 
 class SlackResponderFactory:
@@ -158,6 +172,41 @@ class SlackResponderFactory:
         if bot is None or not bot.bot_token:
             raise DeliveryError(f"slack workspace {msg.tenant} is not installed")
         return str(bot.bot_token)
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """Download a file shared in Slack (``url_private``, with the workspace's bot
+        token; needs the ``files:read`` scope). The token is sent only to Slack's file
+        host (or the host of ``SLACK_API_URL``), never to a host a redirect names.
+
+        Raises:
+            FileRefusedError: not a Slack file URL, no token, or the download failed.
+        """
+        if self.session is None:
+            raise RuntimeError("SlackResponderFactory.start() was not awaited")
+        # Only Slack's own file host, over HTTPS (or SLACK_API_URL's host and scheme).
+        where = origin(ref.url)[:2]
+        if where not in (("https", SLACK_FILE_HOST), origin(self.settings.slack_api_url)[:2]):
+            raise FileRefusedError(f"{ref.name} is not a Slack file, so I did not open it.")
+        try:
+            token = await self.token_for(msg)
+        except DeliveryError as e:
+            raise FileRefusedError(f"{ref.name} could not be downloaded.") from e
+        data, content_type = await download(
+            self.session,
+            ref.url,
+            name=ref.name,
+            max_bytes=max_bytes,
+            timeout_s=timeout_s,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        if content_type.startswith("text/html") and not ref.mimetype.startswith("text/html"):
+            # Slack answers a file request it refuses with its sign-in page.
+            raise FileRefusedError(
+                f"Slack did not let me download {ref.name} (the app may lack the files:read scope)."
+            )
+        return data
 
     def forget(self, team: str) -> None:
         """Drop a cached token (revoked or uninstalled)."""
@@ -406,7 +455,7 @@ class SlackResponder(Responder):
             return
         if self._refused is not None:
             raise self._refused
-        parts = split_message(to_mrkdwn(reply.text), self.limit)
+        parts = reply_parts(reply.text, self.limit)
         fresh = self.ts is None and self.mode != "url"
         if fresh:
             await self._open(reply.text, stream=False, shown=parts[0])
@@ -431,6 +480,45 @@ class SlackResponder(Responder):
             self.mode,
             len(parts),
         )
+
+    async def tool_progress(self, progress: ToolProgress) -> None:
+        """Show a tool call of the model while the answer is written.
+
+        In a native stream (threads) it is a task update (a ``task_update`` chunk of
+        ``chat.startStream``/``appendStream``, shown as a timeline; the stream opens
+        for it if the answer has no text yet). Elsewhere in an assistant thread, a
+        starting call sets the thread's status ("is using <tool>…"). An edited message
+        shows only the answer. A courtesy: failures are logged, never raised.
+        """
+        if self.done or self.mode == "url" or self._refused is not None or self._stream_failing:
+            return
+        name = _TOOL_NAME.sub("", progress.name)[:64] or "tool"
+        chunk = {
+            "type": "task_update",
+            "id": _TOOL_NAME.sub("", progress.call_id)[:64] or name,
+            "title": name,
+            "status": progress.status,
+        }
+        try:
+            if self.ts is None and self._can_stream():
+                await self._open("", chunks=[chunk])
+                if self.mode == "stream":
+                    return
+            if self.mode == "stream":
+                await self._call(
+                    "chat_appendStream", channel=self.msg.channel, ts=self.ts, chunks=[chunk]
+                )
+            elif (
+                self.msg.meta.get("assistant") and self.thread and progress.status == "in_progress"
+            ):
+                await self._call(
+                    "assistant_threads_setStatus",
+                    channel_id=self.msg.channel,
+                    thread_ts=self.thread,
+                    status=f"is using {name}…",
+                )
+        except (SlackApiError, DeliveryError) as e:
+            logger.info("slack tool progress not shown job=%s: %s", self.job_id, e)
 
     async def queued(self, wait_s: float, place: int | None = None) -> None:
         """Show that the message waits in line, about ``wait_s`` seconds (``place`` in
@@ -508,50 +596,52 @@ class SlackResponder(Responder):
     # --- delivery steps ----------------------------------------------------------------
 
     def _preview(self, text: str) -> str:
-        shown = to_mrkdwn(text)
-        if len(shown) > self.limit:
-            shown = split_message(shown, self.limit - 2)[0] + " …"
-        return shown
+        parts = reply_parts(text, self.limit - 2)
+        return parts[0] + " …" if len(parts) > 1 else parts[0]
 
-    async def _open(self, text: str, *, stream: bool = True, shown: str | None = None) -> None:
+    def _sendable(self, text: str) -> str:
+        """The longest prefix of ``text`` (more may follow) that the stream can take now:
+        no tail that could still become a mention (:func:`stream_cut`), and no more
+        than the message limit once escaped."""
+        piece = text[: self.limit]
+        while True:
+            piece = piece[: stream_cut(piece)]
+            over = len(safe_markdown(piece)) - self.limit
+            if over <= 0:
+                return piece
+            piece = piece[: len(piece) - over]
+
+    async def _open(
+        self,
+        text: str,
+        *,
+        stream: bool = True,
+        shown: str | None = None,
+        chunks: list[dict[str, str]] | None = None,
+    ) -> None:
         """Post the reply's message: a native stream if possible, else a plain message.
 
         If a queued notice was recorded since :meth:`_load`, edit that instead.
+        ``chunks`` (task updates) open a native stream with no text yet; where that is
+        not possible nothing is posted (the answer's text will be).
         """
         notice_ts = await self._recorded_ts()
         if notice_ts:
-            await self._adopt(notice_ts, shown or self._preview(text), final=not stream)
+            if chunks is None:
+                await self._adopt(notice_ts, shown or self._preview(text), final=not stream)
             return
         if stream and self._can_stream():
-            first = text[: self.limit]
-            try:
-                resp = await self._call(
-                    "chat_startStream",
-                    channel=self.msg.channel,
-                    thread_ts=self.thread,
-                    markdown_text=safe_markdown(first),
-                    recipient_team_id=self.msg.tenant,
-                    recipient_user_id=self.msg.meta.get("recipient_user_id", self.msg.user),
-                )
-                ts = str(resp["ts"])
-                notice_ts = await self._claim(ts, "stream")
-                if notice_ts:
-                    with contextlib.suppress(SlackApiError):
-                        await self._call("chat_stopStream", channel=self.msg.channel, ts=ts)
-                    await self._delete(ts)
-                    await self._adopt(notice_ts, self._preview(text), final=False)
-                    return
-                self.ts, self.mode, self.streamed = ts, "stream", first
-                await self._may_edit(final=False)
+            first = self._sendable(text)
+            if not first.strip() and not chunks:
+                return  # only a tail that may become a mention so far: open later
+            if await self._start_stream(text, first, chunks):
                 return
-            except SlackApiError as e:
-                error = str(e.response.get("error", ""))
-                logger.info(
-                    "slack streaming refused team=%s (%s); editing instead", self.msg.tenant, error
-                )
-                if error in _STREAM_REFUSED:
-                    self.f.stream_refused.add(self.msg.tenant)
-        kwargs: dict[str, Any] = {"channel": self.msg.channel, "text": shown or self._preview(text)}
+        if chunks is not None:
+            return
+        kwargs: dict[str, Any] = {
+            "channel": self.msg.channel,
+            "markdown_text": shown or self._preview(text),
+        }
         if self.thread:
             kwargs["thread_ts"] = self.thread
         try:
@@ -568,10 +658,53 @@ class SlackResponder(Responder):
         if notice_ts:
             # A queued notice was posted meanwhile: answer in it, drop ours.
             await self._delete(ts)
-            await self._adopt(notice_ts, kwargs["text"], final=not stream)
+            await self._adopt(notice_ts, kwargs["markdown_text"], final=not stream)
             return
         self.ts, self.mode = ts, "post"
         await self._may_edit(final=False)
+
+    async def _start_stream(
+        self, text: str, first: str, chunks: list[dict[str, str]] | None
+    ) -> bool:
+        """Open the native stream with ``first`` (and ``chunks``); ``False``: Slack refused."""
+        extra: dict[str, Any] = {}
+        if first:
+            extra["markdown_text"] = safe_markdown(first)
+        if chunks:
+            extra["chunks"] = chunks
+            extra["task_display_mode"] = "timeline"
+        try:
+            resp = await self._call(
+                "chat_startStream",
+                channel=self.msg.channel,
+                thread_ts=self.thread,
+                recipient_team_id=self.msg.tenant,
+                recipient_user_id=self.msg.meta.get("recipient_user_id", self.msg.user),
+                **extra,
+            )
+        except SlackApiError as e:
+            error = str(e.response.get("error", ""))
+            logger.info(
+                "slack streaming refused team=%s (%s); editing instead", self.msg.tenant, error
+            )
+            if error in _STREAM_REFUSED:
+                self.f.stream_refused.add(self.msg.tenant)
+            return False
+        ts = str(resp["ts"])
+        notice_ts = await self._claim(ts, "stream")
+        if notice_ts:
+            # A queued notice was posted meanwhile: answer in it, drop the stream.
+            with contextlib.suppress(SlackApiError):
+                await self._call("chat_stopStream", channel=self.msg.channel, ts=ts)
+            await self._delete(ts)
+            if chunks is None:
+                await self._adopt(notice_ts, self._preview(text), final=False)
+            else:
+                self.ts, self.mode, self.notice = notice_ts, "post", True
+            return True
+        self.ts, self.mode, self.streamed = ts, "stream", first
+        await self._may_edit(final=False)
+        return True
 
     async def _adopt(self, notice_ts: str, shown: str, *, final: bool) -> None:
         """Make the queued notice at ``notice_ts`` this reply's message, showing ``shown``."""
@@ -581,11 +714,11 @@ class SlackResponder(Responder):
 
     async def _append(self, text: str) -> None:
         sent = len(self.streamed)
-        if sent >= self.limit or len(text) <= sent or not text.startswith(self.streamed):
+        if len(text) <= sent or not text.startswith(self.streamed):
             return
-        if not await self._may_edit(final=False):
+        delta = self._sendable(text)[sent:]
+        if not delta or not await self._may_edit(final=False):
             return
-        delta = text[sent : self.limit]
         try:
             await self._call(
                 "chat_appendStream",
@@ -605,7 +738,7 @@ class SlackResponder(Responder):
         """End the native stream with the rest of the text (or edit if Slack closed it)."""
         # The final text continues the stream unless it is too long for one message or
         # differs from what was streamed (e.g. an apology after a failed model call).
-        fits = len(text) <= self.limit and text.startswith(self.streamed)
+        fits = len(safe_markdown(text)) <= self.limit and text.startswith(self.streamed)
         delta = text[len(self.streamed) :] if fits else ""
         kwargs: dict[str, Any] = {"channel": self.msg.channel, "ts": self.ts}
         if delta:
@@ -631,7 +764,12 @@ class SlackResponder(Responder):
 
     async def _edit(self, text: str, *, notice: bool = False) -> None:
         try:
-            await self._call("chat_update", channel=self.msg.channel, ts=self.ts, text=text)
+            if notice:  # Sluice's own plain text
+                await self._call("chat_update", channel=self.msg.channel, ts=self.ts, text=text)
+            else:
+                await self._call(
+                    "chat_update", channel=self.msg.channel, ts=self.ts, markdown_text=text
+                )
         except SlackApiError as e:
             raise DeliveryError(f"chat.update failed: {e.response.get('error')}") from e
         if self.notice and not notice:
@@ -642,7 +780,7 @@ class SlackResponder(Responder):
         for i, part in enumerate(parts[1:], start=1):
             if i in self.parts:
                 continue
-            kwargs: dict[str, Any] = {"channel": self.msg.channel, "text": part}
+            kwargs: dict[str, Any] = {"channel": self.msg.channel, "markdown_text": part}
             if self.thread:
                 kwargs["thread_ts"] = self.thread
             try:
@@ -659,7 +797,13 @@ class SlackResponder(Responder):
         for i, part in enumerate(parts):
             if i in self.parts:
                 continue
-            payload = {"response_type": "in_channel", "text": part}
+            # A markdown block renders the Markdown; ``text`` is the notification
+            # fallback, escaped so that Slack's mrkdwn parser finds no markup in it.
+            payload = {
+                "response_type": "in_channel",
+                "text": _escape_mrkdwn(part),
+                "blocks": [{"type": "markdown", "text": part}],
+            }
             try:
                 async with self.f.session.post(url, json=payload) as resp:
                     if resp.status >= 500 or resp.status == 429:

@@ -43,7 +43,13 @@ from core.infra.metrics import ACK_SECONDS, metrics_routes
 from core.infra.redis import Keys
 from core.messages import IncomingMessage
 from core.settings import Settings
-from core.traffic.queue import accept_message, arq_job_id, connect_queue, message_lane
+from core.traffic.queue import (
+    Accepted,
+    accept_message,
+    arq_job_id,
+    connect_queue,
+    message_lane,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -255,17 +261,26 @@ async def send_message(request: web.Request) -> web.Response:
 async def _accept(request: web.Request, msg: IncomingMessage) -> web.Response:
     """Dedupe and enqueue, then show the message; 503 when Redis is down.
 
-    The 202 body holds the message's id, its job's id and the lane it waits in."""
+    The 202 body holds the message's id, its job's id, the lane it waits in and
+    ``refused``: ``true`` when the door refused it (busy, or over a limit: nothing is
+    queued and no answer follows), with ``notice``: whether the refusal's notice follows
+    on the event stream (``false``: this user was already told in this limit window).
+    A duplicate of a message already sent has ``duplicate: true``."""
     settings = request.app[SETTINGS]
     redis = request.app[REDIS]
-    body = {
+    body: dict[str, object] = {
         "message_id": msg.message_id,
         "job_id": arq_job_id(settings, msg),
         "lane": message_lane(settings, msg),
+        "refused": False,
     }
     try:
-        if not await accept_message(redis, settings, msg):
+        outcome = await accept_message(redis, settings, msg)
+        if not outcome:
             return web.json_response({**body, "duplicate": True}, status=202)
+        if outcome.refused:
+            body["refused"] = True
+            body["notice"] = outcome is Accepted.REFUSED
         await publish(
             redis,
             Keys(settings.key_prefix),

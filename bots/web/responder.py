@@ -12,8 +12,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from core.errors import FileRefusedError
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Reply
+from core.messages import FileRef, IncomingMessage, Reply
 from core.responder import Responder
 from core.settings import Settings
 
@@ -95,6 +96,16 @@ class WebResponderFactory:
 
     async def close(self) -> None:
         """Nothing to close."""
+
+    async def fetch_file(
+        self, msg: IncomingMessage, ref: FileRef, *, max_bytes: int, timeout_s: float
+    ) -> bytes:
+        """The web chat does not take files.
+
+        Raises:
+            FileRefusedError: always.
+        """
+        raise FileRefusedError(f"{ref.name} was not read: the web chat does not take files.")
 
     def responder(self, msg: IncomingMessage, job_id: str) -> WebResponder:
         """A responder for one job."""

@@ -11,13 +11,15 @@ When either bound is reached, the model is called once more with
 ``tool_choice="none"`` and must answer with what it has; calls it asked for but that
 were not run get an error result saying why. The model is reached only through the
 ``call`` function the worker passes in, so retries, budgets and caches around each
-model call stay in one place.
+model call stay in one place. ``on_tool``, if given, hears each call start and end
+(:class:`ToolProgress`), e.g. to show it on the platform while the answer streams.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +30,38 @@ from core.framework.tools import Tool, run_tool_call
 from core.llm.client import ChatMessage, Completion
 from core.messages import Turn
 
+logger = logging.getLogger(__name__)
+
 CallModel = Callable[[list[ChatMessage], dict[str, Any]], Awaitable[Completion]]
+
+
+@dataclass(frozen=True)
+class ToolProgress:
+    """A tool call starting or ending, for ``run_tool_loop(on_tool=...)``.
+
+    Attributes:
+        call_id: The model's id of the call (unique within the answer).
+        name: The tool's name as the model called it.
+        status: ``in_progress`` when it starts, then ``complete`` or ``error``.
+    """
+
+    call_id: str
+    name: str
+    status: str
+
+
+OnTool = Callable[[ToolProgress], Awaitable[None]]
+
+
+async def _tell(on_tool: OnTool | None, progress: list[ToolProgress]) -> None:
+    """Pass progress to ``on_tool``; showing progress never stops the answer."""
+    if on_tool is None:
+        return
+    for p in progress:
+        try:
+            await on_tool(p)
+        except Exception:
+            logger.warning("tool progress not shown call=%s", p.call_id, exc_info=True)
 
 
 @dataclass
@@ -57,7 +90,7 @@ def history_messages(turns: Sequence[Turn]) -> list[ChatMessage]:
     Tool calls are sent back only as whole groups (the assistant turn that asked and a
     result for each call), because the API rejects a tool result without its call; a
     group cut by the context window is left out, as are turns stored without their
-    tool data.
+    tool data. A user turn's attached files are named, not sent again.
     """
     out: list[ChatMessage] = []
     i = 0
@@ -78,10 +111,20 @@ def history_messages(turns: Sequence[Turn]) -> list[ChatMessage]:
                 )
             i = j
             continue
-        if turn.role == "user" or (turn.role == "assistant" and turn.text):
-            out.append({"role": turn.role, "content": turn.text})
+        if turn.role == "user":
+            out.append({"role": "user", "content": turn.text + _attached_note(turn)})
+        elif turn.role == "assistant" and turn.text:
+            out.append({"role": "assistant", "content": turn.text})
         i += 1
     return out
+
+
+def _attached_note(turn: Turn) -> str:
+    """An earlier user turn's files, by name: their content is not sent again."""
+    if not turn.files:
+        return ""
+    names = ", ".join(f"{f.name} ({f.mimetype or 'file'})" for f in turn.files)
+    return f"\n[Attached earlier: {names}]"
 
 
 def assistant_tool_message(text: str, calls: Sequence[dict[str, Any]]) -> ChatMessage:
@@ -110,6 +153,7 @@ async def run_tool_loop(
     timeout_s: float,
     call_timeout_s: float,
     max_result_chars: int,
+    on_tool: OnTool | None = None,
 ) -> ToolLoopResult:
     """Answer ``messages``, running the tools the model asks for (see the module docstring).
 
@@ -164,6 +208,7 @@ async def run_tool_loop(
                 for _ in calls
             ]
         else:
+            await _tell(on_tool, [ToolProgress(c["id"], c["name"], "in_progress") for c in calls])
             outputs = list(
                 await asyncio.gather(
                     *(
@@ -174,6 +219,13 @@ async def run_tool_loop(
                     )
                 )
             )
+        await _tell(
+            on_tool,
+            [
+                ToolProgress(c["id"], c["name"], "complete" if ok else "error")
+                for c, (_text, ok) in zip(calls, outputs, strict=True)
+            ],
+        )
         for c, (text, _ok) in zip(calls, outputs, strict=True):
             sent.append({"role": "tool", "tool_call_id": c["id"], "content": text})
             result.turns.append(

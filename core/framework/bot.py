@@ -88,6 +88,8 @@ class Bot:
         system_prompt: The persona sent first in every conversation (the default
             when neither ``system_prompts`` nor a ``@bot.prompt`` function decide).
         model: Model id; ``None`` means the ``SLUICE_MODEL`` setting.
+        fallback_model: Model to answer with when no provider serving ``model`` can
+            (see ``SLUICE_PROVIDERS``); ``None`` means the ``SLUICE_FALLBACK_MODEL`` setting.
         temperature: Sampling temperature; ``None`` leaves the provider's default.
         max_tokens: Longest answer in tokens; ``None`` means ``SLUICE_LLM_MAX_TOKENS``.
         context_turns: Earlier turns sent with each message; ``None`` means the setting.
@@ -107,11 +109,14 @@ class Bot:
             ``tenant_tokens_per_day``, ``user_window_s``); ``None`` as a value lifts it.
         merge_burst_s: When > 0, messages one user sends within this many seconds of
             each other in a conversation are answered as one turn.
+        vision: Whether the model reads images (attached images become image parts);
+            ``None`` means the ``SLUICE_VISION`` setting.
     """
 
     name: str = "assistant"
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
     model: str | None = None
+    fallback_model: str | None = None
     temperature: float | None = None
     max_tokens: int | None = None
     context_turns: int | None = None
@@ -137,6 +142,8 @@ class Bot:
     no_cache_channels: frozenset[str] = frozenset()
     limits: dict[str, int | None] = field(default_factory=dict)
     merge_burst_s: float = 0.0
+    # --- Files users attach ---
+    vision: bool | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.strip():

@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from core.errors import HistoryError
 from core.history.store import RECORD_FIELDS, Record, conversation_tail
 from core.infra.redis import Keys
-from core.messages import IncomingMessage, Turn
+from core.messages import IncomingMessage, StoredFile, Turn
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +202,7 @@ def make_record(turn: Turn, conversation_id: str, origin: IncomingMessage | None
         lane=turn.lane,
         cached=turn.cached,
         tool=_tool_json(turn),
+        files=_files_json(turn),
     )
 
 
@@ -214,6 +215,21 @@ def _tool_json(turn: Turn) -> str | None:
     if turn.tool_name is not None:
         fields["tool_name"] = turn.tool_name
     return json.dumps(fields, ensure_ascii=False) if fields else None
+
+
+def _files_json(turn: Turn) -> str | None:
+    if not turn.files:
+        return None
+    return json.dumps([f.model_dump() for f in turn.files], ensure_ascii=False)
+
+
+def _files(files: str | None) -> list[StoredFile] | None:
+    if not files:
+        return None
+    try:
+        return [StoredFile.model_validate(f) for f in json.loads(files)]
+    except (ValueError, TypeError) as e:
+        raise HistoryError("a stored files field is not a JSON list of files") from e
 
 
 def _tool_fields(tool: str | None) -> dict[str, Any]:
@@ -239,6 +255,7 @@ def record_to_turn(rec: Record) -> Turn:
         latency_ms=rec["latency_ms"],
         lane=rec["lane"],
         cached=rec["cached"],
+        files=_files(rec.get("files")),
         **_tool_fields(rec.get("tool")),
     )
 

@@ -66,7 +66,9 @@ class MessageRow(SQLModel, table=True):
     flush inserts with ``ON CONFLICT DO NOTHING`` on it, so a record flushed twice is
     stored once. An answer's ``user`` is the user it answered. ``tool`` holds a turn's
     tool-call fields as JSON (``{"tool_calls": [...]}`` or ``{"tool_call_id": ...,
-    "tool_name": ...}``), ``None`` for plain messages.
+    "tool_name": ...}``), ``None`` for plain messages. ``files`` lists the files a user
+    message had attached, as JSON references (``[{"id", "name", "mimetype", "size"}]``),
+    never their content.
     """
 
     __tablename__ = "messages"
@@ -96,6 +98,7 @@ class MessageRow(SQLModel, table=True):
     lane: str = Field(default="default", max_length=64)
     cached: bool = False
     tool: str | None = None
+    files: str | None = None
 
 
 _table: Table = MessageRow.__table__  # type: ignore[attr-defined]
@@ -145,6 +148,7 @@ class Record(TypedDict):
     lane: str
     cached: bool
     tool: str | None
+    files: str | None
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(Record.__annotations__)
@@ -217,6 +221,7 @@ def row_to_record(row: Any) -> Record:
         lane=m["lane"],
         cached=bool(m["cached"]),
         tool=m["tool"],
+        files=m["files"],
     )
 
 
@@ -432,6 +437,7 @@ _PG_TYPES: dict[str, str] = {
     "lane": "text",
     "cached": "bool",
     "tool": "text",
+    "files": "text",
 }
 _PG_INSERT = (
     "INSERT INTO messages ({cols}) SELECT * FROM unnest({params}) "

@@ -297,6 +297,13 @@ def secret_values(settings: Settings) -> list[str]:
             password = url_password(value)
             if password:
                 out.append(password)
+    # The pool's keys (SLUICE_PROVIDERS) and passwords in its URLs.
+    for provider in settings.providers:
+        if provider.api_key is not None and provider.api_key.get_secret_value() != "none":
+            out.append(provider.api_key.get_secret_value())
+        password = url_password(provider.base_url)
+        if password:
+            out.append(password)
     return out
 
 

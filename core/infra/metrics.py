@@ -33,6 +33,11 @@ sluice_llm_budget_rpm_limit        gauge      -               workers: SLUICE_LL
 sluice_llm_budget_tpm_limit        gauge      -               workers: SLUICE_LLM_TPM (0: none)
 sluice_llm_breaker_open_seconds    gauge      -               workers, at scrape time: until
                                                               the breaker closes (0: closed)
+sluice_llm_provider_calls_total    counter    provider,       core.llm.pool: each attempt on a
+                                              outcome         pool provider (ok|rate_limited|error)
+sluice_llm_provider_failovers_total counter   provider        core.llm.pool: a job left it for
+                                                              the next provider or model
+sluice_llm_provider_breaker_open_seconds gauge provider       workers, at scrape time (pool)
 sluice_cache_hits_total            counter    -               core.traffic.cache
 sluice_cache_misses_total          counter    -               core.traffic.cache
 sluice_rate_limit_notices_total    counter    scope           core.traffic.ratelimit
@@ -167,6 +172,21 @@ LLM_BUDGET_TPM_LIMIT = Gauge(
 )
 LLM_BREAKER_OPEN_SECONDS = Gauge(
     "sluice_llm_breaker_open_seconds", "Seconds until the LLM circuit breaker closes (0: closed)."
+)
+LLM_PROVIDER_CALLS = Counter(
+    "sluice_llm_provider_calls",
+    "LLM call attempts on each provider of the pool, by outcome.",
+    ["provider", "outcome"],
+)
+LLM_PROVIDER_FAILOVERS = Counter(
+    "sluice_llm_provider_failovers",
+    "Jobs that left a provider of the pool for the next provider or the fallback model.",
+    ["provider"],
+)
+LLM_PROVIDER_BREAKER_OPEN_SECONDS = Gauge(
+    "sluice_llm_provider_breaker_open_seconds",
+    "Seconds until a pool provider's circuit breaker closes (0: closed).",
+    ["provider"],
 )
 CACHE_HITS = Counter("sluice_cache_hits", "Answers served from the response cache.")
 CACHE_MISSES = Counter("sluice_cache_misses", "Cache lookups that found nothing.")

@@ -295,6 +295,11 @@ class Keys:
         """Marks a Slack thread the bot answers in (follow-ups need no mention)."""
         return f"{self.prefix}:slack:thread:{team}:{channel}:{thread_ts}"
 
+    def slack_assistant(self, channel: str, thread_ts: str) -> str:
+        """Hash of one Slack assistant thread: its context (the channel the user is
+        viewing) and whether its title was set."""
+        return f"{self.prefix}:slack:assistant:{channel}:{thread_ts}"
+
     def slack_pace(self, channel: str, ts: str) -> str:
         """Held while one Slack message may not be edited again (one edit per interval)."""
         return f"{self.prefix}:slack:pace:{channel}:{ts}"

@@ -199,10 +199,28 @@ def unavailable_text(retry_in_s: float | None) -> str:
     return f"The assistant is unavailable right now; please try again in {minutes} {unit}."
 
 
+# What one image part counts against a TPM limit: OpenAI's cost of a 1024x1024 image
+# at high detail (85 + 4 tiles * 170).
+IMAGE_TOKENS = 765
+
+
 def estimate_tokens(messages: Sequence[ChatMessage], max_tokens: int) -> int:
-    """What a request counts against a TPM limit: ~4 characters a token, plus max_tokens."""
-    chars = sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str))
-    return math.ceil(chars / 4) + max_tokens
+    """What a request counts against a TPM limit: ~4 characters a token, plus
+    :data:`IMAGE_TOKENS` per image part, plus max_tokens."""
+    chars = images = 0
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict):
+                    continue
+                if part.get("type") == "image_url":
+                    images += 1
+                elif isinstance(part.get("text"), str):
+                    chars += len(part["text"])
+    return math.ceil(chars / 4) + images * IMAGE_TOKENS + max_tokens
 
 
 def _header_int(headers: dict[str, str], name: str) -> int:
@@ -236,6 +254,33 @@ class LLMBudget:
         """Seconds until the breaker closes (0 when closed)."""
         ttl = int(await self._redis.pttl(self._open))
         return ttl / 1000 if ttl > 0 else 0.0
+
+    async def expected_wait_s(self) -> float:
+        """How long a new request would wait for this budget now, by requests per minute:
+        ``inf`` while the breaker is open, 0 when the bucket has room for everyone in line
+        and one more. The provider pool (:mod:`core.llm.pool`) picks by it."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.time()
+            pipe.pttl(self._open)
+            pipe.hmget(self._bucket, ["rl", "ts", "blocked", "lim_r"])
+            pipe.zcard(self._waiters)
+            (secs, usecs), open_ttl, (level, ts, blocked, learned), waiting = await pipe.execute()
+        if int(open_ttl) > 0:
+            return math.inf
+        now_ms = int(secs) * 1000 + int(usecs) // 1000
+        blocked_s = max(0.0, (float(blocked or 0) - now_ms) / 1000)
+        rpm = float(self._settings.llm_rpm or 0)
+        if learned is not None and (rpm == 0 or 0 < int(learned) < rpm):
+            rpm = float(learned)
+        rpm *= self._settings.llm_budget_headroom
+        if rpm <= 0:
+            return blocked_s
+        have = rpm
+        if level is not None:
+            elapsed_ms = max(0.0, now_ms - float(ts or now_ms))
+            have = min(rpm, float(level) + elapsed_ms * rpm / 60_000)
+        short = int(waiting) + 1 - have
+        return max(blocked_s, short * 60 / rpm if short > 0 else 0.0)
 
     async def acquire(
         self,

@@ -111,8 +111,12 @@ def wrap_openai_error(e: Exception) -> LLMError:
 class OpenAIProvider:
     """Streams chat completions through one ``AsyncOpenAI`` client."""
 
-    def __init__(self, settings: Settings, *, base_url: str | None = None) -> None:
-        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else "sim"
+    def __init__(
+        self, settings: Settings, *, base_url: str | None = None, api_key: str | None = None
+    ) -> None:
+        key = api_key or (
+            settings.openai_api_key.get_secret_value() if settings.openai_api_key else "sim"
+        )
         self._settings = settings
         self.client = openai.AsyncOpenAI(
             api_key=key,

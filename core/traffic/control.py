@@ -9,7 +9,8 @@ The reply job calls, in this order:
    a notice instead of an LLM call when over.
 3. :meth:`Traffic.complete` - the response cache with single-flight
    (:mod:`core.traffic.cache`), then the shared budget and breaker (:mod:`core.llm.budget`)
-   around :func:`core.llm.client.complete_with_retries`, the one retry layer.
+   around :func:`core.llm.client.complete_with_retries`, the one retry layer; with
+   ``SLUICE_PROVIDERS``, the provider pool's budgets and failover (:mod:`core.llm.pool`).
 4. :meth:`Traffic.error_reply` - the short reply for an LLM failure.
 """
 
@@ -39,6 +40,7 @@ from core.llm.budget import (
     unavailable_text,
 )
 from core.llm.client import ChatMessage, Completion, LLMProvider, complete_with_retries
+from core.llm.pool import ProviderPool, pool_snapshot
 from core.messages import IncomingMessage, Reply
 from core.responder import Responder
 from core.settings import Settings
@@ -113,6 +115,8 @@ def _pct(value: float | None) -> str:
 
 async def budget_probe(settings: Settings, redis: Redis) -> list[tuple[str, str]]:
     """``sluice status`` rows for the shared LLM budget and the breaker."""
+    if settings.providers:
+        return [("provider pool", f"{len(settings.providers)} providers: see Providers")]
     snap = await snapshot(redis, settings)
     llm = snap["llm"]
     limit = f"{settings.llm_rpm or 'unlimited'} rpm, {settings.llm_tpm or 'unlimited'} tpm"
@@ -124,6 +128,29 @@ async def budget_probe(settings: Settings, redis: Redis) -> list[tuple[str, str]
         ("quota use while jobs waited", _pct(snap["quota_use_in_backlog"])),
         ("breaker", f"open for {breaker:.0f}s" if breaker else "closed"),
     ]
+
+
+async def providers_probe(settings: Settings, redis: Redis) -> list[tuple[str, str]]:
+    """``sluice status`` rows for the provider pool (``SLUICE_PROVIDERS``): per provider
+    (and model with limits of its own) its limits, use, 429s, failures and breaker.
+    Never a key."""
+    rows = []
+    for p in await pool_snapshot(redis, settings):
+        st = p["stats"]
+        name = p["provider"] if p["model"] is None else f"{p['provider']} ({p['model']})"
+        limit = f"{p['rpm'] or 'unlimited'} rpm, {p['tpm'] or 'unlimited'} tpm"
+        breaker = p["breaker_open_for_s"]
+        rows.append(
+            (
+                name,
+                f"{limit}; calls {st.get('calls', 0)}, tokens {st.get('tokens', 0)}, "
+                f"waiting {st.get('waiting', 0)}, 429s {st.get('rate_limited', 0)}, "
+                f"failures {st.get('failures', 0)}, quota use while jobs waited "
+                f"{_pct(p['quota_use_in_backlog'])}, breaker "
+                + (f"open for {breaker:.0f}s" if breaker else "closed"),
+            )
+        )
+    return rows or [("", "one provider (SLUICE_PROVIDERS is not set)")]
 
 
 async def cache_probe(settings: Settings, redis: Redis) -> list[tuple[str, str]]:
@@ -139,8 +166,13 @@ async def cache_probe(settings: Settings, redis: Redis) -> list[tuple[str, str]]
 class Traffic:
     """Order, limits, cache and LLM budget for one worker process."""
 
-    def __init__(self, redis: Redis, settings: Settings, bot: Bot) -> None:
+    def __init__(
+        self, redis: Redis, settings: Settings, bot: Bot, pool: ProviderPool | None = None
+    ) -> None:
         self.redis = redis
+        #: The provider pool (``SLUICE_PROVIDERS``); ``None``: the one provider passed
+        #: to :meth:`complete`.
+        self.pool = pool
         self.settings = settings
         self.bot = bot
         self.keys = Keys(settings.key_prefix)
@@ -267,15 +299,28 @@ class Traffic:
         )
 
         async def call() -> Completion:
-            completion = await complete_with_retries(
-                provider,
-                messages,
-                model=model,
-                retries=self.settings.llm_retries,
-                on_text=on_text,
-                gate=gate,
-                **params,
-            )
+            if self.pool is not None:
+                completion = await self.pool.complete(
+                    messages,
+                    model=model,
+                    fallback_model=self.bot.fallback_model or self.settings.fallback_model,
+                    member_id=gate.member,
+                    priority_ms=gate.priority_ms,
+                    est_tokens=gate.est_tokens,
+                    on_queued=on_queued,
+                    on_text=on_text,
+                    **params,
+                )
+            else:
+                completion = await complete_with_retries(
+                    provider,
+                    messages,
+                    model=model,
+                    retries=self.settings.llm_retries,
+                    on_text=on_text,
+                    gate=gate,
+                    **params,
+                )
             await self.limiter.record_tokens(msg, completion.tokens_in + completion.tokens_out)
             return completion
 

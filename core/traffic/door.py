@@ -193,6 +193,71 @@ async def line_of_job(
     return await estimate_line(redis, keys, settings, queue, int(score), queued=True)
 
 
+async def conversation_line(
+    redis: Redis,
+    keys: Keys,
+    settings: Settings,
+    msg: IncomingMessage,
+    own: Line,
+    *,
+    queue: str,
+    queues: list[str],
+) -> Line:
+    """Where ``msg`` stands once the earlier messages of its conversation are counted.
+
+    ``own`` is its place by its own score in ``queue``. A message that waits behind an
+    earlier one of its conversation cannot start before that one is answered, however
+    good its own score (a high-lane question after a default-lane one). The head of
+    the conversation's line starts after its own wait (:func:`line_of_job`; 0 when it
+    is being answered) or, when this message's score is better, once this message's
+    job reaches a slot and lends it its score (``core.traffic.ordering.park``), i.e.
+    after this message's own wait, whichever comes first; then each earlier message
+    takes a typical answer time (``SLUICE_ORDER_WAIT_IN_JOB_S``). A job parked for
+    its conversation (scored in the future until the conversation frees) has lent its
+    score already and has no place of its own: only the conversation's line counts.
+    ``queues`` are every queue a reply job can be in. The first in its conversation's
+    line gets ``own`` back."""
+    pending = keys.conv_pending(msg.conversation_id)
+    arq_id = f"{keys.prefix}:{msg.job_id}"
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrank(pending, msg.job_id)
+        pipe.zrange(pending, 0, 0)
+        pipe.zscore(queue, arq_id)
+        pipe.time()
+        rank, head, score, now = await pipe.execute()
+    if not rank or not head:
+        return own  # first in line (or no longer in it: answered meanwhile)
+    head_id = head[0].decode() if isinstance(head[0], bytes) else str(head[0])
+    head_line: Line | None = None
+    for q in queues:
+        head_line = await line_of_job(redis, keys, settings, q, f"{keys.prefix}:{head_id}", head_id)
+        if head_line is not None:
+            break
+    earlier = int(rank)
+    head_place = head_line.place if head_line is not None else 0
+    head_wait = head_line.wait_s if head_line is not None and head_line.wait_s else 0.0
+    answers_s = earlier * settings.order_wait_in_job_s
+    now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+    if score is not None and float(score) > now_ms:  # parked
+        return Line(head_place + earlier, head_wait + answers_s, own.queue_length, own.now_s)
+    own_wait = own.wait_s or 0.0
+    wait = max(own_wait, min(head_wait, own_wait) + answers_s)
+    place = max(own.place, min(head_place, own.place) + earlier)
+    return Line(place, wait, own.queue_length, own.now_s)
+
+
+async def waiting_for_turn(redis: Redis, keys: Keys, msg: IncomingMessage) -> bool:
+    """Whether ``msg`` (its job running) still waits for its conversation's turn: it is
+    in the conversation's line and does not hold the conversation's lock."""
+    cid = msg.conversation_id
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zscore(keys.conv_pending(cid), msg.job_id)
+        pipe.get(keys.conv_lock(cid))
+        pending, holder = await pipe.execute()
+    held = holder is not None and holder in (msg.job_id, msg.job_id.encode())
+    return pending is not None and not held
+
+
 def notice_key(keys: Keys, msg: IncomingMessage, reason: str, window: int) -> str:
     """The marker that this user got a door notice for ``reason`` in this window."""
     ident = f"{msg.platform}:{msg.tenant}:{msg.user}"

@@ -41,7 +41,7 @@ from redis.asyncio import Redis
 from core.infra.lock import OwnerLock
 from core.infra.redis import Keys
 from core.infra.scripts import Lua
-from core.messages import IncomingMessage
+from core.messages import FileRef, IncomingMessage
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,11 @@ async def register_arrival(
     """
     summary = ""
     if keep_text:
-        summary = json.dumps({"user": msg.user, "text": msg.text, "ts": msg.ts})
+        fields: dict[str, Any] = {"user": msg.user, "text": msg.text, "ts": msg.ts}
+        if msg.files:
+            # File references (never bytes), so that a merged burst keeps its files.
+            fields["files"] = [f.model_dump() for f in msg.files]
+        summary = json.dumps(fields)
     cid = msg.conversation_id
     added = await Lua(redis, _REGISTER)(
         [keys.conv_pending(cid), keys.conv_texts(cid)], [msg.job_id, PENDING_TTL_S, summary]
@@ -367,7 +371,7 @@ async def absorb_burst(
     cid = msg.conversation_id
     pending, texts = keys.conv_pending(cid), keys.conv_texts(cid)
     absorb = Lua(redis, _ABSORB)
-    parts, last_ts = [msg.text], msg.ts
+    parts, last_ts, files = [msg.text], msg.ts, list(msg.files)
     while True:
         await asyncio.sleep(max(0.0, last_ts + window_s - time.time()))
         later: list[Any] = await redis.zrange(pending, 0, -1)
@@ -386,6 +390,7 @@ async def absorb_burst(
                 break
             if await absorb([pending, texts, keys.merged(jid)], [jid, msg.job_id]):
                 parts.append(info["text"])
+                files.extend(FileRef.model_validate(f) for f in info.get("files") or ())
                 last_ts = info["ts"]
                 grew = True
         if not grew:
@@ -393,4 +398,4 @@ async def absorb_burst(
     if len(parts) == 1:
         return msg
     logger.info("merged %d messages into %s", len(parts), msg.message_id)
-    return msg.model_copy(update={"text": "\n".join(parts)})
+    return msg.model_copy(update={"text": "\n".join(parts), "files": files})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import functools
 import logging
 import time
@@ -18,7 +19,7 @@ from core.infra.serializer import deserialize, serialize
 from core.messages import IncomingMessage
 from core.settings import Settings
 from core.traffic.cache import cache_enabled
-from core.traffic.door import ADMITTED, Line, admit
+from core.traffic.door import ADMITTED, Line, admit, conversation_line
 from core.traffic.lanes import LANES, choose_lane, lane_queue_name
 from core.traffic.ordering import forget_arrival, register_arrival
 from core.traffic.schedule import message_place, place_message, score_of
@@ -55,8 +56,34 @@ def arq_job_id(settings: Settings, msg: IncomingMessage) -> str:
     return f"{settings.key_prefix}:{msg.job_id}"
 
 
+class Accepted(enum.Enum):
+    """What became of a delivered message (:func:`enqueue_reply`, :func:`accept_message`).
+
+    Truthy when the message was handled anew (queued, or refused at the door), falsy
+    for a duplicate delivery, so ``if not await accept_message(...)`` still reads
+    "a duplicate"."""
+
+    QUEUED = "queued"
+    """Admitted and queued: its answer (or first a queued notice) follows."""
+    REFUSED = "refused"
+    """Refused at the door (busy, or over a limit); the refusal notice follows."""
+    REFUSED_QUIETLY = "refused-quietly"
+    """Refused at the door; this user was already told in this limit window, so no
+    notice follows."""
+    DUPLICATE = "duplicate"
+    """A delivery of a message already handled: nothing was done."""
+
+    def __bool__(self) -> bool:
+        return self is not Accepted.DUPLICATE
+
+    @property
+    def refused(self) -> bool:
+        """Refused at the door (with or without a notice)."""
+        return self in (Accepted.REFUSED, Accepted.REFUSED_QUIETLY)
+
+
 @tracing.traced_enqueue
-async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessage) -> bool:
+async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessage) -> Accepted:
     """Admit ``msg`` at the door, then enqueue its ``reply`` job, in its lane and its
     conversation's line.
 
@@ -72,10 +99,11 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     An admitted message may also get a reserved-path ``door_check`` job, which answers
     it from the cache at once or shows the queued notice (:func:`_door_followup`).
 
-    Returns ``False`` when a job with the same id already exists (a duplicate
-    delivery), ``True`` when the message was handled anew: queued, or refused with
-    its notice (so the adapter acks it and marks it seen; a platform retry of a
-    refused message gets no second notice).
+    Returns :attr:`Accepted.DUPLICATE` (falsy) when a job with the same id already
+    exists (a duplicate delivery); otherwise the message was handled anew:
+    :attr:`Accepted.QUEUED`, or refused with its notice (:attr:`Accepted.REFUSED`) or
+    without one (:attr:`Accepted.REFUSED_QUIETLY`). The adapter acks a refused message
+    and marks it seen, so a platform retry of it gets no second notice.
 
     Raises:
         QueueError: Redis could not be reached; the adapter must not ack then, so
@@ -94,7 +122,8 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
     if not admission.admitted:
         if admission.notice is not None:
             await _refuse(redis, settings, msg, admission.notice, admission.notice_marker)
-        return True
+            return Accepted.REFUSED
+        return Accepted.REFUSED_QUIETLY
     if bot is not None:
         # Counted at the door: the worker's own check must not count it again.
         msg = msg.model_copy(update={"meta": {**msg.meta, ADMITTED: "1"}})
@@ -134,21 +163,23 @@ async def enqueue_reply(redis: ArqRedis, settings: Settings, msg: IncomingMessag
         msg.lane,
         job is not None,
     )
-    return job is not None
+    return Accepted.QUEUED if job is not None else Accepted.DUPLICATE
 
 
 @tracing.traced_receive
 async def accept_message(
     redis: ArqRedis, settings: Settings, msg: IncomingMessage, *extra_keys: str
-) -> bool:
+) -> Accepted:
     """Dedupe and enqueue one delivered message; the one call adapters make.
 
-    Returns ``True`` when the message was new and is now queued, ``False`` for a
-    duplicate (a platform retry, a redelivery, the same message under two event
-    types). Duplicates are recognised by a marker that lives ``SLUICE_DEDUPE_TTL_S``
-    (24 h) and, until the marker is written, by arq's refusal of a second job with
-    the same id, which is atomic. The marker is written only after the job is
-    queued, so a message that was not enqueued is never taken for a duplicate.
+    Returns what became of it (:class:`Accepted`): truthy when the message was new and
+    is now queued or was refused at the door (``.refused``), falsy
+    (:attr:`Accepted.DUPLICATE`) for a duplicate (a platform retry, a redelivery, the
+    same message under two event types). Duplicates are recognised by a marker that
+    lives ``SLUICE_DEDUPE_TTL_S`` (24 h) and, until the marker is written, by arq's
+    refusal of a second job with the same id, which is atomic. The marker is written
+    only after the job is queued, so a message that was not enqueued is never taken
+    for a duplicate.
 
     ``extra_keys`` are further identities of the same delivery (e.g. Slack's event
     id) that must also count as seen.
@@ -171,15 +202,16 @@ async def accept_message(
             if settings.redis_wait_replicas:
                 # The first delivery may not have been confirmed on a replica yet.
                 await _mark_seen(redis, settings, msg, markers)
-            return False
+            return Accepted.DUPLICATE
     except (RedisError, OSError) as e:
         raise QueueError(f"cannot check message {msg.message_id}: {e}") from e
-    if not await enqueue_reply(redis, settings, msg):
+    outcome = await enqueue_reply(redis, settings, msg)
+    if not outcome:
         if settings.redis_wait_replicas:
             await _mark_seen(redis, settings, msg, markers)
-        return False
+        return outcome
     await _mark_seen(redis, settings, msg, markers)
-    return True
+    return outcome
 
 
 async def _mark_seen(
@@ -283,8 +315,23 @@ async def _door_followup(
     """A reserved-path ``door_check`` job for a queued message that may have a cached
     answer (nothing earlier of its conversation in flight) or whose expected wait passes
     ``SLUICE_QUEUED_NOTICE_AFTER_S`` (it then shows "Queued: #N in line, about N s").
+    A message behind an earlier one of its conversation waits for that one too
+    (:func:`core.traffic.door.conversation_line`), whatever its own place.
     The notice is a courtesy: if it cannot be queued the message still is."""
     try:
+        first_in_line = await redis.zrange(keys.conv_pending(msg.conversation_id), 0, 0) == [
+            msg.job_id.encode()
+        ]
+        if not first_in_line:
+            line = await conversation_line(
+                redis,
+                keys,
+                settings,
+                msg,
+                line,
+                queue=_lane_queue(settings, msg.lane),
+                queues=reply_queues(settings),
+            )
         wait_s = line.wait_s
         notice = (
             settings.queued_notice_after_s > 0
@@ -296,8 +343,7 @@ async def _door_followup(
             and bot.merge_burst_s <= 0
             and not msg.meta.get("command")
             and cache_enabled(settings, bot, msg)
-            and await redis.zrange(keys.conv_pending(msg.conversation_id), 0, 0)
-            == [msg.job_id.encode()]
+            and first_in_line
         )
         if not notice and not try_cache:
             return

@@ -12,7 +12,11 @@ by one *score* (lowest first). Three things set it:
   within that step, a user who sends 20 messages at once is spread over 20 steps,
   and a user who sends at a normal pace never notices. Heavy users are still served,
   only later: the clock is a score, not a limit. It never runs more than
-  :data:`MAX_AHEAD_MS` ahead of the message's arrival.
+  :data:`MAX_AHEAD_MS` ahead of the message's arrival. A message that arrives while
+  its user's clock is more than one unweighted step ahead (more than one message
+  waiting ahead; a tenant of weight w: w) is *over its share*: it is late at once
+  (below), so under overload a heavy sender's extras never take the quota from
+  messages that can still make their target.
 - **Target wait** (``SLUICE_TARGET_WAIT_S``): a message whose answer can still come
   within the target goes before one that already cannot. Scores live in two bands:
   *in time* (:data:`IN_TIME_BAND_MS` in the past) and *late* (:data:`LATE_BAND_MS` in
@@ -83,8 +87,9 @@ DEADLINES_TTL_S = 2 * 3600
 
 # KEYS: the user's clock, the queue's deadline index.
 # ARGV: arrival ms, step ms (0: no fair shares), most ms ahead, ms until late,
-#       arq job id, index ttl s.
-# Returns {fair start ms, late-at ms}; an in-time message joins the index.
+#       arq job id, index ttl s, unweighted step ms.
+# Returns {fair start ms, late-at ms}; an in-time message joins the index. A message
+# over its user's share (fair start more than one step after its arrival) is late at once.
 _PLACE = """
 local a = tonumber(ARGV[1])
 local step = tonumber(ARGV[2])
@@ -98,7 +103,10 @@ if step > 0 then
   redis.call('SET', KEYS[1], string.format('%d', nxt), 'PX', math.max(1, nxt - a))
 end
 local late_at = a + tonumber(ARGV[4])
-if start >= late_at then
+-- Over its share: the user already has more than one unweighted step of messages
+-- waiting ahead (a tenant of weight w: w messages). It goes behind every message that
+-- can still make its target, as one that cannot.
+if start >= late_at or (step > 0 and start - a > tonumber(ARGV[7])) then
   late_at = a
 else
   redis.call('ZADD', KEYS[2], late_at, ARGV[5])
@@ -187,6 +195,7 @@ async def place_message(
             int((settings.target_wait_s - settings.target_margin_s) * 1000),
             arq_id,
             DEADLINES_TTL_S,
+            int(settings.fair_step_s * 1000),
         ],
     )
     return Place(fair_ms=int(res[0]), late_at_ms=int(res[1]))

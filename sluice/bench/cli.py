@@ -24,7 +24,20 @@ from sluice.bench.scenarios import SCENARIOS
     help="launch-day: 1000 users x 2 messages in 60 s (10 at 10x, 30% repeats), provider "
     "600 rpm; steady: half the provider's limit for 2 min; 10x: ten times launch-day's "
     "users; flush: the history flush benchmark; serializer: JSON vs msgpack on the job "
-    "payload.",
+    "payload; launch-day-pool: launch-day against two simulators of half the rpm each "
+    "(SLUICE_PROVIDERS); launch-day-pool-kill: the same, the second simulator killed 20 s in.",
+)
+@click.option(
+    "--providers",
+    type=click.IntRange(1, 16),
+    default=None,
+    help="Simulators in the provider pool, sharing the provider limits equally.",
+)
+@click.option(
+    "--kill-provider-at",
+    type=float,
+    default=None,
+    help="Kill the pool's last simulator this many seconds into the run.",
 )
 @click.option(
     "--scale",
@@ -97,6 +110,8 @@ def bench(
     seed: int | None,
     postgres: str | None,
     sluice_env: tuple[str, ...],
+    providers: int | None,
+    kill_provider_at: float | None,
 ) -> None:
     """Load-test the whole pipeline against the simulator, beside the naive design.
 
@@ -158,18 +173,20 @@ def bench(
         "token_ms": token_ms,
         "drain_timeout_s": drain_timeout,
         "seed": seed,
+        "providers": providers,
+        "kill_provider_at_s": kill_provider_at,
     }
     sc = replace(sc, **{k: v for k, v in overrides.items() if v is not None})
     if rpm is not None:
         sc = replace(sc, rpm=rpm or None)
+    if sc.kill_provider_at_s is not None and sc.providers < 2:
+        raise click.BadParameter(
+            "killing a provider needs a pool of two or more (--providers)",
+            param_hint="--kill-provider-at",
+        )
     if sc.heavy_users > sc.users:
         sc = replace(sc, heavy_users=sc.users)
-    extra_env: dict[str, str] = {}
-    for item in sluice_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
-        extra_env[name] = value
+    extra_env = _settings_env(sluice_env)
     raise_fd_limit()
     with redis_server(settings.redis_url) as (redis_url, redis_pid, desc):
         console.print(
@@ -202,3 +219,14 @@ def bench(
     for name, ok in result["consistent"].items():
         if not ok:
             console.print(f"[red]{name}: replies do not add up to messages sent[/]")
+
+
+def _settings_env(items: tuple[str, ...]) -> dict[str, str]:
+    """``--set NAME=VALUE`` options as environment variables."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
+        out[name] = value
+    return out

@@ -39,6 +39,10 @@ class Observation:
     kind: str | None = None  # answer | notice | error | rejected; None = no reply seen
     cached: bool = False
     lane: str | None = None  # Sluice: from the 202 body; naive: the planned lane
+    # Sluice: the door refused it (202 body "refused"); "notice" says whether its
+    # refusal notice follows (else the user was told earlier in the window).
+    refused: bool = False
+    refusal_notice: bool = False
 
     def __post_init__(self) -> None:
         if self.lane is None:
@@ -154,7 +158,8 @@ class SluiceUsers:
         return self.obs
 
     def _finished(self, obs: list[Observation]) -> bool:
-        return all(o.kind is not None for o in obs)
+        # A quiet refusal gets nothing more: the 202 said so.
+        return all(o.kind is not None or (o.refused and not o.refusal_notice) for o in obs)
 
     def _apply(self, o: Observation, at: float, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -219,6 +224,10 @@ class SluiceUsers:
             return
         mid = str(body["message_id"])
         o.lane = str(body.get("lane") or o.lane)
+        o.refused = bool(body.get("refused", False))
+        o.refusal_notice = o.refused and bool(body.get("notice", False))
+        if o.refused and not o.refusal_notice:
+            self.progress.finished += 1
         self._by_mid[mid] = o
         for at, event in self._early.pop(mid, []):
             self._apply(o, at, event)

@@ -40,12 +40,18 @@ IN_TIME_S = 60.0
 
 def first_visible(obs: Sequence[Observation]) -> dict[str, float | None]:
     """p50/p95/p99 of the first visible response (answer text, queued notice or whole
-    reply) over *every* sent message: one that showed nothing counts as never, so a
-    quantile that falls among those is ``None`` (shown as "never")."""
-    values = [o.first_visible_s for o in obs if o.sent_s is not None]
+    reply) over every sent message but the quiet refusals (refused at the door with no
+    notice of their own: the 202 said nothing follows): one that showed nothing counts
+    as never, so a quantile that falls among those is ``None`` (shown as "never")."""
+    values = [
+        o.first_visible_s
+        for o in obs
+        if o.sent_s is not None and not (o.refused and not o.refusal_notice)
+    ]
     xs = [math.inf if v is None else v for v in values]
     out = quantiles(xs)
-    return {k: None if v is None or math.isinf(v) else v for k, v in out.items()}
+    # Between two "never"s the interpolation gives NaN: never too.
+    return {k: None if v is None or math.isinf(v) or math.isnan(v) else v for k, v in out.items()}
 
 
 def answered_within(obs: Sequence[Observation], limit_s: float = IN_TIME_S) -> int:
@@ -155,7 +161,11 @@ def summarize(
         "errors": sum(1 for k in kinds if k in ("error", "rejected")),
         "rejected": sum(1 for k in kinds if k == "rejected"),
         "notices": sum(1 for k in kinds if k == "notice"),
-        "unanswered": sum(1 for k in kinds if k is None),
+        # Refused at the door (the 202 said so); those with no notice of their own
+        # (told earlier in the window) are not "unanswered": nothing was accepted.
+        "refused_at_door": sum(1 for o in sent if o.refused),
+        "refused_quietly": sum(1 for o in sent if o.refused and o.kind is None),
+        "unanswered": sum(1 for o in sent if o.kind is None and not o.refused),
         "provider_429s": int(sim_stats.get("rate_limited", 0)),
         "llm_calls": int(sim_stats.get("requests", 0)),
         "llm_completions": int(sim_stats.get("completions", 0)),
@@ -220,7 +230,11 @@ def consistent(summary: dict[str, Any]) -> bool:
     """Every sent message is accounted for exactly once, overall and over the lanes."""
     lanes = summary.get("lanes", {}).values()
     return bool(
-        summary["answered"] + summary["errors"] + summary["notices"] + summary["unanswered"]
+        summary["answered"]
+        + summary["errors"]
+        + summary["notices"]
+        + summary["unanswered"]
+        + summary.get("refused_quietly", 0)
         == summary["sent"]
         == sum(lane["sent"] for lane in lanes)
         and sum(lane["answered"] for lane in lanes) == summary["answered"]
@@ -254,6 +268,16 @@ def _quota(s: dict[str, Any]) -> str:
         return "n/a"  # the naive design has no budget to measure
     v = s["quota_use_in_backlog"]
     return "no budget backlog" if v is None else f"{v:.0%}"
+
+
+def _providers(s: dict[str, Any]) -> str:
+    pool = s.get("providers")
+    if not pool:
+        return "-"
+    return ", ".join(
+        f"{name} {p['completions']:,}" + (" (killed)" if p.get("killed") else "")
+        for name, p in pool.items()
+    )
 
 
 def _lane(lane: str, field: str) -> Any:
@@ -322,6 +346,10 @@ ROWS: list[tuple[str, Any]] = [
         lambda s: f"{s['errors']:,}" + (f" ({s['rejected']} refused)" if s["rejected"] else ""),
     ),
     ("rate-limit notices", lambda s: f"{s['notices']:,}"),
+    (
+        "refused at the door (of which quietly)",
+        lambda s: f"{s.get('refused_at_door', 0):,} ({s.get('refused_quietly', 0):,})",
+    ),
     ("no reply by the end", lambda s: f"{s['unanswered']:,}"),
     ("provider 429s", lambda s: f"{s['provider_429s']:,}"),
     ("LLM calls (completed)", lambda s: f"{s['llm_calls']:,} ({s['llm_completions']:,})"),
@@ -331,6 +359,7 @@ ROWS: list[tuple[str, Any]] = [
         lambda s: _q(s["cache_hit_full_reply_s"]) if "cache_hit_full_reply_s" in s else "-",
     ),
     ("quota use while backlog", _quota),
+    ("answers per provider (pool)", lambda s: _providers(s)),
     ("platform ack p50/p95/p99", lambda s: _q(s["ack_s"])),
     ("first visible p50/p95/p99", lambda s: _qv(s["first_visible_s"])),
     ("first token p50/p95/p99", lambda s: _q(s["ttft_s"])),

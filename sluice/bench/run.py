@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -68,7 +69,8 @@ class Run:
             proc.stop()
 
 
-async def _sim(run: Run, sc: Scenario) -> tuple[str, Proc]:
+async def _sim(run: Run, sc: Scenario, name: str = "llm-sim", share: int = 1) -> tuple[str, Proc]:
+    """One simulator with ``1/share`` of the scenario's provider limits."""
     port = free_port()
     args = [
         "sluice", "llm-sim", "--port", str(port),
@@ -78,10 +80,10 @@ async def _sim(run: Run, sc: Scenario) -> tuple[str, Proc]:
         "--seed", str(sc.seed),
     ]  # fmt: skip
     if sc.rpm:
-        args += ["--rpm", str(sc.rpm)]
+        args += ["--rpm", str(max(1, sc.rpm // share))]
     if sc.tpm:
-        args += ["--tpm", str(sc.tpm)]
-    proc = run.start("llm-sim", args, base_env())
+        args += ["--tpm", str(max(1, sc.tpm // share))]
+    proc = run.start(name, args, base_env())
     url = f"http://127.0.0.1:{port}"
     await wait_http(f"{url}/healthz", proc)
     return url, proc
@@ -179,6 +181,77 @@ async def _traffic(redis_url: str, prefix: str, rpm: int | None) -> dict[str, An
         await redis.aclose()
 
 
+POOL_COUNTERS = ("calls", "calls_in_backlog", "backlog_ms", "rate_limited", "failures")
+
+
+def pool_entries(urls: list[str]) -> list[dict[str, Any]]:
+    """``SLUICE_PROVIDERS`` for the bench's simulators (limits learned from their headers,
+    as the one-provider bench does)."""
+    return [
+        {
+            "name": f"sim{i}",
+            "base_url": f"{url}/v1",
+            "api_key": "sk-bench",
+            "models": ["gpt-4o-mini", "sluice-sim"],
+        }
+        for i, url in enumerate(urls)
+    ]
+
+
+def pooled_quota_use(stats: list[dict[str, int]], rpm_each: int) -> float | None:
+    """The pool's quota use while jobs waited: calls granted while others waited over what
+    every provider's own limit allowed while it had a line; ``None`` without a backlog."""
+    allowed = sum(rpm_each * st.get("backlog_ms", 0) / 60_000 for st in stats)
+    if allowed <= 0:
+        return None
+    return sum(st.get("calls_in_backlog", 0) for st in stats) / allowed
+
+
+async def _pool_traffic(redis_url: str, prefix: str, providers: str) -> list[dict[str, Any]]:
+    """:func:`core.llm.pool.pool_snapshot` of one run's keys."""
+    from core.llm.pool import pool_snapshot
+    from core.settings import Settings, parse_providers
+
+    settings = Settings(
+        _env_file=None,
+        redis_url=redis_url,
+        key_prefix=prefix,
+        providers=parse_providers(json.loads(providers), ""),
+    )
+    redis: Redis = Redis.from_url(redis_url)
+    try:
+        return await pool_snapshot(redis, settings)
+    finally:
+        await redis.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _kill_later(
+    sc: Scenario, sims: list[tuple[str, Proc]], killed: dict[str, Any], console: Console
+) -> AsyncIterator[None]:
+    """Kill the last simulator ``kill_provider_at_s`` into the run (SIGKILL, as a crash),
+    keeping its counters from just before in ``killed``."""
+    if sc.kill_provider_at_s is None:
+        yield
+        return
+    url, proc = sims[-1]
+
+    async def kill() -> None:
+        await asyncio.sleep(sc.kill_provider_at_s or 0)
+        killed[url] = await _get(f"{url}/_sim/stats")
+        proc.kill()
+        console.print(f"killed {proc.name} at {sc.kill_provider_at_s:.0f} s")
+
+    task = asyncio.create_task(kill())
+    try:
+        yield
+    finally:
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 @contextlib.asynccontextmanager
 async def _progress(
     console: Console, label: str, users: SluiceUsers | NaiveUsers, total: int
@@ -230,7 +303,11 @@ async def run_sluice(
     prefix = f"bench{run_id}"
     run = Run(log_dir / "sluice", started)
     try:
-        sim_url, _ = await _sim(run, sc)
+        sims = [
+            await _sim(run, sc, f"llm-sim-{i}" if sc.providers > 1 else "llm-sim", sc.providers)
+            for i in range(sc.providers)
+        ]
+        sim_url = sims[0][0]
         env = {
             **base_env(),
             "REDIS_URL": redis_url,
@@ -251,6 +328,8 @@ async def run_sluice(
             "SLUICE_WEB_REDIS_MAX_CONNECTIONS": str(max(512, 2 * sc.users + 80)),
             **(sluice_env or {}),
         }
+        if sc.providers > 1:
+            env["SLUICE_PROVIDERS"] = json.dumps(pool_entries([url for url, _ in sims]))
         metric_urls = []
         starting = []
         for i in range(workers):
@@ -270,15 +349,20 @@ async def run_sluice(
         deadline = max(p.at_s for p in schedule) + sc.drain_timeout_s
         users = SluiceUsers(base, schedule, run_id, deadline)
         calls_before = await redis_calls(redis_url)
+        killed: dict[str, Any] = {}
         async with (
             memory_watch(redis_url) as redis_memory,
             _progress(console, "sluice", users, len(schedule)),
+            _kill_later(sc, sims, killed, console),
         ):
             obs = await users.run()
         calls = await redis_calls(redis_url) - calls_before
         traffic = await _traffic(redis_url, prefix, sc.rpm)
         samples = await _scrape(metric_urls)
-        sim_stats = await _get(f"{sim_url}/_sim/stats")
+        per_sim = [
+            killed[url] if url in killed else await _get(f"{url}/_sim/stats") for url, _ in sims
+        ]
+        sim_stats = {k: sum(int(st.get(k, 0)) for st in per_sim) for k in per_sim[0]}
         mem = run.memory()
         memory: dict[str, float | None] = {"web adapter": mem.get("web")}
         worker_mem = [v for k, v in mem.items() if k.startswith("worker-") and v is not None]
@@ -298,6 +382,18 @@ async def run_sluice(
         # SSE streams: exact on the embedded Valkey, an upper bound on a shared Redis.
         summary["traffic"] = traffic
         summary["quota_use_in_backlog"] = traffic["quota_use_in_backlog"]
+        if sc.providers > 1:
+            pool = await _pool_traffic(redis_url, prefix, env["SLUICE_PROVIDERS"])
+            share = (sc.rpm or 0) // sc.providers
+            summary["providers"] = {
+                p["provider"]: {
+                    "completions": int(st.get("completions", 0)),
+                    "killed": url in killed,
+                    **{k: p["stats"].get(k, 0) for k in POOL_COUNTERS},
+                }
+                for p, st, (url, _) in zip(pool, per_sim, sims, strict=True)
+            }
+            summary["quota_use_in_backlog"] = pooled_quota_use([p["stats"] for p in pool], share)
         summary["redis_commands"] = calls
         summary["redis_used_memory"] = redis_memory
         summary["redis_memory_growth_mb"] = (redis_memory["peak"] - redis_memory["before"]) / 2**20

@@ -63,6 +63,11 @@ class Scenario:
     flood_duration_s: float = 10.0
     tenant_users: int = 0
     tenant_factor: int = 10
+    # The provider pool: ``providers`` simulators share ``rpm`` / ``tpm`` equally
+    # (SLUICE_PROVIDERS); with ``kill_provider_at_s``, the last one is killed that many
+    # seconds into the run.
+    providers: int = 1
+    kill_provider_at_s: float | None = None
 
     def scaled(self, factor: float) -> Scenario:
         """Fewer (or more) users, heavy users and provider capacity; same timing."""
@@ -136,8 +141,27 @@ FLOOD = replace(
 # The same normal users without the flooder and the heavy tenant: the flood run's yardstick.
 FLOOD_CALM = replace(FLOOD, name="flood-calm", flood_messages=0, tenant_users=0)
 
+# Launch-day against two simulators of 300 rpm each (one pool) instead of one of 600;
+# and the same with the second simulator killed 20 s into the run (the survivor's 300 rpm
+# then answers the rest: a longer drain).
+LAUNCH_DAY_POOL = replace(LAUNCH_DAY, name="launch-day-pool", providers=2)
+LAUNCH_DAY_POOL_KILL = replace(
+    LAUNCH_DAY_POOL, name="launch-day-pool-kill", kill_provider_at_s=20.0, drain_timeout_s=480
+)
+
 SCENARIOS: dict[str, Scenario] = {
-    s.name: s for s in (LAUNCH_DAY, STEADY, TEN_X, FLUSH, SERIALIZER, FLOOD, FLOOD_CALM)
+    s.name: s
+    for s in (
+        LAUNCH_DAY,
+        STEADY,
+        TEN_X,
+        FLUSH,
+        SERIALIZER,
+        FLOOD,
+        FLOOD_CALM,
+        LAUNCH_DAY_POOL,
+        LAUNCH_DAY_POOL_KILL,
+    )
 }
 USER_KINDS = ("light", "heavy", "heavy-tenant", "flooder")
 

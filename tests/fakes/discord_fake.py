@@ -51,6 +51,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.files import FileServer, Served
+
 DISCORD_EPOCH_MS = 1420070400000
 MESSAGE_CONTENT_INTENT = 1 << 15
 EVERYONE_PERMISSIONS = "1071698660929"  # view, send, read history, threads, ...
@@ -259,6 +261,7 @@ class DiscordFake:
         self.bucket_groups: dict[str, str] = {}  # route template -> shared bucket name
         self._session_shards: dict[str, tuple[int, int]] = {}
         self.shard_events: list[tuple[tuple[int, int], str, str]] = []  # (shard, event, id)
+        self.file_server = FileServer()  # attachments (the CDN)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -274,6 +277,7 @@ class DiscordFake:
         app = web.Application()
         app.router.add_get("/gateway-ws", self._gateway)
         app.router.add_route("*", "/api/v10/{tail:.*}", self._rest)
+        app.router.add_get("/attachments/{channel_id}/{attachment_id}/{name}", self._attachment)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -610,6 +614,7 @@ class DiscordFake:
         message_id: str | None = None,
         ping: bool = True,
         include_referenced: bool = True,
+        attachments: list[dict[str, Any]] = (),  # type: ignore[assignment]
     ) -> dict[str, Any]:
         """A user posts a message: build MESSAGE_CREATE as Discord would and dispatch it.
 
@@ -637,7 +642,7 @@ class DiscordFake:
             "mention_everyone": False,
             "mentions": mentions,
             "mention_roles": [],
-            "attachments": [],
+            "attachments": list(attachments),
             "embeds": [],
             "pinned": False,
             "type": 0,
@@ -660,6 +665,37 @@ class DiscordFake:
         self.messages[msg["id"]] = msg
         await self.dispatch("MESSAGE_CREATE", msg)
         return msg
+
+    # --- Attachments (the CDN) ------------------------------------------------------------
+
+    def add_attachment(
+        self,
+        channel_id: int | str,
+        filename: str,
+        data: bytes,
+        content_type: str | None,
+        *,
+        size: int | None = None,
+        chunked: bool = False,
+    ) -> dict[str, Any]:
+        """Serve a file as Discord's CDN would and return the attachment object for
+        :meth:`send_user_message` (``size`` is the declared size, the true one by default)."""
+        aid = self.snowflake()
+        self.file_server.add(aid, Served(data, content_type or "application/octet-stream", chunked))
+        url = f"http://127.0.0.1:{self.port}/attachments/{channel_id}/{aid}/{filename}"
+        attachment: dict[str, Any] = {
+            "id": aid,
+            "filename": filename,
+            "size": len(data) if size is None else size,
+            "url": url,
+            "proxy_url": url,
+        }
+        if content_type is not None:
+            attachment["content_type"] = content_type
+        return attachment
+
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
+        return await self.file_server.serve(request, request.match_info["attachment_id"])
 
     async def dm_channel(self, channel_id: int | str, user: dict[str, Any]) -> str:
         """A DM channel between ``user`` and the bot."""

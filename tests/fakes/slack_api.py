@@ -23,6 +23,8 @@ from urllib.parse import parse_qs
 import aiohttp
 from aiohttp import web
 
+from tests.fakes.files import FileServer, Served
+
 
 @dataclass
 class TokenInfo:
@@ -55,6 +57,10 @@ class Message:
     streaming: bool = False
     edits: int = 0
     team_id: str | None = None
+    # Set from markdown_text (posted, edited or streamed as Markdown), not text.
+    markdown: bool = False
+    # Task updates streamed as chunks: task id -> the latest task_update chunk.
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,6 +91,7 @@ class FakeSlackAPI:
         self.app_tokens: set[str] = set()
         self.socket_acks: dict[str, dict[str, Any]] = {}
         self._sockets: list[web.WebSocketResponse] = []
+        self.file_server = FileServer()
 
     @property
     def url(self) -> str:
@@ -146,6 +153,7 @@ class FakeSlackAPI:
         app.router.add_post("/api/{method}", self._handle)
         app.router.add_get("/api/{method}", self._handle)
         app.router.add_get("/link", self._socket)
+        app.router.add_get("/files-pri/{team}/{file_id}/{name}", self._file)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -161,6 +169,43 @@ class FakeSlackAPI:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    # --- Files (url_private) ---------------------------------------------------------
+
+    def add_file(
+        self,
+        name: str,
+        data: bytes,
+        mimetype: str,
+        *,
+        team_id: str = "T1",
+        size: int | None = None,
+        chunked: bool = False,
+        redirect_to: str | None = None,
+    ) -> dict[str, Any]:
+        """Serve a file at a ``url_private`` (bot token of ``team_id`` required) and
+        return the file object an event carries. ``size`` is the declared size (the
+        true one by default); ``chunked`` sends the body without a length."""
+        file_id = f"F{next(self._ts):08d}"
+        self.file_server.add(
+            file_id, Served(data, mimetype or "application/octet-stream", chunked, redirect_to)
+        )
+        return {
+            "id": file_id,
+            "name": name,
+            "title": name,
+            "mimetype": mimetype,
+            "filetype": name.rsplit(".", 1)[-1],
+            "size": len(data) if size is None else size,
+            "url_private": f"http://127.0.0.1:{self.port}/files-pri/{team_id}/{file_id}/{name}",
+            "mode": "hosted",
+        }
+
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        auth = request.headers.get("Authorization", "")
+        info = self.tokens.get(auth.removeprefix("Bearer "))
+        allowed = info is not None and info.team_id == request.match_info["team"]
+        return await self.file_server.serve(request, request.match_info["file_id"], allowed=allowed)
 
     # --- Socket Mode ---------------------------------------------------------------
 
@@ -306,16 +351,19 @@ class FakeSlackAPI:
         channel = params.get("channel")
         if not channel:
             return {"ok": False, "error": "channel_not_found"}
-        if not params.get("text") and not params.get("blocks"):
+        if problem := _markdown_problem(params):
+            return problem
+        if not params.get("text") and not params.get("blocks") and not params.get("markdown_text"):
             return {"ok": False, "error": "no_text"}
         ts = self._next_ts()
         msg = Message(
             channel,
             ts,
-            params.get("text", ""),
+            params.get("markdown_text") or params.get("text", ""),
             token,
             thread_ts=params.get("thread_ts"),
             team_id=info.team_id,
+            markdown="markdown_text" in params,
         )
         self.messages[(channel, ts)] = msg
         return {
@@ -336,7 +384,12 @@ class FakeSlackAPI:
             return {"ok": False, "error": "message_not_found"}
         if msg.token is not None and self.tokens.get(msg.token, info).team_id != info.team_id:
             return {"ok": False, "error": "cant_update_message"}
-        msg.text = params.get("text", msg.text)
+        if problem := _markdown_problem(params):
+            return problem
+        if "markdown_text" in params:
+            msg.text, msg.markdown = params["markdown_text"], True
+        elif "text" in params:
+            msg.text, msg.markdown = params["text"], False
         msg.edits += 1
         msg.streaming = False
         return {"ok": True, "channel": msg.channel, "ts": msg.ts, "text": msg.text}
@@ -367,7 +420,10 @@ class FakeSlackAPI:
             thread_ts=params["thread_ts"],
             streaming=True,
             team_id=info.team_id,
+            markdown=True,
         )
+        if problem := _apply_chunks(msg, params):
+            return problem
         self.messages[(channel, ts)] = msg
         return {"ok": True, "channel": channel, "ts": ts}
 
@@ -385,6 +441,8 @@ class FakeSlackAPI:
         msg = self._stream_msg(params)
         if isinstance(msg, dict):
             return msg
+        if problem := _apply_chunks(msg, params):
+            return problem
         msg.text += params.get("markdown_text", "")
         msg.edits += 1
         limit = self.close_streams_after_appends
@@ -398,6 +456,8 @@ class FakeSlackAPI:
         msg = self._stream_msg(params)
         if isinstance(msg, dict):
             return msg
+        if problem := _apply_chunks(msg, params):
+            return problem
         msg.text += params.get("markdown_text", "")
         msg.streaming = False
         return {
@@ -417,11 +477,63 @@ class FakeSlackAPI:
     ) -> dict[str, Any]:
         return {"ok": True}
 
+    def _m_assistant_threads_setTitle(
+        self, token: str, info: TokenInfo, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        if not params.get("channel_id") or not params.get("thread_ts") or not params.get("title"):
+            return {"ok": False, "error": "invalid_arguments"}
+        return {"ok": True}
+
     def _m_conversations_info(
         self, token: str, info: TokenInfo, params: dict[str, Any]
     ) -> dict[str, Any]:
         channel = params.get("channel", "")
         return {"ok": True, "channel": {"id": channel, "is_im": channel.startswith("D")}}
+
+
+# --- markdown_text and streamed chunks (chat.postMessage/update, the stream) -----------
+
+MARKDOWN_LIMIT = 12000
+TASK_STATUSES = frozenset({"pending", "in_progress", "complete", "error"})
+
+
+def _markdown_problem(params: dict[str, Any]) -> dict[str, Any] | None:
+    """Slack's checks of ``markdown_text``: not with ``text`` or ``blocks``, at most
+    12,000 characters."""
+    markdown = params.get("markdown_text")
+    if markdown is None:
+        return None
+    if params.get("text") or params.get("blocks"):
+        return {"ok": False, "error": "invalid_arguments"}
+    if len(markdown) > MARKDOWN_LIMIT:
+        return {"ok": False, "error": "msg_too_long"}
+    return None
+
+
+def _apply_chunks(msg: Message, params: dict[str, Any]) -> dict[str, Any] | None:
+    """Apply a stream call's ``chunks``: Markdown text is appended, a ``task_update``
+    replaces the task of its id. Unknown or malformed chunks are refused."""
+    chunks = params.get("chunks")
+    if chunks is None:
+        return None
+    if isinstance(chunks, str):  # form-encoded
+        chunks = json.loads(chunks)
+    if not isinstance(chunks, list):
+        return {"ok": False, "error": "invalid_chunks"}
+    for chunk in chunks:
+        kind = chunk.get("type") if isinstance(chunk, dict) else None
+        if kind == "markdown_text" and isinstance(chunk.get("text"), str):
+            msg.text += chunk["text"]
+        elif (
+            kind == "task_update"
+            and isinstance(chunk.get("id"), str)
+            and isinstance(chunk.get("title"), str)
+            and chunk.get("status") in TASK_STATUSES
+        ):
+            msg.tasks[chunk["id"]] = dict(chunk)
+        else:
+            return {"ok": False, "error": "invalid_chunks"}
+    return None
 
 
 class ResponseURLSink:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from core.framework.agent import history_messages, run_tool_loop
+from core.framework.agent import ToolProgress, history_messages, run_tool_loop
 from core.framework.bot import Bot, MessageContext
 from core.llm.client import ChatMessage, Completion
 from core.messages import Turn
@@ -140,3 +140,44 @@ def test_stored_tool_turns_go_back_only_as_whole_groups():
     assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "user"]
     assert messages[1]["tool_calls"][0]["id"] == "c1"
     assert messages[2] == {"role": "tool", "tool_call_id": "c1", "content": "2"}
+
+
+async def test_on_tool_hears_each_call_start_and_end_and_cannot_stop_the_answer():
+    heard: list[ToolProgress] = []
+
+    async def on_tool(progress: ToolProgress) -> None:
+        heard.append(progress)
+        if progress.status != "in_progress":
+            raise RuntimeError("the platform refused the update")
+
+    script = Script("count", '{"n": 1}')
+    result = await run_tool_loop(
+        script,
+        [{"role": "user", "content": "go"}],
+        _bot().tools,
+        _ctx(),
+        max_steps=1,
+        timeout_s=30,
+        call_timeout_s=5,
+        max_result_chars=1000,
+        on_tool=on_tool,
+    )
+    assert result.completion.text == "final answer"
+    assert heard == [
+        ToolProgress("call1", "count", "in_progress"),
+        ToolProgress("call1", "count", "complete"),
+    ]
+    failing = Script("nope", "{}")
+    heard.clear()
+    await run_tool_loop(
+        failing,
+        [{"role": "user", "content": "go"}],
+        _bot().tools,
+        _ctx(),
+        max_steps=1,
+        timeout_s=30,
+        call_timeout_s=5,
+        max_result_chars=1000,
+        on_tool=on_tool,
+    )
+    assert [p.status for p in heard] == ["in_progress", "error"]

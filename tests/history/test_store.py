@@ -69,10 +69,10 @@ async def test_empty_database_gets_the_schema_and_an_older_one_names_the_upgrade
         assert await upgrade(hsettings, engine, revision="0001") == "0001"
         with pytest.raises(ConfigError, match="sluice db upgrade"):
             await ensure_schema(hsettings, engine)
-        assert await upgrade(hsettings, engine) == "0003"
+        assert await upgrade(hsettings, engine) == "0005"
         await ensure_schema(hsettings, engine)
         rev, head, has_messages = await schema_status(engine)
-        assert rev == head == "0003" and has_messages
+        assert rev == head == "0005" and has_messages
     finally:
         await engine.dispose()
 
@@ -144,7 +144,7 @@ async def test_a_worker_refuses_an_older_schema_until_sluice_db_upgrade(
     assert "sluice db upgrade" in err
     code, out, err = await sluice(sqlite_settings, "db", "upgrade")
     assert code == 0, err
-    assert "revision 0003" in out
+    assert "revision 0005" in out
     code, out, err = await sluice(sqlite_settings, "worker", "--burst")
     assert code == 0, err
 

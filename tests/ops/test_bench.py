@@ -13,10 +13,12 @@ from sluice.bench.drivers import Observation
 from sluice.bench.report import (
     answered_within,
     by_user_kind,
+    consistent,
     first_visible,
     histogram_quantiles,
     parse_metrics,
     quantile,
+    summarize,
 )
 from sluice.bench.scenarios import FLOOD, FLOOD_CALM, LAUNCH_DAY, plan
 from tests.helpers import ROOT, base_env
@@ -27,6 +29,8 @@ ROWS = (
     "errors",
     "notices",
     "unanswered",
+    "refused_at_door",
+    "refused_quietly",
     "provider_429s",
     "llm_calls",
     "cache_hits",
@@ -115,6 +119,25 @@ def test_user_kinds_split_light_and_heavy_senders() -> None:
     assert groups["light"]["notices"] == 1
 
 
+def test_refusals_at_the_door_are_counted_apart_from_lost_messages() -> None:
+    schedule = plan(LAUNCH_DAY.scaled(0.01))[:4]
+    obs = [Observation(p, sent_s=p.at_s) for p in schedule]
+    obs[0].kind, obs[0].done_s = "answer", obs[0].planned.at_s + 1
+    obs[1].refused, obs[1].refusal_notice = True, True  # its notice came
+    obs[1].kind, obs[1].done_s = "notice", obs[1].planned.at_s + 0.1
+    obs[2].refused = True  # told earlier in the window: nothing follows
+    # obs[3]: accepted and never answered, which is a loss.
+    s = summarize(obs, samples=[], platform="web", sim_stats={}, memory_mb={}, workers=1)
+    assert (s["refused_at_door"], s["refused_quietly"], s["unanswered"]) == (2, 1, 1)
+    assert (s["answered"], s["notices"]) == (1, 1)
+    assert consistent(s)
+    # The quiet refusal showed nothing by design; the lost one counts as never.
+    for o, at in zip(obs[:2], (0.5, 0.1), strict=True):
+        o.first_s = o.planned.at_s + at
+    fv = first_visible(obs)
+    assert fv["p50"] is not None and fv["p99"] is None
+
+
 def test_scale_shrinks_users_and_provider_limit_together() -> None:
     small = LAUNCH_DAY.scaled(0.1)
     assert (small.users, small.heavy_users, small.rpm) == (100, 1, 60)
@@ -166,7 +189,8 @@ def test_scaled_down_bench_report_is_complete_and_adds_up(redis_url: str, tmp_pa
         assert 0 < s["answered_within_60s"] <= s["answered"]
         assert sum(g["sent"] for g in s["users"].values()) == sent
         assert s["sent"] == sent
-        assert s["answered"] + s["errors"] + s["notices"] + s["unanswered"] == s["sent"]
+        told = s["answered"] + s["errors"] + s["notices"] + s["unanswered"]
+        assert told + s["refused_quietly"] == s["sent"]
         assert s["unanswered"] == 0, f"{name}: every message gets a reply before the drain ends"
         assert s["answered"] > 0
         assert s["llm_calls"] >= s["answered"]
@@ -229,3 +253,35 @@ def test_serializer_scenario_measures_both_formats(tmp_path):
     for row in numbers.values():
         assert row["bytes"] > 100 and row["serialize_us"] > 0 and row["deserialize_us"] > 0
     assert numbers["msgpack"]["bytes"] < numbers["json"]["bytes"]
+
+
+def test_pool_bench_with_a_simulator_killed_midway_shows_no_errors(
+    redis_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    env = {**base_env(), "REDIS_URL": redis_url, "COLUMNS": "160"}
+    args = [
+        "bench", "--scenario", "launch-day-pool-kill", "--scale", "0.02", "--duration", "6",
+        "--kill-provider-at", "3", "--drain-timeout", "60", "--workers", "1",
+        "--design", "sluice", "--out", str(out),
+        # Two simulators of 300 rpm: the provider is not the bottleneck of 20 users.
+        "--rpm", "600",
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "sluice", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "killed llm-sim-1" in done.stdout
+    s = json.loads((out / "launch-day-pool-kill.json").read_text())["designs"]["sluice"]
+    assert s["errors"] == 0 and s["unanswered"] == 0, (s["errors"], s["unanswered"])
+    assert s["answered"] + s["notices"] == s["sent"]
+    providers = s["providers"]
+    assert set(providers) == {"sim0", "sim1"}
+    assert providers["sim1"]["killed"] and not providers["sim0"]["killed"]
+    assert providers["sim0"]["completions"] > 0
+    assert "answers per provider (pool)" in done.stdout

@@ -12,7 +12,7 @@ import pytest
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from bots.slack.format import to_mrkdwn
+from bots.slack.format import safe_markdown
 from bots.slack.responder import SERVER_ERROR_RETRIES
 from core.history.hot import unpack_turn
 from core.infra.redis import Keys
@@ -109,7 +109,7 @@ async def test_slack_final_delivery_failing_past_retries_is_delivered_once_later
     assert answer.text.startswith("Echo: deliver me later")
     context = llm_sim.requests()[-1]["messages"]
     assert [m["content"] for m in context if m["role"] == "assistant"] == [answer.text]
-    assert reply.text == to_mrkdwn(answer.text), "the whole answer, in the streamed message"
+    assert reply.text == safe_markdown(answer.text), "the whole answer, in the streamed message"
     assert reply.thread_ts == ts
     assert started_streams == 1
     assert not fake_slack.calls_of("chat.postMessage"), "no second message"

@@ -8,6 +8,7 @@ arbitrary Unicode, control characters and right-to-left text.
 
 from __future__ import annotations
 
+import html
 import re
 from typing import Any
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from bots.discord.intake import strip_mention as discord_strip_mention
 from bots.discord.split import split_parts as discord_split_parts
 from bots.slack.convert import message_from_command, message_from_event, payload_problem
-from bots.slack.format import safe_markdown, split_message, to_mrkdwn
+from bots.slack.format import reply_parts, safe_markdown, split_message
 from core.messages import IncomingMessage
 
 PROPS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -56,7 +57,8 @@ _ID = st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", min_size=1, max_s
 _TS = st.builds(lambda a, b: f"{a}.{b:06d}", st.integers(0, 2_000_000_000), st.integers(0, 999_999))
 
 # Slack's live markup: <!channel>, <!here>, <!everyone>, <!subteam^…>, <@U…>, <#C…>.
-_LIVE_SLACK = re.compile(r"<[!@#]")
+# Live Slack markup, also once character references are decoded (html.unescape).
+_LIVE_SLACK = re.compile(r"<[!@#]|@(?:here|channel|everyone)(?!\w)", re.IGNORECASE)
 
 
 def _roundtrips(msg: IncomingMessage) -> None:
@@ -147,9 +149,9 @@ def test_any_signed_payload_is_either_refused_with_a_reason_or_convertible(
 @PROPS
 @given(text=_TEXT)
 def test_model_output_never_becomes_a_live_slack_mention(text: str) -> None:
-    assert not _LIVE_SLACK.search(to_mrkdwn(text))
     assert not _LIVE_SLACK.search(safe_markdown(text))
-    for part in split_message(to_mrkdwn(text), 64):
+    assert not _LIVE_SLACK.search(html.unescape(safe_markdown(text)))
+    for part in reply_parts(text, 64):
         assert not _LIVE_SLACK.search(part)
 
 

@@ -23,7 +23,8 @@ from tests.helpers import unique_slack_ts as _ts
 from tests.slack.conftest import mention, message
 
 # Slack's live markup: <!channel>, <!here>, <!everyone>, <!subteam^…>, <@U…>, <#C…>.
-_LIVE = re.compile(r"<[!@#]")
+# Live Slack markup: bracketed mentions, and broadcasts written without brackets.
+_LIVE = re.compile(r"<[!@#]|@(?:here|channel|everyone)(?!\w)", re.IGNORECASE)
 
 
 def _prompt_for(llm_sim, text: str) -> str:
@@ -135,7 +136,8 @@ async def test_pings_control_and_bidi_text_echoed_by_the_model_never_ping_anyone
         else:
             ev = message(HOSTILE, ts, channel="DHOST", channel_type="im")
         assert (await a.send.event(ev))[0] == 200
-        await _answered(fake_slack, "Echo: @everyone")
+        # "@everyone" arrives broken by a zero-width space (bots/slack/format.py).
+        await _answered(fake_slack, "Echo: @\u200beveryone")
         await wait_jobs_done(redis, slack_settings, 60)  # the reply is complete
     # The model saw the text as the user wrote it (the simulator echoes it back) ...
     prompt = _prompt_for(llm_sim, HOSTILE)
@@ -150,3 +152,4 @@ async def test_pings_control_and_bidi_text_echoed_by_the_model_never_ping_anyone
     assert sent and not [s for s in sent if _LIVE.search(s)]
     [reply] = [m for m in fake_slack.replies() if not m.streaming]
     assert "مرحبا" in reply.text and "everyone" in reply.text
+    assert not _LIVE.search(reply.text)

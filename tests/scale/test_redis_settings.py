@@ -13,7 +13,7 @@ from core.errors import ConfigError, QueueError
 from core.infra.redis import Keys, parse_sentinels, redis_settings
 from core.messages import IncomingMessage
 from core.settings import Settings
-from core.traffic.queue import accept_message, arq_job_id, connect_queue
+from core.traffic.queue import Accepted, accept_message, arq_job_id, connect_queue
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ async def test_wait_for_a_replica_that_is_not_there_withholds_the_ack_and_keeps_
         with pytest.raises(QueueError, match="0 of 1 replica"):
             await accept_message(queue, waiting, msg)
         # Without WAIT the same redelivery is a plain duplicate.
-        assert await accept_message(queue, settings, msg) is False
+        assert await accept_message(queue, settings, msg) is Accepted.DUPLICATE
     finally:
         await queue.aclose()
 
@@ -89,6 +89,6 @@ async def test_wait_for_a_replica_that_is_not_there_withholds_the_ack_and_keeps_
 async def test_without_wait_replicas_nothing_waits(settings: Settings) -> None:
     queue = await connect_queue(settings)
     try:
-        assert await accept_message(queue, settings, _message()) is True
+        assert await accept_message(queue, settings, _message()) is Accepted.QUEUED
     finally:
         await queue.aclose()

@@ -1,56 +1,50 @@
-"""Markdown to Slack mrkdwn, and splitting long replies."""
+"""Model Markdown made mention-safe for Slack's ``markdown_text``, and long replies split."""
 
 from __future__ import annotations
 
+import html
 import re
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bots.slack.format import safe_markdown, split_message, to_mrkdwn
+from bots.slack.format import ZWSP, reply_parts, safe_markdown, split_message, stream_cut
+
+LIVE = re.compile(r"<[!@#]|@(?:here|channel|everyone)(?!\w)", re.IGNORECASE)
 
 
-def test_inline_markdown_becomes_mrkdwn():
-    assert to_mrkdwn("**bold** and *it* and ~~gone~~") == "*bold* and _it_ and ~gone~"
-    assert to_mrkdwn("__bold__") == "*bold*"
-    assert (
-        to_mrkdwn("[the docs](https://example.com/a?b=1&c=2)")
-        == "<https://example.com/a?b=1&amp;c=2|the docs>"
-    )
-
-
-def test_headings_lists_quotes_and_rules():
-    md = "# Title\n## **Sub**\n- one\n  - nested\n* two\n1. first\n> quoted <b>\n---"
-    assert to_mrkdwn(md).split("\n") == [
-        "*Title*",
-        "*Sub*",
-        "• one",
-        "    • nested",
-        "• two",
-        "1. first",
-        "> quoted &lt;b&gt;",
-        "──────────",
-    ]
-
-
-def test_code_is_kept_verbatim_but_escaped():
-    md = "Use `a**b**` here\n```python\nif a < b and c:\n    print('**x**')\n```"
-    assert to_mrkdwn(md) == ("Use `a**b**` here\n```\nif a &lt; b and c:\n    print('**x**')\n```")
-
-
-def test_unclosed_code_fence_is_closed():
-    assert to_mrkdwn("```\ncode").endswith("```")
+def test_markdown_is_sent_as_written():
+    md = "# Title\n**bold** and *it* ~~gone~~ [docs](https://example.com/a?b=1&c=2)\n| a | b |"
+    assert safe_markdown(md) == md
 
 
 def test_model_output_cannot_ping_anyone():
-    out = to_mrkdwn("<!channel> <!here> <!everyone> <@U123> <#C1> [x](<!here>)")
-    assert not re.search(r"<[!@#]", out)
-    assert "<!" not in safe_markdown("hi <!here> and <@U1>")
-    assert "<@" not in safe_markdown("hi <!here> and <@U1>")
+    text = "<!channel> <!here> <!everyone> <@U123> <#C1> [x](<!here>) @here @Channel @everyone"
+    out = safe_markdown(text)
+    assert not LIVE.search(out), out
+    assert out.replace(ZWSP, "") == text
 
 
-def test_javascript_links_are_not_made_clickable():
-    assert "<javascript" not in to_mrkdwn("[x](javascript:alert(1))")
+def test_mentions_written_with_character_references_stay_inert():
+    for text in ("&lt;!here&gt;", "&#60;@U1&#62;", "&#x3C;!channel>", "&lt&#33;here", "@&#104;ere"):
+        out = safe_markdown(text)
+        assert not LIVE.search(html.unescape(out)), (text, out)
+
+
+def test_code_and_addresses_keep_their_characters():
+    code = "```python\n@dataclass\nclass A:\n    ok = a < b and c<d  # mail me@company.com\n```"
+    assert safe_markdown(code) == code
+    assert safe_markdown("@heres @channels @everyoneelse") == "@heres @channels @everyoneelse"
+
+
+def test_stream_cut_holds_back_only_what_may_become_a_mention():
+    assert stream_cut("a < b") == 5
+    assert stream_cut("if a <") == 5
+    assert stream_cut("tell <@") == 5
+    assert stream_cut("ping @ever") == 5
+    assert stream_cut("ping @here") == 5  # "@heres" would not be one: wait for the next char
+    assert stream_cut("ping @hx") == 8
+    assert stream_cut("x &#6") == 2
 
 
 def test_short_text_is_one_part():
@@ -62,46 +56,60 @@ def test_split_prefers_paragraph_boundaries():
     assert split_message(text, 90) == ["a" * 40 + "\n\n" + "b" * 40, "c" * 40]
 
 
-def test_split_code_block_is_closed_and_reopened():
+def test_split_code_block_is_closed_and_reopened_with_its_language():
     code = "\n".join(f"line {i}" for i in range(60))
-    text = f"intro\n\n```\n{code}\n```\n\noutro"
+    text = f"intro\n\n```python\n{code}\n```\n\noutro"
     parts = split_message(text, 120)
     assert len(parts) > 2
     for part in parts:
         assert len(part) <= 120
         assert part.count("```") % 2 == 0
+        if "line " in part:
+            assert part.startswith("```python\n")
     inner = [ln for p in parts for ln in p.split("\n") if ln.startswith("line ")]
     assert inner == code.split("\n")
 
 
 def test_split_keeps_code_written_on_the_opening_fence_line():
-    # Found by the hostile-input property test: the text after "```" was dropped.
     parts = split_message("```" + "0" * 30, 32)
     assert all(len(p) <= 32 and p.count("```") == 2 for p in parts)
     assert "".join(p.replace("```", "").replace("\n", "") for p in parts) == "0" * 30
 
 
+def test_a_markdown_link_is_never_cut_in_two_when_it_fits_in_a_part():
+    text = "[the docs](https://example.com/a?b=1&c=2)" * 40
+    for limit in range(100, 140):
+        for part in split_message(text, limit):
+            assert len(part) <= limit
+            assert part.count("[") == part.count("](") == part.count(")"), part
+
+
+def test_a_cut_never_separates_an_escaped_mention():
+    text = ("x" * 7 + " <!here>") * 50
+    for limit in range(40, 60):
+        for part in reply_parts(text, limit):
+            assert len(part) <= limit
+            assert not LIVE.search(part), part
+            assert not part.endswith("<"), part
+
+
+def test_reply_parts_fit_the_markdown_text_limit_with_the_escaping():
+    text = "<!here> " * 3000  # 24,000 characters, more once escaped
+    parts = reply_parts(text)
+    assert len(parts) == 3
+    assert all(len(p) <= 12000 for p in parts)
+    assert " ".join(parts).replace(ZWSP, "").split() == text.split()
+
+
 @settings(max_examples=200, deadline=None)
 @given(
-    st.text(alphabet=st.sampled_from(list("ab `\n*#-<>&")), max_size=2000),
+    st.text(alphabet=st.sampled_from(list("ab `\n*#-<>&!@[]()")), max_size=2000),
     st.integers(min_value=40, max_value=400),
 )
 def test_split_parts_never_exceed_the_limit_and_keep_the_words(text, limit):
-    parts = split_message(text, limit)
+    parts = reply_parts(text, limit)
     assert all(len(p) <= limit for p in parts)
+    assert not any(LIVE.search(p) for p in parts)
     words = [w for w in text.split() if "```" not in w]
-    got = [w for w in " ".join(parts).split() if "```" not in w]
+    got = [w for w in " ".join(parts).replace(ZWSP, "").split() if "```" not in w]
     assert "".join(got).replace("`", "") == "".join(words).replace("`", "")
-
-
-def test_tables_become_code_blocks():
-    md = "Prices:\n| item | € |\n|---|---|\n| a<b | 1 |\nafter"
-    assert to_mrkdwn(md).split("\n") == [
-        "Prices:",
-        "```",
-        "| item | € |",
-        "|---|---|",
-        "| a&lt;b | 1 |",
-        "```",
-        "after",
-    ]

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from bots.slack.format import ZWSP
 from bots.slack.responder import SERVER_ERROR_RETRIES, SlackResponderFactory
 from core.errors import DeliveryError, DeliveryRetryableError
 from core.messages import IncomingMessage, Reply
@@ -91,15 +92,20 @@ async def test_top_level_dm_is_posted_then_edited_at_most_once_per_interval(
     assert len(edits) <= (time.monotonic() - started) / slack_settings.slack_edit_interval_s + 1
 
 
-async def test_markdown_is_converted_and_mentions_are_defused(factory, fake_slack):
+async def test_markdown_is_posted_as_markdown_text_and_mentions_are_defused(factory, fake_slack):
     await deliver(
         factory,
         msg("3.1", channel="D1", kind="dm"),
         [],
-        final="**Bold** and [docs](https://example.com) <!channel> <@U2>",
+        final="**Bold** and [docs](https://example.com) <!channel> <@U2> @here `a < b`",
     )
     [reply] = fake_slack.replies("D1")
-    assert reply.text == ("*Bold* and <https://example.com|docs> &lt;!channel&gt; &lt;@U2&gt;")
+    assert reply.markdown
+    assert reply.text == (
+        f"**Bold** and [docs](https://example.com) <{ZWSP}!channel> <{ZWSP}@U2> @{ZWSP}here `a < b`"
+    )
+    [post] = fake_slack.calls_of("chat.postMessage")
+    assert "text" not in post.params and post.params["markdown_text"] == reply.text
 
 
 async def test_stream_closed_by_slack_falls_back_to_chat_update(factory, fake_slack):
@@ -196,7 +202,7 @@ async def test_rerun_job_edits_its_message_instead_of_posting_again(factory, fak
 
 async def test_long_reply_is_split_into_parts_in_the_thread(factory, fake_slack, slack_settings):
     paragraph = "lorem ipsum dolor sit amet " * 20
-    text = "\n\n".join([paragraph] * 12)
+    text = "\n\n".join([paragraph] * 30)  # about 16,000 characters: two parts
     await deliver(factory, msg("9.1", thread="9.1"), [text[:500], text], final=text)
     replies = fake_slack.replies("C1")
     assert len(replies) >= 2
@@ -207,7 +213,7 @@ async def test_long_reply_is_split_into_parts_in_the_thread(factory, fake_slack,
 
 
 async def test_retried_long_reply_does_not_repost_parts(factory, fake_slack):
-    text = "\n\n".join(["x" * 3000] * 3)
+    text = "\n\n".join(["x" * 11000] * 3)
     m = msg("10.1", channel="D1", kind="dm")
     await deliver(factory, m, [], final=text)
     posts = len(fake_slack.calls_of("chat.postMessage"))
@@ -225,6 +231,7 @@ async def test_ask_command_without_channel_access_answers_via_response_url(
     await deliver(factory, m, ["thinking"], final="the answer")
     assert [p["text"] for p in response_sink.posts] == ["the answer"]
     assert response_sink.posts[0]["response_type"] == "in_channel"
+    assert response_sink.posts[0]["blocks"] == [{"type": "markdown", "text": "the answer"}]
 
 
 async def test_unknown_token_is_a_delivery_error(slack_settings, redis, fake_slack):
@@ -293,7 +300,8 @@ async def test_queued_notice_is_posted_then_edited_into_the_answer(factory, fake
     assert [c.params["text"] for c in fake_slack.calls_of("chat.postMessage")] == [
         "⏳ Queued: about 40 s"
     ]
-    assert fake_slack.calls_of("chat.update")[-1].params["text"] == "Hello there."
+    assert fake_slack.calls_of("chat.update")[-1].params["markdown_text"] == "Hello there."
+    assert reply.markdown
     assert not fake_slack.calls_of("chat.startStream")
 
 

@@ -3,7 +3,8 @@
 Slack's native stream receives the answer in deltas (``chat.startStream`` →
 ``appendStream`` → ``stopStream``); what Slack finally shows is their
 concatenation. Escaping each delta on its own let ``<`` at the end of one delta and
-``!channel>`` at the start of the next join into a live ``<!channel>``. These tests
+``!channel>`` at the start of the next join into a live ``<!channel>``; the responder
+now holds such a tail back until the next delta (``stream_cut``). These tests
 cut texts full of mentions at every position (and at random sets of positions),
 deliver the pieces through the real :class:`SlackResponder` and real ``slack_sdk``
 against the fake Web API, and check what Slack holds at the end.
@@ -20,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bots.slack.format import ZWSP, safe_markdown, to_mrkdwn
+from bots.slack.format import ZWSP, safe_markdown, stream_cut
 from bots.slack.responder import SlackResponderFactory
 from core.messages import IncomingMessage, Reply
 from core.settings import Settings
@@ -29,8 +30,9 @@ from tests.fuzz.strategies import fuzz
 from tests.slack.conftest import TEAM, worker_env
 from tests.slack.conftest import mention as mention_event
 
-# Slack's live markup: <!channel>, <!here>, <!everyone>, <!subteam^…>, <!date…>, <@U…>, <#C…>.
-LIVE = re.compile(r"<[!@#]")
+# Slack's live markup: <!channel>, <!here>, <!everyone>, <!subteam^…>, <!date…>, <@U…>, <#C…>,
+# and the bracketless broadcasts @here, @channel, @everyone.
+LIVE = re.compile(r"<[!@#&]|@(?:here|channel|everyone)\b", re.IGNORECASE)
 
 MENTIONS = [
     "<!channel>",
@@ -45,11 +47,15 @@ MENTIONS = [
 ]
 # Mentions, the bits they are made of, and plain words: cut anywhere, glued anywhere.
 TOKENS = st.sampled_from(
-    [*MENTIONS, "<", ">", "!", "@", "#", "&", "&lt;", "!channel>", "@U1>", "hi", " ", "\n"]
+    [
+        *MENTIONS,
+        *["<", ">", "!", "@", "#", "&", "&lt;", "&#60;", "!channel>", "@U1>", "hi", " ", "\n"],
+        *["@here", "@", "he", "re", "@everyone", "every", "one", "@channel", "chan", "nel"],
+    ]
 )
 MENTION_TEXT = st.lists(TOKENS, min_size=1, max_size=25).map("".join).filter(str.strip)
 
-EVERY_MENTION = "Team: " + " and ".join(MENTIONS) + " <<!here>> end <"
+EVERY_MENTION = "Team: " + " and ".join(MENTIONS) + " <<!here>> @here @Channel end <"
 
 _ts = itertools.count(1)
 
@@ -103,7 +109,7 @@ async def _deliver(factory: SlackResponderFactory, msg: IncomingMessage, pieces:
 
 def _held(fake: FakeSlackAPI, msg: IncomingMessage) -> tuple[str, bool]:
     """The text Slack holds for the reply to ``msg``, and whether it is the native
-    stream's Markdown (never replaced by a ``chat.update`` of mrkdwn)."""
+    stream's Markdown (never replaced by a ``chat.update``)."""
     thread = msg.meta.get("reply_thread")
     [reply] = [m for m in fake.replies(msg.channel) if m.thread_ts == thread]
     started = {c.params.get("thread_ts") for c in fake.calls_of("chat.startStream")}
@@ -112,34 +118,48 @@ def _held(fake: FakeSlackAPI, msg: IncomingMessage) -> tuple[str, bool]:
 
 
 def _assert_inert_and_kept(fake: FakeSlackAPI, msg: IncomingMessage, text: str) -> None:
-    held, markdown = _held(fake, msg)
+    held, streamed = _held(fake, msg)
     assert not LIVE.search(held), f"live mention in {held!r}"
-    if markdown:
-        # What a reader sees: the Markdown without the zero-width spaces.
-        assert held.replace(ZWSP, "") == text
-    else:
-        # Edited mrkdwn: the conversion of the whole text, whatever the cuts were.
-        assert held == to_mrkdwn(text)
-        shown = html.unescape(held)
-        for mention in MENTIONS:
-            if mention in text:
-                assert mention in shown
+    assert not LIVE.search(html.unescape(held)), f"live mention in {held!r}"
+    # What a reader sees: the Markdown without the zero-width spaces.
+    assert held.replace(ZWSP, "") == text
+    if not streamed:
+        # Edited: the escaping of the whole text, whatever the cuts were.
+        assert held == safe_markdown(text)
 
 
-@pytest.mark.parametrize("sample", MENTIONS)
-def test_safe_markdown_of_two_pieces_is_the_safe_markdown_of_their_join(sample: str) -> None:
+def _pieces_at(text: str, cut: int) -> tuple[str, str]:
+    """What the stream sends of ``text[:cut]`` now (up to ``stream_cut``), and the rest."""
+    k = stream_cut(text[:cut])
+    return text[:k], text[k:]
+
+
+@pytest.mark.parametrize("sample", [*MENTIONS, "@here", "@everyone", "&lt;!here&gt;"])
+def test_safe_markdown_of_two_stream_pieces_is_the_safe_markdown_of_their_join(
+    sample: str,
+) -> None:
     for cut in range(len(sample) + 1):
-        joined = safe_markdown(sample[:cut]) + safe_markdown(sample[cut:])
+        now, rest = _pieces_at(sample, cut)
+        joined = safe_markdown(now) + safe_markdown(rest)
         assert joined == safe_markdown(sample)
         assert not LIVE.search(joined)
 
 
 @fuzz(300)
 @given(a=MENTION_TEXT, b=MENTION_TEXT)
-def test_safe_markdown_does_not_depend_on_where_the_text_is_cut(a: str, b: str) -> None:
-    assert safe_markdown(a) + safe_markdown(b) == safe_markdown(a + b)
-    assert not LIVE.search(safe_markdown(a) + safe_markdown(b))
-    assert (safe_markdown(a) + safe_markdown(b)).replace(ZWSP, "") == (a + b).replace(ZWSP, "")
+def test_safe_markdown_does_not_depend_on_where_the_stream_is_cut(a: str, b: str) -> None:
+    now, rest = _pieces_at(a + b, len(a))
+    assert safe_markdown(now) + safe_markdown(rest) == safe_markdown(a + b)
+    assert not LIVE.search(safe_markdown(now) + safe_markdown(rest))
+    assert (safe_markdown(now) + safe_markdown(rest)).replace(ZWSP, "") == a + b
+
+
+def test_code_keeps_its_angle_brackets_and_decorators() -> None:
+    code = "```python\n@dataclass\nclass A:\n    ok = a < b and c<d\n```"
+    assert safe_markdown(code) == code
+    assert stream_cut("if a <") == len("if a ")
+    assert stream_cut("mail me@he") == len("mail me")
+    assert stream_cut("mail me@hx") == len("mail me@hx")
 
 
 async def test_a_stream_cut_at_every_position_holds_no_live_mention(factory, fake_slack):
@@ -157,6 +177,9 @@ async def test_the_reported_split_of_channel_stays_text(factory, fake_slack):
     held, _ = _held(fake_slack, msg)
     assert "<!channel>" not in held
     assert held == f"Heads up <{ZWSP}!channel> now"
+    # The "<" waited for the next delta instead of going out alone.
+    starts = [c.params.get("markdown_text", "") for c in fake_slack.calls_of("chat.startStream")]
+    assert starts[-1] == "Heads up "
 
 
 async def test_an_edited_reply_cut_at_every_position_holds_no_live_mention(factory, fake_slack):
@@ -209,7 +232,7 @@ async def test_a_model_answer_split_inside_mentions_reaches_slack_inert_end_to_e
     [reply] = [m for m in fake_slack.replies("C1") if m.thread_ts == "900.1"]
     deltas = [c.params.get("markdown_text", "") for c in fake_slack.calls_of("chat.startStream")]
     deltas += [c.params.get("markdown_text", "") for c in fake_slack.calls_of("chat.appendStream")]
-    # The cut really reached Slack: some delta ends with a "<" (escaped or not).
-    assert any(d.removesuffix(ZWSP).endswith("<") for d in deltas), deltas
+    # The cut really reached the responder: a "<" was held back and opened a later delta.
+    assert any(d.startswith("<" + ZWSP) for d in deltas), deltas
     assert not LIVE.search(reply.text), reply.text
     assert reply.text.replace(ZWSP, "") == answer
