@@ -249,12 +249,17 @@ class DiscordRest:
                 )
         return f"{known}:{route.major}" if known else route.bucket
 
-    async def _learn_bucket(self, route: Route, resp: aiohttp.ClientResponse) -> None:
+    @staticmethod
+    def _named_bucket(route: Route, resp: aiohttp.ClientResponse) -> str | None:
         name = resp.headers.get("X-RateLimit-Bucket")
-        if name is None or self._route_buckets.get(route.key) == name:
-            return
-        if not _BUCKET_HASH_RE.match(name):
+        if name is not None and not _BUCKET_HASH_RE.match(name):
             logger.debug("odd X-RateLimit-Bucket on %s; ignored", route.key)
+            return None
+        return name
+
+    async def _learn_bucket(self, route: Route, resp: aiohttp.ClientResponse) -> None:
+        name = self._named_bucket(route, resp)
+        if name is None or self._route_buckets.get(route.key) == name:
             return
         self._route_buckets[route.key] = name
         await self._redis.set(
@@ -337,8 +342,10 @@ class DiscordRest:
                     body = await _body(resp)
                     status = resp.status
                     scope = _scope(resp, body) if status == 429 else ""
-                    await self._learn_bucket(route, resp)
+                    # The bucket's state first, then its name: a request that finds the
+                    # name must find the state, or it would probe an "unknown" bucket.
                     await self._note_headers(route, resp)
+                    await self._learn_bucket(route, resp)
             except (aiohttp.ClientError, TimeoutError) as e:
                 failures += 1
                 if failures > max_failures:
@@ -408,8 +415,10 @@ class DiscordRest:
         except (KeyError, ValueError):
             logger.debug("unreadable rate-limit headers on %s", route.template)
             return
+        name = self._named_bucket(route, resp)
+        bucket = f"{name}:{route.major}" if name else await self.bucket_of(route)
         await self._update(
-            keys=[self._keys.discord_bucket(await self.bucket_of(route))],
+            keys=[self._keys.discord_bucket(bucket)],
             args=[limit, remaining, reset_after_ms, _MARGIN_MS],
         )
 
