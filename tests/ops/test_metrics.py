@@ -20,10 +20,20 @@ async def test_metrics_after_traffic_show_ack_queue_job_llm_and_delivery(
     settings, llm_sim, worker_process
 ):
     port = free_port()
-    worker_process({"SLUICE_METRICS_PORT": str(port), "SLUICE_USER_REQUESTS_PER_WINDOW": "4"})
+    # The window is fixed and aligned to the clock: a day long, so that the test's
+    # five messages are in one window (a minute-long one may end between them).
+    worker_process(
+        {
+            "SLUICE_METRICS_PORT": str(port),
+            "SLUICE_USER_REQUESTS_PER_WINDOW": "4",
+            "SLUICE_USER_WINDOW_S": "86400",
+        }
+    )
     worker_url = f"http://127.0.0.1:{port}"
     # The adapter checks the limits at the door: it needs the same limit as the worker.
-    adapter_settings = settings.model_copy(update={"user_requests_per_window": 4})
+    adapter_settings = settings.model_copy(
+        update={"user_requests_per_window": 4, "user_window_s": 86400}
+    )
     async with web_adapter(adapter_settings) as (base, _), aiohttp.ClientSession() as http:
         # The adapter runs in this process: its counters include earlier tests'.
         web_before = parse_metrics([(await _get(http, f"{base}/metrics"))[1]])
