@@ -363,7 +363,11 @@ def test_the_arq_cli_worker_blocks_when_idle_too(redis_url, monkeypatch):
         entry = importlib.import_module("workers.worker")
         entry = importlib.reload(entry)
         worker = entry.create_arq_worker(entry.WorkerSettings)
-        assert isinstance(worker, SluiceWorker)
-        assert worker.idle_block_s == 2.5
+        try:
+            assert isinstance(worker, SluiceWorker)
+            assert worker.idle_block_s == 2.5
+        finally:
+            # Built outside a running loop, arq's Worker made an event loop of its own.
+            worker.loop.close()
     finally:
         get_settings.cache_clear()

@@ -49,11 +49,13 @@ _WORDS = ("here", "channel", "everyone")
 # it, each letter written as a character reference if need be.
 _LOOKAHEAD = 120
 _LONGEST_WORD_PLUS_ONE = len("everyone") + 1
-# No tail _PENDING holds is longer than this ("@" as "&#x00040;" and _LOOKAHEAD more).
+# No tail _PENDING_LT or _PENDING_AT holds is longer than this
+# ("@" as "&#x00040;" and _LOOKAHEAD more).
 _PENDING_MAX = _LOOKAHEAD + 16
 # A tail that the next characters could still turn into something safe_markdown
 # changes: a "<", a (maybe unfinished) reference, or an "@" and what follows it.
-_PENDING = re.compile(rf"(?:<|&[#\w]{{0,32}};?|{_AT}([\w&#;]{{0,{_LOOKAHEAD}}}))\Z", re.IGNORECASE)
+_PENDING_LT = re.compile(r"(?:<|&[#\w]{0,32};?)\Z")
+_PENDING_AT = re.compile(rf"{_AT}([\w&#;]{{0,{_LOOKAHEAD}}})\Z", re.IGNORECASE)
 _UNFINISHED_REF = re.compile(r"&[#\w]*\Z")
 
 
@@ -93,12 +95,14 @@ def stream_cut(text: str) -> int:
     """
     end = len(text)
     while True:
-        m = _PENDING.search(text, max(0, end - _PENDING_MAX), end)
+        start = max(0, end - _PENDING_MAX)
+        # A "<" (or a reference that may be one) first: an "@" before it must not hide
+        # it ("@&lt;" then "!" makes "<!" live whatever the "@" becomes).
+        m = _PENDING_LT.search(text, start, end)
         if m is None:
-            return end
-        after_at = m.group(1)
-        if after_at is not None and not _may_become_broadcast(after_at):
-            return end
+            m = _PENDING_AT.search(text, start, end)
+            if m is None or not _may_become_broadcast(m.group(1)):
+                return end
         end = m.start()
 
 
@@ -214,7 +218,10 @@ def _split_unit(unit: str, limit: int) -> list[str]:
     if not is_code:
         pieces = [p for line in lines for p in _hard_split(line, limit)]
         return _pack(pieces, "\n", limit)
-    body = lines[1:-1] if lines[-1].strip() == FENCE else lines[1:]
+    # The line that closed the block (:func:`_units`), kept as written ("```" or, say,
+    # "```python") at the end of the last part; the other parts close with "```".
+    closer = lines[-1].strip() if lines[-1].lstrip().startswith(FENCE) else FENCE
+    body = lines[1:-1] if lines[-1].lstrip().startswith(FENCE) else lines[1:]
     info = lines[0].strip()[len(FENCE) :]
     # "```python" is reopened as "```python" (Slack highlights it); an info string
     # too long to repeat in every part becomes the block's first line.
@@ -223,9 +230,13 @@ def _split_unit(unit: str, limit: int) -> list[str]:
         opener = FENCE + info.strip()
     elif info:
         body = [info, *body]
-    budget = limit - len(opener) - len(FENCE) - 2
+    budget = limit - len(opener) - max(len(FENCE), len(closer)) - 2
     pieces = [p for line in body for p in _hard_split(line, budget)]
-    return [f"{opener}\n{chunk}\n{FENCE}" for chunk in _pack(pieces, "\n", budget)]
+    chunks = _pack(pieces, "\n", budget)
+    return [
+        f"{opener}\n{chunk}\n{closer if i == len(chunks) - 1 else FENCE}"
+        for i, chunk in enumerate(chunks)
+    ]
 
 
 def split_message(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:

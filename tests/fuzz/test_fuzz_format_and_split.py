@@ -52,10 +52,15 @@ def test_streamed_pieces_escape_like_the_whole_text(text: str, cuts: list[int]) 
     assert safe_markdown(sent) + safe_markdown(text[len(sent) :]) == safe_markdown(text)
 
 
+# A fence line with a language ("```python"): a split repeats the language on every
+# part it reopens the block in, so it is not counted as text.
+_FENCE_LANGUAGE = re.compile(r"^(\s*```)[A-Za-z][\w+#.-]{0,19}[ \t]*$", re.MULTILINE)
+
+
 def _visible_chars(markdown: str) -> str:
-    """What a split may not lose or reorder: everything but whitespace, fences and the
-    ZWSPs of the escaping."""
-    return re.sub(r"\s|`|\u200b", "", markdown)
+    """What a split may not lose or reorder: everything but whitespace, fences (with
+    their language) and the ZWSPs of the escaping."""
+    return re.sub(r"\s|`|\u200b", "", _FENCE_LANGUAGE.sub(r"\1", markdown))
 
 
 def _unlinked(text: str, limit: int) -> str:
@@ -74,7 +79,7 @@ def test_slack_reply_parts_fit_keep_order_and_stay_inert(text: str, limit: int) 
     parts = reply_parts(text, limit)
     assert parts
     assert all(len(p) <= limit for p in parts)
-    joined = _visible_chars("".join(parts))
+    joined = _visible_chars("\n".join(parts))  # each part is a message of its own
     assert joined == _visible_chars(_unlinked(text, limit)) or joined == _visible_chars(text)
     whole = [line for line in text.split("\n") if line.lstrip().startswith("```")]
     for part in parts:
@@ -131,7 +136,7 @@ def test_a_link_longer_than_a_part_becomes_label_and_url() -> None:
     # Found: a link whose label was 5,000 characters was cut through its markup.
     parts = slack_split("see [" + "x" * 500 + "](https://example.com/a?b=1&c=2) now", 100)
     assert all(len(p) <= 100 for p in parts), parts
-    joined = _visible_chars("".join(parts))
+    joined = _visible_chars("\n".join(parts))  # each part is a message of its own
     assert joined == _visible_chars("see " + "x" * 500 + " (https://example.com/a?b=1&c=2) now")
 
 
