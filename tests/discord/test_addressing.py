@@ -31,26 +31,7 @@ MANAGE_GUILD = 1 << 5
 
 def said_by(fake: DiscordFake, author: dict[str, Any], channel: str = CHANNEL) -> dict[str, Any]:
     """A message already in the channel (known to the fake's REST API)."""
-    msg = {
-        "id": fake.snowflake(),
-        "channel_id": channel,
-        "guild_id": GUILD,
-        "author": author,
-        "content": "Earlier message",
-        "timestamp": "2026-01-01T00:00:00+00:00",
-        "edited_timestamp": None,
-        "tts": False,
-        "mention_everyone": False,
-        "mentions": [],
-        "mention_roles": [],
-        "attachments": [],
-        "embeds": [],
-        "pinned": False,
-        "type": 0,
-        "flags": 0,
-    }
-    fake.messages[msg["id"]] = msg
-    return msg
+    return fake.add_history(channel, author, "Earlier message")
 
 
 async def _texts(redis: Redis, settings: Settings) -> list[str]:

@@ -737,6 +737,17 @@ class DiscordFake:
             "authorizing_integration_owners": {"0": "1"},
             "attachment_size_limit": 8388608,
         }
+        return await self._dispatch_interaction(data, channel, user, roles)
+
+    async def _dispatch_interaction(
+        self,
+        data: dict[str, Any],
+        channel: dict[str, Any],
+        user: dict[str, Any],
+        roles: list[str],
+    ) -> Interaction:
+        """Dispatch INTERACTION_CREATE ``data`` as sent in ``channel`` by ``user`` (a
+        guild member, or a user in a DM) and track the interaction by its token."""
         if "guild_id" in channel:
             data["guild_id"] = channel["guild_id"]
             data["guild_locale"] = "en-US"
@@ -745,8 +756,8 @@ class DiscordFake:
         else:
             data["user"] = user
             data["context"] = 1
-        inter = Interaction(iid, token, cid, time.monotonic())
-        self.interactions[token] = inter
+        inter = Interaction(data["id"], data["token"], data["channel_id"], time.monotonic())
+        self.interactions[data["token"]] = inter
         await self.dispatch("INTERACTION_CREATE", data)
         return inter
 
@@ -839,18 +850,7 @@ class DiscordFake:
             "authorizing_integration_owners": {"0": "1"},
             "attachment_size_limit": 8388608,
         }
-        if "guild_id" in channel:
-            data["guild_id"] = channel["guild_id"]
-            data["guild_locale"] = "en-US"
-            data["member"] = {**self.member(user, roles), "permissions": EVERYONE_PERMISSIONS}
-            data["context"] = 0
-        else:
-            data["user"] = user
-            data["context"] = 1
-        inter = Interaction(iid, token, cid, time.monotonic())
-        self.interactions[token] = inter
-        await self.dispatch("INTERACTION_CREATE", data)
-        return inter
+        return await self._dispatch_interaction(data, channel, user, roles)
 
     # --- faults and statistics -------------------------------------------------------
 
