@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 from aiohttp import web
 
 from core.infra.logs import redact, redact_url, setup_logging
+from core.infra.signals import stop_on_signals
 from core.settings import Settings
 
 logger = logging.getLogger("sluice.dev")
@@ -79,14 +79,6 @@ async def serve(app: web.Application, host: str, port: int) -> AsyncIterator[int
         await runner.cleanup()
 
 
-async def _wait_for_signal() -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-
 async def run_web(settings: Settings, *, host: str | None = None, port: int | None = None) -> None:
     """Run the web chat adapter until SIGINT/SIGTERM.
 
@@ -100,12 +92,13 @@ async def run_web(settings: Settings, *, host: str | None = None, port: int | No
     setup_logging(settings, process="web")
     bind = host or settings.web_host
     check_exposure(settings, bind)
+    stop = stop_on_signals()  # before the log line that says it is up
     redis = await connect_web_redis(settings)
     try:
         app = create_web_app(settings, redis)
         async with serve(app, bind, port or settings.web_port) as bound:
             logger.info("web chat on http://%s:%d", bind, bound)
-            await _wait_for_signal()
+            await stop.wait()
     finally:
         await redis.aclose()
 
@@ -142,6 +135,7 @@ async def run_dev(settings: Settings, *, port: int | None = None, host: str | No
     from workers.settings import create_worker
 
     setup_logging(settings, process="dev")
+    stop = stop_on_signals()  # a SIGTERM right after the banner still stops gracefully
     web_host = host or settings.web_host
     check_exposure(settings, web_host)
     with choose_redis(settings) as (redis_url, redis_desc):
@@ -182,7 +176,7 @@ async def run_dev(settings: Settings, *, port: int | None = None, host: str | No
                     f"\n\n  Open http://{_url_host(web_host)}:{bound}  (Ctrl+C to stop)\n"
                 )
                 print(redact(banner), flush=True)  # passwords in URLs show as ***
-                await _wait_for_signal()
+                await stop.wait()
         finally:
             await drain(worker, worker_task, grace_s=10)
             await redis.aclose()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from typing import Any
 
 from arq.worker import Worker
@@ -19,6 +18,7 @@ from redis.exceptions import RedisError
 
 from core.errors import NoPrimaryError
 from core.infra.clock import skew_local_clock
+from core.infra.signals import stop_on_signals
 from core.settings import Settings
 from workers.settings import create_worker
 
@@ -56,10 +56,7 @@ async def run_worker(settings: Settings, *, burst: bool = False) -> None:
     never needs a worker restart.
     """
     skew_local_clock(settings.test_clock_offset_s)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     backoff_s = 1.0
     first = True
     while not stop.is_set():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import aiohttp
 import click
@@ -12,6 +11,7 @@ import click
 from bots.discord.gateway import invite_url, make_client
 from core.errors import ConfigError
 from core.infra.heartbeat import process_ops
+from core.infra.signals import stop_on_signals
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -50,10 +50,7 @@ async def run_discord(settings: Settings) -> None:
     """Connect and serve until SIGINT/SIGTERM."""
     token = _token(settings)
     client = make_client(settings)
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = stop_on_signals()
     async with process_ops(settings, "adapter:discord"), client:
         runner = asyncio.create_task(client.start(token))
         stopper = asyncio.create_task(stop.wait())

@@ -45,6 +45,7 @@ from bots.slack.listeners import SluiceListeners, register
 from core.errors import ConfigError, QueueError
 from core.infra.heartbeat import process_ops
 from core.infra.metrics import metrics_routes
+from core.infra.signals import stop_on_signals
 from core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -436,6 +437,7 @@ async def _running(settings: Settings, host: str, port: int) -> AsyncIterator[st
 
 
 async def serve(settings: Settings, host: str, port: int) -> None:
-    """``sluice slack``: run until cancelled."""
+    """``sluice slack``: serve until SIGINT/SIGTERM, then stop accepting and close."""
+    stop = stop_on_signals()
     async with running(settings, host, port):
-        await asyncio.Event().wait()
+        await stop.wait()

@@ -410,3 +410,18 @@ async def test_bot_command_as_slash_command_is_answered_by_the_worker(
         [r] = await wait_reply(fake_slack, "All systems operational", slack_settings)
     assert r.channel == "C6"
     assert llm_sim.stats()["completions"] == 0
+
+
+def test_sluice_slack_stops_gracefully_on_sigterm_right_after_it_is_up(slack_settings, tmp_path):
+    """SIGTERM the moment the adapter logs its address: it closes its site and its Redis
+    and database connections and exits 0, rather than dying with -15."""
+    from tests.helpers import Proc, base_env
+
+    port = free_port()
+    env = {**base_env(), **settings_env(slack_settings)}
+    proc = Proc(["slack", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path / "s.log")
+    try:
+        proc.wait_for_output("slack adapter (HTTP", timeout_s=60)
+    finally:
+        code = proc.stop()
+    assert code == 0, proc.output()[-3000:]
