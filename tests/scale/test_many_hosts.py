@@ -327,8 +327,7 @@ async def _run_load(
     # Back online: the same process rejoins (no restart) and works again.
     _ip("link", "set", net.host_links[0], "up")
     await cut.wait_output("beats again after being taken for dead; rejoining", 120)
-    rejoined_at = len(cut.output())
-    assert member in await live(redis, keys, 3)
+    rejoined_at = await _wait_rejoined(redis, keys, cut, member)
     adapter2 = NsProc(
         adapter_ns,
         ["tests.scale.netns_adapter", str(acked_path), "60", "30", "30", "p2"],
@@ -351,6 +350,26 @@ async def _run_load(
     twice = {m: n for m, n in counts.items() if n > 1}
     assert twice == {}, f"answered more than once: {twice}"
     assert all(w.popen.poll() is None for w in workers), "a worker exited"
+
+
+async def _wait_rejoined(redis: Redis, keys: Keys, cut: NsProc, member: str) -> int:
+    """Wait until the cut worker is back in the live set and polling; returns where its
+    log stood then.
+
+    Its heartbeat rejoins first. If arq's own loop also lost Redis during the cut, the
+    process starts a fresh arq worker (``lost Redis ...; reconnecting``), which drops
+    the member while it closes and adds it again when it is ready: wait for that too.
+    """
+    deadline = time.monotonic() + 120
+    while True:
+        out = cut.output()
+        since = out.rfind("beats again after being taken for dead")
+        restarted_at = out.find("lost Redis", since)
+        ready = restarted_at < 0 or "worker ready" in out[restarted_at:]
+        if ready and member in await live(redis, keys, 3):
+            return len(out)
+        assert time.monotonic() < deadline, f"{member} did not rejoin:\n{out[-3000:]}"
+        await asyncio.sleep(0.1)
 
 
 async def _member(redis: Redis, keys: Keys, pid: int) -> str:
