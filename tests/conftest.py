@@ -217,7 +217,6 @@ SERIAL_TESTS = {
     "test_high_lane_overtakes_under_saturation_and_bulk_still_progresses",
     "test_measure_one_queue_per_lane_for_comparison",
     "test_burst_of_quick_messages_from_one_user_is_answered_as_one_turn",
-    "test_flush_killed_mid_batch_at_any_point_loses_nothing_and_duplicates_nothing",
 }
 SERIAL_MODULES = {"test_load_nothing_lost.py", "test_load.py"}
 

@@ -73,13 +73,17 @@ def _wait_for(log: Path, needle: str, proc: object, timeout_s: float = 30.0) -> 
 async def test_flush_killed_mid_batch_at_any_point_loses_nothing_and_duplicates_nothing(
     hsettings: Settings, rds: Redis, engine: AsyncEngine, keys: Keys, tmp_path: Path
 ) -> None:
+    # A lock TTL no stall of a busy machine outlasts: a run that lost its lock would stop
+    # after its batch and never reach its pause point.
     settings = hsettings.model_copy(
-        update={"history_flush_batch": 500, "history_flush_lock_ttl_s": 1.0}
+        update={"history_flush_batch": 500, "history_flush_lock_ttl_s": 60.0}
     )
     history = make_history(rds, settings)
     ids = await buffer_messages(history, 4000)
 
     # Each run is SIGKILLed at a different point of a batch; the next one carries on.
+    # The killed run's lock would expire after its TTL (it renews no more); the test
+    # removes it at once instead of waiting, so that the next run is not skipped.
     points = [
         "after_read:2",
         "before_commit:1",
@@ -97,6 +101,7 @@ async def test_flush_killed_mid_batch_at_any_point_loses_nothing_and_duplicates_
             with contextlib.suppress(ProcessLookupError):  # so an early exit shows
                 os.killpg(proc.pid, signal.SIGKILL)
             await asyncio.to_thread(proc.wait)
+        assert await rds.delete(keys.history_flush_lock()) == 1, "the killed run held the lock"
         rows, distinct = await count_rows(engine)
         assert rows == distinct  # never a message twice, even mid-way
         pending = await rds.xpending(keys.history_backlog(), "flush")
