@@ -17,17 +17,20 @@ import aiohttp
 import pytest
 from redis.asyncio import Redis
 
+from core.infra.clock import redis_now
 from core.infra.heartbeat import live
 from core.infra.redis import Keys
 from core.settings import Settings
 from tests.helpers import Proc
 from tests.webchat import ChatSession, web_adapter
 
+DEAD_AFTER_S = 5
 ENV = {
     "SLUICE_HEALTH_CHECK_INTERVAL_S": "1",
-    "SLUICE_WORKER_DEAD_AFTER_S": "3",
-    "SLUICE_JOB_TIMEOUT_S": "120",
-    "SLUICE_LLM_TIMEOUT_S": "90",
+    "SLUICE_WORKER_DEAD_AFTER_S": str(DEAD_AFTER_S),
+    # Room for the held answer however slowly the workers start (it is released sooner).
+    "SLUICE_JOB_TIMEOUT_S": "270",
+    "SLUICE_LLM_TIMEOUT_S": "250",
 }
 
 
@@ -37,14 +40,14 @@ def _member_of(members: dict[str, float], proc: Proc) -> str | None:
 
 
 @pytest.mark.slow
-@pytest.mark.serial  # its answer must outlast two worker start-ups
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(300)
 async def test_workers_with_clocks_30s_off_steal_no_live_job_and_take_none_for_dead(
     settings: Settings, llm_sim: Any, worker_process: Callable[..., Proc], redis: Redis
 ) -> None:
-    # A 40 s answer: it outlasts two worker start-ups on a busy machine, and the
-    # skewed workers' reapers run many times while it is worked on.
-    llm_sim.configure(tokens=200, token_latency_s=0.2)
+    # An answer held in flight (a token every 2 s: 300 s in all) until the skewed
+    # workers have started, however slowly, and their reapers have run for longer than
+    # the dead-after window; then the rest of it streams at once.
+    llm_sim.configure(tokens=150, token_latency_s=2.0)
     keys = Keys(settings.key_prefix)
     honest = worker_process(ENV)
     async with web_adapter(settings) as (base, _), aiohttp.ClientSession() as http:
@@ -53,17 +56,29 @@ async def test_workers_with_clocks_30s_off_steal_no_live_job_and_take_none_for_d
             await tab.wait_for(mid, "delta", timeout_s=30)
             ahead = worker_process({**ENV, "SLUICE_TEST_CLOCK_OFFSET_S": "30"})
             behind = worker_process({**ENV, "SLUICE_TEST_CLOCK_OFFSET_S": "-30"})
+            procs = (honest, ahead, behind)
             members: dict[str, float] = {}
 
             async def all_beat() -> bool:
                 nonlocal members
-                members = await live(redis, keys, 3)
-                return all(_member_of(members, p) for p in (honest, ahead, behind))
+                members = await live(redis, keys, DEAD_AFTER_S)
+                return all(_member_of(members, p) for p in procs)
 
             await wait_until_async(all_beat, 30, "all three workers' heartbeats")
+            # All three beat; by Redis time, let more than the dead-after window pass
+            # (the reapers run every second), all three still live and nothing handed back.
+            until = await redis_now(redis) + DEAD_AFTER_S + 3
+
+            async def window_passed() -> bool:
+                assert await all_beat(), f"a worker was taken for dead: {members}"
+                assert all("handing" not in p.output() for p in procs), "a job was handed back"
+                return await redis_now(redis) >= until
+
+            await wait_until_async(window_passed, 60, "the dead-after window to pass")
             assert not [e for e in tab.events_for(mid) if e["type"] == "done"], (
                 "the answer ended before the skewed workers ran: nothing was tested"
             )
+            llm_sim.configure(token_latency_s=0.01)  # the rest of the answer, at once
             done = await tab.reply(mid, timeout_s=120)
             # All three are still live by Redis time: none took another for dead.
             assert await all_beat(), members
