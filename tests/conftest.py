@@ -213,7 +213,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 SERIAL_TESTS = {
     "test_300_users_in_one_channel_all_answered_within_rate_limits",
     "test_scaled_down_bench_report_is_complete_and_adds_up",
-    "test_shared_budget_keeps_429s_rare_and_answers_every_message",
     "test_high_lane_overtakes_under_saturation_and_bulk_still_progresses",
     "test_measure_one_queue_per_lane_for_comparison",
     "test_burst_of_quick_messages_from_one_user_is_answered_as_one_turn",
