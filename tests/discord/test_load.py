@@ -41,7 +41,8 @@ async def test_users_in_one_channel_with_discords_own_channel_limits(
     fake: DiscordFake, settings: Settings, worker_process: Callable[..., Proc], tmp_path: Path
 ) -> None:
     # Discord's real limits: 5 messages and 5 edits per 5 s in a channel.
-    await _load(fake, settings, worker_process, tmp_path, users=25)
+    # Twelve users: more than twice the channel bucket, so pacing must hold across windows.
+    await _load(fake, settings, worker_process, tmp_path, users=12)
 
 
 async def _load(
@@ -55,8 +56,10 @@ async def _load(
     s = settings.model_copy(
         update={"discord_token": SecretStr(fake.token), "discord_api_url": fake.api_url}
     )
-    for _ in range(2):  # two worker processes share the pacing state in Redis
-        worker_process(settings_env(s))
+    # Two worker processes share the pacing state in Redis (started together).
+    workers = [worker_process(settings_env(s), wait=False) for _ in range(2)]
+    for w in workers:
+        w.wait_for_output("worker ready", timeout_s=90)
     started = time.monotonic()
     async with running_adapter(s, fake):
         sent = []

@@ -273,9 +273,10 @@ async def test_worker_host_cut_off_mid_load_is_handed_back_answered_once_and_rej
                     "SLUICE_JOB_TIMEOUT_S": "60",
                     "SLUICE_WORKER_POLL_DELAY_S": "0.05",
                 }
-                for i, ns in enumerate(worker_ns):
+                for i, ns in enumerate(worker_ns):  # start together: their start-ups overlap
                     w = NsProc(ns, ["sluice", "worker"], env, tmp_path / f"worker-{i}.log")
                     procs.append(w)
+                for w in procs:
                     await w.wait_output("worker ready", 90)
                 workers = list(procs)
                 await _run_load(net, redis, keys, workers, adapter_ns, env, tmp_path, procs)
