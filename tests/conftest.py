@@ -214,7 +214,6 @@ SERIAL_TESTS = {
     "test_300_users_in_one_channel_all_answered_within_rate_limits",
     "test_scaled_down_bench_report_is_complete_and_adds_up",
     "test_high_lane_overtakes_under_saturation_and_bulk_still_progresses",
-    "test_measure_one_queue_per_lane_for_comparison",
     "test_burst_of_quick_messages_from_one_user_is_answered_as_one_turn",
 }
 SERIAL_MODULES = {"test_load_nothing_lost.py", "test_load.py"}

@@ -19,6 +19,8 @@ from tests.helpers import Proc, base_env, free_port, settings_env, wait_port
 from tests.traffic_util import done_event, outbox, p95, post, wait_done
 from tests.webchat import open_session, web_adapter, with_web_secret
 
+LANES = ("high", "default", "bulk")
+
 
 def _session() -> str:
     return f"s{uuid.uuid4().hex[:16]}"
@@ -235,12 +237,36 @@ async def test_high_lane_overtakes_under_saturation_and_bulk_still_progresses(
     assert counts["bulk"]["started"] == 21 and counts["default"]["started"] == 84
 
 
-@pytest.mark.slow
-async def test_measure_one_queue_per_lane_for_comparison(settings, llm_sim, worker_process, redis):
-    """The alternative to the score ordering, measured under the same load (see
-    docs/traffic.md for the numbers): it answers everything too."""
-    got = await _lane_load(settings, llm_sim, worker_process, redis, "per-lane")
-    assert got["high"] < got["bulk"]
+async def test_one_queue_per_lane_sends_each_lane_to_its_own_workers_and_answers_all(
+    settings, llm_sim, worker_process, redis
+):
+    """``SLUICE_LANE_QUEUES=per-lane``: each lane's jobs run on that lane's workers only.
+    How it compares with the score ordering under load is measured by
+    ``sluice bench --scenario lanes`` (docs/traffic.md)."""
+    app = {"SLUICE_APP": "tests.traffic_bot:bot", "SLUICE_LANE_QUEUES": "per-lane"}
+    env = {lane: {**app, "SLUICE_WORKER_LANES": f'["{lane}"]'} for lane in LANES}
+    workers = {lane: worker_process(env[lane], wait=False) for lane in LANES}
+    for w in workers.values():
+        w.wait_for_output("worker ready", timeout_s=90)
+    s = settings.model_copy(update={"app": "tests.traffic_bot:bot", "lane_queues": "per-lane"})
+    lane_of: dict[str, str] = {}
+    async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
+        sent = []
+        for i in range(12):
+            lane = LANES[i % 3]
+            word = {"high": "billing", "bulk": "digest", "default": "question"}[lane]
+            session = await open_session(http, base)
+            mid = await post(http, base, session, f"{word} number {i}")
+            lane_of[mid] = lane
+            sent.append((session, mid))
+        events = await wait_done(redis, settings.key_prefix, sent, timeout_s=60)
+    assert all(done_event(events[m])["kind"] == "answer" for _, m in sent)
+    outputs = {lane: w.output() for lane, w in workers.items()}
+    for mid, lane in lane_of.items():
+        ran_on = [name for name, out in outputs.items() if f"message={mid} " in out]
+        assert ran_on == [lane], (mid, lane, ran_on)
+    counts = await lane_counts(redis, Keys(settings.key_prefix))
+    assert {lane: counts[lane]["started"] for lane in LANES} == dict.fromkeys(LANES, 4)
 
 
 async def test_breaker_opens_while_the_provider_is_down_and_calls_resume_after(

@@ -24,7 +24,8 @@ from sluice.bench.scenarios import SCENARIOS
     help="launch-day: 1000 users x 2 messages in 60 s (10 at 10x, 30% repeats), provider "
     "600 rpm; steady: half the provider's limit for 2 min; 10x: ten times launch-day's "
     "users; flush: the history flush benchmark; serializer: JSON vs msgpack on the job "
-    "payload; launch-day-pool: launch-day against two simulators of half the rpm each "
+    "payload; lanes: score ordering vs one queue per lane (SLUICE_LANE_QUEUES), same load "
+    "and worker slots; launch-day-pool: launch-day against two simulators of half the rpm each "
     "(SLUICE_PROVIDERS); launch-day-pool-kill: the same, the second simulator killed 20 s in.",
 )
 @click.option(
@@ -147,6 +148,17 @@ def bench(
         console.print(table)
         out.mkdir(parents=True, exist_ok=True)
         (out / "serializer.json").write_text(json.dumps(numbers, indent=1), "utf-8")
+        return
+    if scenario == "lanes":
+        from sluice.bench.lanes import run_lanes
+        from sluice.bench.run import base_env
+
+        with redis_server(settings.redis_url) as (redis_url, _pid, desc):
+            console.print(f"redis: {desc}")
+            (out / "logs-lanes").mkdir(parents=True, exist_ok=True)
+            rows = asyncio.run(run_lanes(redis_url, base_env(), out / "logs-lanes"))
+        console.print(report.lanes_table(rows))
+        (out / "lanes.json").write_text(json.dumps(rows, indent=1), "utf-8")
         return
     if scenario == "flush":
         with redis_server(settings.redis_url) as (redis_url, _pid, desc):

@@ -542,3 +542,21 @@ def write(report: dict[str, Any], out_dir: Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(report, indent=1), "utf-8")
     html_path.write_text(html_report(report), "utf-8")
     return json_path, html_path
+
+
+def lanes_table(rows: list[dict[str, Any]]) -> Table:
+    """``--scenario lanes``: p95 wait per lane and time until all answered, per mode."""
+    t = Table(title="score ordering vs one queue per lane (same load, same worker slots)")
+    for col in ("mode", "workers x slots", "p95 wait high", "default", "bulk", "all answered in"):
+        t.add_column(col)
+
+    def s(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f} s"
+
+    for r in rows:
+        w = r["p95_wait_s"]
+        slots = f"{r['workers']} x {r['slots'] // r['workers']}"
+        t.add_row(
+            r["mode"], slots, s(w["high"]), s(w["default"]), s(w["bulk"]), s(r["all_answered_s"])
+        )
+    return t

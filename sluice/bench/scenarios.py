@@ -122,6 +122,8 @@ TEN_X = replace(LAUNCH_DAY, name="10x", users=10_000, heavy_users=100, drain_tim
 # Placeholder: the history helper's flush benchmark is called instead of a load run.
 FLUSH = replace(LAUNCH_DAY, name="flush")
 SERIALIZER = replace(LAUNCH_DAY, name="serializer")
+# Placeholder: score ordering vs one queue per lane (sluice.bench.lanes) is run instead.
+LANES = replace(LAUNCH_DAY, name="lanes")
 # 200 normal users chat (3 messages each in a minute, half the provider's limit) while
 # one user sends 5,000 messages in 10 s and one tenant's 10 users send 10x their share.
 FLOOD = replace(
@@ -156,6 +158,7 @@ SCENARIOS: dict[str, Scenario] = {
         STEADY,
         TEN_X,
         FLUSH,
+        LANES,
         SERIALIZER,
         FLOOD,
         FLOOD_CALM,

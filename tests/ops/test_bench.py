@@ -292,3 +292,26 @@ def test_pool_bench_with_a_simulator_killed_midway_shows_no_errors(
     assert providers["sim1"]["killed"] and not providers["sim0"]["killed"]
     assert providers["sim0"]["completions"] > 0
     assert "answers per provider (pool)" in done.stdout
+
+
+@pytest.mark.slow
+async def test_lanes_scenario_measures_both_modes_on_the_same_load(
+    redis_url: str, tmp_path: Path
+) -> None:
+    from rich.console import Console
+
+    from sluice.bench.lanes import run_lanes
+    from sluice.bench.report import lanes_table
+
+    rows = await run_lanes(redis_url, base_env(), tmp_path, messages=24)
+    assert [r["mode"] for r in rows] == ["score", "per-lane"]
+    for r in rows:
+        # 1 in 8 high, 1 in 5 of the rest bulk: every message counted in its lane.
+        assert r["messages"] == {"high": 3, "default": 17, "bulk": 4}, r
+        assert all(w is not None and w >= 0 for w in r["p95_wait_s"].values()), r
+        assert r["all_answered_s"] > 0
+    assert (rows[0]["workers"], rows[1]["workers"]) == (1, 3)
+    console = Console(record=True, width=120)
+    console.print(lanes_table(rows))
+    text = console.export_text()
+    assert "per-lane" in text and "3 x 2" in text and "1 x 6" in text
