@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Parallel test processes (pytest-xdist); 0 runs everything in one process.
 TEST_WORKERS ?= 4
+# The serial part's queues (tests/conftest.py): the failover tests beside the load and
+# timing tests, which run one after another; 0 runs all of them one after another.
+SERIAL_WORKERS ?= 2
 
 .PHONY: run test test-fast lint format bench docs install clean
 
@@ -25,7 +28,8 @@ run: $(STAMP)
 MARK_AND = $(if $(TEST_MARK),($(TEST_MARK)) and ,)
 test: $(STAMP)
 	$(BIN)/pytest -n $(TEST_WORKERS) -m "$(MARK_AND)not serial" $(PYTEST_ARGS)
-	$(BIN)/pytest -m "$(MARK_AND)serial" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(BIN)/pytest -n $(SERIAL_WORKERS) --dist loadgroup -m "$(MARK_AND)serial" $(PYTEST_ARGS) \
+		|| [ $$? -eq 5 ]
 
 ## Everything but the slow tests
 test-fast: $(STAMP)

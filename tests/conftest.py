@@ -219,9 +219,21 @@ SERIAL_TESTS = {
 SERIAL_MODULES = {"test_load_nothing_lost.py", "test_load.py"}
 
 
+# The serial part runs as two queues side by side (`make test`: `-n 2 --dist loadgroup`):
+# the failover tests, which mostly wait (for a sentinel's vote, a heartbeat window, a
+# link to come back) on servers of their own, beside the load and timing tests, which
+# run one after another.
+SERIAL_FAILOVER_MARKERS = ("netns", "sentinel")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark the load and timing tests ``serial``."""
+    """Mark the load and timing tests ``serial``, and give each serial test its queue
+    (``xdist_group``) for the serial part."""
     for item in items:
         name = getattr(item, "originalname", item.name)
         if name in SERIAL_TESTS or item.path.name in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
+        if item.get_closest_marker("serial"):
+            failover = any(item.get_closest_marker(m) for m in SERIAL_FAILOVER_MARKERS)
+            group = "serial-failover" if failover else "serial-load"
+            item.add_marker(pytest.mark.xdist_group(group))
