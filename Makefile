@@ -5,8 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Parallel test processes (pytest-xdist); 0 runs everything in one process.
 TEST_WORKERS ?= 4
-# The serial part's queues (tests/conftest.py): the failover tests beside the load and
-# timing tests, which run one after another; 0 runs all of them one after another.
+# The serial part's two queues side by side (tests/conftest.py), one test at a time in
+# each; 0 runs all of them one after another.
 SERIAL_WORKERS ?= 2
 
 .PHONY: run test test-fast lint format bench docs install clean

@@ -208,8 +208,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
             report.longrepr = f"{env}=1 but this {marker} test was skipped: {report.longrepr}"
 
 
-# Load and timing tests: run alone (`make test` runs them after the parallel part), so
-# that the 2-core machine's other test processes cannot push them past their deadlines.
+# Load and timing tests: `make test` runs them after the parallel part (below: in two
+# queues), so that the parallel part's processes cannot push them past their deadlines.
 SERIAL_TESTS = {
     "test_300_users_in_one_channel_all_answered_within_rate_limits",
     "test_scaled_down_bench_report_is_complete_and_adds_up",
@@ -219,11 +219,13 @@ SERIAL_TESTS = {
 SERIAL_MODULES = {"test_load_nothing_lost.py", "test_load.py"}
 
 
-# The serial part runs as two queues side by side (`make test`: `-n 2 --dist loadgroup`):
-# the failover tests, which mostly wait (for a sentinel's vote, a heartbeat window, a
-# link to come back) on servers of their own, beside the load and timing tests, which
-# run one after another.
-SERIAL_FAILOVER_MARKERS = ("netns", "sentinel")
+# The serial part runs as two queues side by side (`make test`: `-n 2 --dist loadgroup`),
+# each one test at a time, of about equal length. Queue "serial-b": the failover tests,
+# which mostly wait (for a sentinel's vote, a heartbeat window, a link to come back) on
+# servers of their own, and the bench report test; queue "serial-a": the load test and
+# the pacing and ordering tests.
+SERIAL_B_MARKERS = ("netns", "sentinel")
+SERIAL_B_TESTS = {"test_scaled_down_bench_report_is_complete_and_adds_up"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -234,6 +236,5 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if name in SERIAL_TESTS or item.path.name in SERIAL_MODULES:
             item.add_marker(pytest.mark.serial)
         if item.get_closest_marker("serial"):
-            failover = any(item.get_closest_marker(m) for m in SERIAL_FAILOVER_MARKERS)
-            group = "serial-failover" if failover else "serial-load"
-            item.add_marker(pytest.mark.xdist_group(group))
+            b = name in SERIAL_B_TESTS or any(item.get_closest_marker(m) for m in SERIAL_B_MARKERS)
+            item.add_marker(pytest.mark.xdist_group("serial-b" if b else "serial-a"))
