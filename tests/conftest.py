@@ -220,10 +220,10 @@ SERIAL_MODULES = {"test_load_nothing_lost.py", "test_load.py"}
 
 
 # The serial part can run as two queues side by side (`make test SERIAL_WORKERS=2`:
-# `-n 2 --dist loadgroup`), each one test at a time, of about equal length. Queue "serial-b": the failover tests,
-# which mostly wait (for a sentinel's vote, a heartbeat window, a link to come back) on
-# servers of their own, and the bench report test; queue "serial-a": the load test and
-# the pacing and ordering tests.
+# `-n 2 --dist loadgroup`), one test at a time in each, of about equal length. Queue
+# "serial-b": the failover tests, which mostly wait (for a sentinel's vote, a heartbeat
+# window, a link to come back) on servers of their own, and the bench report test;
+# queue "serial-a": the load test and the pacing and ordering tests.
 SERIAL_B_MARKERS = ("netns", "sentinel")
 SERIAL_B_TESTS = {"test_scaled_down_bench_report_is_complete_and_adds_up"}
 
