@@ -16,9 +16,11 @@ with its message in a hash beside it, and every worker process runs one
 - Each claimed notice is refreshed (:func:`workers.traffic_jobs.refresh_notice`); one
   that is over (the answer started, the message is gone, ``MAX_REFRESHES`` reached, or
   the refresh failed) leaves the set.
-- The loop sleeps until the earliest due notice, at most one refresh interval: a notice
-  added meanwhile is due a whole interval after it was added, so none is refreshed late
-  by more than the sweep itself takes. An idle worker sweeps once per interval.
+- The loop sleeps until the earliest due notice (at least :data:`MIN_SLEEP_MS`, so
+  notices falling due close together are claimed in one call), at most one refresh
+  interval: a notice added meanwhile is due a whole interval after it was added, so
+  none is refreshed later than that least sleep and the sweep itself take. An idle
+  worker sweeps once per interval.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ MAX_REFRESHES = 400
 BATCH = 100
 # A refresh that takes longer is abandoned (the reserved path's job timeout).
 REFRESH_TIMEOUT_S = 30.0
+# Least sleep between sweeps: notices falling due within it are claimed together (one
+# script call), at most this late.
+MIN_SLEEP_MS = 1000.0
 # After a Redis error, the next sweep.
 RETRY_S = 1.0
 
@@ -143,7 +148,7 @@ class Refresher:
         if len(claimed) >= BATCH:
             return len(claimed), 0.0
         until_ms = (float(first) - int(now)) if first is not None else every_ms
-        return len(claimed), min(every_ms, max(50.0, until_ms)) / 1000
+        return len(claimed), min(every_ms, max(MIN_SLEEP_MS, until_ms)) / 1000
 
     async def _one(self, raw_job: bytes | str, raw: bytes | str, n: int) -> None:
         job_id = raw_job.decode() if isinstance(raw_job, bytes) else raw_job
