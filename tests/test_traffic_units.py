@@ -72,34 +72,6 @@ async def test_lock_of_a_dead_holder_expires_and_the_next_message_goes_on(settin
     await lock2.release()
 
 
-async def test_a_job_steps_aside_at_once_when_the_holder_waits_for_llm_budget(settings, redis):
-    """The holder of the turn waits in the LLM budget's line: the next message's job
-    does not wait in its slot (SLUICE_ORDER_WAIT_IN_JOB_S) for it, it parks at once;
-    once the holder has its grant (out of the line) the job waits as before."""
-    keys = Keys(settings.key_prefix)
-    s = settings.model_copy(update={"order_wait_in_job_s": 3600.0})
-    first, second = _msg("m1"), _msg("m2")
-    await register_arrival(redis, keys, first)
-    await register_arrival(redis, keys, second)
-    lock = await acquire_conversation(redis, keys, s, first, first.job_id)
-    try:
-        await redis.zadd(keys.llm("waiters"), {first.job_id: 1})
-        # With an hour's wait in the slot, only stepping aside ends this in time.
-        with pytest.raises(ConversationBusy) as busy:
-            await asyncio.wait_for(acquire_conversation(redis, keys, s, second, second.job_id), 60)
-        assert busy.value.blocker == first.job_id
-        await redis.zrem(keys.llm("waiters"), first.job_id)
-        waiting = asyncio.create_task(acquire_conversation(redis, keys, s, second, second.job_id))
-        await asyncio.sleep(0.3)
-        assert not waiting.done(), "answering now: the job waits in its slot"
-        await lock.release()
-        lock2 = await asyncio.wait_for(waiting, 60)
-        await lock2.release()
-    finally:
-        await lock.release()
-        await redis.delete(keys.llm("waiters"))
-
-
 async def test_lock_is_renewed_while_the_holder_works(settings, redis):
     keys = Keys(settings.key_prefix)
     s = settings.model_copy(update={"order_wait_in_job_s": 0.0, "conversation_lock_ttl_s": 0.3})

@@ -70,11 +70,9 @@ return added
 """
 )
 
-# KEYS: lock, pending, started, wake, LLM budget line; ARGV: job id, lock ttl ms, max
-# wait ms.
+# KEYS: lock, pending, started, wake; ARGV: job id, lock ttl ms, max wait ms.
 # Returns {1, '', 0} when the lock is ours, {0, blocker, held} otherwise: held is 1
-# when the blocker holds the lock and is answering now, 2 when it holds the lock but
-# waits in the LLM budget's line (it will not finish soon), 0 when it has not started.
+# when the blocker holds the lock (answering now), 0 when it has not started yet.
 _ACQUIRE = (
     _NOW_MS
     + """
@@ -83,10 +81,7 @@ if holder == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return {1, '', 0}
 end
-if holder then
-  if redis.call('ZSCORE', KEYS[5], holder) then return {0, holder, 2} end
-  return {0, holder, 1}
-end
+if holder then return {0, holder, 1} end
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   while true do
     local head = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
@@ -235,7 +230,6 @@ class ConversationLock:
             keys.conv_texts(conversation_id),
             keys.conv_wake(conversation_id),
         ]
-        self._budget_line = keys.llm("waiters")
         self.conversation_id = conversation_id
         self.job_id = job_id
         self._ttl_ms = max(1, int(ttl_s * 1000))
@@ -249,10 +243,9 @@ class ConversationLock:
 
     async def try_acquire(self, max_wait_s: float) -> tuple[bool, str, bool]:
         """One attempt; returns (acquired, the job id we wait for, whether that job
-        holds the lock and is answering now, rather than not started yet or waiting
-        in the LLM budget's line: either way it will not finish soon)."""
+        holds the lock, i.e. is answering now rather than not started yet)."""
         res: list[Any] = await self._acquire(
-            [*self._keys[:3], self._keys[4], self._budget_line],
+            [*self._keys[:3], self._keys[4]],
             [self.job_id, self._ttl_ms, int(max_wait_s * 1000)],
         )
         blocker = res[1].decode() if isinstance(res[1], bytes) else str(res[1])
@@ -273,19 +266,15 @@ async def acquire_conversation(
     """Wait (briefly) for the right to answer ``msg``.
 
     Waits in the slot only while an earlier message is being answered (it may finish
-    soon); an earlier message that has not started yet, or that holds the turn but
-    waits in the LLM budget's line, will not finish within the wait, so the job steps
-    aside at once and lends it its score (:func:`park`). (Waiting 2 s in the slot for
-    one in the budget's line, re-run every few seconds while it waited, was ~50 Redis
-    commands a try under a backlog, and kept the slot from other work.) Under
+    soon); an earlier message that has not started yet will not finish within the
+    wait, so the job steps aside at once and lends it its score (:func:`park`). Under
     a backlog that is common: a user's first message may be late while the second is
     still in time (:mod:`core.traffic.schedule`), and holding the slot would only keep other
     work from it.
 
     Raises:
         ConversationBusy: still busy after ``SLUICE_ORDER_WAIT_IN_JOB_S``, or waiting
-            for an earlier message that has not started or waits for LLM budget;
-            re-defer the job.
+            for an earlier message that has not started; re-defer the job.
     """
     lock = ConversationLock(
         redis, keys, msg.conversation_id, job_id, settings.conversation_lock_ttl_s
