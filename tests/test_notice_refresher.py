@@ -207,3 +207,69 @@ async def _clean(settings: Settings, redis: Redis) -> Any:
     await redis.delete(
         keys.notice_refresh(), keys.notice_refresh_payload(), keys.notice_refresh_count()
     )
+
+
+async def test_refresh_notice_shows_the_new_estimate_then_stops_and_old_jobs_hand_over(
+    settings, redis
+):
+    """The real refresh (workers.traffic_jobs.refresh_notice) on a web message whose
+    reply job waits in the queue: a fresh "queued" event in its outbox, and True (keep
+    refreshing); once its answer is being made, False and nothing shown. A refresh job
+    queued by an older version (notify_queued with refresh > 0) refreshes once and
+    schedules the rest here."""
+    import json as json_mod
+
+    from arq.constants import in_progress_key_prefix
+
+    from core.framework.bot import Bot
+    from core.traffic.control import Traffic
+    from core.traffic.queue import arq_job_id, connect_queue, enqueue_reply
+    from workers.traffic_jobs import notify_queued, refresh_notice
+
+    s = settings.model_copy(update={"llm_rpm": 60, "queued_notice_after_s": 0})
+    keys = Keys(s.key_prefix)
+    pool = await connect_queue(s)
+    ctx: dict[str, Any] = {
+        "settings": s,
+        "redis": pool,
+        "traffic": Traffic(pool, s, Bot()),
+        "responders": {},
+        "responders_lock": asyncio.Lock(),
+    }
+    msgs = [_msg(f"m{i}") for i in range(3)]
+    msgs = [m.model_copy(update={"channel": f"c{i}"}) for i, m in enumerate(msgs)]
+    try:
+        for m in msgs:
+            assert await enqueue_reply(pool, s, m)
+        last = msgs[-1]
+
+        async def queued_events() -> list[dict[str, Any]]:
+            entries = await redis.xrange(keys.web_outbox(last.channel))
+            events = [json_mod.loads(fields[b"data"]) for _, fields in entries]
+            return [e for e in events if e["type"] == "queued"]
+
+        before = len(await queued_events())
+        assert await refresh_notice(ctx, last) is True
+        shown = await queued_events()
+        assert len(shown) == before + 1 and shown[-1]["place"] == 3
+
+        await notify_queued(ctx, last.model_dump(mode="json"), 0, None, 7)
+        assert len(await queued_events()) == before + 2
+        score, raw, n = await _state(redis, keys, last.job_id)
+        assert score is not None and raw is not None and int(n) == 7  # the 8th is next
+
+        # Its job started, holds the conversation and is not waiting for budget: the
+        # answer is being made, the notice is left to it.
+        await redis.set(in_progress_key_prefix + arq_job_id(s, last), b"1", ex=60)
+        await redis.set(keys.conv_lock(last.conversation_id), last.job_id, ex=60)
+        assert await refresh_notice(ctx, last) is False
+        assert len(await queued_events()) == before + 2
+    finally:
+        for factory in ctx["responders"].values():
+            await factory.close()
+        await redis.delete(
+            *(keys.web_outbox(m.channel) for m in msgs),
+            in_progress_key_prefix + arq_job_id(s, msgs[-1]),
+            keys.conv_lock(msgs[-1].conversation_id),
+        )
+        await pool.aclose()
