@@ -442,8 +442,15 @@ async def test_a_parked_earlier_message_keeps_parked_and_takes_the_lent_score_wh
     # The first (not parked) moves up in its queue; the parked second stays parked...
     assert await redis.zscore(s.queue_name, ids[0]) <= before[2] + 1000
     assert await redis.zscore(s.queue_name, ids[1]) == parked_score
-    wake = json.loads(await redis.hget(keys.conv_wake(msgs[1].conversation_id), msgs[1].job_id))
+    wake_key = keys.conv_wake(msgs[1].conversation_id)
+    wake = json.loads(await redis.hget(wake_key, msgs[1].job_id))
     assert float(wake[2]) <= before[2] + 1000
+    # Its own look again (the park's safety net) finds it still busy: parked again,
+    # keeping the lent score.
+    with pytest.raises(Retry):
+        async with traffic.in_turn(msgs[1], msgs[1].job_id):
+            raise AssertionError("the second message must still wait")
+    assert json.loads(await redis.hget(wake_key, msgs[1].job_id))[2] == wake[2]
     # ...until the first is answered: woken, it goes back at the lent score.
     lock = await acquire_conversation(redis, keys, s, msgs[0], msgs[0].job_id)
     await lock.release()

@@ -183,12 +183,19 @@ for _, jid in ipairs(earlier) do
 end
 local holder = redis.call('GET', KEYS[1])
 local head = earlier[1]
+-- A better score lent to it while it was parked (its wake entry) is kept.
+local score = ARGV[3]
+local mine = redis.call('HGET', KEYS[3], ARGV[1])
+if mine then
+  local lent = cjson.decode(mine)[3]
+  if tonumber(lent) < tonumber(score) then score = lent end
+end
 if not holder and (head == nil or head == ARGV[1]) then
   redis.call('HDEL', KEYS[3], ARGV[1])
-  redis.call('ZADD', KEYS[4], 'XX', ARGV[3], ARGV[2])
+  redis.call('ZADD', KEYS[4], 'XX', score, ARGV[2])
   return 0
 end
-redis.call('HSET', KEYS[3], ARGV[1], cjson.encode({KEYS[4], ARGV[2], ARGV[3]}))
+redis.call('HSET', KEYS[3], ARGV[1], cjson.encode({KEYS[4], ARGV[2], score}))
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 redis.call('ZADD', KEYS[4], 'XX', now + tonumber(ARGV[4]), ARGV[2])
 return 1
