@@ -42,7 +42,7 @@ from core.framework.bot import Bot
 from core.infra import metrics
 from core.infra.redis import Keys
 from core.infra.scripts import Lua
-from core.llm.pool import budget_lines
+from core.llm.pool import BudgetLine, budget_lines
 from core.messages import IncomingMessage
 from core.settings import Settings
 from core.traffic.ordering import WAKE_HEAD_LUA
@@ -130,20 +130,32 @@ async def budgets_now(
     TIME. With ``job_id``, its rank in each budget's line too."""
     lines = budget_lines(keys, settings)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.time()
-        for b in lines:
-            pipe.hmget(b.keys.llm("bucket"), ["rl", "ts", "lim_r", "blocked"])
-            pipe.pttl(b.keys.llm("breaker:open"))
-            if job_id is not None:
-                pipe.zrank(b.keys.llm("waiters"), job_id)
+        _read_budgets(pipe, lines, job_id)
         res = await pipe.execute()
+    return _budgets_from(settings, lines, res, ranked=job_id is not None)
+
+
+def _read_budgets(pipe: Any, lines: list[BudgetLine], job_id: str | None) -> None:
+    """Queue the reads of :func:`_budgets_from` on ``pipe``: TIME, then per budget its
+    bucket, its breaker and (with ``job_id``) that job's rank in its line."""
+    pipe.time()
+    for b in lines:
+        pipe.hmget(b.keys.llm("bucket"), ["rl", "ts", "lim_r", "blocked"])
+        pipe.pttl(b.keys.llm("breaker:open"))
+        if job_id is not None:
+            pipe.zrank(b.keys.llm("waiters"), job_id)
+
+
+def _budgets_from(
+    settings: Settings, lines: list[BudgetLine], res: list[Any], *, ranked: bool
+) -> tuple[Budgets, tuple[int, int]]:
     now = (int(res[0][0]), int(res[0][1]))
     now_ms = now[0] * 1000 + now[1] // 1000
-    per = 3 if job_id is not None else 2
+    per = 3 if ranked else 2
     each = []
     for i, b in enumerate(lines):
         (level, ts, learned, blocked), open_ttl = res[1 + i * per], res[2 + i * per]
-        rank = res[3 + i * per] if job_id is not None else None
+        rank = res[3 + i * per] if ranked else None
         rate = budget_rate_per_s(settings, learned, b.rpm or 0)
         if level is None:
             have = rate * 60  # never used yet: a full bucket
@@ -226,11 +238,13 @@ async def estimate_line(
 
     Cached answers ahead need no budget, so this errs long rather than short.
     """
+    lines = budget_lines(keys, settings)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcount(queue, "-inf", score_ms)
         pipe.zcard(queue)
-        ahead, total = await pipe.execute()
-    budgets, now = await budgets_now(redis, keys, settings)
+        _read_budgets(pipe, lines, None)
+        ahead, total, *read = await pipe.execute()
+    budgets, now = _budgets_from(settings, lines, read, ranked=False)
     place = max(1, int(ahead) + (0 if queued else 1))
     res: list[Any] = await Lua(redis, _SLOTS)(
         [keys.lanes(), f"{keys.prefix}:door:start-rate"], [SLOT_SAMPLE_MS]
