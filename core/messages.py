@@ -79,9 +79,11 @@ class IncomingMessage(BaseModel):
     meta: dict[str, str] = Field(default_factory=dict)
     files: list[FileRef] = Field(default_factory=list)
     # Its place in line, set when it is enqueued (core.traffic.schedule): fair start and the
-    # time from which it counts as late, in ms since the epoch.
+    # time from which it counts as late, in ms since the epoch, and whether it came over
+    # its user's share (served after the late messages).
     fair_ms: int | None = None
     late_at_ms: int | None = None
+    over_share: bool = False
 
     @property
     def conversation_id(self) -> str:

@@ -1022,7 +1022,8 @@ class Settings(BaseSettings):
         "that user's place in line this many seconds later, so under overload a user's "
         "second message waits behind other users' first ones; a message arriving while "
         "its user is more than one step ahead is over its share and waits behind every "
-        "message that can still make SLUICE_TARGET_WAIT_S (0 = off, <= 3600).",
+        "message that can still make SLUICE_TARGET_WAIT_S and every late one "
+        "(0 = off, <= 3600).",
     )
     tenant_weights: Annotated[dict[str, float], NoDecode] = Field(
         default_factory=dict,

@@ -28,6 +28,7 @@ from core.traffic.schedule import (
     BAND_SHIFT_MS,
     IN_TIME_BAND_MS,
     LATE_BAND_MS,
+    OVER_SHARE_BAND_MS,
     SWEEP_LUA,
     deadlines_key,
     fair_key,
@@ -101,19 +102,26 @@ async def test_a_users_clock_key_is_short_whatever_the_ids(settings, redis):
 async def test_messages_over_a_users_share_wait_behind_everyone_in_time(settings, redis):
     """Under overload a user with more than one step of messages waiting ahead is over
     its share: its further messages go behind every message that can still make its
-    target (the late band), so a heavy sender's extras do not take the quota from
-    light users' messages. Still queued, still answered later, in fair order."""
+    target, and behind every late one too (the over-share band), so a heavy sender's
+    extras do not take the quota from light users' messages. Still queued, still
+    answered later, in fair order."""
     s = _s(settings)
     heavy = [_msg(f"h{i}", user="heavy") for i in range(1, 5)]
     await _enqueue(s, *heavy)
     await _enqueue(s, _msg("l1", user="light1"))
     now_ms = time.time() * 1000
-    in_time, late = [], []
+    in_time, late, over = [], [], []
     for m in [*heavy, _msg("l1", user="light1")]:
         score = await redis.zscore(s.queue_name, arq_job_id(s, m))
-        (late if score > now_ms - LATE_BAND_MS - 120_000 else in_time).append(m.message_id)
+        assert score < now_ms  # every band is due for arq
+        if score > now_ms - OVER_SHARE_BAND_MS - 120_000:
+            over.append(m.message_id)
+        elif score > now_ms - LATE_BAND_MS - 120_000:
+            late.append(m.message_id)
+        else:
+            in_time.append(m.message_id)
     # The first two (no more than one step ahead) are in time, like the light user's.
-    assert in_time == ["h1", "h2", "l1"] and late == ["h3", "h4"]
+    assert in_time == ["h1", "h2", "l1"] and late == [] and over == ["h3", "h4"]
     assert await _queue_order(redis, s) == ["h1", "l1", "h2", "h3", "h4"]
     index = {i.decode() for i in await redis.zrange(deadlines_key(s.queue_name), 0, -1)}
     assert index == {arq_job_id(s, m) for m in (heavy[0], heavy[1], _msg("l1", user="light1"))}
@@ -271,6 +279,45 @@ async def test_a_worker_serves_fair_shares_lanes_and_in_time_messages_first_in_o
     prompts = {r["messages"][-1]["content"]: r["messages"] for r in llm_sim.requests()}
     third = prompts[heavy[2].text]
     assert [m["content"] for m in third if m["role"] == "user"] == [m.text for m in heavy[:3]]
+
+
+async def test_a_light_users_late_message_goes_before_a_heavy_users_extras_sent_earlier(
+    settings, llm_sim, worker_process, redis
+):
+    """Under a backlog (one worker slot, everything queued), a heavy user's messages
+    over its share wait in a band of their own after the late one: a light user's
+    message that already missed its target is answered before them, though they were
+    sent earlier and their fair starts come before its own. The heavy user is still
+    answered, in order within its conversation."""
+    s = _s(settings, fair_step_s=1.0)
+    short = _s(settings, fair_step_s=1.0, target_wait_s=0.4, target_margin_s=0.3)
+    run = uuid.uuid4().hex[:6]
+    heavy = [_msg(f"h{i}{run}", user="h", channel=f"hc{run}") for i in (1, 2, 3, 4)]
+    sent = time.time()
+    await _enqueue(s, *heavy)
+    # Over its share: the third and fourth (fair starts at about 2 and 3 s after the first).
+    assert time.time() - sent < 0.9, "the heavy user's messages were not sent at once"
+    extras = [await redis.zscore(s.queue_name, arq_job_id(s, m)) for m in heavy[2:]]
+    now_ms = time.time() * 1000
+    assert all(now_ms - OVER_SHARE_BAND_MS - 120_000 < x < now_ms for x in extras), extras
+    # The light user writes once the heavy extras' fair starts have passed, and its
+    # message turns late (a short target) before the worker starts.
+    await wait_until(lambda: time.time() > sent + 3.2, 10, "the heavy extras' fair starts")
+    light = _msg(f"l{run}", user="l", channel=f"l{run}")
+    await _enqueue(short, light)
+    await wait_until(lambda: time.time() > light.ts + 0.2, 5, "the light message to turn late")
+    worker_process({"SLUICE_WORKER_MAX_JOBS": "1", "SLUICE_APP": "tests.traffic_bot:bot"})
+    everything = [*heavy, light]
+    events = await wait_done(
+        redis, s.key_prefix, [(m.channel, m.message_id) for m in everything], timeout_s=60
+    )
+    assert all(done_event(events[m.message_id])["kind"] == "answer" for m in everything)
+    asked = [r["messages"][-1]["content"] for r in llm_sim.requests()]
+    assert asked == [m.text for m in (heavy[0], heavy[1], light, heavy[2], heavy[3])]
+    # Within the heavy user's conversation, each answer saw the ones before.
+    prompts = {r["messages"][-1]["content"]: r["messages"] for r in llm_sim.requests()}
+    last = prompts[heavy[3].text]
+    assert [m["content"] for m in last if m["role"] == "user"] == [m.text for m in heavy]
 
 
 async def test_a_late_messages_queued_notice_never_waits_behind_reply_jobs(settings, redis):

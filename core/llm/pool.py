@@ -378,6 +378,33 @@ class ProviderPool:
         )
 
 
+@dataclass(frozen=True)
+class BudgetLine:
+    """Where one budget keeps its state in Redis, for readers outside a worker's pool
+    (the door's estimate, parking): its keys, its configured requests per minute, and
+    whether it is a provider's own budget (``False``: one model's at a provider)."""
+
+    label: str
+    rpm: int | None
+    keys: Keys
+    shared: bool = True
+
+
+def budget_lines(keys: Keys, settings: Settings) -> list[BudgetLine]:
+    """Every LLM budget a reply job may wait in: each provider's and each model's with
+    limits of its own with ``SLUICE_PROVIDERS``; else the one budget (an implicit pool,
+    made only for a fallback model, keeps its keys). Keeps no connection."""
+    if not settings.providers:
+        return [BudgetLine(DEFAULT_PROVIDER, settings.llm_rpm, keys)]
+    out = []
+    for c in settings.providers:
+        out.append(BudgetLine(c.name, c.rpm, _ScopedKeys(keys, c.name)))
+        for model, lim in c.model_limits.items():
+            scope = f"{c.name}:{model}"
+            out.append(BudgetLine(scope, lim.rpm, _ScopedKeys(keys, scope), shared=False))
+    return out
+
+
 async def pool_budgets(redis: Redis, keys: Keys, settings: Settings) -> list[PoolBudget]:
     """Every budget of the configured pool (none without ``SLUICE_PROVIDERS``), for
     ``sluice status`` and metrics; no HTTP client is kept."""

@@ -40,7 +40,7 @@ from core.llm.budget import (
     unavailable_text,
 )
 from core.llm.client import ChatMessage, Completion, LLMProvider, complete_with_retries
-from core.llm.pool import ProviderPool, pool_snapshot
+from core.llm.pool import ProviderPool, budget_lines, pool_snapshot
 from core.messages import IncomingMessage, Reply
 from core.responder import Responder
 from core.settings import Settings
@@ -239,6 +239,7 @@ class Traffic:
                 arq_id_prefix=f"{s.key_prefix}:",
                 queues=reply_queues(s),
                 park_s=s.order_defer_s,
+                budget_lines=[b.keys.llm("waiters") for b in budget_lines(self.keys, s)],
             )
         except (RedisError, OSError) as e:
             logger.warning("cannot park message=%s: %s", msg.message_id, e)

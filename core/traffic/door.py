@@ -4,7 +4,8 @@
 it enqueues anything:
 
 - **Bounded waiting.** The estimated wait in line (:func:`estimate_line`: jobs ahead of
-  the message, at the LLM budget's rate) must stay within ``SLUICE_MAX_WAIT_S``, and the
+  the message, at the LLM budget's rate; with a provider pool, the summed rate of its
+  providers that are up) must stay within ``SLUICE_MAX_WAIT_S``, and the
   queue within ``SLUICE_MAX_QUEUED`` jobs; otherwise the message is refused at once with
   "Very busy right now, please try again in about N min". Nothing is counted for it.
 - **Limits at the door.** The per-user and per-tenant limits of :mod:`core.traffic.ratelimit`
@@ -41,6 +42,7 @@ from core.framework.bot import Bot
 from core.infra import metrics
 from core.infra.redis import Keys
 from core.infra.scripts import Lua
+from core.llm.pool import BudgetLine, budget_lines
 from core.messages import IncomingMessage
 from core.settings import Settings
 from core.traffic.ordering import WAKE_HEAD_LUA
@@ -82,13 +84,105 @@ class Admission:
     notice_marker: str | None = None  # to take back if the notice cannot be queued
 
 
-def budget_rate_per_s(settings: Settings, learned: Any) -> float:
-    """Requests per second the LLM budget grants: ``SLUICE_LLM_RPM`` (or the provider's
-    learned limit when lower or unset) times the headroom; 0 when unknown."""
-    rpm = settings.llm_rpm or 0
-    if learned is not None and (rpm == 0 or 0 < int(learned) < rpm):
-        rpm = int(learned)
-    return rpm * settings.llm_budget_headroom / 60
+def budget_rate_per_s(settings: Settings, learned: Any, rpm: int | None = None) -> float:
+    """Requests per second one LLM budget grants: its configured limit (``rpm``, else
+    ``SLUICE_LLM_RPM``; or the provider's learned limit when lower or unset) times the
+    headroom; 0 when unknown."""
+    limit = (settings.llm_rpm if rpm is None else rpm) or 0
+    if learned is not None and (limit == 0 or 0 < int(learned) < limit):
+        limit = int(learned)
+    return limit * settings.llm_budget_headroom / 60
+
+
+@dataclass(frozen=True)
+class BudgetNow:
+    """One LLM budget as the door sees it now: the requests per second it grants
+    (``rate``, 0 when unknown), what its bucket holds (``level``), how long it stays
+    closed (``closed_s``: a 429's retry-after, or its breaker open) and the rank of a
+    job in its line (``rank``, when asked for and there)."""
+
+    label: str
+    shared: bool
+    rate: float
+    level: float
+    closed_s: float
+    rank: int | None = None
+
+
+@dataclass(frozen=True)
+class Budgets:
+    """What the LLM budgets grant together, for the door's estimate: with a provider
+    pool the sum over its providers that are up (breaker closed, not closed after a
+    429); when none is up, all of them from when the first one opens (``closed_s``).
+    ``rate`` 0: unknown. ``each`` holds every budget (a pool's per-model ones too)."""
+
+    rate: float
+    in_bucket: float
+    closed_s: float
+    each: tuple[BudgetNow, ...]
+
+
+async def budgets_now(
+    redis: Redis, keys: Keys, settings: Settings, *, job_id: str | None = None
+) -> tuple[Budgets, tuple[int, int]]:
+    """Every LLM budget a reply job may wait in (:func:`core.llm.pool.budget_lines`: the
+    pool's with ``SLUICE_PROVIDERS``, else the one), read in one round trip, and Redis
+    TIME. With ``job_id``, its rank in each budget's line too."""
+    lines = budget_lines(keys, settings)
+    async with redis.pipeline(transaction=False) as pipe:
+        _read_budgets(pipe, lines, job_id)
+        res = await pipe.execute()
+    return _budgets_from(settings, lines, res, ranked=job_id is not None)
+
+
+def _read_budgets(pipe: Any, lines: list[BudgetLine], job_id: str | None) -> None:
+    """Queue the reads of :func:`_budgets_from` on ``pipe``: TIME, then per budget its
+    bucket, its breaker and (with ``job_id``) that job's rank in its line."""
+    pipe.time()
+    for b in lines:
+        pipe.hmget(b.keys.llm("bucket"), ["rl", "ts", "lim_r", "blocked"])
+        pipe.pttl(b.keys.llm("breaker:open"))
+        if job_id is not None:
+            pipe.zrank(b.keys.llm("waiters"), job_id)
+
+
+def _budgets_from(
+    settings: Settings, lines: list[BudgetLine], res: list[Any], *, ranked: bool
+) -> tuple[Budgets, tuple[int, int]]:
+    now = (int(res[0][0]), int(res[0][1]))
+    now_ms = now[0] * 1000 + now[1] // 1000
+    per = 3 if ranked else 2
+    each = []
+    for i, b in enumerate(lines):
+        (level, ts, learned, blocked), open_ttl = res[1 + i * per], res[2 + i * per]
+        rank = res[3 + i * per] if ranked else None
+        rate = budget_rate_per_s(settings, learned, b.rpm or 0)
+        if level is None:
+            have = rate * 60  # never used yet: a full bucket
+        else:
+            elapsed_ms = max(0.0, now_ms - float(ts or now_ms))
+            have = max(0.0, float(level)) + elapsed_ms * rate / 1000
+            have = min(rate * 60, have) if rate > 0 else have
+        closed_ms = max(int(open_ttl), 0, int(float(blocked)) - now_ms if blocked else 0)
+        each.append(
+            BudgetNow(
+                b.label, b.shared, rate, have, closed_ms / 1000, None if rank is None else int(rank)
+            )
+        )
+    shared = [b for b in each if b.shared]
+    up = [b for b in shared if b.closed_s <= 0]
+    if up:
+        total = Budgets(
+            sum(b.rate for b in up), sum(b.level for b in up if b.rate > 0), 0.0, tuple(each)
+        )
+    else:
+        total = Budgets(
+            sum(b.rate for b in shared),
+            sum(b.level for b in shared if b.rate > 0),
+            min((b.closed_s for b in shared), default=0.0),
+            tuple(each),
+        )
+    return total, now
 
 
 # KEYS: lane counters, start-rate hash. ARGV: least sample interval ms.
@@ -135,18 +229,22 @@ async def estimate_line(
     longer of two limits:
 
     - the LLM budget: (place - 1 - what the bucket holds now) at the budget's rate,
-      plus the time the budget stays closed after a provider 429;
+      plus the time the budget stays closed after a provider 429. With a provider pool
+      (``SLUICE_PROVIDERS``) these are the pool's (:func:`budgets_now`): the summed
+      rate and buckets of the providers that are up; a provider closed after a 429 or
+      with its breaker open does not count while another is up;
     - the worker slots: the jobs ahead that have not started yet, at the rate the
       workers were measured to start jobs while a backlog lasted (``_SLOTS``).
 
     Cached answers ahead need no budget, so this errs long rather than short.
     """
+    lines = budget_lines(keys, settings)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zcount(queue, "-inf", score_ms)
         pipe.zcard(queue)
-        pipe.hmget(keys.llm("bucket"), ["rl", "lim_r", "blocked"])
-        pipe.time()
-        ahead, total, (level, learned, blocked), now = await pipe.execute()
+        _read_budgets(pipe, lines, None)
+        ahead, total, *read = await pipe.execute()
+    budgets, now = _budgets_from(settings, lines, read, ranked=False)
     place = max(1, int(ahead) + (0 if queued else 1))
     res: list[Any] = await Lua(redis, _SLOTS)(
         [keys.lanes(), f"{keys.prefix}:door:start-rate"], [SLOT_SAMPLE_MS]
@@ -154,40 +252,31 @@ async def estimate_line(
     waiting, start_rate = int(res[0]), float(res[1])
     running = max(0, int(total) - waiting)
     slot_wait = max(0, place - 1 - running) / start_rate if start_rate > 0 else 0.0
-    rate = budget_rate_per_s(settings, learned)
+    rate = budgets.rate
     if rate <= 0:
         return Line(place, slot_wait if start_rate > 0 else None, int(total), int(now[0]))
-    in_bucket = max(0.0, float(level)) if level is not None else rate * 60
-    budget_wait = _closed_s(blocked, now) + max(0.0, place - 1 - in_bucket) / rate
+    budget_wait = budgets.closed_s + max(0.0, place - 1 - budgets.in_bucket) / rate
     return Line(place, max(budget_wait, slot_wait), int(total), int(now[0]))
-
-
-def _closed_s(blocked: Any, now: tuple[int, int]) -> float:
-    """How long the budget stays closed (a provider 429's retry-after), in seconds."""
-    if blocked is None:
-        return 0.0
-    now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
-    return max(0.0, (float(blocked) - now_ms) / 1000)
 
 
 async def line_of_job(
     redis: Redis, keys: Keys, settings: Settings, queue: str, arq_id: str, job_id: str
 ) -> Line | None:
     """Where a queued message's reply job stands now; ``None`` once its answer is being
-    made (started and not waiting in the LLM budget's line) or it is gone."""
+    made (started and not waiting in the LLM budget's line) or it is gone. A started
+    job waiting for budget stands at its rank in the line it waits in (with a pool, its
+    provider's), at that budget's rate."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zscore(queue, arq_id)
         pipe.exists(in_progress_key_prefix + arq_id)
-        pipe.zrank(keys.llm("waiters"), job_id)
-        pipe.hmget(keys.llm("bucket"), ["rl", "lim_r", "blocked"])
-        pipe.time()
-        score, running, rank, (_level, learned, blocked), now = await pipe.execute()
-    rate = budget_rate_per_s(settings, learned)
+        score, running = await pipe.execute()
     if running:
-        if rank is None:
+        budgets, _now = await budgets_now(redis, keys, settings, job_id=job_id)
+        mine = next((b for b in budgets.each if b.rank is not None), None)
+        if mine is None:
             return None  # the answer is being made (or the job is about to wait for budget)
-        place = int(rank) + 1
-        return Line(place, _closed_s(blocked, now) + place / rate if rate > 0 else None)
+        place = int(mine.rank or 0) + 1
+        return Line(place, mine.closed_s + place / mine.rate if mine.rate > 0 else None)
     if score is None:
         return None
     return await estimate_line(redis, keys, settings, queue, int(score), queued=True)

@@ -148,15 +148,17 @@ return held
 """
 )
 
-# KEYS: lock, pending, wake, my queue, LLM budget line, the queue(s) a reply can be in...
+# KEYS: lock, pending, wake, my queue, the LLM budget lines (ARGV[9] of them: with a
+#       provider pool, every provider's), the queue(s) a reply can be in...
 # ARGV: job id, arq job id, queue score, park ms, arq id prefix, lent-score key prefix,
-#       ttl s, budget-line score.
+#       ttl s, budget-line score, how many budget lines.
 # Returns 1 when parked, 0 when the conversation freed meanwhile (back in line now).
 # (Keys of the earlier messages are built here from the prefixes: fine on one Redis,
 # which is what arq supports.)
 _PARK = (
     _NOW_MS
     + """
+local nw = tonumber(ARGV[9])
 local earlier = redis.call('ZRANGE', KEYS[2], 0, MAX_LEND - 1)
 for _, jid in ipairs(earlier) do
   if jid == ARGV[1] then break end
@@ -171,11 +173,13 @@ for _, jid in ipairs(earlier) do
       redis.call('HSET', KEYS[3], jid, cjson.encode(v))
     end
   else
-    for i = 6, #KEYS do
+    for i = 5 + nw, #KEYS do
       redis.call('ZADD', KEYS[i], 'XX', 'LT', ARGV[3], ARGV[5] .. jid)
     end
   end
-  redis.call('ZADD', KEYS[5], 'XX', 'LT', ARGV[8], jid)
+  for i = 5, 4 + nw do
+    redis.call('ZADD', KEYS[i], 'XX', 'LT', ARGV[8], jid)
+  end
   -- Not in the budget's line yet (not started, or only just): it joins at this score.
   local lk = ARGV[6] .. jid
   local lent = tonumber(redis.call('GET', lk) or ARGV[8])
@@ -339,6 +343,7 @@ async def park(
     arq_id_prefix: str,
     queues: list[str],
     park_s: float,
+    budget_lines: list[str] | None = None,
 ) -> bool:
     """Park a job whose conversation is busy, lending its score to the messages it
     waits for.
@@ -349,18 +354,21 @@ async def park(
     and those not started yet) moves up to this job's score in its queue
     (``queues``: every queue a reply job can be in; arq ids are ``arq_id_prefix`` +
     job id) and in the LLM budget's line, now or when it joins it, if that is
-    earlier than its own. Returns ``False`` when the conversation freed meanwhile:
+    earlier than its own. ``budget_lines`` are the budget lines' keys (with a provider
+    pool, each provider's: :func:`core.llm.pool.budget_lines`; default: the one
+    budget's). Returns ``False`` when the conversation freed meanwhile:
     the job is back at its score at once. The caller then ends the arq try without a
     defer of its own (``Retry(defer=None)``), which leaves the score set here.
     """
     cid = msg.conversation_id
+    lines = budget_lines or [keys.llm("waiters")]
     parked = await Lua(redis, _PARK)(
         [
             keys.conv_lock(cid),
             keys.conv_pending(cid),
             keys.conv_wake(cid),
             mine.queue,
-            keys.llm("waiters"),
+            *lines,
             *queues,
         ],
         [
@@ -372,6 +380,7 @@ async def park(
             keys.llm_lent(""),
             PENDING_TTL_S,
             budget_score_ms,
+            len(lines),
         ],
     )
     return bool(parked)

@@ -377,7 +377,8 @@ async def queue_slot(
     user's fair-share clock, the deadline index). The score is its fair start less its
     lane's head start in the one queue (only the fair start in its lane's queue with
     ``per-lane``), in the in-time band or, when it cannot be answered within
-    ``SLUICE_TARGET_WAIT_S`` anyway, the late band."""
+    ``SLUICE_TARGET_WAIT_S`` anyway, the late band (the over-share band when it came
+    over its user's share)."""
     queue = _lane_queue(settings, msg.lane)
     place = await place_message(
         redis,
@@ -387,7 +388,13 @@ async def queue_slot(
         arq_id=arq_job_id(settings, msg),
         arrived_ms=arrived_ms,
     )
-    msg = msg.model_copy(update={"fair_ms": place.fair_ms, "late_at_ms": place.late_at_ms})
+    msg = msg.model_copy(
+        update={
+            "fair_ms": place.fair_ms,
+            "late_at_ms": place.late_at_ms,
+            "over_share": place.over_share,
+        }
+    )
     queue, score_ms = queue_slot_now(settings, msg, arrived_ms)
     return queue, score_ms, msg
 

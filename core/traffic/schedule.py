@@ -14,22 +14,24 @@ by one *score* (lowest first). Three things set it:
   only later: the clock is a score, not a limit. It never runs more than
   :data:`MAX_AHEAD_MS` ahead of the message's arrival. A message that arrives while
   its user's clock is more than one unweighted step ahead (more than one message
-  waiting ahead; a tenant of weight w: w) is *over its share*: it is late at once
-  (below), so under overload a heavy sender's extras never take the quota from
-  messages that can still make their target.
+  waiting ahead; a tenant of weight w: w) is *over its share*: it is late at once, in
+  a band of its own after the late one (below), so under overload a heavy sender's
+  extras never take the quota from messages that can still make their target, nor
+  from other users' late messages: heavy users are served last, not dropped.
 - **Target wait** (``SLUICE_TARGET_WAIT_S``): a message whose answer can still come
-  within the target goes before one that already cannot. Scores live in two bands:
-  *in time* (:data:`IN_TIME_BAND_MS` in the past) and *late* (:data:`LATE_BAND_MS` in
-  the past), both due for arq. A message becomes late ``SLUICE_TARGET_MARGIN_S``
+  within the target goes before one that already cannot. Scores live in three bands:
+  *in time* (:data:`IN_TIME_BAND_MS` in the past), *late* (:data:`LATE_BAND_MS` in
+  the past) and *over share* (:data:`OVER_SHARE_BAND_MS` in the past), all due for
+  arq: in-time < late < over-share. A message becomes late ``SLUICE_TARGET_MARGIN_S``
   before its target passes, or at once when its fair start is already past that
   point. Queued in-time messages are listed in a deadline index
   (``{queue}:sched-deadlines``); each worker poll moves those that turned
   late into the late band (:data:`SWEEP_LUA`, run by ``workers.settings``) before it
-  picks jobs. Late messages are still answered, in their own order, after the ones
-  in time.
+  picks jobs (never into the over-share band). Late messages are still answered, in
+  their own order, after the ones in time; over-share ones after the late ones.
 
 Within a band the order is the fair start minus the lane's head start, so lanes
-and fairness hold among late messages too. Per-conversation order does not come
+and fairness hold among late and over-share messages too. Per-conversation order does not come
 from scores at all (:mod:`core.traffic.ordering` keeps it, and a parked job lends its score
 to the messages it waits for, whatever band they are in).
 
@@ -59,6 +61,7 @@ __all__ = [
     "IN_TIME_BAND_MS",
     "LATE_BAND_MS",
     "MAX_AHEAD_MS",
+    "OVER_SHARE_BAND_MS",
     "SWEEP_BATCH",
     "SWEEP_LUA",
     "Place",
@@ -73,14 +76,16 @@ __all__ = [
 ]
 
 HOUR_MS = 3_600_000
-# In-time scores sit three hours in the past, late ones one hour: both are due for
-# arq, every in-time score is below every late one (for late messages up to about an
-# hour old), and arq's job key (TTL: score - now + 1 day) lives for 21 h at least.
-IN_TIME_BAND_MS = 3 * HOUR_MS
-LATE_BAND_MS = HOUR_MS
+# In-time scores sit five hours in the past, late ones three, over-share ones one: all
+# are due for arq, every in-time score is below every late one and every late one below
+# every over-share one (for messages up to about an hour old), and arq's job key (TTL:
+# score - now + 1 day) lives for 19 h at least.
+IN_TIME_BAND_MS = 5 * HOUR_MS
+LATE_BAND_MS = 3 * HOUR_MS
+OVER_SHARE_BAND_MS = HOUR_MS
 # A user's virtual clock never runs further ahead of a message's arrival than this,
-# so a late score (fair start - LATE_BAND_MS) is never in the future.
-MAX_AHEAD_MS = LATE_BAND_MS
+# so an over-share score (fair start - OVER_SHARE_BAND_MS) is never in the future.
+MAX_AHEAD_MS = OVER_SHARE_BAND_MS
 # How many index entries one poll moves at most.
 SWEEP_BATCH = 200
 DEADLINES_TTL_S = 2 * 3600
@@ -88,8 +93,9 @@ DEADLINES_TTL_S = 2 * 3600
 # KEYS: the user's clock, the queue's deadline index.
 # ARGV: arrival ms, step ms (0: no fair shares), most ms ahead, ms until late,
 #       arq job id, index ttl s, unweighted step ms.
-# Returns {fair start ms, late-at ms}; an in-time message joins the index. A message
-# over its user's share (fair start more than one step after its arrival) is late at once.
+# Returns {fair start ms, late-at ms, over share 0/1}; an in-time message joins the
+# index. A message over its user's share (fair start more than one step after its
+# arrival) is late at once, in the over-share band.
 _PLACE = """
 local a = tonumber(ARGV[1])
 local step = tonumber(ARGV[2])
@@ -105,19 +111,22 @@ end
 local late_at = a + tonumber(ARGV[4])
 -- Over its share: the user already has more than one unweighted step of messages
 -- waiting ahead (a tenant of weight w: w messages). It goes behind every message that
--- can still make its target, as one that cannot.
-if start >= late_at or (step > 0 and start - a > tonumber(ARGV[7])) then
+-- can still make its target, and behind every late one too.
+local over = 0
+if step > 0 and start - a > tonumber(ARGV[7]) then over = 1 end
+if over == 1 or start >= late_at then
   late_at = a
 else
   redis.call('ZADD', KEYS[2], late_at, ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[6])
 end
-return {string.format('%d', start), string.format('%d', late_at)}
+return {string.format('%d', start), string.format('%d', late_at), over}
 """
 
 # The deadline sweep, a Lua function that a worker's poll script calls before it picks
 # jobs: sweep(queue, deadline index, now ms, band shift ms, batch). Jobs whose late-at
-# time passed move from the in-time band to the late band (never past now). A parked
+# time passed move from the in-time band to the late band (only from the in-time band:
+# never into the over-share band, never past now). A parked
 # job (score in the future) is looked at again a second later; a job no longer queued
 # (answered) leaves the index. Returns how many moved.
 SWEEP_LUA = """
@@ -133,7 +142,7 @@ local function sweep(queue, index, now, shift, batch)
     else
       -- Only an in-time score moves (once): a stale entry, e.g. re-added by a duplicate
       -- delivery, must never push a late job into the future.
-      if tonumber(score) + shift <= now then
+      if tonumber(score) <= now - MIDWAY then
         redis.call('ZADD', queue, 'XX', tonumber(score) + shift, id)
         moved = moved + 1
       end
@@ -142,17 +151,19 @@ local function sweep(queue, index, now, shift, batch)
   end
   return moved
 end
-"""
+""".replace("MIDWAY", str((IN_TIME_BAND_MS + LATE_BAND_MS) // 2))
 BAND_SHIFT_MS = IN_TIME_BAND_MS - LATE_BAND_MS
 
 
 @dataclass(frozen=True)
 class Place:
     """Where a message stands: its fair start (before the lane's head start) and the
-    time from which it counts as late, both in ms since the epoch."""
+    time from which it counts as late, both in ms since the epoch, and whether it came
+    over its user's share (then it waits in the over-share band, after the late one)."""
 
     fair_ms: int
     late_at_ms: int
+    over_share: bool = False
 
 
 def tenant_weight(settings: Settings, tenant: str) -> float:
@@ -198,7 +209,7 @@ async def place_message(
             int(settings.fair_step_s * 1000),
         ],
     )
-    return Place(fair_ms=int(res[0]), late_at_ms=int(res[1]))
+    return Place(fair_ms=int(res[0]), late_at_ms=int(res[1]), over_share=bool(int(res[2])))
 
 
 def default_place(settings: Settings, arrived_ms: int) -> Place:
@@ -212,8 +223,11 @@ def score_of(
 ) -> int:
     """The score (lower first) of a message at ``place`` as of ``now_ms``: its fair start
     less its lane's head start (``boosted``; not in per-lane queues), in the in-time
-    band or, from its late-at time on, in the late band."""
+    band or, from its late-at time on, in the late band; in the over-share band when
+    it came over its user's share."""
     key = place.fair_ms - (boost_ms(settings, lane) if boosted else 0)
+    if place.over_share:
+        return key - OVER_SHARE_BAND_MS
     late = now_ms >= place.late_at_ms
     return key - (LATE_BAND_MS if late else IN_TIME_BAND_MS)
 
@@ -222,7 +236,7 @@ def message_place(settings: Settings, msg: IncomingMessage, now_ms: int) -> Plac
     """The place ``msg`` was enqueued with (carried in the job), else its arrival
     (its platform time stamp, never later than ``now_ms``)."""
     if msg.fair_ms is not None and msg.late_at_ms is not None:
-        return Place(fair_ms=msg.fair_ms, late_at_ms=msg.late_at_ms)
+        return Place(fair_ms=msg.fair_ms, late_at_ms=msg.late_at_ms, over_share=msg.over_share)
     arrived_ms = min(now_ms, int(msg.ts * 1000)) if msg.ts > 0 else now_ms
     return default_place(settings, arrived_ms)
 
