@@ -89,6 +89,73 @@ return 1
 """
 
 
+# KEYS: the worker's job set, the running-job indexes of the queues.
+# ARGV: member, in-progress key prefix, owner key prefix, job ids...
+# Hands back those of the job ids still in the set; returns them.
+_ORPHANS = """
+local out = {}
+for i = 4, #ARGV do
+  local id = ARGV[i]
+  if redis.call('SREM', KEYS[1], id) == 1 then
+    redis.call('DEL', ARGV[2] .. id)
+    for k = 2, #KEYS do redis.call('ZREM', KEYS[k], id) end
+    if redis.call('GET', ARGV[3] .. id) == ARGV[1] then redis.call('DEL', ARGV[3] .. id) end
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+
+class OrphanSweep:
+    """Jobs this worker's set in Redis says it runs, but which it does not run.
+
+    That happens when Redis forgets the end of a job: a Sentinel failover promotes a
+    replica that had not yet received the job's end (replication is asynchronous), so
+    on the new primary the job is still queued, still marked in progress and still in
+    this worker's set, while the worker finished it. Nobody would take it for dead (its
+    worker beats), and arq would start it again only when its marker expires
+    (``SLUICE_JOB_TIMEOUT_S`` + 10 s). Each :meth:`sweep` compares the set with the jobs
+    the process runs (``claimed``); an id that is in the set and not running at two
+    sweeps in a row (so a job starting or ending between the two reads is never taken)
+    is handed back at once, as a dead worker's job would be.
+    """
+
+    def __init__(
+        self, redis: Redis, keys: Keys, member: str, claimed: set[str], running: Sequence[str]
+    ) -> None:
+        self._redis = redis
+        self._keys = keys
+        self._member = member
+        self._claimed = claimed
+        self._running = list(running)
+        self._suspects: set[str] = set()
+
+    async def sweep(self) -> list[str]:
+        """One look; returns the job ids handed back."""
+        raw = await self._redis.smembers(self._keys.worker_jobs(self._member))  # type: ignore[misc]
+        listed = {r.decode() if isinstance(r, bytes) else str(r) for r in raw}
+        idle = listed - self._claimed
+        confirmed = sorted((idle & self._suspects) - self._claimed)
+        self._suspects = idle - set(confirmed)
+        if not confirmed:
+            return []
+        handed: list[Any] = await Lua(self._redis, _ORPHANS)(
+            [self._keys.worker_jobs(self._member), *self._running],
+            [self._member, in_progress_key_prefix, self._keys.job_owner(""), *confirmed],
+        )
+        ids = [j.decode() if isinstance(j, bytes) else str(j) for j in handed]
+        if ids:
+            logger.warning(
+                "handing back %d job(s) Redis still lists as run by %s, which it does not "
+                "run (their end was lost, e.g. in a failover): %s",
+                len(ids),
+                self._member,
+                ", ".join(ids[:5]),
+            )
+        return ids
+
+
 async def still_owns(redis: Redis, keys: Keys, member: str, job_id: str) -> bool:
     """Whether ``member`` still owns ``job_id`` (arq id): not handed back since it
     started, and started by no other worker since."""
@@ -158,11 +225,14 @@ async def reaper_loop(
     dead_after_s: float,
     interval_s: float,
     running: Sequence[str] = (),
+    orphans: OrphanSweep | None = None,
 ) -> None:
-    """:func:`reap` every ``interval_s`` until cancelled."""
+    """:func:`reap` (and ``orphans``' sweep) every ``interval_s`` until cancelled."""
     while True:
         await asyncio.sleep(interval_s)
         try:
             await reap(redis, keys, dead_after_s, running)
+            if orphans is not None:
+                await orphans.sweep()
         except (RedisError, OSError) as e:
             logger.warning("cannot look for silent workers: %s", e)

@@ -62,6 +62,7 @@ from workers.flush import Flusher
 from workers.poll import START_DUE_LUA, BlockingPoll, running_key
 from workers.reaper import (
     JOBS_TTL_S,
+    OrphanSweep,
     hand_back_own,
     reaper_loop,
     track_finished,
@@ -176,6 +177,7 @@ async def start_ops(ctx: dict[str, Any], settings: Settings) -> None:
             max(settings.worker_dead_after_s, 3 * settings.health_check_interval_s),
             settings.health_check_interval_s,
             running,
+            OrphanSweep(redis, keys, member, ctx["claimed_jobs"], running),
         )
     )
 
