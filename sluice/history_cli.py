@@ -136,7 +136,7 @@ def purge_cmd(user: str | None, tenant: str | None, yes: bool) -> None:
         f"{r.job_traces} reply-job keys, {r.jobs_queued} queued jobs, "
         f"{r.jobs_running} running jobs, {r.web_outboxes} web outboxes, "
         f"{r.bad_entries} unreadable backlog entries, {r.feedback_votes} feedback votes, "
-        f"{r.thread_contexts} cached threads "
+        f"{r.thread_contexts} cached threads, {r.notice_refreshes} notice refreshes "
         f"(tenants: {', '.join(sorted(r.tenants)) or '-'})"
     )
 

@@ -71,3 +71,37 @@ async def test_a_lock_taken_over_is_reported_lost_and_no_longer_renewed(redis: R
     assert not await lock.release()
     assert await redis.get(key) == b"intruder"
     await redis.delete(key)
+
+
+async def test_locks_held_together_are_renewed_together_and_one_lost_leaves_the_others(
+    redis: Redis,
+) -> None:
+    """A process renews its locks in one batch; a lock with a shorter TTL that joins in
+    the middle of a longer one's tick does not lapse, and one lock lost stops only its
+    own renewal."""
+    long_key, short_key, third_key = _key(), _key(), _key()
+    long = OwnerLock(redis, long_key, "a", 900, what="test")
+    short = OwnerLock(redis, short_key, "b", 300, what="test")
+    third = OwnerLock(redis, third_key, "c", 300, what="test")
+    assert await long.acquire()
+    await asyncio.sleep(0.1)  # inside the long lock's tick (300 ms)
+    assert await short.acquire()
+    assert await third.acquire()
+    try:
+        until = time.monotonic() + 1.2  # four of the short TTLs
+        while time.monotonic() < until:
+            assert await redis.mget(long_key, short_key, third_key) == [b"a", b"b", b"c"]
+            await asyncio.sleep(0.05)
+        await redis.set(short_key, "intruder", px=60_000)
+        await asyncio.wait_for(short.lost.wait(), 10)
+        until = time.monotonic() + 1.2
+        while time.monotonic() < until:
+            assert await redis.mget(long_key, third_key) == [b"a", b"c"]
+            await asyncio.sleep(0.05)
+        assert not long.lost.is_set() and not third.lost.is_set()
+        assert await redis.get(short_key) == b"intruder"
+    finally:
+        assert await long.release()
+        assert await third.release()
+        assert not await short.release()
+        await redis.delete(short_key)

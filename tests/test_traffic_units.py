@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -400,3 +401,57 @@ async def test_a_parked_message_lends_its_score_to_every_earlier_one(settings, r
     assert after[0] < before[0] - 30_000 and after[1] < before[1] - 30_000
     for m in msgs[:2]:
         assert float(await redis.get(keys.llm_lent(m.job_id))) <= before[2] + 1000
+
+
+async def test_a_parked_earlier_message_keeps_parked_and_takes_the_lent_score_when_woken(
+    settings, redis
+):
+    """Lending a score to an earlier message that is parked itself does not un-park it
+    (it would only find the conversation busy and park again, lending back): the
+    better score goes into its wake entry, and it takes it when it is woken."""
+    s = settings.model_copy(
+        update={
+            "app": "tests.traffic_bot:bot",
+            "order_wait_in_job_s": 0.0,
+            "queued_notice_after_s": 0,
+        }
+    )
+    keys = Keys(s.key_prefix)
+    msgs = [
+        _msg("p1", text="first question"),
+        _msg("p2", text="second question"),
+        _msg("p3", text="billing question"),
+    ]
+    pool = await connect_queue(s)
+    try:
+        for m in msgs:
+            assert await enqueue_reply(pool, s, m)
+    finally:
+        await pool.aclose()
+    ids = [arq_job_id(s, m) for m in msgs]
+    before = [await redis.zscore(s.queue_name, i) for i in ids]
+    traffic = Traffic(redis, s, traffic_bot)
+    with pytest.raises(Retry):  # the second waits for the first: parked
+        async with traffic.in_turn(msgs[1], msgs[1].job_id):
+            raise AssertionError("the second message must wait")
+    parked_score = await redis.zscore(s.queue_name, ids[1])
+    assert parked_score > before[1]
+    with pytest.raises(Retry):
+        async with traffic.in_turn(msgs[2].model_copy(update={"lane": "high"}), msgs[2].job_id):
+            raise AssertionError("the third message must wait")
+    # The first (not parked) moves up in its queue; the parked second stays parked...
+    assert await redis.zscore(s.queue_name, ids[0]) <= before[2] + 1000
+    assert await redis.zscore(s.queue_name, ids[1]) == parked_score
+    wake_key = keys.conv_wake(msgs[1].conversation_id)
+    wake = json.loads(await redis.hget(wake_key, msgs[1].job_id))
+    assert float(wake[2]) <= before[2] + 1000
+    # Its own look again (the park's safety net) finds it still busy: parked again,
+    # keeping the lent score.
+    with pytest.raises(Retry):
+        async with traffic.in_turn(msgs[1], msgs[1].job_id):
+            raise AssertionError("the second message must still wait")
+    assert json.loads(await redis.hget(wake_key, msgs[1].job_id))[2] == wake[2]
+    # ...until the first is answered: woken, it goes back at the lent score.
+    lock = await acquire_conversation(redis, keys, s, msgs[0], msgs[0].job_id)
+    await lock.release()
+    assert await redis.zscore(s.queue_name, ids[1]) <= before[2] + 1000

@@ -23,11 +23,13 @@ from typing import Any
 
 from arq.worker import func
 
+from core.infra.redis import Keys
 from core.infra.serializer import deserialize, serialize
 from core.settings import Settings
 from core.traffic.queue import notice_queue_name
 from workers import traffic_jobs
 from workers.poll import BlockingPoll
+from workers.refresher import Refresher
 
 logger = logging.getLogger(__name__)
 
@@ -66,16 +68,21 @@ def notice_worker(settings: Settings, ctx: dict[str, Any]) -> BlockingPoll:
 
 
 async def start_notice_worker(settings: Settings, ctx: dict[str, Any]) -> None:
-    """Start the reserved loop in the background (kept in ``ctx``)."""
+    """Start the reserved loop, and the queued notices' refresher beside it
+    (:mod:`workers.refresher`), in the background (kept in ``ctx``)."""
     worker = notice_worker(settings, ctx)
     task = asyncio.create_task(worker.main(), name="sluice-notice-worker")
+    refresher = Refresher(settings, Keys(settings.key_prefix), ctx, traffic_jobs.refresh_notice)
+    sweeper = asyncio.create_task(refresher.run(), name="sluice-notice-refresher")
 
     def crashed(t: asyncio.Task[None]) -> None:
         if not t.cancelled() and t.exception() is not None:
-            logger.error("the reserved notice loop stopped", exc_info=t.exception())
+            logger.error("%s stopped", t.get_name(), exc_info=t.exception())
 
     task.add_done_callback(crashed)
+    sweeper.add_done_callback(crashed)
     ctx["notice_worker"] = (worker, task)
+    ctx["notice_refresher"] = sweeper
     logger.info(
         "reserved notice loop on %s with %d slots",
         notice_queue_name(settings),
@@ -85,7 +92,12 @@ async def start_notice_worker(settings: Settings, ctx: dict[str, Any]) -> None:
 
 async def stop_notice_worker(ctx: dict[str, Any]) -> None:
     """Stop the reserved loop: running notices get a moment, then are cancelled. The
-    shared pool stays open (the reply worker closes it)."""
+    shared pool stays open (the reply worker closes it). Refreshes being made are
+    cancelled: claimed, they are due again one interval later, for any worker."""
+    sweeper = ctx.pop("notice_refresher", None)
+    if sweeper is not None:
+        sweeper.cancel()
+        await asyncio.gather(sweeper, return_exceptions=True)
     entry = ctx.pop("notice_worker", None)
     if entry is None:
         return

@@ -8,9 +8,9 @@ they never wait for a slot that reply jobs hold while they wait for the LLM budg
   flight and its answer is cached, answer it now (:func:`answer_at_door`); otherwise,
   when its expected wait passes ``SLUICE_QUEUED_NOTICE_AFTER_S``, show "Queued: #N in
   line, about N s" and, past ``SLUICE_NOTICE_REFRESH_AFTER_S``, keep it fresh.
-- ``notify_queued``: show or refresh the queued notice with the current estimate; it
-  queues its next refresh (every ``SLUICE_NOTICE_REFRESH_EVERY_S``) until the answer
-  starts.
+- ``notify_queued``: show the queued notice. Its refreshes (every
+  ``SLUICE_NOTICE_REFRESH_EVERY_S`` until the answer starts) are not jobs: every worker
+  sweeps the due ones (:mod:`workers.refresher`, :func:`refresh_notice`).
 - ``door_refuse``: the notice for a message refused at the door.
 """
 
@@ -19,10 +19,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import timedelta
 from typing import Any
 
-from arq.connections import ArqRedis
 from redis.exceptions import RedisError
 
 from core.errors import DeliveryError
@@ -31,18 +29,14 @@ from core.settings import Settings
 from core.traffic import door
 from core.traffic.control import Traffic
 from core.traffic.queue import (
-    NOTICE_EXPIRES,
     arq_job_id,
-    notice_queue_name,
     queue_slot_now,
     reply_queues,
 )
 from workers.jobs import answer_message, cached_at_door, get_responder_factory
+from workers.refresher import MAX_REFRESHES, schedule_refresh
 
 logger = logging.getLogger(__name__)
-
-# Refreshes of one notice at most (a wait is bounded by SLUICE_MAX_WAIT_S anyway).
-MAX_REFRESHES = 400
 
 
 async def door_check(
@@ -60,7 +54,7 @@ async def door_check(
         await show_queued(ctx, msg, float(wait_s), place)
         settings: Settings = ctx["settings"]
         if wait_s > settings.notice_refresh_after_s:
-            await _next_refresh(ctx, msg, 1)
+            await _next_refresh(ctx, msg, 0)
         return "notice"
     return "queued"
 
@@ -72,38 +66,45 @@ async def notify_queued(
     place: int | None = None,
     refresh: int = 0,
 ) -> None:
-    """Show "queued, about ``wait_s`` s" for a message whose reply job still waits;
-    with ``refresh`` > 0, recompute the estimate first and stop once the answer is
-    being made.
+    """Show "queued, about ``wait_s`` s" for a message whose reply job still waits.
 
     Only responders that can replace the notice with the answer have ``queued``
     (web chat, Slack, Discord); for the others this does nothing. The responder is
     this job's own, keyed by the reply's job id: Slack and Discord record the notice
     in that job's delivery state, where the reply job finds and edits it.
+
+    ``refresh`` > 0: a refresh job queued by an older version (refreshes are now swept
+    by :mod:`workers.refresher`): refresh once, and hand the rest to the sweep.
     """
     msg = IncomingMessage.model_validate(payload)
     if refresh > 0:
-        traffic: Traffic = ctx["traffic"]
-        s = traffic.settings
-        queue, _ = queue_slot_now(s, msg, 0)
-        own = await door.line_of_job(
-            traffic.redis, traffic.keys, s, queue, arq_job_id(s, msg), msg.job_id
-        )
-        if own is None:
-            if not await door.waiting_for_turn(traffic.redis, traffic.keys, msg):
-                return  # the answer is being made (or gone): the notice is left to it
-            own = door.Line(1, 0.0)  # started, but an earlier message goes first
-        # Behind an earlier message of its conversation (maybe parked): that one's wait.
-        line = await door.conversation_line(
-            traffic.redis, traffic.keys, s, msg, own, queue=queue, queues=reply_queues(s)
-        )
-        if line.wait_s is None:
-            return
-        await show_queued(ctx, msg, line.wait_s, line.place)
-        if refresh < MAX_REFRESHES:
-            await _next_refresh(ctx, msg, refresh + 1)
+        if await refresh_notice(ctx, msg) and refresh < MAX_REFRESHES:
+            await _next_refresh(ctx, msg, refresh)
         return
     await show_queued(ctx, msg, float(wait_s), place)
+
+
+async def refresh_notice(ctx: dict[str, Any], msg: IncomingMessage) -> bool:
+    """Show ``msg``'s queued notice again with the current estimate; ``False`` (nothing
+    shown) once its answer is being made, or it is gone: no more refreshes then."""
+    traffic: Traffic = ctx["traffic"]
+    s = traffic.settings
+    queue, _ = queue_slot_now(s, msg, 0)
+    own = await door.line_of_job(
+        traffic.redis, traffic.keys, s, queue, arq_job_id(s, msg), msg.job_id
+    )
+    if own is None:
+        if not await door.waiting_for_turn(traffic.redis, traffic.keys, msg):
+            return False  # the answer is being made (or gone): the notice is left to it
+        own = door.Line(1, 0.0)  # started, but an earlier message goes first
+    # Behind an earlier message of its conversation (maybe parked): that one's wait.
+    line = await door.conversation_line(
+        traffic.redis, traffic.keys, s, msg, own, queue=queue, queues=reply_queues(s)
+    )
+    if line.wait_s is None:
+        return False
+    await show_queued(ctx, msg, line.wait_s, line.place)
+    return True
 
 
 async def show_queued(
@@ -115,21 +116,12 @@ async def show_queued(
     logger.info("queued notice message=%s place=%s wait=%.0fs", msg.message_id, place, wait_s)
 
 
-async def _next_refresh(ctx: dict[str, Any], msg: IncomingMessage, n: int) -> None:
-    settings: Settings = ctx["settings"]
-    redis: ArqRedis = ctx["redis"]
+async def _next_refresh(ctx: dict[str, Any], msg: IncomingMessage, done: int) -> None:
+    """Have the workers' refresher (:mod:`workers.refresher`) refresh the notice one
+    interval from now; ``done``: refreshes so far."""
+    traffic: Traffic = ctx["traffic"]
     try:
-        await redis.enqueue_job(
-            "notify_queued",
-            msg.model_dump(mode="json"),
-            0,
-            None,
-            n,
-            _job_id=f"{settings.key_prefix}:queued:{msg.job_id}:{n}",
-            _queue_name=notice_queue_name(settings),
-            _defer_by=timedelta(seconds=settings.notice_refresh_every_s),
-            _expires=NOTICE_EXPIRES + timedelta(seconds=settings.notice_refresh_every_s),
-        )
+        await schedule_refresh(traffic.redis, traffic.keys, traffic.settings, msg, done)
     except (RedisError, OSError) as e:
         logger.warning("queued notice of message=%s not refreshed: %s", msg.message_id, e)
 

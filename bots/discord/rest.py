@@ -11,6 +11,10 @@ it lives in Redis and two Lua scripts read and update it atomically.
   to wait. An unknown bucket lets one request through to learn its limits.
   Best-effort requests (streamed edits, typing) leave the last slot of a bucket and
   a few of the global window to requests that must go out (final text).
+- A request counts as *in flight* from its slot until its answer is folded in. When a
+  bucket's window turns over, the requests still in flight are taken from the new
+  window: one that reaches Discord late (a slow network, a busy host) lands in
+  Discord's next window, and without this the pool's fresh window would overfill it.
 - After a response, :data:`_UPDATE` folds the bucket headers in; a 429 sets the
   bucket (or the global pause) to wait out ``retry_after``. A global 429 also halves
   the pool's global rate for 30 s: something else is using the same token's budget
@@ -62,7 +66,14 @@ _MAX_429_RETRIES = 5
 _USER_AGENT = "DiscordBot (https://github.com/sluice, 0.1) Sluice"
 _ROUTE_BUCKET_TTL_S = 86_400
 _BUCKET_HASH_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# A request taken from a bucket counts as in flight until its answer is folded in, or
+# at most this long (longer than the HTTP session's total timeout of 15 s).
+_IN_FLIGHT_MS = 20_000
 
+# KEYS: bucket, global window, global pause, learned global limit, the bucket's
+#       in-flight set
+# ARGV: global rps, request id, margin_ms, probe_ms, best effort, global span ms,
+#       global exempt, in-flight ms
 _ACQUIRE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -92,13 +103,19 @@ if remaining == nil then
              'limit', 1, 'window', tonumber(ARGV[4]), 'probe', 1)
 else
   if now >= reset_at then
-    remaining = tonumber(b[3])
+    -- A new window. Requests taken in the old one that are still in flight may reach
+    -- Discord after its window turned over and count in the new one: they are taken
+    -- from it (those older than a request's longest life are forgotten).
+    redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', now - tonumber(ARGV[8]))
+    remaining = math.max(tonumber(b[3]) - redis.call('ZCARD', KEYS[5]), 0)
     reset_at = now + tonumber(b[4]) + tonumber(ARGV[3])
   end
   if remaining <= reserve then return math.max(reset_at - now, 1) end
   redis.call('HSET', KEYS[1], 'remaining', remaining - 1, 'reset_at', reset_at)
 end
 redis.call('PEXPIRE', KEYS[1], 3600000)
+redis.call('ZADD', KEYS[5], now, ARGV[2])
+redis.call('PEXPIRE', KEYS[5], tonumber(ARGV[8]) * 2)
 if not exempt then
   redis.call('ZADD', KEYS[2], now, ARGV[2])
   redis.call('PEXPIRE', KEYS[2], span * 2)
@@ -106,8 +123,10 @@ end
 return 0
 """
 
-# ARGV: limit, remaining, reset_after_ms, margin_ms
+# KEYS: bucket, the in-flight set the request was taken from
+# ARGV: limit, remaining, reset_after_ms, margin_ms, request id
 _UPDATE = """
+redis.call('ZREM', KEYS[2], ARGV[5])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local limit = tonumber(ARGV[1])
@@ -130,9 +149,11 @@ redis.call('PEXPIRE', KEYS[1], 3600000)
 return 0
 """
 
-# KEYS: bucket, global pause, global window, learned global limit
-# ARGV: wait_ms, margin_ms, is_global, span_ms, learn_ms
+# KEYS: bucket, global pause, global window, learned global limit, the in-flight set
+#       the request was taken from
+# ARGV: wait_ms, margin_ms, is_global, span_ms, learn_ms, request id
 _LIMITED = """
+redis.call('ZREM', KEYS[5], ARGV[6])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local wait = tonumber(ARGV[1])
@@ -189,6 +210,14 @@ class Route:
     def global_exempt(self) -> bool:
         """Interaction callbacks and webhooks do not count against the global limit."""
         return self.template.startswith(("/interactions/", "/webhooks/"))
+
+
+@dataclass
+class _Taken:
+    """A slot taken from a bucket: the request counts as in flight until answered."""
+
+    in_flight_key: str
+    request_id: str
 
 
 class RateLimitStats:
@@ -266,35 +295,38 @@ class DiscordRest:
             self._keys.discord_route_bucket(route.key), name, ex=_ROUTE_BUCKET_TTL_S
         )
 
-    async def _wait_for_slot(self, route: Route, *, best_effort: bool) -> bool:
-        """Reserve a request slot; ``False`` when ``best_effort`` and none is free now."""
+    async def _wait_for_slot(self, route: Route, *, best_effort: bool) -> _Taken | None:
+        """Reserve a request slot; ``None`` when ``best_effort`` and none is free now."""
         while True:
             self._slot += 1
-            bucket = await self.bucket_of(route)
+            bucket_key = self._keys.discord_bucket(await self.bucket_of(route))
+            taken = _Taken(f"{bucket_key}:in-flight", f"{id(self)}:{self._slot}:{random.random()}")
             wait_ms = int(
                 await self._acquire(
                     keys=[
-                        self._keys.discord_bucket(bucket),
+                        bucket_key,
                         self._keys.discord_global(),
                         self._keys.discord_global_pause(),
                         self._keys.discord_global_learned(),
+                        taken.in_flight_key,
                     ],
                     args=[
                         self._settings.discord_global_rps,
-                        f"{id(self)}:{self._slot}:{random.random()}",
+                        taken.request_id,
                         _MARGIN_MS,
                         _PROBE_MS,
                         1 if best_effort else 0,
                         _GLOBAL_SPAN_MS,
                         1 if route.global_exempt else 0,
+                        _IN_FLIGHT_MS,
                     ],
                 )
             )
             if wait_ms <= 0:
-                return True
+                return taken
             if best_effort:
                 self.stats.skipped += 1
-                return False
+                return None
             # Sleep at most half a second at a time: a probe's answer or another worker's
             # update may free a slot earlier than the estimate.
             sleep_s = min(wait_ms / 1000, 0.5) * (1 + 0.2 * random.random())
@@ -328,24 +360,13 @@ class DiscordRest:
         failures = limited = shared = 0
         max_failures = 0 if best_effort else self._settings.discord_retries
         while True:
-            if not await self._wait_for_slot(route, best_effort=best_effort):
+            taken = await self._wait_for_slot(route, best_effort=best_effort)
+            if taken is None:
                 return None
             try:
-                async with self._session.request(
-                    route.method,
-                    self._base + route.path,
-                    json=json,
-                    params=params,
-                    headers=headers,
-                ) as resp:
-                    self.stats.requests += 1
-                    body = await _body(resp)
-                    status = resp.status
-                    scope = _scope(resp, body) if status == 429 else ""
-                    # The bucket's state first, then its name: a request that finds the
-                    # name must find the state, or it would probe an "unknown" bucket.
-                    await self._note_headers(route, resp)
-                    await self._learn_bucket(route, resp)
+                status, body, scope, retry_after_s = await self._send(
+                    route, taken, json=json, params=params, headers=headers
+                )
             except (aiohttp.ClientError, TimeoutError) as e:
                 failures += 1
                 if failures > max_failures:
@@ -363,7 +384,6 @@ class DiscordRest:
                 else:
                     limited += 1
                     self.stats.limited += 1
-                retry_after_s = await self._note_429(route, body, is_global=scope == "global")
                 logger.log(
                     logging.INFO if scope == "shared" else logging.WARNING,
                     "discord 429 (%s) %s %s %s; retry in %.2fs",
@@ -404,25 +424,76 @@ class DiscordRest:
                 code=code,
             )
 
-    async def _note_headers(self, route: Route, resp: aiohttp.ClientResponse) -> None:
+    async def _send(
+        self,
+        route: Route,
+        taken: _Taken,
+        *,
+        json: Any,
+        params: dict[str, str] | None,
+        headers: dict[str, str],
+    ) -> tuple[int, Any, str, float]:
+        """One HTTP request on a taken slot, its answer folded into the pacing state.
+
+        Returns the status, the decoded body, a 429's scope and its retry-after.
+        """
+        assert self._session is not None
+        try:
+            resp = await self._session.request(
+                route.method, self._base + route.path, json=json, params=params, headers=headers
+            )
+        except aiohttp.ClientConnectorError:
+            # It never reached Discord. A request without an answer that may have (a
+            # timeout) stays in flight until _IN_FLIGHT_MS forgets it.
+            await self._land(taken)
+            raise
+        async with resp:
+            self.stats.requests += 1
+            body = await _body(resp)
+            status = resp.status
+            scope = _scope(resp, body) if status == 429 else ""
+            if status == 429:
+                # The 429 waits out the bucket under the name Discord gave it.
+                await self._learn_bucket(route, resp)
+                retry_after_s = await self._note_429(
+                    route, body, taken, is_global=scope == "global"
+                )
+                return status, body, scope, retry_after_s
+            # The bucket's state first, then its name: a request that finds the name must
+            # find the state, or it would probe an "unknown" bucket.
+            if not await self._note_headers(route, resp, taken):
+                await self._land(taken)
+            await self._learn_bucket(route, resp)
+        return status, body, scope, 0.0
+
+    async def _land(self, taken: _Taken) -> None:
+        """The request was answered: it no longer counts as in flight."""
+        await self._redis.zrem(taken.in_flight_key, taken.request_id)
+
+    async def _note_headers(
+        self, route: Route, resp: aiohttp.ClientResponse, taken: _Taken
+    ) -> bool:
+        """Fold a response's bucket headers in (and land the request); ``False`` when
+        it had none to fold."""
         h = resp.headers
-        if resp.status == 429 or "X-RateLimit-Remaining" not in h:
-            return
+        if "X-RateLimit-Remaining" not in h:
+            return False
         try:
             limit = int(h["X-RateLimit-Limit"])
             remaining = int(h["X-RateLimit-Remaining"])
             reset_after_ms = int(float(h["X-RateLimit-Reset-After"]) * 1000)
         except (KeyError, ValueError):
             logger.debug("unreadable rate-limit headers on %s", route.template)
-            return
+            return False
         name = self._named_bucket(route, resp)
         bucket = f"{name}:{route.major}" if name else await self.bucket_of(route)
         await self._update(
-            keys=[self._keys.discord_bucket(bucket)],
-            args=[limit, remaining, reset_after_ms, _MARGIN_MS],
+            keys=[self._keys.discord_bucket(bucket), taken.in_flight_key],
+            args=[limit, remaining, reset_after_ms, _MARGIN_MS, taken.request_id],
         )
+        return True
 
-    async def _note_429(self, route: Route, body: Any, *, is_global: bool) -> float:
+    async def _note_429(self, route: Route, body: Any, taken: _Taken, *, is_global: bool) -> float:
         retry_after_s = 1.0
         if isinstance(body, dict):
             try:
@@ -435,6 +506,7 @@ class DiscordRest:
                 self._keys.discord_global_pause(),
                 self._keys.discord_global(),
                 self._keys.discord_global_learned(),
+                taken.in_flight_key,
             ],
             args=[
                 int(retry_after_s * 1000),
@@ -442,6 +514,7 @@ class DiscordRest:
                 "1" if is_global else "0",
                 _GLOBAL_SPAN_MS,
                 _LEARN_MS,
+                taken.request_id,
             ],
         )
         return retry_after_s

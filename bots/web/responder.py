@@ -20,13 +20,23 @@ from core.settings import Settings
 
 OUTBOX_MAXLEN = 500
 OUTBOX_TTL_S = 3600
+# A streaming answer's deltas renew the outbox's TTL at most this often (every other
+# event renews it): one EXPIRE per answer's stream instead of one per delta.
+DELTA_TTL_RENEW_S = 60.0
 
 
-async def publish(redis: Redis, keys: Keys, session: str, event: dict[str, Any]) -> None:
-    """Append one event to a session's outbox (bounded, expiring)."""
+async def publish(
+    redis: Redis, keys: Keys, session: str, event: dict[str, Any], *, expire: bool = True
+) -> None:
+    """Append one event to a session's outbox (bounded; with ``expire``, its TTL renewed
+    to ``OUTBOX_TTL_S``)."""
     key = keys.web_outbox(session)
+    data: dict[Any, Any] = {"data": json.dumps(event)}
+    if not expire:
+        await redis.xadd(key, data, maxlen=OUTBOX_MAXLEN, approximate=True)
+        return
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(key, {"data": json.dumps(event)}, maxlen=OUTBOX_MAXLEN, approximate=True)
+        pipe.xadd(key, data, maxlen=OUTBOX_MAXLEN, approximate=True)
         pipe.expire(key, OUTBOX_TTL_S)
         await pipe.execute()
 
@@ -40,10 +50,22 @@ class WebResponder(Responder):
         self._job_id = job_id
         self._sent = 0
         self._last = 0.0
+        self._renewed: float | None = None  # when this responder last renewed the TTL
 
     async def _emit(self, event: dict[str, Any]) -> None:
+        """Publish ``event``. Every event but a delta renews the outbox's TTL, a delta
+        only when this responder renewed it more than ``DELTA_TTL_RENEW_S`` ago: the
+        outbox then outlives the stream by ``OUTBOX_TTL_S`` less that, at worst."""
         event["message_id"] = self._msg.message_id
-        await publish(self._f.redis, self._f.keys, self._msg.channel, event)
+        now = time.monotonic()
+        expire = (
+            event["type"] != "delta"
+            or self._renewed is None
+            or now - self._renewed >= DELTA_TTL_RENEW_S
+        )
+        await publish(self._f.redis, self._f.keys, self._msg.channel, event, expire=expire)
+        if expire:
+            self._renewed = now
 
     async def begin(self) -> None:
         """Tell the page the answer is being worked on."""

@@ -5,6 +5,11 @@ stdio, or the URL of a streamable HTTP server. Each worker connects to them at
 start-up (:func:`connect_servers`), lists their tools and offers them to the model as
 ``<server>_<tool>`` with the server's own JSON schema. Every call has a timeout.
 
+A stdio server's stderr does not go to the worker's stderr as it is: each line is
+logged (``INFO``, named after the server, at most :data:`STDERR_LINE_MAX` characters)
+with secrets masked, including the values of its ``env`` whose names look secret
+(``*KEY*``, ``*TOKEN*``, ``*SECRET*``, ``*PASSWORD*``).
+
 A server that does not start stops the worker at start-up with an error that names
 it. A server that breaks or hangs later is isolated: its calls fail (the model is told
 the tool failed, the log says why) and the bot keeps answering; the connection is
@@ -18,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import Sequence
@@ -26,6 +32,7 @@ from typing import Any
 
 from core.errors import BotDefinitionError, ConfigError
 from core.framework.tools import TOOL_NAME_RE, Tool, ToolArgumentError
+from core.infra.logs import redact, register_secret
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +40,71 @@ SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 RECONNECT_EVERY_S = 5.0
 # JSON-RPC error code of a request that timed out (the MCP SDK's REQUEST_TIMEOUT).
 REQUEST_TIMEOUT = -32001
+# The longest stderr line of a stdio server that is logged (the rest is cut off).
+STDERR_LINE_MAX = 2000
+_SECRET_ENV_RE = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+class _StderrRelay:
+    """A stdio server's stderr: a pipe whose lines go to the log, secrets masked."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        read_fd, write_fd = os.pipe()
+        self._read = os.fdopen(read_fd, "rb", buffering=0)
+        # Handed to the child as its stderr; closed here once the child has its copy.
+        self.child_end = os.fdopen(write_fd, "w")
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader()
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), self._read
+        )
+        self._task = asyncio.create_task(self._pump(reader, transport), name=self.where)
+
+    def close_child_end(self) -> None:
+        """The child holds its own copy now (or was never started)."""
+        if not self.child_end.closed:
+            self.child_end.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, transport: asyncio.BaseTransport) -> None:
+        pending = b""
+        cut = False  # the current line was logged cut off: drop the rest of it
+        try:
+            while chunk := await reader.read(4096):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if not cut:
+                        self._log(line)
+                    cut = False
+                if len(pending) > STDERR_LINE_MAX:
+                    if not cut:
+                        self._log(pending)
+                    pending, cut = b"", True
+            if pending and not cut:
+                self._log(pending)
+        finally:
+            transport.close()
+
+    def _log(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", errors="replace").rstrip()[:STDERR_LINE_MAX]
+        if text:
+            logger.info("%s stderr: %s", self.where, redact(text))
+
+    async def wait_closed(self, timeout_s: float = 5.0) -> None:
+        """Until the child's stderr is closed (it exited) and every line is logged; at
+        most ``timeout_s`` (a grandchild may hold the pipe open)."""
+        self.close_child_end()
+        if self._task is None:
+            self._read.close()
+            return
+        try:
+            await asyncio.wait_for(self._task, timeout_s)
+        except TimeoutError:
+            logger.info("%s: its stderr stayed open after it stopped; no longer read", self.where)
 
 
 class McpToolError(RuntimeError):
@@ -81,6 +153,9 @@ class McpServer:
                 f"{where}: command must be a list of program and arguments, "
                 "e.g. command=['python', '-m', 'my_server']."
             )
+        for key, value in (self.env or {}).items():
+            if _SECRET_ENV_RE.search(key):
+                register_secret(value)  # masked in its stderr lines and every other log
         if self.url is not None and not self.url.startswith(("http://", "https://")):
             raise BotDefinitionError(f"{where}: url must start with http:// or https://.")
         if self.call_timeout_s <= 0 or self.connect_timeout_s <= 0:
@@ -92,21 +167,30 @@ class McpServer:
         target = self.url if self.url is not None else " ".join(self.command or ())
         return f"MCP server {self.name!r} ({target})"
 
-    def _target(self) -> Any:
+    def _target(self, stderr: _StderrRelay | None) -> Any:
         if self.url is not None:
             return self.url
         from mcp import StdioServerParameters
+        from mcp.client.stdio import stdio_client
 
         program, *args = self.command or ()
-        return StdioServerParameters(command=program, args=args, env=self.env)
+        params = StdioServerParameters(command=program, args=args, env=self.env)
+        assert stderr is not None
+        return stdio_client(params, errlog=stderr.child_end)
 
     async def _run(self, ready: asyncio.Future[list[Any]]) -> None:
         """Hold the connection open (anyio wants it entered and left in one task)."""
         from mcp import Client
 
         assert self._stop is not None
+        stderr = _StderrRelay(self.where) if self.command is not None else None
         try:
-            async with Client(self._target(), read_timeout_seconds=self.call_timeout_s) as client:
+            if stderr is not None:
+                await stderr.start()
+            target = self._target(stderr)
+            async with Client(target, read_timeout_seconds=self.call_timeout_s) as client:
+                if stderr is not None:
+                    stderr.close_child_end()
                 listing = await client.list_tools()
                 tools = list(listing.tools)
                 while listing.next_cursor:
@@ -126,6 +210,8 @@ class McpServer:
                 logger.warning("%s disconnected: %s: %s", self.where, type(e).__name__, e)
         finally:
             self._client = None
+            if stderr is not None:
+                await stderr.wait_closed()
 
     async def connect(self) -> list[Any]:
         """Start the connection and return the server's tools (``mcp.types.Tool``).

@@ -20,6 +20,8 @@ What a purge deletes:
 
 Both also delete:
 
+- The queued-notice refreshes still due of the user's or tenant's messages (each keeps
+  its message beside it: :meth:`core.infra.redis.Keys.notice_refresh_payload`).
 - Reply jobs (and their ``notify_queued`` notices) of the user or tenant still in an
   arq queue: the payload (``arq:job:<id>``, which holds the message) and the queue
   entry of a job waiting; the payload of a running one. Each gets a purge mark
@@ -223,6 +225,7 @@ class PurgeResult:
     web_outboxes: int = 0
     feedback_votes: int = 0
     thread_contexts: int = 0
+    notice_refreshes: int = 0
     tenants: set[str] = field(default_factory=set)
 
 
@@ -278,6 +281,7 @@ async def purge(
             messages,
             sessions,
         )
+        result.notice_refreshes = await _purge_notice_refreshes(redis, keys, user, tenant)
         result.backlog_entries = await _purge_backlog(
             redis, keys, user, tenant, result.tenants, messages, sessions
         )
@@ -341,6 +345,35 @@ async def _purge_thread_contexts(
                 continue
         removed += int(await redis.unlink(key))
     return removed
+
+
+async def _purge_notice_refreshes(
+    redis: Redis, keys: Keys, user: str | None, tenant: str | None
+) -> int:
+    """Stop the queued-notice refreshes of the user's or tenant's messages: the
+    workers' refresher (``workers.refresher``) keeps each message beside its entry."""
+    doomed: list[str] = []
+    async for job_id, raw in redis.hscan_iter(keys.notice_refresh_payload(), count=1000):
+        try:
+            msg = json.loads(raw)
+        except ValueError as e:
+            logger.warning("purge: an unreadable notice refresh was left alone: %s", e)
+            continue
+        if not isinstance(msg, dict):
+            continue
+        if (user is not None and msg.get("user") != user) or (
+            tenant is not None and msg.get("tenant") != tenant
+        ):
+            continue
+        doomed.append(_str(job_id))
+    for i in range(0, len(doomed), 500):
+        part = doomed[i : i + 500]
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(keys.notice_refresh(), *part)
+            pipe.hdel(keys.notice_refresh_payload(), *part)
+            pipe.hdel(keys.notice_refresh_count(), *part)
+            await pipe.execute()
+    return len(doomed)
 
 
 def _job_message(blob: bytes) -> tuple[str, dict[str, Any]] | None:

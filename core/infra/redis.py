@@ -423,6 +423,20 @@ class Keys:
         """Per-lane counters: ``enqueued:{lane}``, ``started:{lane}`` (a hash)."""
         return f"{self.prefix}:lanes"
 
+    def notice_refresh(self) -> str:
+        """Queued notices to refresh: reply job ids scored by when each is due (Redis
+        time, ms); swept by every worker's refresher (:mod:`workers.refresher`)."""
+        return f"{self.prefix}:notice:refresh"
+
+    def notice_refresh_payload(self) -> str:
+        """The message of each notice in :meth:`notice_refresh` (a hash: job id to the
+        message's JSON)."""
+        return f"{self.prefix}:notice:refresh:msg"
+
+    def notice_refresh_count(self) -> str:
+        """Refreshes done so far of each notice in :meth:`notice_refresh` (a hash)."""
+        return f"{self.prefix}:notice:refresh:n"
+
     def job_runs(self, job_id: str) -> str:
         """How often a job really started answering (re-runs after a worker died)."""
         return f"{self.prefix}:runs:{job_id}"

@@ -54,8 +54,11 @@ STALE_WAITER_MS = 5000
 # The head of the line looks again at least this often.
 MAX_POLL_S = 1.0
 # A waiter behind the head is woken when it becomes the head; it looks again on its own
-# after this (a fallback: a wake-up lost, or a lent priority that moved it up).
-WAITER_BLOCK_S = 10.0
+# after this (a fallback: a wake-up lost, or a lent priority that moved it up). Its
+# process's refresh (every REFRESH_S) wakes a blocked waiter that is the head anyway,
+# so this is a last resort; each look is a ~18-command script, and under a backlog of
+# a hundred waiters a 10 s fallback was ~10 looks a second for nothing.
+WAITER_BLOCK_S = 30.0
 # How often a process marks its waiters alive and looks for a blocked head.
 REFRESH_S = 1.0
 

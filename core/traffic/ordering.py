@@ -160,8 +160,20 @@ _PARK = (
 local earlier = redis.call('ZRANGE', KEYS[2], 0, MAX_LEND - 1)
 for _, jid in ipairs(earlier) do
   if jid == ARGV[1] then break end
-  for i = 6, #KEYS do
-    redis.call('ZADD', KEYS[i], 'XX', 'LT', ARGV[3], ARGV[5] .. jid)
+  local w = redis.call('HGET', KEYS[3], jid)
+  if w then
+    -- Parked itself: it goes back at the better score when it is woken. Moving it in
+    -- its queue now would only un-park it to find the conversation still busy (and
+    -- park again, lending back: parked jobs of one conversation woke each other).
+    local v = cjson.decode(w)
+    if tonumber(ARGV[3]) < tonumber(v[3]) then
+      v[3] = ARGV[3]
+      redis.call('HSET', KEYS[3], jid, cjson.encode(v))
+    end
+  else
+    for i = 6, #KEYS do
+      redis.call('ZADD', KEYS[i], 'XX', 'LT', ARGV[3], ARGV[5] .. jid)
+    end
   end
   redis.call('ZADD', KEYS[5], 'XX', 'LT', ARGV[8], jid)
   -- Not in the budget's line yet (not started, or only just): it joins at this score.
@@ -171,12 +183,19 @@ for _, jid in ipairs(earlier) do
 end
 local holder = redis.call('GET', KEYS[1])
 local head = earlier[1]
+-- A better score lent to it while it was parked (its wake entry) is kept.
+local score = ARGV[3]
+local mine = redis.call('HGET', KEYS[3], ARGV[1])
+if mine then
+  local lent = cjson.decode(mine)[3]
+  if tonumber(lent) < tonumber(score) then score = lent end
+end
 if not holder and (head == nil or head == ARGV[1]) then
   redis.call('HDEL', KEYS[3], ARGV[1])
-  redis.call('ZADD', KEYS[4], 'XX', ARGV[3], ARGV[2])
+  redis.call('ZADD', KEYS[4], 'XX', score, ARGV[2])
   return 0
 end
-redis.call('HSET', KEYS[3], ARGV[1], cjson.encode({KEYS[4], ARGV[2], ARGV[3]}))
+redis.call('HSET', KEYS[3], ARGV[1], cjson.encode({KEYS[4], ARGV[2], score}))
 redis.call('EXPIRE', KEYS[3], ARGV[7])
 redis.call('ZADD', KEYS[4], 'XX', now + tonumber(ARGV[4]), ARGV[2])
 return 1

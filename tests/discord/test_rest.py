@@ -10,9 +10,11 @@ import aiohttp
 from redis.asyncio import Redis
 
 from bots.discord.rest import DiscordRest, Route
+from core.infra.redis import Keys
 from core.settings import Settings
 from tests.discord.conftest import CHANNEL, OTHER_CHANNEL
 from tests.fakes.discord_fake import DiscordFake
+from tests.helpers import wait_until
 
 
 def post(channel: str) -> Route:
@@ -106,3 +108,41 @@ async def test_best_effort_request_is_skipped_when_the_bucket_is_busy(
     # One slot was left: the best-effort call leaves it to the request that must go out.
     assert skipped is None and final["content"] == "must go out"
     assert [c.status for c in fake.calls] == [200, 200]
+
+
+async def test_requests_still_in_flight_at_a_new_window_count_against_it(
+    fake: DiscordFake, discord_settings: Settings, redis: Redis
+) -> None:
+    """Requests taken in one window that reach Discord only after its window turned
+    over (a slow network, a busy host) count in Discord's new window: the pool's new
+    window must leave room for them, or the fresh posts meet 429s."""
+    fake.limits["POST /channels/{channel_id}/messages"] = (5, 1.0)
+    rest = DiscordRest(discord_settings, redis)
+    try:
+        await rest.request(post(CHANNEL), json={"content": "learn the bucket"})
+        fake.hold = asyncio.Event()
+        late = [
+            asyncio.create_task(rest.request(post(CHANNEL), json={"content": f"late {i}"}))
+            for i in range(4)
+        ]
+        await wait_until(lambda: fake.held == 4, 30, "four posts held on the way")
+        # The pool's window (which ends after Discord's) turns over while they travel.
+        bucket = Keys(discord_settings.key_prefix).discord_bucket(
+            await rest.bucket_of(post(CHANNEL))
+        )
+
+        async def window_over() -> bool:
+            reset_at = int(await redis.hget(bucket, "reset_at") or 0)
+            seconds, micros = await redis.time()
+            return seconds * 1000 + micros // 1000 >= reset_at
+
+        while not await window_over():  # noqa: ASYNC110 (Redis time: no event to wait on)
+            await asyncio.sleep(0.05)
+        fake.hold.set()
+        await asyncio.gather(
+            *late, *[rest.request(post(CHANNEL), json={"content": f"new {i}"}) for i in range(5)]
+        )
+    finally:
+        await rest.close()
+    assert len(fake.bot_messages(CHANNEL)) == 10
+    assert [c.status for c in fake.calls if c.status == 429] == []

@@ -260,6 +260,10 @@ class DiscordFake:
         self.port = 0
         self.recommended_shards = 1
         self.bucket_groups: dict[str, str] = {}  # route template -> shared bucket name
+        # A slow network on demand: while ``hold`` is an unset event, REST requests wait
+        # for it before they arrive (are counted against limits); ``held`` counts them.
+        self.hold: asyncio.Event | None = None
+        self.held = 0
         self._session_shards: dict[str, tuple[int, int]] = {}
         self.shard_events: list[tuple[tuple[int, int], str, str]] = []  # (shard, event, id)
         self.file_server = FileServer()  # attachments (the CDN)
@@ -948,6 +952,9 @@ class DiscordFake:
         return f"{method} {path}", ""
 
     async def _rest(self, request: web.Request) -> web.StreamResponse:
+        if self.hold is not None and not self.hold.is_set():
+            self.held += 1
+            await self.hold.wait()
         path = "/" + request.match_info["tail"]
         route, major = self._route(request.method, path)
         body: Any = None

@@ -16,7 +16,7 @@ import pytest
 
 from core.errors import BotDefinitionError, ConfigError
 from core.framework.bot import Bot
-from core.framework.mcp import McpServer, McpToolError, make_mcp_tools
+from core.framework.mcp import STDERR_LINE_MAX, McpServer, McpToolError, make_mcp_tools
 from sluice.bench.procs import Proc
 from tests.framework.chat import chat
 from tests.helpers import ROOT, base_env, free_port, wait_port, wait_until
@@ -164,3 +164,37 @@ def test_model_arguments_must_be_an_object_with_the_required_keys():
     for raw, says in (("[1]", "JSON object"), ("{oops", "not valid JSON"), ("{}", "missing")):
         with pytest.raises(ToolArgumentError, match=says):
             tool.parse_arguments(raw)
+
+
+async def test_a_stdio_servers_stderr_is_logged_line_by_line_with_its_secrets_masked(caplog):
+    """What a stdio server writes to stderr reaches the log, named after the server, and
+    the secret values of its env are masked there (and never reach the worker's own
+    stderr unfiltered)."""
+    secret = "sk-mcp-secret-0123456789abcdef"
+    script = (
+        "import os, sys\n"
+        "sys.stderr.write('starting with key ' + os.environ['WEATHER_API_KEY'] + '\\n')\n"
+        "sys.stderr.write('x' * 5000 + '\\n')\n"
+        "sys.stderr.flush()\n"
+        "from tests.framework.mcp_server import server\n"
+        "server.run()\n"
+    )
+    server = McpServer(
+        "noisy",
+        command=[sys.executable, "-c", script],
+        env={"WEATHER_API_KEY": secret, "PYTHONPATH": str(ROOT)},
+        connect_timeout_s=30,
+    )
+    caplog.set_level(logging.INFO, logger="core.framework.mcp")
+    try:
+        tools = await server.connect()
+        assert {t.name for t in tools} >= {"add", "shout"}
+        assert await server.call("add", {"a": 2, "b": 3}) == "5"
+    finally:
+        await server.close()
+    lines = [r.getMessage() for r in caplog.records if "stderr:" in r.getMessage()]
+    assert any("MCP server 'noisy'" in m and "starting with key ***" in m for m in lines), lines
+    assert not any(secret in r.getMessage() for r in caplog.records)
+    long_line = [m for m in lines if "x" * 100 in m]
+    assert len(long_line) == 1, lines  # one line, cut off
+    assert "x" * STDERR_LINE_MAX in long_line[0] and "x" * (STDERR_LINE_MAX + 1) not in long_line[0]

@@ -684,3 +684,28 @@ async def test_purge_deletes_arq_results_of_reply_jobs_and_of_their_queued_notic
     }
     await purge(rds, Keys(prefix), engine, tenant="T1")
     assert [k async for k in rds.scan_iter(f"arq:result:{prefix}:*")] == []
+
+
+async def test_purge_stops_the_queued_notice_refreshes_of_the_users_messages(
+    hsettings: Settings, rds: Redis, engine: AsyncEngine
+) -> None:
+    """The refresher keeps each message beside its entry: a purge takes the user's out."""
+    from workers.refresher import schedule_refresh
+
+    keys = Keys(hsettings.key_prefix)
+    mine = IncomingMessage(
+        platform="slack", tenant="T1", channel="C1", user="U1", message_id="m1", text="x"
+    )
+    other = IncomingMessage(
+        platform="slack", tenant="T1", channel="C1", user="U2", message_id="m9", text="y"
+    )
+    for m in (mine, other):
+        await schedule_refresh(rds, keys, hsettings, m, 0)
+    result = await purge(rds, keys, engine, user="U1")
+    assert result.notice_refreshes == 1
+    assert await rds.zrange(keys.notice_refresh(), 0, -1) == [other.job_id.encode()]
+    assert await rds.hkeys(keys.notice_refresh_payload()) == [other.job_id.encode()]  # type: ignore[misc]
+    assert mine.model_dump_json().encode() not in await rds.hvals(keys.notice_refresh_payload())  # type: ignore[misc]
+    await rds.delete(
+        keys.notice_refresh(), keys.notice_refresh_payload(), keys.notice_refresh_count()
+    )
