@@ -183,4 +183,3 @@ def llm_sim(
         seed=seed,
     )
     sim_main(port, cfg, host=host)
-
