@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import sys
 
 import click
 from pydantic import ValidationError
 
-from bots.discord.cli import discord_command
-from bots.slack.cli import slack as slack_command
 from core.errors import ConfigError
 from core.settings import describe_settings_error, get_settings
-from sluice.bench.cli import bench
-from sluice.cache_cli import cache as cache_command
-from sluice.commands import commands_command
-from sluice.opscli import capacity, status
 
 
 def _fail(e: Exception) -> None:
@@ -23,7 +18,43 @@ def _fail(e: Exception) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# Commands defined in other modules, imported only when named (or listed by --help): a
+# `sluice worker` does not load the Slack and Discord SDKs, a `sluice status` not the
+# benchmarks. Name -> "module:attribute".
+LAZY_COMMANDS = {
+    "bench": "sluice.bench.cli:bench",
+    "status": "sluice.opscli:status",
+    "capacity": "sluice.opscli:capacity",
+    "commands": "sluice.commands:commands_command",
+    "cache": "sluice.cache_cli:cache",
+    # History data management (sluice/history_cli.py).
+    "history": "sluice.history_cli:history",
+    "db": "sluice.history_cli:db",
+    "usage": "sluice.history_cli:usage",
+    "slack": "bots.slack.cli:slack",
+    "discord": "bots.discord.cli:discord_command",
+}
+
+
+class LazyGroup(click.Group):
+    """A group whose ``LAZY_COMMANDS`` are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        """The group's own commands and the lazy ones, sorted."""
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        """The command, importing its module if it is a lazy one."""
+        if cmd_name not in self.commands and cmd_name in LAZY_COMMANDS:
+            module_name, attr = LAZY_COMMANDS[cmd_name].split(":")
+            command = getattr(importlib.import_module(module_name), attr)
+            if not isinstance(command, click.Command):
+                raise TypeError(f"{LAZY_COMMANDS[cmd_name]} is not a click command")
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Sluice: LLM chat bots on Slack and Discord that survive launch day."""
     # Bad settings (an odd id, SLUICE_MAX_WAIT_S=0, …) stop every command at once
@@ -152,21 +183,3 @@ def llm_sim(
         seed=seed,
     )
     sim_main(port, cfg, host=host)
-
-
-main.add_command(bench)
-main.add_command(status)
-main.add_command(capacity)
-main.add_command(commands_command)
-main.add_command(cache_command)
-
-# History data management (sluice/history_cli.py).
-from sluice.history_cli import db, history, usage  # noqa: E402
-
-main.add_command(history)
-main.add_command(db)
-main.add_command(usage)
-
-main.add_command(slack_command)
-
-main.add_command(discord_command)

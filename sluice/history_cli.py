@@ -1,10 +1,7 @@
 """``sluice history``, ``sluice db`` and ``sluice usage``: history data management.
 
-Added to the ``sluice`` command in ``sluice/cli.py`` with one line each::
-
-    main.add_command(history)
-    main.add_command(db)
-    main.add_command(usage)
+Named in ``LAZY_COMMANDS`` in ``sluice/cli.py``, which imports this module only when
+one of these commands runs.
 """
 
 from __future__ import annotations

@@ -67,6 +67,9 @@ def base_env() -> dict[str, str]:
     drop = {"REDIS_URL", "DATABASE_URL"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes) and k not in drop}
     env["PYTHONUNBUFFERED"] = "1"
+    # The suite starts hundreds of sluice processes: let them cache the compiled project
+    # modules (__pycache__ is git-ignored) even where the shell says not to.
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     return env
 
 

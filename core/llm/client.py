@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import httpx2
-import openai
 
 from core.errors import (
     LLMError,
@@ -95,6 +94,8 @@ def _retry_after_s(headers: Any) -> float | None:
 
 def wrap_openai_error(e: Exception) -> LLMError:
     """Map an openai SDK exception onto Sluice's error tree."""
+    import openai  # imported where used: processes that call no model skip its ~0.5 s load
+
     if isinstance(e, openai.RateLimitError):
         return LLMRateLimitedError(
             f"provider rate limit (429): {e.message}", _retry_after_s(e.response.headers)
@@ -118,6 +119,8 @@ class OpenAIProvider:
             settings.openai_api_key.get_secret_value() if settings.openai_api_key else "sim"
         )
         self._settings = settings
+        import openai  # see wrap_openai_error
+
         self.client = openai.AsyncOpenAI(
             api_key=key,
             base_url=base_url or settings.openai_base_url,
@@ -143,6 +146,8 @@ class OpenAIProvider:
         Raises:
             LLMError: a wrapped SDK error; :class:`LLMTransientError` when a retry may help.
         """
+        import openai  # see wrap_openai_error
+
         started = time.monotonic()
         params = {k: v for k, v in params.items() if v is not None}
         try:

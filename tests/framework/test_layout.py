@@ -73,3 +73,42 @@ def test_core_has_no_import_cycle():
         if node not in state:
             visit(node, [node])
     assert not cycles, "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_cli_commands_load_only_the_sdks_they_use():
+    """Every test and deployment starts many ``sluice`` processes: ``sluice status``
+    loads neither the model SDK nor the chat platforms' SDKs, ``sluice worker`` no
+    platform SDK; every command is still listed and found."""
+    import subprocess
+    import sys
+
+    from tests.helpers import base_env
+
+    probe = (
+        "import sys, click\n"
+        "from sluice.cli import main\n"
+        "ctx = click.Context(main)\n"
+        "assert main.get_command(ctx, sys.argv[1]) is not None\n"
+        "print(sorted(m for m in ('openai', 'slack_sdk', 'slack_bolt', 'discord')"
+        " if m in sys.modules))\n"
+        "print(','.join(main.list_commands(ctx)))\n"
+    )
+
+    def loaded(command: str) -> tuple[str, set[str]]:
+        done = subprocess.run(
+            [sys.executable, "-c", probe, command],
+            env=base_env(),
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+        sdks, commands = done.stdout.splitlines()
+        return sdks, set(commands.split(","))
+
+    sdks, commands = loaded("status")
+    assert sdks == "[]"
+    assert {"worker", "status", "slack", "discord", "db", "history", "bench"} <= commands
+    assert loaded("worker")[0] == "[]"
+    assert loaded("slack")[0] == "['slack_bolt', 'slack_sdk']"

@@ -95,7 +95,7 @@ async def test_redis_stopped_slack_gets_an_error_status_and_the_redelivery_is_an
         env = {**settings_env(settings)}
         proc = Proc(["worker"], {**_base(), **env}, tmp_path / "worker.log")
         try:
-            proc.wait_for_output("worker ready")
+            proc.wait_for_output("worker ready", timeout_s=90)
             for retry in (1, 2):  # Slack retries; only the first redelivery is taken
                 status = await _deliver_until_accepted(a, event, retry)
                 assert status == 200

@@ -35,7 +35,7 @@ async def test_accepted_messages_survive_a_redis_restart_and_new_ones_are_refuse
             env = {**base_env(), **settings_env(settings)}
             worker = Proc(["worker"], env, tmp_path / "worker.log")
             try:
-                worker.wait_for_output("worker ready")
+                worker.wait_for_output("worker ready", timeout_s=90)
                 done = await tab.reply(accepted, timeout_s=30)
                 await asyncio.sleep(0.5)
                 assert len([e for e in tab.events_for(accepted) if e["type"] == "done"]) == 1
@@ -57,7 +57,7 @@ async def test_a_running_worker_reconnects_after_redis_comes_back(
     env = {**base_env(), **settings_env(settings)}
     worker = Proc(["worker"], env, tmp_path / "worker.log")
     try:
-        worker.wait_for_output("worker ready")
+        worker.wait_for_output("worker ready", timeout_s=90)
         valkey.stop()
         await asyncio.sleep(3)
         valkey.start()

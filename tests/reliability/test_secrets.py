@@ -153,7 +153,7 @@ async def test_no_token_or_key_appears_in_logs_replies_sql_or_redis(
         procs.append(Proc(["slack", "--port", str(slack_port)], env, tmp_path / "slack.log"))
         procs.append(Proc(["web", "--port", str(web_port)], env, tmp_path / "web.log"))
         procs.append(Proc(["discord"], env, tmp_path / "discord.log"))
-        worker.wait_for_output("worker ready")
+        worker.wait_for_output("worker ready", timeout_s=90)
         wait_port(slack_port)
         wait_port(web_port)
         await asyncio.to_thread(procs[-1].wait_for_output, "discord connected as")
