@@ -10,6 +10,10 @@ TEST_WORKERS ?= 4
 # under heavy load (load average ~20) the Sentinel failover and the bench report test
 # missed their deadlines that way, so it is not the default.
 SERIAL_WORKERS ?= 0
+# Compiled bytecode is kept (it is git-ignored): with PYTHONDONTWRITEBYTECODE set, as
+# some shells do, every test process and every `sluice` subprocess compiles the
+# project (and pytest rewrites every test module) again.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: run test test-fast lint format bench docs install clean
 
