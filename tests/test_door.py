@@ -152,7 +152,9 @@ async def test_message_behind_an_earlier_one_of_its_conversation_shows_a_notice_
 async def test_message_over_max_wait_is_refused_at_once_with_one_notice_per_window(
     settings, llm_sim, worker_process, redis
 ):
-    s = _door_settings(settings, max_wait_s=10.0)
+    # A day-long limit window (notices count per window, aligned to the clock): no
+    # window edge falls between the two refusals.
+    s = _door_settings(settings, max_wait_s=10.0, user_window_s=86_400)
     worker_process(settings_env(s))
     await close_budget(redis, s.key_prefix, 120)
     async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
@@ -214,7 +216,7 @@ async def test_flooder_over_the_limit_gets_one_notice_and_admitted_messages_coun
     """Limit 2 per window: the door counts each admitted message once (the worker's
     second-line check does not count again, or the second message would be refused),
     the third gets the limit notice, the rest nothing, and none of them is queued."""
-    s = settings.model_copy(update={"user_requests_per_window": 2, "user_window_s": 3600})
+    s = settings.model_copy(update={"user_requests_per_window": 2, "user_window_s": 86_400})
     worker_process(settings_env(s))
     async with web_adapter(s) as (base, _), aiohttp.ClientSession() as http:
         session = await _session(http, base)

@@ -41,7 +41,7 @@ def _msg(mid: str, **kw: object) -> IncomingMessage:
 
 
 async def test_admission_counts_a_message_once_and_the_worker_only_checks_it(settings, redis):
-    s = settings.model_copy(update={"user_requests_per_window": 2, "user_window_s": 3600})
+    s = settings.model_copy(update={"user_requests_per_window": 2, "user_window_s": 86_400})
     keys = Keys(s.key_prefix)
     bot = Bot()
     got = [await admit(redis, keys, s, bot, _msg(f"m{i}"), s.queue_name, 0) for i in range(4)]
@@ -62,7 +62,13 @@ async def test_admission_counts_a_message_once_and_the_worker_only_checks_it(set
 
 async def test_a_busy_refusal_counts_nothing(settings, redis):
     s = settings.model_copy(
-        update={"llm_rpm": 60, "max_wait_s": 10.0, "user_requests_per_window": 1}
+        # A day-long window: the second message falls in the same one as the first.
+        update={
+            "llm_rpm": 60,
+            "max_wait_s": 10.0,
+            "user_requests_per_window": 1,
+            "user_window_s": 86_400,
+        }
     )
     keys = Keys(s.key_prefix)
     await close_budget(redis, s.key_prefix, 120)
@@ -181,7 +187,7 @@ async def test_the_estimate_counts_worker_slots_at_the_start_rate_measured_in_a_
 
 
 async def test_each_user_of_a_workspace_over_its_limit_is_told_once(settings, redis):
-    s = settings.model_copy(update={"tenant_requests_per_window": 2, "user_window_s": 3600})
+    s = settings.model_copy(update={"tenant_requests_per_window": 2, "user_window_s": 86_400})
     keys = Keys(s.key_prefix)
     bot = Bot()
 
@@ -205,7 +211,7 @@ async def test_a_flood_refused_at_the_door_leaves_only_its_dedupe_markers(settin
         update={
             "app": "tests.traffic_bot:bot",
             "user_requests_per_window": 5,
-            "user_window_s": 3600,
+            "user_window_s": 86_400,
         }
     )
     keys = Keys(s.key_prefix)

@@ -93,6 +93,9 @@ async def test_a_message_over_the_wait_bound_is_refused_with_one_notice(
             "llm_rpm": 60,
             "max_wait_s": 10.0,
             "queued_notice_after_s": 1.0,
+            # Notices count per limit window, aligned to the clock: a day-long one, so
+            # that no window edge falls between the two refusals.
+            "user_window_s": 86_400,
         }
     )
     worker_process(settings_env(s))

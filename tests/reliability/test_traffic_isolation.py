@@ -113,7 +113,7 @@ def _msg(platform: str, tenant: str, user: str) -> IncomingMessage:
 
 async def test_the_same_user_id_in_another_workspace_or_platform_has_its_own_limit(settings, redis):
     limiter = RateLimiter(redis, Keys(settings.key_prefix))
-    s = settings.model_copy(update={"user_requests_per_window": 2, "user_window_s": 3600})
+    s = settings.model_copy(update={"user_requests_per_window": 2, "user_window_s": 86_400})
     limits = limits_for(s, Bot(), _msg("slack", "T1", "U1"))
     verdicts = [await limiter.check(_msg("slack", "T1", "U1"), limits) for _ in range(3)]
     assert [v.allowed for v in verdicts] == [True, True, False]
@@ -128,7 +128,7 @@ async def test_a_workspace_at_its_limit_leaves_other_workspaces_and_their_tokens
 ):
     limiter = RateLimiter(redis, Keys(settings.key_prefix))
     s = settings.model_copy(
-        update={"tenant_requests_per_window": 3, "user_window_s": 3600, "user_tokens_per_day": 100}
+        update={"tenant_requests_per_window": 3, "user_window_s": 86_400, "user_tokens_per_day": 100}
     )
     limits = limits_for(s, Bot(), _msg("slack", "T1", "U1"))
     for n in range(3):

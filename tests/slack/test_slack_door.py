@@ -66,7 +66,14 @@ async def test_a_message_over_the_wait_bound_is_refused_with_one_notice(
     message at once with a notice in its thread; the same user's next refusal in the
     window gets none; neither is queued or reaches the model."""
     s = slack_settings.model_copy(
-        update={"llm_rpm": 60, "max_wait_s": 10.0, "queued_notice_after_s": 1.0}
+        # A day-long limit window: no window edge (notices count per window, aligned to
+        # the clock) falls between the two refusals.
+        update={
+            "llm_rpm": 60,
+            "max_wait_s": 10.0,
+            "queued_notice_after_s": 1.0,
+            "user_window_s": 86_400,
+        }
     )
     worker_process(worker_env(s))
     await close_budget(redis, s.key_prefix, 120)
