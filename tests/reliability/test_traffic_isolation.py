@@ -128,7 +128,11 @@ async def test_a_workspace_at_its_limit_leaves_other_workspaces_and_their_tokens
 ):
     limiter = RateLimiter(redis, Keys(settings.key_prefix))
     s = settings.model_copy(
-        update={"tenant_requests_per_window": 3, "user_window_s": 86_400, "user_tokens_per_day": 100}
+        update={
+            "tenant_requests_per_window": 3,
+            "user_window_s": 86_400,
+            "user_tokens_per_day": 100,
+        }
     )
     limits = limits_for(s, Bot(), _msg("slack", "T1", "U1"))
     for n in range(3):
