@@ -185,7 +185,8 @@ def _hard_split(line: str, limit: int) -> list[str]:
     if len(line) > limit:
         line = _unlink_long(line, limit)
     while len(line) > limit:
-        cut = _cut_point(line, limit)
+        # Always at least one character: a cut at 0 would never end.
+        cut = max(1, _cut_point(line, limit))
         pieces.append(line[:cut])
         line = line[cut:].lstrip(" ") if cut < limit else line[cut:]
     pieces.append(line)
@@ -212,6 +213,11 @@ def _pack(items: list[str], sep: str, limit: int) -> list[str]:
 _LANGUAGE = re.compile(r"[A-Za-z][\w+#.-]{0,19}")
 
 
+# The fewest characters of a cut code block's text per part before its language is
+# dropped to make room.
+_MIN_CODE_BUDGET = 16
+
+
 def _split_unit(unit: str, limit: int) -> list[str]:
     lines = unit.split("\n")
     is_code = lines[0].lstrip().startswith(FENCE) and len(lines) > 1
@@ -230,7 +236,20 @@ def _split_unit(unit: str, limit: int) -> list[str]:
         opener = FENCE + info.strip()
     elif info:
         body = [info, *body]
+    if closer != FENCE and not _LANGUAGE.fullmatch(closer[len(FENCE) :].strip()):
+        # More than a language after the closing fence: too long to keep as the last
+        # part's closer (it could leave no room for text). Its text ends the block.
+        body = [*body, closer[len(FENCE) :]]
+        closer = FENCE
     budget = limit - len(opener) - max(len(FENCE), len(closer)) - 2
+    if budget < _MIN_CODE_BUDGET:
+        # A short limit and a long language: the language goes, the text must fit.
+        if opener != FENCE:
+            body = [opener[len(FENCE) :], *body]
+        if closer != FENCE:
+            body = [*body, closer[len(FENCE) :]]
+        opener = closer = FENCE
+        budget = limit - 2 * len(FENCE) - 2
     pieces = [p for line in body for p in _hard_split(line, budget)]
     chunks = _pack(pieces, "\n", budget)
     return [
@@ -260,5 +279,12 @@ def split_message(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:
 
 def reply_parts(text: str, limit: int = DEFAULT_LIMIT) -> list[str]:
     """The model's ``text`` as the ``markdown_text`` of Slack messages: mention-safe
-    (:func:`safe_markdown`), then split (:func:`split_message`) within ``limit``."""
-    return split_message(safe_markdown(text), limit)
+    (:func:`safe_markdown`), then split (:func:`split_message`) within ``limit``.
+
+    Each part is made mention-safe again on its own: a cut right after the "@here" of
+    "@here0" (no mention in the whole text) would leave a live one at the end of a
+    part. That adds at most one character, so the split keeps one free.
+    """
+    if limit < 33:
+        raise ValueError("limit must be at least 33 characters")
+    return [safe_markdown(part) for part in split_message(safe_markdown(text), limit - 1)]

@@ -93,6 +93,15 @@ def test_a_cut_never_separates_an_escaped_mention():
             assert not part.endswith("<"), part
 
 
+def test_a_cut_right_after_a_broadcast_word_leaves_no_live_mention_at_a_parts_end():
+    """ "@HERE0" is no mention; cut after "@HERE" it would be one (found by hypothesis)."""
+    text = "00000<#000000000000000000<#000000000000000000000000000000@HERE0"
+    parts = reply_parts(text, 64)
+    assert len(parts) == 2 and all(len(p) <= 64 for p in parts)
+    assert not any(LIVE.search(p) for p in parts), parts
+    assert "".join(parts).replace(ZWSP, "") == text
+
+
 def test_reply_parts_fit_the_markdown_text_limit_with_the_escaping():
     text = "<!here> " * 3000  # 24,000 characters, more once escaped
     parts = reply_parts(text)
@@ -113,3 +122,15 @@ def test_split_parts_never_exceed_the_limit_and_keep_the_words(text, limit):
     words = [w for w in text.split() if "```" not in w]
     got = [w for w in " ".join(parts).replace(ZWSP, "").split() if "```" not in w]
     assert "".join(got).replace("`", "") == "".join(words).replace("`", "")
+
+
+def test_a_code_block_closed_by_a_long_fence_line_is_split_within_the_limit():
+    """The line that closes a block kept whole as the last part's closer left no room
+    for text when it was long: the split never ended (found by hypothesis)."""
+    for closer in ("```" + "x" * 1500, "```python and then some words"):
+        text = "```\n" + "print(1)\n" * 40 + closer
+        for limit in (40, 100, 300):
+            parts = reply_parts(text, limit)
+            assert parts and all(len(p) <= limit for p in parts)
+            kept = "".join(parts).replace("`", "").split()
+            assert "".join(kept) == "".join(text.replace("`", "").split())
