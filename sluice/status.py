@@ -11,8 +11,10 @@ Every row and error is masked with :func:`core.infra.logs.redact` (a flush error
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -25,6 +27,7 @@ from core.infra.heartbeat import live
 from core.infra.logs import redact, register_secret, secret_values
 from core.infra.metrics import lane_snapshot, queue_names
 from core.infra.redis import Keys
+from core.infra.signals import stop_on_signals
 from core.settings import Settings
 from core.traffic.control import budget_probe, cache_probe, providers_probe
 
@@ -178,19 +181,45 @@ async def watch(
     error in each section, and the screen keeps refreshing until it is back.
     """
     console = console or Console()
+    # Ctrl+C (or SIGTERM) sets an event rather than cancelling the task: a cancellation
+    # that lands inside a Redis call can be lost there, and the screen went on.
+    stop = stop_on_signals() if refreshes is None else asyncio.Event()
     redis = _connect(settings)
     drawn = 0
     try:
         with Live(console=console, auto_refresh=False) as live:
             while refreshes is None or drawn < refreshes:
-                screen = render(await collect(settings, redis), settings)
+                sections = await _unless_stopped(collect(settings, redis), stop)
+                if sections is None:
+                    break
+                screen = render(sections, settings)
                 if console.is_terminal:
                     live.update(screen, refresh=True)
                 else:
                     console.print(screen)
                 drawn += 1
                 if refreshes is None or drawn < refreshes:
-                    await asyncio.sleep(interval_s)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), interval_s)
+                    if stop.is_set():
+                        break
     finally:
         await redis.aclose()
     return drawn
+
+
+async def _unless_stopped(
+    work: Coroutine[Any, Any, dict[str, list[Row]]], stop: asyncio.Event
+) -> dict[str, list[Row]] | None:
+    """``work``'s result, or ``None`` (``work`` cancelled) once ``stop`` is set."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.wait({task})
+    return None
