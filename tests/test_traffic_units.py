@@ -369,8 +369,9 @@ async def test_a_waiting_message_lends_its_lane_and_is_woken_at_its_place(settin
     assert not await redis.exists(keys.conv_wake(first.conversation_id))
 
 
-async def test_a_parked_message_lends_its_score_to_every_earlier_one(settings, redis):
-    """A heavy user's billing question behind two of their earlier questions: both move up."""
+async def _three_queued(settings, redis, tag: str):
+    """Three messages of one conversation queued (the third a billing question): the
+    settings, keys, messages, arq ids and their queue scores."""
     s = settings.model_copy(
         update={
             "app": "tests.traffic_bot:bot",
@@ -378,11 +379,10 @@ async def test_a_parked_message_lends_its_score_to_every_earlier_one(settings, r
             "queued_notice_after_s": 0,
         }
     )
-    keys = Keys(s.key_prefix)
     msgs = [
-        _msg("c1", text="first question"),
-        _msg("c2", text="second question"),
-        _msg("c3", text="billing question"),
+        _msg(f"{tag}1", text="first question"),
+        _msg(f"{tag}2", text="second question"),
+        _msg(f"{tag}3", text="billing question"),
     ]
     pool = await connect_queue(s)
     try:
@@ -392,6 +392,12 @@ async def test_a_parked_message_lends_its_score_to_every_earlier_one(settings, r
         await pool.aclose()
     ids = [arq_job_id(s, m) for m in msgs]
     before = [await redis.zscore(s.queue_name, i) for i in ids]
+    return s, Keys(s.key_prefix), msgs, ids, before
+
+
+async def test_a_parked_message_lends_its_score_to_every_earlier_one(settings, redis):
+    """A heavy user's billing question behind two of their earlier questions: both move up."""
+    s, keys, msgs, ids, before = await _three_queued(settings, redis, "c")
     traffic = Traffic(redis, s, traffic_bot)
     with pytest.raises(Retry):
         async with traffic.in_turn(msgs[2].model_copy(update={"lane": "high"}), msgs[2].job_id):
@@ -409,27 +415,7 @@ async def test_a_parked_earlier_message_keeps_parked_and_takes_the_lent_score_wh
     """Lending a score to an earlier message that is parked itself does not un-park it
     (it would only find the conversation busy and park again, lending back): the
     better score goes into its wake entry, and it takes it when it is woken."""
-    s = settings.model_copy(
-        update={
-            "app": "tests.traffic_bot:bot",
-            "order_wait_in_job_s": 0.0,
-            "queued_notice_after_s": 0,
-        }
-    )
-    keys = Keys(s.key_prefix)
-    msgs = [
-        _msg("p1", text="first question"),
-        _msg("p2", text="second question"),
-        _msg("p3", text="billing question"),
-    ]
-    pool = await connect_queue(s)
-    try:
-        for m in msgs:
-            assert await enqueue_reply(pool, s, m)
-    finally:
-        await pool.aclose()
-    ids = [arq_job_id(s, m) for m in msgs]
-    before = [await redis.zscore(s.queue_name, i) for i in ids]
+    s, keys, msgs, ids, before = await _three_queued(settings, redis, "p")
     traffic = Traffic(redis, s, traffic_bot)
     with pytest.raises(Retry):  # the second waits for the first: parked
         async with traffic.in_turn(msgs[1], msgs[1].job_id):
